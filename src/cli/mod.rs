@@ -1,0 +1,2 @@
+//! Command line: option scanning and QEMU keyval/QemuOpts parsing.
+pub mod keyval;

@@ -1,0 +1,3 @@
+//! rsd: a drop-in for qemu-storage-daemon.
+pub mod cli;
+pub mod qmp;

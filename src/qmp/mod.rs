@@ -1,0 +1,2 @@
+//! QMP: JSON wire format, monitor sessions, dispatch.
+pub mod json;
