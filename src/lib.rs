@@ -1,3 +1,10 @@
 //! rsd: a drop-in for qemu-storage-daemon.
+pub mod chardev;
 pub mod cli;
+pub mod context;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod objects;
+pub mod qapi;
 pub mod qmp;

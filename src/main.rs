@@ -1,1 +1,137 @@
-fn main(){}
+//! The `rsd` binary: scan the command line, handle what must happen before
+//! any thread exists (help, version, trace set-up, --daemonize), then run
+//! the daemon on a tokio runtime.
+use rsd::cli::args::{scan, Arg};
+use rsd::cli::options;
+use rsd::daemon::{self, Options};
+
+fn help() -> String {
+    "Usage: rsd [options]
+rsd: a storage daemon that is a drop-in for qemu-storage-daemon
+
+  -h, --help             print this help and exit
+  -V, --version          print the version and exit
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                         enable trace output for matching trace points
+                         (-T help lists them)
+
+  --blockdev [driver=]<driver>[,node-name=<N>][,<option>=<value>...]
+                         add a block node (the blockdev-add schema)
+  --chardev <backend>,id=<id>[,<option>=<value>...]
+                         add a character device (socket, stdio, null,
+                         file, ringbuf)
+  --daemonize            run in the background; the parent exits once
+                         start-up has finished
+  --export [type=]nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on|off]
+                         export a block node (the block-export-add schema)
+  --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
+                         serve QMP on a character device
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+  --nbd-server addr.type=unix,addr.path=<path>
+                         start the NBD server
+  --object help          list the object types
+  --object <type>,help   list a type's properties
+  --object <type>,id=<id>[,<property>=<value>...]
+                         add an object (secret, iothread, ...)
+  --pidfile <path>       write the process id to <path> once started
+
+Options are applied from left to right. rsd speaks QMP as
+qemu-storage-daemon 10.0 does; see README.md.
+"
+    .to_string()
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let args = match scan(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("rsd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut traces = Vec::new();
+    let mut daemonize = false;
+    let mut pidfile = None;
+    for a in &args {
+        match a {
+            Arg::Help => {
+                print!("{}", help());
+                std::process::exit(0);
+            }
+            Arg::Version => {
+                let (ma, mi, mc) = rsd::context::QEMU_COMPAT;
+                println!(
+                    "rsd version {} (qemu-storage-daemon {ma}.{mi}.{mc} compatible)",
+                    rsd::context::RSD_VERSION
+                );
+                std::process::exit(0);
+            }
+            Arg::Trace(text) => match options::trace(text) {
+                Ok(Some(t)) => {
+                    for p in &t.patterns {
+                        if !observability::TRACE_POINTS
+                            .iter()
+                            .any(|tp| observability::glob_match(p, tp))
+                        {
+                            eprintln!(
+                                "rsd: {}: warning: trace event '{p}' does not exist",
+                                a.location()
+                            );
+                        }
+                    }
+                    traces.push(t);
+                }
+                Ok(None) => {
+                    for tp in observability::TRACE_POINTS {
+                        println!("{tp}");
+                    }
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    eprintln!("rsd: {}: {e}", a.location());
+                    std::process::exit(1);
+                }
+            },
+            Arg::Daemonize => daemonize = true,
+            Arg::Pidfile(p) => pidfile = Some(p.clone()),
+            _ => {}
+        }
+    }
+    observability::init(&traces);
+    // Fork before the runtime creates any thread.
+    let daemon = if daemonize {
+        match actors::daemonize::start() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("rsd: cannot daemonize: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rsd: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(daemon::run(
+        Options {
+            args,
+            daemonize,
+            pidfile,
+        },
+        daemon,
+    ));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(code);
+}

@@ -1,1 +1,9 @@
+//! Integration tests: the real `rsd` binary through real sockets, with
+//! /usr/bin/qemu-storage-daemon as the oracle where both can run.
+mod common;
 
+mod cli;
+mod process;
+mod qmp_wire;
+mod quickstart;
+mod supervision;

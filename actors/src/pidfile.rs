@@ -36,10 +36,7 @@ impl Pidfile {
                 l_pid: 0,
             };
             fcntl(file.as_raw_fd(), FcntlArg::F_SETLK(&lock)).map_err(|e| {
-                format!(
-                    "Cannot lock pid file: {}",
-                    os_msg(&std::io::Error::from(e))
-                )
+                format!("Cannot lock pid file: {}", os_msg(&std::io::Error::from(e)))
             })?;
             // The file may have been unlinked (by an exiting daemon) between
             // open and lock: then retry on the new file.
@@ -52,7 +49,10 @@ impl Pidfile {
                 .map_err(|_| "Failed to truncate pid file".to_string())?;
             file.write_all(format!("{}\n", std::process::id()).as_bytes())
                 .map_err(|_| "Failed to write pid file".to_string())?;
-            return Ok(Pidfile { path: abs, _file: file });
+            return Ok(Pidfile {
+                path: abs,
+                _file: file,
+            });
         }
     }
 
@@ -93,7 +93,10 @@ mod tests {
         drop(p);
         assert!(!path.exists());
         let err = Pidfile::acquire(&dir.join("no/such/dir.pid")).err();
-        assert_eq!(err.as_deref(), Some("Cannot open pid file: No such file or directory"));
+        assert_eq!(
+            err.as_deref(),
+            Some("Cannot open pid file: No such file or directory")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

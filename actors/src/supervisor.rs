@@ -368,9 +368,11 @@ mod tests {
         start_child(&sup, spec("temp", Restart::Temporary, starts.clone()))
             .await
             .expect("start temp");
-        assert!(start_child(&sup, spec("temp", Restart::Temporary, starts.clone()))
-            .await
-            .is_err());
+        assert!(
+            start_child(&sup, spec("temp", Restart::Temporary, starts.clone()))
+                .await
+                .is_err()
+        );
 
         let perm = wait_for("perm", None).await;
         let old = perm.get_id();

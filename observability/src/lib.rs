@@ -1,1 +1,100 @@
-pub fn x(){}
+//! Tracing set-up for rsd. `-T/--trace` patterns (QEMU's trace-event globs,
+//! e.g. `qmp_*` or `monitor_*`) enable TRACE-level output for events whose
+//! target's last path segment or span/event name matches a pattern. Without
+//! patterns only warnings and errors are printed, to stderr. RSD_LOG (an
+//! EnvFilter directive) overrides everything, for developers.
+use std::sync::{Arc, Mutex};
+
+use tracing::Metadata;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::prelude::*;
+
+/// The trace-point groups rsd emits; `-T help` lists them.
+pub const TRACE_POINTS: &[&str] = &[
+    "actors_supervisor",
+    "rsd_chardev",
+    "rsd_control",
+    "rsd_monitor",
+    "rsd_qmp",
+];
+
+/// One `-T/--trace` option, parsed: `[enable=]PATTERN[,events=FILE][,file=FILE]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceOpt {
+    pub patterns: Vec<String>,
+    pub file: Option<String>,
+}
+
+/// Matches QEMU's simple trace globs: `*` any run, `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    fn rec(p: &[u8], t: &[u8]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => (0..=t.len()).any(|i| rec(rest, &t[i..])),
+            Some((b'?', rest)) => !t.is_empty() && rec(rest, &t[1..]),
+            Some((c, rest)) => t.first() == Some(c) && rec(rest, &t[1..]),
+        }
+    }
+    rec(pattern.as_bytes(), text.as_bytes())
+}
+
+fn point_name(meta: &Metadata<'_>) -> String {
+    meta.target().replace("::", "_")
+}
+
+/// Installs the global subscriber. Safe to call once; later calls are ignored.
+pub fn init(opts: &[TraceOpt]) {
+    let patterns: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
+        opts.iter().flat_map(|o| o.patterns.clone()).collect(),
+    ));
+    let file = opts.iter().rev().find_map(|o| o.file.clone());
+    let writer: Box<dyn Fn() -> Box<dyn std::io::Write> + Send + Sync> = match file {
+        Some(path) => Box::new(move || {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                Ok(f) => Box::new(f) as Box<dyn std::io::Write>,
+                Err(_) => Box::new(std::io::stderr()),
+            }
+        }),
+        None => Box::new(|| Box::new(std::io::stderr()) as Box<dyn std::io::Write>),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(move || writer());
+    if let Ok(env) = std::env::var("RSD_LOG") {
+        let _ = tracing_subscriber::registry()
+            .with(fmt.with_filter(EnvFilter::new(env)))
+            .try_init();
+        return;
+    }
+    let pats = patterns.clone();
+    let filter = filter_fn(move |meta| {
+        if *meta.level() <= tracing::Level::WARN {
+            return true;
+        }
+        let name = point_name(meta);
+        let pats = pats.lock().map(|p| p.clone()).unwrap_or_default();
+        pats.iter()
+            .any(|p| glob_match(p, &name) || glob_match(p, meta.name()))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("rsd_*", "rsd_monitor"));
+        assert!(glob_match("*monitor", "rsd_monitor"));
+        assert!(glob_match("rsd_m?nitor", "rsd_monitor"));
+        assert!(!glob_match("nbd_*", "rsd_monitor"));
+        assert!(glob_match("*", ""));
+    }
+}

@@ -1,2 +1,5 @@
-//! Command line: option scanning and QEMU keyval/QemuOpts parsing.
+//! Command line: argv scanning, QEMU keyval/QemuOpts parsing, and turning
+//! option values into validated arguments.
+pub mod args;
 pub mod keyval;
+pub mod options;

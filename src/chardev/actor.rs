@@ -1,0 +1,141 @@
+//! The chardev actor: serves its endpoint's connections to the attached
+//! frontend one at a time. A second client of a socket waits in the listen
+//! backlog until the first one leaves, as with QSD.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::backend::{Backend, Conn};
+
+pub enum ChardevMsg {
+    /// Attach a frontend that receives connections.
+    Attach(UnboundedSender<Conn>, RpcReplyPort<()>),
+    /// (filename, frontend-open) for query-chardev.
+    Info(RpcReplyPort<(String, bool)>),
+    /// Test hook: fail inside the handler.
+    Crash,
+}
+
+pub struct ChardevActor;
+
+pub struct ChardevState {
+    backend: Arc<Backend>,
+    frontend: watch::Sender<Option<UnboundedSender<Conn>>>,
+    connected: Arc<AtomicBool>,
+    serve: JoinHandle<()>,
+}
+
+async fn next_conn(backend: &Backend) -> Option<Conn> {
+    match backend {
+        Backend::Server {
+            listener, first, ..
+        } => {
+            if let Some(c) = first.lock().await.take() {
+                return Some(c);
+            }
+            loop {
+                match listener.accept().await {
+                    Ok(c) => return Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+        Backend::Client { conn, .. } => conn.lock().await.take(),
+        Backend::Stdio(conn) => conn.lock().await.take(),
+        _ => None,
+    }
+}
+
+async fn serve(
+    backend: Arc<Backend>,
+    mut frontend: watch::Receiver<Option<UnboundedSender<Conn>>>,
+    connected: Arc<AtomicBool>,
+) {
+    loop {
+        let tx = loop {
+            let current = frontend.borrow_and_update().clone();
+            match current {
+                Some(tx) if !tx.is_closed() => break tx,
+                _ => {
+                    if frontend.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(mut conn) = next_conn(&backend).await else {
+            // One-shot endpoints (stdio, client sockets) are used up.
+            return std::future::pending().await;
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        conn.done = done_tx;
+        connected.store(true, Ordering::SeqCst);
+        if tx.send(conn).is_ok() {
+            let _ = done_rx.await;
+        }
+        connected.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Actor for ChardevActor {
+    type Msg = ChardevMsg;
+    type State = ChardevState;
+    type Arguments = Arc<Backend>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ChardevMsg>,
+        backend: Arc<Backend>,
+    ) -> Result<ChardevState, ActorProcessingErr> {
+        let (frontend, rx) = watch::channel(None);
+        let connected = Arc::new(AtomicBool::new(false));
+        let serve = tokio::spawn(serve(backend.clone(), rx, connected.clone()));
+        Ok(ChardevState {
+            backend,
+            frontend,
+            connected,
+            serve,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ChardevMsg>,
+        state: &mut ChardevState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.serve.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ChardevMsg>,
+        msg: ChardevMsg,
+        state: &mut ChardevState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ChardevMsg::Attach(tx, reply) => {
+                state.frontend.send_replace(Some(tx));
+                let _ = reply.send(());
+            }
+            ChardevMsg::Info(reply) => {
+                let open = state
+                    .frontend
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|tx| !tx.is_closed());
+                let connected = state.connected.load(Ordering::SeqCst);
+                let _ = reply.send((state.backend.filename(connected), open));
+            }
+            ChardevMsg::Crash => return Err("test hook: chardev crash requested".into()),
+        }
+        Ok(())
+    }
+}

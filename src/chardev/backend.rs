@@ -1,0 +1,277 @@
+//! Opening chardev endpoints from a validated `ChardevBackend` value.
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::{oneshot, Mutex};
+
+use actors::pidfile::os_msg;
+
+/// One client connection handed to the frontend. Dropping it tells the
+/// chardev that the client is gone, so it accepts the next one.
+pub struct Conn {
+    pub read: Pin<Box<dyn AsyncRead + Send>>,
+    pub write: Pin<Box<dyn AsyncWrite + Send>>,
+    pub done: oneshot::Sender<()>,
+}
+
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// An opened endpoint.
+pub enum Backend {
+    /// A listening socket; `path` is unlinked when the chardev goes away.
+    Server {
+        listener: Listener,
+        path: Option<PathBuf>,
+        addr_text: String,
+        /// A client accepted during creation (wait=on), served first.
+        first: Mutex<Option<Conn>>,
+    },
+    /// A client socket connected at creation; served once.
+    Client {
+        conn: Mutex<Option<Conn>>,
+        addr_text: String,
+    },
+    Stdio(Mutex<Option<Conn>>),
+    Null,
+    File(std::fs::File),
+    Ringbuf,
+}
+
+impl Backend {
+    /// The `filename` of query-chardev; `connected` tells a socket's state.
+    pub fn filename(&self, connected: bool) -> String {
+        match self {
+            Backend::Server { addr_text, .. } => {
+                let prefix = if connected { "" } else { "disconnected:" };
+                format!("{prefix}{addr_text},server=on")
+            }
+            Backend::Client { addr_text, .. } => addr_text.clone(),
+            Backend::Stdio(_) => "stdio".into(),
+            Backend::Null => "null".into(),
+            Backend::File(_) => "file".into(),
+            Backend::Ringbuf => "ringbuf".into(),
+        }
+    }
+
+    /// Unlinks a server socket's path (at removal and exit).
+    pub fn cleanup(&self) {
+        if let Backend::Server {
+            path: Some(path), ..
+        } = self
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn conn_from_unix(s: UnixStream) -> Conn {
+    let (r, w) = s.into_split();
+    Conn {
+        read: Box::pin(r),
+        write: Box::pin(w),
+        done: oneshot::channel().0,
+    }
+}
+
+impl Listener {
+    pub async fn accept(&self) -> std::io::Result<Conn> {
+        match self {
+            Listener::Unix(l) => Ok(conn_from_unix(l.accept().await?.0)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                let (r, w) = s.into_split();
+                Ok(Conn {
+                    read: Box::pin(r),
+                    write: Box::pin(w),
+                    done: oneshot::channel().0,
+                })
+            }
+        }
+    }
+}
+
+fn get_bool(m: &Map<String, Value>, k: &str) -> Option<bool> {
+    m.get(k).and_then(Value::as_bool)
+}
+
+fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(Value::as_str)
+}
+
+/// Called while a `wait=on` server blocks start-up for its first client.
+pub type WaitNotice<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// Opens the endpoint for a validated `ChardevBackend` (`{type, data}`).
+/// Errors carry QEMU's message text.
+pub async fn open(backend: &Map<String, Value>, notice: WaitNotice<'_>) -> Result<Backend, String> {
+    let kind = get_str(backend, "type").unwrap_or_default();
+    let empty = Map::new();
+    let data = backend
+        .get("data")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    match kind {
+        "socket" => open_socket(data, notice).await,
+        "null" => Ok(Backend::Null),
+        "stdio" => {
+            let conn = Conn {
+                read: Box::pin(tokio::io::stdin()),
+                write: Box::pin(tokio::io::stdout()),
+                done: oneshot::channel().0,
+            };
+            Ok(Backend::Stdio(Mutex::new(Some(conn))))
+        }
+        "file" => {
+            let out = get_str(data, "out").unwrap_or_default();
+            let append = get_bool(data, "append").unwrap_or(false);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .append(append)
+                .truncate(!append)
+                .open(out)
+                .map(Backend::File)
+                .map_err(|e| format!("Could not open '{out}': {}", os_msg(&e)))
+        }
+        "ringbuf" | "memory" => {
+            let size = data.get("size").and_then(Value::as_i64).unwrap_or(65536);
+            if size <= 0 || (size & (size - 1)) != 0 {
+                return Err("size of ringbuf chardev must be power of two".into());
+            }
+            Ok(Backend::Ringbuf)
+        }
+        other => Err(format!("'{other}' is not a valid char driver name")),
+    }
+}
+
+async fn open_socket(data: &Map<String, Value>, notice: WaitNotice<'_>) -> Result<Backend, String> {
+    let server = get_bool(data, "server").unwrap_or(false);
+    // QMP's default is wait=off; the command line turns it on for servers.
+    let wait = get_bool(data, "wait").unwrap_or(false);
+    let empty = Map::new();
+    let addr = data
+        .get("addr")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let atype = get_str(addr, "type").unwrap_or_default();
+    let a = addr
+        .get("data")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    if !server {
+        return match atype {
+            "unix" => {
+                let path = get_str(a, "path").unwrap_or_default();
+                let s = UnixStream::connect(path)
+                    .await
+                    .map_err(|e| format!("Failed to connect to '{path}': {}", os_msg(&e)))?;
+                Ok(Backend::Client {
+                    conn: Mutex::new(Some(conn_from_unix(s))),
+                    addr_text: format!("unix:{path}"),
+                })
+            }
+            "fd" => Err(format!(
+                "Unable to parse FD number {}",
+                get_str(a, "str").unwrap_or_default()
+            )),
+            _ => Err("rsd: only unix client sockets are supported".into()),
+        };
+    }
+    let (listener, path, addr_text) = match atype {
+        "unix" => {
+            let path = get_str(a, "path").unwrap_or_default().to_string();
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {
+                    return Err(format!("Failed to unlink socket {path}: Is a directory"))
+                }
+                Ok(_) => {
+                    std::fs::remove_file(&path)
+                        .map_err(|e| format!("Failed to unlink socket {path}: {}", os_msg(&e)))?;
+                }
+                Err(_) => {}
+            }
+            let l = UnixListener::bind(&path)
+                .map_err(|e| format!("Failed to bind socket to {path}: {}", os_msg(&e)))?;
+            let abs = std::path::absolute(&path).unwrap_or_else(|_| PathBuf::from(&path));
+            (Listener::Unix(l), Some(abs), format!("unix:{path}"))
+        }
+        "inet" => {
+            let host = get_str(a, "host").unwrap_or_default();
+            let port = get_str(a, "port").unwrap_or_default();
+            let l = TcpListener::bind(format!("{host}:{port}"))
+                .await
+                .map_err(|e| format!("Failed to bind socket: {}", os_msg(&e)))?;
+            let local = l
+                .local_addr()
+                .map(|a| format!("tcp:{}:{}", a.ip(), a.port()))
+                .unwrap_or_default();
+            (Listener::Tcp(l), None, local)
+        }
+        "fd" => {
+            let text = get_str(a, "str").unwrap_or_default();
+            listener_from_fd(text)?
+        }
+        other => return Err(format!("socket address type '{other}' is not supported")),
+    };
+    let first = if wait {
+        let text = format!("disconnected:{addr_text},server=on");
+        notice(&format!("info: QEMU waiting for connection on: {text}"));
+        let c = listener
+            .accept()
+            .await
+            .map_err(|e| format!("Failed to accept: {}", os_msg(&e)))?;
+        Some(c)
+    } else {
+        None
+    };
+    Ok(Backend::Server {
+        listener,
+        path,
+        addr_text,
+        first: Mutex::new(first),
+    })
+}
+
+/// Adopts an inherited listening socket (`fd=N`).
+fn listener_from_fd(text: &str) -> Result<(Listener, Option<PathBuf>, String), String> {
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    let fd: i32 = text
+        .parse()
+        .map_err(|_| format!("Unable to parse FD number {text}"))?;
+    let addr: SockaddrStorage =
+        getsockname(fd).map_err(|_| format!("File descriptor '{text}' is not a socket"))?;
+    // SAFETY: the descriptor was handed to us on the command line to own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match addr.family() {
+        Some(AddressFamily::Unix) => {
+            let std_l = std::os::unix::net::UnixListener::from(owned);
+            let path = addr
+                .as_unix_addr()
+                .and_then(|u| u.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            std_l.set_nonblocking(true).map_err(|e| os_msg(&e))?;
+            let l = UnixListener::from_std(std_l).map_err(|e| os_msg(&e))?;
+            Ok((Listener::Unix(l), None, format!("unix:{path}")))
+        }
+        Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => {
+            let std_l = std::net::TcpListener::from(owned);
+            std_l.set_nonblocking(true).map_err(|e| os_msg(&e))?;
+            let local = std_l
+                .local_addr()
+                .map(|a| format!("tcp:{}:{}", a.ip(), a.port()))
+                .unwrap_or_default();
+            let l = TcpListener::from_std(std_l).map_err(|e| os_msg(&e))?;
+            Ok((Listener::Tcp(l), None, local))
+        }
+        _ => Err(format!("File descriptor '{text}' is not a socket")),
+    }
+}

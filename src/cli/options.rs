@@ -1,0 +1,279 @@
+//! Turning option values into validated arguments: `--chardev` (QemuOpts)
+//! into a `ChardevBackend`, `--monitor` and `--object` (keyval or JSON)
+//! through the QAPI schema, as QSD does.
+use serde_json::{json, Map, Value};
+
+use super::keyval::{looks_like_json, parse_bool, parse_keyval, parse_qemu_opts, parse_size};
+use crate::qapi::validate::Input;
+use crate::qapi::Schema;
+
+/// Keys QemuOpts accepts for any chardev backend.
+const CHARDEV_KEYS: &[&str] = &[
+    "backend",
+    "id",
+    "path",
+    "host",
+    "port",
+    "fd",
+    "localaddr",
+    "localport",
+    "to",
+    "ipv4",
+    "ipv6",
+    "wait",
+    "server",
+    "delay",
+    "nodelay",
+    "reconnect",
+    "reconnect-ms",
+    "telnet",
+    "tn3270",
+    "tls-creds",
+    "tls-authz",
+    "websocket",
+    "width",
+    "height",
+    "cols",
+    "rows",
+    "mux",
+    "signal",
+    "name",
+    "debug",
+    "size",
+    "chardev",
+    "append",
+    "logfile",
+    "logappend",
+    "mouse",
+    "clipboard",
+    "abstract",
+    "tight",
+];
+
+/// What a `--chardev` asks for.
+pub enum ChardevCli {
+    Help,
+    Add {
+        id: String,
+        backend: Map<String, Value>,
+    },
+}
+
+fn opt_bool(opts: &[(String, String)], key: &str) -> Result<Option<bool>, String> {
+    match opts.iter().rev().find(|(k, _)| k == key) {
+        None => Ok(None),
+        Some((_, v)) => parse_bool(v)
+            .map(Some)
+            .ok_or_else(|| format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+fn opt<'a>(opts: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    opts.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `--chardev` value to a validated ChardevBackend. `daemonize` forbids stdio.
+pub fn chardev(text: &str, daemonize: bool) -> Result<ChardevCli, String> {
+    let opts = parse_qemu_opts(text, "backend")?;
+    if opt(&opts, "backend") == Some("help") {
+        return Ok(ChardevCli::Help);
+    }
+    if let Some((k, _)) = opts
+        .iter()
+        .find(|(k, _)| !CHARDEV_KEYS.contains(&k.as_str()))
+    {
+        return Err(format!("Invalid parameter '{k}'"));
+    }
+    let Some(id) = opt(&opts, "id") else {
+        return Err("chardev: no id specified".into());
+    };
+    let Some(kind) = opt(&opts, "backend") else {
+        return Err(format!("chardev: \"{id}\" missing backend"));
+    };
+    let mut common = Map::new();
+    if let Some(l) = opt(&opts, "logfile") {
+        common.insert("logfile".into(), json!(l));
+    }
+    if let Some(b) = opt_bool(&opts, "logappend")? {
+        common.insert("logappend".into(), json!(b));
+    }
+    let mut data = common;
+    match kind {
+        "socket" => {
+            let server = opt_bool(&opts, "server")?.unwrap_or(false);
+            let wait = opt_bool(&opts, "wait")?.unwrap_or(true);
+            let (path, host, fd) = (opt(&opts, "path"), opt(&opts, "host"), opt(&opts, "fd"));
+            let given = [path, host, fd].iter().filter(|x| x.is_some()).count();
+            if given > 1 {
+                return Err("None or one of 'path', 'fd' or 'host' option required.".into());
+            }
+            let addr = if let Some(p) = path {
+                json!({"type": "unix", "data": {"path": p}})
+            } else if let Some(h) = host {
+                let Some(port) = opt(&opts, "port") else {
+                    return Err("chardev: socket: no port given".into());
+                };
+                json!({"type": "inet", "data": {"host": h, "port": port}})
+            } else {
+                json!({"type": "fd", "data": {"str": fd.unwrap_or("")}})
+            };
+            data.insert("addr".into(), addr);
+            data.insert("server".into(), json!(server));
+            if server {
+                data.insert("wait".into(), json!(wait));
+            }
+            for key in ["nodelay", "telnet", "tn3270", "websocket"] {
+                if let Some(b) = opt_bool(&opts, key)? {
+                    data.insert(key.into(), json!(b));
+                }
+            }
+        }
+        "null" => {}
+        "stdio" => {
+            if daemonize {
+                return Err("cannot use stdio with -daemonize".into());
+            }
+            if let Some(b) = opt_bool(&opts, "signal")? {
+                data.insert("signal".into(), json!(b));
+            }
+        }
+        "file" => {
+            let Some(p) = opt(&opts, "path") else {
+                return Err("chardev: file: no filename given".into());
+            };
+            data.insert("out".into(), json!(p));
+            if let Some(b) = opt_bool(&opts, "append")? {
+                data.insert("append".into(), json!(b));
+            }
+        }
+        "ringbuf" | "memory" => {
+            if let Some(s) = opt(&opts, "size") {
+                let n = parse_size(s).ok_or_else(|| {
+                    format!("Parameter 'size' expects a non-negative number below 2^64")
+                })?;
+                data.insert("size".into(), json!(n));
+            }
+        }
+        other => return Err(format!("'{other}' is not a valid char driver name")),
+    }
+    let mut backend = Map::new();
+    backend.insert("type".into(), json!(kind));
+    backend.insert("data".into(), Value::Object(data));
+    Ok(ChardevCli::Add {
+        id: id.to_string(),
+        backend,
+    })
+}
+
+/// Parses a keyval-or-JSON option value and validates it as `type_name`.
+pub fn keyval_or_json(
+    schema: &Schema,
+    text: &str,
+    implied: &str,
+    type_name: &str,
+) -> Result<(Map<String, Value>, bool), String> {
+    let (raw, input, help) = if looks_like_json(text) {
+        match crate::qmp::parse_whole(text)? {
+            Value::Object(m) => (m, Input::Json, false),
+            _ => return Err("Invalid parameter type, expected: object".into()),
+        }
+    } else {
+        let p = parse_keyval(text, Some(implied))?;
+        (p.value, Input::Keyval, p.help)
+    };
+    if help {
+        return Ok((raw, true));
+    }
+    schema
+        .validate_args(type_name, &raw, input)
+        .map(|v| (v, false))
+        .map_err(|e| e.desc)
+}
+
+/// `--monitor`: returns (chardev, pretty).
+pub fn monitor(schema: &Schema, text: &str) -> Result<(String, bool), String> {
+    let (m, _) = keyval_or_json(schema, text, "chardev", "MonitorOptions")?;
+    if m.get("mode").and_then(Value::as_str) == Some("readline") {
+        return Err("Only QMP is supported".into());
+    }
+    let chardev = m.get("chardev").and_then(Value::as_str).unwrap_or_default();
+    let pretty = m.get("pretty").and_then(Value::as_bool).unwrap_or(false);
+    Ok((chardev.to_string(), pretty))
+}
+
+/// What an `--object` asks for.
+pub enum ObjectCli {
+    /// Help text to print (then exit 0).
+    Help(String),
+    Add(Map<String, Value>),
+}
+
+pub fn object(schema: &Schema, text: &str) -> Result<ObjectCli, String> {
+    if !looks_like_json(text) {
+        let p = parse_keyval(text, Some("qom-type"))?;
+        let ty = p.value.get("qom-type").and_then(Value::as_str);
+        if p.help || ty == Some("help") {
+            let props = ty.and_then(crate::objects::help_properties);
+            let text = match (ty, props) {
+                (Some(t), Some(props)) => {
+                    let mut s = format!("{t} options:\n");
+                    for p in props {
+                        s.push_str(&format!("  {p}\n"));
+                    }
+                    s
+                }
+                _ => {
+                    let mut s = "List of user creatable objects:\n".to_string();
+                    for t in crate::objects::CREATABLE_TYPES {
+                        s.push_str(&format!("  {t}\n"));
+                    }
+                    s
+                }
+            };
+            return Ok(ObjectCli::Help(text));
+        }
+    }
+    let (m, _) = keyval_or_json(schema, text, "qom-type", "ObjectOptions")?;
+    Ok(ObjectCli::Add(m))
+}
+
+/// `--blockdev`, `--nbd-server` and `--export` until the block layer and
+/// the NBD server exist: the value must parse, then rsd says it cannot
+/// serve it yet.
+pub fn not_yet(text: &str) -> Result<(), String> {
+    if looks_like_json(text) {
+        crate::qmp::parse_whole(text)?;
+    } else {
+        parse_keyval(text, None)?;
+    }
+    Err("rsd does not implement this option yet".into())
+}
+
+/// `-T/--trace`: `[enable=]PATTERN[,events=FILE][,file=FILE]`. Returns
+/// None for `help`.
+pub fn trace(text: &str) -> Result<Option<observability::TraceOpt>, String> {
+    let opts = parse_qemu_opts(text, "enable")?;
+    let mut t = observability::TraceOpt::default();
+    for (k, v) in opts {
+        match k.as_str() {
+            "enable" if v == "help" => return Ok(None),
+            "enable" => t.patterns.push(v),
+            "events" => {
+                let list = std::fs::read_to_string(&v)
+                    .map_err(|e| format!("{v}: {}", actors::pidfile::os_msg(&e)))?;
+                t.patterns.extend(
+                    list.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string),
+                );
+            }
+            "file" => t.file = Some(v),
+            other => return Err(format!("Invalid parameter '{other}'")),
+        }
+    }
+    Ok(Some(t))
+}

@@ -1,0 +1,31 @@
+//! What every actor of the daemon shares: the schema, the event bus, the
+//! root supervisor, the control actor and the shutdown trigger.
+use std::sync::OnceLock;
+
+use actors::SupervisorMsg;
+use ractor::ActorRef;
+use tokio::sync::watch;
+
+use crate::control::ControlMsg;
+use crate::events::EventBus;
+use crate::qapi::Schema;
+
+/// rsd's version and the QEMU version whose QMP and command line it follows.
+pub const RSD_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const QEMU_COMPAT: (i64, i64, i64) = (10, 0, 2);
+
+pub struct Ctx {
+    pub schema: Schema,
+    pub events: EventBus,
+    pub supervisor: ActorRef<SupervisorMsg>,
+    pub control: OnceLock<ActorRef<ControlMsg>>,
+    /// Set to true to stop the daemon (quit).
+    pub shutdown: watch::Sender<bool>,
+    pub test_hooks: bool,
+}
+
+impl Ctx {
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}

@@ -1,0 +1,178 @@
+//! chardev-add, chardev-remove, query-chardev and their command-line form.
+use std::sync::Arc;
+
+use actors::{ChildSpec, Restart};
+use ractor::{Actor, ActorRef};
+use serde_json::{json, Map, Value};
+
+use super::{arg_str, ChardevEntry, ControlState};
+use crate::chardev::{self, Backend, ChardevActor, ChardevMsg};
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+/// The registry name (and supervisor child id) of a chardev's actor.
+pub fn chardev_name(id: &str) -> String {
+    format!("chardev/{id}")
+}
+
+/// QOM type and `addr` property of a chardev, from its backend arguments.
+fn describe(backend: &Map<String, Value>) -> (&'static str, Option<Value>) {
+    let kind = arg_str(backend, "type");
+    let qom_type = match kind {
+        "socket" => "chardev-socket",
+        "null" => "chardev-null",
+        "stdio" => "chardev-stdio",
+        "file" => "chardev-file",
+        "ringbuf" => "chardev-ringbuf",
+        "memory" => "chardev-memory",
+        _ => "chardev",
+    };
+    let addr = backend
+        .get("data")
+        .and_then(|d| d.get("addr"))
+        .and_then(|a| {
+            // SocketAddressLegacy {type, data:{..}} -> flat SocketAddress.
+            let mut flat = a.get("data")?.as_object()?.clone();
+            flat.insert("type".into(), a.get("type")?.clone());
+            Some(Value::Object(flat))
+        });
+    (qom_type, addr)
+}
+
+impl ControlState {
+    fn has_chardev(&self, id: &str) -> bool {
+        self.chardevs.iter().any(|(i, _)| i == id)
+    }
+
+    async fn open_and_start(
+        &mut self,
+        id: String,
+        backend: &Map<String, Value>,
+        notice_prefix: Option<String>,
+    ) -> Result<(), String> {
+        let notice = move |msg: &str| {
+            if let Some(p) = &notice_prefix {
+                eprintln!("{p}: {msg}");
+            }
+        };
+        let opened = Arc::new(chardev::open(backend, &notice).await?);
+        let name = chardev_name(&id);
+        let b = opened.clone();
+        let spec = ChildSpec::new(
+            name.clone(),
+            Restart::Permanent,
+            Arc::new(move |sup| {
+                let b = b.clone();
+                let name = name.clone();
+                Box::pin(async move {
+                    let (r, _) = Actor::spawn_linked(Some(name), ChardevActor, b, sup)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(r.get_cell())
+                })
+            }),
+        );
+        if let Err(e) = actors::supervisor::start_child(&self.ctx.supervisor, spec).await {
+            opened.cleanup();
+            return Err(e);
+        }
+        let (qom_type, addr) = describe(backend);
+        self.chardevs.push((
+            id,
+            ChardevEntry {
+                backend: opened,
+                qom_type,
+                addr,
+                has_monitor: false,
+            },
+        ));
+        Ok(())
+    }
+
+    pub(super) async fn chardev_add(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let id = arg_str(args, "id").to_string();
+        if self.has_chardev(&id) {
+            return Err(QmpError::generic(format!(
+                "Chardev with id '{id}' already exists"
+            )));
+        }
+        let empty = Map::new();
+        let backend = args
+            .get("backend")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        self.open_and_start(id.clone(), backend, None)
+            .await
+            .map_err(|e| QmpError::generic(format!("Failed to add chardev '{id}': {e}")))?;
+        Ok(json!({}))
+    }
+
+    pub(super) async fn add_chardev_cli(
+        &mut self,
+        id: String,
+        backend: Map<String, Value>,
+        prefix: String,
+    ) -> Result<(), String> {
+        crate::objects::check_id(&id)?;
+        if self.has_chardev(&id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        self.open_and_start(id, &backend, Some(prefix)).await
+    }
+
+    pub(super) async fn chardev_remove(&mut self, id: &str) -> QmpResult<Value> {
+        let Some(pos) = self.chardevs.iter().position(|(i, _)| i == id) else {
+            return Err(QmpError::generic(format!("Chardev '{id}' not found")));
+        };
+        if self.chardevs[pos].1.has_monitor {
+            return Err(QmpError::generic(format!("Chardev '{id}' is busy")));
+        }
+        let (_, entry) = self.chardevs.remove(pos);
+        actors::supervisor::stop_child_by_id(&self.ctx.supervisor, &chardev_name(id)).await;
+        entry.backend.cleanup();
+        Ok(json!({}))
+    }
+
+    /// (filename, frontend-open) of one chardev, asked of its actor.
+    async fn chardev_info(id: &str, backend: &Backend) -> (String, bool) {
+        let actor: Option<ActorRef<ChardevMsg>> =
+            ractor::registry::where_is(chardev_name(id)).map(Into::into);
+        match actor {
+            Some(a) => {
+                ractor::call!(a, ChardevMsg::Info).unwrap_or((backend.filename(false), false))
+            }
+            None => (backend.filename(false), false),
+        }
+    }
+
+    pub(super) async fn query_chardev(&self) -> QmpResult<Value> {
+        let mut out = Vec::new();
+        for (id, entry) in &self.chardevs {
+            let (filename, open) = Self::chardev_info(id, &entry.backend).await;
+            out.push(json!({"label": id, "filename": filename, "frontend-open": open}));
+        }
+        Ok(Value::Array(out))
+    }
+
+    /// For qom: the chardevs' ids and QOM types, and one chardev's props.
+    pub(super) fn chardev_children(&self) -> Vec<(String, String)> {
+        self.chardevs
+            .iter()
+            .map(|(id, e)| (id.clone(), format!("child<{}>", e.qom_type)))
+            .collect()
+    }
+
+    pub(super) async fn chardev_props(&self, id: &str) -> Option<Vec<(String, String, Value)>> {
+        let (_, e) = self.chardevs.iter().find(|(i, _)| i == id)?;
+        let mut props = vec![("type".to_string(), "string".to_string(), json!(e.qom_type))];
+        if let Some(addr) = &e.addr {
+            let (filename, _) = Self::chardev_info(id, &e.backend).await;
+            let connected = !filename.starts_with("disconnected:");
+            props.push(("connected".into(), "bool".into(), json!(connected)));
+            props.push(("addr".into(), "SocketAddress".into(), addr.clone()));
+        }
+        Some(props)
+    }
+}

@@ -1,0 +1,247 @@
+//! The control actor: QSD's single dispatcher. It runs commands one at a
+//! time, owns the registries (chardevs, monitors, objects) and starts and
+//! stops the supervised actors that do the work.
+mod chardevs;
+mod qom;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actors::{ChildSpec, Restart};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_json::{json, Map, Value};
+
+use crate::chardev::Backend;
+use crate::context::Ctx;
+use crate::objects::{self, Object};
+use crate::qapi::error::QmpResult;
+use crate::qapi::{introspect, QmpError};
+use crate::qmp::monitor::{self, MonitorActor, MonitorConfig, MonitorMsg};
+
+pub use chardevs::chardev_name;
+
+pub enum ControlMsg {
+    /// Run a QMP command with validated arguments.
+    Execute(String, Map<String, Value>, RpcReplyPort<QmpResult<Value>>),
+    /// `--chardev`: like chardev-add, with the command line's id rules;
+    /// the string is the prefix for a `wait=on` notice on stderr.
+    AddChardevCli(
+        String,
+        Map<String, Value>,
+        String,
+        RpcReplyPort<Result<(), String>>,
+    ),
+    /// `--object`: like object-add, with the command line's messages.
+    AddObjectCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
+    /// `--monitor`: attach a QMP monitor to a chardev.
+    AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
+    /// The exit path run before the supervisor stops everything.
+    Shutdown(RpcReplyPort<()>),
+}
+
+pub struct ChardevEntry {
+    pub backend: Arc<Backend>,
+    pub qom_type: &'static str,
+    pub addr: Option<Value>,
+    pub has_monitor: bool,
+}
+
+pub struct ControlState {
+    ctx: Arc<Ctx>,
+    /// Chardevs in creation order.
+    chardevs: Vec<(String, ChardevEntry)>,
+    objects: BTreeMap<String, Object>,
+}
+
+pub struct ControlActor;
+
+impl Actor for ControlActor {
+    type Msg = ControlMsg;
+    type State = ControlState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ControlMsg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<ControlState, ActorProcessingErr> {
+        Ok(ControlState {
+            ctx,
+            chardevs: Vec::new(),
+            objects: BTreeMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ControlMsg>,
+        msg: ControlMsg,
+        st: &mut ControlState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ControlMsg::Execute(name, args, reply) => {
+                let r = st.execute(&name, args).await;
+                let _ = reply.send(r);
+            }
+            ControlMsg::AddChardevCli(id, backend, prefix, reply) => {
+                let r = st.add_chardev_cli(id, backend, prefix).await;
+                let _ = reply.send(r);
+            }
+            ControlMsg::AddObjectCli(args, reply) => {
+                let _ = reply.send(st.object_add(&args));
+            }
+            ControlMsg::AddMonitor(chardev, pretty, reply) => {
+                let r = st.add_monitor(chardev, pretty).await;
+                let _ = reply.send(r);
+            }
+            ControlMsg::Shutdown(reply) => {
+                for (_, c) in &st.chardevs {
+                    c.backend.cleanup();
+                }
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn arg_str<'a>(args: &'a Map<String, Value>, k: &str) -> &'a str {
+    args.get(k).and_then(Value::as_str).unwrap_or_default()
+}
+
+impl ControlState {
+    async fn execute(&mut self, name: &str, args: Map<String, Value>) -> QmpResult<Value> {
+        let ctx = self.ctx.clone();
+        match name {
+            "query-version" => Ok(monitor::version_info()),
+            "query-commands" => Ok(Value::Array(
+                ctx.schema
+                    .commands
+                    .iter()
+                    .map(|c| json!({"name": c.name}))
+                    .collect(),
+            )),
+            "query-qmp-schema" => Ok(introspect::schema_info(&ctx.schema)),
+            // The exit path (jobs, exports) runs in Shutdown; the monitor
+            // session sends the reply and then asks the daemon to stop.
+            "quit" => Ok(json!({})),
+            "chardev-add" => self.chardev_add(&args).await,
+            "chardev-remove" => self.chardev_remove(arg_str(&args, "id")).await,
+            "query-chardev" => self.query_chardev().await,
+            "query-chardev-backends" => Ok(Value::Array(
+                crate::chardev::BACKEND_NAMES
+                    .iter()
+                    .rev()
+                    .map(|n| json!({"name": n}))
+                    .collect(),
+            )),
+            // QMP shows only the first line of a multi-line message.
+            "object-add" => self
+                .object_add(&args)
+                .map(|()| json!({}))
+                .map_err(|e| QmpError::generic(e.lines().next().unwrap_or_default())),
+            "object-del" => self.object_del(arg_str(&args, "id")).map(|()| json!({})),
+            "qom-list" => self.qom_list(arg_str(&args, "path")).await,
+            "qom-get" => {
+                self.qom_get(arg_str(&args, "path"), arg_str(&args, "property"))
+                    .await
+            }
+            "qom-set" => self
+                .qom_set(
+                    arg_str(&args, "path"),
+                    arg_str(&args, "property"),
+                    args.get("value").unwrap_or(&Value::Null),
+                )
+                .map(|()| json!({})),
+            "x-rsd-test-event" => {
+                let mut data = Map::new();
+                data.insert("message".into(), json!(arg_str(&args, "message")));
+                ctx.events.emit("X_RSD_TEST_EVENT", Some(data));
+                Ok(json!({}))
+            }
+            "x-rsd-test-crash" => test_crash(arg_str(&args, "id")),
+            other => Err(QmpError::with_class(
+                crate::qapi::ErrorClass::CommandNotFound,
+                format!("The command {other} has not been found"),
+            )),
+        }
+    }
+
+    pub fn object_add(&mut self, args: &Map<String, Value>) -> Result<(), String> {
+        let id = arg_str(args, "id").to_string();
+        objects::check_id(&id)?;
+        if self.objects.contains_key(&id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        let lookup = |kid: &str| match self.objects.get(kid) {
+            Some(Object::Secret(s)) => Some(s.value.clone()),
+            _ => None,
+        };
+        let obj = objects::create(args, &lookup)?;
+        self.objects.insert(id, obj);
+        Ok(())
+    }
+
+    fn object_del(&mut self, id: &str) -> QmpResult<()> {
+        match self.objects.remove(id) {
+            Some(_) => Ok(()),
+            None => Err(QmpError::generic(format!("object '{id}' not found"))),
+        }
+    }
+
+    async fn add_monitor(&mut self, chardev: String, pretty: bool) -> Result<(), String> {
+        let Some((_, entry)) = self.chardevs.iter_mut().find(|(id, _)| *id == chardev) else {
+            return Err(format!("chardev \"{chardev}\" not found"));
+        };
+        if entry.has_monitor {
+            return Err(format!("chardev '{chardev}' is already in use"));
+        }
+        entry.has_monitor = true;
+        let cfg = MonitorConfig {
+            chardev: chardev.clone(),
+            pretty,
+            ctx: self.ctx.clone(),
+        };
+        let name = monitor::registry_name(&chardev);
+        let spec = ChildSpec::new(
+            name.clone(),
+            Restart::Permanent,
+            Arc::new(move |sup| {
+                let cfg = cfg.clone();
+                let name = name.clone();
+                Box::pin(async move {
+                    let (r, _) = Actor::spawn_linked(Some(name), MonitorActor, cfg, sup)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(r.get_cell())
+                })
+            }),
+        );
+        actors::supervisor::start_child(&self.ctx.supervisor, spec).await
+    }
+}
+
+/// Test hook: make a supervised actor fail inside its handler.
+fn test_crash(id: &str) -> QmpResult<Value> {
+    let Some(cell) = ractor::registry::where_is(id.to_string()) else {
+        return Err(QmpError::generic(format!("no actor named '{id}'")));
+    };
+    let sent = if id.starts_with("monitor/") {
+        ActorRef::<MonitorMsg>::from(cell)
+            .cast(MonitorMsg::Crash)
+            .is_ok()
+    } else if id.starts_with("chardev/") {
+        ActorRef::<crate::chardev::ChardevMsg>::from(cell)
+            .cast(crate::chardev::ChardevMsg::Crash)
+            .is_ok()
+    } else {
+        false
+    };
+    if sent {
+        Ok(json!({}))
+    } else {
+        Err(QmpError::generic(format!("cannot crash '{id}'")))
+    }
+}

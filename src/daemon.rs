@@ -1,0 +1,188 @@
+//! Start-up and shutdown: the root supervisor's duties in order. Options
+//! are applied left to right; the pidfile is written once everything
+//! listens; a quit or a signal stops children in reverse order.
+use std::sync::Arc;
+
+use actors::daemonize::Daemon;
+use actors::pidfile::Pidfile;
+use actors::Supervisor;
+use ractor::{Actor, ActorRef};
+use tokio::sync::watch;
+
+use crate::cli::args::Arg;
+use crate::cli::options::{self, ChardevCli, ObjectCli};
+use crate::context::Ctx;
+use crate::control::{ControlActor, ControlMsg};
+use crate::events::EventBus;
+use crate::qapi::Schema;
+
+/// How start-up ended when it did not reach the serving state.
+pub enum Exit {
+    /// Print to stdout and exit 0 (help texts).
+    Print(String),
+    /// Print `rsd: MESSAGE` to stderr and exit 1.
+    Fail(String),
+}
+
+pub struct Options {
+    pub args: Vec<Arg>,
+    pub daemonize: bool,
+    pub pidfile: Option<String>,
+}
+
+/// Runs the daemon to completion; returns the process exit code.
+pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
+    let test_hooks = std::env::var_os("RSD_TEST_HOOKS").is_some_and(|v| v == "1");
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let escalate_tx = shutdown_tx.clone();
+    let supervisor = match Actor::spawn(
+        Some("root".into()),
+        Supervisor {
+            on_escalate: Arc::new(move |child, reason| {
+                tracing::error!(%child, %reason, "child could not be kept running");
+                let _ = &escalate_tx;
+            }),
+        },
+        (),
+    )
+    .await
+    {
+        Ok((s, _)) => s,
+        Err(e) => {
+            eprintln!("rsd: cannot start the supervisor: {e}");
+            return 1;
+        }
+    };
+    let ctx = Arc::new(Ctx {
+        schema: Schema::rsd(test_hooks),
+        events: EventBus::default(),
+        supervisor: supervisor.clone(),
+        control: Default::default(),
+        shutdown: shutdown_tx,
+        test_hooks,
+    });
+    let control = match Actor::spawn(Some("control".into()), ControlActor, ctx.clone()).await {
+        Ok((c, _)) => c,
+        Err(e) => {
+            eprintln!("rsd: cannot start the control actor: {e}");
+            return 1;
+        }
+    };
+    let _ = ctx.control.set(control.clone());
+
+    let mut pidfile = None;
+    let started = apply_all(&ctx, &control, &opts).await.and_then(|()| {
+        if let Some(path) = &opts.pidfile {
+            pidfile = Some(
+                Pidfile::acquire(std::path::Path::new(path))
+                    .map_err(|e| Exit::Fail(format!("cannot create PID file: {e}")))?,
+            );
+        }
+        Ok(())
+    });
+    if let Err(exit) = started {
+        stop(&control, &supervisor).await;
+        return match exit {
+            Exit::Print(text) => {
+                print!("{text}");
+                0
+            }
+            Exit::Fail(msg) => {
+                eprintln!("rsd: {msg}");
+                1
+            }
+        };
+    }
+    if let Some(d) = daemon {
+        d.finish();
+    }
+    tokio::select! {
+        sig = actors::signals::shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down");
+        }
+        _ = shutdown_rx.wait_for(|quit| *quit) => {
+            tracing::info!("quit requested");
+        }
+    }
+    stop(&control, &supervisor).await;
+    drop(pidfile);
+    0
+}
+
+/// The exit path, then every child in reverse start order.
+async fn stop(control: &ActorRef<ControlMsg>, supervisor: &ActorRef<actors::SupervisorMsg>) {
+    actors::supervisor::stop_all(supervisor).await;
+    let _ = ractor::call!(control, ControlMsg::Shutdown);
+}
+
+async fn apply_all(
+    ctx: &Arc<Ctx>,
+    control: &ActorRef<ControlMsg>,
+    opts: &Options,
+) -> Result<(), Exit> {
+    for arg in &opts.args {
+        apply(ctx, control, arg, opts.daemonize)
+            .await
+            .map_err(|e| match e {
+                Exit::Fail(msg) => Exit::Fail(format!("{}: {msg}", arg.location())),
+                other => other,
+            })?;
+    }
+    Ok(())
+}
+
+fn call_err<T>(r: Result<Result<T, String>, ractor::RactorErr<ControlMsg>>) -> Result<T, Exit> {
+    match r {
+        Ok(inner) => inner.map_err(Exit::Fail),
+        Err(e) => Err(Exit::Fail(format!("internal error: {e}"))),
+    }
+}
+
+async fn apply(
+    ctx: &Arc<Ctx>,
+    control: &ActorRef<ControlMsg>,
+    arg: &Arg,
+    daemonize: bool,
+) -> Result<(), Exit> {
+    match arg {
+        Arg::Help | Arg::Version | Arg::Daemonize | Arg::Pidfile(_) | Arg::Trace(_) => Ok(()),
+        Arg::Positional(_) => Err(Exit::Fail("Unexpected argument".into())),
+        Arg::Chardev(text) => match options::chardev(text, daemonize).map_err(Exit::Fail)? {
+            ChardevCli::Help => {
+                let mut s = "Available chardev backend types: \n".to_string();
+                for b in crate::chardev::BACKEND_NAMES {
+                    s.push_str(&format!("  {b}\n"));
+                }
+                Err(Exit::Print(s))
+            }
+            ChardevCli::Add { id, backend } => {
+                let prefix = format!("rsd: {}", arg.location());
+                call_err(ractor::call!(
+                    control,
+                    ControlMsg::AddChardevCli,
+                    id,
+                    backend,
+                    prefix
+                ))
+            }
+        },
+        Arg::Monitor(text) => {
+            let (chardev, pretty) = options::monitor(&ctx.schema, text).map_err(Exit::Fail)?;
+            call_err(ractor::call!(
+                control,
+                ControlMsg::AddMonitor,
+                chardev,
+                pretty
+            ))
+        }
+        Arg::Object(text) => match options::object(&ctx.schema, text).map_err(Exit::Fail)? {
+            ObjectCli::Help(t) => Err(Exit::Print(t)),
+            ObjectCli::Add(args) => {
+                call_err(ractor::call!(control, ControlMsg::AddObjectCli, args))
+            }
+        },
+        Arg::Blockdev(text) | Arg::NbdServer(text) | Arg::Export(text) => {
+            crate::cli::options::not_yet(text).map_err(Exit::Fail)
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! QMP event delivery. Monitors that finished capability negotiation
+//! subscribe; `emit` serializes the event once per layout and queues it on
+//! every subscriber's output synchronously, so an event raised while a
+//! command runs reaches the client before that command's reply.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::qmp::frame;
+
+struct Subscriber {
+    id: u64,
+    pretty: bool,
+    out: UnboundedSender<String>,
+}
+
+#[derive(Default)]
+pub struct EventBus {
+    next_id: AtomicU64,
+    subs: Mutex<Vec<Subscriber>>,
+}
+
+/// Unsubscribes when dropped.
+pub struct Subscription<'a> {
+    bus: &'a EventBus,
+    id: u64,
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut subs) = self.bus.subs.lock() {
+            subs.retain(|s| s.id != self.id);
+        }
+    }
+}
+
+impl EventBus {
+    pub fn subscribe(&self, pretty: bool, out: UnboundedSender<String>) -> Subscription<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut subs) = self.subs.lock() {
+            subs.push(Subscriber { id, pretty, out });
+        }
+        Subscription { bus: self, id }
+    }
+
+    /// Emits `event` with optional `data` to every negotiated monitor.
+    pub fn emit(&self, event: &str, data: Option<Map<String, Value>>) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| (d.as_secs() as i64, d.subsec_micros() as i64))
+            .unwrap_or((-1, -1));
+        let mut obj = Map::new();
+        obj.insert(
+            "timestamp".into(),
+            json!({"seconds": now.0, "microseconds": now.1}),
+        );
+        obj.insert("event".into(), json!(event));
+        if let Some(d) = data {
+            obj.insert("data".into(), Value::Object(d));
+        }
+        let v = Value::Object(obj);
+        let (mut compact, mut pretty) = (None, None);
+        let Ok(mut subs) = self.subs.lock() else {
+            return;
+        };
+        subs.retain(|s| {
+            let text = if s.pretty {
+                pretty.get_or_insert_with(|| frame(&v, true)).clone()
+            } else {
+                compact.get_or_insert_with(|| frame(&v, false)).clone()
+            };
+            s.out.send(text).is_ok()
+        });
+    }
+}

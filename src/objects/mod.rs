@@ -1,0 +1,226 @@
+//! User-creatable objects (`--object`, object-add): secrets and iothreads.
+//! They are plain data owned by the control actor; nothing here does I/O
+//! after creation.
+pub mod secret;
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+pub use secret::Secret;
+
+/// Types `--object help` lists: QSD's user-creatable types.
+pub const CREATABLE_TYPES: &[&str] = &[
+    "authz-list",
+    "authz-list-file",
+    "authz-simple",
+    "iothread",
+    "main-loop",
+    "pr-manager-helper",
+    "secret",
+    "secret_keyring",
+    "thread-context",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+];
+
+/// Properties `--object TYPE,help` prints, for the types rsd implements.
+pub fn help_properties(qom_type: &str) -> Option<&'static [&'static str]> {
+    match qom_type {
+        "secret" => Some(&[
+            "data=<string>",
+            "file=<string>",
+            "format=<QCryptoSecretFormat>",
+            "iv=<string>",
+            "keyid=<string>",
+        ]),
+        "iothread" => Some(&[
+            "aio-max-batch=<int>",
+            "poll-grow=<int>",
+            "poll-max-ns=<int>",
+            "poll-shrink=<int>",
+            "thread-pool-max=<int>",
+            "thread-pool-min=<int>",
+        ]),
+        "main-loop" => Some(&[
+            "aio-max-batch=<int>",
+            "thread-pool-max=<int>",
+            "thread-pool-min=<int>",
+        ]),
+        _ => None,
+    }
+}
+
+/// An event-loop object (iothread, main-loop): integer properties.
+#[derive(Clone, Debug)]
+pub struct EventLoop {
+    pub props: BTreeMap<&'static str, i64>,
+}
+
+const IOTHREAD_PROPS: &[(&str, i64)] = &[
+    ("poll-max-ns", 32768),
+    ("poll-grow", 0),
+    ("poll-shrink", 0),
+    ("aio-max-batch", 0),
+    ("thread-pool-min", 0),
+    ("thread-pool-max", 64),
+];
+
+impl EventLoop {
+    fn new(qom_type: &str, props: &Map<String, Value>) -> Result<Self, String> {
+        let mut el = EventLoop {
+            props: BTreeMap::new(),
+        };
+        for (name, default) in IOTHREAD_PROPS {
+            if qom_type == "main-loop" && name.starts_with("poll-") {
+                continue;
+            }
+            el.props.insert(name, *default);
+        }
+        for (k, v) in props {
+            if let Some(n) = v.as_i64() {
+                el.set(k, n)?;
+            }
+        }
+        Ok(el)
+    }
+
+    /// Sets one property with QEMU's range check.
+    pub fn set(&mut self, name: &str, value: i64) -> Result<(), String> {
+        let Some(slot) = self.props.iter_mut().find(|(k, _)| **k == name) else {
+            return Err(format!("Property '{name}' not found"));
+        };
+        if value < 0 {
+            return Err(format!("{name} value must be in range [0, {}]", i64::MAX));
+        }
+        *slot.1 = value;
+        Ok(())
+    }
+}
+
+pub enum Object {
+    Secret(Secret),
+    EventLoop {
+        qom_type: &'static str,
+        el: EventLoop,
+    },
+}
+
+impl Object {
+    pub fn qom_type(&self) -> &'static str {
+        match self {
+            Object::Secret(_) => "secret",
+            Object::EventLoop { qom_type, .. } => qom_type,
+        }
+    }
+
+    /// qom-list of this object: (name, type) pairs.
+    pub fn properties(&self) -> Vec<(String, String)> {
+        // In the order QSD lists them (its property table's hash order).
+        let mut out = vec![("type".to_string(), "string".to_string())];
+        match self {
+            Object::Secret(_) => {
+                for (n, t) in [
+                    ("iv", "string"),
+                    ("keyid", "string"),
+                    ("format", "QCryptoSecretFormat"),
+                    ("file", "string"),
+                    ("data", "string"),
+                ] {
+                    out.push((n.into(), t.into()));
+                }
+            }
+            Object::EventLoop { el, .. } => {
+                for n in [
+                    "thread-pool-min",
+                    "aio-max-batch",
+                    "thread-pool-max",
+                    "poll-max-ns",
+                    "poll-grow",
+                    "poll-shrink",
+                ] {
+                    if el.props.contains_key(n) {
+                        out.push((n.to_string(), "int".into()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// qom-set: the value is checked as the property's type, as QEMU's
+    /// visitor does, with the property name in the message.
+    pub fn set(&mut self, prop: &str, value: &Value) -> Result<(), String> {
+        let type_err = |t: &str| format!("Invalid parameter type for '{prop}', expected: {t}");
+        match self {
+            _ if prop == "type" => Err(format!(
+                "Property '{}.type' is not writable",
+                self.qom_type()
+            )),
+            Object::Secret(s) => match prop {
+                "data" | "file" | "keyid" | "iv" => {
+                    let v = value.as_str().ok_or_else(|| type_err("string"))?;
+                    s.set_prop(prop, v);
+                    Ok(())
+                }
+                "format" => Err(format!("Property 'secret.{prop}' is not writable")),
+                _ => Err(format!("Property 'secret.{prop}' not found")),
+            },
+            Object::EventLoop { qom_type, el } => {
+                if !el.props.contains_key(prop) {
+                    return Err(format!("Property '{qom_type}.{prop}' not found"));
+                }
+                let n = value.as_i64().ok_or_else(|| type_err("integer"))?;
+                el.set(prop, n)
+            }
+        }
+    }
+
+    pub fn get(&self, prop: &str) -> Option<Value> {
+        match (self, prop) {
+            (_, "type") => Some(json!(self.qom_type())),
+            (Object::Secret(s), p) => s.get(p),
+            (Object::EventLoop { el, .. }, p) => el.props.get(p).map(|v| json!(v)),
+        }
+    }
+}
+
+/// Creates an object from validated object-add arguments.
+pub fn create(
+    args: &Map<String, Value>,
+    lookup_secret: &dyn Fn(&str) -> Option<Vec<u8>>,
+) -> Result<Object, String> {
+    let qom_type = args
+        .get("qom-type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut props = args.clone();
+    props.remove("qom-type");
+    props.remove("id");
+    match qom_type {
+        "secret" => Secret::load(&props, lookup_secret).map(Object::Secret),
+        "iothread" => Ok(Object::EventLoop {
+            qom_type: "iothread",
+            el: EventLoop::new(qom_type, &props)?,
+        }),
+        "main-loop" => Ok(Object::EventLoop {
+            qom_type: "main-loop",
+            el: EventLoop::new(qom_type, &props)?,
+        }),
+        other => Err(format!("invalid object type: {other}")),
+    }
+}
+
+/// QEMU's identifier rule for object and chardev ids.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let mut chars = id.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.".into())
+    }
+}

@@ -1,0 +1,182 @@
+//! A QMP monitor: an actor attached to one chardev, serving each of its
+//! client connections in turn with a QMP session.
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::frame;
+use super::json::JsonStreamer;
+use super::request::{self, reply_err, reply_ok, Action, SessionState};
+use crate::chardev::{ChardevMsg, Conn};
+use crate::context::{Ctx, QEMU_COMPAT, RSD_VERSION};
+use crate::control::ControlMsg;
+use crate::qapi::QmpError;
+
+#[derive(Clone)]
+pub struct MonitorConfig {
+    pub chardev: String,
+    pub pretty: bool,
+    pub ctx: Arc<Ctx>,
+}
+
+pub enum MonitorMsg {
+    /// The serving task ended (it never should): fail so we get restarted.
+    ServeEnded(String),
+    /// Test hook: fail inside the handler.
+    Crash,
+}
+
+pub struct MonitorActor;
+
+pub struct MonitorState {
+    serve: JoinHandle<()>,
+}
+
+pub fn registry_name(chardev: &str) -> String {
+    format!("monitor/{chardev}")
+}
+
+pub fn version_info() -> Value {
+    let (major, minor, micro) = QEMU_COMPAT;
+    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+           "package": format!("rsd {RSD_VERSION}")})
+}
+
+impl Actor for MonitorActor {
+    type Msg = MonitorMsg;
+    type State = MonitorState;
+    type Arguments = MonitorConfig;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<MonitorMsg>,
+        cfg: MonitorConfig,
+    ) -> Result<MonitorState, ActorProcessingErr> {
+        let chardev: ActorRef<ChardevMsg> =
+            ractor::registry::where_is(crate::control::chardev_name(&cfg.chardev))
+                .ok_or_else(|| format!("chardev \"{}\" not found", cfg.chardev))?
+                .into();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Conn>();
+        ractor::call!(chardev, ChardevMsg::Attach, tx)?;
+        let inner = tokio::spawn(async move {
+            while let Some(conn) = rx.recv().await {
+                run_session(conn, &cfg).await;
+            }
+        });
+        // Watch the serving task: if it ends (a panic), the actor fails.
+        let serve = tokio::spawn(async move {
+            let why = match inner.await {
+                Ok(()) => "chardev went away".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = myself.cast(MonitorMsg::ServeEnded(why));
+        });
+        Ok(MonitorState { serve })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<MonitorMsg>,
+        state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.serve.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<MonitorMsg>,
+        msg: MonitorMsg,
+        _state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MonitorMsg::ServeEnded(why) => Err(format!("monitor session loop ended: {why}").into()),
+            MonitorMsg::Crash => Err("test hook: monitor crash requested".into()),
+        }
+    }
+}
+
+/// One QMP client from greeting to disconnect.
+async fn run_session(conn: Conn, cfg: &MonitorConfig) {
+    let Conn {
+        mut read,
+        mut write,
+        done,
+    } = conn;
+    let ctx = cfg.ctx.clone();
+    let pretty = cfg.pretty;
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        while let Some(text) = out_rx.recv().await {
+            if write.write_all(text.as_bytes()).await.is_err() {
+                break;
+            }
+            let _ = write.flush().await;
+        }
+    });
+    let greeting = json!({"QMP": {"version": version_info(), "capabilities": ["oob"]}});
+    let _ = out_tx.send(frame(&greeting, pretty));
+
+    let mut st = SessionState::default();
+    let mut streamer = JsonStreamer::new();
+    let mut subscription = None;
+    let mut quit = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    'read: loop {
+        let n = match read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for msg in streamer.feed(&buf[..n]) {
+            match request::handle(&ctx.schema, &mut st, msg) {
+                Action::Reply(v) => {
+                    let _ = out_tx.send(frame(&v, pretty));
+                }
+                Action::Negotiated(v) => {
+                    let _ = out_tx.send(frame(&v, pretty));
+                    subscription = Some(ctx.events.subscribe(pretty, out_tx.clone()));
+                }
+                Action::Execute { name, args, id } => {
+                    quit = name == "quit";
+                    let result = execute(&ctx, name, args).await;
+                    let v = match result {
+                        Ok(ret) => reply_ok(ret, id),
+                        Err(e) => reply_err(&e, id),
+                    };
+                    let _ = out_tx.send(frame(&v, pretty));
+                    if quit {
+                        break 'read;
+                    }
+                }
+            }
+        }
+    }
+    drop(subscription);
+    drop(out_tx);
+    // Let the writer drain what is queued (the quit reply) before going on.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    if quit {
+        // The daemon now stops; stopping this monitor closes the connection.
+        ctx.request_shutdown();
+        std::future::pending::<()>().await;
+    }
+    drop(done);
+}
+
+async fn execute(
+    ctx: &Arc<Ctx>,
+    name: String,
+    args: serde_json::Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let Some(control) = ctx.control.get() else {
+        return Err(QmpError::generic("daemon is starting"));
+    };
+    match ractor::call!(control, ControlMsg::Execute, name, args) {
+        Ok(r) => r,
+        Err(e) => Err(QmpError::generic(format!("internal error: {e}"))),
+    }
+}

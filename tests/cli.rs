@@ -1,0 +1,184 @@
+//! Command-line errors and help, compared with qemu-storage-daemon.
+use crate::common::*;
+
+/// Runs both daemons with the same arguments (expected to exit) and
+/// compares exit code and stderr with the program name set aside.
+fn same_exit(args_: &[&str]) -> (i32, String) {
+    let mut seen: Option<(i32, String)> = None;
+    for which in Which::all() {
+        let out = run_to_end(which, args_, 5);
+        let code = out.status.code().unwrap_or(-1);
+        assert_ne!(code, 124, "{which:?} did not exit for {args_:?}");
+        let err = String::from_utf8_lossy(&out.stderr).replace(which.prog(), "PROG");
+        match &seen {
+            None => seen = Some((code, err)),
+            Some((c, e)) => {
+                assert_eq!((code, &err), (*c, e), "{which:?} differs for {args_:?}");
+            }
+        }
+    }
+    seen.unwrap_or_default()
+}
+
+#[test]
+fn option_scanning_errors() {
+    assert_eq!(
+        same_exit(&["--bogus"]),
+        (1, "PROG: unrecognized option '--bogus'\n".into())
+    );
+    assert_eq!(
+        same_exit(&["-x"]),
+        (1, "PROG: invalid option -- 'x'\n".into())
+    );
+    assert_eq!(
+        same_exit(&["--blockdev"]),
+        (1, "PROG: option '--blockdev' requires an argument\n".into())
+    );
+    assert_eq!(
+        same_exit(&["-T"]),
+        (1, "PROG: option requires an argument -- 'T'\n".into())
+    );
+    assert_eq!(
+        same_exit(&["extra"]),
+        (1, "PROG: extra: Unexpected argument\n".into())
+    );
+    same_exit(&["--pidfile"]);
+    same_exit(&["--chardev"]);
+    same_exit(&["--pid", "/tmp/x", "--mon"]);
+}
+
+#[test]
+fn chardev_monitor_object_errors() {
+    let dir = TempDir::new();
+    let sock = dir.s("q.sock");
+    let chardev = format!("socket,path={sock},server=on,wait=off,id=c");
+    let cases: Vec<Vec<String>> = vec![
+        args(&["--chardev", "socket,path=x,server=on"]),
+        args(&["--chardev", "null,id=a", "--chardev", "null,id=a"]),
+        args(&["--chardev", "nosuch,id=x"]),
+        args(&["--chardev", "socket,id=x"]),
+        args(&[
+            "--chardev",
+            &format!(
+                "socket,id=x,path={}/nonexist.sock,server=off",
+                dir.0.display()
+            ),
+        ]),
+        args(&["--chardev", "null,id=c,bogus=1"]),
+        args(&["--chardev", "socket,id=x,host=127.0.0.1,server=on,wait=off"]),
+        args(&[
+            "--chardev",
+            "socket,id=x,path=/tmp/a.sock,host=127.0.0.1,port=0,server=on,wait=off",
+        ]),
+        args(&["--chardev", "file,id=f"]),
+        args(&["--chardev", "file,id=f,path=/nonexistent/dir/x"]),
+        args(&["--chardev", "ringbuf,id=r,size=3"]),
+        args(&["--chardev", "null"]),
+        args(&["--chardev", "id=x"]),
+        args(&["--chardev", "null,id=1bad"]),
+        args(&[
+            "--chardev",
+            "socket,id=x,path=/nonexistent/dir/s.sock,server=on,wait=off",
+        ]),
+        args(&[
+            "--chardev",
+            &format!("socket,id=x,path={sock},server=on,wait=maybe"),
+        ]),
+        args(&[
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=c,mode=readline",
+        ]),
+        args(&["--chardev", &chardev, "--monitor", "chardev=c,mode=bogus"]),
+        args(&["--chardev", &chardev, "--monitor", "mode=control"]),
+        args(&["--chardev", &chardev, "--monitor", "chardev=c,bogus=1"]),
+        args(&[
+            "--chardev",
+            &chardev,
+            "--monitor",
+            r#"{"chardev":"c","bogus":1}"#,
+        ]),
+        args(&["--chardev", &chardev, "--monitor", r#"{"chardev":"c","#]),
+        args(&[
+            "--chardev",
+            &chardev,
+            "--monitor",
+            "chardev=c",
+            "--monitor",
+            "chardev=c",
+        ]),
+        args(&["--chardev", &chardev, "--monitor", "nosuch"]),
+        args(&["--chardev", &chardev, "--monitor", "chardev=c,pretty"]),
+        args(&["--chardev", &chardev, "--monitor", "chardev=c,pretty=maybe"]),
+        args(&["--monitor", "chardev=c"]),
+        args(&["--object", "secret,id=s"]),
+        args(&["--object", "secret,id=s,data=x,file=/etc/hostname"]),
+        args(&["--object", "secret,id=s,file=/nonexistent"]),
+        args(&["--object", "secret,id=s,data=!!,format=base64"]),
+        args(&["--object", "secret,id=s,format=bogus,data=x"]),
+        args(&[
+            "--object",
+            "secret,id=s2,data=abcd,keyid=nosuch,iv=aWlpaWlpaWlpaWlpaWlpaQ==",
+        ]),
+        args(&[
+            "--object",
+            "secret,id=s,data=short",
+            "--object",
+            "secret,id=s2,data=abcd,keyid=s,iv=aWlpaWlpaWlpaWlpaWlpaQ==",
+        ]),
+        args(&["--object", "iothread,id=io1,poll-max-ns=abc"]),
+        args(&["--object", "iothread,id=io1,poll-max-ns=-1"]),
+        args(&["--object", "iothread,id=io1", "--object", "iothread,id=io1"]),
+        args(&["--object", "nosuch,id=x"]),
+        args(&["--object", "secret,data=x"]),
+        args(&["--object", "secret,id=1bad,data=x"]),
+        args(&["--object", "secret,id=s,data=x,bogus=1"]),
+        args(&["--object", r#"{"qom-type":"secret","id":"s","data":1}"#]),
+        args(&["--object", r#"{"qom-type":"secret","id":"s""#]),
+        args(&["--object", "id=s"]),
+        args(&["--object", "iothread,id=io1,poll-max-ns=1k"]),
+        args(&["--object", "secret,id=s,file=/etc"]),
+    ];
+    for c in &cases {
+        let refs: Vec<&str> = c.iter().map(String::as_str).collect();
+        let (code, err) = same_exit(&refs);
+        assert_eq!(code, 1, "{c:?}: {err}");
+        assert!(err.starts_with("PROG: "), "{c:?}: {err}");
+    }
+    let (_, e) = same_exit(&["--object", "secret,id=s"]);
+    assert_eq!(
+        e,
+        "PROG: --object secret,id=s: Either 'file' or 'data' must be provided\n"
+    );
+}
+
+#[test]
+fn help_listings_match() {
+    for a in [
+        &["--object", "help"][..],
+        &["--object", "secret,help"],
+        &["--object", "iothread,help"],
+        &["--object", "nosuch,help"],
+        &["--chardev", "help"],
+    ] {
+        let mut outs = Vec::new();
+        for which in Which::all() {
+            let out = run_to_end(which, a, 5);
+            assert_eq!(out.status.code(), Some(0), "{which:?} {a:?}");
+            outs.push(String::from_utf8_lossy(&out.stdout).to_string());
+        }
+        assert!(!outs[0].is_empty());
+        for o in &outs[1..] {
+            assert_eq!(&outs[0], o, "{a:?}");
+        }
+    }
+    let out = run_to_end(Which::Rsd, &["-V"], 5);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("rsd version ") && text.contains("10.0"),
+        "{text}"
+    );
+    let out = run_to_end(Which::Rsd, &["--he"], 5);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--blockdev"));
+}

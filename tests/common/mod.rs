@@ -1,0 +1,274 @@
+//! Test harness: start rsd or qemu-storage-daemon, talk raw QMP over a
+//! socket, and normalize what legitimately differs between the two.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const QSD: &str = "/usr/bin/qemu-storage-daemon";
+
+pub fn rsd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_rsd")
+}
+
+/// Which daemon a scenario runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Rsd,
+    Qsd,
+}
+
+impl Which {
+    pub fn bin(self) -> &'static str {
+        match self {
+            Which::Rsd => rsd_bin(),
+            Which::Qsd => QSD,
+        }
+    }
+    pub fn prog(self) -> &'static str {
+        match self {
+            Which::Rsd => "rsd",
+            Which::Qsd => "qemu-storage-daemon",
+        }
+    }
+    /// Both, or only rsd when QSD is not installed (printed, not silent).
+    pub fn all() -> Vec<Which> {
+        if Path::new(QSD).exists() {
+            vec![Which::Rsd, Which::Qsd]
+        } else {
+            eprintln!("note: {QSD} missing; comparing against rsd only");
+            vec![Which::Rsd]
+        }
+    }
+}
+
+/// A short temporary directory (UNIX socket paths are limited to 107 bytes).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = PathBuf::from(format!(
+            "/tmp/rsdt-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running daemon, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub which: Which,
+}
+
+impl Daemon {
+    pub fn spawn(which: Which, args: &[String]) -> Daemon {
+        Daemon::spawn_env(which, args, &[])
+    }
+    pub fn spawn_env(which: Which, args: &[String], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(which.bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn daemon");
+        Daemon { child, which }
+    }
+    /// Waits for exit up to `secs`; returns the exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+    pub fn signal(&self, sig: i32) {
+        unsafe_kill(self.child.id() as i32, sig);
+    }
+    pub fn stderr_text(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn unsafe_kill(pid: i32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub fn wait_for_path(p: &Path, secs: u64) -> bool {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if p.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Runs a daemon binary to completion with a timeout (for CLI errors).
+pub fn run_to_end(which: Which, args: &[&str], secs: u64) -> Output {
+    let out = Command::new("timeout")
+        .arg(secs.to_string())
+        .arg(which.bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run daemon");
+    out
+}
+
+/// Raw QMP client on a UNIX socket: lines end in CRLF.
+pub struct Qmp {
+    pub reader: BufReader<UnixStream>,
+    pub stream: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        assert!(
+            wait_for_path(path, 10),
+            "socket {} never appeared",
+            path.display()
+        );
+        let mut last = None;
+        for _ in 0..200 {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    let reader = BufReader::new(s.try_clone().expect("clone"));
+                    return Qmp { reader, stream: s };
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("connect {}: {last:?}", path.display());
+    }
+    /// Connects, reads the greeting and negotiates.
+    pub fn ready(path: &Path) -> Qmp {
+        let mut q = Qmp::connect(path);
+        q.line();
+        q.send(br#"{"execute": "qmp_capabilities"}"#);
+        assert_eq!(q.line(), "{\"return\": {}}\r\n");
+        q
+    }
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+    /// One raw line including its CRLF ("" at EOF).
+    pub fn line(&mut self) -> String {
+        let mut s = String::new();
+        let _ = self.reader.read_line(&mut s);
+        s
+    }
+    /// One complete message in pretty mode (lines until a top-level `}`).
+    pub fn pretty_message(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                return all;
+            }
+            all.push_str(&l);
+            if l == "}\r\n" {
+                return all;
+            }
+        }
+    }
+    /// Sends a command and returns the parsed reply, skipping events.
+    pub fn cmd(&mut self, text: &str) -> serde_json::Value {
+        self.send(text.as_bytes());
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "EOF waiting for reply to {text}");
+            let v: serde_json::Value = serde_json::from_str(&l).expect("reply is JSON");
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+    /// Set a read timeout; returns whether anything arrived within it.
+    pub fn readable_within(&mut self, ms: u64) -> bool {
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(ms)))
+            .expect("timeout");
+        let r = !self.reader.fill_buf().map(|b| b.is_empty()).unwrap_or(true);
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        r
+    }
+}
+
+/// The standard monitor command line of the reference probes.
+pub fn monitor_args(sock: &str) -> Vec<String> {
+    vec![
+        "--chardev".into(),
+        format!("socket,path={sock},server=on,wait=off,id=mon0"),
+        "--monitor".into(),
+        "chardev=mon0".into(),
+    ]
+}
+
+/// Replaces what may differ between rsd and QSD in a reply line: the
+/// greeting/query-version `package` string and the version micro number.
+pub fn normalize(line: &str) -> String {
+    let mut v: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(_) => return line.to_string(),
+    };
+    for ver in [v.pointer_mut("/QMP/version")].into_iter().flatten() {
+        ver["package"] = "PKG".into();
+    }
+    if let Some(r) = v.get_mut("return") {
+        if r.get("package").is_some() && r.get("qemu").is_some() {
+            r["package"] = "PKG".into();
+        }
+    }
+    v.to_string()
+}
+
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}

@@ -1,0 +1,139 @@
+//! Supervision: a failed child actor is restarted while QMP keeps
+//! answering; two monitors see the same event; the command sets agree.
+use std::collections::BTreeSet;
+
+use crate::common::*;
+
+fn two_monitors(dir: &TempDir) -> Daemon {
+    let a = args(&[
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
+        "--monitor",
+        "chardev=c1",
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c2", dir.s("b.sock")),
+        "--monitor",
+        "chardev=c2,pretty=off",
+    ]);
+    Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")])
+}
+
+#[test]
+fn crashed_monitor_is_restarted_while_qmp_keeps_answering() {
+    let dir = TempDir::new();
+    let _d = two_monitors(&dir);
+    let mut a = Qmp::ready(&dir.path("a.sock"));
+    let mut b = Qmp::ready(&dir.path("b.sock"));
+    assert_eq!(
+        b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"],
+        10
+    );
+    let r = a.cmd(r#"{"execute":"x-rsd-test-crash","arguments":{"id":"monitor/c2"}}"#);
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    // b's session died with its actor; a is untouched.
+    assert_eq!(b.line(), "", "the crashed monitor's client is disconnected");
+    assert_eq!(
+        a.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"],
+        10
+    );
+    // The restarted monitor serves new clients on the same chardev.
+    let mut b2 = Qmp::ready(&dir.path("b.sock"));
+    let r = b2.cmd(r#"{"execute":"query-chardev"}"#);
+    let labels: BTreeSet<String> = r["return"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|c| c["label"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(labels, BTreeSet::from(["c1".to_string(), "c2".to_string()]));
+    // A crashed chardev comes back too and still serves its monitor.
+    drop(b2);
+    let r = a.cmd(r#"{"execute":"x-rsd-test-crash","arguments":{"id":"chardev/c2"}}"#);
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut b3 = Qmp::ready(&dir.path("b.sock"));
+    assert_eq!(
+        b3.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["minor"],
+        0
+    );
+    let r = a.cmd(r#"{"execute":"x-rsd-test-crash","arguments":{"id":"nope"}}"#);
+    assert_eq!(r["error"]["desc"], "no actor named 'nope'");
+}
+
+#[test]
+fn every_negotiated_monitor_gets_the_same_event() {
+    let dir = TempDir::new();
+    let _d = two_monitors(&dir);
+    let mut a = Qmp::ready(&dir.path("a.sock"));
+    let mut b = Qmp::ready(&dir.path("b.sock"));
+    a.send(br#"{"execute":"x-rsd-test-event","arguments":{"message":"hello"},"id":1}"#);
+    // The event is queued before the reply of the command that raised it.
+    let ev_a = a.line();
+    assert_eq!(a.line(), "{\"return\": {}, \"id\": 1}\r\n");
+    let ev_b = b.line();
+    assert_eq!(
+        ev_a, ev_b,
+        "identical event (same timestamp) on both monitors"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ev_a).expect("event json");
+    assert_eq!(v["event"], "X_RSD_TEST_EVENT");
+    assert_eq!(v["data"], serde_json::json!({"message": "hello"}));
+    assert!(v["timestamp"]["seconds"].as_i64().unwrap_or(0) > 1_600_000_000);
+    assert!(ev_a.starts_with("{\"timestamp\": {\"seconds\": "), "{ev_a}");
+}
+
+#[test]
+fn a_second_client_waits_for_the_first() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let _d = Daemon::spawn(which, &monitor_args(&dir.s("q.sock")));
+        let mut first = Qmp::ready(&dir.path("q.sock"));
+        let mut second = Qmp::connect(&dir.path("q.sock"));
+        assert!(
+            !second.readable_within(300),
+            "{which:?}: second client greeted too early"
+        );
+        first.send(br#"{"execute":"query-version"}"#);
+        assert!(first.line().starts_with("{\"return\""));
+        drop(first);
+        let g = second.line();
+        assert!(g.starts_with("{\"QMP\""), "{which:?}: {g}");
+        second.send(br#"{"execute":"query-version"}"#);
+        assert!(second.line().contains("Expecting capabilities negotiation"));
+    }
+}
+
+#[test]
+fn command_sets_agree() {
+    let dir = TempDir::new();
+    let _d = two_monitors(&dir);
+    let mut q = Qmp::ready(&dir.path("a.sock"));
+    let listed: BTreeSet<String> = q.cmd(r#"{"execute":"query-commands"}"#)["return"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let schema = q.cmd(r#"{"execute":"query-qmp-schema"}"#);
+    let in_schema: BTreeSet<String> = schema["return"]
+        .as_array()
+        .expect("schema")
+        .iter()
+        .filter(|e| e["meta-type"] == "command")
+        .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(listed, in_schema);
+    assert!(listed.contains("qom-get") && listed.contains("x-rsd-test-crash"));
+    // Every listed command is dispatched (never "has not been found").
+    for name in &listed {
+        if name == "quit" || name == "x-rsd-test-crash" {
+            continue;
+        }
+        let r = q.cmd(&format!(
+            r#"{{"execute":"{name}","arguments":{{"zzz-probe":1}}}}"#
+        ));
+        assert_eq!(r["error"]["class"], "GenericError", "{name}: {r}");
+    }
+    let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
+    assert_eq!(r["error"]["class"], "CommandNotFound");
+}
