@@ -22,6 +22,8 @@ pub enum Exit {
     Print(String),
     /// Print `rsd: MESSAGE` to stderr and exit 1.
     Fail(String),
+    /// Print to stdout and exit 1 (`--chardev TYPE,help`, as QSD does).
+    PrintFail(String),
 }
 
 pub struct Options {
@@ -91,6 +93,10 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
                 eprintln!("rsd: {msg}");
                 1
             }
+            Exit::PrintFail(text) => {
+                print!("{text}");
+                1
+            }
         };
     }
     if let Some(d) = daemon {
@@ -147,25 +153,13 @@ async fn apply(
     match arg {
         Arg::Help | Arg::Version | Arg::Daemonize | Arg::Pidfile(_) | Arg::Trace(_) => Ok(()),
         Arg::Positional(_) => Err(Exit::Fail("Unexpected argument".into())),
-        Arg::Chardev(text) => match options::chardev(text, daemonize).map_err(Exit::Fail)? {
-            ChardevCli::Help => {
-                let mut s = "Available chardev backend types: \n".to_string();
-                for b in crate::chardev::BACKEND_NAMES {
-                    s.push_str(&format!("  {b}\n"));
-                }
-                Err(Exit::Print(s))
+        Arg::Chardev(text) => {
+            let (warnings, outcome) = options::chardev(text, daemonize);
+            for w in warnings {
+                eprintln!("rsd: {}: warning: {w}", arg.location());
             }
-            ChardevCli::Add { id, backend } => {
-                let prefix = format!("rsd: {}", arg.location());
-                call_err(ractor::call!(
-                    control,
-                    ControlMsg::AddChardevCli,
-                    id,
-                    backend,
-                    prefix
-                ))
-            }
-        },
+            apply_chardev(control, arg, outcome.map_err(Exit::Fail)?).await
+        }
         Arg::Monitor(text) => {
             let (chardev, pretty) = options::monitor(&ctx.schema, text).map_err(Exit::Fail)?;
             call_err(ractor::call!(
@@ -183,6 +177,33 @@ async fn apply(
         },
         Arg::Blockdev(text) | Arg::NbdServer(text) | Arg::Export(text) => {
             crate::cli::options::not_yet(text).map_err(Exit::Fail)
+        }
+    }
+}
+
+async fn apply_chardev(
+    control: &ActorRef<ControlMsg>,
+    arg: &Arg,
+    c: ChardevCli,
+) -> Result<(), Exit> {
+    match c {
+        ChardevCli::Help => {
+            let mut s = "Available chardev backend types: \n".to_string();
+            for b in crate::chardev::BACKEND_NAMES {
+                s.push_str(&format!("  {b}\n"));
+            }
+            Err(Exit::Print(s))
+        }
+        ChardevCli::OptionsHelp(text) => Err(Exit::PrintFail(text)),
+        ChardevCli::Add { id, backend } => {
+            let prefix = format!("rsd: {}", arg.location());
+            call_err(ractor::call!(
+                control,
+                ControlMsg::AddChardevCli,
+                id,
+                backend,
+                prefix
+            ))
         }
     }
 }

@@ -42,14 +42,19 @@ qemu-storage-daemon 10.0 does; see README.md.
 }
 
 fn main() {
-    let argv: Vec<String> = std::env::args_os()
-        .skip(1)
+    let mut argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // getopt names the program as invoked.
+    let argv0 = if argv.is_empty() {
+        "rsd".to_string()
+    } else {
+        argv.remove(0)
+    };
     let args = match scan(&argv) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("rsd: {e}");
+            eprintln!("{argv0}: {e}");
             std::process::exit(1);
         }
     };

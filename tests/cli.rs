@@ -9,7 +9,16 @@ fn same_exit(args_: &[&str]) -> (i32, String) {
         let out = run_to_end(which, args_, 5);
         let code = out.status.code().unwrap_or(-1);
         assert_ne!(code, 124, "{which:?} did not exit for {args_:?}");
-        let err = String::from_utf8_lossy(&out.stderr).replace(which.prog(), "PROG");
+        let err: String = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .map(|l| {
+                let rest = l
+                    .strip_prefix(which.bin())
+                    .or_else(|| l.strip_prefix(which.prog()))
+                    .map(|r| format!("PROG{r}"));
+                rest.unwrap_or_else(|| l.to_string()) + "\n"
+            })
+            .collect();
         match &seen {
             None => seen = Some((code, err)),
             Some((c, e)) => {

@@ -27,7 +27,7 @@ impl Pidfile {
                 .truncate(false)
                 .mode(0o600)
                 .open(&abs)
-                .map_err(|e| format!("Cannot open pid file: {}", os_msg(&e)))?;
+                .map_err(|e| format!("Could not create '{}': {}", path.display(), os_msg(&e)))?;
             let lock = nix::libc::flock {
                 l_type: nix::libc::F_WRLCK as i16,
                 l_whence: nix::libc::SEEK_SET as i16,
@@ -69,9 +69,10 @@ impl Drop for Pidfile {
 
 /// The strerror text of an I/O error, without Rust's " (os error N)".
 pub fn os_msg(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
-        None => e.to_string(),
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(pos) => text[..pos].to_string(),
+        None => text,
     }
 }
 
@@ -95,7 +96,13 @@ mod tests {
         let err = Pidfile::acquire(&dir.join("no/such/dir.pid")).err();
         assert_eq!(
             err.as_deref(),
-            Some("Cannot open pid file: No such file or directory")
+            Some(
+                format!(
+                    "Could not create '{}': No such file or directory",
+                    dir.join("no/such/dir.pid").display()
+                )
+                .as_str()
+            )
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -22,11 +22,21 @@ pub enum ChardevMsg {
 
 pub struct ChardevActor;
 
+/// Aborts a task when dropped: the tasks an actor spawns die with its
+/// state, also when the actor fails (ractor then skips post_stop).
+pub struct AbortOnDrop(pub JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub struct ChardevState {
     backend: Arc<Backend>,
     frontend: watch::Sender<Option<UnboundedSender<Conn>>>,
     connected: Arc<AtomicBool>,
-    serve: JoinHandle<()>,
+    _serve: AbortOnDrop,
 }
 
 async fn next_conn(backend: &Backend) -> Option<Conn> {
@@ -101,17 +111,8 @@ impl Actor for ChardevActor {
             backend,
             frontend,
             connected,
-            serve,
+            _serve: AbortOnDrop(serve),
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<ChardevMsg>,
-        state: &mut ChardevState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.serve.abort();
-        Ok(())
     }
 
     async fn handle(

@@ -1455,9 +1455,39 @@ mod tests {
 
     #[test]
     fn qdict_order_matches_qemu() {
-        // tdb_hash("b") % 512 == 340, tdb_hash("c") % 512 == 447.
+        // tdb_hash(key) % 512, as in QEMU's qdict.c.
         assert_eq!(qdict_bucket("b"), 340);
         assert_eq!(qdict_bucket("c"), 447);
+        assert_eq!(qdict_bucket("x"), 134);
+        assert_eq!(qdict_bucket("aa"), 110);
+        assert_eq!(qdict_bucket("aq"), 110);
+        let d = Some("driver");
+        // Buckets ascending: x (134) < bar (254) < foo (490).
+        assert_eq!(
+            kv_err("null-co,m.foo.1=1,m.bar.1=2,m.x.1=3", d),
+            "Parameter 'm.x.0' missing"
+        );
+        // Same bucket: most recently inserted first.
+        assert_eq!(
+            kv_err("null-co,m.aa.1=1,m.aq.1=2", d),
+            "Parameter 'm.aq.0' missing"
+        );
+        assert_eq!(
+            kv_err("null-co,m.aq.1=1,m.aa.1=2", d),
+            "Parameter 'm.aa.0' missing"
+        );
+        // Children are listified before the parent's own check.
+        assert_eq!(
+            kv_err("null-co,m.zz.1=1,m.z.0=1,m.z.x=2", d),
+            "Parameter 'm.zz.0' missing"
+        );
+        // Output objects keep command-line order.
+        let v = kv("z=1,a=2,m=3", None);
+        let keys: Vec<&String> = v
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(keys, ["z", "a", "m"]);
     }
 
     #[test]
@@ -1465,6 +1495,11 @@ mod tests {
         assert!(looks_like_json("{\"driver\":\"null-co\"}"));
         assert!(looks_like_json("{"));
         assert!(!looks_like_json(" {\"driver\":\"null-co\"}"));
+        // QSD then treats it as an implied value.
+        assert_eq!(
+            kv(" {\"driver\":\"null-co\"}", Some("driver")),
+            json!({"driver": " {\"driver\":\"null-co\"}"})
+        );
         assert!(!looks_like_json("driver=file"));
         assert!(!looks_like_json(""));
     }

@@ -3,56 +3,19 @@
 //! through the QAPI schema, as QSD does.
 use serde_json::{json, Map, Value};
 
-use super::keyval::{looks_like_json, parse_bool, parse_keyval, parse_qemu_opts, parse_size};
+use super::keyval::{
+    format_opts_help, looks_like_json, parse_bool, parse_keyval, parse_keyval_no_help,
+    parse_qemu_opts, parse_qemu_opts_full, parse_size, qemu_opt_get, CHARDEV_OPTS,
+};
 use crate::qapi::validate::Input;
 use crate::qapi::Schema;
 
-/// Keys QemuOpts accepts for any chardev backend.
-const CHARDEV_KEYS: &[&str] = &[
-    "backend",
-    "id",
-    "path",
-    "host",
-    "port",
-    "fd",
-    "localaddr",
-    "localport",
-    "to",
-    "ipv4",
-    "ipv6",
-    "wait",
-    "server",
-    "delay",
-    "nodelay",
-    "reconnect",
-    "reconnect-ms",
-    "telnet",
-    "tn3270",
-    "tls-creds",
-    "tls-authz",
-    "websocket",
-    "width",
-    "height",
-    "cols",
-    "rows",
-    "mux",
-    "signal",
-    "name",
-    "debug",
-    "size",
-    "chardev",
-    "append",
-    "logfile",
-    "logappend",
-    "mouse",
-    "clipboard",
-    "abstract",
-    "tight",
-];
-
 /// What a `--chardev` asks for.
 pub enum ChardevCli {
+    /// `--chardev help`: list the backends, exit 0.
     Help,
+    /// `--chardev TYPE,help`: list the options, exit 1 (as QSD does).
+    OptionsHelp(String),
     Add {
         id: String,
         backend: Map<String, Value>,
@@ -60,52 +23,61 @@ pub enum ChardevCli {
 }
 
 fn opt_bool(opts: &[(String, String)], key: &str) -> Result<Option<bool>, String> {
-    match opts.iter().rev().find(|(k, _)| k == key) {
+    match qemu_opt_get(opts, key) {
         None => Ok(None),
-        Some((_, v)) => parse_bool(v)
+        Some(v) => parse_bool(v)
             .map(Some)
             .ok_or_else(|| format!("Parameter '{key}' expects 'on' or 'off'")),
     }
 }
 
 fn opt<'a>(opts: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    opts.iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+    qemu_opt_get(opts, key)
 }
 
-/// `--chardev` value to a validated ChardevBackend. `daemonize` forbids stdio.
-pub fn chardev(text: &str, daemonize: bool) -> Result<ChardevCli, String> {
-    let opts = parse_qemu_opts(text, "backend")?;
-    if opt(&opts, "backend") == Some("help") {
-        return Ok(ChardevCli::Help);
-    }
-    if let Some((k, _)) = opts
-        .iter()
-        .find(|(k, _)| !CHARDEV_KEYS.contains(&k.as_str()))
-    {
-        return Err(format!("Invalid parameter '{k}'"));
-    }
-    let Some(id) = opt(&opts, "id") else {
+/// `--chardev` value to a ChardevBackend, plus QemuOpts' deprecation
+/// warnings (printed before the outcome). `daemonize` forbids stdio.
+pub fn chardev(text: &str, daemonize: bool) -> (Vec<String>, Result<ChardevCli, String>) {
+    let outcome = parse_qemu_opts_full(text, Some("backend"), Some(CHARDEV_OPTS));
+    let result = outcome.result.and_then(|p| {
+        if qemu_opt_get(&p.opts, "backend") == Some("help") {
+            return Ok(ChardevCli::Help);
+        }
+        if p.help {
+            return Ok(ChardevCli::OptionsHelp(format_opts_help(
+                None,
+                CHARDEV_OPTS,
+            )));
+        }
+        let mut opts = p.opts;
+        if let Some(id) = p.id {
+            opts.push(("id".into(), id));
+        }
+        chardev_backend(&opts, daemonize)
+    });
+    (outcome.warnings, result)
+}
+
+fn chardev_backend(opts: &[(String, String)], daemonize: bool) -> Result<ChardevCli, String> {
+    let Some(id) = opt(opts, "id") else {
         return Err("chardev: no id specified".into());
     };
-    let Some(kind) = opt(&opts, "backend") else {
+    let Some(kind) = opt(opts, "backend") else {
         return Err(format!("chardev: \"{id}\" missing backend"));
     };
     let mut common = Map::new();
-    if let Some(l) = opt(&opts, "logfile") {
+    if let Some(l) = opt(opts, "logfile") {
         common.insert("logfile".into(), json!(l));
     }
-    if let Some(b) = opt_bool(&opts, "logappend")? {
+    if let Some(b) = opt_bool(opts, "logappend")? {
         common.insert("logappend".into(), json!(b));
     }
     let mut data = common;
     match kind {
         "socket" => {
-            let server = opt_bool(&opts, "server")?.unwrap_or(false);
-            let wait = opt_bool(&opts, "wait")?.unwrap_or(true);
-            let (path, host, fd) = (opt(&opts, "path"), opt(&opts, "host"), opt(&opts, "fd"));
+            let server = opt_bool(opts, "server")?.unwrap_or(false);
+            let wait = opt_bool(opts, "wait")?.unwrap_or(true);
+            let (path, host, fd) = (opt(opts, "path"), opt(opts, "host"), opt(opts, "fd"));
             let given = [path, host, fd].iter().filter(|x| x.is_some()).count();
             if given > 1 {
                 return Err("None or one of 'path', 'fd' or 'host' option required.".into());
@@ -113,7 +85,7 @@ pub fn chardev(text: &str, daemonize: bool) -> Result<ChardevCli, String> {
             let addr = if let Some(p) = path {
                 json!({"type": "unix", "data": {"path": p}})
             } else if let Some(h) = host {
-                let Some(port) = opt(&opts, "port") else {
+                let Some(port) = opt(opts, "port") else {
                     return Err("chardev: socket: no port given".into());
                 };
                 json!({"type": "inet", "data": {"host": h, "port": port}})
@@ -126,7 +98,7 @@ pub fn chardev(text: &str, daemonize: bool) -> Result<ChardevCli, String> {
                 data.insert("wait".into(), json!(wait));
             }
             for key in ["nodelay", "telnet", "tn3270", "websocket"] {
-                if let Some(b) = opt_bool(&opts, key)? {
+                if let Some(b) = opt_bool(opts, key)? {
                     data.insert(key.into(), json!(b));
                 }
             }
@@ -136,21 +108,21 @@ pub fn chardev(text: &str, daemonize: bool) -> Result<ChardevCli, String> {
             if daemonize {
                 return Err("cannot use stdio with -daemonize".into());
             }
-            if let Some(b) = opt_bool(&opts, "signal")? {
+            if let Some(b) = opt_bool(opts, "signal")? {
                 data.insert("signal".into(), json!(b));
             }
         }
         "file" => {
-            let Some(p) = opt(&opts, "path") else {
+            let Some(p) = opt(opts, "path") else {
                 return Err("chardev: file: no filename given".into());
             };
             data.insert("out".into(), json!(p));
-            if let Some(b) = opt_bool(&opts, "append")? {
+            if let Some(b) = opt_bool(opts, "append")? {
                 data.insert("append".into(), json!(b));
             }
         }
         "ringbuf" | "memory" => {
-            if let Some(s) = opt(&opts, "size") {
+            if let Some(s) = opt(opts, "size") {
                 let n = parse_size(s).ok_or_else(|| {
                     format!("Parameter 'size' expects a non-negative number below 2^64")
                 })?;
@@ -181,8 +153,8 @@ pub fn keyval_or_json(
             _ => return Err("Invalid parameter type, expected: object".into()),
         }
     } else {
-        let p = parse_keyval(text, Some(implied))?;
-        (p.value, Input::Keyval, p.help)
+        let p = parse_keyval_no_help(text, Some(implied))?;
+        (p, Input::Keyval, false)
     };
     if help {
         return Ok((raw, true));
@@ -247,7 +219,7 @@ pub fn not_yet(text: &str) -> Result<(), String> {
     if looks_like_json(text) {
         crate::qmp::parse_whole(text)?;
     } else {
-        parse_keyval(text, None)?;
+        parse_keyval_no_help(text, None)?;
     }
     Err("rsd does not implement this option yet".into())
 }

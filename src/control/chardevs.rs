@@ -113,7 +113,6 @@ impl ControlState {
         backend: Map<String, Value>,
         prefix: String,
     ) -> Result<(), String> {
-        crate::objects::check_id(&id)?;
         if self.has_chardev(&id) {
             return Err(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"

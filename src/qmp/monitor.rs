@@ -6,11 +6,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use super::frame;
 use super::json::JsonStreamer;
 use super::request::{self, reply_err, reply_ok, Action, SessionState};
+use crate::chardev::actor::AbortOnDrop;
 use crate::chardev::{ChardevMsg, Conn};
 use crate::context::{Ctx, QEMU_COMPAT, RSD_VERSION};
 use crate::control::ControlMsg;
@@ -33,7 +33,8 @@ pub enum MonitorMsg {
 pub struct MonitorActor;
 
 pub struct MonitorState {
-    serve: JoinHandle<()>,
+    _sessions: AbortOnDrop,
+    _watch: AbortOnDrop,
 }
 
 pub fn registry_name(chardev: &str) -> String {
@@ -62,29 +63,33 @@ impl Actor for MonitorActor {
                 .into();
         let (tx, mut rx) = mpsc::unbounded_channel::<Conn>();
         ractor::call!(chardev, ChardevMsg::Attach, tx)?;
-        let inner = tokio::spawn(async move {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
+        let sessions = tokio::spawn(async move {
+            // Reports a panic of a session (the guard is dropped unwinding).
+            struct Report(Option<tokio::sync::oneshot::Sender<String>>);
+            impl Drop for Report {
+                fn drop(&mut self) {
+                    if let Some(tx) = self.0.take() {
+                        let _ = tx.send("session loop ended".into());
+                    }
+                }
+            }
+            let _report = Report(Some(done_tx));
             while let Some(conn) = rx.recv().await {
                 run_session(conn, &cfg).await;
             }
         });
-        // Watch the serving task: if it ends (a panic), the actor fails.
-        let serve = tokio::spawn(async move {
-            let why = match inner.await {
-                Ok(()) => "chardev went away".to_string(),
-                Err(e) => e.to_string(),
-            };
-            let _ = myself.cast(MonitorMsg::ServeEnded(why));
+        // If the session loop ends (a panic, the chardev gone), fail so
+        // the supervisor restarts this monitor.
+        let watch = tokio::spawn(async move {
+            if let Ok(why) = done_rx.await {
+                let _ = myself.cast(MonitorMsg::ServeEnded(why));
+            }
         });
-        Ok(MonitorState { serve })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<MonitorMsg>,
-        state: &mut MonitorState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.serve.abort();
-        Ok(())
+        Ok(MonitorState {
+            _sessions: AbortOnDrop(sessions),
+            _watch: AbortOnDrop(watch),
+        })
     }
 
     async fn handle(
