@@ -336,7 +336,7 @@ mod tests {
 
     async fn wait_for(name: &str, not: Option<ractor::ActorId>) -> ActorRef<CrashyMsg> {
         for _ in 0..200 {
-            if let Some(cell) = ractor::registry::where_is(name.to_string()) {
+            if let Some(cell) = ractor::registry::where_is(name) {
                 if Some(cell.get_id()) != not {
                     return cell.into();
                 }

@@ -63,7 +63,7 @@ pub fn init(opts: &[TraceOpt]) {
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(false)
-        .with_writer(move || writer());
+        .with_writer(writer);
     if let Ok(env) = std::env::var("RSD_LOG") {
         let _ = tracing_subscriber::registry()
             .with(fmt.with_filter(EnvFilter::new(env)))

@@ -122,7 +122,7 @@ pub fn scan(argv: &[String]) -> Result<Vec<Arg>, String> {
         }
         if a.len() > 1 && a.starts_with('-') {
             let mut chars = a[1..].char_indices();
-            while let Some((pos, c)) = chars.next() {
+            for (pos, c) in chars.by_ref() {
                 match c {
                     'h' => out.push(Arg::Help),
                     'V' => out.push(Arg::Version),

@@ -124,7 +124,7 @@ fn chardev_backend(opts: &[(String, String)], daemonize: bool) -> Result<Chardev
         "ringbuf" | "memory" => {
             if let Some(s) = opt(opts, "size") {
                 let n = parse_size(s).ok_or_else(|| {
-                    format!("Parameter 'size' expects a non-negative number below 2^64")
+                    "Parameter 'size' expects a non-negative number below 2^64".to_string()
                 })?;
                 data.insert("size".into(), json!(n));
             }

@@ -225,7 +225,7 @@ impl ControlState {
 
 /// Test hook: make a supervised actor fail inside its handler.
 fn test_crash(id: &str) -> QmpResult<Value> {
-    let Some(cell) = ractor::registry::where_is(id.to_string()) else {
+    let Some(cell) = ractor::registry::where_is(id) else {
         return Err(QmpError::generic(format!("no actor named '{id}'")));
     };
     let sent = if id.starts_with("monitor/") {

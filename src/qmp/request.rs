@@ -271,7 +271,7 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(
                 run(&mut st, input),
-                [want.clone()],
+                std::slice::from_ref(want),
                 "{}",
                 String::from_utf8_lossy(input)
             );
