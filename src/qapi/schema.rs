@@ -58,6 +58,9 @@ pub struct Schema {
 }
 
 pub const EMPTY: &str = "q_empty";
+
+/// The schema's files, in order (a file may use types of earlier ones).
+const SCHEMA_FILES: &[&str] = &[include_str!("schema.json"), include_str!("block.json")];
 const BUILTINS: &[(&str, &str)] = &[
     ("str", "string"),
     ("int", "int"),
@@ -79,10 +82,14 @@ const BUILTINS: &[(&str, &str)] = &[
 impl Schema {
     /// rsd's schema; entries marked `"if": "test-hooks"` only when asked.
     pub fn rsd(test_hooks: bool) -> Schema {
-        let text = include_str!("schema.json");
-        let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
         let conds: &[&str] = if test_hooks { &["test-hooks"] } else { &[] };
-        Schema::from_value(&v, conds).unwrap_or_default()
+        let mut all = Vec::new();
+        for text in SCHEMA_FILES {
+            if let Ok(Value::Array(entries)) = serde_json::from_str::<Value>(text) {
+                all.extend(entries);
+            }
+        }
+        Schema::from_value(&Value::Array(all), conds).unwrap_or_default()
     }
 
     pub fn from_value(v: &Value, conds: &[&str]) -> Result<Schema, String> {
@@ -284,9 +291,13 @@ mod tests {
             assert_eq!(s.command("x-rsd-test-crash").is_some(), hooks);
             s.check().expect("every type reference resolves");
         }
-        // The file itself must parse: from_value on the raw text.
-        let v: Value = serde_json::from_str(include_str!("schema.json")).expect("valid JSON");
-        Schema::from_value(&v, &[]).expect("valid schema");
+        // Every file must parse: a broken one would silently vanish.
+        let mut all = Vec::new();
+        for text in SCHEMA_FILES {
+            let v: Value = serde_json::from_str(text).expect("valid JSON");
+            all.extend(v.as_array().expect("a list").clone());
+        }
+        Schema::from_value(&Value::Array(all), &[]).expect("valid schema");
     }
 
     #[test]
