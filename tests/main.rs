@@ -7,3 +7,4 @@ mod process;
 mod qmp_wire;
 mod quickstart;
 mod supervision;
+mod transports;

@@ -1,8 +1,7 @@
 //! The chardev actor: serves its endpoint's connections to the attached
 //! frontend one at a time. A second client of a socket waits in the listen
 //! backlog until the first one leaves, as with QSD.
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::UnboundedSender;
@@ -35,7 +34,8 @@ impl Drop for AbortOnDrop {
 pub struct ChardevState {
     backend: Arc<Backend>,
     frontend: watch::Sender<Option<UnboundedSender<Conn>>>,
-    connected: Arc<AtomicBool>,
+    /// The connected client's peer text ("" for UNIX), None when idle.
+    connected: Arc<Mutex<Option<String>>>,
     _serve: AbortOnDrop,
 }
 
@@ -63,10 +63,16 @@ async fn next_conn(backend: &Backend) -> Option<Conn> {
     }
 }
 
+fn set(slot: &Mutex<Option<String>>, v: Option<String>) {
+    if let Ok(mut s) = slot.lock() {
+        *s = v;
+    }
+}
+
 async fn serve(
     backend: Arc<Backend>,
     mut frontend: watch::Receiver<Option<UnboundedSender<Conn>>>,
-    connected: Arc<AtomicBool>,
+    connected: Arc<Mutex<Option<String>>>,
 ) {
     loop {
         let tx = loop {
@@ -86,11 +92,11 @@ async fn serve(
         };
         let (done_tx, done_rx) = oneshot::channel();
         conn.done = done_tx;
-        connected.store(true, Ordering::SeqCst);
+        set(&connected, Some(conn.peer.clone().unwrap_or_default()));
         if tx.send(conn).is_ok() {
             let _ = done_rx.await;
         }
-        connected.store(false, Ordering::SeqCst);
+        set(&connected, None);
     }
 }
 
@@ -105,7 +111,7 @@ impl Actor for ChardevActor {
         backend: Arc<Backend>,
     ) -> Result<ChardevState, ActorProcessingErr> {
         let (frontend, rx) = watch::channel(None);
-        let connected = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(Mutex::new(None));
         let serve = tokio::spawn(serve(backend.clone(), rx, connected.clone()));
         Ok(ChardevState {
             backend,
@@ -132,8 +138,8 @@ impl Actor for ChardevActor {
                     .borrow()
                     .as_ref()
                     .is_some_and(|tx| !tx.is_closed());
-                let connected = state.connected.load(Ordering::SeqCst);
-                let _ = reply.send((state.backend.filename(connected), open));
+                let peer = state.connected.lock().ok().and_then(|p| p.clone());
+                let _ = reply.send((state.backend.filename(peer.as_deref()), open));
             }
             ChardevMsg::Crash => return Err("test hook: chardev crash requested".into()),
         }

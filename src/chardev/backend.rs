@@ -16,6 +16,8 @@ pub struct Conn {
     pub read: Pin<Box<dyn AsyncRead + Send>>,
     pub write: Pin<Box<dyn AsyncWrite + Send>>,
     pub done: oneshot::Sender<()>,
+    /// The peer of a TCP client, shown by query-chardev.
+    pub peer: Option<String>,
 }
 
 pub enum Listener {
@@ -45,13 +47,15 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The `filename` of query-chardev; `connected` tells a socket's state.
-    pub fn filename(&self, connected: bool) -> String {
+    /// The `filename` of query-chardev; `connected` is Some(peer) while a
+    /// client is connected (the peer text is empty for UNIX sockets).
+    pub fn filename(&self, connected: Option<&str>) -> String {
         match self {
-            Backend::Server { addr_text, .. } => {
-                let prefix = if connected { "" } else { "disconnected:" };
-                format!("{prefix}{addr_text},server=on")
-            }
+            Backend::Server { addr_text, .. } => match connected {
+                None => format!("disconnected:{addr_text},server=on"),
+                Some("") => format!("{addr_text},server=on"),
+                Some(peer) => format!("{addr_text},server=on <-> {peer}"),
+            },
             Backend::Client { addr_text, .. } => addr_text.clone(),
             Backend::Stdio(_) => "stdio".into(),
             Backend::Null => "null".into(),
@@ -77,6 +81,7 @@ fn conn_from_unix(s: UnixStream) -> Conn {
         read: Box::pin(r),
         write: Box::pin(w),
         done: oneshot::channel().0,
+        peer: None,
     }
 }
 
@@ -85,13 +90,14 @@ impl Listener {
         match self {
             Listener::Unix(l) => Ok(conn_from_unix(l.accept().await?.0)),
             Listener::Tcp(l) => {
-                let (s, _) = l.accept().await?;
+                let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
                 let (r, w) = s.into_split();
                 Ok(Conn {
                     read: Box::pin(r),
                     write: Box::pin(w),
                     done: oneshot::channel().0,
+                    peer: Some(format!("{}:{}", peer.ip(), peer.port())),
                 })
             }
         }
@@ -126,6 +132,7 @@ pub async fn open(backend: &Map<String, Value>, notice: WaitNotice<'_>) -> Resul
                 read: Box::pin(tokio::io::stdin()),
                 write: Box::pin(tokio::io::stdout()),
                 done: oneshot::channel().0,
+                peer: None,
             };
             Ok(Backend::Stdio(Mutex::new(Some(conn))))
         }

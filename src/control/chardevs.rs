@@ -140,9 +140,9 @@ impl ControlState {
             ractor::registry::where_is(chardev_name(id)).map(Into::into);
         match actor {
             Some(a) => {
-                ractor::call!(a, ChardevMsg::Info).unwrap_or((backend.filename(false), false))
+                ractor::call!(a, ChardevMsg::Info).unwrap_or((backend.filename(None), false))
             }
-            None => (backend.filename(false), false),
+            None => (backend.filename(None), false),
         }
     }
 

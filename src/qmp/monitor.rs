@@ -111,6 +111,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
         mut read,
         mut write,
         done,
+        ..
     } = conn;
     let ctx = cfg.ctx.clone();
     let pretty = cfg.pretty;
