@@ -61,6 +61,7 @@ impl EventBus {
         if let Some(d) = data {
             obj.insert("data".into(), Value::Object(d));
         }
+        tracing::trace!(target: "qmp_event", event);
         let v = Value::Object(obj);
         let (mut compact, mut pretty) = (None, None);
         let Ok(mut subs) = self.subs.lock() else {

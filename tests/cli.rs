@@ -191,3 +191,45 @@ fn help_listings_match() {
     let out = run_to_end(Which::Rsd, &["--he"], 5);
     assert!(String::from_utf8_lossy(&out.stdout).contains("--blockdev"));
 }
+
+#[test]
+fn trace_patterns_select_trace_points() {
+    let dir = TempDir::new();
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&["-T", "qmp_*", "-T", "enable=nosuch_point"]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    q.cmd(r#"{"execute":"query-version"}"#);
+    q.send(br#"{"execute":"quit"}"#);
+    let _ = q.line();
+    assert_eq!(d.wait_exit(10), Some(0));
+    let err = d.stderr_text();
+    assert!(
+        err.contains(
+            "rsd: -T enable=nosuch_point: warning: trace event 'nosuch_point' does not exist"
+        ),
+        "{err}"
+    );
+    let commands: Vec<&str> = err.lines().filter(|l| l.contains("qmp_command")).collect();
+    assert!(
+        commands.iter().any(|l| l.contains("command=query-version")),
+        "{err}"
+    );
+    assert!(commands.iter().any(|l| l.contains("command=quit")), "{err}");
+    assert!(
+        !err.contains("monitor_session_open"),
+        "only matching points: {err}"
+    );
+
+    let out = run_to_end(Which::Rsd, &["-T", "help"], 5);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.lines().any(|l| l == "qmp_command"), "{listed}");
+    // QSD only warns about a pattern that matches nothing, and keeps running.
+    if std::path::Path::new(QSD).exists() {
+        let out = run_to_end(Which::Qsd, &["-T", "enable=nosuch_point"], 1);
+        assert_eq!(out.status.code(), Some(124));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(
+            ": -T enable=nosuch_point: warning: trace event 'nosuch_point' does not exist"
+        ));
+    }
+}

@@ -110,7 +110,7 @@ impl Supervisor {
         };
         let id = state.children[pos].spec.id.clone();
         if !restart {
-            tracing::info!(child = %id, %reason, "child removed");
+            tracing::info!(target: "supervisor_child_removed", child = %id, %reason);
             state.children.remove(pos);
             return;
         }
@@ -130,7 +130,7 @@ impl Supervisor {
             on_escalate(&id, &reason);
             return;
         }
-        tracing::warn!(child = %id, %reason, "child stopped; restarting");
+        tracing::warn!(target: "supervisor_child_restart", child = %id, %reason);
         match (child.spec.start)(myself.get_cell()).await {
             Ok(cell) => {
                 child.cell = cell;

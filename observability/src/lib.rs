@@ -11,11 +11,13 @@ use tracing_subscriber::prelude::*;
 
 /// The trace-point groups rsd emits; `-T help` lists them.
 pub const TRACE_POINTS: &[&str] = &[
-    "actors_supervisor",
-    "rsd_chardev",
-    "rsd_control",
-    "rsd_monitor",
-    "rsd_qmp",
+    "chardev_accept",
+    "monitor_session_close",
+    "monitor_session_open",
+    "qmp_command",
+    "qmp_event",
+    "supervisor_child_removed",
+    "supervisor_child_restart",
 ];
 
 /// One `-T/--trace` option, parsed: `[enable=]PATTERN[,events=FILE][,file=FILE]`.

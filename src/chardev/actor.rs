@@ -90,6 +90,7 @@ async fn serve(
             // One-shot endpoints (stdio, client sockets) are used up.
             return std::future::pending().await;
         };
+        tracing::trace!(target: "chardev_accept", peer = ?conn.peer);
         let (done_tx, done_rx) = oneshot::channel();
         conn.done = done_tx;
         set(&connected, Some(conn.peer.clone().unwrap_or_default()));

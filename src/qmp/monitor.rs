@@ -115,6 +115,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
     } = conn;
     let ctx = cfg.ctx.clone();
     let pretty = cfg.pretty;
+    tracing::trace!(target: "monitor_session_open", chardev = %cfg.chardev);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
     let writer = tokio::spawn(async move {
         while let Some(text) = out_rx.recv().await {
@@ -147,6 +148,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
                     subscription = Some(ctx.events.subscribe(pretty, out_tx.clone()));
                 }
                 Action::Execute { name, args, id } => {
+                    tracing::trace!(target: "qmp_command", chardev = %cfg.chardev, command = %name);
                     quit = name == "quit";
                     let result = execute(&ctx, name, args).await;
                     let v = match result {
@@ -161,6 +163,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
             }
         }
     }
+    tracing::trace!(target: "monitor_session_close", chardev = %cfg.chardev);
     drop(subscription);
     drop(out_tx);
     // Let the writer drain what is queued (the quit reply) before going on.
