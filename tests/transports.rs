@@ -78,8 +78,12 @@ fn qmp_over_inherited_listening_socket() {
             &format!("socket,id=fdc,fd={fd},server=on,wait=off"),
             "--monitor",
             "chardev=fdc",
+            "--pidfile",
+            &dir.s("p.pid"),
         ]));
         let _d = Daemon::spawn(which, &mon);
+        // The pidfile marks the end of start-up (all options applied).
+        assert!(wait_for_path(&dir.path("p.pid"), 10));
         let mut q = Qmp::ready(&dir.path("q.sock"));
         let r = q.cmd(r#"{"execute":"query-chardev"}"#);
         let fdc = r["return"]
