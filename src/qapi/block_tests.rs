@@ -676,7 +676,6 @@ const VALIDATOR_GAPS: &[(&str, &str, &str)] = &[
 ];
 
 #[test]
-#[ignore = "validator limitations, see VALIDATOR_GAPS"]
 fn validator_gaps() {
     let mut failures = Vec::new();
     for (ty, text, want) in VALIDATOR_GAPS {

@@ -23,23 +23,27 @@ enum Seg {
 
 /// The path from the top-level arguments to the value being visited.
 #[derive(Clone, Default)]
-struct Path(Vec<Seg>);
+struct Path {
+    segs: Vec<Seg>,
+    /// Keyval input names list elements `a.0`; JSON input `a[0]`.
+    keyval: bool,
+}
 
 impl Path {
     fn key(&self, k: &str) -> Path {
         let mut p = self.clone();
-        p.0.push(Seg::Key(k.to_string()));
+        p.segs.push(Seg::Key(k.to_string()));
         p
     }
     fn index(&self, i: usize) -> Path {
         let mut p = self.clone();
-        p.0.push(Seg::Index(i));
+        p.segs.push(Seg::Index(i));
         p
     }
     /// QEMU's full_name(): `a.b[0].c`.
     fn full(&self) -> String {
         let mut s = String::new();
-        for seg in &self.0 {
+        for seg in &self.segs {
             match seg {
                 Seg::Key(k) => {
                     if !s.is_empty() {
@@ -47,6 +51,7 @@ impl Path {
                     }
                     s.push_str(k);
                 }
+                Seg::Index(i) if self.keyval => s.push_str(&format!(".{i}")),
                 Seg::Index(i) => s.push_str(&format!("[{i}]")),
             }
         }
@@ -55,7 +60,7 @@ impl Path {
     /// The visitor's own `name` argument: the member name, or "null" for
     /// list elements (QEMU prints a NULL name that way).
     fn bare(&self) -> String {
-        match self.0.last() {
+        match self.segs.last() {
             Some(Seg::Key(k)) => k.clone(),
             _ => "null".into(),
         }
@@ -85,7 +90,11 @@ impl Schema {
             schema: self,
             input,
         };
-        v.visit_object_type(type_name, args, &Path::default())
+        let path = Path {
+            segs: Vec::new(),
+            keyval: input == Input::Keyval,
+        };
+        v.visit_object_type(type_name, args, &path)
     }
 }
 
@@ -142,6 +151,13 @@ impl Validator<'_> {
     }
 
     fn scalar_str<'v>(&self, v: &'v Value, path: &Path) -> Result<&'v str, QmpError> {
+        if self.input == Input::Keyval && (v.is_object() || v.is_array()) {
+            // `a.b=1` where `a` is a scalar.
+            return Err(QmpError::generic(format!(
+                "Parameters '{}.*' are unexpected",
+                path.full()
+            )));
+        }
         v.as_str().ok_or_else(|| type_err(path, "string"))
     }
 
@@ -171,8 +187,7 @@ impl Validator<'_> {
                     Value::Number(n) => n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)),
                     _ => None,
                 };
-                let what = if name == "size" { "size" } else { "uint64" };
-                let n = n.ok_or_else(|| value_err(path.full(), what))?;
+                let n = n.ok_or_else(|| value_err(path.full(), "uint64"))?;
                 self.check_unsigned(name, n, path)
             }
             _ => {
@@ -269,7 +284,11 @@ impl Validator<'_> {
         });
         match pick {
             Some(t) => self.visit(t, v, path),
-            None => Err(type_err(path, name)),
+            // QEMU names only the member here ('null' in a list).
+            None => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{}', expected: {name}",
+                path.bare()
+            ))),
         }
     }
 
