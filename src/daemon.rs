@@ -26,6 +26,8 @@ pub enum Exit {
     PrintFail(String),
 }
 
+const NOT_YET: &str = "rsd does not implement this option yet";
+
 pub struct Options {
     pub args: Vec<Arg>,
     pub daemonize: bool,
@@ -175,8 +177,25 @@ async fn apply(
                 call_err(ractor::call!(control, ControlMsg::AddObjectCli, args))
             }
         },
-        Arg::Blockdev(text) | Arg::NbdServer(text) | Arg::Export(text) => {
-            crate::cli::options::not_yet(text).map_err(Exit::Fail)
+        // Validated now; served once the block layer and NBD server exist.
+        Arg::Blockdev(text) => {
+            options::blockdev(&ctx.schema, text).map_err(Exit::Fail)?;
+            Err(Exit::Fail(NOT_YET.into()))
+        }
+        Arg::NbdServer(text) => {
+            options::nbd_server(&ctx.schema, text).map_err(Exit::Fail)?;
+            Err(Exit::Fail(NOT_YET.into()))
+        }
+        Arg::Export(text) => {
+            let e = options::export(&ctx.schema, text).map_err(Exit::Fail)?;
+            // No node can exist yet, so the node lookup fails as in QSD.
+            let node = e
+                .get("node-name")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            Err(Exit::Fail(format!(
+                "Cannot find device='' nor node-name='{node}'"
+            )))
         }
     }
 }

@@ -233,3 +233,44 @@ fn trace_patterns_select_trace_points() {
         ));
     }
 }
+
+#[test]
+fn block_export_and_nbd_options_are_validated_as_qsd_does() {
+    for c in [
+        &["--blockdev", "driver=nosuch,node-name=x"][..],
+        &["--blockdev", "driver=null-co"],
+        &["--blockdev", "null-co,node-name=n,size=abc"],
+        &["--blockdev", "null-co,node-name=n,read-only=maybe"],
+        &["--blockdev", "file,node-name=f"],
+        &["--blockdev", "help"],
+        &["--blockdev", "driver=file,a..b=1"],
+        &[
+            "--blockdev",
+            r#"{"driver":"null-co","node-name":"n","size":"1"}"#,
+        ],
+        &[
+            "--blockdev",
+            "nbd,node-name=n,server.type=inet,server.host=h",
+        ],
+        &["--nbd-server", "addr.type=unix"],
+        &[
+            "--nbd-server",
+            "addr.type=inet,addr.host=h,addr.port=1,max-connections=x",
+        ],
+        &["--nbd-server", "help"],
+        &["--export", "type=nbd,id=e,node-name=nope"],
+        &["--export", "type=nbd,id=e,node-name=n,writable=maybe"],
+        &["--export", "type=bogus,id=e,node-name=n"],
+        &["--export", "nbd"],
+        &["--export", "fuse,id=e,node-name=n"],
+    ] {
+        let (code, err) = same_exit(c);
+        assert_eq!(code, 1, "{c:?}");
+        assert!(err.starts_with(&format!("PROG: {} ", c[0])), "{c:?}: {err}");
+    }
+    let (_, e) = same_exit(&["--blockdev", "driver=null-co"]);
+    assert_eq!(
+        e,
+        "PROG: --blockdev driver=null-co: 'node-name' must be specified for the root node\n"
+    );
+}

@@ -144,7 +144,7 @@ fn chardev_backend(opts: &[(String, String)], daemonize: bool) -> Result<Chardev
 pub fn keyval_or_json(
     schema: &Schema,
     text: &str,
-    implied: &str,
+    implied: Option<&str>,
     type_name: &str,
 ) -> Result<(Map<String, Value>, bool), String> {
     let (raw, input, help) = if looks_like_json(text) {
@@ -153,7 +153,7 @@ pub fn keyval_or_json(
             _ => return Err("Invalid parameter type, expected: object".into()),
         }
     } else {
-        let p = parse_keyval_no_help(text, Some(implied))?;
+        let p = parse_keyval_no_help(text, implied)?;
         (p, Input::Keyval, false)
     };
     if help {
@@ -167,7 +167,7 @@ pub fn keyval_or_json(
 
 /// `--monitor`: returns (chardev, pretty).
 pub fn monitor(schema: &Schema, text: &str) -> Result<(String, bool), String> {
-    let (m, _) = keyval_or_json(schema, text, "chardev", "MonitorOptions")?;
+    let (m, _) = keyval_or_json(schema, text, Some("chardev"), "MonitorOptions")?;
     if m.get("mode").and_then(Value::as_str) == Some("readline") {
         return Err("Only QMP is supported".into());
     }
@@ -208,20 +208,27 @@ pub fn object(schema: &Schema, text: &str) -> Result<ObjectCli, String> {
             return Ok(ObjectCli::Help(text));
         }
     }
-    let (m, _) = keyval_or_json(schema, text, "qom-type", "ObjectOptions")?;
+    let (m, _) = keyval_or_json(schema, text, Some("qom-type"), "ObjectOptions")?;
     Ok(ObjectCli::Add(m))
 }
 
-/// `--blockdev`, `--nbd-server` and `--export` until the block layer and
-/// the NBD server exist: the value must parse, then rsd says it cannot
-/// serve it yet.
-pub fn not_yet(text: &str) -> Result<(), String> {
-    if looks_like_json(text) {
-        crate::qmp::parse_whole(text)?;
-    } else {
-        parse_keyval_no_help(text, None)?;
+/// `--blockdev`: validated BlockdevOptions with a root node name.
+pub fn blockdev(schema: &Schema, text: &str) -> Result<Map<String, Value>, String> {
+    let (m, _) = keyval_or_json(schema, text, Some("driver"), "BlockdevOptions")?;
+    if m.get("node-name").is_none() {
+        return Err("'node-name' must be specified for the root node".into());
     }
-    Err("rsd does not implement this option yet".into())
+    Ok(m)
+}
+
+/// `--export`: validated BlockExportOptions.
+pub fn export(schema: &Schema, text: &str) -> Result<Map<String, Value>, String> {
+    keyval_or_json(schema, text, Some("type"), "BlockExportOptions").map(|(m, _)| m)
+}
+
+/// `--nbd-server`: validated NbdServerOptions.
+pub fn nbd_server(schema: &Schema, text: &str) -> Result<Map<String, Value>, String> {
+    keyval_or_json(schema, text, None, "NbdServerOptions").map(|(m, _)| m)
 }
 
 /// `-T/--trace`: `[enable=]PATTERN[,events=FILE][,file=FILE]`. Returns
