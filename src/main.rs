@@ -119,7 +119,10 @@ fn main() {
     } else {
         None
     };
+    // Deep stacks: a client may send JSON nested 1024 levels deep, and
+    // dropping or cloning such a value recurses.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(16 << 20)
         .enable_all()
         .build()
     {
