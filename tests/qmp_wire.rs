@@ -277,8 +277,14 @@ fn pipelined_split_and_nested_input() {
         "[".repeat(1020),
         "]".repeat(1020)
     );
-    let t = compare(true, &[deep_ok.as_bytes(), too_deep.as_bytes(), deep_any.as_bytes()]);
-    assert_eq!(t[4][0], err(None, "DeviceNotFound", "Device '/nope' not found"));
+    let t = compare(
+        true,
+        &[deep_ok.as_bytes(), too_deep.as_bytes(), deep_any.as_bytes()],
+    );
+    assert_eq!(
+        t[4][0],
+        err(None, "DeviceNotFound", "Device '/nope' not found")
+    );
     assert_eq!(t[2].len(), 2, "1000 levels accepted, then the sentinel");
     assert!(t[2][0].starts_with("{\"return\": {"), "{}", &t[2][0][..40]);
     assert_eq!(

@@ -52,6 +52,32 @@ impl ChildSpec {
     }
 }
 
+impl ChildSpec {
+    /// A child that is the actor `handler` spawned with `args`, registered
+    /// under the child's id (so a restarted child is found by the same name).
+    pub fn actor<A>(id: impl Into<String>, restart: Restart, handler: A, args: A::Arguments) -> Self
+    where
+        A: Actor + Clone,
+        A::Arguments: Clone + Sync,
+    {
+        let id = id.into();
+        let name = id.clone();
+        ChildSpec::new(
+            id,
+            restart,
+            Arc::new(move |sup| {
+                let (name, handler, args) = (name.clone(), handler.clone(), args.clone());
+                Box::pin(async move {
+                    let (r, _) = Actor::spawn_linked(Some(name), handler, args, sup)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(r.get_cell())
+                })
+            }),
+        )
+    }
+}
+
 /// A snapshot of one child, for queries and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChildStatus {

@@ -19,6 +19,7 @@ pub enum ChardevMsg {
     Crash,
 }
 
+#[derive(Clone)]
 pub struct ChardevActor;
 
 /// Aborts a task when dropped: the tasks an actor spawns die with its

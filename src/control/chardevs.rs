@@ -2,7 +2,7 @@
 use std::sync::Arc;
 
 use actors::{ChildSpec, Restart};
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use serde_json::{json, Map, Value};
 
 use super::{arg_str, ChardevEntry, ControlState};
@@ -56,21 +56,11 @@ impl ControlState {
             }
         };
         let opened = Arc::new(chardev::open(backend, &notice).await?);
-        let name = chardev_name(&id);
-        let b = opened.clone();
-        let spec = ChildSpec::new(
-            name.clone(),
+        let spec = ChildSpec::actor(
+            chardev_name(&id),
             Restart::Permanent,
-            Arc::new(move |sup| {
-                let b = b.clone();
-                let name = name.clone();
-                Box::pin(async move {
-                    let (r, _) = Actor::spawn_linked(Some(name), ChardevActor, b, sup)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok(r.get_cell())
-                })
-            }),
+            ChardevActor,
+            opened.clone(),
         );
         if let Err(e) = actors::supervisor::start_child(&self.ctx.supervisor, spec).await {
             opened.cleanup();

@@ -204,20 +204,11 @@ impl ControlState {
             pretty,
             ctx: self.ctx.clone(),
         };
-        let name = monitor::registry_name(&chardev);
-        let spec = ChildSpec::new(
-            name.clone(),
+        let spec = ChildSpec::actor(
+            monitor::registry_name(&chardev),
             Restart::Permanent,
-            Arc::new(move |sup| {
-                let cfg = cfg.clone();
-                let name = name.clone();
-                Box::pin(async move {
-                    let (r, _) = Actor::spawn_linked(Some(name), MonitorActor, cfg, sup)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok(r.get_cell())
-                })
-            }),
+            MonitorActor,
+            cfg,
         );
         actors::supervisor::start_child(&self.ctx.supervisor, spec).await
     }

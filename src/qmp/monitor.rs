@@ -30,6 +30,7 @@ pub enum MonitorMsg {
     Crash,
 }
 
+#[derive(Clone)]
 pub struct MonitorActor;
 
 pub struct MonitorState {
