@@ -1,4 +1,5 @@
 //! rsd: a drop-in for qemu-storage-daemon.
+pub mod block;
 pub mod chardev;
 pub mod cli;
 pub mod context;

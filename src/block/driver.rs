@@ -1,0 +1,92 @@
+//! The data-plane contract every block driver implements. Exports and
+//! jobs call these methods directly on an `Arc<Node>`: no actor hop per
+//! request. Buffers are borrowed; the file driver reads and writes them in
+//! place (see file.rs for how it stays off the reactor).
+use std::future::Future;
+use std::pin::Pin;
+
+use super::error::BlockResult;
+use super::perm::Perm;
+
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = BlockResult<T>> + Send + 'a>>;
+
+/// Request limits a caller must respect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths must be multiples of this (1 unless O_DIRECT).
+    pub request_alignment: u32,
+    /// Largest single request in bytes.
+    pub max_transfer: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_alignment: 1,
+            max_transfer: 32 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is stable when the call returns.
+    pub fua: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    pub fua: bool,
+    /// The range may be deallocated instead of written.
+    pub may_unmap: bool,
+    /// Fail with ENOTSUP rather than write zeroes slowly.
+    pub no_fallback: bool,
+}
+
+/// What block status says about the start of a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes from the queried offset with this status (at least 1).
+    pub len: u64,
+    /// The range holds data (not a hole).
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// Allocated in this node (as opposed to a backing node).
+    pub allocated: bool,
+}
+
+pub trait Driver: Send + Sync + 'static {
+    /// The driver's name as QAPI spells it ("file", "raw", ...).
+    fn name(&self) -> &'static str;
+    fn size(&self) -> u64;
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()>;
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()>;
+    fn flush(&self) -> IoFuture<'_, ()>;
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()>;
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent>;
+    /// Grow or shrink to `size` bytes.
+    fn truncate(&self, size: u64) -> IoFuture<'_, ()>;
+    /// Bytes allocated on the host, for `actual-size`; None if unknown.
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+    /// The permissions this node needs on its children given what its own
+    /// parents need (`perm`) and share (`shared`). Filters pass them on.
+    fn child_perms(&self, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        (perm, shared)
+    }
+    /// Takes the host-level locks for this node's cumulative permissions
+    /// (only the file driver has any).
+    fn set_perms(&self, _perm: Perm, _shared: Perm) -> Result<(), String> {
+        Ok(())
+    }
+    /// True for drivers QEMU reports `dirty-flag`/`format-specific` for.
+    fn has_image_info(&self) -> bool {
+        true
+    }
+}

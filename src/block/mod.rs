@@ -1,0 +1,13 @@
+//! The block layer: the data-plane driver contract, the drivers, image
+//! locking and the node graph.
+pub mod driver;
+pub mod error;
+pub mod file;
+pub mod lock;
+pub mod node;
+pub mod null;
+pub mod perm;
+pub mod raw;
+pub mod stats;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,200 @@
+//! A block node as the data plane sees it: a driver plus the options
+//! every driver shares (read-only, discard, detect-zeroes, cache.no-flush)
+//! and its I/O counters. Exports and jobs hold an `Arc<Node>`.
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
+use super::error::BlockError;
+use super::stats::Stats;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+impl DetectZeroes {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CommonOptions {
+    pub read_only: bool,
+    pub auto_read_only: bool,
+    pub force_share: bool,
+    /// discard=unmap: pass discards down; discard=ignore drops them.
+    pub discard_unmap: bool,
+    pub detect_zeroes: DetectZeroes,
+    pub cache_direct: bool,
+    pub cache_no_flush: bool,
+}
+
+pub struct Node {
+    pub name: String,
+    pub driver: Box<dyn Driver>,
+    pub opts: CommonOptions,
+    pub stats: Stats,
+}
+
+fn out_of_range(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_none_or(|end| end > size)
+}
+
+impl Node {
+    pub fn new(name: String, driver: Box<dyn Driver>, opts: CommonOptions) -> Arc<Node> {
+        Arc::new(Node {
+            name,
+            driver,
+            opts,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.driver.limits()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    pub fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let len = buf.len() as u64;
+            if out_of_range(offset, len, self.size()) {
+                self.stats.rd.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(BlockError::inval("read beyond the end of the node"));
+            }
+            let t = Instant::now();
+            let r = self.driver.read(offset, buf).await;
+            self.stats.rd.done(len, t, r.is_ok());
+            self.stats.touch();
+            r
+        })
+    }
+
+    pub fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let len = buf.len() as u64;
+            if self.opts.read_only {
+                return Err(BlockError::perm("Block node is read-only"));
+            }
+            if out_of_range(offset, len, self.size()) {
+                self.stats.wr.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(BlockError::inval("write beyond the end of the node"));
+            }
+            let t = Instant::now();
+            let r = if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|b| *b == 0) {
+                let zf = ZeroFlags {
+                    fua: flags.fua,
+                    may_unmap: self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap,
+                    no_fallback: false,
+                };
+                self.driver.write_zeroes(offset, len, zf).await
+            } else {
+                self.driver.write(offset, buf, flags).await
+            };
+            self.stats.wr.done(len, t, r.is_ok());
+            if r.is_ok() {
+                self.stats.note_write_end(offset + len);
+            }
+            self.stats.touch();
+            r
+        })
+    }
+
+    pub fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let t = Instant::now();
+            let r = if self.opts.cache_no_flush {
+                Ok(())
+            } else {
+                self.driver.flush().await
+            };
+            self.stats.flush.done(0, t, r.is_ok());
+            r
+        })
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.opts.read_only {
+                return Err(BlockError::perm("Block node is read-only"));
+            }
+            if out_of_range(offset, len, self.size()) {
+                self.stats.unmap.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(BlockError::inval("discard beyond the end of the node"));
+            }
+            let t = Instant::now();
+            let r = if self.opts.discard_unmap {
+                self.driver.discard(offset, len).await
+            } else {
+                Ok(())
+            };
+            self.stats.unmap.done(len, t, r.is_ok());
+            r
+        })
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.opts.read_only {
+                return Err(BlockError::perm("Block node is read-only"));
+            }
+            if out_of_range(offset, len, self.size()) {
+                self.stats.wr.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(BlockError::inval("write beyond the end of the node"));
+            }
+            let flags = ZeroFlags {
+                may_unmap: flags.may_unmap && self.opts.discard_unmap,
+                ..flags
+            };
+            let t = Instant::now();
+            let r = self.driver.write_zeroes(offset, len, flags).await;
+            self.stats.wr.done(len, t, r.is_ok());
+            if r.is_ok() {
+                self.stats.note_write_end(offset + len);
+            }
+            r
+        })
+    }
+
+    pub fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
+        Box::pin(async move {
+            let size = self.size();
+            if offset >= size {
+                return Err(BlockError::inval("block status beyond the end of the node"));
+            }
+            let len = len.min(size - offset);
+            let mut e = self.driver.block_status(offset, len).await?;
+            e.len = e.len.clamp(1, len);
+            Ok(e)
+        })
+    }
+
+    pub fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.opts.read_only {
+                return Err(BlockError::perm("Block node is read-only"));
+            }
+            self.driver.truncate(size).await
+        })
+    }
+
+    pub fn allocated_size(&self) -> Option<u64> {
+        self.driver.allocated_size()
+    }
+}

@@ -1,0 +1,109 @@
+//! The `raw` format: a window (offset, size) onto its child.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
+use super::error::BlockError;
+use super::node::Node;
+use super::perm::Perm;
+
+pub struct RawDriver {
+    child: Arc<Node>,
+    offset: u64,
+    /// The `size` option was given: the node cannot be resized.
+    fixed: bool,
+    /// The size as of open or the last resize (QEMU caches it too).
+    size: AtomicU64,
+}
+
+impl RawDriver {
+    /// Checks offset/size against the child as QEMU does.
+    pub fn new(child: Arc<Node>, offset: u64, size: Option<u64>) -> Result<RawDriver, String> {
+        let child_size = child.size();
+        if let Some(s) = size {
+            if s % 512 != 0 {
+                return Err("Specified size is not multiple of 512".into());
+            }
+        }
+        if offset > child_size {
+            return Err(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({child_size})"
+            ));
+        }
+        if let Some(s) = size {
+            if offset.checked_add(s).is_none_or(|end| end > child_size) {
+                return Err(format!(
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({child_size})"
+                ));
+            }
+        }
+        Ok(RawDriver {
+            child,
+            offset,
+            fixed: size.is_some(),
+            size: AtomicU64::new(size.unwrap_or(child_size - offset)),
+        })
+    }
+
+    /// With an offset or size, raw is a format over its child's data;
+    /// without, a pass-through filter.
+    pub fn has_window(&self) -> bool {
+        self.offset != 0 || self.fixed
+    }
+
+    pub fn child(&self) -> &Arc<Node> {
+        &self.child
+    }
+}
+
+impl Driver for RawDriver {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn limits(&self) -> Limits {
+        self.child.limits()
+    }
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        self.child.read(self.offset + offset, buf)
+    }
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        self.child.write(self.offset + offset, buf, flags)
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.child.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.child.discard(self.offset + offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        self.child.write_zeroes(self.offset + offset, len, flags)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
+        self.child.block_status(self.offset + offset, len)
+    }
+    fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.fixed {
+                return Err(BlockError::unsupported("Cannot resize fixed-size raw disks"));
+            }
+            self.child.truncate(self.offset + size).await?;
+            self.size
+                .store(self.child.size().saturating_sub(self.offset), Ordering::Release);
+            Ok(())
+        })
+    }
+    fn child_perms(&self, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        if !self.has_window() {
+            return (perm, shared);
+        }
+        // A data child: nobody else may resize it; writing may grow it.
+        let perm = if perm.contains(Perm::WRITE) { perm.union(Perm::RESIZE) } else { perm };
+        (perm, shared.without(Perm::RESIZE))
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        self.child.allocated_size()
+    }
+}

@@ -1,0 +1,273 @@
+//! Data-plane tests of each driver, checked against the file contents.
+use std::sync::Arc;
+
+use super::driver::{WriteFlags, ZeroFlags};
+use super::file::{FileDriver, FileOptions};
+use super::node::{CommonOptions, DetectZeroes, Node};
+use super::null::NullDriver;
+use super::perm::Perm;
+use super::raw::RawDriver;
+
+struct Tmp(std::path::PathBuf);
+impl Tmp {
+    fn new(name: &str, len: usize, dir: &str) -> Tmp {
+        let p = std::path::PathBuf::from(format!("{dir}/rsd-unit-{}-{name}", std::process::id()));
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, data).expect("write image");
+        Tmp(p)
+    }
+    fn s(&self) -> String {
+        self.0.display().to_string()
+    }
+    fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.0).expect("read image")
+    }
+}
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn file_opts(path: &str) -> FileOptions {
+    FileOptions {
+        filename: path.into(),
+        read_only: false,
+        auto_read_only: false,
+        direct: false,
+        locking: true,
+        host_device: false,
+    }
+}
+
+fn file_node(path: &str, common: CommonOptions) -> Arc<Node> {
+    let d = FileDriver::open(&FileOptions {
+        direct: common.cache_direct,
+        read_only: common.read_only,
+        ..file_opts(path)
+    })
+    .expect("open");
+    Node::new("f".into(), Box::new(d), common)
+}
+
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_read_write_flush() {
+    let t = Tmp::new("rw", 1 << 20, "/tmp");
+    let n = file_node(&t.s(), CommonOptions::default());
+    assert_eq!(n.size(), 1 << 20);
+    let mut buf = vec![0u8; 4096];
+    n.read(8192, &mut buf).await.expect("read");
+    assert!(buf.iter().enumerate().all(|(i, b)| *b == pattern(8192 + i)));
+    n.write(100, &[0xab; 1000], WriteFlags { fua: true }).await.expect("write");
+    n.flush().await.expect("flush");
+    let data = t.bytes();
+    assert!(data[100..1100].iter().all(|b| *b == 0xab));
+    assert_eq!(data[99], pattern(99));
+    assert_eq!(data[1100], pattern(1100));
+    // Out of range requests are refused and counted as invalid.
+    let mut big = vec![0u8; 4096];
+    let e = n.read((1 << 20) - 100, &mut big).await.expect_err("past the end");
+    assert_eq!(e.errno, nix::libc::EINVAL);
+    assert_eq!(n.stats.rd.ops.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(n.stats.wr.bytes.load(std::sync::atomic::Ordering::Relaxed), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_discard_and_write_zeroes() {
+    let t = Tmp::new("dz", 1 << 20, "/tmp");
+    // discard=ignore keeps the data.
+    let n = file_node(&t.s(), CommonOptions::default());
+    n.discard(0, 65536).await.expect("discard");
+    assert_eq!(t.bytes()[10], pattern(10));
+    drop(n);
+    let n = file_node(
+        &t.s(),
+        CommonOptions {
+            discard_unmap: true,
+            ..Default::default()
+        },
+    );
+    n.discard(0, 65536).await.expect("discard");
+    assert!(t.bytes()[..65536].iter().all(|b| *b == 0));
+    let e = n.block_status(0, 1 << 20).await.expect("status");
+    assert!(!e.data && e.zero && e.len == 65536, "{e:?}");
+    let e = n.block_status(65536, 4096).await.expect("status");
+    assert!(e.data && !e.zero);
+    n.write_zeroes(131072, 8192, ZeroFlags::default()).await.expect("zeroes");
+    n.write_zeroes(200000, 5000, ZeroFlags { may_unmap: true, ..Default::default() })
+        .await
+        .expect("zeroes unmap");
+    let d = t.bytes();
+    assert!(d[131072..139264].iter().all(|b| *b == 0));
+    assert!(d[200000..205000].iter().all(|b| *b == 0));
+    assert_eq!(d[205000], pattern(205000));
+    assert_eq!(d.len(), 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detect_zeroes_unmap_punches_holes() {
+    let t = Tmp::new("detz", 1 << 20, "/tmp");
+    let n = file_node(
+        &t.s(),
+        CommonOptions {
+            discard_unmap: true,
+            detect_zeroes: DetectZeroes::Unmap,
+            ..Default::default()
+        },
+    );
+    n.write(65536, &[0u8; 65536], WriteFlags::default()).await.expect("write");
+    let e = n.block_status(65536, 65536).await.expect("status");
+    assert!(!e.data, "zero write became a hole: {e:?}");
+    assert!(t.bytes()[65536..131072].iter().all(|b| *b == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_resize() {
+    let t = Tmp::new("rs", 1 << 20, "/tmp");
+    let n = file_node(&t.s(), CommonOptions::default());
+    n.truncate(2 << 20).await.expect("grow");
+    assert_eq!(n.size(), 2 << 20);
+    assert_eq!(std::fs::metadata(&t.0).expect("meta").len(), 2 << 20);
+    let mut b = vec![1u8; 512];
+    n.read((2 << 20) - 512, &mut b).await.expect("read grown");
+    assert!(b.iter().all(|x| *x == 0));
+    n.truncate(1000001).await.expect("shrink");
+    assert_eq!(std::fs::metadata(&t.0).expect("meta").len(), 1000001);
+    assert_eq!(n.size(), 1000448, "sizes count whole sectors as in QEMU");
+    let mut tail = vec![9u8; 447];
+    n.read(1000001, &mut tail).await.expect("read the sector tail");
+    assert!(tail.iter().all(|x| *x == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_io_handles_unaligned_requests() {
+    // O_DIRECT needs a real filesystem: /tmp, not tmpfs.
+    let t = Tmp::new("direct", 1 << 20, "/var/tmp");
+    let n = match FileDriver::open(&FileOptions {
+        direct: true,
+        ..file_opts(&t.s())
+    }) {
+        Ok(d) => Node::new("d".into(), Box::new(d), CommonOptions::default()),
+        Err(e) => {
+            eprintln!("skipping: O_DIRECT not supported here: {e}");
+            return;
+        }
+    };
+    assert_eq!(n.limits().request_alignment, 4096);
+    n.write(100, &[0x5a; 1000], WriteFlags::default()).await.expect("unaligned write");
+    let mut b = vec![0u8; 1200];
+    n.read(50, &mut b).await.expect("unaligned read");
+    assert_eq!(b[0], pattern(50));
+    assert!(b[50..1050].iter().all(|x| *x == 0x5a));
+    assert_eq!(b[1050], pattern(1100));
+    let d = t.bytes();
+    assert_eq!(d.len(), 1 << 20, "size unchanged");
+    assert!(d[100..1100].iter().all(|x| *x == 0x5a));
+    // An aligned request goes straight through.
+    let mut aligned = vec![0u8; 8192];
+    n.read(4096, &mut aligned).await.expect("aligned read");
+    assert_eq!(aligned[0], pattern(4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_window_maps_onto_the_child() {
+    let t = Tmp::new("raw", 1 << 20, "/tmp");
+    let f = file_node(&t.s(), CommonOptions::default());
+    assert!(RawDriver::new(f.clone(), 1 << 21, None).is_err());
+    assert!(RawDriver::new(f.clone(), 4096, Some(1 << 20)).is_err());
+    let raw = RawDriver::new(f.clone(), 4096, Some(8192)).expect("window");
+    let r = Node::new("r".into(), Box::new(raw), CommonOptions::default());
+    assert_eq!(r.size(), 8192);
+    r.write(0, &[0xcd; 512], WriteFlags::default()).await.expect("write");
+    let e = r.write(8000, &[1u8; 512], WriteFlags::default()).await.expect_err("past window");
+    assert_eq!(e.errno, nix::libc::EINVAL);
+    let d = t.bytes();
+    assert!(d[4096..4608].iter().all(|b| *b == 0xcd));
+    assert_eq!(d[4095], pattern(4095));
+    assert!(r.truncate(4096).await.is_err(), "a window cannot be resized");
+    // Without a window, raw follows and resizes its child.
+    let plain = Node::new(
+        "p".into(),
+        Box::new(RawDriver::new(f.clone(), 0, None).expect("raw")),
+        CommonOptions::default(),
+    );
+    plain.truncate(3 << 20).await.expect("resize through raw");
+    assert_eq!(f.size(), 3 << 20);
+    assert_eq!(plain.size(), 3 << 20);
+    // Like QEMU, raw keeps its own size when the child changes under it.
+    f.truncate(4 << 20).await.expect("resize the file itself");
+    assert_eq!(plain.size(), 3 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_driver() {
+    let n = Node::new(
+        "n".into(),
+        Box::new(NullDriver::new("null-co", 1 << 20, true, 0)),
+        CommonOptions::default(),
+    );
+    let mut b = vec![7u8; 4096];
+    n.read(0, &mut b).await.expect("read");
+    assert!(b.iter().all(|x| *x == 0));
+    n.write(0, &b, WriteFlags::default()).await.expect("write");
+    let n2 = Node::new(
+        "n2".into(),
+        Box::new(NullDriver::new("null-aio", 1 << 20, false, 2_000_000)),
+        CommonOptions::default(),
+    );
+    let mut b = vec![7u8; 16];
+    let t = std::time::Instant::now();
+    n2.read(0, &mut b).await.expect("read");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(2), "latency-ns applied");
+    assert_eq!(b, vec![7u8; 16], "read-zeroes=off leaves the buffer");
+}
+
+#[test]
+fn read_only_node_refuses_writes() {
+    let t = Tmp::new("ro", 65536, "/tmp");
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    rt.block_on(async {
+        let n = file_node(
+            &t.s(),
+            CommonOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        );
+        let e = n.write(0, &[1], WriteFlags::default()).await.expect_err("ro");
+        assert_eq!(e.errno, nix::libc::EPERM);
+        let mut b = [0u8; 4];
+        n.read(0, &mut b).await.expect("read works on current-thread runtime too");
+    });
+}
+
+#[test]
+fn image_locks_conflict_like_qemu() {
+    let t = Tmp::new("lock", 65536, "/tmp");
+    let a = FileDriver::open(&file_opts(&t.s())).expect("open a");
+    let b = FileDriver::open(&file_opts(&t.s())).expect("open b");
+    let writer = Perm::CONSISTENT_READ.union(Perm::WRITE);
+    let shared = Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED);
+    a.lock_perms(writer, shared).expect("first writer");
+    assert_eq!(
+        b.lock_perms(writer, shared),
+        Err("Failed to get \"write\" lock".to_string())
+    );
+    assert_eq!(
+        b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)),
+        Err("Failed to get shared \"write\" lock".to_string())
+    );
+    b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL).expect("reader sharing writes");
+    drop(a);
+    b.lock_perms(writer, shared).expect("lock free after close");
+    let c = FileDriver::open(&FileOptions {
+        locking: false,
+        ..file_opts(&t.s())
+    })
+    .expect("open c");
+    c.lock_perms(writer, shared).expect("locking=off ignores locks");
+}
