@@ -179,8 +179,8 @@ async fn apply(
         },
         // Validated now; served once the block layer and NBD server exist.
         Arg::Blockdev(text) => {
-            options::blockdev(&ctx.schema, text).map_err(Exit::Fail)?;
-            Err(Exit::Fail(NOT_YET.into()))
+            let opts = options::blockdev(&ctx.schema, text).map_err(Exit::Fail)?;
+            call_err(ractor::call!(control, ControlMsg::AddBlockdevCli, opts))
         }
         Arg::NbdServer(text) => {
             options::nbd_server(&ctx.schema, text).map_err(Exit::Fail)?;
@@ -188,14 +188,19 @@ async fn apply(
         }
         Arg::Export(text) => {
             let e = options::export(&ctx.schema, text).map_err(Exit::Fail)?;
-            // No node can exist yet, so the node lookup fails as in QSD.
             let node = e
                 .get("node-name")
                 .and_then(|v| v.as_str())
-                .unwrap_or_default();
-            Err(Exit::Fail(format!(
-                "Cannot find device='' nor node-name='{node}'"
-            )))
+                .unwrap_or_default()
+                .to_string();
+            // Exports arrive with the NBD issue; until then the node lookup
+            // or the missing server fails as in QSD without --nbd-server.
+            match call_err(ractor::call!(control, ControlMsg::HasNode, node.clone()))? {
+                true => Err(Exit::Fail("NBD server not running".into())),
+                false => Err(Exit::Fail(format!(
+                    "Cannot find device='' nor node-name='{node}'"
+                ))),
+            }
         }
     }
 }

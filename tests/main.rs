@@ -2,6 +2,7 @@
 //! /usr/bin/qemu-storage-daemon as the oracle where both can run.
 mod common;
 
+mod block;
 mod cli;
 mod process;
 mod qmp_wire;

@@ -29,11 +29,12 @@ pub struct FileOptions {
     pub direct: bool,
     /// Take QEMU's image locks (locking=auto|on).
     pub locking: bool,
-    /// host_device: the file must be a block or character device.
-    pub host_device: bool,
+    /// "file", or "host_device"/"host_cdrom" (a block or character device).
+    pub driver: String,
 }
 
 pub struct FileDriver {
+    driver: &'static str,
     file: File,
     size: AtomicU64,
     direct: bool,
@@ -74,17 +75,18 @@ impl FileDriver {
         let meta = file.metadata().map_err(|e| open_error(&o.filename, &e))?;
         let ft = meta.file_type();
         let block_device = ft.is_block_device();
-        if o.host_device {
+        if o.driver != "file" {
             if !block_device && !ft.is_char_device() {
-                return Err(format!("'{}' is not a block device", o.filename));
+                return Err(format!(
+                    "'{}' driver requires '{}' to be either a character or block device",
+                    o.driver, o.filename
+                ));
             }
-        } else if block_device || ft.is_char_device() {
+        } else if !ft.is_file() {
             return Err(format!(
-                "'{}' is not a regular file; use the host_device driver",
+                "'file' driver requires '{}' to be a regular file",
                 o.filename
             ));
-        } else if ft.is_dir() {
-            return Err(format!("'{}' is not a regular file", o.filename));
         }
         let size = if block_device {
             let mut f = &file;
@@ -92,7 +94,13 @@ impl FileDriver {
         } else {
             meta.len()
         };
+        let driver = match o.driver.as_str() {
+            "host_device" => "host_device",
+            "host_cdrom" => "host_cdrom",
+            _ => "file",
+        };
         let d = FileDriver {
+            driver,
             file,
             size: AtomicU64::new(size),
             direct: o.direct,
@@ -118,7 +126,10 @@ impl FileDriver {
         if !self.locking {
             return Ok(());
         }
-        let mut held = self.held.lock().map_err(|_| "lock state poisoned".to_string())?;
+        let mut held = self
+            .held
+            .lock()
+            .map_err(|_| "lock state poisoned".to_string())?;
         // Take the new bytes first (as QEMU does), then probe; undo on conflict.
         let old = *held;
         lock::apply(self.fd(), perm.union(old.0), shared.intersect(old.1))?;
@@ -151,7 +162,14 @@ fn last_err() -> std::io::Error {
 }
 
 /// One preadv2/pwritev2 call; Ok(bytes) or the error.
-fn rw_once(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, flags: i32) -> std::io::Result<usize> {
+fn rw_once(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    off: u64,
+    write: bool,
+    flags: i32,
+) -> std::io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf as *mut libc::c_void,
         iov_len: len,
@@ -174,7 +192,14 @@ fn rw_once(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, flags: i3
 
 /// Reads or writes the whole buffer: non-blocking first, then blocking.
 /// Reads past the end of the file fill with zeroes.
-fn rw_all(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: i32) -> std::io::Result<()> {
+fn rw_all(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    off: u64,
+    write: bool,
+    extra: i32,
+) -> std::io::Result<()> {
     let mut done = 0usize;
     let mut nowait = true;
     while done < len {
@@ -207,11 +232,7 @@ fn rw_all(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: i32
 
 impl Driver for FileDriver {
     fn name(&self) -> &'static str {
-        if self.block_device {
-            "host_device"
-        } else {
-            "file"
-        }
+        self.driver
     }
 
     /// QEMU counts sizes in 512-byte sectors: a file of 1000001 bytes is
@@ -235,8 +256,15 @@ impl Driver for FileDriver {
         Box::pin(async move {
             if self.needs_bounce(offset, buf.as_ptr(), buf.len()) {
                 let (start, mut bounce) = self.bounce_for(offset, buf.len());
-                rw_all(self.fd(), bounce.as_mut_ptr(), bounce.len(), start, false, 0)
-                    .map_err(|e| BlockError::io(&e, "read"))?;
+                rw_all(
+                    self.fd(),
+                    bounce.as_mut_ptr(),
+                    bounce.len(),
+                    start,
+                    false,
+                    0,
+                )
+                .map_err(|e| BlockError::io(&e, "read"))?;
                 let skip = (offset - start) as usize;
                 buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
                 return Ok(());
@@ -257,22 +285,44 @@ impl Driver for FileDriver {
                 // Read-modify-write of the aligned blocks around the data.
                 let old_size = self.size();
                 let (start, mut bounce) = self.bounce_for(offset, buf.len());
-                rw_all(self.fd(), bounce.as_mut_ptr(), bounce.len(), start, false, 0)
-                    .map_err(|e| BlockError::io(&e, "write"))?;
+                rw_all(
+                    self.fd(),
+                    bounce.as_mut_ptr(),
+                    bounce.len(),
+                    start,
+                    false,
+                    0,
+                )
+                .map_err(|e| BlockError::io(&e, "write"))?;
                 let skip = (offset - start) as usize;
                 bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
-                rw_all(self.fd(), bounce.as_mut_ptr(), bounce.len(), start, true, extra)
-                    .map_err(|e| BlockError::io(&e, "write"))?;
+                rw_all(
+                    self.fd(),
+                    bounce.as_mut_ptr(),
+                    bounce.len(),
+                    start,
+                    true,
+                    extra,
+                )
+                .map_err(|e| BlockError::io(&e, "write"))?;
                 let want = old_size.max(end);
                 if start + bounce.len() as u64 > want {
-                    blocking(|| self.file.set_len(want)).map_err(|e| BlockError::io(&e, "write"))?;
+                    blocking(|| self.file.set_len(want))
+                        .map_err(|e| BlockError::io(&e, "write"))?;
                 }
                 self.size.fetch_max(end, Ordering::AcqRel);
                 return Ok(());
             }
             // The write path never writes through the pointer.
-            rw_all(self.fd(), buf.as_ptr() as *mut u8, buf.len(), offset, true, extra)
-                .map_err(|e| BlockError::io(&e, "write"))?;
+            rw_all(
+                self.fd(),
+                buf.as_ptr() as *mut u8,
+                buf.len(),
+                offset,
+                true,
+                extra,
+            )
+            .map_err(|e| BlockError::io(&e, "write"))?;
             self.size.fetch_max(end, Ordering::AcqRel);
             Ok(())
         })
@@ -290,7 +340,11 @@ impl Driver for FileDriver {
                 let range = [offset, len];
                 // SAFETY: BLKDISCARD reads two u64 from the pointer.
                 let r = blocking(|| unsafe { libc::ioctl(self.fd(), 0x1277, range.as_ptr()) });
-                return if r < 0 { Err(BlockError::io(&last_err(), "discard")) } else { Ok(()) };
+                return if r < 0 {
+                    Err(BlockError::io(&last_err(), "discard"))
+                } else {
+                    Ok(())
+                };
             }
             self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -323,7 +377,9 @@ impl Driver for FileDriver {
             }
             if result.is_err() {
                 if flags.no_fallback {
-                    return Err(BlockError::unsupported("write zeroes would fall back to writes"));
+                    return Err(BlockError::unsupported(
+                        "write zeroes would fall back to writes",
+                    ));
                 }
                 let chunk = vec![0u8; (len.min(1 << 20)) as usize];
                 let mut pos = offset;
@@ -365,7 +421,11 @@ impl Driver for FileDriver {
             }
             // SAFETY: as above.
             let next_hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-            let end = if next_hole < 0 { offset + len } else { next_hole as u64 };
+            let end = if next_hole < 0 {
+                offset + len
+            } else {
+                next_hole as u64
+            };
             Ok(data(true, (end.saturating_sub(offset)).min(len)))
         })
     }
@@ -379,7 +439,8 @@ impl Driver for FileDriver {
                     Err(BlockError::unsupported("Cannot grow device files"))
                 };
             }
-            blocking(|| self.file.set_len(size)).map_err(|e| BlockError::io(&e, "Failed to resize"))?;
+            blocking(|| self.file.set_len(size))
+                .map_err(|e| BlockError::io(&e, "Failed to resize"))?;
             self.size.store(size, Ordering::Release);
             Ok(())
         })
@@ -441,7 +502,10 @@ impl Drop for AlignedBuf {
 impl FileDriver {
     fn needs_bounce(&self, offset: u64, ptr: *const u8, len: usize) -> bool {
         let a = DIRECT_ALIGN as u64;
-        self.direct && (offset % a != 0 || len as u64 % a != 0 || ptr as usize % DIRECT_ALIGN != 0)
+        self.direct
+            && (!offset.is_multiple_of(a)
+                || !(len as u64).is_multiple_of(a)
+                || !(ptr as usize).is_multiple_of(DIRECT_ALIGN))
     }
 
     /// The aligned window covering [offset, offset+len) and a buffer for it.

@@ -1,8 +1,10 @@
 //! The block layer: the data-plane driver contract, the drivers, image
 //! locking and the node graph.
+pub mod actor;
 pub mod driver;
 pub mod error;
 pub mod file;
+pub mod graph;
 pub mod lock;
 pub mod node;
 pub mod null;

@@ -75,7 +75,10 @@ impl Node {
         Box::pin(async move {
             let len = buf.len() as u64;
             if out_of_range(offset, len, self.size()) {
-                self.stats.rd.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .rd
+                    .invalid
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(BlockError::inval("read beyond the end of the node"));
             }
             let t = Instant::now();
@@ -93,14 +96,18 @@ impl Node {
                 return Err(BlockError::perm("Block node is read-only"));
             }
             if out_of_range(offset, len, self.size()) {
-                self.stats.wr.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .wr
+                    .invalid
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(BlockError::inval("write beyond the end of the node"));
             }
             let t = Instant::now();
             let r = if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|b| *b == 0) {
                 let zf = ZeroFlags {
                     fua: flags.fua,
-                    may_unmap: self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap,
+                    may_unmap: self.opts.detect_zeroes == DetectZeroes::Unmap
+                        && self.opts.discard_unmap,
                     no_fallback: false,
                 };
                 self.driver.write_zeroes(offset, len, zf).await
@@ -135,7 +142,10 @@ impl Node {
                 return Err(BlockError::perm("Block node is read-only"));
             }
             if out_of_range(offset, len, self.size()) {
-                self.stats.unmap.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .unmap
+                    .invalid
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(BlockError::inval("discard beyond the end of the node"));
             }
             let t = Instant::now();
@@ -155,7 +165,10 @@ impl Node {
                 return Err(BlockError::perm("Block node is read-only"));
             }
             if out_of_range(offset, len, self.size()) {
-                self.stats.wr.invalid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .wr
+                    .invalid
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(BlockError::inval("write beyond the end of the node"));
             }
             let flags = ZeroFlags {

@@ -87,11 +87,15 @@ impl Driver for RawDriver {
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.fixed {
-                return Err(BlockError::unsupported("Cannot resize fixed-size raw disks"));
+                return Err(BlockError::unsupported(
+                    "Cannot resize fixed-size raw disks",
+                ));
             }
             self.child.truncate(self.offset + size).await?;
-            self.size
-                .store(self.child.size().saturating_sub(self.offset), Ordering::Release);
+            self.size.store(
+                self.child.size().saturating_sub(self.offset),
+                Ordering::Release,
+            );
             Ok(())
         })
     }
@@ -100,7 +104,11 @@ impl Driver for RawDriver {
             return (perm, shared);
         }
         // A data child: nobody else may resize it; writing may grow it.
-        let perm = if perm.contains(Perm::WRITE) { perm.union(Perm::RESIZE) } else { perm };
+        let perm = if perm.contains(Perm::WRITE) {
+            perm.union(Perm::RESIZE)
+        } else {
+            perm
+        };
         (perm, shared.without(Perm::RESIZE))
     }
     fn allocated_size(&self) -> Option<u64> {

@@ -36,7 +36,7 @@ fn file_opts(path: &str) -> FileOptions {
         auto_read_only: false,
         direct: false,
         locking: true,
-        host_device: false,
+        driver: "file".into(),
     }
 }
 
@@ -62,7 +62,9 @@ async fn file_read_write_flush() {
     let mut buf = vec![0u8; 4096];
     n.read(8192, &mut buf).await.expect("read");
     assert!(buf.iter().enumerate().all(|(i, b)| *b == pattern(8192 + i)));
-    n.write(100, &[0xab; 1000], WriteFlags { fua: true }).await.expect("write");
+    n.write(100, &[0xab; 1000], WriteFlags { fua: true })
+        .await
+        .expect("write");
     n.flush().await.expect("flush");
     let data = t.bytes();
     assert!(data[100..1100].iter().all(|b| *b == 0xab));
@@ -70,10 +72,16 @@ async fn file_read_write_flush() {
     assert_eq!(data[1100], pattern(1100));
     // Out of range requests are refused and counted as invalid.
     let mut big = vec![0u8; 4096];
-    let e = n.read((1 << 20) - 100, &mut big).await.expect_err("past the end");
+    let e = n
+        .read((1 << 20) - 100, &mut big)
+        .await
+        .expect_err("past the end");
     assert_eq!(e.errno, nix::libc::EINVAL);
     assert_eq!(n.stats.rd.ops.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(n.stats.wr.bytes.load(std::sync::atomic::Ordering::Relaxed), 1000);
+    assert_eq!(
+        n.stats.wr.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        1000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,10 +105,19 @@ async fn file_discard_and_write_zeroes() {
     assert!(!e.data && e.zero && e.len == 65536, "{e:?}");
     let e = n.block_status(65536, 4096).await.expect("status");
     assert!(e.data && !e.zero);
-    n.write_zeroes(131072, 8192, ZeroFlags::default()).await.expect("zeroes");
-    n.write_zeroes(200000, 5000, ZeroFlags { may_unmap: true, ..Default::default() })
+    n.write_zeroes(131072, 8192, ZeroFlags::default())
         .await
-        .expect("zeroes unmap");
+        .expect("zeroes");
+    n.write_zeroes(
+        200000,
+        5000,
+        ZeroFlags {
+            may_unmap: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("zeroes unmap");
     let d = t.bytes();
     assert!(d[131072..139264].iter().all(|b| *b == 0));
     assert!(d[200000..205000].iter().all(|b| *b == 0));
@@ -119,7 +136,9 @@ async fn detect_zeroes_unmap_punches_holes() {
             ..Default::default()
         },
     );
-    n.write(65536, &[0u8; 65536], WriteFlags::default()).await.expect("write");
+    n.write(65536, &[0u8; 65536], WriteFlags::default())
+        .await
+        .expect("write");
     let e = n.block_status(65536, 65536).await.expect("status");
     assert!(!e.data, "zero write became a hole: {e:?}");
     assert!(t.bytes()[65536..131072].iter().all(|b| *b == 0));
@@ -139,7 +158,9 @@ async fn file_resize() {
     assert_eq!(std::fs::metadata(&t.0).expect("meta").len(), 1000001);
     assert_eq!(n.size(), 1000448, "sizes count whole sectors as in QEMU");
     let mut tail = vec![9u8; 447];
-    n.read(1000001, &mut tail).await.expect("read the sector tail");
+    n.read(1000001, &mut tail)
+        .await
+        .expect("read the sector tail");
     assert!(tail.iter().all(|x| *x == 0));
 }
 
@@ -158,7 +179,9 @@ async fn direct_io_handles_unaligned_requests() {
         }
     };
     assert_eq!(n.limits().request_alignment, 4096);
-    n.write(100, &[0x5a; 1000], WriteFlags::default()).await.expect("unaligned write");
+    n.write(100, &[0x5a; 1000], WriteFlags::default())
+        .await
+        .expect("unaligned write");
     let mut b = vec![0u8; 1200];
     n.read(50, &mut b).await.expect("unaligned read");
     assert_eq!(b[0], pattern(50));
@@ -182,13 +205,21 @@ async fn raw_window_maps_onto_the_child() {
     let raw = RawDriver::new(f.clone(), 4096, Some(8192)).expect("window");
     let r = Node::new("r".into(), Box::new(raw), CommonOptions::default());
     assert_eq!(r.size(), 8192);
-    r.write(0, &[0xcd; 512], WriteFlags::default()).await.expect("write");
-    let e = r.write(8000, &[1u8; 512], WriteFlags::default()).await.expect_err("past window");
+    r.write(0, &[0xcd; 512], WriteFlags::default())
+        .await
+        .expect("write");
+    let e = r
+        .write(8000, &[1u8; 512], WriteFlags::default())
+        .await
+        .expect_err("past window");
     assert_eq!(e.errno, nix::libc::EINVAL);
     let d = t.bytes();
     assert!(d[4096..4608].iter().all(|b| *b == 0xcd));
     assert_eq!(d[4095], pattern(4095));
-    assert!(r.truncate(4096).await.is_err(), "a window cannot be resized");
+    assert!(
+        r.truncate(4096).await.is_err(),
+        "a window cannot be resized"
+    );
     // Without a window, raw follows and resizes its child.
     let plain = Node::new(
         "p".into(),
@@ -222,14 +253,19 @@ async fn null_driver() {
     let mut b = vec![7u8; 16];
     let t = std::time::Instant::now();
     n2.read(0, &mut b).await.expect("read");
-    assert!(t.elapsed() >= std::time::Duration::from_millis(2), "latency-ns applied");
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(2),
+        "latency-ns applied"
+    );
     assert_eq!(b, vec![7u8; 16], "read-zeroes=off leaves the buffer");
 }
 
 #[test]
 fn read_only_node_refuses_writes() {
     let t = Tmp::new("ro", 65536, "/tmp");
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
     rt.block_on(async {
         let n = file_node(
             &t.s(),
@@ -238,10 +274,15 @@ fn read_only_node_refuses_writes() {
                 ..Default::default()
             },
         );
-        let e = n.write(0, &[1], WriteFlags::default()).await.expect_err("ro");
+        let e = n
+            .write(0, &[1], WriteFlags::default())
+            .await
+            .expect_err("ro");
         assert_eq!(e.errno, nix::libc::EPERM);
         let mut b = [0u8; 4];
-        n.read(0, &mut b).await.expect("read works on current-thread runtime too");
+        n.read(0, &mut b)
+            .await
+            .expect("read works on current-thread runtime too");
     });
 }
 
@@ -261,7 +302,8 @@ fn image_locks_conflict_like_qemu() {
         b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)),
         Err("Failed to get shared \"write\" lock".to_string())
     );
-    b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL).expect("reader sharing writes");
+    b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL)
+        .expect("reader sharing writes");
     drop(a);
     b.lock_perms(writer, shared).expect("lock free after close");
     let c = FileDriver::open(&FileOptions {
@@ -269,5 +311,6 @@ fn image_locks_conflict_like_qemu() {
         ..file_opts(&t.s())
     })
     .expect("open c");
-    c.lock_perms(writer, shared).expect("locking=off ignores locks");
+    c.lock_perms(writer, shared)
+        .expect("locking=off ignores locks");
 }

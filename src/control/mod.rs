@@ -1,6 +1,7 @@
 //! The control actor: QSD's single dispatcher. It runs commands one at a
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
+mod block;
 mod chardevs;
 mod qom;
 
@@ -33,6 +34,10 @@ pub enum ControlMsg {
     ),
     /// `--object`: like object-add, with the command line's messages.
     AddObjectCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
+    /// Whether a node exists (for `--export` until exports exist).
+    HasNode(String, RpcReplyPort<Result<bool, String>>),
+    /// `--blockdev`: like blockdev-add.
+    AddBlockdevCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--monitor`: attach a QMP monitor to a chardev.
     AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
     /// The exit path run before the supervisor stops everything.
@@ -51,6 +56,7 @@ pub struct ControlState {
     /// Chardevs in creation order.
     chardevs: Vec<(String, ChardevEntry)>,
     objects: BTreeMap<String, Object>,
+    block: crate::block::graph::Graph,
 }
 
 pub struct ControlActor;
@@ -69,6 +75,7 @@ impl Actor for ControlActor {
             ctx,
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
+            block: Default::default(),
         })
     }
 
@@ -87,6 +94,12 @@ impl Actor for ControlActor {
                 let r = st.add_chardev_cli(id, backend, prefix).await;
                 let _ = reply.send(r);
             }
+            ControlMsg::HasNode(name, reply) => {
+                let _ = reply.send(Ok(st.block.find(&name).is_some()));
+            }
+            ControlMsg::AddBlockdevCli(args, reply) => {
+                let _ = reply.send(st.blockdev_add(&args).await);
+            }
             ControlMsg::AddObjectCli(args, reply) => {
                 let _ = reply.send(st.object_add(&args));
             }
@@ -95,6 +108,11 @@ impl Actor for ControlActor {
                 let _ = reply.send(r);
             }
             ControlMsg::Shutdown(reply) => {
+                // Newest first: parents before their children.
+                for e in st.block.entries.iter().rev() {
+                    let _ = e.node.flush().await;
+                }
+                st.block = Default::default();
                 for (_, c) in &st.chardevs {
                     c.backend.cleanup();
                 }
@@ -153,6 +171,21 @@ impl ControlState {
                     args.get("value").unwrap_or(&Value::Null),
                 )
                 .map(|()| json!({})),
+            "blockdev-add" => self
+                .blockdev_add(&args)
+                .await
+                .map(|()| json!({}))
+                .map_err(QmpError::generic),
+            "blockdev-del" => self.blockdev_del(arg_str(&args, "node-name")).await,
+            "block_resize" => self.block_resize(&args).await,
+            "query-named-block-nodes" => Ok(self.query_named_block_nodes()),
+            "query-block" => Ok(json!([])),
+            "x-debug-query-block-graph" => Ok(self.query_block_graph()),
+            "query-blockstats" => Ok(self.query_blockstats(
+                args.get("query-nodes")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            )),
             "x-rsd-test-event" => {
                 let mut data = Map::new();
                 data.insert("message".into(), json!(arg_str(&args, "message")));
@@ -222,6 +255,10 @@ fn test_crash(id: &str) -> QmpResult<Value> {
     let sent = if id.starts_with("monitor/") {
         ActorRef::<MonitorMsg>::from(cell)
             .cast(MonitorMsg::Crash)
+            .is_ok()
+    } else if id.starts_with("node/") {
+        ActorRef::<crate::block::actor::NodeMsg>::from(cell)
+            .cast(crate::block::actor::NodeMsg::Crash)
             .is_ok()
     } else if id.starts_with("chardev/") {
         ActorRef::<crate::chardev::ChardevMsg>::from(cell)

@@ -100,13 +100,15 @@ impl Daemon {
     /// Waits for exit up to `secs`; returns the exit code.
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
         let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
+        loop {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return st.code();
             }
+            if Instant::now() >= end {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        None
     }
     pub fn signal(&self, sig: i32) {
         unsafe_kill(self.child.id() as i32, sig);

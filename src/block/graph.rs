@@ -1,0 +1,474 @@
+//! The node graph: named nodes, the edges between them, the permissions
+//! each edge asks for, and users (exports, jobs) on top. It opens nodes
+//! from validated `BlockdevOptions`, keeps QEMU's naming and deletion
+//! rules, and turns permissions into image locks.
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::file::{FileDriver, FileOptions};
+use super::node::{CommonOptions, DetectZeroes, Node};
+use super::null::{NullDriver, DEFAULT_SIZE};
+use super::perm::Perm;
+use super::raw::RawDriver;
+
+/// Something using a node from outside the graph (an export, a job, the
+/// transient user of block_resize).
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: u64,
+    /// How QEMU names it in permission errors ("an unnamed block device").
+    pub desc: String,
+    pub perm: Perm,
+    pub shared: Perm,
+}
+
+#[derive(Clone, Debug)]
+pub struct Edge {
+    pub role: &'static str,
+    pub child: String,
+    pub perm: Perm,
+    pub shared: Perm,
+}
+
+pub struct Entry {
+    pub name: String,
+    pub node: Arc<Node>,
+    /// Added by blockdev-add (not an inline child).
+    pub monitor_owned: bool,
+    pub children: Vec<Edge>,
+    pub users: Vec<User>,
+    /// The options QEMU shows in `json:{...}` filenames.
+    pub json: Value,
+    /// The plain filename, when the node has one.
+    pub plain_filename: Option<String>,
+    /// Cumulative permissions currently applied.
+    pub perm: Perm,
+    pub shared: Perm,
+}
+
+#[derive(Default)]
+pub struct Graph {
+    /// Creation order: children always come before their parents.
+    pub entries: Vec<Entry>,
+    auto_counter: u32,
+    next_user: u64,
+}
+
+fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(Value::as_str)
+}
+fn b(m: &Map<String, Value>, k: &str) -> Option<bool> {
+    m.get(k).and_then(Value::as_bool)
+}
+fn u(m: &Map<String, Value>, k: &str) -> Option<u64> {
+    m.get(k).and_then(Value::as_u64)
+}
+
+/// QEMU's node-name rule.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !ok {
+        return Err(format!("Invalid node-name: '{name}'"));
+    }
+    if name.len() >= 32 {
+        return Err("Node name too long".into());
+    }
+    Ok(())
+}
+
+impl Graph {
+    pub fn find(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.name == name)
+    }
+
+    /// Parents of `name`: (parent name, edge), newest parent first.
+    pub fn parents(&self, name: &str) -> Vec<(&str, &Edge)> {
+        self.entries
+            .iter()
+            .rev()
+            .flat_map(|e| {
+                e.children
+                    .iter()
+                    .filter(move |c| c.child == name)
+                    .map(move |c| (e.name.as_str(), c))
+            })
+            .collect()
+    }
+
+    fn auto_name(&mut self) -> String {
+        // "#block" + a counter + two random digits, as QEMU names them.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!("#block{}{:02}", self.auto_counter, (nanos / 1000) % 100);
+        self.auto_counter += 1;
+        name
+    }
+
+    /// blockdev-add: opens the node (and inline children). On failure
+    /// nothing new stays in the graph.
+    pub fn add(&mut self, opts: &Map<String, Value>) -> Result<String, String> {
+        if s(opts, "node-name").is_none() {
+            return Err("'node-name' must be specified for the root node".into());
+        }
+        let before = self.entries.len();
+        let result = self.open(opts, None).and_then(|name| {
+            if let Some(e) = self.entries.iter_mut().find(|e| e.name == name) {
+                e.monitor_owned = true;
+            }
+            self.refresh_perms().map(|()| name)
+        });
+        if result.is_err() {
+            self.entries.truncate(before);
+        }
+        result
+    }
+
+    /// Opens one node; `inherit_ro` is the parent's read-only flag for an
+    /// inline child.
+    fn open(
+        &mut self,
+        opts: &Map<String, Value>,
+        inherit_ro: Option<bool>,
+    ) -> Result<String, String> {
+        let driver = s(opts, "driver").unwrap_or_default().to_string();
+        let name = match s(opts, "node-name") {
+            Some(n) => {
+                check_node_name(n)?;
+                if self.find(n).is_some() {
+                    return Err(format!("Duplicate nodes with node-name='{n}'"));
+                }
+                n.to_string()
+            }
+            None => self.auto_name(),
+        };
+        let read_only = b(opts, "read-only").or(inherit_ro).unwrap_or(false);
+        let force_share = b(opts, "force-share").unwrap_or(false);
+        if force_share && !read_only {
+            return Err("force-share=on can only be used with read-only images".into());
+        }
+        let discard_unmap = s(opts, "discard") == Some("unmap");
+        let detect_zeroes = match s(opts, "detect-zeroes") {
+            Some("on") => DetectZeroes::On,
+            Some("unmap") => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        };
+        if detect_zeroes == DetectZeroes::Unmap && !discard_unmap {
+            return Err(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
+                    .into(),
+            );
+        }
+        let cache = opts.get("cache").and_then(Value::as_object);
+        let mut common = CommonOptions {
+            read_only,
+            auto_read_only: b(opts, "auto-read-only").unwrap_or(false),
+            force_share,
+            discard_unmap,
+            detect_zeroes,
+            cache_direct: cache.and_then(|c| b(c, "direct")).unwrap_or(false),
+            cache_no_flush: cache.and_then(|c| b(c, "no-flush")).unwrap_or(false),
+        };
+        let mut children = Vec::new();
+        let (drv, json, plain): (Box<dyn super::driver::Driver>, Value, Option<String>) =
+            match driver.as_str() {
+                "file" | "host_device" | "host_cdrom" => {
+                    let filename = s(opts, "filename").unwrap_or_default().to_string();
+                    if s(opts, "aio") == Some("native") && !common.cache_direct {
+                        return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+                    }
+                    let fo = FileOptions {
+                        filename: filename.clone(),
+                        read_only,
+                        auto_read_only: common.auto_read_only,
+                        direct: common.cache_direct,
+                        locking: s(opts, "locking") != Some("off"),
+                        driver: driver.clone(),
+                    };
+                    let d = FileDriver::open(&fo)?;
+                    common.read_only = d.is_read_only();
+                    (
+                        Box::new(d),
+                        json!({"driver": driver, "filename": filename}),
+                        Some(filename),
+                    )
+                }
+                "raw" => {
+                    let child = self.child(opts, "file", read_only)?;
+                    let child_node = self
+                        .find(&child)
+                        .map(|e| e.node.clone())
+                        .ok_or("lost child")?;
+                    let offset = u(opts, "offset").unwrap_or(0);
+                    let size = u(opts, "size");
+                    let raw = RawDriver::new(child_node, offset, size);
+                    let raw = match raw {
+                        Ok(r) => r,
+                        Err(e) => {
+                            self.drop_inline(&child);
+                            return Err(e);
+                        }
+                    };
+                    let child_entry = self.find(&child);
+                    let child_json = child_entry.map(|e| e.json.clone()).unwrap_or(Value::Null);
+                    let child_plain = child_entry.and_then(|e| e.plain_filename.clone());
+                    let mut j = Map::new();
+                    j.insert("driver".into(), json!("raw"));
+                    if opts.contains_key("offset") {
+                        j.insert("offset".into(), json!(offset));
+                    }
+                    if let Some(sz) = size {
+                        j.insert("size".into(), json!(sz));
+                    }
+                    j.insert("file".into(), child_json);
+                    let plain = if raw.has_window() { None } else { child_plain };
+                    children.push(Edge {
+                        role: "file",
+                        child,
+                        perm: Perm::NONE,
+                        shared: Perm::ALL,
+                    });
+                    (Box::new(raw), Value::Object(j), plain)
+                }
+                "null-co" | "null-aio" => {
+                    let size = u(opts, "size").unwrap_or(DEFAULT_SIZE);
+                    let zeroes = b(opts, "read-zeroes").unwrap_or(false);
+                    let latency = u(opts, "latency-ns").unwrap_or(0);
+                    let name: &'static str = if driver == "null-co" {
+                        "null-co"
+                    } else {
+                        "null-aio"
+                    };
+                    let mut j = Map::new();
+                    // Only these count for the `json:{}` filename, as in QEMU.
+                    for k in ["read-zeroes", "size"] {
+                        if let Some(v) = opts.get(k) {
+                            j.insert(k.into(), v.clone());
+                        }
+                    }
+                    let plain = j.is_empty().then(|| format!("{name}://"));
+                    j.insert("driver".into(), json!(name));
+                    (
+                        Box::new(NullDriver::new(name, size, zeroes, latency)),
+                        Value::Object(j),
+                        plain,
+                    )
+                }
+                other => return Err(format!("Driver '{other}' is not supported by rsd yet")),
+            };
+        let node = Node::new(name.clone(), drv, common);
+        self.entries.push(Entry {
+            name: name.clone(),
+            node,
+            monitor_owned: false,
+            children,
+            users: Vec::new(),
+            json,
+            plain_filename: plain,
+            perm: Perm::NONE,
+            shared: Perm::ALL,
+        });
+        Ok(name)
+    }
+
+    /// Resolves a child given by reference (a node name) or inline.
+    fn child(
+        &mut self,
+        opts: &Map<String, Value>,
+        role: &str,
+        parent_ro: bool,
+    ) -> Result<String, String> {
+        match opts.get(role) {
+            Some(Value::String(r)) => match self.find(r) {
+                Some(e) => Ok(e.name.clone()),
+                None => Err(format!("Cannot find device='{r}' nor node-name='{r}'")),
+            },
+            Some(Value::Object(inline)) => self.open(inline, Some(parent_ro)),
+            _ => Err(format!("Parameter '{role}' is missing")),
+        }
+    }
+
+    /// Removes an inline child opened for a parent that then failed.
+    fn drop_inline(&mut self, name: &str) {
+        if let Some(i) = self.index(name) {
+            if !self.entries[i].monitor_owned && self.parents(name).is_empty() {
+                self.entries.remove(i);
+            }
+        }
+    }
+
+    /// blockdev-del with QEMU's checks, in QEMU's order. Returns the
+    /// nodes that left the graph (the node and inline children).
+    pub fn del(&mut self, name: &str) -> Result<Vec<Arc<Node>>, String> {
+        let Some(i) = self.index(name) else {
+            return Err(format!("Failed to find node with node-name='{name}'"));
+        };
+        if !self.entries[i].users.is_empty() {
+            return Err(format!("Node {name} is in use"));
+        }
+        if !self.entries[i].monitor_owned {
+            return Err(format!("Node {name} is not owned by the monitor"));
+        }
+        if !self.parents(name).is_empty() {
+            return Err(format!("Block device {name} is in use"));
+        }
+        let removed = self.entries.remove(i);
+        let mut gone = vec![removed.node.clone()];
+        // Inline children go with their parent once nothing else uses them.
+        for c in &removed.children {
+            if let Some(ci) = self.index(&c.child) {
+                let e = &self.entries[ci];
+                if !e.monitor_owned && e.users.is_empty() && self.parents(&c.child).is_empty() {
+                    self.entries[ci].monitor_owned = true;
+                    gone.extend(self.del(&c.child).unwrap_or_default());
+                }
+            }
+        }
+        let _ = self.refresh_perms();
+        Ok(gone)
+    }
+
+    /// Attaches a user (an export, a job) asking for `perm` and sharing
+    /// `shared`. Returns its id for [`Graph::remove_user`].
+    pub fn add_user(
+        &mut self,
+        node: &str,
+        desc: &str,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<u64, String> {
+        let id = self.next_user;
+        self.next_user += 1;
+        let i = self
+            .index(node)
+            .ok_or_else(|| format!("Cannot find device='' nor node-name='{node}'"))?;
+        self.entries[i].users.insert(
+            0,
+            User {
+                id,
+                desc: desc.to_string(),
+                perm,
+                shared,
+            },
+        );
+        if let Err(e) = self.refresh_perms() {
+            self.entries[i].users.retain(|u| u.id != id);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    pub fn remove_user(&mut self, id: u64) {
+        for e in &mut self.entries {
+            e.users.retain(|u| u.id != id);
+        }
+        let _ = self.refresh_perms();
+    }
+
+    /// Recomputes every node's cumulative permissions from its users and
+    /// parents (newest first, so parents are done before children), checks
+    /// conflicts and read-only nodes, then applies image locks. On any
+    /// error the previous locks stay in force.
+    pub fn refresh_perms(&mut self) -> Result<(), String> {
+        let n = self.entries.len();
+        let mut cum: Vec<(Perm, Perm)> = vec![(Perm::NONE, Perm::ALL); n];
+        let mut edges: Vec<Vec<(Perm, Perm)>> = self
+            .entries
+            .iter()
+            .map(|e| vec![(Perm::NONE, Perm::ALL); e.children.len()])
+            .collect();
+        for i in (0..n).rev() {
+            let name = self.entries[i].name.clone();
+            // (description, perm, shared) of every parent, newest first.
+            let mut holders: Vec<(String, Perm, Perm)> = self.entries[i]
+                .users
+                .iter()
+                .map(|u| {
+                    (
+                        format!("{} (uses node '{name}' as 'root' child)", u.desc),
+                        u.perm,
+                        u.shared,
+                    )
+                })
+                .collect();
+            for j in (i + 1..n).rev() {
+                for (k, c) in self.entries[j].children.iter().enumerate() {
+                    if c.child == name {
+                        let (p, sh) = edges[j][k];
+                        holders.push((
+                            format!(
+                                "node '{}' (uses node '{name}' as '{}' child)",
+                                self.entries[j].name, c.role
+                            ),
+                            p,
+                            sh,
+                        ));
+                    }
+                }
+            }
+            for (a, ap, _) in &holders {
+                for (bdesc, _, bsh) in &holders {
+                    if std::ptr::eq(a, bdesc) {
+                        continue;
+                    }
+                    let clash = ap.without(*bsh);
+                    if clash != Perm::NONE {
+                        return Err(format!(
+                            "Permission conflict on node '{name}': permissions '{}' are both required by {a} and unshared by {bdesc}.",
+                            clash.human_names()
+                        ));
+                    }
+                }
+            }
+            let perm = holders.iter().fold(Perm::NONE, |p, h| p.union(h.1));
+            let shared = holders.iter().fold(Perm::ALL, |s, h| s.intersect(h.2));
+            let node = &self.entries[i].node;
+            if node.read_only() && (perm.contains(Perm::WRITE) || perm.contains(Perm::RESIZE)) {
+                return Err("Block node is read-only".into());
+            }
+            cum[i] = (perm, shared);
+            let (cp, mut cs) = node.driver.child_perms(perm, shared);
+            if node.opts.force_share {
+                cs = Perm::ALL;
+            }
+            for e in edges[i].iter_mut() {
+                *e = (cp, cs);
+            }
+        }
+        // Apply locks; undo the ones already changed if one fails.
+        for (i, (p, sh)) in cum.iter().enumerate() {
+            if let Err(e) = self.entries[i].node.driver.set_perms(*p, *sh) {
+                for old in &self.entries[..i] {
+                    let _ = old.node.driver.set_perms(old.perm, old.shared);
+                }
+                return Err(e);
+            }
+        }
+        for ((entry, (p, sh)), edge_perms) in self.entries.iter_mut().zip(cum).zip(edges) {
+            entry.perm = p;
+            entry.shared = sh;
+            for (c, (ep, es)) in entry.children.iter_mut().zip(edge_perms) {
+                c.perm = ep;
+                c.shared = es;
+            }
+        }
+        Ok(())
+    }
+
+    /// The filename QEMU shows: the plain one, or `json:{...}` options.
+    pub fn filename(&self, e: &Entry) -> String {
+        match &e.plain_filename {
+            Some(f) => f.clone(),
+            None => format!("json:{}", crate::qmp::json::to_qmp_string(&e.json, false)),
+        }
+    }
+}

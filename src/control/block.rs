@@ -1,0 +1,220 @@
+//! The block-node commands: blockdev-add/del, block_resize and the
+//! queries, over the node graph the control actor owns.
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+
+use actors::{ChildSpec, Restart};
+use ractor::ActorRef;
+use serde_json::{json, Map, Value};
+
+use super::{arg_str, ControlState};
+use crate::block::actor::{self as node_actor, NodeActor, NodeMsg};
+use crate::block::graph::Entry;
+use crate::block::perm::Perm;
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+impl ControlState {
+    /// blockdev-add and --blockdev: open the nodes, then give each new
+    /// node its supervised actor.
+    pub(super) async fn blockdev_add(&mut self, opts: &Map<String, Value>) -> Result<(), String> {
+        let before: BTreeSet<String> = self.block.entries.iter().map(|e| e.name.clone()).collect();
+        self.block.add(opts)?;
+        let new: Vec<(String, std::sync::Arc<crate::block::node::Node>)> = self
+            .block
+            .entries
+            .iter()
+            .filter(|e| !before.contains(&e.name))
+            .map(|e| (e.name.clone(), e.node.clone()))
+            .collect();
+        for (name, node) in new {
+            let spec = ChildSpec::actor(
+                node_actor::registry_name(&name),
+                Restart::Permanent,
+                NodeActor,
+                node,
+            );
+            actors::supervisor::start_child(&self.ctx.supervisor, spec).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn blockdev_del(&mut self, name: &str) -> QmpResult<Value> {
+        let gone = self.block.del(name).map_err(QmpError::generic)?;
+        for node in gone {
+            let _ = node.flush().await;
+            actors::supervisor::stop_child_by_id(
+                &self.ctx.supervisor,
+                &node_actor::registry_name(&node.name),
+            )
+            .await;
+        }
+        Ok(json!({}))
+    }
+
+    pub(super) async fn block_resize(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let size = args.get("size").and_then(Value::as_i64).unwrap_or(0);
+        if size < 0 {
+            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+        }
+        let device = arg_str(args, "device");
+        let name = arg_str(args, "node-name");
+        let Some(entry) = self.block.find(name) else {
+            return Err(QmpError::generic(format!(
+                "Cannot find device='{device}' nor node-name='{name}'"
+            )));
+        };
+        if entry.node.read_only() {
+            return Err(QmpError::generic("Image is read-only"));
+        }
+        let name = entry.name.clone();
+        // A transient user holding the resize permission, as QEMU does.
+        let user = self
+            .block
+            .add_user(&name, "an unnamed block device", Perm::RESIZE, Perm::ALL)
+            .map_err(QmpError::generic)?;
+        let actor: Option<ActorRef<NodeMsg>> =
+            ractor::registry::where_is(node_actor::registry_name(&name)).map(Into::into);
+        let result = match actor {
+            Some(a) => match ractor::call!(a, NodeMsg::Resize, size as u64) {
+                Ok(r) => r.map_err(|e| QmpError::generic(e.msg)),
+                Err(e) => Err(QmpError::generic(format!("internal error: {e}"))),
+            },
+            None => Err(QmpError::generic("internal error: node actor missing")),
+        };
+        self.block.remove_user(user);
+        result.map(|()| json!({}))
+    }
+
+    fn device_info(&self, e: &Entry) -> Value {
+        let node = &e.node;
+        let drv = node.driver.name();
+        let filename = self.block.filename(e);
+        let mut image = Map::new();
+        image.insert("virtual-size".into(), json!(node.size()));
+        image.insert("filename".into(), json!(filename));
+        image.insert("format".into(), json!(drv));
+        image.insert(
+            "actual-size".into(),
+            json!(node.allocated_size().unwrap_or(0)),
+        );
+        if node.driver.has_image_info() {
+            if matches!(drv, "file" | "host_device" | "host_cdrom") {
+                image.insert(
+                    "format-specific".into(),
+                    json!({"type": "file", "data": {}}),
+                );
+            }
+            image.insert("dirty-flag".into(), json!(false));
+        }
+        json!({
+            "iops_rd": 0, "detect_zeroes": node.opts.detect_zeroes.as_str(), "active": true,
+            "image": image, "iops_wr": 0, "ro": node.read_only(), "node-name": e.name,
+            "backing_file_depth": 0, "drv": drv, "iops": 0, "bps_wr": 0, "write_threshold": 0,
+            "encrypted": false, "bps": 0, "bps_rd": 0,
+            "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
+            "file": filename,
+        })
+    }
+
+    pub(super) fn query_named_block_nodes(&self) -> Value {
+        Value::Array(
+            self.block
+                .entries
+                .iter()
+                .rev()
+                .map(|e| self.device_info(e))
+                .collect(),
+        )
+    }
+
+    pub(super) fn query_block_graph(&self) -> Value {
+        let n = self.block.entries.len();
+        let id = |name: &str| {
+            self.block
+                .entries
+                .iter()
+                .position(|e| e.name == name)
+                .map(|i| i + 1)
+        };
+        let nodes: Vec<Value> = self
+            .block
+            .entries
+            .iter()
+            .rev()
+            .map(|e| json!({"name": e.name, "type": "block-driver", "id": id(&e.name)}))
+            .collect();
+        let mut edges = Vec::new();
+        for e in self.block.entries.iter().rev() {
+            for c in &e.children {
+                edges.push(json!({
+                    "name": c.role, "parent": id(&e.name), "shared-perm": c.shared.qapi_list(),
+                    "perm": c.perm.qapi_list(), "child": id(&c.child),
+                }));
+            }
+        }
+        let _ = n;
+        json!({"edges": edges, "nodes": nodes})
+    }
+
+    fn node_stats(&self, e: &Entry) -> Value {
+        let st = &e.node.stats;
+        let idle = st
+            .last_io
+            .lock()
+            .ok()
+            .and_then(|t| t.map(|t| t.elapsed().as_nanos() as u64));
+        let mut stats = json!({
+            "unmap_operations": st.unmap.ops.load(Relaxed), "unmap_merged": 0,
+            "failed_zone_append_operations": 0, "flush_total_time_ns": st.flush.total_ns.load(Relaxed),
+            "wr_highest_offset": st.wr_highest_offset.load(Relaxed),
+            "wr_total_time_ns": st.wr.total_ns.load(Relaxed), "failed_wr_operations": st.wr.failed.load(Relaxed),
+            "failed_rd_operations": st.rd.failed.load(Relaxed), "wr_merged": 0,
+            "wr_bytes": st.wr.bytes.load(Relaxed), "timed_stats": [],
+            "failed_unmap_operations": st.unmap.failed.load(Relaxed), "zone_append_merged": 0,
+            "failed_flush_operations": st.flush.failed.load(Relaxed), "account_invalid": true,
+            "rd_total_time_ns": st.rd.total_ns.load(Relaxed),
+            "invalid_unmap_operations": st.unmap.invalid.load(Relaxed),
+            "flush_operations": st.flush.ops.load(Relaxed), "wr_operations": st.wr.ops.load(Relaxed),
+            "unmap_bytes": st.unmap.bytes.load(Relaxed), "rd_merged": 0, "rd_bytes": st.rd.bytes.load(Relaxed),
+            "unmap_total_time_ns": st.unmap.total_ns.load(Relaxed), "invalid_flush_operations": 0,
+            "account_failed": true, "zone_append_total_time_ns": 0, "zone_append_operations": 0,
+            "rd_operations": st.rd.ops.load(Relaxed), "zone_append_bytes": 0,
+            "invalid_zone_append_operations": 0, "invalid_wr_operations": st.wr.invalid.load(Relaxed),
+            "invalid_rd_operations": st.rd.invalid.load(Relaxed),
+        });
+        if let (Some(ns), Value::Object(m)) = (idle, &mut stats) {
+            m.insert("idle_time_ns".into(), json!(ns));
+        }
+        let mut out = Map::new();
+        out.insert("stats".into(), stats);
+        out.insert("node-name".into(), json!(e.name));
+        if matches!(e.node.driver.name(), "file" | "host_device") {
+            out.insert(
+                "driver-specific".into(),
+                json!({"discard-bytes-ok": st.unmap.bytes.load(Relaxed) * e.node.opts.discard_unmap as u64,
+                       "discard-nb-ok": st.unmap.ops.load(Relaxed) * e.node.opts.discard_unmap as u64,
+                       "driver": e.node.driver.name(), "discard-nb-failed": st.unmap.failed.load(Relaxed)}),
+            );
+        }
+        if let Some(c) = e.children.iter().find(|c| c.role == "file") {
+            if let Some(child) = self.block.find(&c.child) {
+                out.insert("parent".into(), self.node_stats(child));
+            }
+        }
+        Value::Object(out)
+    }
+
+    pub(super) fn query_blockstats(&self, query_nodes: bool) -> Value {
+        if !query_nodes {
+            return json!([]);
+        }
+        Value::Array(
+            self.block
+                .entries
+                .iter()
+                .map(|e| self.node_stats(e))
+                .collect(),
+        )
+    }
+}

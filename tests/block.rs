@@ -1,0 +1,304 @@
+//! Block nodes: blockdev-add/del, the queries, block_resize and image
+//! locking, compared with qemu-storage-daemon on the same scenarios.
+use std::process::Command;
+
+use crate::common::*;
+
+fn qemu_img_create(path: &std::path::Path, size: &str) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(size)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+}
+
+/// Masks what legitimately differs: the temp dir and the random digits of
+/// automatic node names.
+fn mask(line: &str, dir: &TempDir) -> String {
+    let line = line.replace(&dir.0.display().to_string(), "$D");
+    let mut out = String::new();
+    let mut rest = line.as_str();
+    while let Some(p) = rest.find("#block") {
+        out.push_str(&rest[..p + 6]);
+        rest = &rest[p + 6..];
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        out.push('N');
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Runs a daemon with `extra` options on fresh 16M and 1M images, sends
+/// each request (`$D` = the temp dir) and returns the masked replies.
+fn run(which: Which, extra: &[&str], steps: &[&str]) -> Result<Vec<String>, String> {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("disk.img"), "16M");
+    qemu_img_create(&dir.path("small.img"), "1M");
+    std::fs::create_dir(dir.path("dir")).expect("dir");
+    let d = dir.0.display().to_string();
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(extra.iter().map(|s| s.replace("$D", &d)));
+    a.extend(args(&["--pidfile", &dir.s("p.pid")]));
+    let mut daemon = Daemon::spawn(which, &a);
+    for _ in 0..500 {
+        if dir.path("p.pid").exists() {
+            break;
+        }
+        if let Some(code) = daemon.wait_exit(0) {
+            let err = daemon.stderr_text();
+            let err = err.strip_prefix(which.prog()).unwrap_or(&err).to_string();
+            return Err(format!("exit {code}: {}", mask(&err, &dir)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let mut out = Vec::new();
+    for s in steps {
+        q.send(s.replace("$D", &d).as_bytes());
+        let l = q.line();
+        assert!(!l.is_empty(), "{which:?}: EOF after {s}");
+        out.push(mask(&l, &dir));
+    }
+    q.send(br#"{"execute": "quit"}"#);
+    Ok(out)
+}
+
+fn same(extra: &[&str], steps: &[&str]) -> Result<Vec<String>, String> {
+    let mut first: Option<Result<Vec<String>, String>> = None;
+    for which in Which::all() {
+        let r = run(which, extra, steps);
+        match &first {
+            None => first = Some(r),
+            Some(f) => {
+                if let (Ok(a), Ok(b)) = (f, &r) {
+                    for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                        assert_eq!(x, y, "step {i} ({}) differs, extra {extra:?}", steps[i]);
+                    }
+                }
+                assert_eq!(f, &r, "extra {extra:?}");
+            }
+        }
+    }
+    first.unwrap_or_else(|| Err("no daemon".into()))
+}
+
+const QUERIES: &[&str] = &[
+    r#"{"execute": "query-named-block-nodes"}"#,
+    r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+    r#"{"execute": "query-block"}"#,
+    r#"{"execute": "x-debug-query-block-graph"}"#,
+    r#"{"execute": "query-blockstats"}"#,
+];
+
+#[test]
+fn node_queries_match_qsd_for_each_driver_and_option() {
+    let setups: &[&[&str]] = &[
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img", "--blockdev", "driver=raw,node-name=fmt,file=disk"],
+        &["--blockdev", "driver=raw,node-name=fmt,file.driver=file,file.filename=$D/disk.img"],
+        &["--blockdev", r#"{"driver":"raw","node-name":"fmt","file":{"driver":"file","filename":"$D/disk.img"}}"#],
+        &["--blockdev", "driver=null-co,node-name=n0", "--blockdev", "driver=null-co,node-name=n1,size=1048576,read-zeroes=on", "--blockdev", "driver=null-aio,node-name=n2,latency-ns=1000"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img,read-only=on"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img,cache.direct=on,cache.no-flush=on"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img,discard=unmap,detect-zeroes=unmap"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img,detect-zeroes=on,locking=off,aio=io_uring"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img,force-share=on,read-only=on,auto-read-only=on"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img", "--blockdev", "driver=raw,node-name=fmt,file=disk,offset=4096,size=1048576"],
+        &["--blockdev", "driver=file,node-name=disk,filename=$D/disk.img", "--blockdev", "driver=raw,node-name=fmt,file=disk,offset=4096"],
+        &["--blockdev", "driver=host_device,node-name=disk,filename=/dev/null"],
+    ];
+    for s in setups {
+        let r = same(s, QUERIES).expect("starts");
+        assert_eq!(r[2], "{\"return\": []}\r\n");
+        assert!(r[0].contains("\"node-name\": "), "{}", r[0]);
+    }
+    let r = same(setups[1], QUERIES).expect("file+raw");
+    assert!(r[3].contains(r#""perm": [], "child": 1"#), "{}", r[3]);
+}
+
+#[test]
+fn open_errors_match_qsd() {
+    let cases: &[&[&str]] = &[
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/nonexist.img",
+        ],
+        &["--blockdev", "driver=file,node-name=f,filename=$D/dir"],
+        &["--blockdev", "driver=file,node-name=f,filename=/dev/null"],
+        &[
+            "--blockdev",
+            "driver=host_device,node-name=f,filename=$D/disk.img",
+        ],
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/disk.img,aio=native",
+        ],
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/disk.img,force-share=on",
+        ],
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/disk.img,detect-zeroes=unmap",
+        ],
+        &[
+            "--blockdev",
+            "driver=file,node-name=1bad!,filename=$D/disk.img",
+        ],
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ],
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n",
+            "--blockdev",
+            "driver=null-co,node-name=n",
+        ],
+        &["--blockdev", "driver=raw,node-name=r,file=nonode"],
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/small.img",
+            "--blockdev",
+            "driver=raw,node-name=r,file=f,offset=2097152",
+        ],
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/small.img",
+            "--blockdev",
+            "driver=raw,node-name=r,file=f,size=1000",
+        ],
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/small.img",
+            "--blockdev",
+            "driver=raw,node-name=r,file=f,offset=524288,size=1048576",
+        ],
+    ];
+    for c in cases {
+        let r = same(c, &[]);
+        let err = r.expect_err("must fail");
+        assert!(err.starts_with("exit 1: : --blockdev "), "{c:?}: {err}");
+    }
+}
+
+#[test]
+fn blockdev_add_del_over_qmp_match_qsd() {
+    let steps = [
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "disk", "filename": "$D/disk.img"}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "disk", "filename": "$D/disk.img"}}"#,
+        r##"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "#x"}}"##,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": ""}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co"}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r", "file": "nosuch"}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r"}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r1", "file": "disk"}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r2", "file": "disk"}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r3", "file": {"driver": "file", "filename": "$D/small.img", "node-name": "inl"}}}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r4", "file": {"driver": "file", "filename": "$D/nonexist.img"}}}"#,
+        r#"{"execute": "x-debug-query-block-graph"}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "disk"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "inl"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "nope"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "r3"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "r1"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "r2"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "disk"}}"#,
+        r#"{"execute": "query-named-block-nodes"}"#,
+        r#"{"execute": "x-debug-query-block-graph"}"#,
+    ];
+    let r = same(&[], &steps).expect("runs");
+    assert_eq!(r[0], "{\"return\": {}}\r\n");
+    assert!(r[1].contains("Duplicate nodes with node-name='disk'"));
+    assert!(r[12].contains("Block device disk is in use"), "{}", r[12]);
+    assert!(
+        r[13].contains("Node inl is not owned by the monitor"),
+        "{}",
+        r[13]
+    );
+    assert_eq!(r[19], "{\"return\": []}\r\n", "nothing left behind");
+}
+
+#[test]
+fn block_resize_matches_qsd_in_queries_and_on_disk() {
+    let steps = [
+        r#"{"execute": "block_resize", "arguments": {"node-name": "f1", "size": 33554432}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "raw2", "size": 1000001}}"#,
+        r#"{"execute": "query-named-block-nodes"}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "f2", "size": 2097152}}"#,
+        r#"{"execute": "query-named-block-nodes"}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "raw3", "size": 2097152}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "raw3o", "size": 33554432}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "n0", "size": 2097152}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "nosuch", "size": 1048576}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "f1", "size": -1}}"#,
+        r#"{"execute": "block_resize", "arguments": {"device": "f1", "size": 1048576}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "ro", "size": 2097152}}"#,
+        r#"{"execute": "block_resize", "arguments": {"node-name": "f1", "size": 0}}"#,
+    ];
+    let extra = [
+        "--blockdev",
+        "driver=file,node-name=f1,filename=$D/disk.img",
+        "--blockdev",
+        "driver=file,node-name=f2,filename=$D/small.img",
+        "--blockdev",
+        "driver=raw,node-name=raw2,file=f2",
+        "--blockdev",
+        "driver=file,node-name=f3,filename=$D/r3.img",
+        "--blockdev",
+        "driver=raw,node-name=raw3,file=f3,size=1048576",
+        "--blockdev",
+        "driver=raw,node-name=raw3o,file=f3,offset=4096",
+        "--blockdev",
+        "driver=null-co,node-name=n0",
+        "--blockdev",
+        "driver=file,node-name=ro,filename=$D/ro.img,read-only=on",
+    ];
+    let steps_all = steps;
+    let mut results = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        qemu_img_create(&dir.path("disk.img"), "16M");
+        qemu_img_create(&dir.path("small.img"), "1M");
+        qemu_img_create(&dir.path("r3.img"), "16M");
+        qemu_img_create(&dir.path("ro.img"), "1M");
+        let d = dir.0.display().to_string();
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(extra.iter().map(|s| s.replace("$D", &d)));
+        a.extend(args(&["--pidfile", &dir.s("p.pid")]));
+        let _daemon = Daemon::spawn(which, &a);
+        assert!(wait_for_path(&dir.path("p.pid"), 10), "{which:?} start-up");
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let mut out = Vec::new();
+        for s in &steps_all {
+            q.send(s.as_bytes());
+            out.push(mask(&q.line(), &dir));
+        }
+        let disk_len = std::fs::metadata(dir.path("disk.img")).expect("disk").len();
+        let small_len = std::fs::metadata(dir.path("small.img"))
+            .expect("small")
+            .len();
+        q.send(br#"{"execute": "quit"}"#);
+        results.push((which, out, disk_len, small_len));
+    }
+    let (_, r, disk_len, small_len) = &results[0];
+    assert_eq!(*disk_len, 0, "resized to 0 at the end");
+    assert_eq!(*small_len, 2097152);
+    assert!(r[2].contains(r#""virtual-size": 1000448"#), "{}", r[2]);
+    assert!(r[5].contains("Permission conflict on node"), "{}", r[5]);
+    assert!(
+        r[7].contains("Image format driver does not support resize"),
+        "{}",
+        r[7]
+    );
+    assert!(r[11].contains("Image is read-only"), "{}", r[11]);
+    for (which, o, dl, sl) in &results[1..] {
+        assert_eq!((dl, sl), (disk_len, small_len), "{which:?} file sizes");
+        for (i, (a, b)) in r.iter().zip(o.iter()).enumerate() {
+            assert_eq!(a, b, "{which:?} step {i}: {}", steps_all[i]);
+        }
+    }
+}
