@@ -302,3 +302,104 @@ fn block_resize_matches_qsd_in_queries_and_on_disk() {
         }
     }
 }
+
+/// Runs `block_resize` on a fresh daemon's file node over `image`.
+fn resize_over(which: Which, image: &std::path::Path, locking: &str) -> String {
+    let dir = TempDir::new();
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!(
+            "driver=file,node-name=f,filename={},locking={locking}",
+            image.display()
+        ),
+        "--pidfile",
+        &dir.s("p.pid"),
+    ]));
+    let _d = Daemon::spawn(which, &a);
+    assert!(wait_for_path(&dir.path("p.pid"), 10), "{which:?} start-up");
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let r =
+        q.cmd(r#"{"execute": "block_resize", "arguments": {"node-name": "f", "size": 33554432}}"#);
+    q.send(br#"{"execute": "quit"}"#);
+    r.to_string()
+}
+
+#[test]
+fn locks_interoperate_with_qemu_processes() {
+    if !std::path::Path::new(QSD).exists() {
+        eprintln!("skipping: {QSD} missing");
+        return;
+    }
+    let dir = TempDir::new();
+    let img = dir.path("held.img");
+    qemu_img_create(&img, "16M");
+    // QSD holds the image with a writable export: it uses write and
+    // refuses to share resize (lock bytes 100-101 and 203).
+    let holder = args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=disk,filename={}", img.display()),
+        "--blockdev",
+        "driver=raw,node-name=fmt,file=disk",
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("nbd.sock")),
+        "--export",
+        "type=nbd,id=e,node-name=fmt,writable=on",
+        "--pidfile",
+        &dir.s("holder.pid"),
+    ]);
+    let _qsd = Daemon::spawn(Which::Qsd, &holder);
+    assert!(wait_for_path(&dir.path("holder.pid"), 10));
+    let refused = r#"{"error":{"class":"GenericError","desc":"Failed to get \"resize\" lock"}}"#;
+    assert_eq!(resize_over(Which::Qsd, &img, "auto"), refused);
+    assert_eq!(resize_over(Which::Rsd, &img, "auto"), refused);
+    // locking=off skips the locks in both.
+    assert_eq!(resize_over(Which::Rsd, &img, "off"), r#"{"return":{}}"#);
+    assert_eq!(std::fs::metadata(&img).expect("img").len(), 33554432);
+
+    // A qemu-io writer on a raw image shares everything: both daemons may
+    // open and resize it, as QEMU allows.
+    let img2 = dir.path("io.img");
+    qemu_img_create(&img2, "16M");
+    let mut io = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&img2)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(resize_over(Which::Rsd, &img2, "auto"), r#"{"return":{}}"#);
+    let _ = io.kill();
+    let _ = io.wait();
+}
+
+#[test]
+fn rsd_respects_a_qemu_io_qcow2_holder() {
+    // qemu-io holding a qcow2 image unshares write and resize on the file
+    // (lock bytes 201 and 203): resizing it from rsd must fail as in QSD.
+    let dir = TempDir::new();
+    let img = dir.path("q.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let mut io = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let refused = r#"{"error":{"class":"GenericError","desc":"Failed to get \"resize\" lock"}}"#;
+    assert_eq!(resize_over(Which::Rsd, &img, "auto"), refused);
+    if std::path::Path::new(QSD).exists() {
+        assert_eq!(resize_over(Which::Qsd, &img, "auto"), refused);
+    }
+    let _ = io.kill();
+    let _ = io.wait();
+}
