@@ -1,17 +1,19 @@
 //! The `file` and `host_device` protocol drivers: a regular file or a
 //! block device, read and written in place.
 //!
-//! Reads and writes first try the syscall with RWF_NOWAIT on the calling
-//! task's thread: when the data is in the page cache (always on tmpfs)
-//! the request completes with no thread hand-off. Only when the kernel
-//! would block does the call move to `block_in_place`, which lets the
-//! runtime shift other tasks away while this thread waits. bench/fileio
-//! compares this with a blocking pool and io_uring.
+//! Buffered reads and writes first try the syscall with RWF_NOWAIT on the
+//! calling task's thread: when the data is in the page cache (always on
+//! tmpfs) the request completes with no thread hand-off. When the kernel
+//! would block, and always with O_DIRECT (cache.direct=on), the request
+//! goes to tokio's blocking pool with an owned aligned copy of the buffer,
+//! so a dropped request can never leave the kernel writing into freed
+//! memory. bench/fileio measured this against a plain blocking pool and
+//! io_uring: see docs/benchmarks.md.
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use nix::libc;
 
@@ -35,7 +37,12 @@ pub struct FileOptions {
 
 pub struct FileDriver {
     driver: &'static str,
-    file: File,
+    file: Arc<File>,
+    /// On tmpfs or ramfs: I/O is a memory copy.
+    memory_backed: bool,
+    /// RWF_NOWAIT works for reads / writes here (each cleared at its
+    /// first EOPNOTSUPP: filesystems support the two separately).
+    nowait: [std::sync::atomic::AtomicBool; 2],
     size: AtomicU64,
     direct: bool,
     read_only: bool,
@@ -99,9 +106,21 @@ impl FileDriver {
             "host_cdrom" => "host_cdrom",
             _ => "file",
         };
+        let memory_backed = nix::sys::statfs::fstatfs(&file)
+            .map(|st| {
+                let t = st.filesystem_type();
+                t == nix::sys::statfs::TMPFS_MAGIC
+                    || t == nix::sys::statfs::FsType(0x8584_58f6_i64 as _) // ramfs
+            })
+            .unwrap_or(false);
         let d = FileDriver {
             driver,
-            file,
+            memory_backed,
+            nowait: [
+                std::sync::atomic::AtomicBool::new(true),
+                std::sync::atomic::AtomicBool::new(true),
+            ],
+            file: Arc::new(file),
             size: AtomicU64::new(size),
             direct: o.direct,
             read_only,
@@ -147,13 +166,15 @@ fn open_error(path: &str, e: &std::io::Error) -> String {
     format!("Could not open '{path}': {}", os_err(e))
 }
 
-/// Runs a blocking call without stalling the reactor: on a multi-thread
-/// runtime worker the runtime moves its other tasks elsewhere first.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
+/// Runs blocking work on tokio's blocking pool (or right here when there
+/// is no runtime, e.g. in a plain thread).
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> std::io::Result<R> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => h
+            .spawn_blocking(f)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string())),
+        Err(_) => Ok(f()),
     }
 }
 
@@ -162,14 +183,7 @@ fn last_err() -> std::io::Error {
 }
 
 /// One preadv2/pwritev2 call; Ok(bytes) or the error.
-fn rw_once(
-    fd: RawFd,
-    buf: *mut u8,
-    len: usize,
-    off: u64,
-    write: bool,
-    flags: i32,
-) -> std::io::Result<usize> {
+fn rw_once(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, flags: i32) -> std::io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf as *mut libc::c_void,
         iov_len: len,
@@ -190,44 +204,162 @@ fn rw_once(
     }
 }
 
-/// Reads or writes the whole buffer: non-blocking first, then blocking.
-/// Reads past the end of the file fill with zeroes.
-fn rw_all(
-    fd: RawFd,
-    buf: *mut u8,
-    len: usize,
-    off: u64,
-    write: bool,
-    extra: i32,
-) -> std::io::Result<()> {
+/// Outcome of the non-blocking attempt.
+enum Nowait {
+    /// All of it done.
+    Done,
+    /// This many bytes done; the kernel would block for the rest.
+    Partial(usize),
+    /// This many bytes done; the filesystem does not support RWF_NOWAIT.
+    Unsupported(usize),
+}
+
+/// Reads or writes as much as possible without blocking. Reads past the
+/// end of the file fill with zeroes. `buf` is only written through for
+/// reads.
+fn rw_nowait(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: i32) -> std::io::Result<Nowait> {
     let mut done = 0usize;
-    let mut nowait = true;
     while done < len {
-        // SAFETY: done < len, so the pointer stays inside the buffer.
+        // SAFETY: done < len keeps the pointer inside the caller's buffer.
         let p = unsafe { buf.add(done) };
-        let flags = extra | if nowait { libc::RWF_NOWAIT } else { 0 };
-        let r = if nowait {
-            rw_once(fd, p, len - done, off + done as u64, write, flags)
-        } else {
-            blocking(|| rw_once(fd, p, len - done, off + done as u64, write, flags))
-        };
-        match r {
+        match rw_once(fd, p, len - done, off + done as u64, write, extra | libc::RWF_NOWAIT) {
             Ok(0) if !write => {
-                // End of file: the rest reads as zeroes.
-                // SAFETY: the range [done, len) is inside the buffer.
+                // SAFETY: [done, len) is inside the (read) buffer.
                 unsafe { std::ptr::write_bytes(p, 0, len - done) };
-                return Ok(());
+                return Ok(Nowait::Done);
             }
             Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
             Ok(n) => done += n,
             Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) if nowait => nowait = false,
+                Some(libc::EAGAIN) => return Ok(Nowait::Partial(done)),
+                Some(libc::EOPNOTSUPP) => return Ok(Nowait::Unsupported(done)),
                 Some(libc::EINTR) => {}
                 _ => return Err(e),
             },
         }
     }
+    Ok(Nowait::Done)
+}
+
+/// The blocking counterpart, on an owned buffer.
+fn rw_blocking(file: &File, buf: &mut [u8], off: u64, write: bool, extra: i32) -> std::io::Result<()> {
+    rw_sync(file.as_raw_fd(), buf.as_mut_ptr(), buf.len(), off, write, extra)
+}
+
+/// Reads or writes all of `len` bytes, blocking. `buf` is only written
+/// through for reads.
+fn rw_sync(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: i32) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: done < len keeps the pointer inside the caller's buffer.
+        let p = unsafe { buf.add(done) };
+        match rw_once(fd, p, len - done, off + done as u64, write, extra) {
+            Ok(0) if !write => {
+                // SAFETY: [done, len) is inside the (read) buffer.
+                unsafe { std::ptr::write_bytes(p, 0, len - done) };
+                return Ok(());
+            }
+            Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            Ok(n) => done += n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
+}
+
+/// The caller's buffer: filled by reads, only read by writes.
+enum IoBuf<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl FileDriver {
+    /// Reads or writes at `offset`: inline when the page cache allows,
+    /// else on the blocking pool with an aligned copy.
+    async fn rw(&self, offset: u64, mut io: IoBuf<'_>, extra: i32) -> std::io::Result<()> {
+        let (ptr, total, write) = match &mut io {
+            IoBuf::Read(b) => (b.as_mut_ptr(), b.len(), false),
+            // pwritev2 only reads through this pointer.
+            IoBuf::Write(b) => (b.as_ptr() as *mut u8, b.len(), true),
+        };
+        let mut done = 0;
+        if !self.direct && self.memory_backed {
+            // tmpfs/ramfs: the data is in memory, the call never waits
+            // for a device, and these filesystems refuse RWF_NOWAIT.
+            return rw_sync(self.fd(), ptr, total, offset, write, extra);
+        }
+        let nowait = &self.nowait[write as usize];
+        if !self.direct && nowait.load(Ordering::Relaxed) {
+            match rw_nowait(self.fd(), ptr, total, offset, write, extra)? {
+                Nowait::Done => return Ok(()),
+                Nowait::Partial(n) => done = n,
+                Nowait::Unsupported(n) => {
+                    nowait.store(false, Ordering::Relaxed);
+                    done = n;
+                }
+            }
+        }
+        let off = offset + done as u64;
+        let len = total - done;
+        // O_DIRECT needs aligned offsets, lengths and memory: work on the
+        // aligned window around the request.
+        let a = if self.direct { DIRECT_ALIGN as u64 } else { 1 };
+        let start = off / a * a;
+        let end = (off + len as u64).div_ceil(a) * a;
+        let mut owned = AlignedBuf::new((end - start) as usize);
+        let skip = (off - start) as usize;
+        let file = self.file.clone();
+        if write {
+            if start != off || end != off + len as u64 {
+                // Read-modify-write of the partial blocks at the edges.
+                let (f2, mut o2) = (file.clone(), owned);
+                let (o, r) = blocking(move || {
+                    let r = rw_blocking(&f2, o2.as_mut_slice(), start, false, 0);
+                    (o2, r)
+                })
+                .await?;
+                r?;
+                owned = o;
+            }
+            if let IoBuf::Write(b) = &io {
+                owned.as_mut_slice()[skip..skip + len].copy_from_slice(&b[done..]);
+            }
+        }
+        let (owned, r) = blocking(move || {
+            let mut o = owned;
+            let r = rw_blocking(&file, o.as_mut_slice(), start, write, extra);
+            (o, r)
+        })
+        .await?;
+        r?;
+        if let IoBuf::Read(b) = io {
+            b[done..].copy_from_slice(&owned.as_slice()[skip..skip + len]);
+        } else if end > off + len as u64 {
+            // The aligned write may have extended the file past the data.
+            let want = self.size.load(Ordering::Acquire).max(off + len as u64);
+            let f = self.file.clone();
+            blocking(move || f.set_len(want)).await??;
+        }
+        Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64, what: &str) -> BlockResult<()> {
+        let fd = self.fd();
+        let file = self.file.clone();
+        let r = blocking(move || {
+            let _keep_open = file;
+            // SAFETY: fallocate on a descriptor kept open by `_keep_open`.
+            let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+            if r < 0 {
+                Err(last_err())
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        r.and_then(|r| r).map_err(|e| BlockError::io(&e, what))
+    }
 }
 
 impl Driver for FileDriver {
@@ -247,29 +379,15 @@ impl Driver for FileDriver {
 
     fn limits(&self) -> Limits {
         Limits {
-            request_alignment: if self.direct { 4096 } else { 1 },
+            request_alignment: if self.direct { DIRECT_ALIGN as u32 } else { 1 },
             ..Limits::default()
         }
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            if self.needs_bounce(offset, buf.as_ptr(), buf.len()) {
-                let (start, mut bounce) = self.bounce_for(offset, buf.len());
-                rw_all(
-                    self.fd(),
-                    bounce.as_mut_ptr(),
-                    bounce.len(),
-                    start,
-                    false,
-                    0,
-                )
-                .map_err(|e| BlockError::io(&e, "read"))?;
-                let skip = (offset - start) as usize;
-                buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
-                return Ok(());
-            }
-            rw_all(self.fd(), buf.as_mut_ptr(), buf.len(), offset, false, 0)
+            self.rw(offset, IoBuf::Read(buf), 0)
+                .await
                 .map_err(|e| BlockError::io(&e, "read"))
         })
     }
@@ -280,71 +398,40 @@ impl Driver for FileDriver {
                 return Err(BlockError::perm("read-only file"));
             }
             let extra = if flags.fua { libc::RWF_DSYNC } else { 0 };
-            let end = offset + buf.len() as u64;
-            if self.needs_bounce(offset, buf.as_ptr(), buf.len()) {
-                // Read-modify-write of the aligned blocks around the data.
-                let old_size = self.size();
-                let (start, mut bounce) = self.bounce_for(offset, buf.len());
-                rw_all(
-                    self.fd(),
-                    bounce.as_mut_ptr(),
-                    bounce.len(),
-                    start,
-                    false,
-                    0,
-                )
+            self.rw(offset, IoBuf::Write(buf), extra)
+                .await
                 .map_err(|e| BlockError::io(&e, "write"))?;
-                let skip = (offset - start) as usize;
-                bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
-                rw_all(
-                    self.fd(),
-                    bounce.as_mut_ptr(),
-                    bounce.len(),
-                    start,
-                    true,
-                    extra,
-                )
-                .map_err(|e| BlockError::io(&e, "write"))?;
-                let want = old_size.max(end);
-                if start + bounce.len() as u64 > want {
-                    blocking(|| self.file.set_len(want))
-                        .map_err(|e| BlockError::io(&e, "write"))?;
-                }
-                self.size.fetch_max(end, Ordering::AcqRel);
-                return Ok(());
-            }
-            // The write path never writes through the pointer.
-            rw_all(
-                self.fd(),
-                buf.as_ptr() as *mut u8,
-                buf.len(),
-                offset,
-                true,
-                extra,
-            )
-            .map_err(|e| BlockError::io(&e, "write"))?;
-            self.size.fetch_max(end, Ordering::AcqRel);
+            self.size.fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
             Ok(())
         })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            blocking(|| self.file.sync_data()).map_err(|e| BlockError::io(&e, "flush"))
+            let f = self.file.clone();
+            blocking(move || f.sync_data())
+                .await
+                .and_then(|r| r)
+                .map_err(|e| BlockError::io(&e, "flush"))
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.block_device {
-                let range = [offset, len];
-                // SAFETY: BLKDISCARD reads two u64 from the pointer.
-                let r = blocking(|| unsafe { libc::ioctl(self.fd(), 0x1277, range.as_ptr()) });
-                return if r < 0 {
-                    Err(BlockError::io(&last_err(), "discard"))
-                } else {
-                    Ok(())
-                };
+                let file = self.file.clone();
+                let r = blocking(move || {
+                    let range = [offset, len];
+                    // SAFETY: BLKDISCARD reads two u64 from the pointer.
+                    let r = unsafe { libc::ioctl(file.as_raw_fd(), 0x1277, range.as_ptr()) };
+                    if r < 0 {
+                        Err(last_err())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await;
+                return r.and_then(|r| r).map_err(|e| BlockError::io(&e, "discard"));
             }
             self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -352,6 +439,7 @@ impl Driver for FileDriver {
                 len,
                 "discard",
             )
+            .await
         })
     }
 
@@ -369,17 +457,18 @@ impl Driver for FileDriver {
                     len,
                     "write zeroes",
                 )
+                .await
             } else {
                 Err(BlockError::unsupported("no unmap"))
             };
             if result.is_err() && !self.block_device {
-                result = self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len, "write zeroes");
+                result = self
+                    .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len, "write zeroes")
+                    .await;
             }
             if result.is_err() {
                 if flags.no_fallback {
-                    return Err(BlockError::unsupported(
-                        "write zeroes would fall back to writes",
-                    ));
+                    return Err(BlockError::unsupported("write zeroes would fall back to writes"));
                 }
                 let chunk = vec![0u8; (len.min(1 << 20)) as usize];
                 let mut pos = offset;
@@ -409,6 +498,7 @@ impl Driver for FileDriver {
             if self.block_device {
                 return Ok(data(true, len));
             }
+            // lseek(SEEK_DATA/SEEK_HOLE) does not block on the data itself.
             // SAFETY: lseek on our own descriptor.
             let next_data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
             if next_data < 0 {
@@ -421,11 +511,7 @@ impl Driver for FileDriver {
             }
             // SAFETY: as above.
             let next_hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-            let end = if next_hole < 0 {
-                offset + len
-            } else {
-                next_hole as u64
-            };
+            let end = if next_hole < 0 { offset + len } else { next_hole as u64 };
             Ok(data(true, (end.saturating_sub(offset)).min(len)))
         })
     }
@@ -439,7 +525,10 @@ impl Driver for FileDriver {
                     Err(BlockError::unsupported("Cannot grow device files"))
                 };
             }
-            blocking(|| self.file.set_len(size))
+            let f = self.file.clone();
+            blocking(move || f.set_len(size))
+                .await
+                .and_then(|r| r)
                 .map_err(|e| BlockError::io(&e, "Failed to resize"))?;
             self.size.store(size, Ordering::Release);
             Ok(())
@@ -464,21 +553,19 @@ struct AlignedBuf {
 unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        // Request sizes are bounded by the protocol layers (32 MiB).
+        std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; DIRECT_ALIGN]>())
+    }
     fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("aligned layout of a bounded request size");
+        let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len }
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr
+        AlignedBuf { ptr, len: len.min(layout.size()) }
     }
     fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len initialized bytes.
@@ -492,39 +579,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("same layout as at allocation");
         // SAFETY: allocated in new() with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
-
-impl FileDriver {
-    fn needs_bounce(&self, offset: u64, ptr: *const u8, len: usize) -> bool {
-        let a = DIRECT_ALIGN as u64;
-        self.direct
-            && (!offset.is_multiple_of(a)
-                || !(len as u64).is_multiple_of(a)
-                || !(ptr as usize).is_multiple_of(DIRECT_ALIGN))
-    }
-
-    /// The aligned window covering [offset, offset+len) and a buffer for it.
-    fn bounce_for(&self, offset: u64, len: usize) -> (u64, AlignedBuf) {
-        let a = DIRECT_ALIGN as u64;
-        let start = offset / a * a;
-        let end = (offset + len as u64).div_ceil(a) * a;
-        (start, AlignedBuf::new((end - start) as usize))
-    }
-
-    fn fallocate(&self, mode: i32, offset: u64, len: u64, what: &str) -> BlockResult<()> {
-        // SAFETY: fallocate on our own descriptor.
-        let r = blocking(|| unsafe {
-            libc::fallocate(self.fd(), mode, offset as libc::off_t, len as libc::off_t)
-        });
-        if r < 0 {
-            Err(BlockError::io(&last_err(), what))
-        } else {
-            Ok(())
-        }
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) };
     }
 }
