@@ -87,10 +87,34 @@ struct Work {
 }
 
 const WORK: &[Work] = &[
-    Work { name: "4k randread QD1", bs: 4096, qd: 1, write: false, random: true },
-    Work { name: "4k randread QD32", bs: 4096, qd: 32, write: false, random: true },
-    Work { name: "4k randwrite QD32", bs: 4096, qd: 32, write: true, random: true },
-    Work { name: "1M seqread QD8", bs: 1 << 20, qd: 8, write: false, random: false },
+    Work {
+        name: "4k randread QD1",
+        bs: 4096,
+        qd: 1,
+        write: false,
+        random: true,
+    },
+    Work {
+        name: "4k randread QD32",
+        bs: 4096,
+        qd: 32,
+        write: false,
+        random: true,
+    },
+    Work {
+        name: "4k randwrite QD32",
+        bs: 4096,
+        qd: 32,
+        write: true,
+        random: true,
+    },
+    Work {
+        name: "1M seqread QD8",
+        bs: 1 << 20,
+        qd: 8,
+        write: false,
+        random: false,
+    },
 ];
 
 /// io_uring on a dedicated thread.
@@ -208,7 +232,8 @@ fn run_once(
     rt.block_on(async {
         let mut tasks = Vec::new();
         for t in 0..w.qd {
-            let (driver, raw, uring, ops) = (driver.clone(), raw.clone(), uring.clone(), ops.clone());
+            let (driver, raw, uring, ops) =
+                (driver.clone(), raw.clone(), uring.clone(), ops.clone());
             tasks.push(tokio::spawn(async move {
                 let blocks = FILE_SIZE / w.bs as u64;
                 let mut seed = 0x9e3779b97f4a7c15u64 ^ (t as u64 + 1);
@@ -316,7 +341,10 @@ fn main() {
             let mut res = [Vec::new(), Vec::new(), Vec::new()];
             // Interleave engines so machine noise hits them alike.
             for _ in 0..runs {
-                for (i, e) in [Engine::Inline, Engine::Pool, Engine::Uring].into_iter().enumerate() {
+                for (i, e) in [Engine::Inline, Engine::Pool, Engine::Uring]
+                    .into_iter()
+                    .enumerate()
+                {
                     res[i].push(run_once(&rt, &path, direct, e, *w, secs));
                 }
             }

@@ -183,7 +183,14 @@ fn last_err() -> std::io::Error {
 }
 
 /// One preadv2/pwritev2 call; Ok(bytes) or the error.
-fn rw_once(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, flags: i32) -> std::io::Result<usize> {
+fn rw_once(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    off: u64,
+    write: bool,
+    flags: i32,
+) -> std::io::Result<usize> {
     let iov = libc::iovec {
         iov_base: buf as *mut libc::c_void,
         iov_len: len,
@@ -217,12 +224,26 @@ enum Nowait {
 /// Reads or writes as much as possible without blocking. Reads past the
 /// end of the file fill with zeroes. `buf` is only written through for
 /// reads.
-fn rw_nowait(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: i32) -> std::io::Result<Nowait> {
+fn rw_nowait(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    off: u64,
+    write: bool,
+    extra: i32,
+) -> std::io::Result<Nowait> {
     let mut done = 0usize;
     while done < len {
         // SAFETY: done < len keeps the pointer inside the caller's buffer.
         let p = unsafe { buf.add(done) };
-        match rw_once(fd, p, len - done, off + done as u64, write, extra | libc::RWF_NOWAIT) {
+        match rw_once(
+            fd,
+            p,
+            len - done,
+            off + done as u64,
+            write,
+            extra | libc::RWF_NOWAIT,
+        ) {
             Ok(0) if !write => {
                 // SAFETY: [done, len) is inside the (read) buffer.
                 unsafe { std::ptr::write_bytes(p, 0, len - done) };
@@ -242,13 +263,33 @@ fn rw_nowait(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: 
 }
 
 /// The blocking counterpart, on an owned buffer.
-fn rw_blocking(file: &File, buf: &mut [u8], off: u64, write: bool, extra: i32) -> std::io::Result<()> {
-    rw_sync(file.as_raw_fd(), buf.as_mut_ptr(), buf.len(), off, write, extra)
+fn rw_blocking(
+    file: &File,
+    buf: &mut [u8],
+    off: u64,
+    write: bool,
+    extra: i32,
+) -> std::io::Result<()> {
+    rw_sync(
+        file.as_raw_fd(),
+        buf.as_mut_ptr(),
+        buf.len(),
+        off,
+        write,
+        extra,
+    )
 }
 
 /// Reads or writes all of `len` bytes, blocking. `buf` is only written
 /// through for reads.
-fn rw_sync(fd: RawFd, buf: *mut u8, len: usize, off: u64, write: bool, extra: i32) -> std::io::Result<()> {
+fn rw_sync(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    off: u64,
+    write: bool,
+    extra: i32,
+) -> std::io::Result<()> {
     let mut done = 0usize;
     while done < len {
         // SAFETY: done < len keeps the pointer inside the caller's buffer.
@@ -401,7 +442,8 @@ impl Driver for FileDriver {
             self.rw(offset, IoBuf::Write(buf), extra)
                 .await
                 .map_err(|e| BlockError::io(&e, "write"))?;
-            self.size.fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
+            self.size
+                .fetch_max(offset + buf.len() as u64, Ordering::AcqRel);
             Ok(())
         })
     }
@@ -468,7 +510,9 @@ impl Driver for FileDriver {
             }
             if result.is_err() {
                 if flags.no_fallback {
-                    return Err(BlockError::unsupported("write zeroes would fall back to writes"));
+                    return Err(BlockError::unsupported(
+                        "write zeroes would fall back to writes",
+                    ));
                 }
                 let chunk = vec![0u8; (len.min(1 << 20)) as usize];
                 let mut pos = offset;
@@ -511,7 +555,11 @@ impl Driver for FileDriver {
             }
             // SAFETY: as above.
             let next_hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-            let end = if next_hole < 0 { offset + len } else { next_hole as u64 };
+            let end = if next_hole < 0 {
+                offset + len
+            } else {
+                next_hole as u64
+            };
             Ok(data(true, (end.saturating_sub(offset)).min(len)))
         })
     }
@@ -565,7 +613,10 @@ impl AlignedBuf {
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, len: len.min(layout.size()) }
+        AlignedBuf {
+            ptr,
+            len: len.min(layout.size()),
+        }
     }
     fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len initialized bytes.
