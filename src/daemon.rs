@@ -26,8 +26,6 @@ pub enum Exit {
     PrintFail(String),
 }
 
-const NOT_YET: &str = "rsd does not implement this option yet";
-
 pub struct Options {
     pub args: Vec<Arg>,
     pub daemonize: bool,
@@ -117,10 +115,11 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     0
 }
 
-/// The exit path, then every child in reverse start order.
+/// The exit path (exports deleted with their events while the monitors
+/// still listen), then every child in reverse start order.
 async fn stop(control: &ActorRef<ControlMsg>, supervisor: &ActorRef<actors::SupervisorMsg>) {
-    actors::supervisor::stop_all(supervisor).await;
     let _ = ractor::call!(control, ControlMsg::Shutdown);
+    actors::supervisor::stop_all(supervisor).await;
 }
 
 async fn apply_all(
@@ -183,24 +182,12 @@ async fn apply(
             call_err(ractor::call!(control, ControlMsg::AddBlockdevCli, opts))
         }
         Arg::NbdServer(text) => {
-            options::nbd_server(&ctx.schema, text).map_err(Exit::Fail)?;
-            Err(Exit::Fail(NOT_YET.into()))
+            let opts = options::nbd_server(&ctx.schema, text).map_err(Exit::Fail)?;
+            call_err(ractor::call!(control, ControlMsg::NbdServerCli, opts))
         }
         Arg::Export(text) => {
-            let e = options::export(&ctx.schema, text).map_err(Exit::Fail)?;
-            let node = e
-                .get("node-name")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string();
-            // Exports arrive with the NBD issue; until then the node lookup
-            // or the missing server fails as in QSD without --nbd-server.
-            match call_err(ractor::call!(control, ControlMsg::HasNode, node.clone()))? {
-                true => Err(Exit::Fail("NBD server not running".into())),
-                false => Err(Exit::Fail(format!(
-                    "Cannot find device='' nor node-name='{node}'"
-                ))),
-            }
+            let opts = options::export(&ctx.schema, text).map_err(Exit::Fail)?;
+            call_err(ractor::call!(control, ControlMsg::ExportCli, opts))
         }
     }
 }

@@ -192,7 +192,33 @@ async fn open_socket(data: &Map<String, Value>, notice: WaitNotice<'_>) -> Resul
             _ => Err("rsd: only unix client sockets are supported".into()),
         };
     }
-    let (listener, path, addr_text) = match atype {
+    let (listener, path, addr_text) = listen(atype, a).await?;
+    let first = if wait {
+        let text = format!("disconnected:{addr_text},server=on");
+        notice(&format!("info: QEMU waiting for connection on: {text}"));
+        let c = listener
+            .accept()
+            .await
+            .map_err(|e| format!("Failed to accept: {}", os_msg(&e)))?;
+        Some(c)
+    } else {
+        None
+    };
+    Ok(Backend::Server {
+        listener,
+        path,
+        addr_text,
+        first: Mutex::new(first),
+    })
+}
+
+/// Opens a listening socket for a SocketAddress (`type` plus its
+/// members): returns it, the path to unlink later, and its address text.
+pub async fn listen(
+    atype: &str,
+    a: &Map<String, Value>,
+) -> Result<(Listener, Option<PathBuf>, String), String> {
+    let r = match atype {
         "unix" => {
             let path = get_str(a, "path").unwrap_or_default().to_string();
             match std::fs::symlink_metadata(&path) {
@@ -228,23 +254,7 @@ async fn open_socket(data: &Map<String, Value>, notice: WaitNotice<'_>) -> Resul
         }
         other => return Err(format!("socket address type '{other}' is not supported")),
     };
-    let first = if wait {
-        let text = format!("disconnected:{addr_text},server=on");
-        notice(&format!("info: QEMU waiting for connection on: {text}"));
-        let c = listener
-            .accept()
-            .await
-            .map_err(|e| format!("Failed to accept: {}", os_msg(&e)))?;
-        Some(c)
-    } else {
-        None
-    };
-    Ok(Backend::Server {
-        listener,
-        path,
-        addr_text,
-        first: Mutex::new(first),
-    })
+    Ok(r)
 }
 
 /// Adopts an inherited listening socket (`fd=N`).

@@ -128,32 +128,51 @@ impl ControlState {
         )
     }
 
+    /// QEMU numbers graph members as it first meets them: block backends
+    /// (users) oldest first with their root edges, then nodes oldest
+    /// first with their child edges; both lists come out newest first.
     pub(super) fn query_block_graph(&self) -> Value {
-        let n = self.block.entries.len();
-        let id = |name: &str| {
-            self.block
-                .entries
-                .iter()
-                .position(|e| e.name == name)
-                .map(|i| i + 1)
+        let mut ids: Vec<String> = Vec::new();
+        let mut id = |key: String| -> usize {
+            match ids.iter().position(|k| *k == key) {
+                Some(i) => i + 1,
+                None => {
+                    ids.push(key);
+                    ids.len()
+                }
+            }
         };
-        let nodes: Vec<Value> = self
+        let mut nodes = Vec::new();
+        let mut edges = Vec::new();
+        let mut users: Vec<(&crate::block::graph::User, &str)> = self
             .block
             .entries
             .iter()
-            .rev()
-            .map(|e| json!({"name": e.name, "type": "block-driver", "id": id(&e.name)}))
+            .flat_map(|e| e.users.iter().map(move |u| (u, e.name.as_str())))
             .collect();
-        let mut edges = Vec::new();
-        for e in self.block.entries.iter().rev() {
+        users.sort_by_key(|(u, _)| u.id);
+        for (u, node) in users {
+            let uid = id(format!("user:{}", u.id));
+            nodes.push(json!({"name": "", "type": "block-backend", "id": uid}));
+            let child = id(format!("node:{node}"));
+            edges.push(
+                json!({"name": "root", "parent": uid, "shared-perm": u.shared.qapi_list(),
+                              "perm": u.perm.qapi_list(), "child": child}),
+            );
+        }
+        for e in &self.block.entries {
+            let nid = id(format!("node:{}", e.name));
+            nodes.push(json!({"name": e.name, "type": "block-driver", "id": nid}));
             for c in &e.children {
-                edges.push(json!({
-                    "name": c.role, "parent": id(&e.name), "shared-perm": c.shared.qapi_list(),
-                    "perm": c.perm.qapi_list(), "child": id(&c.child),
-                }));
+                let child = id(format!("node:{}", c.child));
+                edges.push(
+                    json!({"name": c.role, "parent": nid, "shared-perm": c.shared.qapi_list(),
+                                  "perm": c.perm.qapi_list(), "child": child}),
+                );
             }
         }
-        let _ = n;
+        nodes.reverse();
+        edges.reverse();
         json!({"edges": edges, "nodes": nodes})
     }
 

@@ -3,6 +3,7 @@
 //! stops the supervised actors that do the work.
 mod block;
 mod chardevs;
+mod nbd;
 mod qom;
 
 use std::collections::BTreeMap;
@@ -34,8 +35,10 @@ pub enum ControlMsg {
     ),
     /// `--object`: like object-add, with the command line's messages.
     AddObjectCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
-    /// Whether a node exists (for `--export` until exports exist).
-    HasNode(String, RpcReplyPort<Result<bool, String>>),
+    /// `--nbd-server`: like nbd-server-start, with a flat address.
+    NbdServerCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
+    /// `--export`: like block-export-add.
+    ExportCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--blockdev`: like blockdev-add.
     AddBlockdevCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--monitor`: attach a QMP monitor to a chardev.
@@ -57,6 +60,8 @@ pub struct ControlState {
     chardevs: Vec<(String, ChardevEntry)>,
     objects: BTreeMap<String, Object>,
     block: crate::block::graph::Graph,
+    nbd: Option<Arc<crate::nbd::server::Server>>,
+    exports: crate::nbd::export::Exports,
 }
 
 pub struct ControlActor;
@@ -76,6 +81,8 @@ impl Actor for ControlActor {
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
             block: Default::default(),
+            nbd: None,
+            exports: Default::default(),
         })
     }
 
@@ -94,8 +101,11 @@ impl Actor for ControlActor {
                 let r = st.add_chardev_cli(id, backend, prefix).await;
                 let _ = reply.send(r);
             }
-            ControlMsg::HasNode(name, reply) => {
-                let _ = reply.send(Ok(st.block.find(&name).is_some()));
+            ControlMsg::NbdServerCli(args, reply) => {
+                let _ = reply.send(st.nbd_server_start(&args).await);
+            }
+            ControlMsg::ExportCli(args, reply) => {
+                let _ = reply.send(st.block_export_add(&args).await);
             }
             ControlMsg::AddBlockdevCli(args, reply) => {
                 let _ = reply.send(st.blockdev_add(&args).await);
@@ -108,6 +118,14 @@ impl Actor for ControlActor {
                 let _ = reply.send(r);
             }
             ControlMsg::Shutdown(reply) => {
+                st.delete_all_exports().await;
+                if st.nbd.take().is_some() {
+                    actors::supervisor::stop_child_by_id(
+                        &st.ctx.supervisor,
+                        crate::nbd::server::REGISTRY_NAME,
+                    )
+                    .await;
+                }
                 // Newest first: parents before their children.
                 for e in st.block.entries.iter().rev() {
                     let _ = e.node.flush().await;
@@ -142,7 +160,23 @@ impl ControlState {
             "query-qmp-schema" => Ok(introspect::schema_info(&ctx.schema)),
             // The exit path (jobs, exports) runs in Shutdown; the monitor
             // session sends the reply and then asks the daemon to stop.
-            "quit" => Ok(json!({})),
+            "quit" => {
+                // QSD's exit path runs before the reply: exports go first.
+                self.delete_all_exports().await;
+                Ok(json!({}))
+            }
+            "nbd-server-start" => self.nbd_server_start_legacy(&args).await,
+            "nbd-server-stop" => self.nbd_server_stop().await,
+            "block-export-add" => self
+                .block_export_add(&args)
+                .await
+                .map(|()| json!({}))
+                .map_err(QmpError::generic),
+            "block-export-del" => {
+                let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
+                self.block_export_del(arg_str(&args, "id"), hard).await
+            }
+            "query-block-exports" => Ok(self.query_block_exports()),
             "chardev-add" => self.chardev_add(&args).await,
             "chardev-remove" => self.chardev_remove(arg_str(&args, "id")).await,
             "query-chardev" => self.query_chardev().await,

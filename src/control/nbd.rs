@@ -1,0 +1,217 @@
+//! The NBD server and export commands: nbd-server-start/stop,
+//! block-export-add/del, query-block-exports, and their command-line forms.
+use std::sync::Arc;
+
+use actors::{ChildSpec, Restart};
+use serde_json::{json, Map, Value};
+
+use super::{arg_str, ControlState};
+use crate::block::perm::Perm;
+use crate::nbd::export::Export;
+use crate::nbd::server::{Server, ServerActor, REGISTRY_NAME};
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+impl ControlState {
+    /// nbd-server-start's legacy address `{type, data: {...}}` made flat.
+    pub(super) async fn nbd_server_start_legacy(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let mut flat = args.clone();
+        if let Some(Value::Object(addr)) = args.get("addr") {
+            let mut a = addr
+                .get("data")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            a.insert(
+                "type".into(),
+                addr.get("type").cloned().unwrap_or(Value::Null),
+            );
+            flat.insert("addr".into(), Value::Object(a));
+        }
+        self.nbd_server_start(&flat)
+            .await
+            .map(|()| json!({}))
+            .map_err(QmpError::generic)
+    }
+
+    /// `--nbd-server` and nbd-server-start with a flat SocketAddress.
+    pub(super) async fn nbd_server_start(
+        &mut self,
+        opts: &Map<String, Value>,
+    ) -> Result<(), String> {
+        if self.nbd.is_some() {
+            return Err("NBD server already running".into());
+        }
+        if let Some(creds) = opts.get("tls-creds").and_then(Value::as_str) {
+            return Err(format!("No TLS credentials with id '{creds}'"));
+        }
+        let empty = Map::new();
+        let addr = opts
+            .get("addr")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let atype = arg_str(addr, "type");
+        let (listener, path, _) = crate::chardev::backend::listen(atype, addr).await?;
+        let server = Arc::new(Server {
+            listener,
+            path,
+            exports: self.exports.clone(),
+            max_connections: opts
+                .get("max-connections")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as u32,
+        });
+        let spec = ChildSpec::actor(
+            REGISTRY_NAME,
+            Restart::Permanent,
+            ServerActor,
+            server.clone(),
+        );
+        actors::supervisor::start_child(&self.ctx.supervisor, spec).await?;
+        self.nbd = Some(server);
+        Ok(())
+    }
+
+    pub(super) async fn nbd_server_stop(&mut self) -> QmpResult<Value> {
+        if self.nbd.is_none() {
+            return Err(QmpError::generic("NBD server not running"));
+        }
+        self.delete_all_exports().await;
+        actors::supervisor::stop_child_by_id(&self.ctx.supervisor, REGISTRY_NAME).await;
+        self.nbd = None;
+        Ok(json!({}))
+    }
+
+    /// block-export-add and `--export`, with QEMU's checks in its order.
+    pub(super) async fn block_export_add(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> Result<(), String> {
+        let id = arg_str(args, "id").to_string();
+        if self.exports.list().iter().any(|e| e.id == id) {
+            return Err(format!("Block export id '{id}' is already in use"));
+        }
+        let kind = arg_str(args, "type");
+        if kind != "nbd" {
+            return Err(format!("rsd does not support '{kind}' exports yet"));
+        }
+        let node_name = arg_str(args, "node-name").to_string();
+        let Some(entry) = self.block.find(&node_name) else {
+            return Err(format!("Cannot find device='' nor node-name='{node_name}'"));
+        };
+        let node = entry.node.clone();
+        let writable = args
+            .get("writable")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if writable && node.read_only() {
+            return Err("Cannot export read-only node as writable".into());
+        }
+        let perm = if writable {
+            Perm::CONSISTENT_READ.union(Perm::WRITE)
+        } else {
+            Perm::CONSISTENT_READ
+        };
+        let user = self.block.add_user(
+            &node_name,
+            "an unnamed block device",
+            perm,
+            Perm::ALL.without(Perm::RESIZE),
+        )?;
+        let checked = (|| {
+            if self.nbd.is_none() {
+                return Err("NBD server not running".to_string());
+            }
+            let name = args
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or(&node_name)
+                .to_string();
+            if name.len() > 4096 {
+                return Err(format!("export name '{name}' too long"));
+            }
+            if self.exports.find(&name).is_some() {
+                return Err(format!("NBD server already has export named '{name}'"));
+            }
+            if let Some(Value::Array(bitmaps)) = args.get("bitmaps") {
+                if let Some(b) = bitmaps.first() {
+                    let bname = b
+                        .as_str()
+                        .or_else(|| b.get("name").and_then(Value::as_str))
+                        .unwrap_or_default();
+                    return Err(format!("Bitmap '{bname}' is not found"));
+                }
+            }
+            Ok(name)
+        })();
+        let name = match checked {
+            Ok(n) => n,
+            Err(e) => {
+                self.block.remove_user(user);
+                return Err(e);
+            }
+        };
+        let export = Export::new(
+            id,
+            name,
+            args.get("description")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            node,
+            writable,
+            args.get("allocation-depth")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            user,
+        );
+        self.exports.add(export);
+        Ok(())
+    }
+
+    pub(super) async fn block_export_del(&mut self, id: &str, hard: bool) -> QmpResult<Value> {
+        let Some(export) = self.exports.list().into_iter().find(|e| e.id == id) else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        if !hard && export.clients() > 0 {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
+        }
+        self.delete_export(&export).await;
+        Ok(json!({}))
+    }
+
+    /// Drops the export's clients, releases its node and announces it.
+    async fn delete_export(&mut self, export: &Arc<Export>) {
+        self.exports.remove(&export.id);
+        export.close_all();
+        for _ in 0..500 {
+            if export.clients() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.block.remove_user(export.user);
+        let mut data = Map::new();
+        data.insert("id".into(), json!(export.id));
+        self.ctx.events.emit("BLOCK_EXPORT_DELETED", Some(data));
+    }
+
+    /// The exit path and nbd-server-stop: every export goes.
+    pub(super) async fn delete_all_exports(&mut self) {
+        for e in self.exports.list() {
+            self.delete_export(&e).await;
+        }
+    }
+
+    pub(super) fn query_block_exports(&self) -> Value {
+        Value::Array(
+            self.exports
+                .list()
+                .iter()
+                .map(|e| json!({"node-name": e.node.name, "shutting-down": false, "type": "nbd", "id": e.id}))
+                .collect(),
+        )
+    }
+}

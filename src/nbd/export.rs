@@ -1,0 +1,98 @@
+//! An NBD export: a node served under a name, and the live state its
+//! connections share (client count, the hard-delete signal).
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::block::node::Node;
+
+pub struct Export {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub node: Arc<Node>,
+    pub writable: bool,
+    pub allocation_depth: bool,
+    /// The graph user holding this export's permissions.
+    pub user: u64,
+    clients: AtomicUsize,
+    /// Set to true to drop every connection (block-export-del mode=hard).
+    closing: watch::Sender<bool>,
+}
+
+impl Export {
+    pub fn new(
+        id: String,
+        name: String,
+        description: Option<String>,
+        node: Arc<Node>,
+        writable: bool,
+        allocation_depth: bool,
+        user: u64,
+    ) -> Arc<Export> {
+        Arc::new(Export {
+            id,
+            name,
+            description,
+            node,
+            writable,
+            allocation_depth,
+            user,
+            clients: AtomicUsize::new(0),
+            closing: watch::channel(false).0,
+        })
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::SeqCst)
+    }
+
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Counts a connection for as long as the guard lives.
+    pub fn attach(self: &Arc<Self>) -> ClientGuard {
+        self.clients.fetch_add(1, Ordering::SeqCst);
+        ClientGuard(self.clone())
+    }
+}
+
+pub struct ClientGuard(Arc<Export>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The exports the NBD server serves, by name, in creation order.
+#[derive(Clone, Default)]
+pub struct Exports(Arc<RwLock<Vec<Arc<Export>>>>);
+
+impl Exports {
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|l| l.iter().find(|e| e.name == name).cloned())
+    }
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        self.0.read().map(|l| l.clone()).unwrap_or_default()
+    }
+    pub fn add(&self, e: Arc<Export>) {
+        if let Ok(mut l) = self.0.write() {
+            l.push(e);
+        }
+    }
+    pub fn remove(&self, id: &str) -> Option<Arc<Export>> {
+        let mut l = self.0.write().ok()?;
+        let pos = l.iter().position(|e| e.id == id)?;
+        Some(l.remove(pos))
+    }
+}
