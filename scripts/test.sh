@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages the tests use (qemu-utils with qemu-storage-daemon is on
 # the machine already and must not be reinstalled from Debian's archive).
-PACKAGES=""
+PACKAGES="libnbd-bin"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq || echo "warning: apt-get update failed" >&2
     if [ -n "$PACKAGES" ]; then

@@ -4,6 +4,7 @@ mod common;
 
 mod block;
 mod cli;
+mod nbd;
 mod process;
 mod qmp_wire;
 mod quickstart;

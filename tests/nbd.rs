@@ -1,0 +1,576 @@
+//! NBD exports against real clients (qemu-img, qemu-io, qemu-nbd,
+//! nbdinfo, qemu-storage-daemon's nbd driver) and a raw-socket client for
+//! pipelining and hostile requests.
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::common::*;
+
+fn qemu_img_create(path: &std::path::Path, size: &str) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(size)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+}
+
+/// rsd (or QSD) serving disk.img as export `fmt` (writable) and, read-only,
+/// `ro`, on a UNIX socket and a TCP port.
+struct Served {
+    dir: TempDir,
+    daemon: Daemon,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn serve(which: Which, file_opts: &str, tcp: bool) -> Served {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("disk.img"), "16M");
+    let port = free_port();
+    let server = if tcp {
+        format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}")
+    } else {
+        format!("addr.type=unix,addr.path={}", dir.s("nbd.sock"))
+    };
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!(
+            "driver=file,node-name=disk,filename={}{file_opts}",
+            dir.s("disk.img")
+        ),
+        "--blockdev",
+        &format!("driver=raw,node-name=fmt,file=disk{file_opts}"),
+        "--nbd-server",
+        &server,
+        "--export",
+        "type=nbd,id=e,node-name=fmt,writable=on",
+        "--export",
+        "type=nbd,id=e2,node-name=fmt,name=ro,allocation-depth=on",
+        "--pidfile",
+        &dir.s("p.pid"),
+    ]));
+    let daemon = Daemon::spawn(which, &a);
+    assert!(wait_for_path(&dir.path("p.pid"), 10), "{which:?} start-up");
+    Served { dir, daemon, port }
+}
+
+impl Served {
+    fn url(&self, export: &str, tcp: bool) -> String {
+        if tcp {
+            format!("nbd://127.0.0.1:{}/{export}", self.port)
+        } else {
+            format!("nbd+unix:///{export}?socket={}", self.dir.s("nbd.sock"))
+        }
+    }
+    fn quit(&mut self) {
+        let mut q = Qmp::ready(&self.dir.path("q.sock"));
+        q.send(br#"{"execute":"quit"}"#);
+        let _ = q.line();
+        assert_eq!(self.daemon.wait_exit(10), Some(0));
+    }
+}
+
+fn run(cmd: &str, argv: &[&str]) -> Output {
+    Command::new(cmd).args(argv).output().expect(cmd)
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn qemu_clients_over_unix_and_tcp() {
+    for tcp in [false, true] {
+        let mut s = serve(Which::Rsd, ",discard=unmap", tcp);
+        let url = s.url("fmt", tcp);
+        let info = ok(&run("qemu-img", &["info", "--output=json", &url]));
+        assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
+        let io = ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 0 1M",
+                "-c",
+                "read -P 0xab 0 1M",
+                "-c",
+                "write -P 0x11 100 1000",
+                "-c",
+                "read -P 0x11 100 1000",
+                "-c",
+                "write -P 0x22 4194304 65536",
+                "-c",
+                "write -z 4194304 4096",
+                "-c",
+                "read -P 0 4194304 4096",
+                "-c",
+                "read -P 0x22 4198400 61440",
+                "-c",
+                "write -P 0x33 8388608 1M",
+                "-c",
+                "discard 8388608 1M",
+                "-c",
+                "read -P 0 8388608 1M",
+                "-c",
+                "flush",
+                &url,
+            ],
+        ));
+        assert!(!io.contains("Pattern verification failed"), "{io}");
+        // Read-only export: reads work, writes fail.
+        let ro = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                "read -P 0xab 4096 4096",
+                &s.url("ro", tcp),
+            ],
+        );
+        assert!(
+            !String::from_utf8_lossy(&ro.stdout).contains("failed"),
+            "{ro:?}"
+        );
+        let copy = s.dir.path("copy.img");
+        ok(&run(
+            "qemu-img",
+            &["convert", "-O", "raw", &url, &copy.display().to_string()],
+        ));
+        ok(&run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &url,
+                &copy.display().to_string(),
+            ],
+        ));
+        s.quit();
+        // The image itself, byte for byte.
+        let d = std::fs::read(s.dir.path("disk.img")).expect("image");
+        assert!(d[..100].iter().all(|b| *b == 0xab));
+        assert!(d[100..1100].iter().all(|b| *b == 0x11));
+        assert!(d[1100..1 << 20].iter().all(|b| *b == 0xab));
+        assert!(d[4194304..4198400].iter().all(|b| *b == 0));
+        assert!(d[4198400..4194304 + 65536].iter().all(|b| *b == 0x22));
+        assert!(d[8388608..8388608 + (1 << 20)].iter().all(|b| *b == 0));
+        assert_eq!(
+            d,
+            std::fs::read(&copy).expect("copy"),
+            "convert produced the same bytes"
+        );
+        assert!(
+            !s.dir.path("nbd.sock").exists(),
+            "rsd removes its NBD socket"
+        );
+    }
+}
+
+#[test]
+fn discard_ignore_keeps_data() {
+    let mut s = serve(Which::Rsd, "", false);
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "discard 0 64k",
+            &s.url("fmt", false),
+        ],
+    ));
+    s.quit();
+    let d = std::fs::read(s.dir.path("disk.img")).expect("image");
+    assert!(
+        d[..65536].iter().all(|b| *b == 0x5a),
+        "discard=ignore keeps data"
+    );
+}
+
+#[test]
+fn qemu_nbd_list_and_qsd_as_client() {
+    let mut s = serve(Which::Rsd, "", false);
+    let list = ok(&run("qemu-nbd", &["-L", "-k", &s.dir.s("nbd.sock")]));
+    assert!(list.contains("exports available: 2"), "{list}");
+    assert!(
+        list.contains("export: 'fmt'") && list.contains("export: 'ro'"),
+        "{list}"
+    );
+    assert!(
+        list.contains("flags: 0xded ( flush fua trim zeroes df multi cache fast-zero )"),
+        "{list}"
+    );
+    assert!(
+        list.contains("flags: 0x58f ( readonly flush fua df multi cache )"),
+        "{list}"
+    );
+    assert!(list.contains("qemu:allocation-depth"), "{list}");
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 4096",
+            &s.url("fmt", false),
+        ],
+    ));
+    // qemu-storage-daemon's own nbd driver reads rsd's export.
+    if std::path::Path::new(QSD).exists() {
+        let dir = TempDir::new();
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!(
+                "driver=nbd,node-name=n,server.type=unix,server.path={},export=fmt",
+                s.dir.s("nbd.sock")
+            ),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("re.sock")),
+            "--export",
+            "type=nbd,id=re,node-name=n,name=re",
+            "--pidfile",
+            &dir.s("p.pid"),
+        ]));
+        let _qsd = Daemon::spawn(Which::Qsd, &a);
+        assert!(
+            wait_for_path(&dir.path("p.pid"), 10),
+            "QSD connected to rsd"
+        );
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                "read -P 0x77 0 4096",
+                &format!("nbd+unix:///re?socket={}", dir.s("re.sock")),
+            ],
+        ));
+        assert!(!out.contains("failed"), "{out}");
+    }
+    s.quit();
+}
+
+#[test]
+fn nbdinfo_list_map_can() {
+    if Command::new("nbdinfo").arg("--version").output().is_err() {
+        eprintln!("skipping: nbdinfo not installed (libnbd-bin)");
+        return;
+    }
+    let mut s = serve(Which::Rsd, "", false);
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 1M", &s.url("fmt", false)],
+    ));
+    let list = ok(&run("nbdinfo", &["--list", &s.url("", false)]));
+    assert!(
+        list.contains("export=\"fmt\"") && list.contains("export=\"ro\""),
+        "{list}"
+    );
+    let map = ok(&run("nbdinfo", &["--map", &s.url("fmt", false)]));
+    let first = map.lines().next().unwrap_or_default().to_string();
+    assert!(
+        first.split_whitespace().collect::<Vec<_>>()[..3] == ["0", "1048576", "0"],
+        "{map}"
+    );
+    for (flag, want) in [
+        ("--can=write", true),
+        ("--can=flush", true),
+        ("--can=trim", true),
+        ("--can=zero", true),
+        ("--can=multi-conn", true),
+    ] {
+        let st = Command::new("nbdinfo")
+            .args([flag, &s.url("fmt", false)])
+            .status()
+            .expect("nbdinfo");
+        assert_eq!(st.success(), want, "{flag}");
+    }
+    let st = Command::new("nbdinfo")
+        .args(["--can=write", &s.url("ro", false)])
+        .status()
+        .expect("nbdinfo");
+    assert!(!st.success(), "ro export cannot write");
+    s.quit();
+}
+
+#[test]
+fn parallel_writers_on_disjoint_ranges() {
+    let mut s = serve(Which::Rsd, "", false);
+    let url = s.url("fmt", false);
+    let kids: Vec<_> = (0..4u8)
+        .map(|i| {
+            let off = i as usize * 4 << 20;
+            Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    &format!("write -P {} {off} 4M", 0x10 + i),
+                    &url,
+                ])
+                .output()
+        })
+        .collect();
+    for k in kids {
+        ok(&k.expect("qemu-io"));
+    }
+    for i in 0..4u8 {
+        let off = i as usize * 4 << 20;
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                &format!("read -P {} {off} 4M", 0x10 + i),
+                &url,
+            ],
+        ));
+        assert!(!out.contains("failed"), "{out}");
+    }
+    s.quit();
+}
+
+/// A minimal NBD client for the raw-socket tests.
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    fn connect(path: &std::path::Path, export: &str, structured: bool) -> (Raw, u64, u16) {
+        let mut s = UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("hello");
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        let mut r = Raw { s };
+        if structured {
+            r.option(8, &[]);
+            let (kind, _) = r.opt_reply();
+            assert_eq!(kind, 1);
+        }
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        r.option(7, &d);
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let (kind, data) = r.opt_reply();
+            if kind == 1 {
+                break;
+            }
+            assert_eq!(kind, 3, "info");
+            if data[..2] == [0, 0] {
+                size = u64::from_be_bytes(data[2..10].try_into().expect("size"));
+                flags = u16::from_be_bytes(data[10..12].try_into().expect("flags"));
+            }
+        }
+        (r, size, flags)
+    }
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).expect("option");
+    }
+    fn opt_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("opt reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("kind"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
+        let mut d = vec![0u8; len as usize];
+        self.s.read_exact(&mut d).expect("opt data");
+        (kind, d)
+    }
+    fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    }
+    /// Reads one simple reply: (error, cookie), skipping `data` bytes.
+    fn simple(&mut self, data: usize) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("reply");
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().expect("m")),
+            0x6744_6698
+        );
+        let err = u32::from_be_bytes(h[4..8].try_into().expect("e"));
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("c"));
+        if err == 0 && data > 0 {
+            let mut d = vec![0u8; data];
+            self.s.read_exact(&mut d).expect("data");
+        }
+        (err, cookie)
+    }
+}
+
+#[test]
+fn pipelined_requests_each_answered_once() {
+    let mut s = serve(Which::Rsd, "", false);
+    let (mut r, size, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+    assert_eq!(size, 16 << 20);
+    let mut burst = Vec::new();
+    for i in 0..64u64 {
+        if i % 2 == 0 {
+            burst.extend(Raw::request(0, 0, 1000 + i, i * 4096, 4096));
+        } else {
+            burst.extend(Raw::request(1, 0, 1000 + i, i * 4096, 512));
+            burst.extend(vec![i as u8; 512]);
+        }
+    }
+    r.s.write_all(&burst).expect("burst");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        // Reads carry 4096 bytes; writes none. Peek the cookie first.
+        let mut h = [0u8; 16];
+        r.s.read_exact(&mut h).expect("reply");
+        let err = u32::from_be_bytes(h[4..8].try_into().expect("e"));
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("c"));
+        assert_eq!(err, 0);
+        if (cookie - 1000) % 2 == 0 {
+            let mut d = vec![0u8; 4096];
+            r.s.read_exact(&mut d).expect("data");
+        }
+        assert!(seen.insert(cookie), "cookie {cookie} answered twice");
+    }
+    assert_eq!(seen.len(), 64);
+    assert_eq!(seen, (1000..1064).collect());
+    s.quit();
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_survives() {
+    let mut s = serve(Which::Rsd, "", false);
+    let (mut r, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+    let good = |r: &mut Raw, cookie| {
+        r.s.write_all(&Raw::request(0, 0, cookie, 0, 512))
+            .expect("good");
+        assert_eq!(r.simple(512), (0, cookie), "good request after a bad one");
+    };
+    let cases: Vec<(Vec<u8>, u32)> = vec![
+        (Raw::request(42, 0, 1, 0, 512), 22),       // unknown command
+        (Raw::request(0, 0x80, 2, 0, 512), 22),     // unknown flag
+        (Raw::request(0, 1, 3, 0, 512), 22),        // FUA on read
+        (Raw::request(0, 0, 4, 16 << 20, 512), 22), // past the end
+        (Raw::request(0, 0, 5, u64::MAX - 10, 512), 22), // offset overflow
+        (Raw::request(0, 0, 6, 0, 64 << 20), 22),   // oversized read
+        (Raw::request(7, 0, 7, 0, 512), 22),        // block status unnegotiated
+    ];
+    for (req, want) in cases {
+        let cookie = u64::from_be_bytes(req[8..16].try_into().expect("c"));
+        r.s.write_all(&req).expect("bad");
+        assert_eq!(r.simple(0), (want, cookie));
+        good(&mut r, 100 + cookie);
+    }
+    // An oversized write: its payload is drained, then EINVAL.
+    let mut w = Raw::request(1, 0, 8, 0, (33 << 20) as u32);
+    w.extend(vec![0u8; 33 << 20]);
+    r.s.write_all(&w).expect("big write");
+    assert_eq!(r.simple(0), (22, 8));
+    good(&mut r, 108);
+    // A write to a read-only export: EPERM.
+    let (mut ro, _, flags) = Raw::connect(&s.dir.path("nbd.sock"), "ro", false);
+    assert_ne!(flags & 2, 0, "read-only flag");
+    let mut w = Raw::request(1, 0, 9, 0, 512);
+    w.extend(vec![1u8; 512]);
+    ro.s.write_all(&w).expect("ro write");
+    assert_eq!(ro.simple(0), (1, 9));
+    // A bad magic closes that connection only.
+    r.s.write_all(&[0u8; 28]).expect("garbage");
+    let mut b = [0u8; 1];
+    assert_eq!(r.s.read(&mut b).unwrap_or(0), 0, "closed after a bad magic");
+    good(&mut ro, 110);
+    s.quit();
+}
+
+#[test]
+fn writable_export_holds_the_image_against_qemu_tools() {
+    let mut s = serve(Which::Rsd, "", false);
+    let img = s.dir.s("disk.img");
+    let out = run("qemu-img", &["resize", "-f", "raw", &img, "32M"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Failed to get \"resize\" lock"),
+        "{out:?}"
+    );
+    // raw shares write, as in QEMU: another writer is allowed.
+    ok(&run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &img]));
+    s.quit();
+    ok(&run("qemu-img", &["resize", "-f", "raw", &img, "32M"]));
+}
+
+#[test]
+fn blockstats_counters_move_with_nbd_io() {
+    let mut s = serve(Which::Rsd, ",discard=unmap", false);
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "read 0 4k",
+            "-c",
+            "flush",
+            "-c",
+            "discard 0 4k",
+            &s.url("fmt", false),
+        ],
+    ));
+    let mut q = Qmp::ready(&s.dir.path("q.sock"));
+    let r = q.cmd(r#"{"execute":"query-blockstats","arguments":{"query-nodes":true}}"#);
+    let fmt = r["return"]
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node-name"] == "fmt").cloned())
+        .expect("fmt stats");
+    let st = &fmt["stats"];
+    assert_eq!(st["wr_bytes"], 65536, "{st}");
+    assert_eq!(st["wr_highest_offset"], 65536);
+    assert!(st["rd_bytes"].as_u64().unwrap_or(0) >= 4096, "{st}");
+    assert!(st["flush_operations"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert_eq!(st["unmap_operations"], 1, "{st}");
+    assert_eq!(
+        fmt["parent"]["driver-specific"]["discard-nb-ok"], 1,
+        "{fmt}"
+    );
+    drop(q);
+    s.quit();
+}
