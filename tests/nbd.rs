@@ -327,7 +327,7 @@ fn parallel_writers_on_disjoint_ranges() {
     let url = s.url("fmt", false);
     let kids: Vec<_> = (0..4u8)
         .map(|i| {
-            let off = i as usize * 4 << 20;
+            let off = (i as usize * 4) << 20;
             Command::new("qemu-io")
                 .args([
                     "-f",
@@ -343,7 +343,7 @@ fn parallel_writers_on_disjoint_ranges() {
         ok(&k.expect("qemu-io"));
     }
     for i in 0..4u8 {
-        let off = i as usize * 4 << 20;
+        let off = (i as usize * 4) << 20;
         let out = ok(&run(
             "qemu-io",
             &[
