@@ -574,3 +574,149 @@ fn blockstats_counters_move_with_nbd_io() {
     drop(q);
     s.quit();
 }
+
+/// Replaces event timestamps and the temp dir so transcripts compare.
+fn mask_line(l: &str, dir: &TempDir) -> String {
+    let l = l.replace(&dir.0.display().to_string(), "$D");
+    match (l.find("{\"seconds\": "), l.find("}, \"event\"")) {
+        (Some(a), Some(b)) if a < b => format!("{}T{}", &l[..a], &l[b + 1..]),
+        _ => l,
+    }
+}
+
+/// Runs QMP steps against a daemon with a file+raw node pair on a fresh
+/// image; each step's lines are its events followed by its reply.
+fn export_transcript(
+    which: Which,
+    steps: &[&str],
+    connect_before: Option<usize>,
+) -> Vec<Vec<String>> {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("disk.img"), "16M");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=disk,filename={}", dir.s("disk.img")),
+        "--blockdev",
+        "driver=raw,node-name=fmt,file=disk",
+        "--blockdev",
+        "driver=raw,node-name=ro,file=disk,read-only=on",
+        "--pidfile",
+        &dir.s("p.pid"),
+    ]));
+    let mut daemon = Daemon::spawn(which, &a);
+    assert!(wait_for_path(&dir.path("p.pid"), 10));
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let d = dir.0.display().to_string();
+    let mut out = Vec::new();
+    let mut client = None;
+    for (i, step) in steps.iter().enumerate() {
+        if connect_before == Some(i) {
+            let (r, _, _) = Raw::connect(&dir.path("nbd.sock"), "fmt", false);
+            client = Some(r);
+        }
+        q.send(step.replace("$D", &d).as_bytes());
+        let mut lines = Vec::new();
+        loop {
+            let l = q.line();
+            assert!(!l.is_empty(), "{which:?}: EOF after {step}");
+            let is_event = l.contains("\"event\"");
+            lines.push(mask_line(&l, &dir));
+            if !is_event {
+                break;
+            }
+        }
+        out.push(lines);
+    }
+    drop(client);
+    q.send(br#"{"execute": "quit"}"#);
+    let mut tail = Vec::new();
+    loop {
+        let l = q.line();
+        if l.is_empty() {
+            break;
+        }
+        tail.push(mask_line(&l, &dir));
+    }
+    out.push(tail);
+    assert_eq!(daemon.wait_exit(10), Some(0));
+    out
+}
+
+#[test]
+fn export_commands_and_events_match_qsd() {
+    let steps = [
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "fmt"}}"#,
+        r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$D/nbd.sock"}}}}"#,
+        r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$D/nbd2.sock"}}}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "nope"}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "fmt", "writable": true}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "fmt"}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "fmt"}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e2", "node-name": "ro", "writable": true}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e3", "node-name": "disk", "name": "d", "bitmaps": ["nope"]}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e4", "node-name": "disk", "name": "d"}}"#,
+        r#"{"execute": "query-block-exports"}"#,
+        r#"{"execute": "x-debug-query-block-graph"}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "fmt"}}"#,
+        r#"{"execute": "block-export-del", "arguments": {"id": "nope"}}"#,
+        r#"{"execute": "block-export-del", "arguments": {"id": "e4"}}"#,
+        r#"{"execute": "query-block-exports"}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e5", "node-name": "disk", "name": "d2"}}"#,
+        r#"{"execute": "nbd-server-stop"}"#,
+        r#"{"execute": "nbd-server-stop"}"#,
+        r#"{"execute": "query-block-exports"}"#,
+        r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$D/nbd.sock"}}}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e6", "node-name": "fmt", "writable": true}}"#,
+    ];
+    let mut all = Vec::new();
+    for which in Which::all() {
+        all.push((which, export_transcript(which, &steps, None)));
+    }
+    let (_, t) = &all[0];
+    assert!(t[0][0].contains("NBD server not running"), "{:?}", t[0]);
+    assert!(
+        t[5][0].contains("Block export id 'e0' is already in use"),
+        "{:?}",
+        t[5]
+    );
+    assert!(
+        t[14][0].contains("BLOCK_EXPORT_DELETED"),
+        "event before the reply: {:?}",
+        t[14]
+    );
+    assert!(t[17].len() == 3, "two events then the reply: {:?}", t[17]);
+    assert!(
+        t[22].iter().any(|l| l.contains("BLOCK_EXPORT_DELETED")),
+        "quit deletes exports first: {:?}",
+        t[22]
+    );
+    for (which, o) in &all[1..] {
+        for (i, (a, b)) in t.iter().zip(o.iter()).enumerate() {
+            assert_eq!(
+                a,
+                b,
+                "{which:?} step {i}: {}",
+                steps.get(i).unwrap_or(&"quit")
+            );
+        }
+    }
+}
+
+#[test]
+fn export_del_safe_refuses_while_a_client_is_connected() {
+    let steps = [
+        r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$D/nbd.sock"}}}}"#,
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "fmt"}}"#,
+        r#"{"execute": "block-export-del", "arguments": {"id": "e"}}"#,
+        r#"{"execute": "block-export-del", "arguments": {"id": "e", "mode": "hard"}}"#,
+        r#"{"execute": "query-block-exports"}"#,
+    ];
+    let t = export_transcript(Which::Rsd, &steps, Some(2));
+    assert_eq!(
+        t[2],
+        ["{\"error\": {\"class\": \"GenericError\", \"desc\": \"export 'e' still in use\"}}\r\n"]
+    );
+    assert_eq!(t[3].len(), 2, "event, then reply: {:?}", t[3]);
+    assert_eq!(t[4], ["{\"return\": []}\r\n"]);
+}

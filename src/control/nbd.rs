@@ -198,9 +198,10 @@ impl ControlState {
         self.ctx.events.emit("BLOCK_EXPORT_DELETED", Some(data));
     }
 
-    /// The exit path and nbd-server-stop: every export goes.
+    /// The exit path and nbd-server-stop: every export goes, newest first
+    /// as QEMU walks its list.
     pub(super) async fn delete_all_exports(&mut self) {
-        for e in self.exports.list() {
+        for e in self.exports.list().into_iter().rev() {
             self.delete_export(&e).await;
         }
     }
@@ -210,6 +211,7 @@ impl ControlState {
             self.exports
                 .list()
                 .iter()
+                .rev()
                 .map(|e| json!({"node-name": e.node.name, "shutting-down": false, "type": "nbd", "id": e.id}))
                 .collect(),
         )
