@@ -85,6 +85,12 @@ pub trait Driver: Send + Sync + 'static {
     fn set_perms(&self, _perm: Perm, _shared: Perm) -> Result<(), String> {
         Ok(())
     }
+    /// True when the range is known to read as zeroes without asking the
+    /// host (which can cost more than the read: SEEK_HOLE on tmpfs scans
+    /// the whole file). Used to send holes instead of data.
+    fn known_zero(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
     /// True for drivers QEMU reports `dirty-flag`/`format-specific` for.
     fn has_image_info(&self) -> bool {
         true

@@ -586,6 +586,11 @@ impl Driver for FileDriver {
     fn allocated_size(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
     }
+
+    /// Only the cheap case: a file with nothing allocated reads as zeroes.
+    fn known_zero(&self, _offset: u64, _len: u64) -> bool {
+        !self.block_device && self.allocated_size() == Some(0)
+    }
 }
 
 /// O_DIRECT needs offset, length and memory aligned to this.

@@ -88,6 +88,9 @@ impl Driver for NullDriver {
             ))
         })
     }
+    fn known_zero(&self, _offset: u64, _len: u64) -> bool {
+        self.read_zeroes
+    }
     fn has_image_info(&self) -> bool {
         false
     }

@@ -114,4 +114,7 @@ impl Driver for RawDriver {
     fn allocated_size(&self) -> Option<u64> {
         self.child.allocated_size()
     }
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        self.child.driver.known_zero(self.offset + offset, len)
+    }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::export::{Export, Exports};
 use super::proto::*;
@@ -302,13 +302,20 @@ struct Request {
 }
 
 /// Reads requests until DISC, EOF, a bad magic or the export closing.
-async fn transmission(mut rd: Reader, wr: Writer, s: Session) {
+///
+/// Each request's future is polled once right away: on tmpfs or a warm
+/// page cache it completes then, and the reply is written by this task
+/// with no hand-off to another thread (a cross-CPU wake-up costs more
+/// than the I/O). A request that has to wait moves to its own task, so
+/// pipelined requests still complete out of order.
+async fn transmission(rd: Reader, wr: Writer, s: Session) {
     let s = Arc::new(s);
     let _client = s.export.attach();
     let mut closing = s.export.closing();
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT * 2);
-    let writer = tokio::spawn(write_replies(wr, rx));
+    let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
+    let wr = Arc::new(tokio::sync::Mutex::new(wr));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
@@ -321,34 +328,49 @@ async fn transmission(mut rd: Reader, wr: Writer, s: Session) {
         if req.kind == CMD_DISC {
             break;
         }
-        let (s, tx) = (s.clone(), tx.clone());
-        tokio::spawn(async move {
-            let reply = handle(&s, req).await;
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+        let s2 = s.clone();
+        let mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> =
+            Box::pin(async move { handle(&s2, req).await });
+        let first = {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            fut.as_mut().poll(&mut cx)
+        };
+        match first {
+            std::task::Poll::Ready(reply) => {
+                drop(permit);
+                // Batch replies while more requests are already buffered:
+                // one write for a burst of pipelined requests.
+                out.extend_from_slice(&reply);
+                if (rd.buffer().len() < 28 || out.len() >= 256 << 10)
+                    && wr
+                        .lock()
+                        .await
+                        .write_all(&std::mem::take(&mut out))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+            }
+            std::task::Poll::Pending => {
+                let wr = wr.clone();
+                tokio::spawn(async move {
+                    let reply = fut.await;
+                    let _ = wr.lock().await.write_all(&reply).await;
+                    drop(permit);
+                });
+            }
+        }
     }
     // Let requests in flight finish, then close.
     let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
-    drop(tx);
-    let _ = writer.await;
-}
-
-async fn write_replies(mut wr: Writer, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(b) = rx.recv().await {
-        if wr.write_all(&b).await.is_err() {
-            return;
-        }
-        // Batch: flush only when nothing else is queued.
-        if rx.is_empty() && wr.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
+    let mut w = wr.lock().await;
+    let _ = w.write_all(&out).await;
+    let _ = w.shutdown().await;
 }
 
 /// Ok(None) on EOF; Err on a bad magic or a broken stream.
-async fn read_request(rd: &mut Reader) -> std::io::Result<Option<Request>> {
+async fn read_request(rd: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Request>> {
     let mut h = [0u8; 28];
     match rd.read_exact(&mut h).await {
         Ok(_) => {}
@@ -516,23 +538,20 @@ async fn read(s: &Session, r: &Request) -> Vec<u8> {
     let node = &s.export.node;
     let len = r.len as usize;
     if s.structured {
-        // A range that is known to read as zeroes goes out as a hole.
-        if len > 0 {
-            if let Ok(e) = node.block_status(r.offset, r.len as u64).await {
-                if e.zero && !e.data && e.len >= r.len as u64 {
-                    let mut b = Vec::with_capacity(32);
-                    chunk_header(
-                        &mut b,
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_HOLE,
-                        r.cookie,
-                        12,
-                    );
-                    b.extend_from_slice(&r.offset.to_be_bytes());
-                    b.extend_from_slice(&r.len.to_be_bytes());
-                    return b;
-                }
-            }
+        // A range the driver knows (cheaply) to read as zeroes goes out
+        // as a hole chunk.
+        if len > 0 && node.driver.known_zero(r.offset, r.len as u64) {
+            let mut b = Vec::with_capacity(32);
+            chunk_header(
+                &mut b,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_HOLE,
+                r.cookie,
+                12,
+            );
+            b.extend_from_slice(&r.offset.to_be_bytes());
+            b.extend_from_slice(&r.len.to_be_bytes());
+            return b;
         }
         let mut b = Vec::with_capacity(28 + len);
         chunk_header(
