@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Starts rsd on a ready-made example: a QMP monitor on a UNIX socket and a
-# secret object. Connect with any QMP client, e.g.
-#   python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print(s.recv(4096).decode())' rsd-example/qmp.sock
+# Starts rsd on a ready-made example: a 64 MiB raw image exported over NBD
+# at rsd-example/nbd.sock (export "disk", writable), a QMP monitor at
+# rsd-example/qmp.sock and a secret object. Try:
+#   qemu-img info 'nbd+unix:///disk?socket=rsd-example/nbd.sock'
+#   qemu-io -f raw -c 'write -P 0xab 0 1M' 'nbd+unix:///disk?socket=rsd-example/nbd.sock'
 # Stop it with Ctrl-C or the QMP command quit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,9 +14,14 @@ if [ -z "$bin" ]; then
     (cd "$here" && cargo build --release --quiet)
     bin=$here/target/release/rsd
 fi
-echo "rsd: QMP on $dir/qmp.sock (pidfile $dir/rsd.pid)" >&2
+[ -e "$dir/disk.img" ] || truncate -s 64M "$dir/disk.img"
+echo "rsd: NBD export 'disk' on $dir/nbd.sock, QMP on $dir/qmp.sock (pidfile $dir/rsd.pid)" >&2
 exec "$bin" \
     --chardev "socket,path=$dir/qmp.sock,server=on,wait=off,id=qmp0" \
     --monitor chardev=qmp0 \
     --object secret,id=sec0,data=example \
+    --blockdev "driver=file,node-name=file0,filename=$dir/disk.img" \
+    --blockdev driver=raw,node-name=disk,file=file0 \
+    --nbd-server "addr.type=unix,addr.path=$dir/nbd.sock" \
+    --export type=nbd,id=export0,node-name=disk,writable=on \
     --pidfile "$dir/rsd.pid"

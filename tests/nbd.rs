@@ -668,6 +668,11 @@ fn export_commands_and_events_match_qsd() {
         r#"{"execute": "query-block-exports"}"#,
         r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$D/nbd.sock"}}}}"#,
         r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e6", "node-name": "fmt", "writable": true}}"#,
+        r#"{"execute": "nbd-server-add", "arguments": {"device": "disk", "name": "legacy"}}"#,
+        r#"{"execute": "nbd-server-add", "arguments": {"device": "disk", "name": "legacy"}}"#,
+        r#"{"execute": "query-block-exports"}"#,
+        r#"{"execute": "nbd-server-remove", "arguments": {"name": "legacy"}}"#,
+        r#"{"execute": "nbd-server-remove", "arguments": {"name": "legacy"}}"#,
     ];
     let mut all = Vec::new();
     for which in Which::all() {
@@ -687,9 +692,9 @@ fn export_commands_and_events_match_qsd() {
     );
     assert!(t[17].len() == 3, "two events then the reply: {:?}", t[17]);
     assert!(
-        t[22].iter().any(|l| l.contains("BLOCK_EXPORT_DELETED")),
+        t[27].iter().any(|l| l.contains("BLOCK_EXPORT_DELETED")),
         "quit deletes exports first: {:?}",
-        t[22]
+        t[27]
     );
     for (which, o) in &all[1..] {
         for (i, (a, b)) in t.iter().zip(o.iter()).enumerate() {

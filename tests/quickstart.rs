@@ -25,6 +25,18 @@ fn readme_example_answers_qmp() {
         .spawn()
         .expect("run example");
     let mut q = Qmp::ready(&dir.path("qmp.sock"));
+    assert!(wait_for_path(&dir.path("rsd.pid"), 30), "start-up finished");
+    let info = std::process::Command::new("qemu-img")
+        .args([
+            "info",
+            &format!("nbd+unix:///disk?socket={}", dir.s("nbd.sock")),
+        ])
+        .output()
+        .expect("qemu-img");
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("virtual size: 64 MiB"),
+        "{info:?}"
+    );
     let v = q.cmd(r#"{"execute":"query-version"}"#);
     assert!(v["return"]["package"]
         .as_str()

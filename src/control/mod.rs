@@ -177,6 +177,36 @@ impl ControlState {
                 self.block_export_del(arg_str(&args, "id"), hard).await
             }
             "query-block-exports" => Ok(self.query_block_exports()),
+            // Deprecated forms: the export's id is its name.
+            "nbd-server-add" => {
+                let mut e = Map::new();
+                let device = arg_str(&args, "device").to_string();
+                let name = args
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&device)
+                    .to_string();
+                e.insert("type".into(), json!("nbd"));
+                e.insert("id".into(), json!(name));
+                e.insert("node-name".into(), json!(device));
+                e.insert("name".into(), json!(name));
+                for k in ["description", "writable"] {
+                    if let Some(v) = args.get(k) {
+                        e.insert(k.into(), v.clone());
+                    }
+                }
+                if let Some(b) = args.get("bitmap") {
+                    e.insert("bitmaps".into(), json!([b]));
+                }
+                self.block_export_add(&e)
+                    .await
+                    .map(|()| json!({}))
+                    .map_err(QmpError::generic)
+            }
+            "nbd-server-remove" => {
+                let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
+                self.block_export_del(arg_str(&args, "name"), hard).await
+            }
             "chardev-add" => self.chardev_add(&args).await,
             "chardev-remove" => self.chardev_remove(arg_str(&args, "id")).await,
             "query-chardev" => self.query_chardev().await,

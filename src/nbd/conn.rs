@@ -338,18 +338,16 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
         match first {
             std::task::Poll::Ready(reply) => {
                 drop(permit);
-                // Batch replies while more requests are already buffered:
-                // one write for a burst of pipelined requests.
-                out.extend_from_slice(&reply);
-                if (rd.buffer().len() < 28 || out.len() >= 256 << 10)
-                    && wr
-                        .lock()
-                        .await
-                        .write_all(&std::mem::take(&mut out))
-                        .await
-                        .is_err()
-                {
-                    break;
+                if reply.len() > 64 << 10 {
+                    // Large data: write it as it is instead of copying it.
+                    let mut w = wr.lock().await;
+                    if w.write_all(&std::mem::take(&mut out)).await.is_err()
+                        || w.write_all(&reply).await.is_err()
+                    {
+                        break;
+                    }
+                } else {
+                    out.extend_from_slice(&reply);
                 }
             }
             std::task::Poll::Pending => {
@@ -360,6 +358,20 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
                     drop(permit);
                 });
             }
+        }
+        // Batch replies while the next request is already buffered (one
+        // write for a burst of pipelined requests); never sit on a reply
+        // while waiting for the client.
+        if !out.is_empty()
+            && (rd.buffer().len() < 28 || out.len() >= 256 << 10)
+            && wr
+                .lock()
+                .await
+                .write_all(&std::mem::take(&mut out))
+                .await
+                .is_err()
+        {
+            break;
         }
     }
     // Let requests in flight finish, then close.
@@ -389,8 +401,14 @@ async fn read_request(rd: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Opti
     let mut payload = Vec::new();
     if kind == CMD_WRITE {
         if len <= MAX_PAYLOAD {
-            payload = vec![0u8; len as usize];
-            rd.read_exact(&mut payload).await?;
+            // Filled straight from the socket: no zeroing first.
+            payload = Vec::with_capacity(len as usize);
+            while payload.len() < len as usize {
+                let want = (len as usize - payload.len()) as u64;
+                if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
         } else {
             // Too big to accept: drain it so the stream stays in sync.
             let mut left = len as u64;

@@ -600,6 +600,8 @@ fn block_commands_are_exposed() {
         "block-export-add",
         "block-export-del",
         "query-block-exports",
+        "nbd-server-add",
+        "nbd-server-remove",
     ] {
         assert!(s.command(c).is_some(), "{c} is exposed");
     }
