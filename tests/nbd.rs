@@ -725,3 +725,106 @@ fn export_del_safe_refuses_while_a_client_is_connected() {
     assert_eq!(t[3].len(), 2, "event, then reply: {:?}", t[3]);
     assert_eq!(t[4], ["{\"return\": []}\r\n"]);
 }
+
+#[test]
+fn junk_from_clients_never_disturbs_the_daemon() {
+    let mut s = serve(Which::Rsd, "", false);
+    // A good client stays connected through the whole storm.
+    let (mut good, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..40 {
+        let Ok(mut c) = UnixStream::connect(s.dir.path("nbd.sock")) else {
+            panic!("server stopped accepting in round {round}");
+        };
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        let _ = c.read_exact(&mut hello);
+        if round % 2 == 1 {
+            // Past the handshake, into transmission, then junk.
+            let _ = c.write_all(&3u32.to_be_bytes());
+            let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+            go.extend_from_slice(&7u32.to_be_bytes());
+            go.extend_from_slice(&9u32.to_be_bytes());
+            go.extend_from_slice(&3u32.to_be_bytes());
+            go.extend_from_slice(b"fmt\0\0");
+            let _ = c.write_all(&go);
+        }
+        let len = (next() % 4096) as usize;
+        let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let _ = c.write_all(&junk);
+        let mut sink = [0u8; 4096];
+        let _ = c.read(&mut sink);
+    }
+    good.s
+        .write_all(&Raw::request(0, 0, 77, 0, 512))
+        .expect("good request");
+    assert_eq!(good.simple(512), (0, 77), "the good client is still served");
+    let out = ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 0 4k",
+            "-c",
+            "read -P 9 0 4k",
+            &s.url("fmt", false),
+        ],
+    ));
+    assert!(!out.contains("failed"), "{out}");
+    s.quit();
+}
+
+#[test]
+fn force_share_lets_others_resize_as_in_qemu() {
+    for (opts, resize_ok) in [
+        ("read-only=on", false),
+        ("read-only=on,force-share=on", true),
+    ] {
+        let mut results = Vec::new();
+        for which in Which::all() {
+            let dir = TempDir::new();
+            qemu_img_create(&dir.path("disk.img"), "16M");
+            let mut a = monitor_args(&dir.s("q.sock"));
+            a.extend(args(&[
+                "--blockdev",
+                &format!(
+                    "driver=file,node-name=disk,filename={},{opts}",
+                    dir.s("disk.img")
+                ),
+                "--blockdev",
+                &format!("driver=raw,node-name=fmt,file=disk,{opts}"),
+                "--nbd-server",
+                &format!("addr.type=unix,addr.path={}", dir.s("nbd.sock")),
+                "--export",
+                "type=nbd,id=e,node-name=fmt",
+                "--pidfile",
+                &dir.s("p.pid"),
+            ]));
+            let _d = Daemon::spawn(which, &a);
+            assert!(wait_for_path(&dir.path("p.pid"), 10), "{which:?} {opts}");
+            let mut q = Qmp::ready(&dir.path("q.sock"));
+            let graph = q.cmd(r#"{"execute":"x-debug-query-block-graph"}"#);
+            let resized = run(
+                "qemu-img",
+                &["resize", "-f", "raw", &dir.s("disk.img"), "32M"],
+            )
+            .status
+            .success();
+            q.send(br#"{"execute":"quit"}"#);
+            let _ = q.line();
+            assert_eq!(resized, resize_ok, "{which:?} {opts}");
+            results.push(graph.to_string());
+        }
+        for r in &results[1..] {
+            assert_eq!(&results[0], r, "{opts}: same graph and permissions as QSD");
+        }
+    }
+}
