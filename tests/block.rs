@@ -4,16 +4,6 @@ use std::process::Command;
 
 use crate::common::*;
 
-fn qemu_img_create(path: &std::path::Path, size: &str) {
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(path)
-        .arg(size)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
-}
-
 /// Masks what legitimately differs: the temp dir and the random digits of
 /// automatic node names.
 fn mask(line: &str, dir: &TempDir) -> String {

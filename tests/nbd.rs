@@ -8,16 +8,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn qemu_img_create(path: &std::path::Path, size: &str) {
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(path)
-        .arg(size)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success());
-}
-
 /// rsd (or QSD) serving disk.img as export `fmt` (writable) and, read-only,
 /// `ro`, on a UNIX socket and a TCP port.
 struct Served {

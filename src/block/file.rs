@@ -221,29 +221,24 @@ enum Nowait {
     Unsupported(usize),
 }
 
-/// Reads or writes as much as possible without blocking. Reads past the
-/// end of the file fill with zeroes. `buf` is only written through for
-/// reads.
-fn rw_nowait(
+/// Reads or writes `len` bytes at `buf` (only written through for reads),
+/// with RWF_NOWAIT when `nowait`: then it stops where the kernel would
+/// block. Reads past the end of the file fill with zeroes.
+fn rw_loop(
     fd: RawFd,
     buf: *mut u8,
     len: usize,
     off: u64,
     write: bool,
     extra: i32,
+    nowait: bool,
 ) -> std::io::Result<Nowait> {
+    let flags = extra | if nowait { libc::RWF_NOWAIT } else { 0 };
     let mut done = 0usize;
     while done < len {
         // SAFETY: done < len keeps the pointer inside the caller's buffer.
         let p = unsafe { buf.add(done) };
-        match rw_once(
-            fd,
-            p,
-            len - done,
-            off + done as u64,
-            write,
-            extra | libc::RWF_NOWAIT,
-        ) {
+        match rw_once(fd, p, len - done, off + done as u64, write, flags) {
             Ok(0) if !write => {
                 // SAFETY: [done, len) is inside the (read) buffer.
                 unsafe { std::ptr::write_bytes(p, 0, len - done) };
@@ -252,14 +247,25 @@ fn rw_nowait(
             Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
             Ok(n) => done += n,
             Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN) => return Ok(Nowait::Partial(done)),
-                Some(libc::EOPNOTSUPP) => return Ok(Nowait::Unsupported(done)),
+                Some(libc::EAGAIN) if nowait => return Ok(Nowait::Partial(done)),
+                Some(libc::EOPNOTSUPP) if nowait => return Ok(Nowait::Unsupported(done)),
                 Some(libc::EINTR) => {}
                 _ => return Err(e),
             },
         }
     }
     Ok(Nowait::Done)
+}
+
+fn rw_nowait(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    off: u64,
+    write: bool,
+    extra: i32,
+) -> std::io::Result<Nowait> {
+    rw_loop(fd, buf, len, off, write, extra, true)
 }
 
 /// The blocking counterpart, on an owned buffer.
@@ -280,8 +286,7 @@ fn rw_blocking(
     )
 }
 
-/// Reads or writes all of `len` bytes, blocking. `buf` is only written
-/// through for reads.
+/// Reads or writes all of `len` bytes, blocking.
 fn rw_sync(
     fd: RawFd,
     buf: *mut u8,
@@ -290,23 +295,7 @@ fn rw_sync(
     write: bool,
     extra: i32,
 ) -> std::io::Result<()> {
-    let mut done = 0usize;
-    while done < len {
-        // SAFETY: done < len keeps the pointer inside the caller's buffer.
-        let p = unsafe { buf.add(done) };
-        match rw_once(fd, p, len - done, off + done as u64, write, extra) {
-            Ok(0) if !write => {
-                // SAFETY: [done, len) is inside the (read) buffer.
-                unsafe { std::ptr::write_bytes(p, 0, len - done) };
-                return Ok(());
-            }
-            Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
-            Ok(n) => done += n,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    rw_loop(fd, buf, len, off, write, extra, false).map(|_| ())
 }
 
 /// The caller's buffer: filled by reads, only read by writes.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
 use super::error::BlockError;
-use super::stats::Stats;
+use super::stats::{Counter, Stats};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DetectZeroes {
@@ -50,6 +50,32 @@ fn out_of_range(offset: u64, len: u64, size: u64) -> bool {
 }
 
 impl Node {
+    /// The checks every request makes: read-only nodes refuse changes,
+    /// and the range must lie inside the node (counted as invalid if not).
+    fn check(
+        &self,
+        counter: &Counter,
+        offset: u64,
+        len: u64,
+        changes: bool,
+        what: &str,
+    ) -> Result<(), BlockError> {
+        if changes && self.opts.read_only {
+            return Err(BlockError::perm("Block node is read-only"));
+        }
+        if out_of_range(offset, len, self.size()) {
+            counter
+                .invalid
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(BlockError::inval(format!(
+                "{what} beyond the end of the node"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Node {
     pub fn new(name: String, driver: Box<dyn Driver>, opts: CommonOptions) -> Arc<Node> {
         Arc::new(Node {
             name,
@@ -74,13 +100,7 @@ impl Node {
     pub fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = buf.len() as u64;
-            if out_of_range(offset, len, self.size()) {
-                self.stats
-                    .rd
-                    .invalid
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(BlockError::inval("read beyond the end of the node"));
-            }
+            self.check(&self.stats.rd, offset, len, false, "read")?;
             let t = Instant::now();
             let r = self.driver.read(offset, buf).await;
             self.stats.rd.done(len, t, r.is_ok());
@@ -92,16 +112,7 @@ impl Node {
     pub fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = buf.len() as u64;
-            if self.opts.read_only {
-                return Err(BlockError::perm("Block node is read-only"));
-            }
-            if out_of_range(offset, len, self.size()) {
-                self.stats
-                    .wr
-                    .invalid
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(BlockError::inval("write beyond the end of the node"));
-            }
+            self.check(&self.stats.wr, offset, len, true, "write")?;
             let t = Instant::now();
             let r = if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|b| *b == 0) {
                 let zf = ZeroFlags {
@@ -138,16 +149,7 @@ impl Node {
 
     pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.opts.read_only {
-                return Err(BlockError::perm("Block node is read-only"));
-            }
-            if out_of_range(offset, len, self.size()) {
-                self.stats
-                    .unmap
-                    .invalid
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(BlockError::inval("discard beyond the end of the node"));
-            }
+            self.check(&self.stats.unmap, offset, len, true, "discard")?;
             let t = Instant::now();
             let r = if self.opts.discard_unmap {
                 self.driver.discard(offset, len).await
@@ -161,16 +163,7 @@ impl Node {
 
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.opts.read_only {
-                return Err(BlockError::perm("Block node is read-only"));
-            }
-            if out_of_range(offset, len, self.size()) {
-                self.stats
-                    .wr
-                    .invalid
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(BlockError::inval("write beyond the end of the node"));
-            }
+            self.check(&self.stats.wr, offset, len, true, "write")?;
             let flags = ZeroFlags {
                 may_unmap: flags.may_unmap && self.opts.discard_unmap,
                 ..flags

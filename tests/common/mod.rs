@@ -273,3 +273,14 @@ pub fn normalize(line: &str) -> String {
 pub fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
+
+/// A raw image made by qemu-img.
+pub fn qemu_img_create(path: &Path, size: &str) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(path)
+        .arg(size)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+}
