@@ -292,6 +292,49 @@ async fn negotiate(
     }
 }
 
+/// A reply: the first `len` bytes of `buf` (a read reuses a pooled
+/// buffer that may be longer, so it is never zeroed again).
+struct Reply {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(buf: Vec<u8>) -> Reply {
+        let len = buf.len();
+        Reply { buf, len }
+    }
+}
+
+impl Reply {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Read buffers kept per connection for reuse.
+#[derive(Clone, Default)]
+struct BufPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl BufPool {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default()
+    }
+    fn give(&self, b: Vec<u8>) {
+        if b.len() > 64 << 10 && b.len() <= MAX_PAYLOAD as usize + 64 {
+            if let Ok(mut p) = self.0.lock() {
+                if p.len() < 16 {
+                    p.push(b);
+                }
+            }
+        }
+    }
+}
+
 struct Request {
     flags: u16,
     kind: u16,
@@ -299,6 +342,8 @@ struct Request {
     offset: u64,
     len: u32,
     payload: Vec<u8>,
+    /// A pooled buffer for a READ's reply.
+    buf: Vec<u8>,
 }
 
 /// Reads requests until DISC, EOF, a bad magic or the export closing.
@@ -316,6 +361,7 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut out: Vec<u8> = Vec::new();
+    let pool = BufPool::default();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
@@ -324,12 +370,15 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
             r = read_request(&mut rd) => r,
             _ = closing.wait_for(|c| *c) => break,
         };
-        let Ok(Some(req)) = req else { break };
+        let Ok(Some(mut req)) = req else { break };
+        if req.kind == CMD_READ && req.len > 64 << 10 {
+            req.buf = pool.take();
+        }
         if req.kind == CMD_DISC {
             break;
         }
         let s2 = s.clone();
-        let mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> =
+        let mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>> =
             Box::pin(async move { handle(&s2, req).await });
         let first = {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -338,23 +387,25 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
         match first {
             std::task::Poll::Ready(reply) => {
                 drop(permit);
-                if reply.len() > 64 << 10 {
+                if reply.len > 64 << 10 {
                     // Large data: write it as it is instead of copying it.
                     let mut w = wr.lock().await;
                     if w.write_all(&std::mem::take(&mut out)).await.is_err()
-                        || w.write_all(&reply).await.is_err()
+                        || w.write_all(reply.bytes()).await.is_err()
                     {
                         break;
                     }
                 } else {
-                    out.extend_from_slice(&reply);
+                    out.extend_from_slice(reply.bytes());
                 }
+                pool.give(reply.buf);
             }
             std::task::Poll::Pending => {
-                let wr = wr.clone();
+                let (wr, pool) = (wr.clone(), pool.clone());
                 tokio::spawn(async move {
                     let reply = fut.await;
-                    let _ = wr.lock().await.write_all(&reply).await;
+                    let _ = wr.lock().await.write_all(reply.bytes()).await;
+                    pool.give(reply.buf);
                     drop(permit);
                 });
             }
@@ -427,6 +478,7 @@ async fn read_request(rd: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Opti
         offset,
         len,
         payload,
+        buf: Vec::new(),
     }))
 }
 
@@ -446,24 +498,24 @@ fn chunk_header(b: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32) {
     b.extend_from_slice(&len.to_be_bytes());
 }
 
-fn error_reply(s: &Session, cookie: u64, error: u32) -> Vec<u8> {
+fn error_reply(s: &Session, cookie: u64, error: u32) -> Reply {
     if !s.structured {
-        return simple_reply(cookie, error, 0);
+        return simple_reply(cookie, error, 0).into();
     }
     let mut b = Vec::with_capacity(26);
     chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6);
     b.extend_from_slice(&error.to_be_bytes());
     b.extend_from_slice(&0u16.to_be_bytes());
-    b
+    b.into()
 }
 
-fn ok_reply(s: &Session, cookie: u64) -> Vec<u8> {
+fn ok_reply(s: &Session, cookie: u64) -> Reply {
     if !s.structured {
-        return simple_reply(cookie, 0, 0);
+        return simple_reply(cookie, 0, 0).into();
     }
     let mut b = Vec::with_capacity(20);
     chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
-    b
+    b.into()
 }
 
 /// Which command flags each command may carry.
@@ -477,7 +529,7 @@ fn allowed_flags(kind: u16, s: &Session) -> u16 {
     }
 }
 
-async fn handle(s: &Session, r: Request) -> Vec<u8> {
+async fn handle(s: &Session, r: Request) -> Reply {
     let node = &s.export.node;
     let known = matches!(
         r.kind,
@@ -507,9 +559,11 @@ async fn handle(s: &Session, r: Request) -> Vec<u8> {
     if writes && !s.export.writable {
         return error_reply(s, r.cookie, EPERM);
     }
+    if r.kind == CMD_READ {
+        return read(s, r).await;
+    }
     let fua = r.flags & CMD_FLAG_FUA != 0;
     let result = match r.kind {
-        CMD_READ => return read(s, &r).await,
         CMD_BLOCK_STATUS => return block_status(s, &r).await,
         CMD_WRITE => node.write(r.offset, &r.payload, WriteFlags { fua }).await,
         CMD_FLUSH => node.flush().await,
@@ -552,46 +606,46 @@ async fn handle(s: &Session, r: Request) -> Vec<u8> {
     }
 }
 
-async fn read(s: &Session, r: &Request) -> Vec<u8> {
+async fn read(s: &Session, mut r: Request) -> Reply {
     let node = &s.export.node;
     let len = r.len as usize;
-    if s.structured {
+    if s.structured && len > 0 && node.driver.known_zero(r.offset, r.len as u64) {
         // A range the driver knows (cheaply) to read as zeroes goes out
         // as a hole chunk.
-        if len > 0 && node.driver.known_zero(r.offset, r.len as u64) {
-            let mut b = Vec::with_capacity(32);
-            chunk_header(
-                &mut b,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_HOLE,
-                r.cookie,
-                12,
-            );
-            b.extend_from_slice(&r.offset.to_be_bytes());
-            b.extend_from_slice(&r.len.to_be_bytes());
-            return b;
-        }
-        let mut b = Vec::with_capacity(28 + len);
+        let mut b = Vec::with_capacity(32);
         chunk_header(
             &mut b,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_HOLE,
+            r.cookie,
+            12,
+        );
+        b.extend_from_slice(&r.offset.to_be_bytes());
+        b.extend_from_slice(&r.len.to_be_bytes());
+        return b.into();
+    }
+    let mut head = Vec::with_capacity(28);
+    if s.structured {
+        chunk_header(
+            &mut head,
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_DATA,
             r.cookie,
             8 + r.len,
         );
-        b.extend_from_slice(&r.offset.to_be_bytes());
-        let start = b.len();
-        b.resize(start + len, 0);
-        return match node.read(r.offset, &mut b[start..]).await {
-            Ok(()) => b,
-            Err(e) => error_reply(s, r.cookie, nbd_errno(e.errno)),
-        };
+        head.extend_from_slice(&r.offset.to_be_bytes());
+    } else {
+        head = simple_reply(r.cookie, 0, 0);
     }
-    let mut b = simple_reply(r.cookie, 0, len);
-    let start = b.len();
-    b.resize(start + len, 0);
-    match node.read(r.offset, &mut b[start..]).await {
-        Ok(()) => b,
+    // The data goes straight into the (pooled) reply buffer after the header.
+    let mut b = std::mem::take(&mut r.buf);
+    let need = head.len() + len;
+    if b.len() < need {
+        b.resize(need, 0);
+    }
+    b[..head.len()].copy_from_slice(&head);
+    match node.read(r.offset, &mut b[head.len()..need]).await {
+        Ok(()) => Reply { buf: b, len: need },
         Err(e) => error_reply(s, r.cookie, nbd_errno(e.errno)),
     }
 }
@@ -599,7 +653,7 @@ async fn read(s: &Session, r: &Request) -> Vec<u8> {
 /// Extents per reply at most, to bound reply sizes.
 const MAX_EXTENTS: usize = 1024;
 
-async fn block_status(s: &Session, r: &Request) -> Vec<u8> {
+async fn block_status(s: &Session, r: &Request) -> Reply {
     if !s.structured || s.contexts.is_empty() || r.len == 0 {
         return error_reply(s, r.cookie, EINVAL);
     }
@@ -643,5 +697,5 @@ async fn block_status(s: &Session, r: &Request) -> Vec<u8> {
             b.extend_from_slice(&flags.to_be_bytes());
         }
     }
-    b
+    b.into()
 }
