@@ -220,6 +220,10 @@ fn qemu_nbd_list_and_qsd_as_client() {
         "{list}"
     );
     assert!(list.contains("qemu:allocation-depth"), "{list}");
+    assert!(
+        list.contains("transaction size: 64-bit"),
+        "extended headers: {list}"
+    );
     ok(&run(
         "qemu-io",
         &[
@@ -816,5 +820,39 @@ fn force_share_lets_others_resize_as_in_qemu() {
         for r in &results[1..] {
             assert_eq!(&results[0], r, "{opts}: same graph and permissions as QSD");
         }
+    }
+}
+
+#[test]
+fn block_status_maps_match_qsd() {
+    let mut maps = Vec::new();
+    for which in Which::all() {
+        let mut s = serve(which, ",discard=unmap", false);
+        let url = s.url("fmt", false);
+        ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 1 1M 1M",
+                "-c",
+                "write -P 2 8M 64k",
+                "-c",
+                "discard 1M 64k",
+                &url,
+            ],
+        ));
+        let map = ok(&run("qemu-img", &["map", "--output=json", &url]));
+        s.quit();
+        maps.push((which, map));
+    }
+    let (_, first) = &maps[0];
+    assert!(
+        first.contains("\"start\": 1114112, \"length\": 983040"),
+        "{first}"
+    );
+    for (which, m) in &maps[1..] {
+        assert_eq!(first, m, "{which:?}: qemu-img map differs");
     }
 }

@@ -45,6 +45,8 @@ pub async fn serve(mut rd: Reader, mut wr: Writer, exports: Exports) {
 struct Session {
     export: Arc<Export>,
     structured: bool,
+    /// Extended headers: 64-bit lengths, 32-byte requests and replies.
+    extended: bool,
     contexts: Vec<u32>,
 }
 
@@ -123,6 +125,7 @@ async fn negotiate(
     no_zeroes: bool,
 ) -> std::io::Result<Option<Session>> {
     let mut structured = false;
+    let mut extended = false;
     let mut contexts: Vec<u32> = Vec::new();
     let mut ctx_export: Option<String> = None;
     loop {
@@ -152,6 +155,7 @@ async fn negotiate(
                 return Ok(Some(Session {
                     export,
                     structured,
+                    extended,
                     contexts: if ctx_export.as_deref() == Some(&name) {
                         contexts
                     } else {
@@ -177,6 +181,15 @@ async fn negotiate(
                     }
                     opt_reply(wr, opt, REP_SERVER, &d).await?;
                 }
+                opt_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            OPT_EXTENDED_HEADERS => {
+                if len != 0 {
+                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    continue;
+                }
+                extended = true;
+                structured = true;
                 opt_reply(wr, opt, REP_ACK, &[]).await?;
             }
             OPT_STRUCTURED_REPLY => {
@@ -236,6 +249,7 @@ async fn negotiate(
                         },
                         export,
                         structured,
+                        extended,
                     }));
                 }
             }
@@ -340,7 +354,7 @@ struct Request {
     kind: u16,
     cookie: u64,
     offset: u64,
-    len: u32,
+    len: u64,
     payload: Vec<u8>,
     /// A pooled buffer for a READ's reply.
     buf: Vec<u8>,
@@ -367,11 +381,11 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
             break;
         };
         let req = tokio::select! {
-            r = read_request(&mut rd) => r,
+            r = read_request(&mut rd, s.extended) => r,
             _ = closing.wait_for(|c| *c) => break,
         };
         let Ok(Some(mut req)) = req else { break };
-        if req.kind == CMD_READ && req.len > 64 << 10 {
+        if req.kind == CMD_READ && req.len > 64 << 10 && req.len <= MAX_PAYLOAD as u64 {
             req.buf = pool.take();
         }
         if req.kind == CMD_DISC {
@@ -414,7 +428,7 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
         // write for a burst of pipelined requests); never sit on a reply
         // while waiting for the client.
         if !out.is_empty()
-            && (rd.buffer().len() < 28 || out.len() >= 256 << 10)
+            && (rd.buffer().len() < header_len(s.extended) || out.len() >= 256 << 10)
             && wr
                 .lock()
                 .await
@@ -432,26 +446,48 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
     let _ = w.shutdown().await;
 }
 
+/// The size of a request header.
+fn header_len(extended: bool) -> usize {
+    if extended {
+        32
+    } else {
+        28
+    }
+}
+
 /// Ok(None) on EOF; Err on a bad magic or a broken stream.
-async fn read_request(rd: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Request>> {
-    let mut h = [0u8; 28];
-    match rd.read_exact(&mut h).await {
+async fn read_request(
+    rd: &mut (impl AsyncRead + Unpin),
+    extended: bool,
+) -> std::io::Result<Option<Request>> {
+    let mut h = [0u8; 32];
+    let h = &mut h[..header_len(extended)];
+    match rd.read_exact(h).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
     let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-    if be32(0) != REQUEST_MAGIC {
+    let magic = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    if be32(0) != magic {
         return Err(std::io::Error::other("bad request magic"));
     }
     let flags = u16::from_be_bytes([h[4], h[5]]);
     let kind = u16::from_be_bytes([h[6], h[7]]);
     let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
     let offset = u64::from_be_bytes(h[16..24].try_into().unwrap_or_default());
-    let len = be32(24);
+    let len = if extended {
+        u64::from_be_bytes(h[24..32].try_into().unwrap_or_default())
+    } else {
+        be32(24) as u64
+    };
     let mut payload = Vec::new();
     if kind == CMD_WRITE {
-        if len <= MAX_PAYLOAD {
+        if len <= MAX_PAYLOAD as u64 {
             // Filled straight from the socket: no zeroing first.
             payload = Vec::with_capacity(len as usize);
             while payload.len() < len as usize {
@@ -462,7 +498,7 @@ async fn read_request(rd: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Opti
             }
         } else {
             // Too big to accept: drain it so the stream stays in sync.
-            let mut left = len as u64;
+            let mut left = len;
             let mut sink = vec![0u8; 1 << 16];
             while left > 0 {
                 let n = left.min(sink.len() as u64) as usize;
@@ -490,31 +526,67 @@ fn simple_reply(cookie: u64, error: u32, data_len: usize) -> Vec<u8> {
     b
 }
 
-fn chunk_header(b: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32) {
-    b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// A structured reply chunk header, or an extended one (which also
+/// carries the request's offset and a 64-bit payload length).
+fn chunk_header(
+    s: &Session,
+    b: &mut Vec<u8>,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) {
+    let magic = if s.extended {
+        EXTENDED_REPLY_MAGIC
+    } else {
+        STRUCTURED_REPLY_MAGIC
+    };
+    b.extend_from_slice(&magic.to_be_bytes());
     b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
+    if s.extended {
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+    } else {
+        b.extend_from_slice(&(len as u32).to_be_bytes());
+    }
 }
 
-fn error_reply(s: &Session, cookie: u64, error: u32) -> Reply {
+fn error_reply(s: &Session, cookie: u64, offset: u64, error: u32) -> Reply {
     if !s.structured {
         return simple_reply(cookie, error, 0).into();
     }
     let mut b = Vec::with_capacity(26);
-    chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6);
+    chunk_header(
+        s,
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        offset,
+        6,
+    );
     b.extend_from_slice(&error.to_be_bytes());
     b.extend_from_slice(&0u16.to_be_bytes());
     b.into()
 }
 
-fn ok_reply(s: &Session, cookie: u64) -> Reply {
+fn ok_reply(s: &Session, cookie: u64, offset: u64) -> Reply {
     if !s.structured {
         return simple_reply(cookie, 0, 0).into();
     }
     let mut b = Vec::with_capacity(20);
-    chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+    chunk_header(
+        s,
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_NONE,
+        cookie,
+        offset,
+        0,
+    );
     b.into()
 }
 
@@ -542,22 +614,22 @@ async fn handle(s: &Session, r: Request) -> Reply {
             | CMD_BLOCK_STATUS
     );
     if !known || r.flags & !allowed_flags(r.kind, s) != 0 {
-        return error_reply(s, r.cookie, EINVAL);
+        return error_reply(s, r.cookie, r.offset, EINVAL);
     }
-    if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_PAYLOAD {
-        return error_reply(s, r.cookie, EINVAL);
+    if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_PAYLOAD as u64 {
+        return error_reply(s, r.cookie, r.offset, EINVAL);
     }
     let ranged = r.kind != CMD_FLUSH;
     if ranged
         && r.offset
-            .checked_add(r.len as u64)
+            .checked_add(r.len)
             .is_none_or(|end| end > node.size())
     {
-        return error_reply(s, r.cookie, EINVAL);
+        return error_reply(s, r.cookie, r.offset, EINVAL);
     }
     let writes = matches!(r.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && !s.export.writable {
-        return error_reply(s, r.cookie, EPERM);
+        return error_reply(s, r.cookie, r.offset, EPERM);
     }
     if r.kind == CMD_READ {
         return read(s, r).await;
@@ -568,7 +640,7 @@ async fn handle(s: &Session, r: Request) -> Reply {
         CMD_WRITE => node.write(r.offset, &r.payload, WriteFlags { fua }).await,
         CMD_FLUSH => node.flush().await,
         CMD_TRIM => {
-            let r2 = node.discard(r.offset, r.len as u64).await;
+            let r2 = node.discard(r.offset, r.len).await;
             match (r2, fua) {
                 (Ok(()), true) => node.flush().await,
                 (other, _) => other,
@@ -577,7 +649,7 @@ async fn handle(s: &Session, r: Request) -> Reply {
         CMD_WRITE_ZEROES => {
             node.write_zeroes(
                 r.offset,
-                r.len as u64,
+                r.len,
                 ZeroFlags {
                     fua,
                     may_unmap: r.flags & CMD_FLAG_NO_HOLE == 0,
@@ -590,7 +662,7 @@ async fn handle(s: &Session, r: Request) -> Reply {
         _ => {
             let mut buf = vec![0u8; r.len.min(1 << 20) as usize];
             let mut off = r.offset;
-            let end = r.offset + r.len as u64;
+            let end = r.offset + r.len;
             let mut res = Ok(());
             while off < end && res.is_ok() {
                 let n = ((end - off) as usize).min(buf.len());
@@ -601,36 +673,41 @@ async fn handle(s: &Session, r: Request) -> Reply {
         }
     };
     match result {
-        Ok(()) => ok_reply(s, r.cookie),
-        Err(e) => error_reply(s, r.cookie, nbd_errno(e.errno)),
+        Ok(()) => ok_reply(s, r.cookie, r.offset),
+        Err(e) => error_reply(s, r.cookie, r.offset, nbd_errno(e.errno)),
     }
 }
 
 async fn read(s: &Session, mut r: Request) -> Reply {
     let node = &s.export.node;
+    // handle() has bounded the length by MAX_PAYLOAD.
     let len = r.len as usize;
-    if s.structured && len > 0 && node.driver.known_zero(r.offset, r.len as u64) {
+    if s.structured && len > 0 && node.driver.known_zero(r.offset, r.len) {
         // A range the driver knows (cheaply) to read as zeroes goes out
         // as a hole chunk.
-        let mut b = Vec::with_capacity(32);
+        let mut b = Vec::with_capacity(44);
         chunk_header(
+            s,
             &mut b,
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_HOLE,
             r.cookie,
+            r.offset,
             12,
         );
         b.extend_from_slice(&r.offset.to_be_bytes());
-        b.extend_from_slice(&r.len.to_be_bytes());
+        b.extend_from_slice(&(r.len as u32).to_be_bytes());
         return b.into();
     }
-    let mut head = Vec::with_capacity(28);
+    let mut head = Vec::with_capacity(40);
     if s.structured {
         chunk_header(
+            s,
             &mut head,
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_DATA,
             r.cookie,
+            r.offset,
             8 + r.len,
         );
         head.extend_from_slice(&r.offset.to_be_bytes());
@@ -646,7 +723,7 @@ async fn read(s: &Session, mut r: Request) -> Reply {
     b[..head.len()].copy_from_slice(&head);
     match node.read(r.offset, &mut b[head.len()..need]).await {
         Ok(()) => Reply { buf: b, len: need },
-        Err(e) => error_reply(s, r.cookie, nbd_errno(e.errno)),
+        Err(e) => error_reply(s, r.cookie, r.offset, nbd_errno(e.errno)),
     }
 }
 
@@ -655,20 +732,20 @@ const MAX_EXTENTS: usize = 1024;
 
 async fn block_status(s: &Session, r: &Request) -> Reply {
     if !s.structured || s.contexts.is_empty() || r.len == 0 {
-        return error_reply(s, r.cookie, EINVAL);
+        return error_reply(s, r.cookie, r.offset, EINVAL);
     }
     let node = &s.export.node;
     let one = r.flags & CMD_FLAG_REQ_ONE != 0;
     let mut extents = Vec::new();
     let mut off = r.offset;
-    let end = r.offset + r.len as u64;
+    let end = r.offset + r.len;
     while off < end && extents.len() < MAX_EXTENTS {
         match node.block_status(off, end - off).await {
             Ok(e) => {
                 extents.push(e);
                 off += e.len;
             }
-            Err(e) => return error_reply(s, r.cookie, nbd_errno(e.errno)),
+            Err(e) => return error_reply(s, r.cookie, r.offset, nbd_errno(e.errno)),
         }
         if one {
             break;
@@ -677,24 +754,47 @@ async fn block_status(s: &Session, r: &Request) -> Reply {
     let mut b = Vec::new();
     for (i, ctx) in s.contexts.iter().enumerate() {
         let last = i + 1 == s.contexts.len();
-        let payload_len = 4 + 8 * extents.len() as u32;
-        chunk_header(
-            &mut b,
-            if last { REPLY_FLAG_DONE } else { 0 },
-            REPLY_TYPE_BLOCK_STATUS,
-            r.cookie,
-            payload_len,
-        );
-        b.extend_from_slice(&ctx.to_be_bytes());
-        for e in &extents {
-            let flags = match *ctx {
-                CTX_BASE => {
-                    (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
-                }
-                _ => u32::from(e.allocated),
-            };
-            b.extend_from_slice(&(e.len as u32).to_be_bytes());
-            b.extend_from_slice(&flags.to_be_bytes());
+        let flags_of = |e: &crate::block::driver::Extent| match *ctx {
+            CTX_BASE => {
+                (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+            }
+            _ => u32::from(e.allocated),
+        };
+        let done = if last { REPLY_FLAG_DONE } else { 0 };
+        if s.extended {
+            // 64-bit descriptors, as extended headers require.
+            let len = 8 + 16 * extents.len() as u64;
+            chunk_header(
+                s,
+                &mut b,
+                done,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                r.cookie,
+                r.offset,
+                len,
+            );
+            b.extend_from_slice(&ctx.to_be_bytes());
+            b.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+            for e in &extents {
+                b.extend_from_slice(&e.len.to_be_bytes());
+                b.extend_from_slice(&(flags_of(e) as u64).to_be_bytes());
+            }
+        } else {
+            let len = 4 + 8 * extents.len() as u64;
+            chunk_header(
+                s,
+                &mut b,
+                done,
+                REPLY_TYPE_BLOCK_STATUS,
+                r.cookie,
+                r.offset,
+                len,
+            );
+            b.extend_from_slice(&ctx.to_be_bytes());
+            for e in &extents {
+                b.extend_from_slice(&(e.len.min(u32::MAX as u64) as u32).to_be_bytes());
+                b.extend_from_slice(&flags_of(e).to_be_bytes());
+            }
         }
     }
     b.into()
