@@ -856,3 +856,107 @@ fn block_status_maps_match_qsd() {
         assert_eq!(first, m, "{which:?}: qemu-img map differs");
     }
 }
+
+#[test]
+fn extended_headers_and_block_status_payload() {
+    let mut s = serve(Which::Rsd, ",discard=unmap", false);
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 0 64k", &s.url("fmt", false)],
+    ));
+    let mut c = UnixStream::connect(s.dir.path("nbd.sock")).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut r = Raw { s: c };
+    let mut hello = [0u8; 18];
+    r.s.read_exact(&mut hello).expect("hello");
+    r.s.write_all(&3u32.to_be_bytes()).expect("flags");
+    r.option(11, &[]);
+    assert_eq!(r.opt_reply().0, 1, "EXTENDED_HEADERS acknowledged");
+    // SET_META_CONTEXT base:allocation on "fmt".
+    let mut d = 3u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"fmt");
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&15u32.to_be_bytes());
+    d.extend_from_slice(b"base:allocation");
+    r.option(10, &d);
+    let (kind, ctx) = r.opt_reply();
+    assert_eq!(kind, 4, "META_CONTEXT");
+    let ctx_id = u32::from_be_bytes(ctx[..4].try_into().expect("id"));
+    assert_eq!(r.opt_reply().0, 1);
+    let mut d = 3u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"fmt");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    r.option(7, &d);
+    let mut flags = 0;
+    loop {
+        let (kind, data) = r.opt_reply();
+        if kind == 1 {
+            break;
+        }
+        if data[..2] == [0, 0] {
+            flags = u16::from_be_bytes(data[10..12].try_into().expect("flags"));
+        }
+    }
+    assert_eq!(flags, 0x1ded, "QSD's flags, block-status payload included");
+    let ext = |kind: u16, flags: u16, cookie: u64, offset: u64, len: u64| {
+        let mut b = 0x21e4_1c71u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    };
+    let reply = |r: &mut Raw| -> (u16, u64, u64, Vec<u8>) {
+        let mut h = [0u8; 32];
+        r.s.read_exact(&mut h).expect("reply header");
+        assert_eq!(
+            u32::from_be_bytes(h[..4].try_into().expect("m")),
+            0x6e8a_278c,
+            "extended reply"
+        );
+        let kind = u16::from_be_bytes(h[6..8].try_into().expect("t"));
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("c"));
+        let offset = u64::from_be_bytes(h[16..24].try_into().expect("o"));
+        let len = u64::from_be_bytes(h[24..32].try_into().expect("l"));
+        let mut p = vec![0u8; len as usize];
+        r.s.read_exact(&mut p).expect("payload");
+        (kind, cookie, offset, p)
+    };
+    // READ: one OFFSET_DATA chunk with the data.
+    r.s.write_all(&ext(0, 0, 1, 4096, 4096)).expect("read");
+    let (kind, cookie, offset, p) = reply(&mut r);
+    assert_eq!((kind, cookie, offset, p.len()), (1, 1, 4096, 8 + 4096));
+    assert!(p[8..].iter().all(|b| *b == 1));
+    // BLOCK_STATUS with a payload naming the context and 1 MiB of interest.
+    let mut bs = ext(7, 1 << 5, 2, 0, 12);
+    bs.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    bs.extend_from_slice(&ctx_id.to_be_bytes());
+    r.s.write_all(&bs).expect("block status");
+    let (kind, cookie, _, p) = reply(&mut r);
+    assert_eq!((kind, cookie), (6, 2), "BLOCK_STATUS_EXT");
+    assert_eq!(u32::from_be_bytes(p[..4].try_into().expect("id")), ctx_id);
+    let n = u32::from_be_bytes(p[4..8].try_into().expect("n")) as usize;
+    assert_eq!(p.len(), 8 + 16 * n);
+    let first_len = u64::from_be_bytes(p[8..16].try_into().expect("len"));
+    let first_flags = u64::from_be_bytes(p[16..24].try_into().expect("flags"));
+    assert_eq!((first_len, first_flags), (65536, 0), "data first");
+    // A payload naming an unknown context: EINVAL as an error chunk.
+    let mut bad = ext(7, 1 << 5, 3, 0, 12);
+    bad.extend_from_slice(&4096u64.to_be_bytes());
+    bad.extend_from_slice(&999u32.to_be_bytes());
+    r.s.write_all(&bad).expect("bad block status");
+    let (kind, cookie, _, p) = reply(&mut r);
+    assert_eq!((kind, cookie), (32769, 3));
+    assert_eq!(u32::from_be_bytes(p[..4].try_into().expect("err")), 22);
+    // A classic 28-byte request is a protocol violation once extended.
+    let mut old = Raw::request(0, 0, 4, 0, 512);
+    old.extend_from_slice(&[0u8; 4]);
+    r.s.write_all(&old).expect("old header");
+    let mut b = [0u8; 1];
+    let t = std::time::Instant::now();
+    assert_eq!(r.s.read(&mut b).expect("EOF, not a timeout"), 0, "closed");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    s.quit();
+}

@@ -60,7 +60,7 @@ async fn opt_reply(wr: &mut Writer, opt: u32, kind: u32, data: &[u8]) -> std::io
     wr.write_all(&b).await
 }
 
-fn transmission_flags(e: &Export) -> u16 {
+fn transmission_flags(e: &Export, extended: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS
         | FLAG_SEND_FLUSH
         | FLAG_SEND_FUA
@@ -71,6 +71,10 @@ fn transmission_flags(e: &Export) -> u16 {
         f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     } else {
         f |= FLAG_READ_ONLY;
+    }
+    if extended {
+        // BLOCK_STATUS may carry a payload (a length and context ids).
+        f |= FLAG_BLOCK_STAT_PAYLOAD;
     }
     f
 }
@@ -147,7 +151,7 @@ async fn negotiate(
                 };
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&export.node.size().to_be_bytes());
-                b.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+                b.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -237,7 +241,7 @@ async fn negotiate(
                 opt_reply(wr, opt, REP_INFO, &d).await?;
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&export.node.size().to_be_bytes());
-                d.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+                d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 opt_reply(wr, opt, REP_INFO, &d).await?;
                 opt_reply(wr, opt, REP_ACK, &[]).await?;
                 if opt == OPT_GO {
@@ -358,6 +362,10 @@ struct Request {
     payload: Vec<u8>,
     /// A pooled buffer for a READ's reply.
     buf: Vec<u8>,
+    /// BLOCK_STATUS with a payload: the contexts asked for (None = all).
+    contexts: Option<Vec<u32>>,
+    /// The request's payload was malformed (answered with EINVAL).
+    invalid: bool,
 }
 
 /// Reads requests until DISC, EOF, a bad magic or the export closing.
@@ -446,6 +454,18 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
     let _ = w.shutdown().await;
 }
 
+/// Reads and drops `len` bytes of a payload rsd will refuse.
+async fn drain(rd: &mut (impl AsyncRead + Unpin), len: u64) -> std::io::Result<()> {
+    let mut left = len;
+    let mut sink = vec![0u8; 1 << 16];
+    while left > 0 {
+        let n = left.min(sink.len() as u64) as usize;
+        rd.read_exact(&mut sink[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 /// The size of a request header.
 fn header_len(extended: bool) -> usize {
     if extended {
@@ -486,7 +506,25 @@ async fn read_request(
         be32(24) as u64
     };
     let mut payload = Vec::new();
-    if kind == CMD_WRITE {
+    let mut len = len;
+    let mut contexts = None;
+    let mut invalid = false;
+    if kind == CMD_BLOCK_STATUS && flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+        // The payload: the length of interest, then the context ids.
+        if !(8..=4096).contains(&len) || !(len - 8).is_multiple_of(4) {
+            drain(rd, len).await?;
+            invalid = true;
+        } else {
+            let mut p = vec![0u8; len as usize];
+            rd.read_exact(&mut p).await?;
+            let ids = p[8..]
+                .chunks_exact(4)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            len = u64::from_be_bytes(p[..8].try_into().unwrap_or_default());
+            contexts = Some(ids);
+        }
+    } else if kind == CMD_WRITE {
         if len <= MAX_PAYLOAD as u64 {
             // Filled straight from the socket: no zeroing first.
             payload = Vec::with_capacity(len as usize);
@@ -498,13 +536,7 @@ async fn read_request(
             }
         } else {
             // Too big to accept: drain it so the stream stays in sync.
-            let mut left = len;
-            let mut sink = vec![0u8; 1 << 16];
-            while left > 0 {
-                let n = left.min(sink.len() as u64) as usize;
-                rd.read_exact(&mut sink[..n]).await?;
-                left -= n as u64;
-            }
+            drain(rd, len).await?;
         }
     }
     Ok(Some(Request {
@@ -515,6 +547,8 @@ async fn read_request(
         len,
         payload,
         buf: Vec::new(),
+        contexts,
+        invalid,
     }))
 }
 
@@ -596,6 +630,7 @@ fn allowed_flags(kind: u16, s: &Session) -> u16 {
         CMD_READ if s.structured => CMD_FLAG_DF,
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS if s.extended => CMD_FLAG_REQ_ONE | CMD_FLAG_PAYLOAD_LEN,
         CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
         _ => 0,
     }
@@ -613,7 +648,7 @@ async fn handle(s: &Session, r: Request) -> Reply {
             | CMD_WRITE_ZEROES
             | CMD_BLOCK_STATUS
     );
-    if !known || r.flags & !allowed_flags(r.kind, s) != 0 {
+    if r.invalid || !known || r.flags & !allowed_flags(r.kind, s) != 0 {
         return error_reply(s, r.cookie, r.offset, EINVAL);
     }
     if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_PAYLOAD as u64 {
@@ -751,9 +786,22 @@ async fn block_status(s: &Session, r: &Request) -> Reply {
             break;
         }
     }
+    // A payload may narrow the contexts to report, among those selected.
+    let mut wanted: Vec<u32> = Vec::new();
+    for id in r.contexts.as_deref().unwrap_or(&s.contexts) {
+        if !s.contexts.contains(id) {
+            return error_reply(s, r.cookie, r.offset, EINVAL);
+        }
+        if !wanted.contains(id) {
+            wanted.push(*id);
+        }
+    }
+    if wanted.is_empty() {
+        return error_reply(s, r.cookie, r.offset, EINVAL);
+    }
     let mut b = Vec::new();
-    for (i, ctx) in s.contexts.iter().enumerate() {
-        let last = i + 1 == s.contexts.len();
+    for (i, ctx) in wanted.iter().enumerate() {
+        let last = i + 1 == wanted.len();
         let flags_of = |e: &crate::block::driver::Extent| match *ctx {
             CTX_BASE => {
                 (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
