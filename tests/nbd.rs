@@ -212,11 +212,13 @@ fn qemu_nbd_list_and_qsd_as_client() {
         "{list}"
     );
     assert!(
-        list.contains("flags: 0xded ( flush fua trim zeroes df multi cache fast-zero )"),
+        list.contains(
+            "flags: 0x1ded ( flush fua trim zeroes df multi cache fast-zero block-status-payload )"
+        ),
         "{list}"
     );
     assert!(
-        list.contains("flags: 0x58f ( readonly flush fua df multi cache )"),
+        list.contains("flags: 0x158f ( readonly flush fua df multi cache block-status-payload )"),
         "{list}"
     );
     assert!(list.contains("qemu:allocation-depth"), "{list}");
@@ -864,7 +866,7 @@ fn extended_headers_and_block_status_payload() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 1 0 64k", &s.url("fmt", false)],
     ));
-    let mut c = UnixStream::connect(s.dir.path("nbd.sock")).expect("connect");
+    let c = UnixStream::connect(s.dir.path("nbd.sock")).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut r = Raw { s: c };
@@ -959,4 +961,22 @@ fn extended_headers_and_block_status_payload() {
     assert_eq!(r.s.read(&mut b).expect("EOF, not a timeout"), 0, "closed");
     assert!(t.elapsed() < Duration::from_secs(5));
     s.quit();
+}
+
+#[test]
+fn qemu_nbd_listing_equals_qsd() {
+    let mut lists = Vec::new();
+    for which in Which::all() {
+        let mut s = serve(which, "", false);
+        lists.push(ok(&run("qemu-nbd", &["-L", "-k", &s.dir.s("nbd.sock")])));
+        s.quit();
+    }
+    assert!(
+        lists[0].contains("transaction size: 64-bit"),
+        "{}",
+        lists[0]
+    );
+    for l in &lists[1..] {
+        assert_eq!(&lists[0], l);
+    }
 }
