@@ -980,3 +980,43 @@ fn qemu_nbd_listing_equals_qsd() {
         assert_eq!(&lists[0], l);
     }
 }
+
+#[test]
+fn max_connections_holds_back_extra_clients() {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("disk.img"), "1M");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=disk,filename={}", dir.s("disk.img")),
+        "--nbd-server",
+        &format!(
+            "addr.type=unix,addr.path={},max-connections=1",
+            dir.s("nbd.sock")
+        ),
+        "--export",
+        "type=nbd,id=e,node-name=disk,writable=on,writethrough=on",
+        "--pidfile",
+        &dir.s("p.pid"),
+    ]));
+    let _d = Daemon::spawn(Which::Rsd, &a);
+    assert!(wait_for_path(&dir.path("p.pid"), 10));
+    let (first, _, _) = Raw::connect(&dir.path("nbd.sock"), "disk", false);
+    let mut second = UnixStream::connect(dir.path("nbd.sock")).expect("connect");
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut hello = [0u8; 18];
+    assert!(
+        second.read_exact(&mut hello).is_err(),
+        "no greeting while the first is connected"
+    );
+    drop(first);
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    second
+        .read_exact(&mut hello)
+        .expect("greeting once the first left");
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+}

@@ -162,6 +162,9 @@ impl ControlState {
                 .map(str::to_string),
             node,
             writable,
+            args.get("writethrough")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             args.get("allocation-depth")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),

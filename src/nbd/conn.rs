@@ -669,7 +669,7 @@ async fn handle(s: &Session, r: Request) -> Reply {
     if r.kind == CMD_READ {
         return read(s, r).await;
     }
-    let fua = r.flags & CMD_FLAG_FUA != 0;
+    let fua = r.flags & CMD_FLAG_FUA != 0 || s.export.writethrough;
     let result = match r.kind {
         CMD_BLOCK_STATUS => return block_status(s, &r).await,
         CMD_WRITE => node.write(r.offset, &r.payload, WriteFlags { fua }).await,

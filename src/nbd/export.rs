@@ -13,6 +13,8 @@ pub struct Export {
     pub description: Option<String>,
     pub node: Arc<Node>,
     pub writable: bool,
+    /// writethrough=on: every write is made stable before it completes.
+    pub writethrough: bool,
     pub allocation_depth: bool,
     /// The graph user holding this export's permissions.
     pub user: u64,
@@ -28,6 +30,7 @@ impl Export {
         description: Option<String>,
         node: Arc<Node>,
         writable: bool,
+        writethrough: bool,
         allocation_depth: bool,
         user: u64,
     ) -> Arc<Export> {
@@ -37,6 +40,7 @@ impl Export {
             description,
             node,
             writable,
+            writethrough,
             allocation_depth,
             user,
             clients: AtomicUsize::new(0),
