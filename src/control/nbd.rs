@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::{arg_str, ControlState};
 use crate::block::perm::Perm;
-use crate::nbd::export::Export;
+use crate::nbd::export::{Export, ExportConfig};
 use crate::nbd::server::{Server, ServerActor, REGISTRY_NAME};
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
@@ -154,22 +154,20 @@ impl ControlState {
                 return Err(e);
             }
         };
-        let export = Export::new(
+        let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let export = Export::new(ExportConfig {
             id,
             name,
-            args.get("description")
+            description: args
+                .get("description")
                 .and_then(Value::as_str)
                 .map(str::to_string),
             node,
             writable,
-            args.get("writethrough")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            args.get("allocation-depth")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            writethrough: flag("writethrough"),
+            allocation_depth: flag("allocation-depth"),
             user,
-        );
+        });
         self.exports.add(export);
         Ok(())
     }

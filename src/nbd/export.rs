@@ -23,26 +23,30 @@ pub struct Export {
     closing: watch::Sender<bool>,
 }
 
+/// What block-export-add asked for.
+pub struct ExportConfig {
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub node: Arc<Node>,
+    pub writable: bool,
+    pub writethrough: bool,
+    pub allocation_depth: bool,
+    /// The graph user holding the export's permissions.
+    pub user: u64,
+}
+
 impl Export {
-    pub fn new(
-        id: String,
-        name: String,
-        description: Option<String>,
-        node: Arc<Node>,
-        writable: bool,
-        writethrough: bool,
-        allocation_depth: bool,
-        user: u64,
-    ) -> Arc<Export> {
+    pub fn new(c: ExportConfig) -> Arc<Export> {
         Arc::new(Export {
-            id,
-            name,
-            description,
-            node,
-            writable,
-            writethrough,
-            allocation_depth,
-            user,
+            id: c.id,
+            name: c.name,
+            description: c.description,
+            node: c.node,
+            writable: c.writable,
+            writethrough: c.writethrough,
+            allocation_depth: c.allocation_depth,
+            user: c.user,
             clients: AtomicUsize::new(0),
             closing: watch::channel(false).0,
         })
