@@ -19,8 +19,8 @@ const MAX_OPTION_LEN: u32 = 64 << 10;
 const CTX_BASE: u32 = 1;
 const CTX_DEPTH: u32 = 2;
 
-type Reader = std::pin::Pin<Box<dyn AsyncRead + Send>>;
-type Writer = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
+pub type Reader = std::pin::Pin<Box<dyn AsyncRead + Send>>;
+pub type Writer = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 
 /// Serves one client until it disconnects or the export closes.
 pub async fn serve(mut rd: Reader, mut wr: Writer, exports: Exports) {
