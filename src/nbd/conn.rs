@@ -107,6 +107,28 @@ impl<'a> Payload<'a> {
     }
 }
 
+/// The export an option's payload names. Replies ERR_INVALID to a
+/// malformed payload and ERR_UNKNOWN to an unknown name, then gives None.
+async fn named_export<T>(
+    wr: &mut Writer,
+    opt: u32,
+    exports: &Exports,
+    parsed: Option<(String, T)>,
+) -> std::io::Result<Option<(Arc<Export>, String, T)>> {
+    let Some((name, rest)) = parsed else {
+        opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+        return Ok(None);
+    };
+    match exports.find(&name) {
+        Some(e) => Ok(Some((e, name, rest))),
+        None => {
+            let msg = format!("export '{name}' not present");
+            opt_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+            Ok(None)
+        }
+    }
+}
+
 /// The meta contexts an export offers that match `query`.
 fn match_contexts(e: &Export, query: &str) -> Vec<(u32, &'static str)> {
     let mut all = vec![(CTX_BASE, "base:allocation")];
@@ -212,13 +234,8 @@ async fn negotiate(
                     let reqs: Option<Vec<u16>> = (0..n).map(|_| p.u16()).collect();
                     p.0.is_empty().then_some((name, reqs?))
                 })();
-                let Some((name, reqs)) = parsed else {
-                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
-                    continue;
-                };
-                let Some(export) = exports.find(&name) else {
-                    let msg = format!("export '{name}' not present");
-                    opt_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                let Some((export, name, reqs)) = named_export(wr, opt, exports, parsed).await?
+                else {
                     continue;
                 };
                 if reqs.contains(&INFO_NAME) {
@@ -270,13 +287,8 @@ async fn negotiate(
                     let qs: Option<Vec<String>> = (0..n).map(|_| p.string()).collect();
                     p.0.is_empty().then_some((name, qs?))
                 })();
-                let Some((name, queries)) = parsed else {
-                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
-                    continue;
-                };
-                let Some(export) = exports.find(&name) else {
-                    let msg = format!("export '{name}' not present");
-                    opt_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                let Some((export, name, queries)) = named_export(wr, opt, exports, parsed).await?
+                else {
                     continue;
                 };
                 let mut found: Vec<(u32, &'static str)> = Vec::new();
