@@ -36,13 +36,11 @@ pub struct Options {
 pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     let test_hooks = std::env::var_os("RSD_TEST_HOOKS").is_some_and(|v| v == "1");
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
-    let escalate_tx = shutdown_tx.clone();
     let supervisor = match Actor::spawn(
         Some("root".into()),
         Supervisor {
             on_escalate: Arc::new(move |child, reason| {
                 tracing::error!(%child, %reason, "child could not be kept running");
-                let _ = &escalate_tx;
             }),
         },
         (),

@@ -372,8 +372,8 @@ mod tests {
         panic!("actor {name} did not come back");
     }
 
-    #[tokio::test]
-    async fn permanent_child_restarts_temporary_is_removed() {
+    /// A supervisor that counts its escalations.
+    async fn counting_supervisor() -> (ActorRef<SupervisorMsg>, Arc<AtomicUsize>) {
         let escalations = Arc::new(AtomicUsize::new(0));
         let e2 = escalations.clone();
         let (sup, _) = Actor::spawn(
@@ -387,6 +387,12 @@ mod tests {
         )
         .await
         .expect("spawn supervisor");
+        (sup, escalations)
+    }
+
+    #[tokio::test]
+    async fn permanent_child_restarts_temporary_is_removed() {
+        let (sup, escalations) = counting_supervisor().await;
         let starts = Arc::new(AtomicUsize::new(0));
         start_child(&sup, spec("perm", Restart::Permanent, starts.clone()))
             .await
@@ -425,19 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn restart_intensity_escalates() {
-        let escalations = Arc::new(AtomicUsize::new(0));
-        let e2 = escalations.clone();
-        let (sup, _) = Actor::spawn(
-            None,
-            Supervisor {
-                on_escalate: Arc::new(move |_, _| {
-                    e2.fetch_add(1, Ordering::SeqCst);
-                }),
-            },
-            (),
-        )
-        .await
-        .expect("spawn supervisor");
+        let (sup, escalations) = counting_supervisor().await;
         let starts = Arc::new(AtomicUsize::new(0));
         let mut s = spec("flappy", Restart::Permanent, starts.clone());
         s.max_restarts = 2;

@@ -257,17 +257,6 @@ fn rw_loop(
     Ok(Nowait::Done)
 }
 
-fn rw_nowait(
-    fd: RawFd,
-    buf: *mut u8,
-    len: usize,
-    off: u64,
-    write: bool,
-    extra: i32,
-) -> std::io::Result<Nowait> {
-    rw_loop(fd, buf, len, off, write, extra, true)
-}
-
 /// The blocking counterpart, on an owned buffer.
 fn rw_blocking(
     file: &File,
@@ -321,7 +310,7 @@ impl FileDriver {
         }
         let nowait = &self.nowait[write as usize];
         if !self.direct && nowait.load(Ordering::Relaxed) {
-            match rw_nowait(self.fd(), ptr, total, offset, write, extra)? {
+            match rw_loop(self.fd(), ptr, total, offset, write, extra, true)? {
                 Nowait::Done => return Ok(()),
                 Nowait::Partial(n) => done = n,
                 Nowait::Unsupported(n) => {
