@@ -7,7 +7,7 @@ every server in turn), and the script prints per-row medians: IOPS or
 MiB/s, the server's CPU time per I/O, and the ratios rsd/QSD and
 rsd/nbdkit.
 
-Usage: python3 bench/nbd.py [--runtime SECS] [--repeats N] [--rsd PATH]
+Usage: python3 bench/nbd.py [--runtime SECS] [--repeats N] [--only LABEL] [--rsd PATH]
 Needs fio and nbdkit: apt-get install -y fio nbdkit (done here if root).
 Not part of CI.
 """
@@ -84,8 +84,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="run only the rows whose label contains this")
     ap.add_argument("--rsd", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "rsd"))
     a = ap.parse_args()
+    workloads = [w for w in WORKLOADS if a.only in w[0]]
     ensure_tools()
     if not os.path.exists(a.rsd):
         subprocess.run(["cargo", "build", "--release", "--bin", "rsd"], check=True,
@@ -97,10 +99,10 @@ def main():
         for _ in range(1024):
             f.write(chunk)
     servers = start_servers(d, img, os.path.abspath(a.rsd))
-    res = {(w[0], s): [] for w in WORKLOADS for s in servers}
+    res = {(w[0], s): [] for w in workloads for s in servers}
     try:
         for _ in range(a.repeats):
-            for (label, rw, bs, qd) in WORKLOADS:
+            for (label, rw, bs, qd) in workloads:
                 for s, (p, uri) in servers.items():
                     c0 = cpu_seconds(p.pid)
                     iops, mibs, ios = run_fio(uri, rw, bs, qd, a.runtime)
@@ -113,7 +115,7 @@ def main():
     print(f"fio nbd engine, 1 GiB raw on tmpfs, UNIX sockets, {a.repeats} repeats x {a.runtime}s, medians")
     print(f"{'workload':<18} {'rsd':>12} {'qsd':>12} {'nbdkit':>12} {'rsd/qsd':>8} {'rsd/nbdkit':>10}   "
           f"{'cpu us/io rsd':>13} {'qsd':>6} {'nbdkit':>7}")
-    for (label, rw, bs, qd) in WORKLOADS:
+    for (label, rw, bs, qd) in workloads:
         big = bs != "4k"
         med = {}
         for s in servers:

@@ -50,6 +50,9 @@ pub struct FileDriver {
     locking: bool,
     /// The perm/shared pair the lock bytes currently express.
     held: Mutex<(Perm, Perm)>,
+    /// Cleared for good once the file is seen holding data, so reads of
+    /// a written file never pay for an fstat in `known_zero`.
+    maybe_empty: std::sync::atomic::AtomicBool,
 }
 
 fn os_err(e: &std::io::Error) -> String {
@@ -114,6 +117,7 @@ impl FileDriver {
             })
             .unwrap_or(false);
         let d = FileDriver {
+            maybe_empty: std::sync::atomic::AtomicBool::new(true),
             driver,
             memory_backed,
             nowait: [
@@ -567,7 +571,14 @@ impl Driver for FileDriver {
 
     /// Only the cheap case: a file with nothing allocated reads as zeroes.
     fn known_zero(&self, _offset: u64, _len: u64) -> bool {
-        !self.block_device && self.allocated_size() == Some(0)
+        if self.block_device || !self.maybe_empty.load(Ordering::Relaxed) {
+            return false;
+        }
+        let empty = self.allocated_size() == Some(0);
+        if !empty {
+            self.maybe_empty.store(false, Ordering::Relaxed);
+        }
+        empty
     }
 }
 

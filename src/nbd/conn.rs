@@ -13,6 +13,8 @@ use crate::block::driver::{WriteFlags, ZeroFlags};
 
 /// Requests in flight per connection; the reader waits beyond this.
 const MAX_IN_FLIGHT: usize = 64;
+/// Writes at least this large are copied on a blocking-pool thread.
+const OFFLOAD_WRITE: u64 = 256 << 10;
 /// Option payloads beyond this end the connection.
 const MAX_OPTION_LEN: u32 = 64 << 10;
 
@@ -401,7 +403,7 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
             break;
         };
         let req = tokio::select! {
-            r = read_request(&mut rd, s.extended) => r,
+            r = read_request(&mut rd, s.extended, &pool) => r,
             _ = closing.wait_for(|c| *c) => break,
         };
         let Ok(Some(mut req)) = req else { break };
@@ -412,8 +414,29 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
             break;
         }
         let s2 = s.clone();
+        let offload = req.kind == CMD_WRITE && req.len >= OFFLOAD_WRITE;
+        let (cookie, offset) = (req.cookie, req.offset);
+        let payload = std::mem::take(&mut req.payload);
+        let pool2 = pool.clone();
         let mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>> =
-            Box::pin(async move { handle(&s2, req).await });
+            Box::pin(async move {
+                let reply = handle(&s2, req, &payload).await;
+                pool2.give(payload);
+                reply
+            });
+        if offload {
+            // A large write is copied on another thread while this one
+            // reads the next payload from the socket: both cores work.
+            let rt = tokio::runtime::Handle::current();
+            let job = tokio::task::spawn_blocking(move || rt.block_on(fut));
+            let s3 = s.clone();
+            fut = Box::pin(async move {
+                match job.await {
+                    Ok(reply) => reply,
+                    Err(_) => error_reply(&s3, cookie, offset, EIO),
+                }
+            });
+        }
         let first = {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             fut.as_mut().poll(&mut cx)
@@ -491,6 +514,7 @@ fn header_len(extended: bool) -> usize {
 async fn read_request(
     rd: &mut (impl AsyncRead + Unpin),
     extended: bool,
+    pool: &BufPool,
 ) -> std::io::Result<Option<Request>> {
     let mut h = [0u8; 32];
     let h = &mut h[..header_len(extended)];
@@ -538,8 +562,13 @@ async fn read_request(
         }
     } else if kind == CMD_WRITE {
         if len <= MAX_PAYLOAD as u64 {
-            // Filled straight from the socket: no zeroing first.
-            payload = Vec::with_capacity(len as usize);
+            // Filled straight from the socket: no zeroing first. Large
+            // payloads reuse pooled buffers (no page faults per request).
+            if len > 64 << 10 {
+                payload = pool.take();
+                payload.clear();
+            }
+            payload.reserve_exact(len as usize);
             while payload.len() < len as usize {
                 let want = (len as usize - payload.len()) as u64;
                 if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
@@ -648,7 +677,7 @@ fn allowed_flags(kind: u16, s: &Session) -> u16 {
     }
 }
 
-async fn handle(s: &Session, r: Request) -> Reply {
+async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
     let node = &s.export.node;
     let known = matches!(
         r.kind,
@@ -684,7 +713,7 @@ async fn handle(s: &Session, r: Request) -> Reply {
     let fua = r.flags & CMD_FLAG_FUA != 0 || s.export.writethrough;
     let result = match r.kind {
         CMD_BLOCK_STATUS => return block_status(s, &r).await,
-        CMD_WRITE => node.write(r.offset, &r.payload, WriteFlags { fua }).await,
+        CMD_WRITE => node.write(r.offset, payload, WriteFlags { fua }).await,
         CMD_FLUSH => node.flush().await,
         CMD_TRIM => {
             let r2 = node.discard(r.offset, r.len).await;
