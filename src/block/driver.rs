@@ -52,8 +52,9 @@ pub struct Extent {
     pub data: bool,
     /// The range reads as zeroes.
     pub zero: bool,
-    /// Allocated in this node (as opposed to a backing node).
-    pub allocated: bool,
+    /// Where the range is allocated, as qemu:allocation-depth counts it:
+    /// 1 in this node, 2 in its backing node and so on; 0 nowhere.
+    pub depth: u32,
 }
 
 pub trait Driver: Send + Sync + 'static {
@@ -77,7 +78,7 @@ pub trait Driver: Send + Sync + 'static {
     }
     /// The permissions this node needs on its children given what its own
     /// parents need (`perm`) and share (`shared`). Filters pass them on.
-    fn child_perms(&self, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    fn child_perms(&self, _role: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
         (perm, shared)
     }
     /// Takes the host-level locks for this node's cumulative permissions
@@ -94,5 +95,13 @@ pub trait Driver: Send + Sync + 'static {
     /// True for drivers QEMU reports `dirty-flag`/`format-specific` for.
     fn has_image_info(&self) -> bool {
         true
+    }
+    /// QAPI ImageInfoSpecific for query-named-block-nodes, if any.
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// The cluster size, for drivers that have one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
     }
 }

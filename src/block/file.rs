@@ -519,7 +519,7 @@ impl Driver for FileDriver {
                 len: n.clamp(1, len.max(1)),
                 data: ok,
                 zero: !ok,
-                allocated: true,
+                depth: 1,
             };
             if self.block_device {
                 return Ok(data(true, len));

@@ -10,7 +10,9 @@ use super::file::{FileDriver, FileOptions};
 use super::node::{CommonOptions, DetectZeroes, Node};
 use super::null::{NullDriver, DEFAULT_SIZE};
 use super::perm::Perm;
+use super::qcow2::{self, Qcow2};
 use super::raw::RawDriver;
+use super::wait::wait;
 
 /// Something using a node from outside the graph (an export, a job, the
 /// transient user of block_resize).
@@ -53,6 +55,8 @@ pub struct Graph {
     pub entries: Vec<Entry>,
     auto_counter: u32,
     next_user: u64,
+    /// Images whose backing files are being opened (loop detection).
+    chain: Vec<String>,
 }
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
@@ -238,6 +242,11 @@ impl Graph {
                     });
                     (Box::new(raw), Value::Object(j), plain)
                 }
+                "qcow2" => {
+                    let (drv, j, plain, edges) = self.open_qcow2(opts, read_only)?;
+                    children.extend(edges);
+                    (Box::new(drv), j, plain)
+                }
                 "null-co" | "null-aio" => {
                     let size = u(opts, "size").unwrap_or(DEFAULT_SIZE);
                     let zeroes = b(opts, "read-zeroes").unwrap_or(false);
@@ -277,6 +286,119 @@ impl Graph {
             shared: Perm::ALL,
         });
         Ok(name)
+    }
+
+    fn node_of(&self, name: &str) -> Result<Arc<Node>, String> {
+        self.find(name)
+            .map(|e| e.node.clone())
+            .ok_or_else(|| "lost child".to_string())
+    }
+
+    /// Opens a qcow2 node: its file, then the data file and backing
+    /// node (given, or named by the image's header), then the image.
+    #[allow(clippy::type_complexity)]
+    fn open_qcow2(
+        &mut self,
+        opts: &Map<String, Value>,
+        read_only: bool,
+    ) -> Result<(Qcow2, Value, Option<String>, Vec<Edge>), String> {
+        let edge = |role: &'static str, child: &str| Edge {
+            role,
+            child: child.to_string(),
+            perm: Perm::NONE,
+            shared: Perm::ALL,
+        };
+        let file = self.child(opts, "file", read_only)?;
+        let file_node = self.node_of(&file)?;
+        let file_entry = self.find(&file);
+        let file_json = file_entry.map(|e| e.json.clone()).unwrap_or(Value::Null);
+        let file_plain = file_entry.and_then(|e| e.plain_filename.clone());
+        let header = wait(qcow2::read_header(&file_node)).map_err(|e| e.msg)?;
+        let mut edges = vec![edge("file", &file)];
+        // Names in the header are relative to the image's directory.
+        let dir = file_plain
+            .as_deref()
+            .and_then(|f| std::path::Path::new(f).parent())
+            .map(|d| d.to_path_buf())
+            .unwrap_or_default();
+        let resolve = |name: &str| -> String {
+            if name.starts_with('/') || dir.as_os_str().is_empty() {
+                name.to_string()
+            } else {
+                dir.join(name).to_string_lossy().into_owned()
+            }
+        };
+        let data = match opts.get("data-file") {
+            Some(_) => Some(self.child(opts, "data-file", read_only)?),
+            None if header.has_data_file() => {
+                let Some(name) = &header.data_file else {
+                    return Err(
+                        "Could not open data file: 'data-file' is required for this image".into(),
+                    );
+                };
+                let mut o = Map::new();
+                o.insert("driver".into(), json!("file"));
+                o.insert("filename".into(), json!(resolve(name)));
+                Some(self.open(&o, Some(read_only))?)
+            }
+            None => None,
+        };
+        if let Some(d) = &data {
+            edges.push(edge("data-file", d));
+        }
+        let backing = match opts.get("backing") {
+            Some(Value::Null) => None,
+            Some(_) => Some(self.child(opts, "backing", true)?),
+            None => match &header.backing_file {
+                Some(name) => {
+                    let path = resolve(name);
+                    if self.chain.contains(&path) || Some(&path) == file_plain.as_ref() {
+                        return Err(format!(
+                            "Backing file '{path}' creates a loop in the backing chain"
+                        ));
+                    }
+                    if self.chain.len() >= 64 {
+                        return Err("Backing chain too deep".into());
+                    }
+                    let fmt = match &header.backing_format {
+                        Some(f) => f.clone(),
+                        None => qcow2::probe(&path),
+                    };
+                    let mut o = Map::new();
+                    o.insert("driver".into(), json!(fmt));
+                    o.insert("file".into(), json!({"driver": "file", "filename": path}));
+                    if let Some(f) = &file_plain {
+                        self.chain.push(f.clone());
+                    }
+                    let r = self.open(&o, Some(true));
+                    if file_plain.is_some() {
+                        self.chain.pop();
+                    }
+                    Some(r.map_err(|e| format!("Could not open backing file: {e}"))?)
+                }
+                None => None,
+            },
+        };
+        if let Some(b) = &backing {
+            edges.push(edge("backing", b));
+        }
+        let data_node = data.as_deref().map(|d| self.node_of(d)).transpose()?;
+        let backing_node = backing.as_deref().map(|b| self.node_of(b)).transpose()?;
+        let q_opts = qcow2::Qcow2Options {
+            l2_cache_size: u(opts, "l2-cache-size").or_else(|| u(opts, "cache-size")),
+        };
+        let drv = wait(qcow2::Qcow2::open(
+            file_node,
+            data_node,
+            backing_node,
+            read_only,
+            &q_opts,
+        ))
+        .map_err(|e| e.msg)?;
+        let mut j = Map::new();
+        j.insert("driver".into(), json!("qcow2"));
+        j.insert("file".into(), file_json);
+        Ok((drv, Value::Object(j), file_plain, edges))
     }
 
     /// Resolves a child given by reference (a node name) or inline.
@@ -436,11 +558,11 @@ impl Graph {
                 return Err("Block node is read-only".into());
             }
             cum[i] = (perm, shared);
-            let (cp, mut cs) = node.driver.child_perms(perm, shared);
-            if node.opts.force_share {
-                cs = Perm::ALL;
-            }
-            for e in edges[i].iter_mut() {
+            for (e, c) in edges[i].iter_mut().zip(&self.entries[i].children) {
+                let (cp, mut cs) = node.driver.child_perms(c.role, perm, shared);
+                if node.opts.force_share {
+                    cs = Perm::ALL;
+                }
                 *e = (cp, cs);
             }
         }

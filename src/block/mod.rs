@@ -9,7 +9,9 @@ pub mod lock;
 pub mod node;
 pub mod null;
 pub mod perm;
+pub mod qcow2;
 pub mod raw;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+pub mod wait;

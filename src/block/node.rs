@@ -63,7 +63,12 @@ impl Node {
         if changes && self.opts.read_only {
             return Err(BlockError::perm("Block node is read-only"));
         }
-        if out_of_range(offset, len, self.size()) {
+        // Writes may go past the end: a format grows its file that way
+        // (QEMU's node layer allows it too; exports check their own size).
+        let grows = changes && what != "discard";
+        if (grows && offset.checked_add(len).is_none())
+            || (!grows && out_of_range(offset, len, self.size()))
+        {
             counter
                 .invalid
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

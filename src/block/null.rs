@@ -77,7 +77,7 @@ impl Driver for NullDriver {
                 len: len.max(1),
                 data: !self.read_zeroes,
                 zero: self.read_zeroes,
-                allocated: true,
+                depth: 1,
             })
         })
     }

@@ -99,7 +99,7 @@ impl Driver for RawDriver {
             Ok(())
         })
     }
-    fn child_perms(&self, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    fn child_perms(&self, _role: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
         if !self.has_window() {
             return (perm, shared);
         }

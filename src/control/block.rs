@@ -105,6 +105,12 @@ impl ControlState {
                     json!({"type": "file", "data": {}}),
                 );
             }
+            if let Some(fs) = node.driver.format_specific() {
+                image.insert("format-specific".into(), fs);
+            }
+            if let Some(cs) = node.driver.cluster_size() {
+                image.insert("cluster-size".into(), json!(cs));
+            }
             image.insert("dirty-flag".into(), json!(false));
         }
         json!({

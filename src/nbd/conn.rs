@@ -847,7 +847,7 @@ async fn block_status(s: &Session, r: &Request) -> Reply {
             CTX_BASE => {
                 (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
             }
-            _ => u32::from(e.allocated),
+            _ => e.depth,
         };
         let done = if last { REPLY_FLAG_DONE } else { 0 };
         if s.extended {

@@ -1,0 +1,341 @@
+//! Reference counts: the refcount table and its blocks, and the cluster
+//! allocator. Lives inside the driver's metadata lock. Every change is
+//! written through, refcounts before anything that points at the
+//! clusters they count, so a crash can leak clusters but never leave a
+//! reference to a cluster counted as free.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::super::driver::WriteFlags;
+use super::super::error::{BlockError, BlockResult};
+use super::super::node::Node;
+use super::header::OFF_REFCOUNT_TABLE;
+
+pub struct Refcounts {
+    file: Arc<Node>,
+    cluster_bits: u32,
+    order: u32,
+    pub table_offset: u64,
+    pub table: Vec<u64>,
+    /// Refcount blocks by host offset.
+    blocks: HashMap<u64, Vec<u8>>,
+    /// No free cluster below this index.
+    free_hint: u64,
+    /// Clusters at or past this index are free and beyond every
+    /// allocation so far (file end at open, then grown).
+    pub end: u64,
+}
+
+pub fn corrupt(msg: impl Into<String>) -> BlockError {
+    BlockError::new(nix::libc::EIO, msg)
+}
+
+impl Refcounts {
+    pub async fn load(
+        file: Arc<Node>,
+        cluster_bits: u32,
+        order: u32,
+        table_offset: u64,
+        table_clusters: u32,
+    ) -> BlockResult<Refcounts> {
+        let mut raw = vec![0u8; (u64::from(table_clusters) << cluster_bits) as usize];
+        let fsize = file.size();
+        if table_offset.saturating_add(raw.len() as u64) > fsize {
+            return Err(corrupt(
+                "Reference count table lies beyond the end of the image file",
+            ));
+        }
+        file.read(table_offset, &mut raw).await?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & !511)
+            .collect();
+        Ok(Refcounts {
+            end: fsize.div_ceil(1 << cluster_bits),
+            file,
+            cluster_bits,
+            order,
+            table_offset,
+            table,
+            blocks: HashMap::new(),
+            free_hint: 0,
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Refcount entries per block.
+    fn per_block(&self) -> u64 {
+        (self.cs() * 8) >> self.order
+    }
+    pub fn max(&self) -> u64 {
+        if self.order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << self.order)) - 1
+        }
+    }
+
+    async fn block(&mut self, bi: u64) -> BlockResult<Option<u64>> {
+        let off = match self.table.get(bi as usize) {
+            Some(&o) if o != 0 => o,
+            _ => return Ok(None),
+        };
+        if !self.blocks.contains_key(&off) {
+            if off % self.cs() != 0
+                || off.saturating_add(self.cs())
+                    > self.file.size().max(self.end << self.cluster_bits)
+            {
+                return Err(corrupt(format!(
+                    "Refcount block offset {off:#x} is invalid"
+                )));
+            }
+            let mut b = vec![0u8; self.cs() as usize];
+            self.file.read(off, &mut b).await?;
+            self.blocks.insert(off, b);
+        }
+        Ok(Some(off))
+    }
+
+    fn decode(&self, b: &[u8], i: u64) -> u64 {
+        let w = 1u64 << self.order;
+        if w < 8 {
+            let bit = i * w;
+            let byte = b[(bit / 8) as usize];
+            u64::from(byte >> (bit % 8)) & ((1 << w) - 1)
+        } else {
+            let n = (w / 8) as usize;
+            let at = i as usize * n;
+            b[at..at + n]
+                .iter()
+                .fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+        }
+    }
+
+    /// Sets entry `i` and returns the byte range that changed.
+    fn encode(&self, b: &mut [u8], i: u64, v: u64) -> (usize, usize) {
+        let w = 1u64 << self.order;
+        if w < 8 {
+            let bit = i * w;
+            let at = (bit / 8) as usize;
+            let mask = (((1u16 << w) - 1) << (bit % 8)) as u8;
+            b[at] = (b[at] & !mask) | (((v << (bit % 8)) as u8) & mask);
+            (at, at + 1)
+        } else {
+            let n = (w / 8) as usize;
+            let at = i as usize * n;
+            let be = v.to_be_bytes();
+            b[at..at + n].copy_from_slice(&be[8 - n..]);
+            (at, at + n)
+        }
+    }
+
+    pub async fn get(&mut self, cluster: u64) -> BlockResult<u64> {
+        let per = self.per_block();
+        match self.block(cluster / per).await? {
+            Some(off) => Ok(self
+                .blocks
+                .get(&off)
+                .map_or(0, |b| self.decode(b, cluster % per))),
+            None => Ok(0),
+        }
+    }
+
+    /// Sets the refcounts of `n` clusters from `first` to `v`, creating
+    /// refcount blocks as needed. Written through, block by block.
+    async fn set_range(&mut self, first: u64, n: u64, v: u64) -> BlockResult<()> {
+        let per = self.per_block();
+        let mut c = first;
+        while c < first + n {
+            let bi = c / per;
+            let off = match self.block(bi).await? {
+                Some(o) => o,
+                None => return Err(corrupt("refcount block missing for an allocated cluster")),
+            };
+            let stop = (first + n).min((bi + 1) * per);
+            let Some(mut b) = self.blocks.remove(&off) else {
+                return Err(corrupt("refcount block vanished"));
+            };
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for x in c..stop {
+                let (a, z) = self.encode(&mut b, x % per, v);
+                lo = lo.min(a);
+                hi = hi.max(z);
+            }
+            let r = self
+                .file
+                .write(off + lo as u64, &b[lo..hi], WriteFlags::default())
+                .await;
+            self.blocks.insert(off, b);
+            r?;
+            c = stop;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to one cluster's refcount; returns the new value.
+    pub async fn change(&mut self, cluster: u64, delta: i64) -> BlockResult<u64> {
+        let old = self.get(cluster).await?;
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64).filter(|v| *v <= self.max())
+        } else {
+            old.checked_sub(delta.unsigned_abs())
+        };
+        let Some(new) = new else {
+            return Err(corrupt(format!(
+                "refcount of cluster {cluster} would {} (is {old})",
+                if delta >= 0 {
+                    "overflow"
+                } else {
+                    "drop below zero"
+                }
+            )));
+        };
+        self.set_range(cluster, 1, new).await?;
+        if new == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(new)
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1; returns the host
+    /// offset of the first.
+    pub async fn alloc(&mut self, n: u64) -> BlockResult<u64> {
+        'search: loop {
+            let mut start = self.free_hint;
+            let mut run = 0;
+            let mut c = self.free_hint;
+            while run < n {
+                if c >= self.end || self.get(c).await? == 0 {
+                    if run == 0 {
+                        start = c;
+                    }
+                    run += 1;
+                } else {
+                    run = 0;
+                }
+                c += 1;
+            }
+            let per = self.per_block();
+            for bi in start / per..=(start + n - 1) / per {
+                if self.table.get(bi as usize).copied().unwrap_or(0) == 0 {
+                    // Creating the block may take a cluster of the run.
+                    self.ensure_block(bi).await?;
+                    continue 'search;
+                }
+            }
+            self.set_range(start, n, 1).await?;
+            if start == self.free_hint {
+                self.free_hint = start + n;
+            }
+            self.end = self.end.max(start + n);
+            return Ok(start << self.cluster_bits);
+        }
+    }
+
+    /// Creates refcount block `bi` in the first cluster it covers (all of
+    /// its clusters are free while it does not exist), growing the table
+    /// first if it is too small.
+    async fn ensure_block(&mut self, bi: u64) -> BlockResult<()> {
+        if bi as usize >= self.table.len() {
+            return self.grow_table(bi).await;
+        }
+        let per = self.per_block();
+        let at = bi * per;
+        let off = at << self.cluster_bits;
+        let mut b = vec![0u8; self.cs() as usize];
+        self.encode(&mut b, 0, 1);
+        self.file.write(off, &b, WriteFlags::default()).await?;
+        self.file.flush().await?;
+        self.file
+            .write(
+                self.table_offset + bi * 8,
+                &off.to_be_bytes(),
+                WriteFlags::default(),
+            )
+            .await?;
+        self.table[bi as usize] = off;
+        self.blocks.insert(off, b);
+        self.end = self.end.max(at + 1);
+        Ok(())
+    }
+
+    /// Moves the refcount table to a new area at the end of the image,
+    /// large enough for block `bi`, together with the refcount blocks that
+    /// the area itself needs; then switches the header over and frees the
+    /// old table.
+    async fn grow_table(&mut self, bi: u64) -> BlockResult<()> {
+        let cs = self.cs();
+        let per = self.per_block();
+        let a = self.end;
+        let mut entries = (bi + 1).max(self.table.len() as u64 * 2);
+        let (mut nblocks, mut tclusters);
+        loop {
+            tclusters = (entries * 8).div_ceil(cs);
+            nblocks = 0u64;
+            loop {
+                let area_end = a + nblocks + tclusters;
+                let missing = (a / per..=(area_end - 1) / per)
+                    .filter(|i| self.table.get(*i as usize).copied().unwrap_or(0) == 0)
+                    .count() as u64;
+                if missing == nblocks {
+                    break;
+                }
+                nblocks = missing;
+            }
+            let last = (a + nblocks + tclusters - 1) / per;
+            if last < entries {
+                break;
+            }
+            entries = last + 1;
+        }
+        if tclusters * cs > (8 << 20) {
+            return Err(BlockError::new(
+                nix::libc::EFBIG,
+                "Refcount table too large",
+            ));
+        }
+        let area_end = a + nblocks + tclusters;
+        let mut table = self.table.clone();
+        table.resize((tclusters * cs / 8) as usize, 0);
+        // The new blocks, in order, for the block indices that lack one.
+        let missing: Vec<u64> = (a / per..=(area_end - 1) / per)
+            .filter(|i| self.table.get(*i as usize).copied().unwrap_or(0) == 0)
+            .collect();
+        for (k, &i) in missing.iter().enumerate() {
+            let off = (a + k as u64) << self.cluster_bits;
+            let mut b = vec![0u8; cs as usize];
+            for c in a.max(i * per)..area_end.min((i + 1) * per) {
+                self.encode(&mut b, c % per, 1);
+            }
+            self.file.write(off, &b, WriteFlags::default()).await?;
+            table[i as usize] = off;
+            self.blocks.insert(off, b);
+        }
+        // Area clusters counted by blocks that already exist.
+        for c in a..area_end {
+            if self.table.get((c / per) as usize).copied().unwrap_or(0) != 0 {
+                self.set_range(c, 1, 1).await?;
+            }
+        }
+        let toff = (a + nblocks) << self.cluster_bits;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file.write(toff, &bytes, WriteFlags::default()).await?;
+        self.file.flush().await?;
+        let mut hdr = toff.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&(tclusters as u32).to_be_bytes());
+        self.file
+            .write(OFF_REFCOUNT_TABLE, &hdr, WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        let (old_off, old_len) = (self.table_offset, self.table.len() as u64 * 8);
+        self.table = table;
+        self.table_offset = toff;
+        self.end = self.end.max(area_end);
+        for k in 0..old_len.div_ceil(cs) {
+            self.change((old_off >> self.cluster_bits) + k, -1).await?;
+        }
+        Ok(())
+    }
+}
