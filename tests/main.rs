@@ -6,6 +6,7 @@ mod block;
 mod cli;
 mod nbd;
 mod process;
+mod qcow2;
 mod qmp_wire;
 mod quickstart;
 mod supervision;
