@@ -4,75 +4,15 @@ use std::process::Command;
 
 use crate::common::*;
 
-/// Masks what legitimately differs: the temp dir and the random digits of
-/// automatic node names.
-fn mask(line: &str, dir: &TempDir) -> String {
-    let line = line.replace(&dir.0.display().to_string(), "$D");
-    let mut out = String::new();
-    let mut rest = line.as_str();
-    while let Some(p) = rest.find("#block") {
-        out.push_str(&rest[..p + 6]);
-        rest = &rest[p + 6..];
-        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-        out.push('N');
-        rest = &rest[digits..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Runs a daemon with `extra` options on fresh 16M and 1M images, sends
-/// each request (`$D` = the temp dir) and returns the masked replies.
-fn run(which: Which, extra: &[&str], steps: &[&str]) -> Result<Vec<String>, String> {
-    let dir = TempDir::new();
+/// The images every scenario here starts with.
+fn images(dir: &TempDir) {
     qemu_img_create(&dir.path("disk.img"), "16M");
     qemu_img_create(&dir.path("small.img"), "1M");
     std::fs::create_dir(dir.path("dir")).expect("dir");
-    let d = dir.0.display().to_string();
-    let mut a = monitor_args(&dir.s("q.sock"));
-    a.extend(extra.iter().map(|s| s.replace("$D", &d)));
-    a.extend(args(&["--pidfile", &dir.s("p.pid")]));
-    let mut daemon = Daemon::spawn(which, &a);
-    for _ in 0..500 {
-        if dir.path("p.pid").exists() {
-            break;
-        }
-        if let Some(code) = daemon.wait_exit(0) {
-            let err = daemon.stderr_text();
-            let err = err.strip_prefix(which.prog()).unwrap_or(&err).to_string();
-            return Err(format!("exit {code}: {}", mask(&err, &dir)));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let mut q = Qmp::ready(&dir.path("q.sock"));
-    let mut out = Vec::new();
-    for s in steps {
-        q.send(s.replace("$D", &d).as_bytes());
-        let l = q.line();
-        assert!(!l.is_empty(), "{which:?}: EOF after {s}");
-        out.push(mask(&l, &dir));
-    }
-    q.send(br#"{"execute": "quit"}"#);
-    Ok(out)
 }
 
 fn same(extra: &[&str], steps: &[&str]) -> Result<Vec<String>, String> {
-    let mut first: Option<Result<Vec<String>, String>> = None;
-    for which in Which::all() {
-        let r = run(which, extra, steps);
-        match &first {
-            None => first = Some(r),
-            Some(f) => {
-                if let (Ok(a), Ok(b)) = (f, &r) {
-                    for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
-                        assert_eq!(x, y, "step {i} ({}) differs, extra {extra:?}", steps[i]);
-                    }
-                }
-                assert_eq!(f, &r, "extra {extra:?}");
-            }
-        }
-    }
-    first.unwrap_or_else(|| Err("no daemon".into()))
+    same_on_both(&images, extra, steps)
 }
 
 const QUERIES: &[&str] = &[

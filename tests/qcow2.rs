@@ -420,3 +420,299 @@ fn internal_snapshot_stays_intact() {
         &["compare", "-F", "raw", &image, &reference],
     ));
 }
+
+/// base.qcow2 (data and zero clusters) under top.qcow2, which names its
+/// backing file relatively.
+fn chain(d: &TempDir) {
+    let base = d.s("base.qcow2");
+    let top = d.s("top.qcow2");
+    img(d, &["create", "-q", "-f", "qcow2", &base, "16M"]);
+    qemu_io(
+        "qcow2",
+        &base,
+        &["write -P 1 0 4M".into(), "write -z 6M 1M".into()],
+    );
+    img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &top,
+            "16M",
+        ],
+    );
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 2 1M 1M".into(),
+            "write -z 2M 64k".into(),
+            "write -P 3 10M 64k".into(),
+        ],
+    );
+    // More kinds, for format-specific info.
+    for (name, o) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("ext.qcow2", "extended_l2=on,cluster_size=128k"),
+        ("lazy.qcow2", "refcount_bits=1,lazy_refcounts=on"),
+        ("zstd.qcow2", "compression_type=zstd"),
+    ] {
+        img(
+            d,
+            &["create", "-q", "-f", "qcow2", "-o", o, &d.s(name), "1M"],
+        );
+    }
+    qemu_img_create(&d.path("junk.raw"), "1M");
+    let o = format!("data_file={},data_file_raw=on", d.s("df.raw"));
+    img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            &d.s("df.qcow2"),
+            "1M",
+        ],
+    );
+}
+
+#[test]
+fn node_queries_and_graph_match_qsd() {
+    let add = |name: &str, file: &str| {
+        format!(
+            r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"{name}","read-only":true,"file":{{"driver":"file","filename":"$D/{file}","locking":"off"}}}}}}"#
+        )
+    };
+    let mut steps = vec![
+        r#"{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"bf","filename":"$D/base.qcow2","read-only":true}}"#.to_string(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"b","file":"bf","read-only":true}}"#.into(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"t","file":{"driver":"file","filename":"$D/top.qcow2"},"backing":"b"}}"#.into(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"t2","file":{"driver":"file","filename":"$D/top.qcow2","locking":"off"},"backing":null,"read-only":true}}"#.into(),
+    ];
+    for (n, f) in [
+        ("v2", "v2.qcow2"),
+        ("ext", "ext.qcow2"),
+        ("lazy", "lazy.qcow2"),
+        ("zstd", "zstd.qcow2"),
+        ("df", "df.qcow2"),
+    ] {
+        steps.push(add(n, f));
+    }
+    steps.extend([
+        r#"{"execute":"query-named-block-nodes"}"#.to_string(),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.into(),
+        r#"{"execute":"x-debug-query-block-graph"}"#.into(),
+        r#"{"execute":"query-block"}"#.into(),
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"b"}}"#.into(),
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"bf"}}"#.into(),
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"t"}}"#.into(),
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"b"}}"#.into(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"x","file":{"driver":"file","filename":"$D/nope.qcow2"}}}"#.into(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"x","file":{"driver":"file","filename":"$D/junk.raw"}}}"#.into(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"x","file":"bf"}}"#.into(),
+        r#"{"execute":"query-named-block-nodes"}"#.into(),
+    ]);
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = same_on_both(&chain, &[], &steps).expect("both start");
+    assert!(out[9].contains(r#""backing-image""#), "{}", out[9]);
+    assert!(out[9].contains(r#""extended-l2": true"#), "{}", out[9]);
+    assert!(out[13].contains("used as backing hd"), "{}", out[13]);
+}
+
+#[test]
+fn implicit_backing_chain_matches_qsd() {
+    let out = same_on_both(
+        &chain,
+        &[
+            "--blockdev",
+            "driver=qcow2,node-name=q,file.driver=file,file.filename=$D/top.qcow2",
+        ],
+        &[
+            r#"{"execute":"query-named-block-nodes"}"#,
+            r#"{"execute":"x-debug-query-block-graph"}"#,
+            r#"{"execute":"block_resize","arguments":{"node-name":"q","size":33554432}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            r#"{"execute":"block_resize","arguments":{"node-name":"q","size":33554433}}"#,
+            r#"{"execute":"block_resize","arguments":{"node-name":"q","size":1048576}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        ],
+    )
+    .expect("both start");
+    assert!(
+        out[0].contains(r#""full-backing-filename": "$D/base.qcow2""#),
+        "{}",
+        out[0]
+    );
+    assert!(out[3].contains(r#""virtual-size": 33554432"#), "{}", out[3]);
+    assert!(out[4].contains("multiple of 512"), "{}", out[4]);
+    assert!(out[6].contains(r#""virtual-size": 1048576"#), "{}", out[6]);
+}
+
+/// NBD block status through the chain (base:allocation and
+/// qemu:allocation-depth) and `qemu-img map` equal QSD's.
+#[test]
+fn block_status_through_the_chain_matches_qsd() {
+    let mut maps = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        chain(&dir);
+        let sock = dir.s("nbd.sock");
+        let a = args(&[
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=q,file.driver=file,file.filename={}",
+                dir.s("top.qcow2")
+            ),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={sock}"),
+            "--export",
+            "type=nbd,id=e,node-name=q,allocation-depth=on",
+            "--pidfile",
+            &dir.s("p.pid"),
+        ]);
+        let _d = Daemon::spawn(which, &a);
+        assert!(wait_for_path(&dir.path("p.pid"), 10));
+        let url = format!("nbd+unix:///q?socket={sock}");
+        let mut m = ok(run(
+            "qemu-img",
+            &["map", "--output=json", "-f", "raw", &url],
+        ));
+        if which_nbdinfo() {
+            m += &ok(run("nbdinfo", &["--map", &url]));
+            m += &ok(run("nbdinfo", &["--map=qemu:allocation-depth", &url]));
+        }
+        maps.push(m);
+    }
+    assert!(maps[0].contains("\"zero\": true"), "{}", maps[0]);
+    if maps.len() == 2 {
+        assert_eq!(maps[0], maps[1]);
+    }
+}
+
+fn which_nbdinfo() -> bool {
+    let found = Command::new("nbdinfo").arg("--version").output().is_ok();
+    if !found {
+        eprintln!("note: nbdinfo missing (libnbd-bin); comparing qemu-img map only");
+    }
+    found
+}
+
+/// Hostile headers: clear errors (QSD's words where QSD refuses them
+/// too) and the daemon keeps serving.
+#[test]
+fn hostile_headers_get_qsd_errors() {
+    let cases: &[(&str, usize, &[u8])] = &[
+        ("trunc", usize::MAX, &[]),
+        ("ver", 4, &[0, 0, 0, 4]),
+        ("cbits", 20, &[0, 0, 0, 30]),
+        ("l1unaligned", 40, &[0, 0, 0, 0, 0, 0, 0x30, 0x39]),
+        ("rtunaligned", 48, &[0, 0, 0, 0, 0, 0, 0, 100]),
+        ("rtclusters", 56, &[0, 0x0f, 0x42, 0x40]),
+        ("l1size", 36, &[0x10, 0, 0, 0]),
+        ("l1small", 24, &[0, 4, 0, 0, 0, 0, 0, 0]),
+        ("incompat", 72, &[0, 0, 1, 0, 0, 0, 0, 0]),
+        ("corrupt", 72, &[0, 0, 0, 0, 0, 0, 0, 2]),
+        ("rorder", 96, &[0, 0, 0, 7]),
+        ("hlen", 100, &[0, 0, 0, 100]),
+        ("snapshots", 60, &[0, 0x0f, 0x42, 0x40]),
+        ("crypt", 32, &[0, 0, 0, 5]),
+        ("extlen", 116, &[0xff, 0xff, 0, 0]),
+    ];
+    let setup = |d: &TempDir| {
+        let good = d.s("good.qcow2");
+        img(d, &["create", "-q", "-f", "qcow2", &good, "1M"]);
+        let bytes = std::fs::read(&good).expect("read");
+        for (name, at, patch) in cases {
+            let mut b = bytes.clone();
+            if *at == usize::MAX {
+                b.truncate(50);
+            } else {
+                b[*at..*at + patch.len()].copy_from_slice(patch);
+            }
+            std::fs::write(d.path(&format!("{name}.qcow2")), b).expect("write");
+        }
+    };
+    let mut steps: Vec<String> = cases
+        .iter()
+        .map(|(name, _, _)| {
+            format!(r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"n","file":{{"driver":"file","filename":"$D/{name}.qcow2"}}}}}}"#)
+        })
+        .collect();
+    steps.push(r#"{"execute":"query-named-block-nodes"}"#.into());
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = same_on_both(&setup, &[], &steps).expect("both start");
+    for (l, (name, _, _)) in out.iter().zip(cases) {
+        assert!(l.contains("GenericError"), "{name}: {l}");
+    }
+    assert_eq!(out.last().map(String::as_str), Some("{\"return\": []}\r\n"));
+}
+
+/// A lazy-refcounts image left dirty by a crash (qemu-io's abort) is
+/// repaired when rsd opens it read-write, as QEMU does.
+#[test]
+fn dirty_lazy_refcounts_image_is_repaired_on_open() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &image,
+            "16M",
+        ],
+    );
+    let _ = run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 7 0 1M",
+            "-c",
+            "write -P 8 5M 300k",
+            "-c",
+            "abort",
+            &image,
+        ],
+    );
+    let check = run("qemu-img", &["check", &image]);
+    assert_eq!(
+        check.status.code(),
+        Some(2),
+        "the crash left refcount errors"
+    );
+    let s = serve(&dir, "");
+    qemu_io(
+        "raw",
+        &s.url,
+        &[
+            "read -P 7 0 1M".into(),
+            "read -P 8 5M 300k".into(),
+            "write -P 9 8M 64k".into(),
+        ],
+    );
+    s.quit();
+    let check = run("qemu-img", &["check", &image]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    qemu_io(
+        "qcow2",
+        &image,
+        &["read -P 7 0 1M".into(), "read -P 9 8M 64k".into()],
+    );
+}

@@ -100,6 +100,11 @@ pub trait Driver: Send + Sync + 'static {
     fn format_specific(&self) -> Option<serde_json::Value> {
         None
     }
+    /// The backing file as the image names it: (name, format, the name
+    /// resolved against the image's directory).
+    fn backing_file(&self) -> Option<(String, Option<String>, String)> {
+        None
+    }
     /// The cluster size, for drivers that have one.
     fn cluster_size(&self) -> Option<u64> {
         None

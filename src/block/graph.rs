@@ -34,6 +34,10 @@ pub struct Edge {
 }
 
 pub struct Entry {
+    /// When the node got its name: QEMU lists nodes in this order (it
+    /// creates and names a format node after its file and before its
+    /// data file and backing node).
+    pub seq: u64,
     pub name: String,
     pub node: Arc<Node>,
     /// Added by blockdev-add (not an inline child).
@@ -57,6 +61,7 @@ pub struct Graph {
     next_user: u64,
     /// Images whose backing files are being opened (loop detection).
     chain: Vec<String>,
+    next_seq: u64,
 }
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
@@ -106,6 +111,14 @@ impl Graph {
             .collect()
     }
 
+    /// The node's name (given or generated now) and its place in QEMU's
+    /// naming order, which query-named-block-nodes lists newest first.
+    fn name_now(&mut self, explicit: &Option<String>) -> (String, u64) {
+        let name = explicit.clone().unwrap_or_else(|| self.auto_name());
+        self.next_seq += 1;
+        (name, self.next_seq)
+    }
+
     fn auto_name(&mut self) -> String {
         // "#block" + a counter + two random digits, as QEMU names them.
         let nanos = std::time::SystemTime::now()
@@ -144,16 +157,19 @@ impl Graph {
         inherit_ro: Option<bool>,
     ) -> Result<String, String> {
         let driver = s(opts, "driver").unwrap_or_default().to_string();
-        let name = match s(opts, "node-name") {
+        // An unnamed node gets its name once its file is open (QEMU names
+        // a format node after its file and before its backing node).
+        let explicit = match s(opts, "node-name") {
             Some(n) => {
                 check_node_name(n)?;
                 if self.find(n).is_some() {
                     return Err(format!("Duplicate nodes with node-name='{n}'"));
                 }
-                n.to_string()
+                Some(n.to_string())
             }
-            None => self.auto_name(),
+            None => None,
         };
+        let mut named: Option<(String, u64)> = None;
         let read_only = b(opts, "read-only").or(inherit_ro).unwrap_or(false);
         let force_share = b(opts, "force-share").unwrap_or(false);
         if force_share && !read_only {
@@ -243,7 +259,8 @@ impl Graph {
                     (Box::new(raw), Value::Object(j), plain)
                 }
                 "qcow2" => {
-                    let (drv, j, plain, edges) = self.open_qcow2(opts, read_only)?;
+                    let (drv, j, plain, edges) =
+                        self.open_qcow2(opts, read_only, &mut named, &explicit)?;
                     children.extend(edges);
                     (Box::new(drv), j, plain)
                 }
@@ -273,8 +290,13 @@ impl Graph {
                 }
                 other => return Err(format!("Driver '{other}' is not supported by rsd yet")),
             };
+        let (name, seq) = match named {
+            Some(n) => n,
+            None => self.name_now(&explicit),
+        };
         let node = Node::new(name.clone(), drv, common);
         self.entries.push(Entry {
+            seq,
             name: name.clone(),
             node,
             monitor_owned: false,
@@ -301,6 +323,8 @@ impl Graph {
         &mut self,
         opts: &Map<String, Value>,
         read_only: bool,
+        named: &mut Option<(String, u64)>,
+        explicit: &Option<String>,
     ) -> Result<(Qcow2, Value, Option<String>, Vec<Edge>), String> {
         let edge = |role: &'static str, child: &str| Edge {
             role,
@@ -328,6 +352,8 @@ impl Graph {
                 dir.join(name).to_string_lossy().into_owned()
             }
         };
+        // Named now: the data file and backing are opened by the driver.
+        *named = Some(self.name_now(explicit));
         let data = match opts.get("data-file") {
             Some(_) => Some(self.child(opts, "data-file", read_only)?),
             None if header.has_data_file() => {
@@ -386,6 +412,7 @@ impl Graph {
         let backing_node = backing.as_deref().map(|b| self.node_of(b)).transpose()?;
         let q_opts = qcow2::Qcow2Options {
             l2_cache_size: u(opts, "l2-cache-size").or_else(|| u(opts, "cache-size")),
+            backing_full: header.backing_file.as_deref().map(resolve),
         };
         let drv = wait(qcow2::Qcow2::open(
             file_node,
@@ -398,7 +425,28 @@ impl Graph {
         let mut j = Map::new();
         j.insert("driver".into(), json!("qcow2"));
         j.insert("file".into(), file_json);
-        Ok((drv, Value::Object(j), file_plain, edges))
+        // A backing node other than the one the header names is part of
+        // the node's identity, so its filename becomes json:{...} (QEMU's
+        // "backing overridden"); so is an explicit "backing": null.
+        let plain = match (opts.get("backing"), &backing) {
+            (Some(Value::Null), _) => {
+                j.insert("backing".into(), Value::Null);
+                None
+            }
+            (Some(_), Some(b)) => {
+                let be = self.find(b);
+                let same = be.and_then(|e| e.plain_filename.clone()) == header.backing_file;
+                if same {
+                    file_plain
+                } else {
+                    let bj = be.map(|e| e.json.clone()).unwrap_or(Value::Null);
+                    j.insert("backing".into(), bj);
+                    None
+                }
+            }
+            _ => file_plain,
+        };
+        Ok((drv, Value::Object(j), plain, edges))
     }
 
     /// Resolves a child given by reference (a node name) or inline.
@@ -435,6 +483,16 @@ impl Graph {
         };
         if !self.entries[i].users.is_empty() {
             return Err(format!("Node {name} is in use"));
+        }
+        // A backing node is blocked for deletion (QEMU's op blocker).
+        if let Some((parent, _)) = self
+            .parents(name)
+            .into_iter()
+            .find(|(_, c)| c.role == "backing")
+        {
+            return Err(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{parent}'"
+            ));
         }
         if !self.entries[i].monitor_owned {
             return Err(format!("Node {name} is not owned by the monitor"));
@@ -584,6 +642,21 @@ impl Graph {
             }
         }
         Ok(())
+    }
+
+    /// Nodes in QEMU's naming order, oldest first.
+    pub fn in_name_order(&self) -> Vec<&Entry> {
+        let mut v: Vec<&Entry> = self.entries.iter().collect();
+        v.sort_by_key(|e| e.seq);
+        v
+    }
+
+    /// The node a child edge of `e` with this role points at.
+    pub fn child_of(&self, e: &Entry, role: &str) -> Option<&Entry> {
+        e.children
+            .iter()
+            .find(|c| c.role == role)
+            .and_then(|c| self.find(&c.child))
     }
 
     /// The filename QEMU shows: the plain one, or `json:{...}` options.

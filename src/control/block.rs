@@ -86,7 +86,8 @@ impl ControlState {
         result.map(|()| json!({}))
     }
 
-    fn device_info(&self, e: &Entry) -> Value {
+    /// ImageInfo of a node, with its backing chain nested as QEMU shows it.
+    fn image_info(&self, e: &Entry, flat: bool) -> Map<String, Value> {
         let node = &e.node;
         let drv = node.driver.name();
         let filename = self.block.filename(e);
@@ -113,23 +114,70 @@ impl ControlState {
             }
             image.insert("dirty-flag".into(), json!(false));
         }
-        json!({
+        if let Some((name, fmt, full)) = node.driver.backing_file() {
+            image.insert("backing-filename".into(), json!(name));
+            if let Some(f) = fmt {
+                image.insert("backing-filename-format".into(), json!(f));
+            }
+            image.insert("full-backing-filename".into(), json!(full));
+            match self.block.child_of(e, "backing") {
+                Some(b) if !flat => {
+                    image.insert(
+                        "backing-image".into(),
+                        Value::Object(self.image_info(b, flat)),
+                    );
+                }
+                _ => {}
+            }
+        }
+        image
+    }
+
+    fn device_info(&self, e: &Entry, flat: bool) -> Value {
+        let node = &e.node;
+        let drv = node.driver.name();
+        let filename = self.block.filename(e);
+        let image = self.image_info(e, flat);
+        // QEMU counts the depth through the nested images, so a flat
+        // query says 0.
+        let mut depth = 0;
+        let mut at = e;
+        while let Some(b) = self.block.child_of(at, "backing").filter(|_| !flat) {
+            depth += 1;
+            at = b;
+        }
+        let mut info = json!({
             "iops_rd": 0, "detect_zeroes": node.opts.detect_zeroes.as_str(), "active": true,
             "image": image, "iops_wr": 0, "ro": node.read_only(), "node-name": e.name,
-            "backing_file_depth": 0, "drv": drv, "iops": 0, "bps_wr": 0, "write_threshold": 0,
+            "backing_file_depth": depth, "drv": drv, "backing_file": Value::Null, "iops": 0, "bps_wr": 0, "write_threshold": 0,
             "encrypted": false, "bps": 0, "bps_rd": 0,
             "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
             "file": filename,
-        })
+        });
+        // The backing node's own filename (QEMU refreshes it so). Its
+        // place among the keys matters: QMP output follows QDict order.
+        match (
+            node.driver.backing_file(),
+            self.block.child_of(e, "backing"),
+        ) {
+            (Some(_), Some(b)) => info["backing_file"] = json!(self.block.filename(b)),
+            _ => {
+                if let Value::Object(m) = &mut info {
+                    m.shift_remove("backing_file");
+                }
+            }
+        }
+        info
     }
 
-    pub(super) fn query_named_block_nodes(&self) -> Value {
+    /// `flat`: without the nested backing images.
+    pub(super) fn query_named_block_nodes(&self, flat: bool) -> Value {
         Value::Array(
             self.block
-                .entries
-                .iter()
+                .in_name_order()
+                .into_iter()
                 .rev()
-                .map(|e| self.device_info(e))
+                .map(|e| self.device_info(e, flat))
                 .collect(),
         )
     }
@@ -166,10 +214,11 @@ impl ControlState {
                               "perm": u.perm.qapi_list(), "child": child}),
             );
         }
-        for e in &self.block.entries {
+        for e in self.block.in_name_order() {
             let nid = id(format!("node:{}", e.name));
             nodes.push(json!({"name": e.name, "type": "block-driver", "id": nid}));
-            for c in &e.children {
+            // QEMU keeps a node's children newest first.
+            for c in e.children.iter().rev() {
                 let child = id(format!("node:{}", c.child));
                 edges.push(
                     json!({"name": c.role, "parent": nid, "shared-perm": c.shared.qapi_list(),
@@ -236,8 +285,8 @@ impl ControlState {
         }
         Value::Array(
             self.block
-                .entries
-                .iter()
+                .in_name_order()
+                .into_iter()
                 .map(|e| self.node_stats(e))
                 .collect(),
         )

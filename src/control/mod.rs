@@ -242,7 +242,9 @@ impl ControlState {
                 .map_err(QmpError::generic),
             "blockdev-del" => self.blockdev_del(arg_str(&args, "node-name")).await,
             "block_resize" => self.block_resize(&args).await,
-            "query-named-block-nodes" => Ok(self.query_named_block_nodes()),
+            "query-named-block-nodes" => Ok(self.query_named_block_nodes(
+                args.get("flat").and_then(Value::as_bool).unwrap_or(false),
+            )),
             "query-block" => Ok(json!([])),
             "x-debug-query-block-graph" => Ok(self.query_block_graph()),
             "query-blockstats" => Ok(self.query_blockstats(

@@ -284,3 +284,98 @@ pub fn qemu_img_create(path: &Path, size: &str) {
         .expect("qemu-img");
     assert!(st.success());
 }
+
+/// Masks what legitimately differs between runs: the temp dir and the
+/// random digits of automatic node names.
+pub fn mask(line: &str, dir: &TempDir) -> String {
+    let line = line.replace(&dir.0.display().to_string(), "$D");
+    let mut out = String::new();
+    let mut rest = line.as_str();
+    while let Some(p) = rest.find("#block") {
+        out.push_str(&rest[..p + 6]);
+        rest = &rest[p + 6..];
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        out.push('N');
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Runs a daemon with `extra` options in a fresh dir prepared by
+/// `setup`, sends each request (`$D` = the dir) and returns the masked
+/// replies, or the masked start-up error.
+pub fn scenario(
+    which: Which,
+    setup: &dyn Fn(&TempDir),
+    extra: &[&str],
+    steps: &[&str],
+) -> Result<Vec<String>, String> {
+    let dir = TempDir::new();
+    setup(&dir);
+    let d = dir.0.display().to_string();
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(extra.iter().map(|s| s.replace("$D", &d)));
+    a.extend(args(&["--pidfile", &dir.s("p.pid")]));
+    let mut daemon = Daemon::spawn(which, &a);
+    for _ in 0..500 {
+        if dir.path("p.pid").exists() {
+            break;
+        }
+        if let Some(code) = daemon.wait_exit(0) {
+            let err = daemon.stderr_text();
+            let err = err.strip_prefix(which.prog()).unwrap_or(&err).to_string();
+            return Err(format!("exit {code}: {}", mask(&err, &dir)));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let mut out = Vec::new();
+    for s in steps {
+        q.send(s.replace("$D", &d).as_bytes());
+        let l = q.line();
+        assert!(!l.is_empty(), "{which:?}: EOF after {s}");
+        out.push(mask(&l, &dir));
+    }
+    q.send(br#"{"execute": "quit"}"#);
+    Ok(out)
+}
+
+/// The same scenario on rsd and QSD: the replies must be identical.
+pub fn same_on_both(
+    setup: &dyn Fn(&TempDir),
+    extra: &[&str],
+    steps: &[&str],
+) -> Result<Vec<String>, String> {
+    let mut first: Option<Result<Vec<String>, String>> = None;
+    for which in Which::all() {
+        let r = scenario(which, setup, extra, steps);
+        match &first {
+            None => first = Some(r),
+            Some(f) => {
+                if let (Ok(a), Ok(b)) = (f, &r) {
+                    for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                        if x != y {
+                            // Where they part, with some context.
+                            let at = x.bytes().zip(y.bytes()).take_while(|(p, q)| p == q).count();
+                            let from = at.saturating_sub(200);
+                            let ctx = |t: &str| {
+                                t.get(from..(at + 200).min(t.len()))
+                                    .unwrap_or(t)
+                                    .to_string()
+                            };
+                            panic!(
+                                "step {i} ({}) differs at byte {at}, extra {extra:?}\n rsd: ...{}\n qsd: ...{}",
+                                steps[i],
+                                ctx(x),
+                                ctx(y)
+                            );
+                        }
+                    }
+                }
+                assert_eq!(f, &r, "extra {extra:?}");
+            }
+        }
+    }
+    first.unwrap_or_else(|| Err("no daemon".into()))
+}

@@ -173,20 +173,26 @@ impl Header {
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
+        if h.crypt_method > 2 {
+            return Err(bad(format!(
+                "Unsupported encryption method {}",
+                h.crypt_method
+            )));
+        }
         if h.crypt_method != 0 {
             return Err(BlockError::unsupported(
                 "qcow2: encrypted images are not supported by rsd yet",
             ));
         }
         let aligned = |o: u64| o.is_multiple_of(cs);
-        if !aligned(h.l1_table_offset) || !aligned(h.refcount_table_offset) {
-            return Err(bad("Invalid L1 or reference count table offset"));
+        if u64::from(h.refcount_table_clusters) * cs > (8 << 20) {
+            return Err(bad("Reference count table too large"));
         }
-        if h.refcount_table_clusters == 0 || u64::from(h.refcount_table_clusters) * cs > (8 << 20) {
-            return Err(bad("Reference count table too large or empty"));
-        }
-        if h.refcount_table_offset == 0 {
-            return Err(bad("Invalid reference count table offset"));
+        if h.refcount_table_clusters == 0
+            || h.refcount_table_offset == 0
+            || !aligned(h.refcount_table_offset)
+        {
+            return Err(bad("Reference count table offset invalid"));
         }
         if u64::from(h.l1_size) * 8 > (32 << 20) {
             return Err(bad("Active L1 table too large"));
@@ -197,11 +203,14 @@ impl Header {
         if u128::from(h.l1_size) * per_l1 < u128::from(h.size) {
             return Err(bad("L1 table is too small"));
         }
-        if h.l1_size > 0 && h.l1_table_offset == 0 {
-            return Err(bad("Invalid L1 table offset"));
+        if (h.l1_size > 0 && h.l1_table_offset == 0) || !aligned(h.l1_table_offset) {
+            return Err(bad("Active L1 table offset invalid"));
         }
-        if h.nb_snapshots > 65536 || (h.nb_snapshots > 0 && !aligned(h.snapshots_offset)) {
-            return Err(bad("Invalid snapshot table offset"));
+        if h.nb_snapshots > 65536 {
+            return Err(bad("Snapshot table too large"));
+        }
+        if h.nb_snapshots > 0 && !aligned(h.snapshots_offset) {
+            return Err(bad("Snapshot table offset invalid"));
         }
         h.parse_extensions(b)?;
         if h.backing_file_offset != 0 {
@@ -234,7 +243,7 @@ impl Header {
             let len = be32(b, at + 4) as usize;
             let data_at = at + 8;
             if len > end - data_at {
-                return Err(bad("Invalid extension length"));
+                return Err(bad("Header extension too large"));
             }
             let data = &b[data_at..data_at + len];
             let text = || String::from_utf8_lossy(data).into_owned();

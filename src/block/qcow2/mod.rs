@@ -15,6 +15,7 @@ pub mod compress;
 pub mod header;
 pub mod l2;
 pub mod refcount;
+mod repair;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -33,6 +34,9 @@ use refcount::{corrupt, Refcounts};
 #[derive(Clone, Debug, Default)]
 pub struct Qcow2Options {
     pub l2_cache_size: Option<u64>,
+    /// The header's backing file name resolved against the image's
+    /// directory (full-backing-filename).
+    pub backing_full: Option<String>,
 }
 
 pub struct Qcow2 {
@@ -58,6 +62,7 @@ pub struct Qcow2 {
     free_guard: tokio::sync::RwLock<()>,
     read_only: bool,
     corrupt: AtomicBool,
+    backing_full: Option<String>,
 }
 
 fn be64s(b: &[u8]) -> Vec<u64> {
@@ -112,11 +117,6 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
-        if h.incompatible & header::INCOMPAT_DIRTY != 0 && !read_only {
-            return Err(BlockError::unsupported(
-                "qcow2: the image is dirty (lazy refcounts) and rsd cannot repair it yet; run 'qemu-img check -r all' first",
-            ));
-        }
         if h.has_data_file() && data.is_none() {
             return Err(BlockError::inval("'data-file' is required for this image"));
         }
@@ -130,7 +130,7 @@ impl Qcow2 {
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read(h.l1_table_offset, &mut raw).await?;
         let l1 = be64s(&raw);
-        let refs = Refcounts::load(
+        let mut refs = Refcounts::load(
             file.clone(),
             bits,
             h.refcount_order,
@@ -138,6 +138,10 @@ impl Qcow2 {
             h.refcount_table_clusters,
         )
         .await?;
+        if h.incompatible & header::INCOMPAT_DIRTY != 0 && !read_only {
+            // Lazy refcounts left unfinished by a crash: count again.
+            repair::repair(&file, &mut h, &mut refs).await?;
+        }
         // Default: enough L2 tables for the whole disk, at most 32 MiB.
         let need = h.size.div_ceil(1 << (bits + l2_bits)) << bits;
         let cache_bytes = opts.l2_cache_size.unwrap_or(need.min(32 << 20));
@@ -173,6 +177,7 @@ impl Qcow2 {
             free_guard: tokio::sync::RwLock::new(()),
             read_only,
             corrupt: AtomicBool::new(false),
+            backing_full: opts.backing_full.clone(),
         })
     }
 
@@ -703,6 +708,7 @@ impl Qcow2 {
         len: u64,
         unmap: bool,
         discard: bool,
+        full: bool,
     ) -> BlockResult<()> {
         let v3 = self.header().version >= 3;
         let mut meta = self.meta.lock().await;
@@ -713,11 +719,13 @@ impl Qcow2 {
         while g < end {
             let base = g & !(self.cs() - 1);
             let stop = end.min(base + self.cs());
-            let whole = g == base && stop == base + self.cs();
+            // The image's last cluster may be partial.
+            let whole = g == base && (stop == base + self.cs() || stop == self.size());
             let (e, bm) = self.entry(g).await?;
             let allocated =
                 e & (COMPRESSED | OFFSET_MASK) != 0 || (self.external && e & COPIED != 0);
             if discard
+                && !full
                 && !allocated
                 && self.backing.is_none()
                 && (e & ZERO != 0 || bm & ALL_ZEROES == ALL_ZEROES || (e == 0 && bm == 0))
@@ -732,7 +740,13 @@ impl Qcow2 {
             let (t, t_off, i) = self.writable_table(&mut meta, g, &mut released).await?;
             let (e, bm) = t.get(i);
             let host_bits = e & (OFFSET_MASK | COPIED);
-            if self.ext {
+            if full {
+                // Gone for good (shrink): nothing, not even zeroes, is left.
+                if (e, bm) != (0, 0) {
+                    released.extend(self.held_clusters(e));
+                    self.set_entry(&t, t_off, i, 0, 0).await?;
+                }
+            } else if self.ext {
                 let first = ((g - base) / unit) as u32;
                 let last = ((stop - base) / unit) as u32; // exclusive
                 let mask: u64 = (first..last).fold(0, |m, s| m | 1 << s);
@@ -774,6 +788,60 @@ impl Qcow2 {
         self.release(&mut meta, released).await
     }
 
+    /// Shrinks the disk as QEMU does: the clusters past the new end are
+    /// dropped (so are L2 tables no longer needed), then the file is cut
+    /// after its last used cluster.
+    async fn shrink(&self, size: u64) -> BlockResult<()> {
+        if self.header().nb_snapshots > 0 {
+            return Err(BlockError::unsupported(
+                "Can't resize an image which has snapshots",
+            ));
+        }
+        let start = size.next_multiple_of(self.cs());
+        if start < self.size() {
+            self.zero_clusters(start, self.size() - start, true, true, true)
+                .await?;
+        }
+        let mut meta = self.meta.lock().await;
+        let keep = size.div_ceil(1 << (self.bits + self.l2_bits)) as usize;
+        let tables: Vec<(usize, u64)> = self
+            .l1
+            .read()
+            .map(|l| l.iter().copied().enumerate().skip(keep).collect())
+            .unwrap_or_default();
+        let mut released = Vec::new();
+        for (i, e) in tables {
+            let t = e & OFFSET_MASK;
+            if t == 0 {
+                continue;
+            }
+            let at = self.l1_offset.load(Ordering::Acquire) + i as u64 * 8;
+            self.file
+                .write(at, &0u64.to_be_bytes(), WriteFlags::default())
+                .await?;
+            if let Ok(mut l) = self.l1.write() {
+                l[i] = 0;
+            }
+            self.cache.remove(t);
+            released.push(t);
+        }
+        self.release(&mut meta, released).await?;
+        self.file
+            .write(header::OFF_SIZE, &size.to_be_bytes(), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        self.size.store(size, Ordering::Release);
+        if let Ok(mut h) = self.header.lock() {
+            h.size = size;
+        }
+        let end = meta.last_used().await? + 1;
+        if (end << self.bits) < self.file.size() {
+            self.file.truncate(end << self.bits).await?;
+            meta.end = end;
+        }
+        Ok(())
+    }
+
     fn v2_zero_needs_data(&self) -> bool {
         self.header().version < 3 && self.backing.is_some()
     }
@@ -813,7 +881,8 @@ impl Driver for Qcow2 {
                 end
             };
             if end > start {
-                self.zero_clusters(start, end - start, true, true).await?;
+                self.zero_clusters(start, end - start, true, true, false)
+                    .await?;
             }
             Ok(())
         })
@@ -855,7 +924,7 @@ impl Driver for Qcow2 {
                     )
                     .await?;
                 }
-                self.zero_clusters(start, end - start, flags.may_unmap, false)
+                self.zero_clusters(start, end - start, flags.may_unmap, false, false)
                     .await?;
                 if offset + len > end {
                     self.write_impl(
@@ -935,13 +1004,11 @@ impl Driver for Qcow2 {
         Box::pin(async move {
             self.check_writable()?;
             let old = self.size();
-            if size < old {
-                return Err(BlockError::unsupported(
-                    "qcow2 doesn't support shrinking images yet",
-                ));
-            }
             if !size.is_multiple_of(512) {
                 return Err(BlockError::inval("The new size must be a multiple of 512"));
+            }
+            if size < old {
+                return self.shrink(size).await;
             }
             let mut meta = self.meta.lock().await;
             let need = size.div_ceil(1 << (self.bits + self.l2_bits));
@@ -990,7 +1057,13 @@ impl Driver for Qcow2 {
         })
     }
     fn allocated_size(&self) -> Option<u64> {
-        self.file.allocated_size()
+        // QEMU sums the storage children: the file and a data file.
+        let data = if self.external {
+            self.data.allocated_size()?
+        } else {
+            0
+        };
+        Some(self.file.allocated_size()? + data)
     }
     /// QEMU's default permissions for a format's children.
     fn child_perms(&self, role: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
@@ -1030,6 +1103,12 @@ impl Driver for Qcow2 {
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
+    }
+    fn backing_file(&self) -> Option<(String, Option<String>, String)> {
+        let h = self.header();
+        let name = h.backing_file?;
+        let full = self.backing_full.clone().unwrap_or_else(|| name.clone());
+        Some((name, h.backing_format, full))
     }
 }
 

@@ -174,6 +174,46 @@ impl Refcounts {
         Ok(())
     }
 
+    /// The highest cluster in use.
+    pub async fn last_used(&mut self) -> BlockResult<u64> {
+        let mut c = self.end;
+        while c > 0 {
+            c -= 1;
+            if self.get(c).await? != 0 {
+                return Ok(c);
+            }
+        }
+        Ok(0)
+    }
+
+    /// A refcount block exists for this cluster.
+    pub fn covers(&self, cluster: u64) -> bool {
+        self.table
+            .get((cluster / self.per_block()) as usize)
+            .is_some_and(|b| *b != 0)
+    }
+
+    /// Sets one cluster's refcount (repair); its block must exist.
+    pub async fn set(&mut self, cluster: u64, v: u64) -> BlockResult<()> {
+        if v > self.max() {
+            return Err(corrupt(format!(
+                "refcount {v} of cluster {cluster} too large"
+            )));
+        }
+        if !self.covers(cluster) {
+            if v == 0 {
+                return Ok(());
+            }
+            return Err(corrupt("refcount block missing"));
+        }
+        self.set_range(cluster, 1, v).await?;
+        if v == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        self.end = self.end.max(cluster + 1);
+        Ok(())
+    }
+
     /// Adds `delta` to one cluster's refcount; returns the new value.
     pub async fn change(&mut self, cluster: u64, delta: i64) -> BlockResult<u64> {
         let old = self.get(cluster).await?;
