@@ -105,6 +105,10 @@ pub trait Driver: Send + Sync + 'static {
     fn backing_file(&self) -> Option<(String, Option<String>, String)> {
         None
     }
+    /// Writes past the end grow the node (a protocol over a regular file).
+    fn grows_on_write(&self) -> bool {
+        false
+    }
     /// The cluster size, for drivers that have one.
     fn cluster_size(&self) -> Option<u64> {
         None

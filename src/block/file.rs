@@ -570,6 +570,10 @@ impl Driver for FileDriver {
     }
 
     /// Only the cheap case: a file with nothing allocated reads as zeroes.
+    fn grows_on_write(&self) -> bool {
+        !self.block_device
+    }
+
     fn known_zero(&self, _offset: u64, _len: u64) -> bool {
         if self.block_device || !self.maybe_empty.load(Ordering::Relaxed) {
             return false;

@@ -65,7 +65,7 @@ impl Node {
         }
         // Writes may go past the end: a format grows its file that way
         // (QEMU's node layer allows it too; exports check their own size).
-        let grows = changes && what != "discard";
+        let grows = changes && what != "discard" && self.driver.grows_on_write();
         if (grows && offset.checked_add(len).is_none())
             || (!grows && out_of_range(offset, len, self.size()))
         {
