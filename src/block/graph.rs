@@ -62,6 +62,8 @@ pub struct Graph {
     /// Images whose backing files are being opened (loop detection).
     chain: Vec<String>,
     next_seq: u64,
+    /// Where drivers raise QMP events (BLOCK_IMAGE_CORRUPTED).
+    pub events: Option<qcow2::BlockEvents>,
 }
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
@@ -411,6 +413,8 @@ impl Graph {
         let data_node = data.as_deref().map(|d| self.node_of(d)).transpose()?;
         let backing_node = backing.as_deref().map(|b| self.node_of(b)).transpose()?;
         let q_opts = qcow2::Qcow2Options {
+            node_name: named.as_ref().map(|n| n.0.clone()).unwrap_or_default(),
+            events: self.events.clone(),
             l2_cache_size: u(opts, "l2-cache-size").or_else(|| u(opts, "cache-size")),
             backing_full: header.backing_file.as_deref().map(resolve),
         };

@@ -76,11 +76,14 @@ impl Actor for ControlActor {
         _myself: ActorRef<ControlMsg>,
         ctx: Arc<Ctx>,
     ) -> Result<ControlState, ActorProcessingErr> {
+        let mut block = crate::block::graph::Graph::default();
+        let c = ctx.clone();
+        block.events = Some(Arc::new(move |name, data| c.events.emit(name, Some(data))));
         Ok(ControlState {
             ctx,
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
-            block: Default::default(),
+            block,
             nbd: None,
             exports: Default::default(),
         })

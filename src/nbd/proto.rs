@@ -81,6 +81,7 @@ pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
 
 pub const STATE_HOLE: u32 = 1;
 pub const STATE_ZERO: u32 = 2;
@@ -88,15 +89,18 @@ pub const STATE_ZERO: u32 = 2;
 /// Largest request payload rsd accepts (QEMU's limit too).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
-/// Maps a block-layer errno to the NBD error the spec allows.
+/// Maps a block-layer errno to the NBD error the spec allows, as QEMU
+/// does (anything without an NBD equivalent is EINVAL).
 pub fn nbd_errno(errno: i32) -> u32 {
+    use nix::libc;
     match errno {
-        1 => EPERM,
-        12 => ENOMEM,
-        22 => EINVAL,
-        28 => ENOSPC,
-        75 => EOVERFLOW,
-        95 => ENOTSUP,
-        _ => EIO,
+        libc::EPERM | libc::EROFS => EPERM,
+        libc::EIO => EIO,
+        libc::ENOMEM => ENOMEM,
+        libc::EDQUOT | libc::EFBIG | libc::ENOSPC => ENOSPC,
+        libc::EOVERFLOW => EOVERFLOW,
+        libc::ENOTSUP => ENOTSUP,
+        libc::ESHUTDOWN => ESHUTDOWN,
+        _ => EINVAL,
     }
 }

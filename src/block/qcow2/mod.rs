@@ -14,8 +14,10 @@
 pub mod compress;
 pub mod header;
 pub mod l2;
+pub mod overlap;
 pub mod refcount;
 mod repair;
+mod snapshot;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -30,9 +32,15 @@ use header::Header;
 use l2::{Map, Table, ALL_ZEROES, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use refcount::{corrupt, Refcounts};
 
-/// Options of the qcow2 driver that change behaviour (cache sizes).
-#[derive(Clone, Debug, Default)]
+/// QMP events a block driver raises: (name, data).
+pub type BlockEvents = Arc<dyn Fn(&str, serde_json::Map<String, Value>) + Send + Sync>;
+
+/// Options of the qcow2 driver that change behaviour, and what it needs
+/// to report corruption.
+#[derive(Clone, Default)]
 pub struct Qcow2Options {
+    pub node_name: String,
+    pub events: Option<BlockEvents>,
     pub l2_cache_size: Option<u64>,
     /// The header's backing file name resolved against the image's
     /// directory (full-backing-filename).
@@ -63,6 +71,9 @@ pub struct Qcow2 {
     read_only: bool,
     corrupt: AtomicBool,
     backing_full: Option<String>,
+    overlap: Arc<overlap::Overlap>,
+    node_name: String,
+    events: Option<BlockEvents>,
 }
 
 fn be64s(b: &[u8]) -> Vec<u64> {
@@ -130,7 +141,9 @@ impl Qcow2 {
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read(h.l1_table_offset, &mut raw).await?;
         let l1 = be64s(&raw);
+        let ov = Arc::new(overlap::Overlap::new(bits));
         let mut refs = Refcounts::load(
+            ov.clone(),
             file.clone(),
             bits,
             h.refcount_order,
@@ -141,6 +154,19 @@ impl Qcow2 {
         if h.incompatible & header::INCOMPAT_DIRTY != 0 && !read_only {
             // Lazy refcounts left unfinished by a crash: count again.
             repair::repair(&file, &mut h, &mut refs).await?;
+        }
+        // What data writes must never touch.
+        ov.add_range(overlap::HEADER, 0, 1 << bits);
+        ov.set_range(overlap::ACTIVE_L1, h.l1_table_offset, l1_bytes);
+        for e in &l1 {
+            if e & OFFSET_MASK != 0 {
+                ov.add_cluster(overlap::ACTIVE_L2, e & OFFSET_MASK);
+            }
+        }
+        let snaps = snapshot::read(&file, &h).await?;
+        ov.add_range(overlap::SNAPSHOT_TABLE, h.snapshots_offset, snaps.table_len);
+        for (off, n) in snaps.l1_tables {
+            ov.add_range(overlap::INACTIVE_L1, off, n * 8);
         }
         // Default: enough L2 tables for the whole disk, at most 32 MiB.
         let need = h.size.div_ceil(1 << (bits + l2_bits)) << bits;
@@ -178,6 +204,9 @@ impl Qcow2 {
             read_only,
             corrupt: AtomicBool::new(false),
             backing_full: opts.backing_full.clone(),
+            overlap: ov,
+            node_name: opts.node_name.clone(),
+            events: opts.events.clone(),
         })
     }
 
@@ -352,6 +381,7 @@ impl Qcow2 {
     }
 
     async fn read_runs(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.check_usable()?;
         for (g, n, m) in self.runs(offset, buf.len() as u64).await? {
             let at = (g - offset) as usize;
             let dst = &mut buf[at..at + n as usize];
@@ -389,14 +419,66 @@ impl Qcow2 {
         Ok(c)
     }
 
-    fn check_writable(&self) -> BlockResult<()> {
+    /// After fatal corruption the node takes no more I/O (QEMU ejects
+    /// its medium).
+    fn check_usable(&self) -> BlockResult<()> {
         if self.corrupt.load(Ordering::Acquire) {
-            return Err(BlockError::new(
-                nix::libc::EIO,
-                "qcow2: image marked corrupt; no more writes",
-            ));
+            return Err(BlockError::new(nix::libc::ENOMEDIUM, "No medium found"));
         }
         Ok(())
+    }
+
+    fn check_writable(&self) -> BlockResult<()> {
+        self.check_usable()
+    }
+
+    /// Marks the image corrupt (header bit, BLOCK_IMAGE_CORRUPTED, once)
+    /// and returns the error for the request that found it.
+    async fn signal_corruption(&self, offset: u64, size: u64, msg: String) -> BlockError {
+        if !self.corrupt.swap(true, Ordering::AcqRel) {
+            eprintln!(
+                "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+            );
+            let bits = match self.header.lock() {
+                Ok(mut h) => {
+                    h.incompatible |= header::INCOMPAT_CORRUPT;
+                    h.incompatible
+                }
+                Err(_) => header::INCOMPAT_CORRUPT,
+            };
+            let _ = self
+                .file
+                .write(
+                    header::OFF_INCOMPAT,
+                    &bits.to_be_bytes(),
+                    WriteFlags::default(),
+                )
+                .await;
+            let _ = self.file.flush().await;
+            if let Some(ev) = &self.events {
+                let mut d = serde_json::Map::new();
+                d.insert("device".into(), json!(""));
+                d.insert("node-name".into(), json!(self.node_name));
+                d.insert("msg".into(), json!(msg));
+                d.insert("offset".into(), json!(offset));
+                d.insert("size".into(), json!(size));
+                d.insert("fatal".into(), json!(true));
+                ev("BLOCK_IMAGE_CORRUPTED", d);
+            }
+        }
+        BlockError::new(nix::libc::EIO, msg)
+    }
+
+    /// Writes guest data at a host offset, unless that would overwrite
+    /// metadata.
+    async fn write_data(&self, host: u64, buf: &[u8], flags: WriteFlags) -> BlockResult<()> {
+        if !self.external {
+            if let Some(kind) = self.overlap.check(host, buf.len() as u64) {
+                let msg = format!("Preventing invalid write on metadata (overlaps with {kind})");
+                return Err(self.signal_corruption(host, buf.len() as u64, msg).await);
+            }
+        }
+        self.data.write(host, buf, flags).await
     }
 
     /// Host runs for a write that can go in place: every touched cluster
@@ -433,7 +515,7 @@ impl Qcow2 {
             if let Some(runs) = self.in_place(offset, buf.len() as u64).await? {
                 for (g, n, h) in runs {
                     let at = (g - offset) as usize;
-                    self.data.write(h, &buf[at..at + n as usize], flags).await?;
+                    self.write_data(h, &buf[at..at + n as usize], flags).await?;
                 }
                 return Ok(());
             }
@@ -500,8 +582,10 @@ impl Qcow2 {
         let t = self
             .cache
             .insert(new, Arc::new(Table::from_bytes(&content, self.ext)));
+        self.overlap.add_cluster(overlap::ACTIVE_L2, new);
         if old != 0 {
             self.cache.remove(old);
+            self.overlap.remove_cluster(old);
             released.push(old);
         }
         Ok((t, new, l2i))
@@ -591,16 +675,14 @@ impl Qcow2 {
                     // A preallocated zero cluster becomes data: zero the rest.
                     let mut c = vec![0u8; cs as usize];
                     c[in_off as usize..end as usize].copy_from_slice(data);
-                    self.data.write(host, &c, WriteFlags::default()).await?;
+                    self.write_data(host, &c, WriteFlags::default()).await?;
                     return self.set_entry(&t, t_off, i, host | COPIED, 0).await;
                 }
                 return self
-                    .data
-                    .write(host + in_off, data, WriteFlags::default())
+                    .write_data(host + in_off, data, WriteFlags::default())
                     .await;
             }
-            self.data
-                .write(host + in_off, data, WriteFlags::default())
+            self.write_data(host + in_off, data, WriteFlags::default())
                 .await?;
             self.fill_partial_subclusters(bm, base, host, in_off, end)
                 .await?;
@@ -620,7 +702,7 @@ impl Qcow2 {
             // The whole cluster moves: old content with the write on top.
             let mut c = self.cluster_content(ci, e, bm).await?;
             c[in_off as usize..end as usize].copy_from_slice(data);
-            self.data.write(new, &c, WriteFlags::default()).await?;
+            self.write_data(new, &c, WriteFlags::default()).await?;
             nbm = if !self.ext {
                 0
             } else if compressed {
@@ -645,7 +727,7 @@ impl Qcow2 {
                 let at = (end - s0) as usize;
                 self.sc_fill(st, base + end, &mut c[at..]).await?;
             }
-            self.data.write(new + s0, &c, WriteFlags::default()).await?;
+            self.write_data(new + s0, &c, WriteFlags::default()).await?;
             nbm = touched | ((bm >> 32) & !touched) << 32;
         }
         self.file.flush().await?;
@@ -676,8 +758,7 @@ impl Qcow2 {
             let mut c = vec![0u8; (in_off - s0) as usize];
             self.sc_fill(Self::sc_state(bm, first)?, base + s0, &mut c)
                 .await?;
-            self.data
-                .write(host + s0, &c, WriteFlags::default())
+            self.write_data(host + s0, &c, WriteFlags::default())
                 .await?;
         }
         let s1 = (u64::from(last) + 1) * sc;
@@ -685,8 +766,7 @@ impl Qcow2 {
             let mut c = vec![0u8; (s1 - end) as usize];
             self.sc_fill(Self::sc_state(bm, last)?, base + end, &mut c)
                 .await?;
-            self.data
-                .write(host + end, &c, WriteFlags::default())
+            self.write_data(host + end, &c, WriteFlags::default())
                 .await?;
         }
         Ok(())
@@ -823,6 +903,7 @@ impl Qcow2 {
                 l[i] = 0;
             }
             self.cache.remove(t);
+            self.overlap.remove_cluster(t);
             released.push(t);
         }
         self.release(&mut meta, released).await?;
@@ -1038,6 +1119,7 @@ impl Driver for Qcow2 {
                     h.l1_size = need as u32;
                     h.l1_table_offset = new;
                 }
+                self.overlap.set_range(overlap::ACTIVE_L1, new, need * 8);
                 if old_off != 0 {
                     let _g = self.free_guard.write().await;
                     for k in 0..old_n {

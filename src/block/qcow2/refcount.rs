@@ -10,8 +10,10 @@ use super::super::driver::WriteFlags;
 use super::super::error::{BlockError, BlockResult};
 use super::super::node::Node;
 use super::header::OFF_REFCOUNT_TABLE;
+use super::overlap::{Overlap, REFCOUNT_BLOCK, REFCOUNT_TABLE};
 
 pub struct Refcounts {
+    overlap: Arc<Overlap>,
     file: Arc<Node>,
     cluster_bits: u32,
     order: u32,
@@ -32,6 +34,7 @@ pub fn corrupt(msg: impl Into<String>) -> BlockError {
 
 impl Refcounts {
     pub async fn load(
+        overlap: Arc<Overlap>,
         file: Arc<Node>,
         cluster_bits: u32,
         order: u32,
@@ -46,11 +49,22 @@ impl Refcounts {
             ));
         }
         file.read(table_offset, &mut raw).await?;
-        let table = raw
+        let table: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & !511)
             .collect();
+        overlap.set_range(
+            REFCOUNT_TABLE,
+            table_offset,
+            u64::from(table_clusters) << cluster_bits,
+        );
+        for b in &table {
+            if *b != 0 {
+                overlap.add_cluster(REFCOUNT_BLOCK, *b);
+            }
+        }
         Ok(Refcounts {
+            overlap,
             end: fsize.div_ceil(1 << cluster_bits),
             file,
             cluster_bits,
@@ -296,6 +310,7 @@ impl Refcounts {
             )
             .await?;
         self.table[bi as usize] = off;
+        self.overlap.add_cluster(REFCOUNT_BLOCK, off);
         self.blocks.insert(off, b);
         self.end = self.end.max(at + 1);
         Ok(())
@@ -351,6 +366,7 @@ impl Refcounts {
             }
             self.file.write(off, &b, WriteFlags::default()).await?;
             table[i as usize] = off;
+            self.overlap.add_cluster(REFCOUNT_BLOCK, off);
             self.blocks.insert(off, b);
         }
         // Area clusters counted by blocks that already exist.
@@ -372,6 +388,7 @@ impl Refcounts {
         let (old_off, old_len) = (self.table_offset, self.table.len() as u64 * 8);
         self.table = table;
         self.table_offset = toff;
+        self.overlap.set_range(REFCOUNT_TABLE, toff, tclusters * cs);
         self.end = self.end.max(area_end);
         for k in 0..old_len.div_ceil(cs) {
             self.change((old_off >> self.cluster_bits) + k, -1).await?;

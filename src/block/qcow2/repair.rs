@@ -101,26 +101,11 @@ pub async fn repair(file: &Arc<Node>, h: &mut Header, refs: &mut Refcounts) -> B
         }
     }
     // The snapshot table and each snapshot's L1 table.
-    let mut at = h.snapshots_offset;
-    let mut table_len = 0;
-    for _ in 0..h.nb_snapshots {
-        let mut e = [0u8; 40];
-        if at.saturating_add(40) > file.size() {
-            return Err(corrupt("snapshot table beyond the end of the image file"));
-        }
-        file.read(at, &mut e).await?;
-        let be32 = |i: usize| u32::from_be_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
-        let l1_off = u64::from_be_bytes(e[0..8].try_into().unwrap_or([0; 8]));
-        let l1_size = u64::from(be32(8));
-        let id = u64::from(u16::from_be_bytes([e[12], e[13]]));
-        let name = u64::from(u16::from_be_bytes([e[14], e[15]]));
-        let extra = u64::from(be32(36));
-        count_l1(file, h, &mut c, l1_off, l1_size, external).await?;
-        let len = (40 + extra + id + name).div_ceil(8) * 8;
-        at += len;
-        table_len += len;
+    let snaps = super::snapshot::read(file, h).await?;
+    for (l1_off, l1_size) in &snaps.l1_tables {
+        count_l1(file, h, &mut c, *l1_off, *l1_size, external).await?;
     }
-    c.add(h.snapshots_offset, table_len);
+    c.add(h.snapshots_offset, snaps.table_len);
     // Rewrite what differs, over every cluster counted or refcounted.
     // New refcount blocks would need a free cluster, and nothing is known
     // free before the repair is done: leave such images to qemu-img.
