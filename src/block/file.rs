@@ -432,6 +432,13 @@ impl Driver for FileDriver {
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            if self.memory_backed {
+                // Nothing to write back on tmpfs or ramfs: no thread hop.
+                return self
+                    .file
+                    .sync_data()
+                    .map_err(|e| BlockError::io(&e, "flush"));
+            }
             let f = self.file.clone();
             blocking(move || f.sync_data())
                 .await

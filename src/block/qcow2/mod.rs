@@ -700,9 +700,13 @@ impl Qcow2 {
         let nbm;
         if !self.ext || compressed || host != 0 {
             // The whole cluster moves: old content with the write on top.
-            let mut c = self.cluster_content(ci, e, bm).await?;
-            c[in_off as usize..end as usize].copy_from_slice(data);
-            self.write_data(new, &c, WriteFlags::default()).await?;
+            if data.len() as u64 == cs {
+                self.write_data(new, data, WriteFlags::default()).await?;
+            } else {
+                let mut c = self.cluster_content(ci, e, bm).await?;
+                c[in_off as usize..end as usize].copy_from_slice(data);
+                self.write_data(new, &c, WriteFlags::default()).await?;
+            }
             nbm = if !self.ext {
                 0
             } else if compressed {

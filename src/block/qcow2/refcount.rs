@@ -258,10 +258,12 @@ impl Refcounts {
     pub async fn alloc(&mut self, n: u64) -> BlockResult<u64> {
         'search: loop {
             let mut start = self.free_hint;
+            let mut first_free = None;
             let mut run = 0;
             let mut c = self.free_hint;
             while run < n {
-                if c >= self.end || self.get(c).await? == 0 {
+                if self.get(c).await? == 0 {
+                    first_free.get_or_insert(c);
                     if run == 0 {
                         start = c;
                     }
@@ -280,9 +282,11 @@ impl Refcounts {
                 }
             }
             self.set_range(start, n, 1).await?;
-            if start == self.free_hint {
-                self.free_hint = start + n;
-            }
+            // Everything below the first free cluster seen is in use.
+            self.free_hint = match first_free {
+                Some(f) if f < start => f,
+                _ => start + n,
+            };
             self.end = self.end.max(start + n);
             return Ok(start << self.cluster_bits);
         }
