@@ -885,3 +885,31 @@ fn sigkill_never_corrupts() {
     }
     assert!(start.elapsed() < std::time::Duration::from_secs(120));
 }
+
+/// A backing chain that loops (directly or through another image) is an
+/// error at open, and says so.
+#[test]
+fn backing_chain_loops_are_errors() {
+    let dir = TempDir::new();
+    let (a, b, me) = (dir.s("a.qcow2"), dir.s("b.qcow2"), dir.s("self.qcow2"));
+    img(&dir, &["create", "-q", "-f", "qcow2", &a, "1M"]);
+    img(
+        &dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &a, "-F", "qcow2", &b, "1M",
+        ],
+    );
+    img(&dir, &["rebase", "-u", "-b", &b, "-F", "qcow2", &a]);
+    img(&dir, &["create", "-q", "-f", "qcow2", &me, "1M"]);
+    img(&dir, &["rebase", "-u", "-b", &me, "-F", "qcow2", &me]);
+    for image in [&b, &me] {
+        let spec = format!("driver=qcow2,node-name=q,file.driver=file,file.filename={image}");
+        let out = run_to_end(Which::Rsd, &["--blockdev", &spec], 10);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("Backing file '{image}' creates an infinite loop.")),
+            "{err}"
+        );
+    }
+}

@@ -382,7 +382,7 @@ impl Graph {
                     let path = resolve(name);
                     if self.chain.contains(&path) || Some(&path) == file_plain.as_ref() {
                         return Err(format!(
-                            "Backing file '{path}' creates a loop in the backing chain"
+                            "Could not open backing file: Backing file '{path}' creates an infinite loop."
                         ));
                     }
                     if self.chain.len() >= 64 {

@@ -1241,3 +1241,6 @@ pub fn format_specific(q: &Qcow2) -> Value {
     }
     json!({"type": "qcow2", "data": Value::Object(data)})
 }
+
+#[cfg(test)]
+mod tests;
