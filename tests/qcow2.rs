@@ -717,93 +717,122 @@ fn dirty_lazy_refcounts_image_is_repaired_on_open() {
     );
 }
 
+/// What a corruption scenario showed: the event (without timestamp), the
+/// reply to reopening the image read-write, qemu-io's lines.
+type Seen = (serde_json::Value, serde_json::Value, Vec<String>);
+
+/// Makes a 16M image with 128k of data, lets `patch` damage it (given
+/// the bytes and the L2 table's offset), serves it and runs `io` on it.
+fn corruption(which: Which, patch: &dyn Fn(&mut Vec<u8>, usize), io: &[&str]) -> Seen {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    qemu_io("qcow2", &image, &["write -P 1 0 128k".into()]);
+    let mut b = std::fs::read(&image).expect("read");
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let l1 = be64(&b, 40) as usize;
+    let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    patch(&mut b, l2);
+    std::fs::write(&image, b).expect("write");
+    let sock = dir.s("nbd.sock");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=q,file.driver=file,file.filename={image}"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={sock}"),
+        "--export",
+        "type=nbd,id=e,node-name=q,writable=on",
+    ]));
+    let mut d = Daemon::spawn(which, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    assert!(wait_for_path(&dir.path("nbd.sock"), 10));
+    let url = format!("nbd+unix:///q?socket={sock}");
+    let mut argv = vec!["-f", "raw"];
+    for c in io {
+        argv.extend(["-c", c]);
+    }
+    argv.push(&url);
+    let out = run("qemu-io", &argv);
+    let out =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let mut event: serde_json::Value = serde_json::from_str(&q.line()).expect("event");
+    event.as_object_mut().expect("object").remove("timestamp");
+    let reopen = q.cmd(&format!(
+        r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"q2","file":{{"driver":"file","filename":"{image}","locking":"off"}}}}}}"#
+    ));
+    let nodes = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
+    q.send(br#"{"execute":"quit"}"#);
+    let _ = d.wait_exit(10);
+    let info = ok(run("qemu-img", &["info", &image]));
+    assert!(info.contains("corrupt: true"), "{which:?}: {info}");
+    let msg = event["data"]["msg"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let err = d.stderr_text();
+    assert!(
+        err.contains(&format!(
+            "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+        )),
+        "{which:?}: {err}"
+    );
+    if which == Which::Rsd {
+        // A deliberate difference: the node stays listed, marked corrupt.
+        assert!(nodes.to_string().contains(r#""corrupt":true"#), "{nodes}");
+    } else {
+        assert_eq!(nodes["error"]["desc"], "Block device q is ejected");
+    }
+    let io = out
+        .lines()
+        .filter(|l| !l.contains("ops/sec"))
+        .map(String::from)
+        .collect();
+    (event, reopen, io)
+}
+
+fn corruption_on_both(patch: &dyn Fn(&mut Vec<u8>, usize), io: &[&str]) -> Seen {
+    let seen: Vec<Seen> = Which::all()
+        .into_iter()
+        .map(|w| corruption(w, patch, io))
+        .collect();
+    if seen.len() == 2 {
+        assert_eq!(seen[0], seen[1]);
+    }
+    let first = seen.into_iter().next().expect("one daemon");
+    assert_eq!(first.0["event"], "BLOCK_IMAGE_CORRUPTED");
+    assert_eq!(first.0["data"]["fatal"], true);
+    assert_eq!(
+        first.1["error"]["desc"],
+        "qcow2: Image is corrupt; cannot be opened read/write"
+    );
+    first
+}
+
 /// An L2 entry pointing at the active L1 table: the write that would
 /// overwrite it fails with EIO, BLOCK_IMAGE_CORRUPTED is raised once,
 /// the corrupt bit is set, later I/O fails, and the image can no longer
 /// be opened read-write: all as in QSD.
 #[test]
 fn metadata_overlap_marks_the_image_corrupt_as_qsd() {
-    let mut seen = Vec::new();
-    for which in Which::all() {
-        let dir = TempDir::new();
-        let image = dir.s("img.qcow2");
-        img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
-        qemu_io("qcow2", &image, &["write -P 1 0 128k".into()]);
-        // Guest cluster 1's entry: made to point at the L1 table.
-        let mut b = std::fs::read(&image).expect("read");
-        let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
-        let l1 = be64(&b, 40) as usize;
-        let l2 = (be64(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-        b[l2 + 8..l2 + 16].copy_from_slice(&((1u64 << 63) | l1 as u64).to_be_bytes());
-        std::fs::write(&image, b).expect("write");
-        let sock = dir.s("nbd.sock");
-        let mut a = monitor_args(&dir.s("q.sock"));
-        a.extend(args(&[
-            "--blockdev",
-            &format!("driver=qcow2,node-name=q,file.driver=file,file.filename={image}"),
-            "--nbd-server",
-            &format!("addr.type=unix,addr.path={sock}"),
-            "--export",
-            "type=nbd,id=e,node-name=q,writable=on",
-        ]));
-        let mut d = Daemon::spawn(which, &a);
-        let mut q = Qmp::ready(&dir.path("q.sock"));
-        assert!(wait_for_path(&dir.path("nbd.sock"), 10));
-        let url = format!("nbd+unix:///q?socket={sock}");
-        let io = run(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                "-c",
-                "read -P 1 0 64k",
-                "-c",
-                "write -P 2 64k 4k",
-                "-c",
-                "write -P 2 0 4k",
-                "-c",
-                "read -P 1 8k 4k",
-                &url,
-            ],
-        );
-        let io =
-            String::from_utf8_lossy(&io.stdout).into_owned() + &String::from_utf8_lossy(&io.stderr);
-        let mut event: serde_json::Value = serde_json::from_str(&q.line()).expect("event");
-        event.as_object_mut().expect("object").remove("timestamp");
-        let reopen = q.cmd(&format!(
-            r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"q2","file":{{"driver":"file","filename":"{image}","locking":"off"}}}}}}"#
-        ));
-        let nodes = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
-        q.send(br#"{"execute":"quit"}"#);
-        let _ = d.wait_exit(10);
-        let info = ok(run("qemu-img", &["info", &image]));
-        assert!(info.contains("corrupt: true"), "{which:?}: {info}");
-        let err = d.stderr_text();
-        assert!(err.contains("qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with active L1 table)"), "{which:?}: {err}");
-        if which == Which::Rsd {
-            // A deliberate difference: the node stays listed, marked corrupt.
-            assert!(nodes.to_string().contains(r#""corrupt":true"#), "{nodes}");
-        } else {
-            assert_eq!(nodes["error"]["desc"], "Block device q is ejected");
-        }
-        let io: Vec<String> = io
-            .lines()
-            .filter(|l| !l.contains("ops/sec"))
-            .map(String::from)
-            .collect();
-        seen.push((event, reopen, io));
-    }
-    let (event, reopen, io) = &seen[0];
-    assert_eq!(event["event"], "BLOCK_IMAGE_CORRUPTED");
+    let to_l1 = |b: &mut Vec<u8>, l2: usize| {
+        let l1 = u64::from_be_bytes(b[40..48].try_into().expect("8"));
+        b[l2 + 8..l2 + 16].copy_from_slice(&((1u64 << 63) | l1).to_be_bytes());
+    };
+    let (event, _, io) = corruption_on_both(
+        &to_l1,
+        &[
+            "read -P 1 0 64k",
+            "write -P 2 64k 4k",
+            "write -P 2 0 4k",
+            "read -P 1 8k 4k",
+        ],
+    );
     assert_eq!(
         event["data"]["msg"],
         "Preventing invalid write on metadata (overlaps with active L1 table)"
     );
-    assert_eq!(event["data"]["fatal"], true);
-    assert_eq!(
-        reopen["error"]["desc"],
-        "qcow2: Image is corrupt; cannot be opened read/write"
-    );
+    assert!(event["data"]["offset"].is_u64(), "{event}");
     assert_eq!(
         io[1..],
         [
@@ -813,9 +842,30 @@ fn metadata_overlap_marks_the_image_corrupt_as_qsd() {
         ],
         "{io:?}"
     );
-    if seen.len() == 2 {
-        assert_eq!(seen[0], seen[1]);
-    }
+}
+
+/// A data cluster offset that is not cluster-aligned, found by a read.
+#[test]
+fn unaligned_cluster_offset_found_by_a_read_is_fatal_as_in_qsd() {
+    let unalign = |b: &mut Vec<u8>, l2: usize| b[l2 + 14] |= 0x02;
+    let (event, _, io) = corruption_on_both(
+        &unalign,
+        &["read -P 1 0 64k", "read -P 1 64k 4k", "read -P 1 0 4k"],
+    );
+    let msg = event["data"]["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("Cluster allocation offset 0x") && msg.contains("unaligned (L2 offset: 0x"),
+        "{event}"
+    );
+    assert!(event["data"].get("offset").is_none(), "{event}");
+    assert_eq!(
+        io[1..],
+        [
+            "read failed: Input/output error",
+            "read failed: Invalid argument"
+        ],
+        "{io:?}"
+    );
 }
 
 /// SIGKILL in the middle of writes, allocations, zeroes and discards:

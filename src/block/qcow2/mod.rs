@@ -256,12 +256,26 @@ impl Qcow2 {
     /// The L2 entry and bitmap of the cluster holding guest offset `g`.
     async fn entry(&self, g: u64) -> BlockResult<(u64, u64)> {
         let ci = g >> self.bits;
-        let l2_off = self.l1_entry(ci >> self.l2_bits) & OFFSET_MASK;
+        let l1i = ci >> self.l2_bits;
+        let l2_off = self.l1_entry(l1i) & OFFSET_MASK;
         if l2_off == 0 {
             return Ok((0, 0));
         }
+        if !l2_off.is_multiple_of(self.cs()) {
+            return Err(corrupt(format!(
+                "L2 table offset {l2_off:#x} unaligned (L1 index: {l1i:#x})"
+            )));
+        }
         let t = self.table(l2_off).await?;
-        Ok(t.get((ci & ((1 << self.l2_bits) - 1)) as usize))
+        let i = ci & ((1 << self.l2_bits) - 1);
+        let (e, bm) = t.get(i as usize);
+        let host = e & OFFSET_MASK;
+        if e & COMPRESSED == 0 && !host.is_multiple_of(self.cs()) {
+            return Err(corrupt(format!(
+                "Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {i:#x})"
+            )));
+        }
+        Ok((e, bm))
     }
 
     /// Subcluster state: 0 allocated, 1 zero, 2 unallocated.
@@ -434,7 +448,7 @@ impl Qcow2 {
 
     /// Marks the image corrupt (header bit, BLOCK_IMAGE_CORRUPTED, once)
     /// and returns the error for the request that found it.
-    async fn signal_corruption(&self, offset: u64, size: u64, msg: String) -> BlockError {
+    async fn signal_corruption(&self, at: Option<(u64, u64)>, msg: String) -> BlockError {
         if !self.corrupt.swap(true, Ordering::AcqRel) {
             eprintln!(
                 "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
@@ -460,13 +474,33 @@ impl Qcow2 {
                 d.insert("device".into(), json!(""));
                 d.insert("node-name".into(), json!(self.node_name));
                 d.insert("msg".into(), json!(msg));
-                d.insert("offset".into(), json!(offset));
-                d.insert("size".into(), json!(size));
+                if let Some((offset, size)) = at {
+                    d.insert("offset".into(), json!(offset));
+                    d.insert("size".into(), json!(size));
+                }
                 d.insert("fatal".into(), json!(true));
                 ev("BLOCK_IMAGE_CORRUPTED", d);
             }
         }
         BlockError::new(nix::libc::EIO, msg)
+    }
+
+    /// The driver's boundary: metadata found inconsistent at run time is
+    /// fatal corruption (reported once, then EIO), as in QEMU.
+    async fn fatal<T>(&self, r: BlockResult<T>) -> BlockResult<T> {
+        match r {
+            Err(e) if e.errno == nix::libc::EUCLEAN => {
+                Err(self.signal_corruption(None, e.msg).await)
+            }
+            other => other,
+        }
+    }
+
+    fn boundary<'a, T: Send + 'a>(
+        &'a self,
+        f: impl std::future::Future<Output = BlockResult<T>> + Send + 'a,
+    ) -> IoFuture<'a, T> {
+        Box::pin(async move { self.fatal(f.await).await })
     }
 
     /// Writes guest data at a host offset, unless that would overwrite
@@ -475,7 +509,9 @@ impl Qcow2 {
         if !self.external {
             if let Some(kind) = self.overlap.check(host, buf.len() as u64) {
                 let msg = format!("Preventing invalid write on metadata (overlaps with {kind})");
-                return Err(self.signal_corruption(host, buf.len() as u64, msg).await);
+                return Err(self
+                    .signal_corruption(Some((host, buf.len() as u64)), msg)
+                    .await);
             }
         }
         self.data.write(host, buf, flags).await
@@ -946,16 +982,16 @@ impl Driver for Qcow2 {
         }
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        Box::pin(self.read_runs(offset, buf))
+        self.boundary(self.read_runs(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
-        Box::pin(self.write_impl(offset, buf, flags))
+        self.boundary(self.write_impl(offset, buf, flags))
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.flush_all())
+        self.boundary(self.flush_all())
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
+        self.boundary(async move {
             self.check_writable()?;
             // Only whole clusters are discarded; the rest is advisory.
             let start = offset.next_multiple_of(self.cs());
@@ -973,7 +1009,7 @@ impl Driver for Qcow2 {
         })
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
-        Box::pin(async move {
+        self.boundary(async move {
             self.check_writable()?;
             let unit = 1u64 << self.sc_bits;
             let size = self.size();
@@ -1027,7 +1063,7 @@ impl Driver for Qcow2 {
         })
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
-        Box::pin(async move {
+        self.boundary(async move {
             let len = len.min(1 << 30);
             let mut run = 0u64;
             let mut kind = None;
@@ -1086,7 +1122,7 @@ impl Driver for Qcow2 {
         })
     }
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
+        self.boundary(async move {
             self.check_writable()?;
             let old = self.size();
             if !size.is_multiple_of(512) {

@@ -28,8 +28,10 @@ pub struct Refcounts {
     pub end: u64,
 }
 
+/// Metadata found inconsistent. EUCLEAN marks it inside the driver, which
+/// turns it into a fatal corruption report and EIO at its boundary.
 pub fn corrupt(msg: impl Into<String>) -> BlockError {
-    BlockError::new(nix::libc::EIO, msg)
+    BlockError::new(nix::libc::EUCLEAN, msg)
 }
 
 impl Refcounts {
