@@ -21,6 +21,11 @@ pub struct Ctx {
     pub control: OnceLock<ActorRef<ControlMsg>>,
     /// Set to true to stop the daemon (quit).
     pub shutdown: watch::Sender<bool>,
+    /// The sequence number of the newest command whose reply a monitor
+    /// has queued. Work a command starts in the background (a job's
+    /// rest) waits for its reply first, so its events follow the reply
+    /// as in QEMU.
+    pub replied: watch::Sender<u64>,
     pub test_hooks: bool,
 }
 

@@ -59,6 +59,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         supervisor: supervisor.clone(),
         control: Default::default(),
         shutdown: shutdown_tx,
+        replied: tokio::sync::watch::channel(0).0,
         test_hooks,
     });
     let control = match Actor::spawn(Some("control".into()), ControlActor, ctx.clone()).await {

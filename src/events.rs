@@ -11,6 +11,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::qmp::frame;
 
+/// Where parts of the daemon outside the control actor raise QMP events
+/// (block drivers, jobs): (event name, data).
+pub type EventSink = std::sync::Arc<dyn Fn(&str, Map<String, Value>) + Send + Sync>;
+
 struct Subscriber {
     id: u64,
     pretty: bool,

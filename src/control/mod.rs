@@ -3,6 +3,7 @@
 //! stops the supervised actors that do the work.
 mod block;
 mod chardevs;
+mod jobs;
 mod nbd;
 mod qom;
 
@@ -23,8 +24,13 @@ use crate::qmp::monitor::{self, MonitorActor, MonitorConfig, MonitorMsg};
 pub use chardevs::chardev_name;
 
 pub enum ControlMsg {
-    /// Run a QMP command with validated arguments.
-    Execute(String, Map<String, Value>, RpcReplyPort<QmpResult<Value>>),
+    /// Run a QMP command with validated arguments; the reply carries the
+    /// command's sequence number (see `Ctx::replied`).
+    Execute(
+        String,
+        Map<String, Value>,
+        RpcReplyPort<(QmpResult<Value>, u64)>,
+    ),
     /// `--chardev`: like chardev-add, with the command line's id rules;
     /// the string is the prefix for a `wait=on` notice on stderr.
     AddChardevCli(
@@ -60,6 +66,9 @@ pub struct ControlState {
     chardevs: Vec<(String, ChardevEntry)>,
     objects: BTreeMap<String, Object>,
     block: crate::block::graph::Graph,
+    jobs: crate::jobs::Jobs,
+    /// The number of the command being run.
+    seq: u64,
     nbd: Option<Arc<crate::nbd::server::Server>>,
     exports: crate::nbd::export::Exports,
 }
@@ -84,6 +93,8 @@ impl Actor for ControlActor {
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
             block,
+            jobs: Default::default(),
+            seq: 0,
             nbd: None,
             exports: Default::default(),
         })
@@ -97,8 +108,9 @@ impl Actor for ControlActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ControlMsg::Execute(name, args, reply) => {
+                st.seq += 1;
                 let r = st.execute(&name, args).await;
-                let _ = reply.send(r);
+                let _ = reply.send((r, st.seq));
             }
             ControlMsg::AddChardevCli(id, backend, prefix, reply) => {
                 let r = st.add_chardev_cli(id, backend, prefix).await;
@@ -121,6 +133,7 @@ impl Actor for ControlActor {
                 let _ = reply.send(r);
             }
             ControlMsg::Shutdown(reply) => {
+                st.cancel_all_jobs().await;
                 st.delete_all_exports().await;
                 if st.nbd.take().is_some() {
                     actors::supervisor::stop_child_by_id(
@@ -255,6 +268,32 @@ impl ControlState {
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
             )),
+            "blockdev-create" => self.blockdev_create(&args).await,
+            "query-jobs" => Ok(self.query_jobs()),
+            "job-pause" => {
+                self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Pause)
+                    .await
+            }
+            "job-resume" => {
+                self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Resume)
+                    .await
+            }
+            "job-cancel" => {
+                self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Cancel)
+                    .await
+            }
+            "job-complete" => {
+                self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Complete)
+                    .await
+            }
+            "job-finalize" => {
+                self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Finalize)
+                    .await
+            }
+            "job-dismiss" => {
+                self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Dismiss)
+                    .await
+            }
             "x-rsd-test-event" => {
                 let mut data = Map::new();
                 data.insert("message".into(), json!(arg_str(&args, "message")));

@@ -60,7 +60,11 @@ pub struct Schema {
 pub const EMPTY: &str = "q_empty";
 
 /// The schema's files, in order (a file may use types of earlier ones).
-const SCHEMA_FILES: &[&str] = &[include_str!("schema.json"), include_str!("block.json")];
+const SCHEMA_FILES: &[&str] = &[
+    include_str!("schema.json"),
+    include_str!("block.json"),
+    include_str!("jobs.json"),
+];
 const BUILTINS: &[(&str, &str)] = &[
     ("str", "string"),
     ("int", "int"),

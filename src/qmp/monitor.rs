@@ -151,12 +151,19 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
                 Action::Execute { name, args, id } => {
                     tracing::trace!(target: "qmp_command", chardev = %cfg.chardev, command = %name);
                     quit = name == "quit";
-                    let result = execute(&ctx, name, args).await;
+                    let (result, seq) = execute(&ctx, name, args).await;
                     let v = match result {
                         Ok(ret) => reply_ok(ret, id),
                         Err(e) => reply_err(&e, id),
                     };
                     let _ = out_tx.send(frame(&v, pretty));
+                    ctx.replied.send_if_modified(|r| {
+                        let newer = seq > *r;
+                        if newer {
+                            *r = seq;
+                        }
+                        newer
+                    });
                     if quit {
                         break 'read;
                     }
@@ -181,12 +188,12 @@ async fn execute(
     ctx: &Arc<Ctx>,
     name: String,
     args: serde_json::Map<String, Value>,
-) -> Result<Value, QmpError> {
+) -> (Result<Value, QmpError>, u64) {
     let Some(control) = ctx.control.get() else {
-        return Err(QmpError::generic("daemon is starting"));
+        return (Err(QmpError::generic("daemon is starting")), 0);
     };
     match ractor::call!(control, ControlMsg::Execute, name, args) {
         Ok(r) => r,
-        Err(e) => Err(QmpError::generic(format!("internal error: {e}"))),
+        Err(e) => (Err(QmpError::generic(format!("internal error: {e}"))), 0),
     }
 }

@@ -12,6 +12,7 @@
 //!   them; old clusters are released only after a flush that made the new
 //!   pointers stable. A crash can leak clusters, never corrupt the image.
 pub mod compress;
+pub mod create;
 pub mod header;
 pub mod l2;
 pub mod overlap;
@@ -33,7 +34,7 @@ use l2::{Map, Table, ALL_ZEROES, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use refcount::{corrupt, Refcounts};
 
 /// QMP events a block driver raises: (name, data).
-pub type BlockEvents = Arc<dyn Fn(&str, serde_json::Map<String, Value>) + Send + Sync>;
+pub type BlockEvents = crate::events::EventSink;
 
 /// Options of the qcow2 driver that change behaviour, and what it needs
 /// to report corruption.

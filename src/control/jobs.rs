@@ -1,0 +1,141 @@
+//! Job commands: blockdev-create, query-jobs and the job-* verbs. Jobs are
+//! supervised actors (temporary: a job is never restarted); the control
+//! actor starts them and routes the verbs.
+use std::sync::Arc;
+
+use actors::{ChildSpec, Restart};
+use ractor::ActorRef;
+use serde_json::{json, Map, Value};
+
+use super::{arg_str, ControlState};
+use crate::jobs::create::{self, Targets};
+use crate::jobs::{self, JobActor, JobArgs, JobMsg, Shared, Status, Verb};
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+impl ControlState {
+    fn job(&self, id: &str) -> Option<Arc<Shared>> {
+        self.jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.iter().find(|s| s.id == id).cloned())
+    }
+
+    /// The node a BlockdevRef names, or QEMU's error for it.
+    fn target(&self, r: Option<&Value>) -> Result<Arc<crate::block::node::Node>, String> {
+        match r {
+            Some(Value::String(name)) => self
+                .block
+                .find(name)
+                .map(|e| e.node.clone())
+                .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'")),
+            Some(_) => {
+                Err("rsd does not support inline node definitions in blockdev-create yet".into())
+            }
+            None => Err("Parameter 'file' is missing".into()),
+        }
+    }
+
+    pub(super) async fn blockdev_create(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let id = arg_str(args, "job-id");
+        let opts = args
+            .get("options")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let targets = Targets {
+            file: self.target(opts.get("file")),
+            data_file: opts.get("data-file").map(|d| self.target(Some(d))),
+        };
+        self.start_job(id, "create", true, false, create::start(opts, targets))
+            .await
+            .map(|()| json!({}))
+    }
+
+    async fn start_job(
+        &mut self,
+        id: &str,
+        kind: &'static str,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+        start: jobs::Start,
+    ) -> QmpResult<()> {
+        jobs::check_id(id).map_err(QmpError::generic)?;
+        if self.job(id).is_some() {
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        let ctx = self.ctx.clone();
+        let sink: crate::events::EventSink = Arc::new(move |n, d| ctx.events.emit(n, Some(d)));
+        let shared = Shared::new(id, kind, auto_finalize, auto_dismiss, sink);
+        if let Ok(mut j) = self.jobs.lock() {
+            j.insert(0, shared.clone());
+        }
+        let args = Arc::new(JobArgs {
+            shared,
+            start: std::sync::Mutex::new(Some(start)),
+            jobs: self.jobs.clone(),
+            after_reply: Some((self.ctx.replied.subscribe(), self.seq)),
+        });
+        let spec = ChildSpec::actor(jobs::registry_name(id), Restart::Temporary, JobActor, args);
+        actors::supervisor::start_child(&self.ctx.supervisor, spec)
+            .await
+            .map_err(QmpError::generic)?;
+        if let Some(a) = job_actor(id) {
+            let _ = ractor::call!(a, JobMsg::Start);
+        }
+        Ok(())
+    }
+
+    pub(super) fn query_jobs(&self) -> Value {
+        let list = self
+            .jobs
+            .lock()
+            .map(|j| j.iter().map(|s| s.info()).collect())
+            .unwrap_or_default();
+        Value::Array(list)
+    }
+
+    pub(super) async fn job_verb(&mut self, id: &str, verb: Verb) -> QmpResult<Value> {
+        if self.job(id).is_none() {
+            return Err(QmpError::generic("Job not found"));
+        }
+        let Some(a) = job_actor(id) else {
+            return Err(QmpError::generic("Job not found"));
+        };
+        match ractor::call!(a, JobMsg::Verb, verb) {
+            Ok(Ok(())) => Ok(json!({})),
+            Ok(Err(e)) => Err(QmpError::generic(e)),
+            Err(e) => Err(QmpError::generic(format!("internal error: {e}"))),
+        }
+    }
+
+    /// quit and signals: cancel what still runs and wait (bounded) for
+    /// every job to end, as QSD waits for its jobs.
+    pub(super) async fn cancel_all_jobs(&mut self) {
+        let all: Vec<Arc<Shared>> = self.jobs.lock().map(|j| j.clone()).unwrap_or_default();
+        for sh in &all {
+            if let Some(a) = job_actor(&sh.id) {
+                let _ = ractor::call!(a, JobMsg::Verb, Verb::Cancel);
+            }
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while all
+            .iter()
+            .any(|s| !matches!(s.status(), Status::Concluded | Status::Null))
+            && std::time::Instant::now() < until
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        for sh in &all {
+            if sh.status() == Status::Concluded {
+                if let Some(a) = job_actor(&sh.id) {
+                    let _ = ractor::call!(a, JobMsg::Verb, Verb::Dismiss);
+                }
+            }
+        }
+    }
+}
+
+fn job_actor(id: &str) -> Option<ActorRef<JobMsg>> {
+    ractor::registry::where_is(jobs::registry_name(id)).map(Into::into)
+}
