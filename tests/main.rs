@@ -4,6 +4,7 @@ mod common;
 
 mod block;
 mod cli;
+mod jobs;
 mod nbd;
 mod process;
 mod qcow2;

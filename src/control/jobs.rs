@@ -45,7 +45,15 @@ impl ControlState {
             .unwrap_or_default();
         let targets = Targets {
             file: self.target(opts.get("file")),
-            data_file: opts.get("data-file").map(|d| self.target(Some(d))),
+            data_file: opts.get("data-file").map(|d| {
+                let node = self.target(Some(d))?;
+                let name = self
+                    .block
+                    .find(&node.name)
+                    .map(|e| self.block.filename(e))
+                    .unwrap_or_default();
+                Ok((node, name))
+            }),
         };
         self.start_job(id, "create", true, false, create::start(opts, targets))
             .await

@@ -368,6 +368,10 @@ fn test_crash(id: &str) -> QmpResult<Value> {
         ActorRef::<crate::block::actor::NodeMsg>::from(cell)
             .cast(crate::block::actor::NodeMsg::Crash)
             .is_ok()
+    } else if id.starts_with("job/") {
+        ActorRef::<crate::jobs::JobMsg>::from(cell)
+            .cast(crate::jobs::JobMsg::Crash)
+            .is_ok()
     } else if id.starts_with("chardev/") {
         ActorRef::<crate::chardev::ChardevMsg>::from(cell)
             .cast(crate::chardev::ChardevMsg::Crash)

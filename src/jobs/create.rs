@@ -23,7 +23,8 @@ fn os_msg(e: &std::io::Error) -> String {
 /// the job starts (the lookup's error is the job's, as in QEMU).
 pub struct Targets {
     pub file: Result<Arc<Node>, String>,
-    pub data_file: Option<Result<Arc<Node>, String>>,
+    /// The data file's node and the filename the image will name.
+    pub data_file: Option<Result<(Arc<Node>, String), String>>,
 }
 
 /// The job's work for validated BlockdevCreateOptions.
@@ -159,6 +160,7 @@ async fn size_file(
             let zeros = Arc::new(vec![0u8; 1 << 20]);
             let mut done = 0u64;
             while done < size {
+                sh.crash_point();
                 if sh.cancelled() {
                     return Err(CANCELED.into());
                 }

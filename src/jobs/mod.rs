@@ -50,6 +50,8 @@ pub struct Shared {
     pub total: AtomicU64,
     events: EventSink,
     wake: tokio::sync::Notify,
+    /// Test hook: the job's work panics at its next crash point.
+    crash: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ impl Shared {
             total: AtomicU64::new(0),
             events,
             wake: tokio::sync::Notify::new(),
+            crash: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -111,6 +114,13 @@ impl Shared {
 
     pub fn cancelled(&self) -> bool {
         self.flags(|f| f.cancelled)
+    }
+
+    /// Test hook (x-rsd-test-crash): panics here once a crash was asked.
+    pub fn crash_point(&self) {
+        if self.crash.load(Ordering::Relaxed) {
+            panic!("test hook: job crash requested");
+        }
     }
 
     pub fn set_progress(&self, current: u64, total: u64) {
@@ -171,6 +181,8 @@ pub enum JobMsg {
     Verb(Verb, RpcReplyPort<Result<(), String>>),
     /// The rest of the job ended.
     Finished(Result<(), String>),
+    /// Test hook: make the job's work panic.
+    Crash,
 }
 
 pub struct JobArgs {
@@ -365,6 +377,7 @@ impl Actor for JobActor {
                 let _ = reply.send(self.verb(&myself, a, verb));
             }
             JobMsg::Finished(r) => self.finish(&myself, a, r),
+            JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),
         }
         Ok(())
     }

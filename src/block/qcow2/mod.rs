@@ -964,6 +964,57 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// blockdev-create's preallocation: every guest cluster gets a host
+    /// cluster and an L2 entry ("metadata"); "falloc" also reserves the
+    /// data's space in the file, "full" writes its zeroes (reporting
+    /// progress in bytes).
+    pub async fn preallocate(&self, mode: &str, sh: &crate::jobs::Shared) -> BlockResult<()> {
+        let size = self.size();
+        let cs = self.cs();
+        let mut meta = self.meta.lock().await;
+        let mut released = Vec::new();
+        let mut end = 0;
+        let mut g = 0;
+        while g < size {
+            if sh.cancelled() {
+                return Err(BlockError::new(nix::libc::ECANCELED, crate::jobs::CANCELED));
+            }
+            let (t, t_off, i) = self.writable_table(&mut meta, g, &mut released).await?;
+            let host = if self.external {
+                g
+            } else {
+                meta.alloc(1).await?
+            };
+            let bm = if self.ext { 0xffff_ffff } else { 0 };
+            self.set_entry(&t, t_off, i, host | COPIED, bm).await?;
+            let n = cs.min(size - g);
+            match mode {
+                "full" => {
+                    let zeros = vec![0u8; n as usize];
+                    self.data.write(host, &zeros, WriteFlags::default()).await?;
+                    sh.set_progress(g + n, size);
+                }
+                "falloc" => {
+                    let z = ZeroFlags {
+                        fua: false,
+                        may_unmap: false,
+                        no_fallback: false,
+                    };
+                    self.data.write_zeroes(host, n, z).await?;
+                }
+                _ => {}
+            }
+            end = end.max(host + cs);
+            g += cs;
+        }
+        drop(meta);
+        // Metadata preallocation only extends the file.
+        if !self.external && self.file.size() < end {
+            self.file.truncate(end).await?;
+        }
+        self.flush_all().await
+    }
+
     fn v2_zero_needs_data(&self) -> bool {
         self.header().version < 3 && self.backing.is_some()
     }
@@ -1141,9 +1192,9 @@ impl Driver for Qcow2 {
                 let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
                 let n = (bytes.len() as u64).div_ceil(self.cs());
                 let new = meta.alloc(n).await?;
-                let mut padded = bytes.clone();
-                padded.resize((n << self.bits) as usize, 0);
-                self.file.write(new, &padded, WriteFlags::default()).await?;
+                // Only the table's bytes, as QEMU writes it (the rest of
+                // its clusters reads as zeroes).
+                self.file.write(new, &bytes, WriteFlags::default()).await?;
                 self.file.flush().await?;
                 let mut hdr = (need as u32).to_be_bytes().to_vec();
                 hdr.extend_from_slice(&new.to_be_bytes());
