@@ -8,6 +8,8 @@
 //! hop; the actor applies the verbs and the end of the job.
 pub mod create;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
