@@ -51,7 +51,12 @@ async fn rig(auto_finalize: bool, auto_dismiss: bool, result: Result<(), String>
     });
     let (actor, _) = Actor::spawn(None, JobActor, args).await.expect("spawn");
     ractor::call!(actor, JobMsg::Start).expect("start");
-    Rig { actor, shared, events, go }
+    Rig {
+        actor,
+        shared,
+        events,
+        go,
+    }
 }
 
 impl Rig {
@@ -73,7 +78,9 @@ impl Rig {
 }
 
 fn refused(s: &str, v: &str) -> Result<(), String> {
-    Err(format!("Job 'j' in state '{s}' cannot accept command verb '{v}'"))
+    Err(format!(
+        "Job 'j' in state '{s}' cannot accept command verb '{v}'"
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,10 +90,16 @@ async fn running_paused_pending_concluded_null() {
     assert_eq!(r.verb(Verb::Complete).await, refused("running", "complete"));
     assert_eq!(r.verb(Verb::Finalize).await, refused("running", "finalize"));
     assert_eq!(r.verb(Verb::Dismiss).await, refused("running", "dismiss"));
-    assert_eq!(r.verb(Verb::Resume).await, Err("Can't resume a job that was not paused".into()));
+    assert_eq!(
+        r.verb(Verb::Resume).await,
+        Err("Can't resume a job that was not paused".into())
+    );
     assert_eq!(r.verb(Verb::Pause).await, Ok(()));
     r.until(Status::Paused).await;
-    assert_eq!(r.verb(Verb::Pause).await, Err("Job is already paused".into()));
+    assert_eq!(
+        r.verb(Verb::Pause).await,
+        Err("Job is already paused".into())
+    );
     assert_eq!(r.verb(Verb::Complete).await, refused("paused", "complete"));
     assert_eq!(r.verb(Verb::Finalize).await, refused("paused", "finalize"));
     assert_eq!(r.verb(Verb::Dismiss).await, refused("paused", "dismiss"));
@@ -101,11 +114,23 @@ async fn running_paused_pending_concluded_null() {
     assert_eq!(r.shared.status(), Status::Concluded);
     assert_eq!(r.verb(Verb::Cancel).await, refused("concluded", "cancel"));
     assert_eq!(r.verb(Verb::Pause).await, refused("concluded", "pause"));
-    assert_eq!(r.verb(Verb::Finalize).await, refused("concluded", "finalize"));
+    assert_eq!(
+        r.verb(Verb::Finalize).await,
+        refused("concluded", "finalize")
+    );
     assert_eq!(r.verb(Verb::Dismiss).await, Ok(()));
     assert_eq!(
         r.events(),
-        ["created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "paused",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null"
+        ]
     );
     assert_eq!(r.shared.info()["status"], "null");
 }
@@ -117,7 +142,17 @@ async fn cancel_while_paused_aborts_with_the_error() {
     r.until(Status::Paused).await;
     assert_eq!(r.verb(Verb::Cancel).await, Ok(()));
     r.until(Status::Concluded).await;
-    assert_eq!(r.events(), ["created", "running", "paused", "running", "aborting", "concluded"]);
+    assert_eq!(
+        r.events(),
+        [
+            "created",
+            "running",
+            "paused",
+            "running",
+            "aborting",
+            "concluded"
+        ]
+    );
     assert_eq!(r.shared.info()["error"], "Operation canceled");
     // Resume of a paused-then-cancelled job: the verb table decides.
     assert_eq!(r.verb(Verb::Resume).await, refused("concluded", "resume"));
@@ -130,10 +165,23 @@ async fn cancel_in_pending_and_failure_with_auto_dismiss() {
     r.until(Status::Pending).await;
     assert_eq!(r.verb(Verb::Cancel).await, Ok(()));
     assert_eq!(r.shared.status(), Status::Concluded);
-    assert_eq!(r.events(), ["created", "running", "waiting", "pending", "aborting", "concluded"]);
+    assert_eq!(
+        r.events(),
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "aborting",
+            "concluded"
+        ]
+    );
 
     let f = rig(true, true, Err("Input/output error".into())).await;
     f.go.notify_one();
     f.until(Status::Null).await;
-    assert_eq!(f.events(), ["created", "running", "aborting", "concluded", "null"]);
+    assert_eq!(
+        f.events(),
+        ["created", "running", "aborting", "concluded", "null"]
+    );
 }
