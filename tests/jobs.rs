@@ -513,3 +513,36 @@ fn a_panicking_job_fails_and_the_daemon_serves_on() {
     );
     let _ = std::fs::remove_file(&img);
 }
+
+/// Cancel of a running create job: the same events and the same end as
+/// in QSD (QSD gets there only after writing the whole image).
+#[test]
+fn cancelled_create_job_ends_as_in_qsd() {
+    let mut ends = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let a = monitor_args(&dir.s("q.sock"));
+        let _d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let img = format!("/dev/shm/rsd-cancel-{}-{which:?}.img", std::process::id());
+        q.send(format!(r#"{{"execute":"blockdev-create","arguments":{{"job-id":"x","options":{{"driver":"file","filename":"{img}","size":1073741824,"preallocation":"full"}}}}}}"#).as_bytes());
+        let mut lines = wait_line(&mut q, "return", 10);
+        q.send(br#"{"execute":"job-cancel","arguments":{"id":"x"}}"#);
+        lines.extend(wait_line(&mut q, r#""concluded""#, 60));
+        let statuses: Vec<String> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["data"]["status"].as_str().map(String::from))
+            .collect();
+        let job = q.cmd(r#"{"execute":"query-jobs"}"#)["return"][0].clone();
+        let _ = std::fs::remove_file(&img);
+        ends.push((statuses, job));
+    }
+    let (statuses, job) = &ends[0];
+    assert_eq!(statuses, &["created", "running", "aborting", "concluded"]);
+    assert_eq!(job["error"], "Operation canceled");
+    assert_eq!(job["current-progress"], 1);
+    if ends.len() == 2 {
+        assert_eq!(ends[0], ends[1]);
+    }
+}
