@@ -3,7 +3,7 @@
 //! pipelining and hostile requests.
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
@@ -69,20 +69,6 @@ impl Served {
         let _ = q.line();
         assert_eq!(self.daemon.wait_exit(10), Some(0));
     }
-}
-
-fn run(cmd: &str, argv: &[&str]) -> Output {
-    Command::new(cmd).args(argv).output().expect(cmd)
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]

@@ -3,23 +3,9 @@
 //! them; writes, zeroes and discards through rsd leave images that
 //! `qemu-img check` finds clean and that equal a raw file given the same
 //! operations; snapshots stay intact; SIGKILL never corrupts.
-use std::process::{Command, Output};
+use std::process::Command;
 
 use crate::common::*;
-
-fn run(cmd: &str, argv: &[&str]) -> Output {
-    Command::new(cmd).args(argv).output().expect(cmd)
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// qemu-io with a list of commands; fails on any error or miscompare.
 fn qemu_io(fmt: &str, target: &str, cmds: &[String]) {
@@ -30,7 +16,7 @@ fn qemu_io(fmt: &str, target: &str, cmds: &[String]) {
     }
     a.push(target.to_string());
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let out = ok(run("qemu-io", &a));
+    let out = ok(&run("qemu-io", &a));
     assert!(
         !out.contains("failed") && !out.contains("error"),
         "qemu-io on {target}: {out}"
@@ -38,7 +24,7 @@ fn qemu_io(fmt: &str, target: &str, cmds: &[String]) {
 }
 
 fn img(dir: &TempDir, argv: &[&str]) {
-    ok(run("qemu-img", argv));
+    ok(&run("qemu-img", argv));
     let _ = dir;
 }
 
@@ -148,7 +134,7 @@ fn exercise(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64) {
     make(&dir);
     let image = dir.s("img.qcow2");
     let reference = dir.s("ref.raw");
-    ok(run(
+    ok(&run(
         "qemu-img",
         &["convert", "-O", "raw", &image, &reference],
     ));
@@ -342,7 +328,7 @@ fn compressed(kind: &'static str) -> impl Fn(&TempDir) {
                 &d.s("img.qcow2"),
             ],
         );
-        let map = ok(run(
+        let map = ok(&run(
             "qemu-img",
             &["map", "--output=json", &d.s("img.qcow2")],
         ));
@@ -368,9 +354,9 @@ fn internal_snapshot_stays_intact() {
     let dir = TempDir::new();
     made("")(&dir);
     let image = dir.s("img.qcow2");
-    ok(run("qemu-img", &["snapshot", "-c", "snap1", &image]));
+    ok(&run("qemu-img", &["snapshot", "-c", "snap1", &image]));
     let before = dir.s("before.raw");
-    ok(run(
+    ok(&run(
         "qemu-img",
         &[
             "convert",
@@ -383,7 +369,7 @@ fn internal_snapshot_stays_intact() {
         ],
     ));
     let reference = dir.s("ref.raw");
-    ok(run(
+    ok(&run(
         "qemu-img",
         &["convert", "-O", "raw", &image, &reference],
     ));
@@ -399,7 +385,7 @@ fn internal_snapshot_stays_intact() {
         "{text}"
     );
     let after = dir.s("after.raw");
-    ok(run(
+    ok(&run(
         "qemu-img",
         &[
             "convert",
@@ -411,11 +397,11 @@ fn internal_snapshot_stays_intact() {
             &after,
         ],
     ));
-    ok(run(
+    ok(&run(
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &before, &after],
     ));
-    ok(run(
+    ok(&run(
         "qemu-img",
         &["compare", "-F", "raw", &image, &reference],
     ));
@@ -582,13 +568,13 @@ fn block_status_through_the_chain_matches_qsd() {
         let _d = Daemon::spawn(which, &a);
         assert!(wait_for_path(&dir.path("p.pid"), 10));
         let url = format!("nbd+unix:///q?socket={sock}");
-        let mut m = ok(run(
+        let mut m = ok(&run(
             "qemu-img",
             &["map", "--output=json", "-f", "raw", &url],
         ));
         if which_nbdinfo() {
-            m += &ok(run("nbdinfo", &["--map", &url]));
-            m += &ok(run("nbdinfo", &["--map=qemu:allocation-depth", &url]));
+            m += &ok(&run("nbdinfo", &["--map", &url]));
+            m += &ok(&run("nbdinfo", &["--map=qemu:allocation-depth", &url]));
         }
         maps.push(m);
     }
@@ -764,7 +750,7 @@ fn corruption(which: Which, patch: &dyn Fn(&mut Vec<u8>, usize), io: &[&str]) ->
     let nodes = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
     q.send(br#"{"execute":"quit"}"#);
     let _ = d.wait_exit(10);
-    let info = ok(run("qemu-img", &["info", &image]));
+    let info = ok(&run("qemu-img", &["info", &image]));
     assert!(info.contains("corrupt: true"), "{which:?}: {info}");
     let msg = event["data"]["msg"]
         .as_str()

@@ -379,3 +379,20 @@ pub fn same_on_both(
     }
     first.unwrap_or_else(|| Err("no daemon".into()))
 }
+
+/// Runs a tool to its end.
+pub fn run(cmd: &str, argv: &[&str]) -> Output {
+    Command::new(cmd).args(argv).output().expect(cmd)
+}
+
+/// The tool's stdout; fails the test (showing both outputs) unless it
+/// succeeded.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

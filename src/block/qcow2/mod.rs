@@ -77,6 +77,15 @@ pub struct Qcow2 {
     events: Option<BlockEvents>,
 }
 
+/// One piece of a request: the L2 entry of its cluster, what its first
+/// byte maps to and for how long (`len`), within `room` bytes.
+struct Piece {
+    entry: u64,
+    map: Map,
+    len: u64,
+    room: u64,
+}
+
 fn be64s(b: &[u8]) -> Vec<u64> {
     b.chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
@@ -328,6 +337,21 @@ impl Qcow2 {
         }
     }
 
+    /// The mapping of guest data from `g` on, up to `end` and within
+    /// `g`'s cluster.
+    async fn piece(&self, g: u64, end: u64) -> BlockResult<Piece> {
+        let in_off = g & (self.cs() - 1);
+        let room = (self.cs() - in_off).min(end - g);
+        let (entry, bm) = self.entry(g).await?;
+        let (map, len) = self.classify(entry, bm, in_off, room)?;
+        Ok(Piece {
+            entry,
+            map,
+            len,
+            room,
+        })
+    }
+
     /// The guest range split into runs of one mapping each; contiguous
     /// host data and adjacent zero or unallocated runs are merged.
     async fn runs(&self, offset: u64, len: u64) -> BlockResult<Vec<(u64, u64, Map)>> {
@@ -335,10 +359,8 @@ impl Qcow2 {
         let mut pos = 0;
         while pos < len {
             let g = offset + pos;
-            let in_off = g & (self.cs() - 1);
-            let max = (self.cs() - in_off).min(len - pos);
-            let (e, bm) = self.entry(g).await?;
-            let (m, n) = self.classify(e, bm, in_off, max)?;
+            let p = self.piece(g, offset + len).await?;
+            let (m, n) = (p.map, p.len);
             let merged = match (out.last_mut(), m) {
                 (Some((_, l, Map::Data(h))), Map::Data(h2)) if *h + *l == h2 => {
                     *l += n;
@@ -525,15 +547,14 @@ impl Qcow2 {
         let mut pos = 0;
         while pos < len {
             let g = offset + pos;
-            let in_off = g & (self.cs() - 1);
-            let max = (self.cs() - in_off).min(len - pos);
-            let (e, bm) = self.entry(g).await?;
+            let p = self.piece(g, offset + len).await?;
+            let e = p.entry;
             if e & COPIED == 0 || e & COMPRESSED != 0 || (!self.ext && e & ZERO != 0) {
                 return Ok(None);
             }
-            let (m, n) = self.classify(e, bm, in_off, max)?;
-            let Map::Data(h) = m else { return Ok(None) };
-            if n < max {
+            let Map::Data(h) = p.map else { return Ok(None) };
+            let n = p.len;
+            if n < p.room {
                 return Ok(None);
             }
             match out.last_mut() {
@@ -1120,11 +1141,8 @@ impl Driver for Qcow2 {
             let mut run = 0u64;
             let mut kind = None;
             while run < len {
-                let g = offset + run;
-                let in_off = g & (self.cs() - 1);
-                let max = (self.cs() - in_off).min(len - run);
-                let (e, bm) = self.entry(g).await?;
-                let (m, n) = self.classify(e, bm, in_off, max)?;
+                let p = self.piece(offset + run, offset + len).await?;
+                let (m, n) = (p.map, p.len);
                 let k = match m {
                     Map::Data(_) | Map::Compressed(_) => 0,
                     Map::Zero => 1,
