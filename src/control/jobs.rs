@@ -75,6 +75,9 @@ impl ControlState {
         let ctx = self.ctx.clone();
         let sink: crate::events::EventSink = Arc::new(move |n, d| ctx.events.emit(n, Some(d)));
         let shared = Shared::new(id, kind, auto_finalize, auto_dismiss, sink);
+        shared
+            .gate
+            .store(self.seq, std::sync::atomic::Ordering::Release);
         if let Ok(mut j) = self.jobs.lock() {
             j.insert(0, shared.clone());
         }
@@ -82,7 +85,7 @@ impl ControlState {
             shared,
             start: std::sync::Mutex::new(Some(start)),
             jobs: self.jobs.clone(),
-            after_reply: Some((self.ctx.replied.subscribe(), self.seq)),
+            replied: Some(self.ctx.replied.subscribe()),
         });
         let spec = ChildSpec::actor(jobs::registry_name(id), Restart::Temporary, JobActor, args);
         actors::supervisor::start_child(&self.ctx.supervisor, spec)
@@ -104,9 +107,11 @@ impl ControlState {
     }
 
     pub(super) async fn job_verb(&mut self, id: &str, verb: Verb) -> QmpResult<Value> {
-        if self.job(id).is_none() {
+        let Some(sh) = self.job(id) else {
             return Err(QmpError::generic("Job not found"));
-        }
+        };
+        sh.gate
+            .store(self.seq, std::sync::atomic::Ordering::Release);
         let Some(a) = job_actor(id) else {
             return Err(QmpError::generic("Job not found"));
         };

@@ -54,6 +54,9 @@ pub struct Shared {
     wake: tokio::sync::Notify,
     /// Test hook: the job's work panics at its next crash point.
     crash: std::sync::atomic::AtomicBool,
+    /// The newest command that started or steered this job; what the
+    /// job's work does next waits until that command's reply is queued.
+    pub gate: AtomicU64,
 }
 
 impl Shared {
@@ -80,6 +83,7 @@ impl Shared {
             events,
             wake: tokio::sync::Notify::new(),
             crash: std::sync::atomic::AtomicBool::new(false),
+            gate: AtomicU64::new(0),
         })
     }
 
@@ -191,9 +195,8 @@ pub struct JobArgs {
     pub shared: Arc<Shared>,
     pub start: Mutex<Option<Start>>,
     pub jobs: Jobs,
-    /// The rest waits until this command's reply is queued (bounded, in
-    /// case its client went away).
-    pub after_reply: Option<(tokio::sync::watch::Receiver<u64>, u64)>,
+    /// Replies queued so far (see `Shared::gate`); None in unit tests.
+    pub replied: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 #[derive(Clone)]
@@ -359,15 +362,12 @@ impl Actor for JobActor {
                 match first.and_then(|r| r) {
                     Ok(rest) => {
                         let me = myself.clone();
-                        let gate = a.after_reply.clone();
+                        let (replied, sh) = (a.replied.clone(), a.shared.clone());
                         tokio::spawn(async move {
-                            if let Some((mut replied, seq)) = gate {
-                                let wait = replied.wait_for(|r| *r >= seq);
-                                let _ =
-                                    tokio::time::timeout(std::time::Duration::from_secs(2), wait)
-                                        .await;
-                            }
+                            after_reply(&replied, &sh).await;
                             let r = tokio::spawn(rest).await.map_err(panic_text).and_then(|r| r);
+                            // Its end follows the reply of a cancel too.
+                            after_reply(&replied, &sh).await;
                             let _ = me.cast(JobMsg::Finished(r));
                         });
                     }
@@ -382,6 +382,17 @@ impl Actor for JobActor {
             JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),
         }
         Ok(())
+    }
+}
+
+/// Waits (bounded, in case a client went away) until the reply of the
+/// last command that touched the job is queued: in QEMU a job's work runs
+/// after the command's reply, and so do its events.
+async fn after_reply(replied: &Option<tokio::sync::watch::Receiver<u64>>, sh: &Shared) {
+    if let Some(mut r) = replied.clone() {
+        let seq = sh.gate.load(Ordering::Acquire);
+        let wait = r.wait_for(|v| *v >= seq);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await;
     }
 }
 

@@ -47,7 +47,7 @@ async fn rig(auto_finalize: bool, auto_dismiss: bool, result: Result<(), String>
         shared: shared.clone(),
         start: Mutex::new(Some(start)),
         jobs,
-        after_reply: None,
+        replied: None,
     });
     let (actor, _) = Actor::spawn(None, JobActor, args).await.expect("spawn");
     ractor::call!(actor, JobMsg::Start).expect("start");

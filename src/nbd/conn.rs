@@ -50,6 +50,9 @@ struct Session {
     /// Extended headers: 64-bit lengths, 32-byte requests and replies.
     extended: bool,
     contexts: Vec<u32>,
+    /// Counts this client on its export, from before the handshake's
+    /// last reply (so a client that finished haggling is always "in use").
+    _client: super::export::ClientGuard,
 }
 
 async fn opt_reply(wr: &mut Writer, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
@@ -179,8 +182,10 @@ async fn negotiate(
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
+                let client = export.attach();
                 wr.write_all(&b).await?;
                 return Ok(Some(Session {
+                    _client: client,
                     export,
                     structured,
                     extended,
@@ -262,9 +267,11 @@ async fn negotiate(
                 d.extend_from_slice(&export.node.size().to_be_bytes());
                 d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 opt_reply(wr, opt, REP_INFO, &d).await?;
+                let client = (opt == OPT_GO).then(|| export.attach());
                 opt_reply(wr, opt, REP_ACK, &[]).await?;
-                if opt == OPT_GO {
+                if let Some(client) = client {
                     return Ok(Some(Session {
+                        _client: client,
                         contexts: if ctx_export.as_deref() == Some(&name) {
                             contexts
                         } else {
@@ -391,7 +398,6 @@ struct Request {
 /// pipelined requests still complete out of order.
 async fn transmission(rd: Reader, wr: Writer, s: Session) {
     let s = Arc::new(s);
-    let _client = s.export.attach();
     let mut closing = s.export.closing();
     let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
