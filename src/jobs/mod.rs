@@ -320,10 +320,16 @@ impl JobActor {
                     return Err(refused());
                 }
                 // No job type rsd runs so far can be completed or tuned.
-                Err(format!(
-                    "The active block job '{}' cannot be completed",
-                    sh.id
-                ))
+                Err(match verb {
+                    Verb::Complete => {
+                        format!("The active block job '{}' cannot be completed", sh.id)
+                    }
+                    _ => format!(
+                        "Job '{}' does not support command verb '{}'",
+                        sh.id,
+                        verb.as_str()
+                    ),
+                })
             }
         }
     }
