@@ -1015,3 +1015,63 @@ fn concurrent_writers_share_clusters_safely() {
         ));
     }
 }
+
+/// With discard=unmap, clusters freed by discards and unmapping zeroes
+/// are punched out of the file (QEMU's pass-discard-request default):
+/// the file keeps little more than what is left, with the same map and
+/// image end as QSD's.
+#[test]
+fn discard_gives_the_space_back_as_qsd() {
+    let mut seen = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let image = dir.s("img.qcow2");
+        img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+        let sock = dir.s("nbd.sock");
+        let a = args(&[
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=q,discard=unmap,file.driver=file,file.filename={image}"
+            ),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={sock}"),
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
+            "--pidfile",
+            &dir.s("p.pid"),
+        ]);
+        let mut d = Daemon::spawn(which, &a);
+        assert!(wait_for_path(&dir.path("p.pid"), 10));
+        let url = format!("nbd+unix:///q?socket={sock}");
+        let before = std::fs::metadata(&image)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+            .unwrap_or(0);
+        qemu_io(
+            "raw",
+            &url,
+            &[
+                "write -P 1 0 4M".into(),
+                "discard 0 2M".into(),
+                "write -z -u 2M 1M".into(),
+            ],
+        );
+        d.signal(15);
+        assert_eq!(d.wait_exit(10), Some(0));
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&run("qemu-img", &["info", "--output=json", &image])))
+                .expect("json");
+        let map = ok(&run("qemu-img", &["map", "--output=json", &image]));
+        let check = ok(&run("qemu-img", &["check", &image]));
+        let size = info["actual-size"].as_u64().unwrap_or(0);
+        assert!(
+            size < 2 << 20,
+            "{which:?}: {size} bytes allocated (was {} blocks)",
+            before
+        );
+        // The allocated size itself may differ by a filesystem block.
+        seen.push((map, check.lines().last().unwrap_or_default().to_string()));
+    }
+    if seen.len() == 2 {
+        assert_eq!(seen[0], seen[1]);
+    }
+}

@@ -417,6 +417,9 @@ impl Graph {
             events: self.events.clone(),
             l2_cache_size: u(opts, "l2-cache-size").or_else(|| u(opts, "cache-size")),
             backing_full: header.backing_file.as_deref().map(resolve),
+            // QEMU's default: on when the node itself unmaps.
+            pass_discard: b(opts, "pass-discard-request")
+                .unwrap_or(s(opts, "discard") == Some("unmap")),
         };
         let drv = wait(qcow2::Qcow2::open(
             file_node,

@@ -49,6 +49,9 @@ pub struct Qcow2Options {
     /// The header's backing file name resolved against the image's
     /// directory (full-backing-filename).
     pub backing_full: Option<String>,
+    /// pass-discard-request: clusters freed by guest discards and
+    /// unmapping zeroes are discarded in the file too.
+    pub pass_discard: bool,
 }
 
 pub struct Qcow2 {
@@ -75,6 +78,7 @@ pub struct Qcow2 {
     read_only: bool,
     corrupt: AtomicBool,
     backing_full: Option<String>,
+    pass_discard: bool,
     overlap: Arc<overlap::Overlap>,
     node_name: String,
     events: Option<BlockEvents>,
@@ -217,6 +221,7 @@ impl Qcow2 {
             read_only,
             corrupt: AtomicBool::new(false),
             backing_full: opts.backing_full.clone(),
+            pass_discard: opts.pass_discard,
             overlap: ov,
             node_name: opts.node_name.clone(),
             events: opts.events.clone(),

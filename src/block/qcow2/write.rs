@@ -163,7 +163,7 @@ impl Qcow2 {
                 .await?;
             pos += n;
         }
-        self.release(&mut meta, released).await?;
+        self.release(&mut meta, released, false).await?;
         drop(meta);
         if flags.fua {
             self.flush_all().await?;
@@ -256,10 +256,13 @@ impl Qcow2 {
 
     /// Drops one reference from each cluster, after making the pointers
     /// that replaced them stable.
+    /// `punch`: clusters that become free are also discarded in the
+    /// file, so the host gets the space back (pass-discard-*).
     pub(super) async fn release(
         &self,
         meta: &mut Refcounts,
         clusters: Vec<u64>,
+        punch: bool,
     ) -> BlockResult<()> {
         if clusters.is_empty() {
             return Ok(());
@@ -267,7 +270,10 @@ impl Qcow2 {
         self.file.flush().await?;
         let _g = self.free_guard.write().await;
         for c in clusters {
-            meta.change(c >> self.bits, -1).await?;
+            if meta.change(c >> self.bits, -1).await? == 0 && punch {
+                // Advisory, as in QEMU: a file that cannot discard keeps it.
+                let _ = self.file.driver.discard(c, self.cs()).await;
+            }
         }
         Ok(())
     }

@@ -94,7 +94,8 @@ impl Qcow2 {
             }
             g = stop;
         }
-        self.release(&mut meta, released).await
+        let punch = self.pass_discard && (discard || unmap);
+        self.release(&mut meta, released, punch).await
     }
 
     /// Shrinks the disk as QEMU does: the clusters past the new end are
@@ -135,7 +136,7 @@ impl Qcow2 {
             self.overlap.remove_cluster(t);
             released.push(t);
         }
-        self.release(&mut meta, released).await?;
+        self.release(&mut meta, released, true).await?;
         self.file
             .write(header::OFF_SIZE, &size.to_be_bytes(), WriteFlags::default())
             .await?;
