@@ -7,7 +7,7 @@ use actors::{ChildSpec, Restart};
 use ractor::ActorRef;
 use serde_json::{json, Map, Value};
 
-use super::{arg_str, ControlState};
+use super::{arg_str, ControlMsg, ControlState};
 use crate::jobs::create::{self, Targets};
 use crate::jobs::{self, JobActor, JobArgs, JobMsg, Shared, Status, Verb};
 use crate::qapi::error::QmpResult;
@@ -43,21 +43,56 @@ impl ControlState {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        let targets = Targets {
-            file: self.target(opts.get("file")),
-            data_file: opts.get("data-file").map(|d| {
-                let node = self.target(Some(d))?;
-                let name = self
-                    .block
-                    .find(&node.name)
-                    .map(|e| self.block.filename(e))
-                    .unwrap_or_default();
-                Ok((node, name))
-            }),
+        // A format writes its nodes through a user holding write and
+        // resize (QEMU's blk_co_new_open), for the whole job.
+        let mut users = Vec::new();
+        let format = opts.get("driver").and_then(Value::as_str) != Some("file");
+        let mut hold = |st: &mut Self, r: Result<Arc<crate::block::node::Node>, String>| {
+            let node = r?;
+            if format {
+                let all = crate::block::perm::Perm::ALL;
+                let rw = crate::block::perm::Perm::WRITE.union(crate::block::perm::Perm::RESIZE);
+                users.push(
+                    st.block
+                        .add_user(&node.name, "an unnamed block device", rw, all)?,
+                );
+            }
+            Ok(node)
         };
-        self.start_job(id, "create", true, false, create::start(opts, targets))
-            .await
-            .map(|()| json!({}))
+        let file = self.target(opts.get("file"));
+        let file = hold(self, file);
+        let data_file = match opts.get("data-file") {
+            Some(d) => {
+                let node = self.target(Some(d));
+                let node = hold(self, node);
+                Some(node.map(|n| {
+                    let name = self
+                        .block
+                        .find(&n.name)
+                        .map(|e| self.block.filename(e))
+                        .unwrap_or_default();
+                    (n, name)
+                }))
+            }
+            None => None,
+        };
+        let targets = Targets { file, data_file };
+        let control = self.ctx.control.get().cloned();
+        let on_end: Box<dyn FnOnce() + Send> = Box::new(move || {
+            if let (Some(c), false) = (control, users.is_empty()) {
+                let _ = c.cast(ControlMsg::RemoveUsers(users));
+            }
+        });
+        self.start_job(
+            id,
+            "create",
+            true,
+            false,
+            create::start(opts, targets),
+            on_end,
+        )
+        .await
+        .map(|()| json!({}))
     }
 
     async fn start_job(
@@ -67,9 +102,14 @@ impl ControlState {
         auto_finalize: bool,
         auto_dismiss: bool,
         start: jobs::Start,
+        on_end: Box<dyn FnOnce() + Send>,
     ) -> QmpResult<()> {
-        jobs::check_id(id).map_err(QmpError::generic)?;
+        if let Err(e) = jobs::check_id(id) {
+            on_end();
+            return Err(QmpError::generic(e));
+        }
         if self.job(id).is_some() {
+            on_end();
             return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
         }
         let ctx = self.ctx.clone();
@@ -86,6 +126,7 @@ impl ControlState {
             start: std::sync::Mutex::new(Some(start)),
             jobs: self.jobs.clone(),
             replied: Some(self.ctx.replied.subscribe()),
+            on_end: std::sync::Mutex::new(Some(on_end)),
         });
         let spec = ChildSpec::actor(jobs::registry_name(id), Restart::Temporary, JobActor, args);
         actors::supervisor::start_child(&self.ctx.supervisor, spec)

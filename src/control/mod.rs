@@ -24,6 +24,8 @@ use crate::qmp::monitor::{self, MonitorActor, MonitorConfig, MonitorMsg};
 pub use chardevs::chardev_name;
 
 pub enum ControlMsg {
+    /// A job ended: drop its users of block nodes.
+    RemoveUsers(Vec<u64>),
     /// Run a QMP command with validated arguments; the reply carries the
     /// command's sequence number (see `Ctx::replied`).
     Execute(
@@ -107,6 +109,11 @@ impl Actor for ControlActor {
         st: &mut ControlState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            ControlMsg::RemoveUsers(ids) => {
+                for id in ids {
+                    st.block.remove_user(id);
+                }
+            }
             ControlMsg::Execute(name, args, reply) => {
                 st.seq += 1;
                 let r = st.execute(&name, args).await;

@@ -197,6 +197,9 @@ pub struct JobArgs {
     pub jobs: Jobs,
     /// Replies queued so far (see `Shared::gate`); None in unit tests.
     pub replied: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Runs once the work is over: gives back what the job held (its
+    /// users of block nodes).
+    pub on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 #[derive(Clone)]
@@ -223,6 +226,9 @@ impl JobActor {
     /// The end of a job: success goes waiting -> pending (-> concluded),
     /// failure or cancel aborting -> concluded with the error.
     fn finish(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, result: Result<(), String>) {
+        if let Some(end) = a.on_end.lock().ok().and_then(|mut e| e.take()) {
+            end();
+        }
         let sh = &a.shared;
         let result = if sh.cancelled() {
             Err(CANCELED.to_string())

@@ -48,6 +48,7 @@ async fn rig(auto_finalize: bool, auto_dismiss: bool, result: Result<(), String>
         start: Mutex::new(Some(start)),
         jobs,
         replied: None,
+        on_end: Mutex::new(None),
     });
     let (actor, _) = Actor::spawn(None, JobActor, args).await.expect("spawn");
     ractor::call!(actor, JobMsg::Start).expect("start");
