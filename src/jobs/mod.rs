@@ -138,6 +138,9 @@ impl Shared {
     /// (running -> paused -> running) and fails once it is cancelled.
     pub async fn pause_point(&self) -> Result<(), String> {
         loop {
+            // Registered before the flags are read: a resume or cancel
+            // that comes in between still wakes it.
+            let woken = self.wake.notified();
             let (cancelled, paused) = self.flags(|f| (f.cancelled, f.user_paused));
             if cancelled {
                 return Err(CANCELED.into());
@@ -151,7 +154,6 @@ impl Shared {
             } else {
                 Status::Paused
             };
-            let woken = self.wake.notified();
             self.set(rest);
             woken.await;
             self.set(back);
