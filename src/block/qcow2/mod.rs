@@ -436,6 +436,36 @@ impl Driver for Qcow2 {
             Ok(())
         })
     }
+    /// From cached metadata only (no I/O): the range is unallocated or
+    /// zero clusters and there is no backing file to read instead.
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        if self.backing.is_some() || self.corrupt.load(Ordering::Acquire) {
+            return false;
+        }
+        let end = offset.saturating_add(len);
+        let mut g = offset;
+        while g < end {
+            let ci = g >> self.bits;
+            let l2 = self.l1_entry(ci >> self.l2_bits) & OFFSET_MASK;
+            if l2 == 0 {
+                // The whole range of a missing L2 table reads as zeroes.
+                let span = 1u64 << (self.bits + self.l2_bits);
+                g = (g / span + 1) * span;
+                continue;
+            }
+            let Some(t) = self.cache.get(l2) else {
+                return false;
+            };
+            let (e, bm) = t.get((ci & ((1 << self.l2_bits) - 1)) as usize);
+            let in_off = g & (self.cs() - 1);
+            let room = (self.cs() - in_off).min(end - g);
+            match self.classify(e, bm, in_off, room) {
+                Ok((Map::Zero | Map::Unalloc, n)) => g += n,
+                _ => return false,
+            }
+        }
+        true
+    }
     fn allocated_size(&self) -> Option<u64> {
         // QEMU sums the storage children: the file and a data file.
         let data = if self.external {
