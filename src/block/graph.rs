@@ -423,6 +423,7 @@ impl Graph {
         };
         let drv = wait(qcow2::Qcow2::open(
             file_node,
+            header.clone(),
             data_node,
             backing_node,
             read_only,

@@ -297,8 +297,12 @@ async fn create(sh: &Arc<Shared>, o: &Map<String, Value>, targets: Targets) -> R
             .await
             .map_err(|e| format!("Could not resize image: {}", e.msg))?;
     }
+    let h = super::read_header(&file)
+        .await
+        .map_err(|e| format!("Could not open the new image: {}", e.msg))?;
     let q = Qcow2::open(
         file.clone(),
+        h,
         data_node,
         None,
         false,

@@ -128,17 +128,18 @@ pub fn probe(path: &str) -> String {
 }
 
 impl Qcow2 {
-    /// Opens the image on `file`. `data` is the external data file node
-    /// when the image has one; `backing` the backing node if any.
+    /// Opens the image on `file`, whose header the caller has read (it
+    /// needed it to open the children). `data` is the external data file
+    /// node when the image has one; `backing` the backing node if any.
     pub async fn open(
         file: Arc<Node>,
+        mut h: Header,
         data: Option<Arc<Node>>,
         backing: Option<Arc<Node>>,
         read_only: bool,
         opts: &Qcow2Options,
     ) -> BlockResult<Qcow2> {
         let fsize = file.size();
-        let mut h = read_header(&file).await?;
         if h.incompatible & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(BlockError::new(
                 nix::libc::EACCES,
@@ -253,7 +254,7 @@ impl Driver for Qcow2 {
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.boundary(async move {
-            self.check_writable()?;
+            self.check_usable()?;
             // Only whole clusters are discarded; the rest is advisory.
             let start = offset.next_multiple_of(self.cs());
             let end = ((offset + len) & !(self.cs() - 1)).max(start);
@@ -271,7 +272,7 @@ impl Driver for Qcow2 {
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         self.boundary(async move {
-            self.check_writable()?;
+            self.check_usable()?;
             let unit = 1u64 << self.sc_bits;
             let size = self.size();
             let start = offset.next_multiple_of(unit).min(offset + len);
@@ -280,7 +281,8 @@ impl Driver for Qcow2 {
                 end = offset + len; // the image's last, partial unit
             }
             let end = end.max(start);
-            let meta_ok = !self.v2_zero_needs_data() && self.header().version >= 3;
+            // v2 has no zero flag: zeroes are written as data.
+            let meta_ok = self.header().version >= 3;
             if !meta_ok || (start == end) {
                 if flags.no_fallback {
                     return Err(BlockError::unsupported("write zeroes needs a data write"));
@@ -381,7 +383,7 @@ impl Driver for Qcow2 {
     }
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         self.boundary(async move {
-            self.check_writable()?;
+            self.check_usable()?;
             let old = self.size();
             if !size.is_multiple_of(512) {
                 return Err(BlockError::inval("The new size must be a multiple of 512"));
@@ -425,15 +427,7 @@ impl Driver for Qcow2 {
                     }
                 }
             }
-            self.file
-                .write(header::OFF_SIZE, &size.to_be_bytes(), WriteFlags::default())
-                .await?;
-            self.file.flush().await?;
-            self.size.store(size, Ordering::Release);
-            if let Ok(mut h) = self.header.lock() {
-                h.size = size;
-            }
-            Ok(())
+            self.set_size(size).await
         })
     }
     /// From cached metadata only (no I/O): the range is unallocated or

@@ -135,7 +135,10 @@ async fn corrupted_metadata_never_panics() {
             let Some(file) = open_file(&path) else {
                 continue;
             };
-            let opened = Qcow2::open(file, None, None, false, &Qcow2Options::default()).await;
+            let opened = match super::read_header(&file).await {
+                Ok(h) => Qcow2::open(file, h, None, None, false, &Qcow2Options::default()).await,
+                Err(e) => Err(e),
+            };
             if let Ok(q) = opened {
                 opened_ok += 1;
                 let run = tokio::time::timeout(

@@ -21,10 +21,6 @@ impl Qcow2 {
         Ok(())
     }
 
-    pub(super) fn check_writable(&self) -> BlockResult<()> {
-        self.check_usable()
-    }
-
     /// Marks the image corrupt (header bit, BLOCK_IMAGE_CORRUPTED, once)
     /// and returns the error for the request that found it.
     pub(super) async fn signal_corruption(
@@ -141,7 +137,7 @@ impl Qcow2 {
         buf: &[u8],
         flags: WriteFlags,
     ) -> BlockResult<()> {
-        self.check_writable()?;
+        self.check_usable()?;
         {
             let _g = self.free_guard.read().await;
             if let Some(runs) = self.in_place(offset, buf.len() as u64).await? {

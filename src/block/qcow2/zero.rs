@@ -98,6 +98,19 @@ impl Qcow2 {
         self.release(&mut meta, released, punch).await
     }
 
+    /// Records a new disk size in the header and in memory.
+    pub(super) async fn set_size(&self, size: u64) -> BlockResult<()> {
+        self.file
+            .write(header::OFF_SIZE, &size.to_be_bytes(), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        self.size.store(size, Ordering::Release);
+        if let Ok(mut h) = self.header.lock() {
+            h.size = size;
+        }
+        Ok(())
+    }
+
     /// Shrinks the disk as QEMU does: the clusters past the new end are
     /// dropped (so are L2 tables no longer needed), then the file is cut
     /// after its last used cluster.
@@ -137,14 +150,7 @@ impl Qcow2 {
             released.push(t);
         }
         self.release(&mut meta, released, true).await?;
-        self.file
-            .write(header::OFF_SIZE, &size.to_be_bytes(), WriteFlags::default())
-            .await?;
-        self.file.flush().await?;
-        self.size.store(size, Ordering::Release);
-        if let Ok(mut h) = self.header.lock() {
-            h.size = size;
-        }
+        self.set_size(size).await?;
         let end = meta.last_used().await? + 1;
         if (end << self.bits) < self.file.size() {
             self.file.truncate(end << self.bits).await?;
@@ -202,9 +208,5 @@ impl Qcow2 {
             self.file.truncate(end).await?;
         }
         self.flush_all().await
-    }
-
-    pub(super) fn v2_zero_needs_data(&self) -> bool {
-        self.header().version < 3 && self.backing.is_some()
     }
 }
