@@ -1065,3 +1065,60 @@ fn qcow2_holes_are_sent_as_hole_chunks() {
         }
     }
 }
+
+/// The daemon's user+system CPU time so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // Linux reports these in USER_HZ, 100 per second.
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn queue_depth_1_then_idle_then_a_slow_client() {
+    // Back-to-back writes at queue depth 1 (where the reader polls the
+    // socket between requests), then a second of idling: the daemon's CPU
+    // time over it stays near zero (a reader stuck polling would burn the
+    // whole second). Then a slow client, verified read by read. The
+    // polling itself is unit-tested in src/nbd/spin.rs.
+    let mut s = serve(Which::Rsd, "", false);
+    let (mut r, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+    let write = |r: &mut Raw, cookie: u64, offset: u64, byte: u8| {
+        let mut req = Raw::request(1, 0, cookie, offset, 4096);
+        req.extend(vec![byte; 4096]);
+        r.s.write_all(&req).expect("write");
+        assert_eq!(r.simple(0), (0, cookie));
+    };
+    for i in 0..2000u64 {
+        write(&mut r, i, (i % 64) * 4096, i as u8);
+    }
+    let pid = s.daemon.child.id();
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = cpu_time(pid) - before;
+    assert!(
+        idle < Duration::from_millis(150),
+        "idle connection used {idle:?} of CPU"
+    );
+    // A slow client (one request every 2 ms) is served and verified.
+    for i in 0..50u64 {
+        std::thread::sleep(Duration::from_millis(2));
+        write(&mut r, 5000 + i, 1 << 20, i as u8);
+        r.s.write_all(&Raw::request(0, 0, 9000 + i, 1 << 20, 4096))
+            .expect("read");
+        let mut h = [0u8; 16];
+        r.s.read_exact(&mut h).expect("reply");
+        assert_eq!(u32::from_be_bytes(h[4..8].try_into().expect("e")), 0);
+        let mut d = vec![0u8; 4096];
+        r.s.read_exact(&mut d).expect("data");
+        assert!(d.iter().all(|&b| b == i as u8), "read {i} saw other data");
+    }
+    s.quit();
+}

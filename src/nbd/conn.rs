@@ -25,7 +25,14 @@ pub type Reader = std::pin::Pin<Box<dyn AsyncRead + Send>>;
 pub type Writer = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 
 /// Serves one client until it disconnects or the export closes.
-pub async fn serve(mut rd: Reader, mut wr: Writer, exports: Exports) {
+/// `may_spin` is the reader's switch for polling the socket before it
+/// sleeps (see `spin`): on while nothing else is in flight.
+pub async fn serve(
+    mut rd: Reader,
+    mut wr: Writer,
+    exports: Exports,
+    may_spin: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -40,7 +47,7 @@ pub async fn serve(mut rd: Reader, mut wr: Writer, exports: Exports) {
     let Ok(Some(session)) = negotiate(&mut rd, &mut wr, &exports, no_zeroes).await else {
         return;
     };
-    transmission(rd, wr, session).await;
+    transmission(rd, wr, session, may_spin).await;
 }
 
 /// What option haggling settled.
@@ -396,7 +403,12 @@ struct Request {
 /// with no hand-off to another thread (a cross-CPU wake-up costs more
 /// than the I/O). A request that has to wait moves to its own task, so
 /// pipelined requests still complete out of order.
-async fn transmission(rd: Reader, wr: Writer, s: Session) {
+async fn transmission(
+    rd: Reader,
+    wr: Writer,
+    s: Session,
+    may_spin: Arc<std::sync::atomic::AtomicBool>,
+) {
     let s = Arc::new(s);
     let mut closing = s.export.closing();
     let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
@@ -408,6 +420,11 @@ async fn transmission(rd: Reader, wr: Writer, s: Session) {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
+        // Nothing in flight but this read, and every reply written: the
+        // client has what it asked for and its next request is the only
+        // thing to wait for.
+        let idle = slots.available_permits() == MAX_IN_FLIGHT - 1 && out.is_empty();
+        may_spin.store(idle, std::sync::atomic::Ordering::Relaxed);
         let req = tokio::select! {
             r = read_request(&mut rd, s.extended, &pool) => r,
             _ = closing.wait_for(|c| *c) => break,

@@ -3,3 +3,4 @@ pub mod conn;
 pub mod export;
 pub mod proto;
 pub mod server;
+pub mod spin;

@@ -1,5 +1,6 @@
 //! The NBD server actor: accepts clients on its listening socket (at most
 //! `max-connections` at once) and serves each on its own task.
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -76,25 +77,30 @@ fn serve_on_own_thread(
                 return;
             };
             rt.block_on(async move {
-                let halves: std::io::Result<(super::conn::Reader, super::conn::Writer)> =
-                    match client {
-                        Client::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
-                            let (r, w) = s.into_split();
-                            (
-                                Box::pin(r) as super::conn::Reader,
-                                Box::pin(w) as super::conn::Writer,
-                            )
-                        }),
-                        Client::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
-                            let (r, w) = s.into_split();
-                            (
-                                Box::pin(r) as super::conn::Reader,
-                                Box::pin(w) as super::conn::Writer,
-                            )
-                        }),
-                    };
+                let halves = match client {
+                    Client::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+                        let fd = s.as_raw_fd();
+                        let (r, w) = s.into_split();
+                        (
+                            Box::pin(r) as super::conn::Reader,
+                            Box::pin(w) as super::conn::Writer,
+                            fd,
+                        )
+                    }),
+                    Client::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+                        let fd = s.as_raw_fd();
+                        let (r, w) = s.into_split();
+                        (
+                            Box::pin(r) as super::conn::Reader,
+                            Box::pin(w) as super::conn::Writer,
+                            fd,
+                        )
+                    }),
+                }
+                .map(|(r, w, fd)| (super::spin::SpinReader::new(r, fd), w));
                 if let Ok((r, w)) = halves {
-                    super::conn::serve(r, w, exports).await;
+                    let may_spin = r.allow();
+                    super::conn::serve(Box::pin(r), w, exports, may_spin).await;
                 }
             });
         });
