@@ -5,9 +5,9 @@
 //! microseconds after it gets a reply. If the connection thread sleeps in
 //! the meantime, every request pays for two cross-CPU wake-ups (the
 //! client waking rsd, and rsd's CPU leaving idle); on a virtual machine
-//! each one is an exit to the host. Polling instead costs less CPU than
-//! the sleep and wake-up it saves, and halves the round trip (measured
-//! in docs/benchmarks.md).
+//! each one is an exit to the host. Polling instead costs about as much
+//! CPU as the sleep and wake-up it saves, and halves the round trip
+//! (measured in docs/benchmarks.md).
 //!
 //! The window adapts the way the kernel's haltpoll governor does: it
 //! grows while requests arrive soon after the wait starts and shrinks to
