@@ -45,9 +45,27 @@ enum Client {
     Tcp(std::net::TcpStream),
 }
 
+/// Lets a UNIX socket hold several large replies (the default holds
+/// about 200 KiB): a 1 MiB read is then sent in one go instead of in
+/// steps paced by the client's reads, each a wake-up on both sides
+/// (1M reads at QD8 went from 1.0-1.1 to 1.4-1.5 of nbdkit). TCP keeps
+/// the kernel's autotuning. The kernel caps the size at `wmem_max`
+/// unless rsd may force it (CAP_NET_ADMIN); either way is fine.
+fn widen_send_buffer(s: &tokio::net::UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    const SIZE: usize = 4 << 20;
+    if setsockopt(s, sockopt::SndBufForce, &SIZE).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &SIZE);
+    }
+}
+
 async fn accept(listener: &Listener) -> std::io::Result<Client> {
     match listener {
-        Listener::Unix(l) => Ok(Client::Unix(l.accept().await?.0.into_std()?)),
+        Listener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            widen_send_buffer(&s);
+            Ok(Client::Unix(s.into_std()?))
+        }
         Listener::Tcp(l) => {
             let (s, _) = l.accept().await?;
             let _ = s.set_nodelay(true);
