@@ -283,6 +283,24 @@ fn locks_interoperate_with_qemu_processes() {
     let refused = r#"{"error":{"class":"GenericError","desc":"Failed to get \"resize\" lock"}}"#;
     assert_eq!(resize_over(Which::Qsd, &img, "auto"), refused);
     assert_eq!(resize_over(Which::Rsd, &img, "auto"), refused);
+    // Opening the held (raw) image as qcow2 reports the lock, not the
+    // format: QEMU takes the file's locks before it reads the header.
+    for ro in ["off", "on"] {
+        let opt = format!(
+            "driver=qcow2,node-name=q,read-only={ro},file.driver=file,file.filename={}",
+            img.display()
+        );
+        let first_line = |which: Which| {
+            let out = run_to_end(which, &["--blockdev", &opt], 10);
+            assert!(!out.status.success(), "{which:?} opened a held image");
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            let line = err.lines().next().unwrap_or_default().to_string();
+            line.replacen(which.prog(), "PROG", 1)
+        };
+        let qsd = first_line(Which::Qsd);
+        assert!(qsd.contains("lock"), "{qsd}");
+        assert_eq!(first_line(Which::Rsd), qsd);
+    }
     // locking=off skips the locks in both.
     assert_eq!(resize_over(Which::Rsd, &img, "off"), r#"{"return":{}}"#);
     assert_eq!(std::fs::metadata(&img).expect("img").len(), 33554432);

@@ -318,6 +318,37 @@ impl Graph {
             .ok_or_else(|| "lost child".to_string())
     }
 
+    /// QEMU takes a format node's locks on its file when it attaches the
+    /// file, before it reads the header, so an image another process
+    /// holds reports the lock rather than its format. This tries those
+    /// locks (on top of the file's own) and puts the file's back; the
+    /// final `refresh_perms` takes what the graph needs.
+    fn check_file_locks(
+        &self,
+        file: &str,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<(), String> {
+        let Some(e) = self.find(file) else {
+            return Ok(());
+        };
+        let mut perm = Perm::CONSISTENT_READ;
+        if !read_only {
+            perm = perm.union(Perm::WRITE).union(Perm::RESIZE);
+        }
+        let shared = if force_share {
+            Perm::ALL
+        } else {
+            Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE)
+        };
+        let tried = e
+            .node
+            .driver
+            .set_perms(e.perm.union(perm), e.shared.intersect(shared));
+        let _ = e.node.driver.set_perms(e.perm, e.shared);
+        tried
+    }
+
     /// Opens a qcow2 node: its file, then the data file and backing
     /// node (given, or named by the image's header), then the image.
     #[allow(clippy::type_complexity)]
@@ -335,6 +366,7 @@ impl Graph {
             shared: Perm::ALL,
         };
         let file = self.child(opts, "file", read_only)?;
+        self.check_file_locks(&file, read_only, b(opts, "force-share").unwrap_or(false))?;
         let file_node = self.node_of(&file)?;
         let file_entry = self.find(&file);
         let file_json = file_entry.map(|e| e.json.clone()).unwrap_or(Value::Null);
