@@ -290,16 +290,19 @@ fn locks_interoperate_with_qemu_processes() {
             "driver=qcow2,node-name=q,read-only={ro},file.driver=file,file.filename={}",
             img.display()
         );
-        let first_line = |which: Which| {
+        let stderr = |which: Which| {
             let out = run_to_end(which, &["--blockdev", &opt], 10);
             assert!(!out.status.success(), "{which:?} opened a held image");
             let err = String::from_utf8_lossy(&out.stderr).to_string();
-            let line = err.lines().next().unwrap_or_default().to_string();
-            line.replacen(which.prog(), "PROG", 1)
+            err.replacen(which.prog(), "PROG", 1)
         };
-        let qsd = first_line(Which::Qsd);
-        assert!(qsd.contains("lock"), "{qsd}");
-        assert_eq!(first_line(Which::Rsd), qsd);
+        // The message, then QEMU's hint line naming the image.
+        let qsd = stderr(Which::Qsd);
+        assert!(
+            qsd.contains("lock\nIs another process using the image"),
+            "{qsd}"
+        );
+        assert_eq!(stderr(Which::Rsd), qsd);
     }
     // locking=off skips the locks in both.
     assert_eq!(resize_over(Which::Rsd, &img, "off"), r#"{"return":{}}"#);

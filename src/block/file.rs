@@ -48,6 +48,8 @@ pub struct FileDriver {
     read_only: bool,
     block_device: bool,
     locking: bool,
+    /// As given: QEMU names it in the hint of a lock conflict.
+    filename: String,
     /// The perm/shared pair the lock bytes currently express.
     held: Mutex<(Perm, Perm)>,
     /// Cleared for good once the file is seen holding data, so reads of
@@ -117,6 +119,7 @@ impl FileDriver {
             })
             .unwrap_or(false);
         let d = FileDriver {
+            filename: o.filename.clone(),
             maybe_empty: std::sync::atomic::AtomicBool::new(true),
             driver,
             memory_backed,
@@ -158,7 +161,12 @@ impl FileDriver {
         lock::apply(self.fd(), perm.union(old.0), shared.intersect(old.1))?;
         if let Err(e) = lock::check(self.fd(), perm, shared) {
             let _ = lock::apply(self.fd(), old.0, old.1);
-            return Err(e);
+            // The second line is a hint: printed on the command line,
+            // left out of QMP errors (as QEMU's error_append_hint).
+            return Err(format!(
+                "{e}\nIs another process using the image [{}]?",
+                self.filename
+            ));
         }
         lock::apply(self.fd(), perm, shared)?;
         *held = (perm, shared);

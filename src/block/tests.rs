@@ -305,13 +305,14 @@ fn image_locks_conflict_like_qemu() {
     let writer = Perm::CONSISTENT_READ.union(Perm::WRITE);
     let shared = Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED);
     a.lock_perms(writer, shared).expect("first writer");
+    let hint = format!("\nIs another process using the image [{}]?", t.s());
     assert_eq!(
         b.lock_perms(writer, shared),
-        Err("Failed to get \"write\" lock".to_string())
+        Err(format!("Failed to get \"write\" lock{hint}"))
     );
     assert_eq!(
         b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL.without(Perm::WRITE)),
-        Err("Failed to get shared \"write\" lock".to_string())
+        Err(format!("Failed to get shared \"write\" lock{hint}"))
     );
     b.lock_perms(Perm::CONSISTENT_READ, Perm::ALL)
         .expect("reader sharing writes");

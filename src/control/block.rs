@@ -72,7 +72,7 @@ impl ControlState {
         let user = self
             .block
             .add_user(&name, "an unnamed block device", Perm::RESIZE, Perm::ALL)
-            .map_err(QmpError::generic)?;
+            .map_err(QmpError::hinted)?;
         let actor: Option<ActorRef<NodeMsg>> =
             ractor::registry::where_is(node_actor::registry_name(&name)).map(Into::into);
         let result = match actor {

@@ -194,7 +194,7 @@ impl ControlState {
                 .block_export_add(&args)
                 .await
                 .map(|()| json!({}))
-                .map_err(QmpError::generic),
+                .map_err(QmpError::hinted),
             "block-export-del" => {
                 let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
                 self.block_export_del(arg_str(&args, "id"), hard).await
@@ -224,7 +224,7 @@ impl ControlState {
                 self.block_export_add(&e)
                     .await
                     .map(|()| json!({}))
-                    .map_err(QmpError::generic)
+                    .map_err(QmpError::hinted)
             }
             "nbd-server-remove" => {
                 let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
@@ -262,7 +262,7 @@ impl ControlState {
                 .blockdev_add(&args)
                 .await
                 .map(|()| json!({}))
-                .map_err(QmpError::generic),
+                .map_err(QmpError::hinted),
             "blockdev-del" => self.blockdev_del(arg_str(&args, "node-name")).await,
             "block_resize" => self.block_resize(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(

@@ -246,7 +246,9 @@ impl JobActor {
                 }
             }
             Err(e) => {
-                sh.flags(|f| f.error = Some(e));
+                // A job's error is its message without hint lines.
+                let first = e.lines().next().unwrap_or_default().to_string();
+                sh.flags(|f| f.error = Some(first));
                 sh.set(Status::Aborting);
                 self.conclude(myself, a);
             }

@@ -36,6 +36,16 @@ impl QmpError {
             desc: desc.into(),
         }
     }
+    /// An error from an operation whose message may carry hint lines
+    /// for the command line (an image lock's "Is another process using
+    /// the image"): QMP shows only the first line, as QEMU does.
+    pub fn hinted(desc: impl Into<String>) -> Self {
+        let mut desc = desc.into();
+        if let Some(end) = desc.find('\n') {
+            desc.truncate(end);
+        }
+        QmpError::generic(desc)
+    }
     pub fn with_class(class: ErrorClass, desc: impl Into<String>) -> Self {
         QmpError {
             class,
