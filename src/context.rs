@@ -27,6 +27,11 @@ pub struct Ctx {
     /// as in QEMU.
     pub replied: watch::Sender<u64>,
     pub test_hooks: bool,
+    /// Turns true once the command line is fully applied. NBD clients
+    /// are accepted from then on (until then they wait in the listen
+    /// backlog, as with QSD, whose main loop starts after the options),
+    /// so a client never sees the server before its exports.
+    pub started: watch::Sender<bool>,
 }
 
 impl Ctx {

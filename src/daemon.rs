@@ -61,6 +61,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         shutdown: shutdown_tx,
         replied: tokio::sync::watch::channel(0).0,
         test_hooks,
+        started: tokio::sync::watch::channel(false).0,
     });
     let control = match Actor::spawn(Some("control".into()), ControlActor, ctx.clone()).await {
         Ok((c, _)) => c,
@@ -101,6 +102,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     if let Some(d) = daemon {
         d.finish();
     }
+    ctx.started.send_replace(true);
     tokio::select! {
         sig = actors::signals::shutdown_signal() => {
             tracing::info!(signal = sig, "shutting down");

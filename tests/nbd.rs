@@ -1122,3 +1122,30 @@ fn queue_depth_1_then_idle_then_a_slow_client() {
     }
     s.quit();
 }
+
+#[test]
+fn clients_are_served_only_after_the_command_line_is_applied() {
+    // The socket exists from `--nbd-server` on, but a client that
+    // connects at once must still find the export named later on the
+    // command line (QSD starts serving only after all options).
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("disk.img"), "1M");
+    let sock = dir.s("nbd.sock");
+    let mut a = args(&["--nbd-server", &format!("addr.type=unix,addr.path={sock}")]);
+    for i in 0..300 {
+        a.extend(args(&[
+            "--blockdev",
+            &format!("driver=null-co,node-name=n{i},size=4096"),
+        ]));
+    }
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=fmt,filename={}", dir.s("disk.img")),
+        "--export",
+        "type=nbd,id=e,node-name=fmt",
+    ]));
+    let _d = Daemon::spawn(Which::Rsd, &a);
+    assert!(wait_for_path(&dir.path("nbd.sock"), 10));
+    let (_r, size, _) = Raw::connect(&dir.path("nbd.sock"), "fmt", false);
+    assert_eq!(size, 1 << 20);
+}

@@ -63,6 +63,7 @@ impl ControlState {
                 .get("max-connections")
                 .and_then(Value::as_u64)
                 .unwrap_or(0) as u32,
+            started: self.ctx.started.subscribe(),
         });
         let spec = ChildSpec::actor(
             REGISTRY_NAME,

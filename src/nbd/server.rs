@@ -21,6 +21,8 @@ pub struct Server {
     pub exports: Exports,
     /// 0 = unlimited.
     pub max_connections: u32,
+    /// Clients are accepted once this is true (the daemon has started).
+    pub started: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Drop for Server {
@@ -134,6 +136,10 @@ async fn accept_loop(server: Arc<Server>) {
         server.max_connections as usize
     };
     let slots = Arc::new(Semaphore::new(limit));
+    let mut started = server.started.clone();
+    if started.wait_for(|s| *s).await.is_err() {
+        return;
+    }
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
