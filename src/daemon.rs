@@ -34,6 +34,7 @@ pub struct Options {
 
 /// Runs the daemon to completion; returns the process exit code.
 pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
+    let mut signals = actors::signals::ShutdownSignals::catch();
     let test_hooks = std::env::var_os("RSD_TEST_HOOKS").is_some_and(|v| v == "1");
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let supervisor = match Actor::spawn(
@@ -104,7 +105,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     }
     ctx.started.send_replace(true);
     tokio::select! {
-        sig = actors::signals::shutdown_signal() => {
+        sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down");
         }
         _ = shutdown_rx.wait_for(|quit| *quit) => {
