@@ -160,3 +160,25 @@ fn daemonize_success_and_failure() {
             .ends_with(": --chardev stdio,id=s: cannot use stdio with -daemonize\n"));
     }
 }
+
+#[test]
+fn monitors_greet_only_after_the_command_line_is_applied() {
+    // A QMP client that connects as soon as the socket appears, while
+    // the rest of the command line is still being applied, sees every
+    // node in its first query (the greeting waits, as in QSD).
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let mut a = monitor_args(&dir.s("q.sock"));
+        for i in 0..300 {
+            a.extend(args(&[
+                "--blockdev",
+                &format!("driver=null-co,node-name=n{i}"),
+            ]));
+        }
+        let _d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let nodes = q.cmd(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#);
+        let n = nodes["return"].as_array().map_or(0, Vec::len);
+        assert_eq!(n, 300, "{which:?}");
+    }
+}

@@ -126,6 +126,12 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
             let _ = write.flush().await;
         }
     });
+    // As QSD, whose main loop (and so every monitor) starts after the
+    // command line: a client that connects early gets its greeting then.
+    let mut started = ctx.started.subscribe();
+    if started.wait_for(|s| *s).await.is_err() {
+        return;
+    }
     let greeting = json!({"QMP": {"version": version_info(), "capabilities": ["oob"]}});
     let _ = out_tx.send(frame(&greeting, pretty));
 
