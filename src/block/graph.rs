@@ -332,15 +332,10 @@ impl Graph {
         let Some(e) = self.find(file) else {
             return Ok(());
         };
-        let mut perm = Perm::CONSISTENT_READ;
-        if !read_only {
-            perm = perm.union(Perm::WRITE).union(Perm::RESIZE);
+        let (perm, mut shared) = qcow2::metadata_perms(read_only);
+        if force_share {
+            shared = Perm::ALL;
         }
-        let shared = if force_share {
-            Perm::ALL
-        } else {
-            Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE)
-        };
         let tried = e
             .node
             .driver

@@ -240,11 +240,10 @@ impl ControlState {
                     .map(|n| json!({"name": n}))
                     .collect(),
             )),
-            // QMP shows only the first line of a multi-line message.
             "object-add" => self
                 .object_add(&args)
                 .map(|()| json!({}))
-                .map_err(|e| QmpError::generic(e.lines().next().unwrap_or_default())),
+                .map_err(QmpError::hinted),
             "object-del" => self.object_del(arg_str(&args, "id")).map(|()| json!({})),
             "qom-list" => self.qom_list(arg_str(&args, "path")).await,
             "qom-get" => {

@@ -246,9 +246,8 @@ impl JobActor {
                 }
             }
             Err(e) => {
-                // A job's error is its message without hint lines.
-                let first = e.lines().next().unwrap_or_default().to_string();
-                sh.flags(|f| f.error = Some(first));
+                let msg = crate::qapi::error::without_hints(&e).to_string();
+                sh.flags(|f| f.error = Some(msg));
                 sh.set(Status::Aborting);
                 self.conclude(myself, a);
             }

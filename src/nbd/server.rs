@@ -97,27 +97,22 @@ fn serve_on_own_thread(
                 return;
             };
             rt.block_on(async move {
-                let halves = match client {
-                    Client::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
-                        let fd = s.as_raw_fd();
-                        let (r, w) = s.into_split();
-                        (
-                            Box::pin(r) as super::conn::Reader,
-                            Box::pin(w) as super::conn::Writer,
-                            fd,
-                        )
-                    }),
-                    Client::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
-                        let fd = s.as_raw_fd();
-                        let (r, w) = s.into_split();
-                        (
-                            Box::pin(r) as super::conn::Reader,
-                            Box::pin(w) as super::conn::Writer,
-                            fd,
-                        )
-                    }),
-                }
-                .map(|(r, w, fd)| (super::spin::SpinReader::new(r, fd), w));
+                let fd = match &client {
+                    Client::Unix(s) => s.as_raw_fd(),
+                    Client::Tcp(s) => s.as_raw_fd(),
+                };
+                let halves: std::io::Result<(super::conn::Reader, super::conn::Writer)> =
+                    match client {
+                        Client::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+                            let (r, w) = s.into_split();
+                            (Box::pin(r) as _, Box::pin(w) as _)
+                        }),
+                        Client::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+                            let (r, w) = s.into_split();
+                            (Box::pin(r) as _, Box::pin(w) as _)
+                        }),
+                    };
+                let halves = halves.map(|(r, w)| (super::spin::SpinReader::new(r, fd), w));
                 if let Ok((r, w)) = halves {
                     let may_spin = r.allow();
                     super::conn::serve(Box::pin(r), w, exports, may_spin).await;

@@ -29,6 +29,12 @@ pub struct QmpError {
     pub desc: String,
 }
 
+/// A message without the hint lines that follow its first line (shown
+/// on the command line only, as with QEMU's `error_append_hint`).
+pub fn without_hints(msg: &str) -> &str {
+    msg.split('\n').next().unwrap_or_default()
+}
+
 impl QmpError {
     pub fn generic(desc: impl Into<String>) -> Self {
         QmpError {
@@ -40,11 +46,7 @@ impl QmpError {
     /// for the command line (an image lock's "Is another process using
     /// the image"): QMP shows only the first line, as QEMU does.
     pub fn hinted(desc: impl Into<String>) -> Self {
-        let mut desc = desc.into();
-        if let Some(end) = desc.find('\n') {
-            desc.truncate(end);
-        }
-        QmpError::generic(desc)
+        QmpError::generic(without_hints(&desc.into()))
     }
     pub fn with_class(class: ErrorClass, desc: impl Into<String>) -> Self {
         QmpError {

@@ -230,6 +230,17 @@ impl Qcow2 {
     }
 }
 
+/// What a qcow2 node takes on its file whatever its users ask: its
+/// metadata is read, and written even when the guest does not write,
+/// and nobody else may write or resize it.
+pub fn metadata_perms(read_only: bool) -> (Perm, Perm) {
+    let mut perm = Perm::CONSISTENT_READ;
+    if !read_only {
+        perm = perm.union(Perm::WRITE).union(Perm::RESIZE);
+    }
+    (perm, Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE))
+}
+
 impl Driver for Qcow2 {
     fn name(&self) -> &'static str {
         "qcow2"
@@ -483,13 +494,9 @@ impl Driver for Qcow2 {
         }
         let (mut p, mut sh) = (perm, shared);
         if role == "file" {
-            // Metadata: written even when the guest does not write, and
-            // nobody else may write or resize it.
-            if !self.read_only {
-                p = p.union(Perm::WRITE).union(Perm::RESIZE);
-            }
-            p = p.union(Perm::CONSISTENT_READ);
-            sh = sh.without(Perm::WRITE).without(Perm::RESIZE);
+            let (mp, msh) = metadata_perms(self.read_only);
+            p = p.union(mp);
+            sh = sh.intersect(msh);
         }
         if role == "data-file" || (role == "file" && !self.external) {
             sh = sh.without(Perm::RESIZE);
