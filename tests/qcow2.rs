@@ -734,12 +734,18 @@ fn corruption(which: Which, patch: &dyn Fn(&mut Vec<u8>, usize), io: &[&str]) ->
     let mut q = Qmp::ready(&dir.path("q.sock"));
     assert!(wait_for_path(&dir.path("nbd.sock"), 10));
     let url = format!("nbd+unix:///q?socket={sock}");
-    let mut argv = vec!["-f", "raw"];
+    // Bounded: a daemon that hangs on the damage fails the test.
+    let mut argv = vec!["20", "qemu-io", "-f", "raw"];
     for c in io {
         argv.extend(["-c", c]);
     }
     argv.push(&url);
-    let out = run("qemu-io", &argv);
+    let out = run("timeout", &argv);
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "{which:?}: qemu-io hung on {io:?}"
+    );
     let out =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let mut event: serde_json::Value = serde_json::from_str(&q.line()).expect("event");
@@ -828,6 +834,44 @@ fn metadata_overlap_marks_the_image_corrupt_as_qsd() {
         ],
         "{io:?}"
     );
+}
+
+/// A refcount table whose first entry is 0 makes every cluster read as
+/// free, the header and tables included: the first allocating write must
+/// fail with EIO and mark the image corrupt, not loop or overwrite them
+/// (rsd once spun forever here). The structure named differs from QSD's
+/// (differences entry 28); everything else is the same.
+#[test]
+fn zeroed_refcount_table_entry_fails_the_write_as_qsd() {
+    let zero_entry = |b: &mut Vec<u8>, _: usize| {
+        let rt = u64::from_be_bytes(b[48..56].try_into().expect("8")) as usize;
+        b[rt..rt + 8].fill(0);
+    };
+    let io = ["write -P 0x5a 1M 64k", "read -P 1 0 64k"];
+    let seen: Vec<Seen> = Which::all()
+        .into_iter()
+        .map(|w| corruption(w, &zero_entry, &io))
+        .collect();
+    for (event, reopen, io) in &seen {
+        assert_eq!(event["event"], "BLOCK_IMAGE_CORRUPTED", "{event}");
+        let msg = event["data"]["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.starts_with("Preventing invalid write on metadata (overlaps with "),
+            "{event}"
+        );
+        assert_eq!(
+            reopen["error"]["desc"],
+            "qcow2: Image is corrupt; cannot be opened read/write"
+        );
+        assert_eq!(
+            io[..],
+            [
+                "write failed: Input/output error",
+                "read failed: Invalid argument"
+            ],
+            "{io:?}"
+        );
+    }
 }
 
 /// A data cluster offset that is not cluster-aligned, found by a read.

@@ -255,16 +255,36 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// Refuses to hand out clusters that hold metadata: with a hostile
+    /// image (a zeroed refcount entry) they can read as free, and writing
+    /// there would destroy the image (QEMU's overlap check on allocation).
+    fn check_free(&self, first: u64, n: u64) -> BlockResult<()> {
+        match self
+            .overlap
+            .check(first << self.cluster_bits, n << self.cluster_bits)
+        {
+            Some(kind) => Err(corrupt(format!(
+                "Preventing invalid write on metadata (overlaps with {kind})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Allocates `n` contiguous clusters with refcount 1; returns the host
     /// offset of the first.
     pub async fn alloc(&mut self, n: u64) -> BlockResult<u64> {
+        // Each retry creates a refcount block, which claims a table entry
+        // for good: a retry that finds no new block made no progress.
+        let mut blocks_made = 0u64;
         'search: loop {
             let mut start = self.free_hint;
             let mut first_free = None;
             let mut run = 0;
             let mut c = self.free_hint;
             while run < n {
-                if self.get(c).await? == 0 {
+                // Past the end every cluster is free, whatever a hostile
+                // refcount says: the search always ends there.
+                if c >= self.end || self.get(c).await? == 0 {
                     first_free.get_or_insert(c);
                     if run == 0 {
                         start = c;
@@ -275,9 +295,14 @@ impl Refcounts {
                 }
                 c += 1;
             }
+            self.check_free(start, n)?;
             let per = self.per_block();
             for bi in start / per..=(start + n - 1) / per {
                 if self.table.get(bi as usize).copied().unwrap_or(0) == 0 {
+                    blocks_made += 1;
+                    if blocks_made > 2 * (n / per) + 8 {
+                        return Err(corrupt("Refcount allocation makes no progress"));
+                    }
                     // Creating the block may take a cluster of the run.
                     self.ensure_block(bi).await?;
                     continue 'search;
@@ -303,6 +328,7 @@ impl Refcounts {
         }
         let per = self.per_block();
         let at = bi * per;
+        self.check_free(at, 1)?;
         let off = at << self.cluster_bits;
         let mut b = vec![0u8; self.cs() as usize];
         self.encode(&mut b, 0, 1);
@@ -358,6 +384,7 @@ impl Refcounts {
             ));
         }
         let area_end = a + nblocks + tclusters;
+        self.check_free(a, area_end - a)?;
         let mut table = self.table.clone();
         table.resize((tclusters * cs / 8) as usize, 0);
         // The new blocks, in order, for the block indices that lack one.

@@ -159,3 +159,116 @@ async fn corrupted_metadata_never_panics() {
     );
     eprintln!("{cases} corrupted images, {opened_ok} opened and driven");
 }
+
+/// Runs `exercise` on a thread of its own and waits with a deadline, so a
+/// loop that never yields (which a tokio timeout cannot interrupt) fails
+/// the test instead of hanging it.
+fn exercise_within(path: &str, seed: u64, secs: u64) -> Result<bool, String> {
+    let path = path.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(_) => return,
+        };
+        let opened = rt.block_on(async {
+            let file = open_file(&path)?;
+            let h = super::read_header(&file).await.ok()?;
+            Qcow2::open(file, h, None, None, false, &Qcow2Options::default())
+                .await
+                .ok()
+        });
+        if let Some(q) = &opened {
+            let mut rng = Rng(seed);
+            rt.block_on(async {
+                // Allocating writes first: every damaged table is used.
+                let size = q.size();
+                let buf = vec![0x5au8; 64 << 10];
+                for k in 0..8 {
+                    let off = (size / 8) * k;
+                    let _ = q.write(off, &buf, WriteFlags::default()).await;
+                }
+                exercise(q, &mut rng).await;
+            });
+        }
+        let _ = tx.send(opened.is_some());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .map_err(|_| format!("I/O on a damaged image did not finish in {secs} s"))
+}
+
+/// Structural damage, the kind a byte flip rarely makes: whole refcount
+/// table, L1, L2 and refcount block entries set to zero or pointed at
+/// other metadata, past the end of the file or off alignment. Opening,
+/// allocating writes and the rest must end (with errors or not) within a
+/// deadline. This is the class of the hang on a zeroed refcount entry.
+#[test]
+fn structural_damage_never_hangs_writes() {
+    let dir = std::env::temp_dir();
+    let base = format!("{}/rsd-qcow2-struct-{}", dir.display(), std::process::id());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut cases, mut opened) = (0, 0);
+    for (k, opts) in [
+        "cluster_size=4k",
+        "refcount_bits=1,cluster_size=4k",
+        "cluster_size=64k",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("{base}-{k}.qcow2");
+        let Some(good) = make(&path, opts) else {
+            panic!("qemu-img/qemu-io are needed to make test images");
+        };
+        let be64 =
+            |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        let mask = 0x00ff_ffff_ffff_fe00u64;
+        let l1 = be64(&good, 40) as usize;
+        let rt = be64(&good, 48) as usize;
+        let rb = (be64(&good, rt) & mask) as usize;
+        let l2 = (be64(&good, l1) & mask) as usize;
+        let eof = good.len() as u64;
+        // Entries in use in these small images: refcount table 0, L1 0,
+        // L2 0..4 (data) and refcount block entry 0 (the header).
+        let targets = [(rt, 0), (l1, 0), (l2, 0), (l2, 3), (rb, 0)];
+        let values = [
+            0u64,
+            rt as u64,
+            l1 as u64,
+            l2 as u64,
+            rb as u64,
+            eof + (1 << 30),
+            (l2 as u64) + 512,
+            u64::MAX,
+            (1 << 63) | rt as u64,
+            (1 << 63) | l1 as u64,
+        ];
+        for &(table, entry) in &targets {
+            for &v in &values {
+                let mut b = good.clone();
+                let at = table + 8 * entry;
+                b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+                if std::fs::write(&path, &b).is_err() {
+                    continue;
+                }
+                let r = exercise_within(&path, rng.next(), 20);
+                match r {
+                    Ok(true) => opened += 1,
+                    Ok(false) => {}
+                    Err(e) => panic!("{e}: {opts}, entry at {at:#x} set to {v:#x}"),
+                }
+                cases += 1;
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    assert_eq!(cases, 150);
+    assert!(
+        opened >= cases / 3,
+        "only {opened} of {cases} damaged images opened"
+    );
+    eprintln!("{cases} structurally damaged images, {opened} opened and driven");
+}
