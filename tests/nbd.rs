@@ -1149,3 +1149,293 @@ fn clients_are_served_only_after_the_command_line_is_applied() {
     let (_r, size, _) = Raw::connect(&dir.path("nbd.sock"), "fmt", false);
     assert_eq!(size, 1 << 20);
 }
+
+/// A daemon serving `img` (a qcow2 when `qcow2`) over `nbd.sock` in
+/// `dir`, with `server_opts` added to `--nbd-server`.
+fn serve_image(which: Which, dir: &TempDir, qcow2: bool, server_opts: &str) -> Daemon {
+    let node = if qcow2 {
+        format!(
+            "driver=qcow2,node-name=disk,file.driver=file,file.filename={}",
+            dir.s("img")
+        )
+    } else {
+        format!("driver=file,node-name=disk,filename={}", dir.s("img"))
+    };
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &node,
+        "--nbd-server",
+        &format!(
+            "addr.type=unix,addr.path={}{server_opts}",
+            dir.s("nbd.sock")
+        ),
+        "--export",
+        "type=nbd,id=e,node-name=disk,writable=on",
+        "--pidfile",
+        &dir.s("p.pid"),
+    ]));
+    let d = Daemon::spawn(which, &a);
+    assert!(wait_for_path(&dir.path("p.pid"), 10), "{which:?} start-up");
+    d
+}
+
+/// Waits until the server closes `s` (EOF or reset); how long after
+/// `since` that was.
+fn closed_within(s: &mut UnixStream, since: std::time::Instant, secs: u64) -> Option<Duration> {
+    s.set_read_timeout(Some(Duration::from_secs(secs)))
+        .expect("timeout");
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Some(since.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(since.elapsed())
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// `handshake-max-seconds`: a client that stalls in the handshake (at
+/// the greeting, or in the middle of option haggling) is dropped after
+/// the limit, one that finished it is kept, and the default is QEMU's
+/// 10 s: on both daemons.
+#[test]
+fn stalled_handshakes_are_dropped_as_in_qsd() {
+    let runs: Vec<_> = Which::all()
+        .into_iter()
+        .map(|which| {
+            std::thread::spawn(move || {
+                let dir = TempDir::new();
+                qemu_img_create(&dir.path("img"), "1M");
+                let mut d = serve_image(which, &dir, false, ",handshake-max-seconds=1");
+                let sock = dir.path("nbd.sock");
+                let since = std::time::Instant::now();
+                let mut silent = UnixStream::connect(&sock).expect("connect");
+                let mut haggling = UnixStream::connect(&sock).expect("connect");
+                let mut hello = [0u8; 18];
+                haggling.read_exact(&mut hello).expect("hello");
+                haggling.write_all(&3u32.to_be_bytes()).expect("flags");
+                let (mut done, _, _) = Raw::connect(&sock, "disk", false);
+                let t1 = closed_within(&mut silent, since, 8).expect("silent client dropped");
+                let t2 = closed_within(&mut haggling, since, 8).expect("haggling client dropped");
+                for t in [t1, t2] {
+                    assert!(
+                        t >= Duration::from_millis(800) && t < Duration::from_secs(4),
+                        "{which:?}: {t:?}"
+                    );
+                }
+                // The finished one is served well past the limit.
+                done.s
+                    .write_all(&Raw::request(0, 0, 1, 0, 512))
+                    .expect("read");
+                assert_eq!(done.simple(512), (0, 1), "{which:?}");
+                let _ = d.child.kill();
+                // The default limit.
+                let dir = TempDir::new();
+                qemu_img_create(&dir.path("img"), "1M");
+                let _d = serve_image(which, &dir, false, "");
+                let since = std::time::Instant::now();
+                let mut silent = UnixStream::connect(dir.path("nbd.sock")).expect("connect");
+                let t = closed_within(&mut silent, since, 20).expect("dropped by default");
+                assert!(
+                    t >= Duration::from_secs(9) && t < Duration::from_secs(13),
+                    "{which:?}: default {t:?}"
+                );
+            })
+        })
+        .collect();
+    for r in runs {
+        r.join().expect("run");
+    }
+}
+
+fn count_dir(path: String) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The connection bounds with the defaults: stalled clients cost no
+/// thread; at most 100 clients are served (QEMU's default
+/// max-connections), the next waits in the backlog and is served when
+/// one leaves; the refusal is logged once; and 100 clients fit well
+/// within a 1024-descriptor limit.
+#[test]
+fn default_connection_bounds_fit_a_small_fd_limit() {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("img"), "1M");
+    let mut d = serve_image(Which::Rsd, &dir, false, "");
+    // The same under a 1024-descriptor limit, the common default.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let _ = std::fs::remove_file(dir.path("p.pid"));
+    let a: Vec<String> = std::iter::once(rsd_bin().to_string())
+        .chain(args(&[
+            "--blockdev",
+            &format!("driver=file,node-name=disk,filename={}", dir.s("img")),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("nbd.sock")),
+            "--export",
+            "type=nbd,id=e,node-name=disk,writable=on",
+            "--pidfile",
+            &dir.s("p.pid"),
+        ]))
+        .collect();
+    let child = Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .args(&a)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit");
+    let mut d = Daemon {
+        child,
+        which: Which::Rsd,
+    };
+    assert!(wait_for_path(&dir.path("p.pid"), 10));
+    let pid = d.child.id();
+    let sock = dir.path("nbd.sock");
+    let (fds0, threads0) = (
+        count_dir(format!("/proc/{pid}/fd")),
+        count_dir(format!("/proc/{pid}/task")),
+    );
+    // 60 clients that never speak: a descriptor each, no thread.
+    let silent: Vec<UnixStream> = (0..60)
+        .map(|_| {
+            let mut s = UnixStream::connect(&sock).expect("connect");
+            let mut hello = [0u8; 18];
+            s.read_exact(&mut hello).expect("hello");
+            s
+        })
+        .collect();
+    assert!(
+        count_dir(format!("/proc/{pid}/task")) < threads0 + 10,
+        "threads for clients in the handshake"
+    );
+    drop(silent);
+    // 100 served clients.
+    let mut served: Vec<Raw> = (0..100)
+        .map(|_| Raw::connect(&sock, "disk", false).0)
+        .collect();
+    for (i, r) in served.iter_mut().enumerate() {
+        r.s.write_all(&Raw::request(0, 0, i as u64, 0, 512))
+            .expect("read");
+        assert_eq!(r.simple(512), (0, i as u64));
+    }
+    let fds = count_dir(format!("/proc/{pid}/fd")) - fds0;
+    let threads = count_dir(format!("/proc/{pid}/task")) - threads0;
+    // About five each (the socket and the thread's runtime): half the
+    // limit, with room for images, monitors and a second export.
+    assert!(fds <= 600, "100 clients hold {fds} descriptors");
+    assert!(threads <= 110, "100 clients hold {threads} threads");
+    let mut extra = UnixStream::connect(&sock).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut hello = [0u8; 18];
+    assert!(
+        extra.read_exact(&mut hello).is_err(),
+        "a 101st client was served"
+    );
+    let _another = UnixStream::connect(&sock).expect("connect");
+    drop(served);
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    extra
+        .read_exact(&mut hello)
+        .expect("served once others left");
+    d.signal(15);
+    assert_eq!(d.wait_exit(10), Some(0));
+    let err = d.stderr_text();
+    assert_eq!(
+        err.matches("max-connections").count(),
+        1,
+        "one line about the limit: {err}"
+    );
+    assert!(
+        err.contains("100 clients connected (max-connections)"),
+        "{err}"
+    );
+}
+
+/// A disconnect storm on a qcow2 with 4 KiB clusters: clients pipeline
+/// allocating writes and leave (half of them with a reset). The writes
+/// they left queued are dropped before they start, so a new client is
+/// served at once, and the image stays consistent (`qemu-img check`)
+/// with every acknowledged write readable.
+#[test]
+fn departed_clients_leave_no_queued_work() {
+    let dir = TempDir::new();
+    let ok_run = |argv: &[&str]| ok(&run("qemu-img", argv));
+    ok_run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &dir.s("img"),
+        "256M",
+    ]);
+    let mut d = serve_image(Which::Rsd, &dir, true, "");
+    let sock = dir.path("nbd.sock");
+    let (clients, depth) = (60u64, 64u64);
+    let storm: Vec<_> = (0..clients)
+        .map(|c| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let (mut r, _, _) = Raw::connect(&sock, "disk", false);
+                let mut burst = Vec::new();
+                for i in 0..depth {
+                    let off = (c * depth + i) * 4096;
+                    burst.extend(Raw::request(1, 0, i, off, 4096));
+                    burst.extend(vec![0x77u8; 4096]);
+                }
+                r.s.write_all(&burst).expect("burst");
+                if c % 2 == 0 {
+                    let linger = nix::sys::socket::sockopt::Linger;
+                    let l = nix::libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    let _ = nix::sys::socket::setsockopt(&r.s, linger, &l);
+                }
+            })
+        })
+        .collect();
+    for t in storm {
+        t.join().expect("client");
+    }
+    // A new client is served while (or right after) the storm ends.
+    let start = std::time::Instant::now();
+    let (mut r, _, _) = Raw::connect(&sock, "disk", false);
+    let mut req = Raw::request(1, 0, 7, 255 << 20, 4096);
+    req.extend(vec![0x42u8; 4096]);
+    r.s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    r.s.write_all(&req).expect("write");
+    assert_eq!(r.simple(0), (0, 7));
+    let waited = start.elapsed();
+    drop(r);
+    d.signal(15);
+    assert_eq!(d.wait_exit(20), Some(0));
+    let check = run("qemu-img", &["check", "--output=json", &dir.s("img")]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&check.stdout).expect("qemu-img check json");
+    assert_eq!(report["check-errors"], 0, "{report}");
+    assert!(report.get("corruptions").is_none_or(|c| c == 0), "{report}");
+    let written = report["allocated-clusters"].as_u64().unwrap_or(u64::MAX);
+    let sent = clients * depth;
+    assert!(
+        written < sent / 2,
+        "{written} of {sent} writes of departed clients were still done (new client waited {waited:?})"
+    );
+    let io = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x42 255M 4k", &dir.s("img")],
+    );
+    let out = ok(&io);
+    assert!(!out.contains("failed"), "{out}");
+}

@@ -12,6 +12,12 @@ use crate::nbd::server::{Server, ServerActor, REGISTRY_NAME};
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
+/// QEMU's defaults (since the fix for CVE-2024-7409): a server holds at
+/// most 100 clients, and drops one that has not finished its handshake
+/// within 10 seconds.
+const DEFAULT_MAX_CONNECTIONS: u32 = 100;
+const DEFAULT_HANDSHAKE_MAX_SECONDS: u32 = 10;
+
 impl ControlState {
     /// nbd-server-start's legacy address `{type, data: {...}}` made flat.
     pub(super) async fn nbd_server_start_legacy(
@@ -62,7 +68,11 @@ impl ControlState {
             max_connections: opts
                 .get("max-connections")
                 .and_then(Value::as_u64)
-                .unwrap_or(0) as u32,
+                .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as u32),
+            handshake_max_seconds: opts
+                .get("handshake-max-seconds")
+                .and_then(Value::as_u64)
+                .map_or(DEFAULT_HANDSHAKE_MAX_SECONDS, |n| n as u32),
             started: self.ctx.started.subscribe(),
         });
         let spec = ChildSpec::actor(

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 
 use super::export::{Export, Exports};
 use super::proto::*;
+use crate::block::cancel::Cancel;
 use crate::block::driver::{WriteFlags, ZeroFlags};
 
 /// Requests in flight per connection; the reader waits beyond this.
@@ -24,34 +25,27 @@ const CTX_DEPTH: u32 = 2;
 pub type Reader = std::pin::Pin<Box<dyn AsyncRead + Send>>;
 pub type Writer = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 
-/// Serves one client until it disconnects or the export closes.
-/// `may_spin` is the reader's switch for polling the socket before it
-/// sleeps (see `spin`): on while nothing else is in flight.
-pub async fn serve(
-    mut rd: Reader,
-    mut wr: Writer,
-    exports: Exports,
-    may_spin: Arc<std::sync::atomic::AtomicBool>,
-) {
+/// The handshake: greeting, client flags and option haggling, up to the
+/// export the client chose (None when it left or chose none). It reads
+/// exactly what the client sent for it, so the stream can then move to
+/// the thread that serves transmission.
+pub async fn handshake<R, W>(rd: &mut R, wr: &mut W, exports: &Exports) -> Option<Session>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    if wr.write_all(&hello).await.is_err() {
-        return;
-    }
-    let Ok(client_flags) = rd.read_u32().await else {
-        return;
-    };
+    wr.write_all(&hello).await.ok()?;
+    let client_flags = rd.read_u32().await.ok()?;
     let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
-    let Ok(Some(session)) = negotiate(&mut rd, &mut wr, &exports, no_zeroes).await else {
-        return;
-    };
-    transmission(rd, wr, session, may_spin).await;
+    negotiate(rd, wr, exports, no_zeroes).await.ok().flatten()
 }
 
 /// What option haggling settled.
-struct Session {
+pub struct Session {
     export: Arc<Export>,
     structured: bool,
     /// Extended headers: 64-bit lengths, 32-byte requests and replies.
@@ -62,7 +56,12 @@ struct Session {
     _client: super::export::ClientGuard,
 }
 
-async fn opt_reply(wr: &mut Writer, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+async fn opt_reply(
+    wr: &mut (impl AsyncWrite + Unpin),
+    opt: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
     let mut b = Vec::with_capacity(20 + data.len());
     b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&opt.to_be_bytes());
@@ -122,7 +121,7 @@ impl<'a> Payload<'a> {
 /// The export an option's payload names. Replies ERR_INVALID to a
 /// malformed payload and ERR_UNKNOWN to an unknown name, then gives None.
 async fn named_export<T>(
-    wr: &mut Writer,
+    wr: &mut (impl AsyncWrite + Unpin),
     opt: u32,
     exports: &Exports,
     parsed: Option<(String, T)>,
@@ -157,8 +156,8 @@ fn match_contexts(e: &Export, query: &str) -> Vec<(u32, &'static str)> {
 }
 
 async fn negotiate(
-    rd: &mut Reader,
-    wr: &mut Writer,
+    rd: &mut (impl AsyncRead + Unpin),
+    wr: &mut (impl AsyncWrite + Unpin),
     exports: &Exports,
     no_zeroes: bool,
 ) -> std::io::Result<Option<Session>> {
@@ -403,7 +402,7 @@ struct Request {
 /// with no hand-off to another thread (a cross-CPU wake-up costs more
 /// than the I/O). A request that has to wait moves to its own task, so
 /// pipelined requests still complete out of order.
-async fn transmission(
+pub async fn transmission(
     rd: Reader,
     wr: Writer,
     s: Session,
@@ -416,10 +415,17 @@ async fn transmission(
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut out: Vec<u8> = Vec::new();
     let pool = BufPool::default();
+    // Set once the client is known to be gone (EOF or an error without
+    // DISC, or a reply that cannot be sent): requests it left queued
+    // stop before they start (`block::cancel`), and no more are read.
+    let gone = Cancel::default();
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
+        if gone.is_cancelled() {
+            break;
+        }
         // Nothing in flight but this read, and every reply written: the
         // client has what it asked for and its next request is the only
         // thing to wait for.
@@ -429,7 +435,10 @@ async fn transmission(
             r = read_request(&mut rd, s.extended, &pool) => r,
             _ = closing.wait_for(|c| *c) => break,
         };
-        let Ok(Some(mut req)) = req else { break };
+        let Ok(Some(mut req)) = req else {
+            gone.cancel();
+            break;
+        };
         if req.kind == CMD_READ && req.len > 64 << 10 && req.len <= MAX_PAYLOAD as u64 {
             req.buf = pool.take();
         }
@@ -442,11 +451,11 @@ async fn transmission(
         let payload = std::mem::take(&mut req.payload);
         let pool2 = pool.clone();
         let mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>> =
-            Box::pin(async move {
+            Box::pin(gone.scope(async move {
                 let reply = handle(&s2, req, &payload).await;
                 pool2.give(payload);
                 reply
-            });
+            }));
         if offload {
             // A large write is copied on another thread while this one
             // reads the next payload from the socket: both cores work.
@@ -473,6 +482,7 @@ async fn transmission(
                     if w.write_all(&std::mem::take(&mut out)).await.is_err()
                         || w.write_all(reply.bytes()).await.is_err()
                     {
+                        gone.cancel();
                         break;
                     }
                 } else {
@@ -481,10 +491,12 @@ async fn transmission(
                 pool.give(reply.buf);
             }
             std::task::Poll::Pending => {
-                let (wr, pool) = (wr.clone(), pool.clone());
+                let (wr, pool, gone) = (wr.clone(), pool.clone(), gone.clone());
                 tokio::spawn(async move {
                     let reply = fut.await;
-                    let _ = wr.lock().await.write_all(reply.bytes()).await;
+                    if wr.lock().await.write_all(reply.bytes()).await.is_err() {
+                        gone.cancel();
+                    }
                     pool.give(reply.buf);
                     drop(permit);
                 });
@@ -502,6 +514,7 @@ async fn transmission(
                 .await
                 .is_err()
         {
+            gone.cancel();
             break;
         }
     }

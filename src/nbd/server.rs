@@ -1,5 +1,7 @@
 //! The NBD server actor: accepts clients on its listening socket (at most
-//! `max-connections` at once) and serves each on its own task.
+//! `max-connections` at once, QEMU's default 100), runs each handshake on
+//! the daemon's runtime within `handshake-max-seconds` (default 10), then
+//! serves the client's transmission on a thread of its own.
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,6 +9,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Semaphore;
 
+use super::conn::{handshake, transmission, Reader, Session, Writer};
 use super::export::Exports;
 use crate::chardev::actor::AbortOnDrop;
 use crate::chardev::backend::Listener;
@@ -21,6 +24,9 @@ pub struct Server {
     pub exports: Exports,
     /// 0 = unlimited.
     pub max_connections: u32,
+    /// A client that has not finished the handshake by then is dropped;
+    /// 0 = no limit.
+    pub handshake_max_seconds: u32,
     /// Clients are accepted once this is true (the daemon has started).
     pub started: tokio::sync::watch::Receiver<bool>,
 }
@@ -41,10 +47,10 @@ pub enum ServerMsg {
 #[derive(Clone)]
 pub struct ServerActor;
 
-/// An accepted client, detached from the runtime that accepted it.
+/// An accepted client.
 enum Client {
-    Unix(std::os::unix::net::UnixStream),
-    Tcp(std::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
 }
 
 /// Lets a UNIX socket hold several large replies (the default holds
@@ -66,26 +72,65 @@ async fn accept(listener: &Listener) -> std::io::Result<Client> {
         Listener::Unix(l) => {
             let (s, _) = l.accept().await?;
             widen_send_buffer(&s);
-            Ok(Client::Unix(s.into_std()?))
+            Ok(Client::Unix(s))
         }
         Listener::Tcp(l) => {
             let (s, _) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok(Client::Tcp(s.into_std()?))
+            Ok(Client::Tcp(s))
         }
     }
 }
 
-/// Serves one client on a thread of its own with a single-threaded
-/// runtime: the thread sleeps in its own epoll and wakes straight into
-/// the connection, with no hand-off between worker threads (as nbdkit's
-/// thread per connection, and measurably faster at queue depth 1).
+/// Runs the handshake on the daemon's runtime, bounded by
+/// `handshake-max-seconds` (0: no bound). A client that has not chosen an
+/// export costs one descriptor and no thread.
+async fn shake(client: &mut Client, exports: &Exports, max_secs: u32) -> Option<Session> {
+    let work = async {
+        match client {
+            Client::Unix(s) => {
+                let (mut r, mut w) = s.split();
+                handshake(&mut r, &mut w, exports).await
+            }
+            Client::Tcp(s) => {
+                let (mut r, mut w) = s.split();
+                handshake(&mut r, &mut w, exports).await
+            }
+        }
+    };
+    if max_secs == 0 {
+        return work.await;
+    }
+    let limit = std::time::Duration::from_secs(u64::from(max_secs));
+    match tokio::time::timeout(limit, work).await {
+        Ok(session) => session,
+        Err(_) => {
+            tracing::trace!(target: "nbd_handshake", "client dropped: handshake took over {max_secs} s");
+            None
+        }
+    }
+}
+
+/// Serves a client's transmission phase on a thread of its own with a
+/// single-threaded runtime: the thread sleeps in its own epoll and wakes
+/// straight into the connection, with no hand-off between worker
+/// threads (as nbdkit's thread per connection, and measurably faster at
+/// queue depth 1).
 fn serve_on_own_thread(
     client: Client,
-    exports: Exports,
+    session: Session,
     permit: tokio::sync::OwnedSemaphorePermit,
-) {
-    let spawned = std::thread::Builder::new()
+) -> std::io::Result<()> {
+    // Detached from the accepting runtime's reactor, for the thread's own.
+    enum Std {
+        Unix(std::os::unix::net::UnixStream),
+        Tcp(std::net::TcpStream),
+    }
+    let client = match client {
+        Client::Unix(s) => Std::Unix(s.into_std()?),
+        Client::Tcp(s) => Std::Tcp(s.into_std()?),
+    };
+    std::thread::Builder::new()
         .name("nbd-client".into())
         .stack_size(8 << 20)
         .spawn(move || {
@@ -98,29 +143,38 @@ fn serve_on_own_thread(
             };
             rt.block_on(async move {
                 let fd = match &client {
-                    Client::Unix(s) => s.as_raw_fd(),
-                    Client::Tcp(s) => s.as_raw_fd(),
+                    Std::Unix(s) => s.as_raw_fd(),
+                    Std::Tcp(s) => s.as_raw_fd(),
                 };
-                let halves: std::io::Result<(super::conn::Reader, super::conn::Writer)> =
-                    match client {
-                        Client::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
-                            let (r, w) = s.into_split();
-                            (Box::pin(r) as _, Box::pin(w) as _)
-                        }),
-                        Client::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
-                            let (r, w) = s.into_split();
-                            (Box::pin(r) as _, Box::pin(w) as _)
-                        }),
-                    };
-                let halves = halves.map(|(r, w)| (super::spin::SpinReader::new(r, fd), w));
+                let halves: std::io::Result<(Reader, Writer)> = match client {
+                    Std::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+                        let (r, w) = s.into_split();
+                        (Box::pin(r) as _, Box::pin(w) as _)
+                    }),
+                    Std::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+                        let (r, w) = s.into_split();
+                        (Box::pin(r) as _, Box::pin(w) as _)
+                    }),
+                };
                 if let Ok((r, w)) = halves {
+                    let r = super::spin::SpinReader::new(r, fd);
                     let may_spin = r.allow();
-                    super::conn::serve(Box::pin(r), w, exports, may_spin).await;
+                    transmission(Box::pin(r), w, session, may_spin).await;
                 }
             });
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start an NBD client thread");
+        })
+        .map(|_| ())
+}
+
+/// Says once per server that a limit was reached, so an operator sees
+/// why clients wait, without a line per client.
+#[derive(Default)]
+struct Once(std::sync::atomic::AtomicBool);
+impl Once {
+    fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        if !self.0.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("rsd: NBD server: {msg}");
+        }
     }
 }
 
@@ -131,21 +185,46 @@ async fn accept_loop(server: Arc<Server>) {
         server.max_connections as usize
     };
     let slots = Arc::new(Semaphore::new(limit));
+    let (full, no_fds, no_threads) = (Once::default(), Once::default(), Arc::new(Once::default()));
     let mut started = server.started.clone();
     if started.wait_for(|s| *s).await.is_err() {
         return;
     }
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // As QEMU: stop accepting; new clients wait in the
+                // listen backlog until a connection ends.
+                full.warn(format_args!(
+                    "{limit} clients connected (max-connections); new clients wait until one leaves"
+                ));
+                let Ok(p) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                p
+            }
         };
         match accept(&server.listener).await {
-            Ok(client) => {
+            Ok(mut client) => {
                 tracing::trace!(target: "nbd_accept", "client accepted");
-                serve_on_own_thread(client, server.exports.clone(), permit);
+                let (server, no_threads) = (server.clone(), no_threads.clone());
+                tokio::spawn(async move {
+                    let Some(session) =
+                        shake(&mut client, &server.exports, server.handshake_max_seconds).await
+                    else {
+                        return;
+                    };
+                    if let Err(e) = serve_on_own_thread(client, session, permit) {
+                        no_threads.warn(format_args!("cannot serve a client: {e}"));
+                    }
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "NBD accept failed");
+                // Out of descriptors (or another passing failure): say so
+                // once and retry; clients wait in the backlog meanwhile.
+                drop(permit);
+                no_fds.warn(format_args!("cannot accept clients: {e}"));
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }

@@ -148,7 +148,9 @@ impl Qcow2 {
                 return Ok(());
             }
         }
-        let mut meta = self.meta.lock().await;
+        // A request of a client that has gone stops here, before it
+        // allocates anything.
+        let mut meta = crate::block::cancel::before_start(self.meta.lock()).await?;
         let mut released = Vec::new();
         let mut pos = 0;
         while pos < buf.len() {

@@ -20,7 +20,7 @@ impl Qcow2 {
         full: bool,
     ) -> BlockResult<()> {
         let v3 = self.header().version >= 3;
-        let mut meta = self.meta.lock().await;
+        let mut meta = crate::block::cancel::before_start(self.meta.lock()).await?;
         let mut released = Vec::new();
         let unit = 1u64 << self.sc_bits;
         let mut g = offset;
