@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::qmp::frame;
+use crate::qmp::outbox::Outbox;
 
 /// Where parts of the daemon outside the control actor raise QMP events
 /// (block drivers, jobs): (event name, data).
@@ -18,7 +18,7 @@ pub type EventSink = std::sync::Arc<dyn Fn(&str, Map<String, Value>) + Send + Sy
 struct Subscriber {
     id: u64,
     pretty: bool,
-    out: UnboundedSender<String>,
+    out: Outbox,
 }
 
 #[derive(Default)]
@@ -42,7 +42,7 @@ impl Drop for Subscription<'_> {
 }
 
 impl EventBus {
-    pub fn subscribe(&self, pretty: bool, out: UnboundedSender<String>) -> Subscription<'_> {
+    pub fn subscribe(&self, pretty: bool, out: Outbox) -> Subscription<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut subs) = self.subs.lock() {
             subs.push(Subscriber { id, pretty, out });
@@ -77,7 +77,7 @@ impl EventBus {
             } else {
                 compact.get_or_insert_with(|| frame(&v, false)).clone()
             };
-            s.out.send(text).is_ok()
+            s.out.send(text)
         });
     }
 }

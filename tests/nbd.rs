@@ -1066,21 +1066,6 @@ fn qcow2_holes_are_sent_as_hole_chunks() {
     }
 }
 
-/// The daemon's user+system CPU time so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("comm")
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // Linux reports these in USER_HZ, 100 per second.
-    Duration::from_millis(ticks * 10)
-}
-
 #[test]
 fn queue_depth_1_then_idle_then_a_slow_client() {
     // Back-to-back writes at queue depth 1 (where the reader polls the

@@ -1,5 +1,8 @@
 //! QMP wire behaviour, byte for byte against qemu-storage-daemon.
 use crate::common::*;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 const SENTINEL: &[u8] = br#"{"execute": "query-version", "id": "SENTINEL"}"#;
 
@@ -415,4 +418,141 @@ fn chardev_and_object_commands_match_qsd() {
     );
     assert_eq!(t[21][0], "{\"return\": 32768}\r\n");
     assert_eq!(t[23][0], "{\"return\": 12345}\r\n");
+}
+
+/// The daemon's peak resident memory, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `payload` from a thread without reading anything, until the
+/// daemon stops taking input (no progress for a second) or all is sent;
+/// returns whether it all went.
+fn send_unread(stream: &UnixStream, payload: Vec<u8>) -> bool {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sent = std::sync::Arc::new(AtomicUsize::new(0));
+    let (s2, mut w) = (sent.clone(), stream.try_clone().expect("clone"));
+    let total = payload.len();
+    let sender = std::thread::spawn(move || {
+        for chunk in payload.chunks(16 << 10) {
+            if w.write_all(chunk).is_err() {
+                return;
+            }
+            s2.fetch_add(chunk.len(), Ordering::SeqCst);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut last, mut since) = (0, std::time::Instant::now());
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = sent.load(Ordering::SeqCst);
+        if now == total {
+            let _ = sender.join();
+            return true;
+        }
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        } else if since.elapsed() > Duration::from_secs(1) {
+            return false;
+        }
+    }
+    panic!("the daemon neither stopped reading nor took everything");
+}
+
+/// Once the client stopped reading, the daemon has stopped working on
+/// its requests (not merely fallen behind) and holds little memory.
+fn assert_idle_and_small(pid: u32) {
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_millis(1000));
+    let busy = cpu_time(pid) - before;
+    assert!(
+        busy < Duration::from_millis(200),
+        "still working: {busy:?} of CPU in 1 s"
+    );
+    let peak = peak_rss_kib(pid);
+    assert!(peak < 100 << 10, "peak RSS {peak} KiB");
+}
+
+/// A client that pipelines requests and never reads the replies: the
+/// daemon stops reading once a bounded amount of output is queued,
+/// instead of buffering every reply (rsd once grew past 1 GB), and every
+/// reply still arrives, in order, once the client reads.
+#[test]
+fn unread_replies_stop_the_daemon_reading() {
+    let dir = TempDir::new();
+    let d = Daemon::spawn(Which::Rsd, &monitor_args(&dir.s("q.sock")));
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let n = 30_000;
+    let mut payload = Vec::new();
+    for i in 0..n {
+        payload.extend(format!(r#"{{"execute":"query-qmp-schema","id":{i}}}"#).bytes());
+    }
+    let all_sent = send_unread(&q.stream, payload);
+    assert!(
+        !all_sent,
+        "the daemon read every request while none was answered"
+    );
+    assert_idle_and_small(d.child.id());
+    // What was sent is answered in order once the client reads.
+    for i in 0..100 {
+        let l = q.line();
+        assert!(l.starts_with(r#"{"return": ["#), "reply {i}: {:.80}", l);
+        assert!(
+            l.ends_with(&format!(r#""id": {i}}}{}"#, "\r\n")),
+            "reply {i} id: {}",
+            &l[l.len().saturating_sub(40)..]
+        );
+    }
+    // One 8 MB line of nested brackets (an error reply per bracket past
+    // the nesting limit): bounded too, and the daemon serves the next
+    // client. (Shut down: the sender thread's copy of the socket would
+    // keep it open.)
+    let _ = q.stream.shutdown(std::net::Shutdown::Both);
+    let q = Qmp::ready(&dir.path("q.sock"));
+    let mut payload = vec![b'['; 4 << 20];
+    payload.extend(vec![b']'; 4 << 20]);
+    let all_sent = send_unread(&q.stream, payload);
+    assert!(
+        !all_sent,
+        "the daemon read the whole flood while none was answered"
+    );
+    assert_idle_and_small(d.child.id());
+    let _ = q.stream.shutdown(std::net::Shutdown::Both);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    assert!(q.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"].is_object());
+}
+
+/// A client that pipelines many commands and an `object-add`, then
+/// disconnects without reading: its queued commands are dropped with it,
+/// so the object is never created and the next client is served at once
+/// (as QSD drops a closed monitor's queue).
+#[test]
+fn a_departed_clients_queue_is_dropped() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let _d = Daemon::spawn(which, &monitor_args(&dir.s("q.sock")));
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let mut payload = Vec::new();
+        for _ in 0..2000 {
+            payload.extend(br#"{"execute":"query-version"}"#);
+        }
+        payload
+            .extend(br#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"late"}}"#);
+        q.send(&payload);
+        drop(q);
+        let start = std::time::Instant::now();
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let waited = start.elapsed();
+        let list = q.cmd(r#"{"execute":"qom-list","arguments":{"path":"/objects"}}"#);
+        assert!(!list.to_string().contains("late"), "{which:?}: {list}");
+        assert!(
+            waited < Duration::from_secs(3),
+            "{which:?}: the next client waited {waited:?}"
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! Opening chardev endpoints from a validated `ChardevBackend` value.
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 
@@ -18,6 +18,26 @@ pub struct Conn {
     pub done: oneshot::Sender<()>,
     /// The peer of a TCP client, shown by query-chardev.
     pub peer: Option<String>,
+    /// The socket (owned by `read` and `write`), to see a hang-up while
+    /// not reading.
+    pub fd: Option<std::os::fd::RawFd>,
+}
+
+/// The client of `fd` closed its socket or the connection broke (a
+/// client that only shut down its sending side still wants its replies).
+/// `fd` must be a Conn's, polled while its `read` or `write` is alive.
+pub fn hung_up(fd: Option<std::os::fd::RawFd>) -> bool {
+    let Some(fd) = fd else {
+        return false;
+    };
+    let mut p = nix::libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: polls one pollfd without waiting; the caller keeps `fd` open.
+    let n = unsafe { nix::libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (nix::libc::POLLHUP | nix::libc::POLLERR) != 0
 }
 
 pub enum Listener {
@@ -76,12 +96,14 @@ impl Backend {
 }
 
 fn conn_from_unix(s: UnixStream) -> Conn {
+    let fd = Some(s.as_raw_fd());
     let (r, w) = s.into_split();
     Conn {
         read: Box::pin(r),
         write: Box::pin(w),
         done: oneshot::channel().0,
         peer: None,
+        fd,
     }
 }
 
@@ -92,12 +114,14 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
+                let fd = Some(s.as_raw_fd());
                 let (r, w) = s.into_split();
                 Ok(Conn {
                     read: Box::pin(r),
                     write: Box::pin(w),
                     done: oneshot::channel().0,
                     peer: Some(format!("{}:{}", peer.ip(), peer.port())),
+                    fd,
                 })
             }
         }
@@ -133,6 +157,7 @@ pub async fn open(backend: &Map<String, Value>, notice: WaitNotice<'_>) -> Resul
                 write: Box::pin(tokio::io::stdout()),
                 done: oneshot::channel().0,
                 peer: None,
+                fd: None,
             };
             Ok(Backend::Stdio(Mutex::new(Some(conn))))
         }

@@ -1,6 +1,7 @@
 //! QMP: JSON wire format, monitor sessions, request checking.
 pub mod json;
 pub mod monitor;
+pub mod outbox;
 pub mod request;
 
 use serde_json::Value;

@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use super::frame;
 use super::json::JsonStreamer;
+use super::outbox::Outbox;
 use super::request::{self, reply_err, reply_ok, Action, SessionState};
 use crate::chardev::actor::AbortOnDrop;
 use crate::chardev::{ChardevMsg, Conn};
@@ -110,22 +111,17 @@ impl Actor for MonitorActor {
 async fn run_session(conn: Conn, cfg: &MonitorConfig) {
     let Conn {
         mut read,
-        mut write,
+        write,
         done,
+        fd,
         ..
     } = conn;
+    // `read` lives as long as the session, so `fd` stays open.
+    let gone = move || crate::chardev::backend::hung_up(fd);
     let ctx = cfg.ctx.clone();
     let pretty = cfg.pretty;
     tracing::trace!(target: "monitor_session_open", chardev = %cfg.chardev);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
-    let writer = tokio::spawn(async move {
-        while let Some(text) = out_rx.recv().await {
-            if write.write_all(text.as_bytes()).await.is_err() {
-                break;
-            }
-            let _ = write.flush().await;
-        }
-    });
+    let (out, writer) = Outbox::new(write);
     // As QSD, whose main loop (and so every monitor) starts after the
     // command line: a client that connects early gets its greeting then.
     let mut started = ctx.started.subscribe();
@@ -133,7 +129,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
         return;
     }
     let greeting = json!({"QMP": {"version": version_info(), "capabilities": ["oob"]}});
-    let _ = out_tx.send(frame(&greeting, pretty));
+    out.send(frame(&greeting, pretty));
 
     let mut st = SessionState::default();
     let mut streamer = JsonStreamer::new();
@@ -146,15 +142,26 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
             Ok(n) => n,
         };
         for msg in streamer.feed(&buf[..n]) {
+            // Flow control: no more work while the client leaves its
+            // replies unread (see `outbox`).
+            out.room().await;
+            if out.broken() {
+                break 'read;
+            }
             match request::handle(&ctx.schema, &mut st, msg) {
                 Action::Reply(v) => {
-                    let _ = out_tx.send(frame(&v, pretty));
+                    out.send(frame(&v, pretty));
                 }
                 Action::Negotiated(v) => {
-                    let _ = out_tx.send(frame(&v, pretty));
-                    subscription = Some(ctx.events.subscribe(pretty, out_tx.clone()));
+                    out.send(frame(&v, pretty));
+                    subscription = Some(ctx.events.subscribe(pretty, out.clone()));
                 }
                 Action::Execute { name, args, id } => {
+                    // A client that has gone takes its queued commands
+                    // with it (as QSD drops a closed monitor's queue).
+                    if gone() {
+                        break 'read;
+                    }
                     tracing::trace!(target: "qmp_command", chardev = %cfg.chardev, command = %name);
                     quit = name == "quit";
                     let (result, seq) = execute(&ctx, name, args).await;
@@ -162,7 +169,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
                         Ok(ret) => reply_ok(ret, id),
                         Err(e) => reply_err(&e, id),
                     };
-                    let _ = out_tx.send(frame(&v, pretty));
+                    out.send(frame(&v, pretty));
                     ctx.replied.send_if_modified(|r| {
                         let newer = seq > *r;
                         if newer {
@@ -179,7 +186,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
     }
     tracing::trace!(target: "monitor_session_close", chardev = %cfg.chardev);
     drop(subscription);
-    drop(out_tx);
+    drop(out);
     // Let the writer drain what is queued (the quit reply) before going on.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
     if quit {
