@@ -169,6 +169,10 @@ impl Qcow2 {
             h.refcount_table_clusters,
         )
         .await?;
+        if !read_only {
+            // Writes trust the refcount table: it must be sane.
+            refs.validate()?;
+        }
         if h.incompatible & header::INCOMPAT_DIRTY != 0 && !read_only {
             // Lazy refcounts left unfinished by a crash: count again.
             repair::repair(&file, &mut h, &mut refs).await?;
