@@ -62,8 +62,14 @@ mod tests {
     #[test]
     fn zstd_window_is_bounded_by_the_cluster_size() {
         let data = vec![7u8; 4096];
-        assert_eq!(decompress(1, &frame(12, &data), 4096).ok(), Some(data.clone()));
-        assert_eq!(decompress(1, &frame(21, &data), 4096).ok(), Some(data.clone()));
+        assert_eq!(
+            decompress(1, &frame(12, &data), 4096).ok(),
+            Some(data.clone())
+        );
+        assert_eq!(
+            decompress(1, &frame(21, &data), 4096).ok(),
+            Some(data.clone())
+        );
         // 128 MiB: ruzstd's default limit would take it.
         assert!(decompress(1, &frame(27, &data), 4096).is_err());
         let big = vec![7u8; 65536];

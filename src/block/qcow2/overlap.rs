@@ -80,12 +80,7 @@ impl Overlap {
 
     /// `check`, not counting structures of kind `ignore` (an L2 table
     /// update ignores active L2 tables, as QEMU's does).
-    pub fn check_ignoring(
-        &self,
-        off: u64,
-        len: u64,
-        ignore: Option<&str>,
-    ) -> Option<&'static str> {
+    pub fn check_ignoring(&self, off: u64, len: u64, ignore: Option<&str>) -> Option<&'static str> {
         if len == 0 {
             return None;
         }

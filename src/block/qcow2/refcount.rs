@@ -247,7 +247,10 @@ impl Refcounts {
         let blocks = (self.table.len() as u64).min(self.end.div_ceil(per));
         let mut steps = 0u64;
         for bi in (0..blocks).rev() {
-            let cached = self.table.get(bi as usize).is_some_and(|o| self.blocks.contains_key(o));
+            let cached = self
+                .table
+                .get(bi as usize)
+                .is_some_and(|o| self.blocks.contains_key(o));
             let Some(off) = self.block(bi).await? else {
                 continue;
             };

@@ -2,8 +2,8 @@
 //! add whole clusters.
 use std::sync::atomic::Ordering;
 
-use super::refcount::tick;
 use super::l2::{ALL_ZEROES, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::refcount::tick;
 use super::{header, Qcow2};
 use crate::block::driver::{Driver, WriteFlags, ZeroFlags};
 use crate::block::error::{BlockError, BlockResult};
