@@ -36,6 +36,9 @@ use header::Header;
 use l2::{Map, OFFSET_MASK};
 use refcount::{corrupt, Refcounts};
 
+/// QCOW_MAX_L1_SIZE (32 MiB) in entries.
+const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
+
 /// QMP events a block driver raises: (name, data).
 pub type BlockEvents = crate::events::EventSink;
 
@@ -169,6 +172,10 @@ impl Qcow2 {
             h.refcount_table_clusters,
         )
         .await?;
+        if !read_only {
+            // Writes trust the refcount table: it must be sane.
+            refs.validate()?;
+        }
         if h.incompatible & header::INCOMPAT_DIRTY != 0 && !read_only {
             // Lazy refcounts left unfinished by a crash: count again.
             repair::repair(&file, &mut h, &mut refs).await?;
@@ -404,6 +411,13 @@ impl Driver for Qcow2 {
             }
             let mut meta = self.meta.lock().await;
             let need = size.div_ceil(1 << (self.bits + self.l2_bits));
+            if need > MAX_L1_ENTRIES {
+                // QEMU's qcow2_grow_l1_table: the L1 table is limited.
+                return Err(BlockError::new(
+                    nix::libc::EFBIG,
+                    "Failed to grow the L1 table: File too large",
+                ));
+            }
             let have = self.l1.read().map(|l| l.len() as u64).unwrap_or(0);
             if need > have {
                 let mut l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();

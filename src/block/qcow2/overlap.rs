@@ -75,6 +75,12 @@ impl Overlap {
     /// The metadata a write of `len` bytes at host offset `off` would
     /// overwrite, if any.
     pub fn check(&self, off: u64, len: u64) -> Option<&'static str> {
+        self.check_ignoring(off, len, None)
+    }
+
+    /// `check`, not counting structures of kind `ignore` (an L2 table
+    /// update ignores active L2 tables, as QEMU's does).
+    pub fn check_ignoring(&self, off: u64, len: u64, ignore: Option<&str>) -> Option<&'static str> {
         if len == 0 {
             return None;
         }
@@ -85,6 +91,9 @@ impl Overlap {
         let off = off & !(cs - 1);
         let mut hit: Option<usize> = None;
         let mut note = |kind: &str| {
+            if Some(kind) == ignore {
+                return;
+            }
             if let Some(i) = ORDER.iter().position(|k| *k == kind) {
                 hit = Some(hit.map_or(i, |h: usize| h.min(i)));
             }
@@ -130,5 +139,11 @@ mod tests {
         assert_eq!(o.check((4 << 16) + 10, 1), None);
         o.set_range(ACTIVE_L1, 9 << 16, 8);
         assert_eq!(o.check(3 << 16, 4096), None);
+        o.add_cluster(ACTIVE_L2, 4 << 16);
+        assert_eq!(o.check_ignoring(4 << 16, 8, Some(ACTIVE_L2)), None);
+        assert_eq!(
+            o.check_ignoring(2 << 16, 8, Some(ACTIVE_L2)),
+            Some(REFCOUNT_BLOCK)
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! written through, refcounts before anything that points at the
 //! clusters they count, so a crash can leak clusters but never leave a
 //! reference to a cluster counted as free.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::super::driver::WriteFlags;
@@ -26,6 +26,21 @@ pub struct Refcounts {
     /// Clusters at or past this index are free and beyond every
     /// allocation so far (file end at open, then grown).
     pub end: u64,
+}
+
+/// Refcount blocks kept cached at most (they are written through, so the
+/// cache is dropped whole when it is full).
+const MAX_CACHED_BYTES: u64 = 32 << 20;
+
+/// Long CPU loops over metadata yield to the runtime this often.
+pub const YIELD_EVERY: u64 = 1 << 16;
+
+/// Counts one step of a long loop; yields every `YIELD_EVERY` steps.
+pub async fn tick(steps: &mut u64) {
+    *steps += 1;
+    if (*steps).is_multiple_of(YIELD_EVERY) {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Metadata found inconsistent. EUCLEAN marks it inside the driver, which
@@ -78,6 +93,38 @@ impl Refcounts {
         })
     }
 
+    /// Before writing: every refcount table entry must name a refcount
+    /// block of its own, aligned and inside the file (as `qemu-img check`
+    /// requires). Aliased or far-off blocks would make the allocator and
+    /// the repair walk the same block again and again or a huge sparse
+    /// range.
+    pub fn validate(&self) -> BlockResult<()> {
+        let cs = self.cs();
+        let fsize = self.file.size();
+        let mut seen: HashMap<u64, usize> = HashMap::new();
+        for (i, &b) in self.table.iter().enumerate() {
+            if b == 0 {
+                continue;
+            }
+            if !b.is_multiple_of(cs) {
+                return Err(corrupt(format!(
+                    "Refblock offset {b:#x} unaligned (reftable index: {i:#x})"
+                )));
+            }
+            if b.saturating_add(cs) > fsize {
+                return Err(corrupt(format!(
+                    "Refblock offset {b:#x} is outside the image file (reftable index: {i:#x})"
+                )));
+            }
+            if let Some(j) = seen.insert(b, i) {
+                return Err(corrupt(format!(
+                    "Refblock offset {b:#x} used twice (reftable indexes {j:#x} and {i:#x})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -109,6 +156,9 @@ impl Refcounts {
             }
             let mut b = vec![0u8; self.cs() as usize];
             self.file.read(off, &mut b).await?;
+            if (self.blocks.len() as u64 + 1) << self.cluster_bits > MAX_CACHED_BYTES {
+                self.blocks.clear();
+            }
             self.blocks.insert(off, b);
         }
         Ok(Some(off))
@@ -190,16 +240,96 @@ impl Refcounts {
         Ok(())
     }
 
-    /// The highest cluster in use.
+    /// The highest cluster in use (below `end`): the refcount table is
+    /// walked backwards, block by block, skipping missing blocks.
     pub async fn last_used(&mut self) -> BlockResult<u64> {
-        let mut c = self.end;
-        while c > 0 {
-            c -= 1;
-            if self.get(c).await? != 0 {
+        let per = self.per_block();
+        let blocks = (self.table.len() as u64).min(self.end.div_ceil(per));
+        let mut steps = 0u64;
+        for bi in (0..blocks).rev() {
+            let cached = self
+                .table
+                .get(bi as usize)
+                .is_some_and(|o| self.blocks.contains_key(o));
+            let Some(off) = self.block(bi).await? else {
+                continue;
+            };
+            let Some(b) = self.blocks.get(&off) else {
+                continue;
+            };
+            let stop = self.end.min((bi + 1) * per) - bi * per;
+            let mut found = None;
+            if b.iter().any(|x| *x != 0) {
+                for i in (0..stop).rev() {
+                    if self.decode(b, i) != 0 {
+                        found = Some(bi * per + i);
+                        break;
+                    }
+                }
+            }
+            if !cached {
+                // Only looked at: a long walk must not fill the cache.
+                self.blocks.remove(&off);
+            }
+            if let Some(c) = found {
                 return Ok(c);
             }
+            tick(&mut steps).await;
         }
         Ok(0)
+    }
+
+    /// Distinct refcount blocks that exist, by table index.
+    pub fn existing_blocks(&self) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        (0..self.table.len() as u64)
+            .filter(|&i| {
+                let o = self.table[i as usize];
+                o != 0 && seen.insert(o)
+            })
+            .collect()
+    }
+
+    /// Repair: sets the refcounts of the clusters below `end` that block
+    /// `bi` covers to their count in `want` (0 if absent), in one write
+    /// of the bytes that differ. The block is not left in the cache.
+    pub async fn rewrite_block(
+        &mut self,
+        bi: u64,
+        end: u64,
+        want: &BTreeMap<u64, u64>,
+        steps: &mut u64,
+    ) -> BlockResult<()> {
+        let Some(off) = self.block(bi).await? else {
+            return Ok(());
+        };
+        let Some(mut b) = self.blocks.remove(&off) else {
+            return Err(corrupt("refcount block vanished"));
+        };
+        let per = self.per_block();
+        let first = bi * per;
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for cl in first..end.min(first + per) {
+            tick(steps).await;
+            let w = want.get(&cl).copied().unwrap_or(0);
+            if w > self.max() {
+                return Err(corrupt(format!("refcount {w} of cluster {cl} too large")));
+            }
+            if self.decode(&b, cl - first) != w {
+                let (a, z) = self.encode(&mut b, cl - first, w);
+                lo = lo.min(a);
+                hi = hi.max(z);
+                if w == 0 {
+                    self.free_hint = self.free_hint.min(cl);
+                }
+            }
+        }
+        if lo < hi {
+            self.file
+                .write(off + lo as u64, &b[lo..hi], WriteFlags::default())
+                .await?;
+        }
+        Ok(())
     }
 
     /// A refcount block exists for this cluster.
@@ -207,27 +337,6 @@ impl Refcounts {
         self.table
             .get((cluster / self.per_block()) as usize)
             .is_some_and(|b| *b != 0)
-    }
-
-    /// Sets one cluster's refcount (repair); its block must exist.
-    pub async fn set(&mut self, cluster: u64, v: u64) -> BlockResult<()> {
-        if v > self.max() {
-            return Err(corrupt(format!(
-                "refcount {v} of cluster {cluster} too large"
-            )));
-        }
-        if !self.covers(cluster) {
-            if v == 0 {
-                return Ok(());
-            }
-            return Err(corrupt("refcount block missing"));
-        }
-        self.set_range(cluster, 1, v).await?;
-        if v == 0 {
-            self.free_hint = self.free_hint.min(cluster);
-        }
-        self.end = self.end.max(cluster + 1);
-        Ok(())
     }
 
     /// Adds `delta` to one cluster's refcount; returns the new value.
@@ -281,7 +390,9 @@ impl Refcounts {
             let mut first_free = None;
             let mut run = 0;
             let mut c = self.free_hint;
+            let mut steps = 0u64;
             while run < n {
+                tick(&mut steps).await;
                 // Past the end every cluster is free, whatever a hostile
                 // refcount says: the search always ends there.
                 if c >= self.end || self.get(c).await? == 0 {

@@ -272,3 +272,367 @@ fn structural_damage_never_hangs_writes() {
     );
     eprintln!("{cases} structurally damaged images, {opened} opened and driven");
 }
+
+// Hostile metadata that made loops run (nearly) forever, allocate without
+// bound or overwrite metadata. Each case runs on a thread of its own with
+// a deadline: a loop that never yields fails the test instead of hanging
+// it, and so does a panic.
+
+fn run_ok(prog: &str, args: &[&str]) -> bool {
+    Command::new(prog)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn create(path: &str, opts: &str, size: &str) {
+    let _ = std::fs::remove_file(path);
+    assert!(
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, path, size]
+        ),
+        "qemu-img/qemu-io are needed to make test images"
+    );
+}
+
+fn qemu_io(path: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(path);
+    // "abort" makes qemu-io fail on purpose.
+    let _ = run_ok("qemu-io", &args);
+}
+
+fn be64_at(path: &str, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    let f = std::fs::File::open(path).expect("test image");
+    f.read_exact_at(&mut b, at).expect("read test image");
+    u64::from_be_bytes(b)
+}
+
+fn patch(path: &str, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("test image");
+    f.write_all_at(bytes, at).expect("patch test image");
+}
+
+fn set_len(path: &str, len: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("test image");
+    f.set_len(len).expect("sparse test image");
+}
+
+/// A lazy-refcounts image left dirty by a crash: opening it read-write
+/// runs the repair.
+fn dirty(path: &str, opts: &str, snapshot: bool) {
+    create(path, &format!("lazy_refcounts=on,{opts}"), "4M");
+    qemu_io(path, &["write -P 1 0 64k"]);
+    if snapshot {
+        assert!(run_ok("qemu-img", &["snapshot", "-c", "s1", path]));
+    }
+    qemu_io(path, &["write -P 2 1M 64k", "abort"]);
+    let incompat = be64_at(path, 72);
+    assert!(incompat & 1 != 0, "the image was left dirty");
+}
+
+/// Runs `f` on a runtime on a thread of its own; its result, or an error
+/// if it did not finish within `secs` (a hang, or a panic).
+fn within<T: Send + 'static, F>(
+    secs: u64,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> Result<T, String>
+where
+    F: std::future::Future<Output = T>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            let _ = tx.send(rt.block_on(f()));
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .map_err(|_| format!("did not finish in {secs} s (hung or panicked)"))
+}
+
+async fn open_image(path: &str, read_only: bool) -> Result<Qcow2, String> {
+    let file = open_file(path).ok_or("cannot open the file")?;
+    let h = super::read_header(&file).await.map_err(|e| e.msg)?;
+    Qcow2::open(file, h, None, None, read_only, &Qcow2Options::default())
+        .await
+        .map_err(|e| e.msg)
+}
+
+fn tmp(name: &str) -> String {
+    format!(
+        "{}/rsd-qcow2-{name}-{}.qcow2",
+        std::env::temp_dir().display(),
+        std::process::id()
+    )
+}
+
+/// Repair of a dirty image on a huge sparse file: it visited every
+/// cluster up to the end of the file (2^30 here) without yielding.
+#[test]
+fn dirty_image_on_a_huge_sparse_file_is_repaired_quickly() {
+    let path = tmp("dirty-sparse");
+    dirty(&path, "cluster_size=4k", false);
+    set_len(&path, 4 << 40);
+    let p = path.clone();
+    let r = within(20, move || async move {
+        let q = open_image(&p, false).await?;
+        let mut b = vec![0u8; 4096];
+        q.read(1 << 20, &mut b).await.map_err(|e| e.msg)?;
+        Ok::<_, String>(b.iter().all(|x| *x == 2))
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(r, Ok(Ok(true)));
+}
+
+/// Refcount table entries that alias one block are corruption (they let
+/// the repair and the allocator walk the same block for every entry).
+#[test]
+fn aliased_refcount_blocks_are_refused_for_writing() {
+    let path = tmp("alias");
+    dirty(&path, "cluster_size=4k", false);
+    let rt = be64_at(&path, 48);
+    let rb = be64_at(&path, rt);
+    for i in 1..512 {
+        patch(&path, rt + 8 * i, &rb.to_be_bytes());
+    }
+    let p = path.clone();
+    let r = within(20, move || async move {
+        let rw = open_image(&p, false).await.err();
+        let ro = open_image(&p, true).await.is_ok();
+        (rw, ro)
+    });
+    let _ = std::fs::remove_file(&path);
+    let (rw, ro) = r.expect("open");
+    assert_eq!(
+        rw.as_deref(),
+        Some(format!("Refblock offset {rb:#x} used twice (reftable indexes 0x0 and 0x1)").as_str())
+    );
+    assert!(ro, "read-only opens do not need the refcounts");
+}
+
+/// All entries of a large L1 table naming one L2 table: the repair read
+/// and walked that table once per entry (2^20 times here).
+#[test]
+fn dirty_repair_reads_a_shared_l2_table_once() {
+    let path = tmp("shared-l2");
+    dirty(&path, "cluster_size=4k", false);
+    let l1 = be64_at(&path, 40);
+    let l2 = be64_at(&path, l1);
+    let n = 1u64 << 20;
+    let at = std::fs::metadata(&path)
+        .map(|m| m.len())
+        .unwrap_or(0)
+        .next_multiple_of(4096);
+    let table: Vec<u8> = (0..n).flat_map(|_| l2.to_be_bytes()).collect();
+    patch(&path, at, &table);
+    patch(&path, 36, &(n as u32).to_be_bytes());
+    patch(&path, 40, &at.to_be_bytes());
+    let p = path.clone();
+    let r = within(20, move || async move { open_image(&p, false).await.err() });
+    let _ = std::fs::remove_file(&path);
+    // Refused (refcounts that overflow, or blocks missing), but quickly.
+    assert!(r.expect("repair").is_some());
+}
+
+/// QEMU's limits on the snapshot table, and snapshot L1 tables the repair
+/// must not trust (an offset near 2^64 overflowed its arithmetic).
+#[test]
+fn snapshot_table_limits() {
+    let path = tmp("snap");
+    // (what, field offset in the entry, its bytes, file length, error)
+    type Case = (&'static str, u64, Vec<u8>, Option<u64>, &'static str);
+    let cases: [Case; 4] = [
+        (
+            "extra data",
+            36,
+            2000u32.to_be_bytes().to_vec(),
+            None,
+            "Too much extra metadata in snapshot table entry 0\nYou can force-remove this extra metadata with qemu-img check -r all",
+        ),
+        (
+            "L1 offset near 2^64",
+            0,
+            (!4095u64).to_be_bytes().to_vec(),
+            None,
+            "Snapshot L1 table offset invalid",
+        ),
+        (
+            "L1 too large",
+            8,
+            0x0100_0000u32.to_be_bytes().to_vec(),
+            Some(256 << 20),
+            "Snapshot L1 table too large",
+        ),
+        (
+            "L1 past the end",
+            0,
+            (1u64 << 40).to_be_bytes().to_vec(),
+            None,
+            "Snapshot L1 table lies beyond the end of the image file",
+        ),
+    ];
+    for (what, field, bytes, len, want) in cases {
+        dirty(&path, "cluster_size=4k", true);
+        let snaps = be64_at(&path, 64);
+        patch(&path, snaps + field, &bytes);
+        if let Some(len) = len {
+            set_len(&path, len);
+        }
+        let p = path.clone();
+        let r = within(20, move || async move { open_image(&p, false).await.err() });
+        assert_eq!(r, Ok(Some(want.to_string())), "{what}");
+    }
+    // The table as a whole: at most 64 MiB.
+    create(&path, "cluster_size=4k", "4M");
+    assert!(run_ok("qemu-img", &["snapshot", "-c", "s1", &path]));
+    let snaps = be64_at(&path, 64);
+    let mut e = vec![0u8; 40];
+    e[8..12].copy_from_slice(&0u32.to_be_bytes());
+    e[12..16].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]); // id, name: 64 KiB each
+    let step = (40 + 2 * 65535u64).next_multiple_of(8);
+    let n = 520u32;
+    for i in 0..u64::from(n) {
+        patch(&path, snaps + i * step, &e);
+    }
+    patch(&path, 60, &n.to_be_bytes());
+    let p = path.clone();
+    let r = within(20, move || async move { open_image(&p, true).await.err() });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        r,
+        Ok(Some(
+            "Snapshot table is too big\nYou can force-remove all 9 overhanging snapshots with qemu-img check -r all"
+                .to_string()
+        ))
+    );
+}
+
+/// Discarding and shrinking a huge unallocated disk: one step per L2
+/// table span, not per cluster (2^30 of them), and no L2 table made only
+/// to be freed.
+#[test]
+fn huge_unallocated_ranges_are_skipped_not_stepped() {
+    let path = tmp("huge");
+    create(&path, "cluster_size=4k", "4T");
+    qemu_io(&path, &["write -P 1 1G 4k"]);
+    let p = path.clone();
+    let r = within(20, move || async move {
+        let q = open_image(&p, false).await?;
+        let size = q.size();
+        q.discard(0, size).await.map_err(|e| e.msg)?;
+        q.truncate(1 << 20).await.map_err(|e| e.msg)?;
+        Ok::<_, String>(q.size())
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(r, Ok(Ok(1 << 20)));
+}
+
+/// Shrinking an image on a huge sparse file: the search for the last used
+/// cluster walks refcount blocks backwards, not clusters (2^30 here).
+#[test]
+fn shrinking_on_a_huge_sparse_file_ends() {
+    let path = tmp("huge-file");
+    create(&path, "cluster_size=4k", "4M");
+    qemu_io(&path, &["write -P 1 0 64k"]);
+    set_len(&path, 4 << 40);
+    let p = path.clone();
+    let r = within(20, move || async move {
+        let q = open_image(&p, false).await?;
+        q.truncate(2 << 20).await.map_err(|e| e.msg)?;
+        Ok::<_, String>(())
+    });
+    let len = std::fs::metadata(&path)
+        .map(|m| m.len())
+        .unwrap_or(u64::MAX);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(r, Ok(Ok(())));
+    assert!(
+        len < 1 << 20,
+        "the file was cut after its last used cluster: {len}"
+    );
+}
+
+/// Growing the disk beyond what a 32 MiB L1 table maps fails as in QEMU
+/// (it allocated the table in memory first, aborting the process).
+#[test]
+fn growing_past_the_l1_limit_is_efbig() {
+    let path = tmp("grow");
+    create(&path, "cluster_size=4k", "4M");
+    let p = path.clone();
+    let r = within(20, move || async move {
+        let q = open_image(&p, false).await?;
+        let e = q.truncate(1 << 60).await.err().map(|e| (e.errno, e.msg));
+        let ok = q.truncate(8 << 20).await.is_ok() && q.size() == 8 << 20;
+        Ok::<_, String>((e, ok))
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        r,
+        Ok(Ok((
+            Some((
+                nix::libc::EFBIG,
+                "Failed to grow the L1 table: File too large".to_string()
+            )),
+            true
+        )))
+    );
+}
+
+/// An L1 entry naming the refcount table as a COPIED L2 table: updating
+/// the "L2 entry" wrote into the refcount table. The overlap check stops
+/// it and marks the image corrupt.
+#[test]
+fn l2_updates_cannot_overwrite_other_metadata() {
+    let path = tmp("l2-overlap");
+    create(&path, "cluster_size=4k", "4M");
+    qemu_io(&path, &["write -P 1 1M 4k"]);
+    let l1 = be64_at(&path, 40);
+    let rt = be64_at(&path, 48);
+    patch(&path, l1, &((1u64 << 63) | rt).to_be_bytes());
+    let before = std::fs::read(&path).unwrap_or_default();
+    let p = path.clone();
+    let r = within(20, move || async move {
+        let q = open_image(&p, false).await?;
+        let buf = vec![9u8; 4096];
+        Ok::<_, String>(
+            q.write(0, &buf, WriteFlags::default())
+                .await
+                .err()
+                .map(|e| e.msg),
+        )
+    });
+    let after = std::fs::read(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        r,
+        Ok(Ok(Some(
+            "Preventing invalid write on metadata (overlaps with refcount table)".to_string()
+        )))
+    );
+    let (rt, cs) = (rt as usize, 4096);
+    assert_eq!(
+        before[rt..rt + cs],
+        after[rt..rt + cs],
+        "refcount table intact"
+    );
+    assert!(after.len() > 80 && after[79] & 2 != 0, "marked corrupt");
+}

@@ -229,6 +229,17 @@ impl Qcow2 {
         e: u64,
         bm: u64,
     ) -> BlockResult<()> {
+        // A hostile L1 entry can name other metadata as an L2 table
+        // (with COPIED set, so it is written in place).
+        let len = (if self.ext { 16 } else { 8 }) as u64;
+        let at = t_off + ((i as u64) * len);
+        if let Some(kind) = self
+            .overlap
+            .check_ignoring(at, len, Some(overlap::ACTIVE_L2))
+        {
+            let msg = format!("Preventing invalid write on metadata (overlaps with {kind})");
+            return Err(self.signal_corruption(Some((at, len)), msg).await);
+        }
         let (at, bytes) = t.set(i, e, bm);
         self.file
             .write(t_off + at, &bytes, WriteFlags::default())

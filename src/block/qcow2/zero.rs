@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::l2::{ALL_ZEROES, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
+use super::refcount::tick;
 use super::{header, Qcow2};
 use crate::block::driver::{Driver, WriteFlags, ZeroFlags};
 use crate::block::error::{BlockError, BlockResult};
@@ -25,9 +26,24 @@ impl Qcow2 {
         let unit = 1u64 << self.sc_bits;
         let mut g = offset;
         let end = offset + len;
+        let span = 1u64 << (self.bits + self.l2_bits);
+        let mut steps = 0u64;
         while g < end {
+            tick(&mut steps).await;
             let base = g & !(self.cs() - 1);
             let stop = end.min(base + self.cs());
+            // No L2 table: the whole span is unallocated. When nothing is
+            // to be written for it, skip it at once instead of cluster by
+            // cluster: discarded with no backing file to show through, or
+            // dropped for good (shrink) as a whole span, which would only
+            // get a table to free it. (A span the new end cuts keeps the
+            // table QEMU gives it.)
+            let no_table = self.l1_entry(g >> (self.bits + self.l2_bits)) & OFFSET_MASK == 0;
+            let whole_span = full && g.is_multiple_of(span);
+            if no_table && (whole_span || (discard && !full && self.backing.is_none())) {
+                g = end.min((g / span + 1) * span);
+                continue;
+            }
             // The image's last cluster may be partial.
             let whole = g == base && (stop == base + self.cs() || stop == self.size());
             let (e, bm) = self.entry(g).await?;
