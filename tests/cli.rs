@@ -274,3 +274,33 @@ fn block_export_and_nbd_options_are_validated_as_qsd_does() {
         "PROG: --blockdev driver=null-co: 'node-name' must be specified for the root node\n"
     );
 }
+
+/// A file chardev's input file must exist (rsd once ignored it), on the
+/// command line and through chardev-add, with QSD's messages.
+#[test]
+fn file_chardev_input_must_exist_as_in_qsd() {
+    let dir = TempDir::new();
+    let out = dir.s("out");
+    let (code, err) = same_exit(&[
+        "--chardev",
+        &format!("file,id=f,path={out},input-path=/nonexistent/in"),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.ends_with(": Could not open '/nonexistent/in': No such file or directory\n"),
+        "{err}"
+    );
+    for which in Which::all() {
+        let _d = Daemon::spawn(which, &monitor_args(&dir.s("q.sock")));
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let r = q.cmd(&format!(
+            r#"{{"execute":"chardev-add","arguments":{{"id":"f1","backend":{{"type":"file","data":{{"in":"/nonexistent/in","out":"{out}"}}}}}}}}"#
+        ));
+        assert_eq!(
+            r["error"]["desc"],
+            "Failed to add chardev 'f1': Could not open '/nonexistent/in': No such file or directory",
+            "{which:?}"
+        );
+        q.send(br#"{"execute":"quit"}"#);
+    }
+}

@@ -1424,3 +1424,152 @@ fn departed_clients_leave_no_queued_work() {
     let out = ok(&io);
     assert!(!out.contains("failed"), "{out}");
 }
+
+/// A qcow2 whose data clusters lie past the end of its truncated file:
+/// they read as zeroes and can be written again, as in QSD (rsd once
+/// failed such reads with EINVAL).
+#[test]
+fn clusters_past_the_end_of_the_file_read_as_zeroes_as_in_qsd() {
+    let mut seen = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let img = dir.s("img");
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &img, "16M"],
+        ));
+        ok(&run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x11 0 1M", &img],
+        ));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open");
+        let len = f.metadata().expect("stat").len();
+        f.set_len(len - (512 << 10)).expect("truncate");
+        let mut d = serve_image(which, &dir, true, "");
+        let url = format!("nbd+unix:///disk?socket={}", dir.s("nbd.sock"));
+        let io = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x11 0 512k",
+                "-c",
+                "read -P 0 512k 512k",
+                "-c",
+                "write -P 0x22 768k 64k",
+                "-c",
+                "read -P 0x22 768k 64k",
+                &url,
+            ],
+        );
+        let out =
+            String::from_utf8_lossy(&io.stdout).into_owned() + &String::from_utf8_lossy(&io.stderr);
+        assert!(
+            !out.contains("failed") && !out.contains("error"),
+            "{which:?}: {out}"
+        );
+        d.signal(15);
+        assert_eq!(d.wait_exit(10), Some(0));
+        let lines: Vec<String> = out
+            .lines()
+            .filter(|l| !l.contains("ops/sec"))
+            .map(String::from)
+            .collect();
+        seen.push(lines);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+}
+
+/// Option haggling limits, byte for byte as QSD: an export name over
+/// 4096 bytes is refused with ERR_INVALID and the connection goes on; an
+/// unknown name is quoted cut to 80 characters; a 10 MB option is read
+/// and refused without ending the connection.
+#[test]
+fn long_names_and_options_get_errors_as_in_qsd() {
+    fn opt(s: &mut UnixStream, opt: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        s.write_all(&b).expect("option");
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("kind"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).expect("reply data");
+        (kind, d)
+    }
+    fn go(name: &str) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        d
+    }
+    let mut seen = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        qemu_img_create(&dir.path("img"), "1M");
+        let _d = serve_image(which, &dir, false, "");
+        let mut s = UnixStream::connect(dir.path("nbd.sock")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("hello");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        let mut replies = vec![
+            opt(&mut s, 7, &go(&"a".repeat(4097))),
+            opt(&mut s, 6, &go(&"b".repeat(5000))),
+            opt(&mut s, 7, &go(&"c".repeat(4096))),
+            opt(&mut s, 99, &vec![0u8; 10 << 20]),
+        ];
+        // Still connected: the export is there.
+        let (kind, _) = opt(&mut s, 7, &go("disk"));
+        while replies.len() < 5 && kind == 3 {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("reply");
+            let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).expect("data");
+            if u32::from_be_bytes(h[12..16].try_into().expect("kind")) == 1 {
+                replies.push((1, Vec::new()));
+            }
+        }
+        assert_eq!(replies[0].0, 0x8000_0003, "{which:?}");
+        assert_eq!(replies[0].1, b"Invalid name length: 4097", "{which:?}");
+        assert_eq!(replies[4].0, 1, "{which:?}: GO after the errors");
+        seen.push(replies);
+    }
+    if seen.len() == 2 {
+        for (a, b) in seen[0].iter().zip(&seen[1]) {
+            assert_eq!(a.0, b.0, "reply kinds differ");
+            if a.0 != 0x8000_0001 {
+                assert_eq!(String::from_utf8_lossy(&a.1), String::from_utf8_lossy(&b.1));
+            }
+        }
+    }
+}
+
+/// A qcow2 whose header says 513 bytes is 512 bytes long, in whole
+/// sectors as QSD counts it (rsd once exported all 513).
+#[test]
+fn a_513_byte_qcow2_is_exported_as_512_as_in_qsd() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let img = dir.s("img");
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &img, "1024"],
+        ));
+        let mut b = std::fs::read(&img).expect("read");
+        b[24..32].copy_from_slice(&513u64.to_be_bytes());
+        std::fs::write(&img, b).expect("write");
+        let _d = serve_image(which, &dir, true, "");
+        let (_, size, _) = Raw::connect(&dir.path("nbd.sock"), "disk", false);
+        assert_eq!(size, 512, "{which:?}");
+    }
+}

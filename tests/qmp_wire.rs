@@ -556,3 +556,52 @@ fn a_departed_clients_queue_is_dropped() {
         );
     }
 }
+
+/// QOM partial paths, as QSD resolves them: an id alone or with its
+/// container, a trailing slash, ambiguity between an object and a
+/// chardev of the same id (qom-list says so, qom-get reports the device
+/// as not found), and empty components (skipped).
+#[test]
+fn qom_partial_paths_match_qsd() {
+    let list = |p: &str| format!(r#"{{"execute":"qom-list","arguments":{{"path":"{p}"}}}}"#);
+    let get = |p: &str, prop: &str| {
+        format!(r#"{{"execute":"qom-get","arguments":{{"path":"{p}","property":"{prop}"}}}}"#)
+    };
+    let steps: Vec<String> = vec![
+        r#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"io1"}}"#.into(),
+        r#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"x"}}"#.into(),
+        r#"{"execute":"chardev-add","arguments":{"id":"x","backend":{"type":"null","data":{}}}}"#
+            .into(),
+        list("io1"),
+        list("objects/io1"),
+        list("io1/"),
+        list("/objects/io1/"),
+        list("/objects//io1"),
+        list("io"),
+        list("x"),
+        list(""),
+        list("chardevs/x"),
+        get("x", "type"),
+        get("io1", "poll-max-ns"),
+        get("objects", "type"),
+        get("io1", "nope"),
+        r#"{"execute":"qom-set","arguments":{"path":"io1","property":"poll-max-ns","value":123}}"#
+            .into(),
+        get("/objects/io1", "poll-max-ns"),
+    ];
+    let steps: Vec<&[u8]> = steps.iter().map(|s| s.as_bytes()).collect();
+    let t = compare(true, &steps);
+    let text = t.concat().concat();
+    assert!(
+        text.contains(r#""desc": "Path 'x' is ambiguous""#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#""desc": "Device 'io' not found""#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"{"return": 123,"#) || text.contains(r#"{"return": 123}"#),
+        "{text}"
+    );
+}

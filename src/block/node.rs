@@ -105,7 +105,23 @@ impl Node {
     pub fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = buf.len() as u64;
-            self.check(&self.stats.rd, offset, len, false, "read")?;
+            // A file reads as zeroes past its end, as in QEMU's block
+            // layer: a qcow2 whose clusters lie past a truncated end
+            // reads them as zeroes instead of failing.
+            let size = self.size();
+            let buf = if self.driver.grows_on_write()
+                && offset.checked_add(len).is_some_and(|end| end > size)
+            {
+                let inside = size.saturating_sub(offset).min(len) as usize;
+                buf[inside..].fill(0);
+                &mut buf[..inside]
+            } else {
+                buf
+            };
+            if buf.is_empty() {
+                return Ok(());
+            }
+            self.check(&self.stats.rd, offset, buf.len() as u64, false, "read")?;
             let t = Instant::now();
             let r = self.driver.read(offset, buf).await;
             self.stats.rd.done(len, t, r.is_ok());

@@ -164,14 +164,20 @@ pub async fn open(backend: &Map<String, Value>, notice: WaitNotice<'_>) -> Resul
         "file" => {
             let out = get_str(data, "out").unwrap_or_default();
             let append = get_bool(data, "append").unwrap_or(false);
-            std::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .append(append)
                 .truncate(!append)
                 .open(out)
-                .map(Backend::File)
-                .map_err(|e| format!("Could not open '{out}': {}", os_msg(&e)))
+                .map_err(|e| format!("Could not open '{out}': {}", os_msg(&e)))?;
+            // As QEMU: the input file, opened after the output, must
+            // exist (rsd's file chardevs only ever write).
+            if let Some(input) = get_str(data, "in") {
+                std::fs::File::open(input)
+                    .map_err(|e| format!("Could not open '{input}': {}", os_msg(&e)))?;
+            }
+            Ok(Backend::File(file))
         }
         "ringbuf" | "memory" => {
             let size = data.get("size").and_then(Value::as_i64).unwrap_or(65536);

@@ -117,6 +117,9 @@ fn chardev_backend(opts: &[(String, String)], daemonize: bool) -> Result<Chardev
                 return Err("chardev: file: no filename given".into());
             };
             data.insert("out".into(), json!(p));
+            if let Some(input) = opt(opts, "input-path") {
+                data.insert("in".into(), json!(input));
+            }
             if let Some(b) = opt_bool(opts, "append")? {
                 data.insert("append".into(), json!(b));
             }

@@ -30,29 +30,87 @@ fn prop_list(props: Vec<(String, String)>) -> Value {
     )
 }
 
+/// Why a path named no single node.
+enum Unresolved {
+    NotFound,
+    /// A partial path that more than one node ends with.
+    Ambiguous,
+}
+
 impl ControlState {
-    fn resolve(&self, path: &str) -> QmpResult<Node> {
+    /// Every node below the root, as its path components.
+    fn qom_paths(&self) -> Vec<Vec<String>> {
+        let mut all: Vec<Vec<String>> = ["objects", "chardevs", "backend"]
+            .iter()
+            .map(|c| vec![c.to_string()])
+            .collect();
+        all.extend(
+            self.objects
+                .keys()
+                .map(|id| vec!["objects".into(), id.clone()]),
+        );
+        all.extend(
+            self.chardevs
+                .iter()
+                .map(|(id, _)| vec!["chardevs".into(), id.clone()]),
+        );
+        all
+    }
+
+    /// QOM's path resolution: an absolute path (`/objects/io1`) names a
+    /// node from the root; a partial one (`io1`, `objects/io1`) names the
+    /// one node whose path ends with it.
+    fn resolve_path(&self, path: &str) -> Result<Node, Unresolved> {
         if path.is_empty() {
-            return Err(QmpError::generic("Path '' is ambiguous"));
+            // "" ends every path.
+            return Err(Unresolved::Ambiguous);
         }
+        // Empty components are skipped, as QEMU does.
+        let absolute = path.starts_with('/');
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        let node = match parts.as_slice() {
-            [] => Some(Node::Root),
-            ["objects"] => Some(Node::Container("objects")),
-            ["chardevs"] => Some(Node::Container("chardevs")),
-            ["backend"] => Some(Node::Container("backend")),
-            ["objects", id] if self.objects.contains_key(*id) => Some(Node::Object(id.to_string())),
-            ["chardevs", id] if self.chardevs.iter().any(|(i, _)| i == id) => {
-                Some(Node::Chardev(id.to_string()))
-            }
-            _ => None,
-        };
-        node.ok_or_else(|| not_found(path))
+        if parts.is_empty() {
+            return Ok(Node::Root);
+        }
+        let found: Vec<Vec<String>> = self
+            .qom_paths()
+            .into_iter()
+            .filter(|p| {
+                let tail = if absolute {
+                    (p.len() == parts.len()).then_some(&p[..])
+                } else {
+                    p.get(p.len().saturating_sub(parts.len())..)
+                        .filter(|t| t.len() == parts.len())
+                };
+                tail.is_some_and(|t| t.iter().zip(&parts).all(|(a, b)| a == b))
+            })
+            .collect();
+        match found.as_slice() {
+            [] => Err(Unresolved::NotFound),
+            [one] => Ok(match one.as_slice() {
+                [c] if c == "objects" => Node::Container("objects"),
+                [c] if c == "chardevs" => Node::Container("chardevs"),
+                [_] => Node::Container("backend"),
+                [c, id] if c == "objects" => Node::Object(id.clone()),
+                [_, id] => Node::Chardev(id.clone()),
+                _ => return Err(Unresolved::NotFound),
+            }),
+            _ => Err(Unresolved::Ambiguous),
+        }
+    }
+
+    /// qom-get and qom-set report an ambiguous path as not found (QEMU's
+    /// words); qom-list says it is ambiguous.
+    fn resolve(&self, path: &str) -> QmpResult<Node> {
+        self.resolve_path(path).map_err(|_| not_found(path))
     }
 
     pub(super) async fn qom_list(&self, path: &str) -> QmpResult<Value> {
         let ty = ("type".to_string(), "string".to_string());
-        Ok(match self.resolve(path)? {
+        let node = self.resolve_path(path).map_err(|e| match e {
+            Unresolved::NotFound => not_found(path),
+            Unresolved::Ambiguous => QmpError::generic(format!("Path '{path}' is ambiguous")),
+        })?;
+        Ok(match node {
             Node::Root => prop_list(vec![
                 ty,
                 ("backend".into(), "child<container>".into()),

@@ -16,8 +16,13 @@ use crate::block::driver::{WriteFlags, ZeroFlags};
 const MAX_IN_FLIGHT: usize = 64;
 /// Writes at least this large are copied on a blocking-pool thread.
 const OFFLOAD_WRITE: u64 = 256 << 10;
-/// Option payloads beyond this end the connection.
-const MAX_OPTION_LEN: u32 = 64 << 10;
+/// Option payloads beyond this end the connection (QEMU's limit).
+const MAX_OPTION_LEN: u32 = 32 << 20;
+/// Option payloads beyond this are read and dropped, not kept: no valid
+/// option of rsd's is this long.
+const KEPT_OPTION_LEN: u32 = 64 << 10;
+/// The longest export name (the spec's, and QEMU's, string limit).
+const MAX_NAME_LEN: usize = 4096;
 
 const CTX_BASE: u32 = 1;
 const CTX_DEPTH: u32 = 2;
@@ -130,10 +135,20 @@ async fn named_export<T>(
         opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
         return Ok(None);
     };
+    if name.len() > MAX_NAME_LEN {
+        let msg = format!("Invalid name length: {}", name.len());
+        opt_reply(wr, opt, REP_ERR_INVALID, msg.as_bytes()).await?;
+        return Ok(None);
+    }
     match exports.find(&name) {
         Some(e) => Ok(Some((e, name, rest))),
         None => {
-            let msg = format!("export '{name}' not present");
+            // As QEMU: a long name is cut to 80 characters in the message.
+            let shown = match name.char_indices().nth(80) {
+                Some((at, _)) => format!("{}...", &name[..at]),
+                None => name,
+            };
+            let msg = format!("export '{shown}' not present");
             opt_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
             Ok(None)
         }
@@ -174,9 +189,29 @@ async fn negotiate(
         if len > MAX_OPTION_LEN {
             return Ok(None);
         }
+        if len > KEPT_OPTION_LEN {
+            drain(rd, u64::from(len)).await?;
+            if opt == OPT_EXPORT_NAME {
+                return Ok(None);
+            }
+            let kind = match opt {
+                OPT_ABORT
+                | OPT_LIST
+                | OPT_STRUCTURED_REPLY
+                | OPT_EXTENDED_HEADERS
+                | OPT_INFO
+                | OPT_GO
+                | OPT_LIST_META_CONTEXT
+                | OPT_SET_META_CONTEXT => REP_ERR_INVALID,
+                _ => REP_ERR_UNSUP,
+            };
+            opt_reply(wr, opt, kind, &[]).await?;
+            continue;
+        }
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
         match opt {
+            OPT_EXPORT_NAME if data.len() > MAX_NAME_LEN => return Ok(None),
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(export) = exports.find(&name) else {

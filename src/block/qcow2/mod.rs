@@ -34,7 +34,7 @@ use super::node::Node;
 use super::perm::Perm;
 use header::Header;
 use l2::{Map, OFFSET_MASK};
-use refcount::{corrupt, Refcounts};
+use refcount::Refcounts;
 
 /// QCOW_MAX_L1_SIZE (32 MiB) in entries.
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
@@ -142,7 +142,6 @@ impl Qcow2 {
         read_only: bool,
         opts: &Qcow2Options,
     ) -> BlockResult<Qcow2> {
-        let fsize = file.size();
         if h.incompatible & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(BlockError::new(
                 nix::libc::EACCES,
@@ -156,9 +155,8 @@ impl Qcow2 {
         let ext = h.extended_l2();
         let l2_bits = bits - 3 - u32::from(ext);
         let l1_bytes = u64::from(h.l1_size) * 8;
-        if h.l1_size > 0 && h.l1_table_offset.saturating_add(l1_bytes) > fsize {
-            return Err(corrupt("L1 table lies beyond the end of the image file"));
-        }
+        // An L1 table past the end of the file reads as zeroes (the
+        // file does), as in QSD.
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read(h.l1_table_offset, &mut raw).await?;
         let l1 = be64s(&raw);
@@ -219,7 +217,8 @@ impl Qcow2 {
             l2_bits,
             ext,
             sc_bits: if ext { bits - 5 } else { bits },
-            size: AtomicU64::new(h.size),
+            // Whole sectors, as QEMU: a 513-byte image is 512 bytes long.
+            size: AtomicU64::new(h.size & !511),
             l1_offset: AtomicU64::new(h.l1_table_offset),
             l1: RwLock::new(l1),
             header: std::sync::Mutex::new(h),
