@@ -118,12 +118,15 @@ impl Node {
             } else {
                 buf
             };
-            if buf.is_empty() {
-                return Ok(());
+            if !buf.is_empty() {
+                self.check(&self.stats.rd, offset, buf.len() as u64, false, "read")?;
             }
-            self.check(&self.stats.rd, offset, buf.len() as u64, false, "read")?;
             let t = Instant::now();
-            let r = self.driver.read(offset, buf).await;
+            let r = if buf.is_empty() {
+                Ok(())
+            } else {
+                self.driver.read(offset, buf).await
+            };
             self.stats.rd.done(len, t, r.is_ok());
             self.stats.touch();
             r
