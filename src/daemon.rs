@@ -37,11 +37,15 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     let mut signals = actors::signals::ShutdownSignals::catch();
     let test_hooks = std::env::var_os("RSD_TEST_HOOKS").is_some_and(|v| v == "1");
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    // A child that failed more often than its restart policy allows (a
+    // monitor, chardev or the NBD server) takes the daemon down cleanly:
+    // a daemon missing part of its control plane cannot be steered.
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let supervisor = match Actor::spawn(
         Some("root".into()),
         Supervisor {
             on_escalate: Arc::new(move |child, reason| {
-                tracing::error!(%child, %reason, "child could not be kept running");
+                let _ = failed_tx.send((child.to_string(), reason.to_string()));
             }),
         },
         (),
@@ -64,13 +68,14 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         test_hooks,
         started: tokio::sync::watch::channel(false).0,
     });
-    let control = match Actor::spawn(Some("control".into()), ControlActor, ctx.clone()).await {
-        Ok((c, _)) => c,
-        Err(e) => {
-            eprintln!("rsd: cannot start the control actor: {e}");
-            return 1;
-        }
-    };
+    let (control, mut control_ended) =
+        match Actor::spawn(Some("control".into()), ControlActor, ctx.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("rsd: cannot start the control actor: {e}");
+                return 1;
+            }
+        };
     let _ = ctx.control.set(control.clone());
 
     let mut pidfile = None;
@@ -104,17 +109,35 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         d.finish();
     }
     ctx.started.send_replace(true);
-    tokio::select! {
+    let code = tokio::select! {
         sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down");
+            0
         }
         _ = shutdown_rx.wait_for(|quit| *quit) => {
             tracing::info!("quit requested");
+            0
         }
-    }
+        Some((component, reason)) = failed_rx.recv() => {
+            eprintln!(
+                "rsd: {component} kept failing and could not be restarted ({reason}); stopping"
+            );
+            let mut data = serde_json::Map::new();
+            data.insert("component".into(), component.into());
+            data.insert("reason".into(), reason.into());
+            ctx.events.emit("X_RSD_COMPONENT_FAILED", Some(data));
+            1
+        }
+        _ = &mut control_ended => {
+            // The control actor owns every registry; without it no
+            // command can run.
+            eprintln!("rsd: the control actor failed; stopping");
+            1
+        }
+    };
     stop(&control, &supervisor).await;
     drop(pidfile);
-    0
+    code
 }
 
 /// The exit path (exports deleted with their events while the monitors

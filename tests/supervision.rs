@@ -137,3 +137,136 @@ fn command_sets_agree() {
     let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
     assert_eq!(r["error"]["class"], "CommandNotFound");
 }
+
+/// Crashes `id` through monitor `q` once its actor is (back) in place.
+fn crash_when_up(q: &mut Qmp, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = q.cmd(&format!(
+            r#"{{"execute":"x-rsd-test-crash","arguments":{{"id":"{id}"}}}}"#
+        ));
+        if r.get("return").is_some() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never came back: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The first client after a monitor restart is served (it was once
+/// handed to the monitor that had died).
+#[test]
+fn the_first_client_after_a_monitor_restart_is_served() {
+    let dir = TempDir::new();
+    let _d = two_monitors(&dir);
+    let mut a = Qmp::ready(&dir.path("a.sock"));
+    crash_when_up(&mut a, "monitor/c2");
+    // Back once its chardev has a frontend again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = a.cmd(r#"{"execute":"query-chardev"}"#);
+        let open = r["return"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|c| c["label"] == "c2" && c["frontend-open"] == true);
+        if open {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "monitor/c2 never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut b = Qmp::ready(&dir.path("b.sock"));
+    assert_eq!(
+        b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"],
+        10
+    );
+}
+
+/// A monitor that fails more often than its restart policy allows (5
+/// restarts in 10 s) stops the daemon cleanly: the reason on stderr and
+/// in an event to the other monitor, exit code 1, sockets and pidfile
+/// removed. A node actor, whose state survives its failures, is
+/// restarted however often it fails.
+#[test]
+fn a_monitor_that_keeps_failing_stops_the_daemon_cleanly() {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("img"), "1M");
+    let mut a = args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=n,filename={}", dir.s("img")),
+        "--pidfile",
+        &dir.s("pid"),
+    ]);
+    a.extend(args(&[
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
+        "--monitor",
+        "chardev=c1",
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c2", dir.s("b.sock")),
+        "--monitor",
+        "chardev=c2",
+    ]));
+    let mut d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
+    let mut q = Qmp::ready(&dir.path("a.sock"));
+    for _ in 0..8 {
+        crash_when_up(&mut q, "node/n");
+    }
+    let resize = r#"{"execute":"block_resize","arguments":{"node-name":"n","size":2097152}}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = q.cmd(resize);
+        if r.get("return").is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node actor gone: {r}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for _ in 0..6 {
+        crash_when_up(&mut q, "monitor/c2");
+    }
+    let mut event = serde_json::Value::Null;
+    loop {
+        let l = q.line();
+        if l.is_empty() {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+        if v["event"] == "X_RSD_COMPONENT_FAILED" {
+            event = v;
+        }
+    }
+    assert_eq!(event["data"]["component"], "monitor/c2", "{event}");
+    assert_eq!(d.wait_exit(10), Some(1));
+    let err = d.stderr_text();
+    assert!(
+        err.contains("rsd: monitor/c2 kept failing and could not be restarted"),
+        "{err}"
+    );
+    for f in ["a.sock", "b.sock", "pid"] {
+        assert!(!dir.path(f).exists(), "{f} left behind");
+    }
+}
+
+/// The control actor failing stops the daemon with a clear message
+/// instead of leaving one that answers every command with an error.
+#[test]
+fn a_failed_control_actor_stops_the_daemon() {
+    let dir = TempDir::new();
+    let mut d = two_monitors(&dir);
+    let mut a = Qmp::ready(&dir.path("a.sock"));
+    a.send(br#"{"execute":"x-rsd-test-crash","arguments":{"id":"control"}}"#);
+    assert_eq!(d.wait_exit(10), Some(1));
+    assert!(
+        d.stderr_text()
+            .contains("rsd: the control actor failed; stopping"),
+        "stderr"
+    );
+}

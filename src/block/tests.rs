@@ -84,11 +84,18 @@ async fn read_write_flush_in(dir: &str) {
     // A file reads as zeroes past its end, as in QEMU's block layer
     // (a format whose clusters lie past a truncated end reads zeroes).
     let mut big = vec![0xffu8; 4096];
-    n.read((1 << 20) - 100, &mut big).await.expect("past the end");
+    n.read((1 << 20) - 100, &mut big)
+        .await
+        .expect("past the end");
     let at = (1 << 20) - 100;
-    assert!(big[..100].iter().enumerate().all(|(i, b)| *b == pattern(at + i)));
+    assert!(big[..100]
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == pattern(at + i)));
     assert!(big[100..].iter().all(|b| *b == 0));
-    n.read(2 << 20, &mut big).await.expect("wholly past the end");
+    n.read(2 << 20, &mut big)
+        .await
+        .expect("wholly past the end");
     assert!(big.iter().all(|b| *b == 0));
     assert_eq!(n.stats.rd.ops.load(std::sync::atomic::Ordering::Relaxed), 3);
     assert_eq!(

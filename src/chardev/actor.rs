@@ -70,23 +70,30 @@ fn set(slot: &Mutex<Option<String>>, v: Option<String>) {
     }
 }
 
+/// The attached frontend, once there is a live one (None: the chardev
+/// is going away).
+async fn live_frontend(
+    frontend: &mut watch::Receiver<Option<UnboundedSender<Conn>>>,
+) -> Option<UnboundedSender<Conn>> {
+    loop {
+        let current = frontend.borrow_and_update().clone();
+        match current {
+            Some(tx) if !tx.is_closed() => return Some(tx),
+            _ => frontend.changed().await.ok()?,
+        }
+    }
+}
+
 async fn serve(
     backend: Arc<Backend>,
     mut frontend: watch::Receiver<Option<UnboundedSender<Conn>>>,
     connected: Arc<Mutex<Option<String>>>,
 ) {
     loop {
-        let tx = loop {
-            let current = frontend.borrow_and_update().clone();
-            match current {
-                Some(tx) if !tx.is_closed() => break tx,
-                _ => {
-                    if frontend.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        };
+        // Accept only while a frontend is attached.
+        if live_frontend(&mut frontend).await.is_none() {
+            return;
+        }
         let Some(mut conn) = next_conn(&backend).await else {
             // One-shot endpoints (stdio, client sockets) are used up.
             return std::future::pending().await;
@@ -95,9 +102,19 @@ async fn serve(
         let (done_tx, done_rx) = oneshot::channel();
         conn.done = done_tx;
         set(&connected, Some(conn.peer.clone().unwrap_or_default()));
-        if tx.send(conn).is_ok() {
-            let _ = done_rx.await;
+        // The frontend may have been replaced while the client was
+        // awaited (a restarted monitor): the client goes to the current
+        // one, never to the one that died.
+        loop {
+            let Some(tx) = live_frontend(&mut frontend).await else {
+                return;
+            };
+            match tx.send(conn) {
+                Ok(()) => break,
+                Err(back) => conn = back.0,
+            }
         }
+        let _ = done_rx.await;
         set(&connected, None);
     }
 }

@@ -28,12 +28,17 @@ impl ControlState {
             .map(|e| (e.name.clone(), e.node.clone()))
             .collect();
         for (name, node) in new {
-            let spec = ChildSpec::actor(
+            let mut spec = ChildSpec::actor(
                 node_actor::registry_name(&name),
                 Restart::Permanent,
                 NodeActor,
                 node,
             );
+            // A node actor's state is its open node, which outlives a
+            // failed handler: restarting is always safe and always
+            // restores it, so it is never given up (only a command makes
+            // it fail, so this cannot spin).
+            spec.max_restarts = usize::MAX;
             actors::supervisor::start_child(&self.ctx.supervisor, spec).await?;
         }
         Ok(())

@@ -363,6 +363,10 @@ impl ControlState {
 
 /// Test hook: make a supervised actor fail inside its handler.
 fn test_crash(id: &str) -> QmpResult<Value> {
+    if id == "control" {
+        // Runs inside the control actor's handler: fail it right here.
+        panic!("test hook: control crash requested");
+    }
     let Some(cell) = ractor::registry::where_is(id) else {
         return Err(QmpError::generic(format!("no actor named '{id}'")));
     };
@@ -381,6 +385,10 @@ fn test_crash(id: &str) -> QmpResult<Value> {
     } else if id.starts_with("chardev/") {
         ActorRef::<crate::chardev::ChardevMsg>::from(cell)
             .cast(crate::chardev::ChardevMsg::Crash)
+            .is_ok()
+    } else if id == crate::nbd::server::REGISTRY_NAME {
+        ActorRef::<crate::nbd::server::ServerMsg>::from(cell)
+            .cast(crate::nbd::server::ServerMsg::Crash)
             .is_ok()
     } else {
         false
