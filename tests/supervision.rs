@@ -5,7 +5,16 @@ use std::collections::BTreeSet;
 use crate::common::*;
 
 fn two_monitors(dir: &TempDir) -> Daemon {
-    let a = args(&[
+    Daemon::spawn_env(
+        Which::Rsd,
+        &two_monitor_args(dir),
+        &[("RSD_TEST_HOOKS", "1")],
+    )
+}
+
+/// Monitors on c1 (a.sock) and c2 (b.sock, pretty=off).
+fn two_monitor_args(dir: &TempDir) -> Vec<String> {
+    args(&[
         "--chardev",
         &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
         "--monitor",
@@ -14,8 +23,7 @@ fn two_monitors(dir: &TempDir) -> Daemon {
         &format!("socket,path={},server=on,wait=off,id=c2", dir.s("b.sock")),
         "--monitor",
         "chardev=c2,pretty=off",
-    ]);
-    Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")])
+    ])
 }
 
 #[test]
@@ -204,16 +212,7 @@ fn a_monitor_that_keeps_failing_stops_the_daemon_cleanly() {
         "--pidfile",
         &dir.s("pid"),
     ]);
-    a.extend(args(&[
-        "--chardev",
-        &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
-        "--monitor",
-        "chardev=c1",
-        "--chardev",
-        &format!("socket,path={},server=on,wait=off,id=c2", dir.s("b.sock")),
-        "--monitor",
-        "chardev=c2",
-    ]));
+    a.extend(two_monitor_args(&dir));
     let mut d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
     let mut q = Qmp::ready(&dir.path("a.sock"));
     for _ in 0..8 {
