@@ -89,7 +89,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         Ok(())
     });
     if let Err(exit) = started {
-        stop(&control, &supervisor).await;
+        stop(&ctx, &control, &supervisor).await;
         return match exit {
             Exit::Print(text) => {
                 print!("{text}");
@@ -135,15 +135,20 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
             1
         }
     };
-    stop(&control, &supervisor).await;
+    stop(&ctx, &control, &supervisor).await;
     drop(pidfile);
     code
 }
 
 /// The exit path (exports deleted with their events while the monitors
 /// still listen), then every child in reverse start order.
-async fn stop(control: &ActorRef<ControlMsg>, supervisor: &ActorRef<actors::SupervisorMsg>) {
+async fn stop(
+    ctx: &Ctx,
+    control: &ActorRef<ControlMsg>,
+    supervisor: &ActorRef<actors::SupervisorMsg>,
+) {
     let _ = ractor::call!(control, ControlMsg::Shutdown);
+    ctx.events.flush(std::time::Duration::from_secs(1)).await;
     actors::supervisor::stop_all(supervisor).await;
 }
 

@@ -50,6 +50,23 @@ impl EventBus {
         Subscription { bus: self, id }
     }
 
+    /// Waits (at most `limit`) until every monitor has written what is
+    /// queued for it: the events of the exit path reach the clients
+    /// before the monitors close.
+    pub async fn flush(&self, limit: std::time::Duration) {
+        let outs: Vec<Outbox> = match self.subs.lock() {
+            Ok(subs) => subs.iter().map(|s| s.out.clone()).collect(),
+            Err(_) => return,
+        };
+        // One after another is as good as together: each only waits.
+        let all = async {
+            for out in &outs {
+                out.drained().await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all).await;
+    }
+
     /// Emits `event` with optional `data` to every negotiated monitor.
     pub fn emit(&self, event: &str, data: Option<Map<String, Value>>) {
         let now = SystemTime::now()
@@ -81,3 +98,4 @@ impl EventBus {
         });
     }
 }
+

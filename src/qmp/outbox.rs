@@ -73,6 +73,17 @@ impl Outbox {
         self.state.queued.load(Ordering::Acquire)
     }
 
+    /// Waits until everything queued is written (or the client is gone).
+    pub async fn drained(&self) {
+        loop {
+            let drained = self.state.drained.notified();
+            if self.queued() == 0 || self.broken() {
+                return;
+            }
+            drained.await;
+        }
+    }
+
     /// Waits until at most `LIMIT` bytes are queued (or the client is
     /// gone, which the caller checks next).
     pub async fn room(&self) {

@@ -191,7 +191,14 @@ impl Qmp {
         let mut q = Qmp::connect(path);
         q.line();
         q.send(br#"{"execute": "qmp_capabilities"}"#);
-        assert_eq!(q.line(), "{\"return\": {}}\r\n");
+        let mut reply = q.line();
+        // QSD 10.0.2 greets twice, now and then, a client that connects
+        // while it starts (seen under CI load); the transcript tests,
+        // which read the greeting themselves, still catch it in rsd.
+        if reply.starts_with("{\"QMP\"") {
+            reply = q.line();
+        }
+        assert_eq!(reply, "{\"return\": {}}\r\n");
         q
     }
     pub fn send(&mut self, bytes: &[u8]) {
