@@ -228,18 +228,29 @@ fn a_monitor_that_keeps_failing_stops_the_daemon_cleanly() {
         assert!(std::time::Instant::now() < deadline, "node actor gone: {r}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    for _ in 0..6 {
-        crash_when_up(&mut q, "monitor/c2");
-    }
+    // Crash monitor/c2 whenever it is up, until the daemon gives up on
+    // it and closes this monitor too; keep every event seen meanwhile.
     let mut event = serde_json::Value::Null;
-    loop {
-        let l = q.line();
-        if l.is_empty() {
-            break;
-        }
-        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
-        if v["event"] == "X_RSD_COMPONENT_FAILED" {
-            event = v;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    'daemon: while std::time::Instant::now() < deadline {
+        use std::io::Write;
+        let crash = br#"{"execute":"x-rsd-test-crash","arguments":{"id":"monitor/c2"}}"#;
+        let sent = q.stream.write_all(crash).is_ok();
+        loop {
+            let l = q.line();
+            if l.is_empty() {
+                break 'daemon;
+            }
+            let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+            if v["event"] == "X_RSD_COMPONENT_FAILED" {
+                event = v;
+            } else if v.get("event").is_none() && sent {
+                if v.get("error").is_some() {
+                    // Not back yet.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                break;
+            }
         }
     }
     assert_eq!(event["data"]["component"], "monitor/c2", "{event}");
