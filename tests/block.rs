@@ -354,3 +354,62 @@ fn rsd_respects_a_qemu_io_qcow2_holder() {
     let _ = io.kill();
     let _ = io.wait();
 }
+
+/// Error precedence and wording that QSD users see first: block_resize
+/// looks the node up before checking the size, a missing backing node is
+/// reported as a backing file that could not be opened, nbd-server-start
+/// over inet reports resolution and port-in-use failures in QEMU's
+/// words, and block-export-add checks the export id before anything.
+#[test]
+fn first_errors_match_qsd() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let start_on = format!(
+        r#"{{"execute":"nbd-server-start","arguments":{{"addr":{{"type":"inet","data":{{"host":"127.0.0.1","port":"{port}"}}}}}}}}"#
+    );
+    let steps = [
+        r#"{"execute":"block_resize","arguments":{"node-name":"x","size":-1}}"#,
+        r#"{"execute":"block_resize","arguments":{"device":"x","size":-5}}"#,
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q","file":"f","backing":"nosuch"}}"#,
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"inet","data":{"host":"nosuch.invalid","port":"10809"}}}}"#,
+        &start_on,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"","node-name":"f"}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"1bad","node-name":"f"}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"a b","node-name":"nosuch"}}"#,
+    ];
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("b.qcow2"), "1M"],
+        ));
+    };
+    let out = same_on_both(
+        &setup,
+        &["--blockdev", "driver=file,node-name=f,filename=$D/b.qcow2"],
+        &steps,
+    )
+    .expect("daemons start");
+    assert!(
+        out[0].contains("Cannot find device='' nor node-name='x'"),
+        "{out:?}"
+    );
+    assert!(
+        out[2].contains("Could not open backing file: Cannot find device='nosuch'"),
+        "{out:?}"
+    );
+    assert!(
+        out[3].contains("address resolution failed for nosuch.invalid:10809: "),
+        "{out:?}"
+    );
+    assert!(
+        out[4].contains("Failed to find an available port: Address already in use"),
+        "{out:?}"
+    );
+    assert!(
+        out[5..]
+            .iter()
+            .all(|l| l.contains("Invalid block export id")),
+        "{out:?}"
+    );
+    drop(busy);
+}

@@ -403,7 +403,10 @@ impl Graph {
         }
         let backing = match opts.get("backing") {
             Some(Value::Null) => None,
-            Some(_) => Some(self.child(opts, "backing", true)?),
+            Some(_) => Some(
+                self.child(opts, "backing", true)
+                    .map_err(|e| format!("Could not open backing file: {e}"))?,
+            ),
             None => match &header.backing_file {
                 Some(name) => {
                     let path = resolve(name);

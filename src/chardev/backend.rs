@@ -270,9 +270,29 @@ pub async fn listen(
         "inet" => {
             let host = get_str(a, "host").unwrap_or_default();
             let port = get_str(a, "port").unwrap_or_default();
-            let l = TcpListener::bind(format!("{host}:{port}"))
-                .await
-                .map_err(|e| format!("Failed to bind socket: {}", os_msg(&e)))?;
+            // QEMU's inet_listen_saddr: resolve, then try each address.
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host(format!("{host}:{port}"))
+                    .await
+                    .map_err(|e| {
+                        let text = e.to_string();
+                        let why = text.rsplit_once(": ").map_or(text.as_str(), |(_, w)| w);
+                        format!("address resolution failed for {host}:{port}: {why}")
+                    })?
+                    .collect();
+            let mut last = std::io::Error::from_raw_os_error(nix::libc::EADDRNOTAVAIL);
+            let mut bound = None;
+            for addr in addrs {
+                match TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        bound = Some(l);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            let l = bound
+                .ok_or_else(|| format!("Failed to find an available port: {}", os_msg(&last)))?;
             let local = l
                 .local_addr()
                 .map(|a| format!("tcp:{}:{}", a.ip(), a.port()))

@@ -58,17 +58,18 @@ impl ControlState {
     }
 
     pub(super) async fn block_resize(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
-        let size = args.get("size").and_then(Value::as_i64).unwrap_or(0);
-        if size < 0 {
-            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
-        }
         let device = arg_str(args, "device");
         let name = arg_str(args, "node-name");
+        // As QEMU: the node is looked up before the size is checked.
         let Some(entry) = self.block.find(name) else {
             return Err(QmpError::generic(format!(
                 "Cannot find device='{device}' nor node-name='{name}'"
             )));
         };
+        let size = args.get("size").and_then(Value::as_i64).unwrap_or(0);
+        if size < 0 {
+            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+        }
         if entry.node.read_only() {
             return Err(QmpError::generic("Image is read-only"));
         }

@@ -102,6 +102,9 @@ impl ControlState {
         args: &Map<String, Value>,
     ) -> Result<(), String> {
         let id = arg_str(args, "id").to_string();
+        if crate::objects::check_id(&id).is_err() {
+            return Err("Invalid block export id".into());
+        }
         if self.exports.list().iter().any(|e| e.id == id) {
             return Err(format!("Block export id '{id}' is already in use"));
         }
