@@ -113,4 +113,9 @@ pub trait Driver: Send + Sync + 'static {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// The re-pointable edge this driver holds for a child role (a
+    /// qcow2 image's "backing"), present even while it points nowhere.
+    fn child_slot(&self, _role: &str) -> Option<std::sync::Arc<super::child::Child>> {
+        None
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use super::child::Child;
 use super::file::{FileDriver, FileOptions};
 use super::node::{CommonOptions, DetectZeroes, Node};
 use super::null::{NullDriver, DEFAULT_SIZE};
@@ -23,6 +24,9 @@ pub struct User {
     pub desc: String,
     pub perm: Perm,
     pub shared: Perm,
+    /// The edge the user does I/O through, re-pointed when its node is
+    /// replaced (None: the user holds the node itself and pins it).
+    pub handle: Option<Arc<Child>>,
 }
 
 #[derive(Clone, Debug)]
@@ -135,20 +139,46 @@ impl Graph {
     /// blockdev-add: opens the node (and inline children). On failure
     /// nothing new stays in the graph.
     pub fn add(&mut self, opts: &Map<String, Value>) -> Result<String, String> {
-        if s(opts, "node-name").is_none() {
-            return Err("'node-name' must be specified for the root node".into());
-        }
         let before = self.entries.len();
-        let result = self.open(opts, None).and_then(|name| {
-            if let Some(e) = self.entries.iter_mut().find(|e| e.name == name) {
-                e.monitor_owned = true;
-            }
-            self.refresh_perms().map(|()| name)
-        });
+        let result = self
+            .add_unchecked(opts, true)
+            .and_then(|name| self.refresh_perms().map(|()| name));
         if result.is_err() {
             self.entries.truncate(before);
         }
         result
+    }
+
+    /// Opens a root node (and inline children) without applying
+    /// permissions yet: the caller rewires the graph first (a snapshot
+    /// moves the base's users to the overlay) and then applies them, or
+    /// calls [`Graph::forget_since`]. On failure nothing new stays.
+    pub fn add_unchecked(
+        &mut self,
+        opts: &Map<String, Value>,
+        monitor_owned: bool,
+    ) -> Result<String, String> {
+        if s(opts, "node-name").is_none() {
+            return Err("'node-name' must be specified for the root node".into());
+        }
+        let before = self.entries.len();
+        let result = self.open(opts, None);
+        match &result {
+            Ok(name) => {
+                if let Some(e) = self.entries.iter_mut().find(|e| &e.name == name) {
+                    e.monitor_owned = monitor_owned;
+                }
+            }
+            Err(_) => self.entries.truncate(before),
+        }
+        result
+    }
+
+    /// Drops the nodes opened since the graph had `len` of them (nothing
+    /// may use them yet) and re-applies permissions.
+    pub fn forget_since(&mut self, len: usize) {
+        self.entries.truncate(len);
+        let _ = self.refresh_perms();
     }
 
     /// Opens one node; `inherit_ro` is the parent's read-only flag for an
@@ -563,6 +593,19 @@ impl Graph {
         perm: Perm,
         shared: Perm,
     ) -> Result<u64, String> {
+        self.add_user_on(node, desc, perm, shared, None)
+    }
+
+    /// [`Graph::add_user`] for a user that does I/O through `handle`,
+    /// which follows the node when it is replaced.
+    pub fn add_user_on(
+        &mut self,
+        node: &str,
+        desc: &str,
+        perm: Perm,
+        shared: Perm,
+        handle: Option<Arc<Child>>,
+    ) -> Result<u64, String> {
         let id = self.next_user;
         self.next_user += 1;
         let i = self
@@ -575,6 +618,7 @@ impl Graph {
                 desc: desc.to_string(),
                 perm,
                 shared,
+                handle,
             },
         );
         if let Err(e) = self.refresh_perms() {

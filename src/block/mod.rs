@@ -2,6 +2,7 @@
 //! locking and the node graph.
 pub mod actor;
 pub mod cancel;
+pub mod child;
 pub mod driver;
 pub mod error;
 pub mod file;
@@ -12,6 +13,7 @@ pub mod null;
 pub mod perm;
 pub mod qcow2;
 pub mod raw;
+pub mod replace;
 pub mod stats;
 #[cfg(test)]
 mod tests;

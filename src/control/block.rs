@@ -18,8 +18,20 @@ impl ControlState {
     /// blockdev-add and --blockdev: open the nodes, then give each new
     /// node its supervised actor.
     pub(super) async fn blockdev_add(&mut self, opts: &Map<String, Value>) -> Result<(), String> {
-        let before: BTreeSet<String> = self.block.entries.iter().map(|e| e.name.clone()).collect();
+        let before = self.node_names();
         self.block.add(opts)?;
+        self.start_node_actors(&before).await
+    }
+
+    pub(super) fn node_names(&self) -> BTreeSet<String> {
+        self.block.entries.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// Gives every node not in `before` its supervised actor.
+    pub(super) async fn start_node_actors(
+        &mut self,
+        before: &BTreeSet<String>,
+    ) -> Result<(), String> {
         let new: Vec<(String, std::sync::Arc<crate::block::node::Node>)> = self
             .block
             .entries

@@ -6,6 +6,7 @@ mod chardevs;
 mod jobs;
 mod nbd;
 mod qom;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -264,6 +265,8 @@ impl ControlState {
                 .map_err(QmpError::hinted),
             "blockdev-del" => self.blockdev_del(arg_str(&args, "node-name")).await,
             "block_resize" => self.block_resize(&args).await,
+            "blockdev-snapshot-sync" => self.blockdev_snapshot_sync(&args).await,
+            "blockdev-snapshot" => self.blockdev_snapshot(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
                 args.get("flat").and_then(Value::as_bool).unwrap_or(false),
             )),

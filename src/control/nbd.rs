@@ -6,6 +6,7 @@ use actors::{ChildSpec, Restart};
 use serde_json::{json, Map, Value};
 
 use super::{arg_str, ControlState};
+use crate::block::child::Child;
 use crate::block::perm::Perm;
 use crate::nbd::export::{Export, ExportConfig};
 use crate::nbd::server::{Server, ServerActor, REGISTRY_NAME};
@@ -129,11 +130,15 @@ impl ControlState {
         } else {
             Perm::CONSISTENT_READ
         };
-        let user = self.block.add_user(
+        // The export's edge to its node: the graph re-points it when the
+        // node is replaced (a snapshot).
+        let edge = Child::new(node.clone());
+        let user = self.block.add_user_on(
             &node_name,
             "an unnamed block device",
             perm,
             Perm::ALL.without(Perm::RESIZE),
+            Some(edge.clone()),
         )?;
         let checked = (|| {
             if self.nbd.is_none() {
@@ -176,7 +181,7 @@ impl ControlState {
                 .get("description")
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            node,
+            node: edge,
             writable,
             writethrough: flag("writethrough"),
             allocation_depth: flag("allocation-depth"),
@@ -227,7 +232,10 @@ impl ControlState {
                 .list()
                 .iter()
                 .rev()
-                .map(|e| json!({"node-name": e.node.name, "shutting-down": false, "type": "nbd", "id": e.id}))
+                .map(|e| {
+                    let node = e.node.get().map(|n| n.name.clone()).unwrap_or_default();
+                    json!({"node-name": node, "shutting-down": false, "type": "nbd", "id": e.id})
+                })
                 .collect(),
         )
     }

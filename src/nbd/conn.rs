@@ -11,6 +11,7 @@ use super::export::{Export, Exports};
 use super::proto::*;
 use crate::block::cancel::Cancel;
 use crate::block::driver::{WriteFlags, ZeroFlags};
+use crate::block::node::Node;
 
 /// Requests in flight per connection; the reader waits beyond this.
 const MAX_IN_FLIGHT: usize = 64;
@@ -214,11 +215,14 @@ async fn negotiate(
             OPT_EXPORT_NAME if data.len() > MAX_NAME_LEN => return Ok(None),
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = exports.find(&name) else {
+                let Some((export, node)) = exports
+                    .find(&name)
+                    .and_then(|e| e.node.get().map(|n| (e, n)))
+                else {
                     return Ok(None);
                 };
                 let mut b = Vec::with_capacity(134);
-                b.extend_from_slice(&export.node.size().to_be_bytes());
+                b.extend_from_slice(&node.size().to_be_bytes());
                 b.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
@@ -298,14 +302,18 @@ async fn negotiate(
                         opt_reply(wr, opt, REP_INFO, &d).await?;
                     }
                 }
+                let Some(node) = export.node.get() else {
+                    opt_reply(wr, opt, REP_ERR_UNKNOWN, &[]).await?;
+                    continue;
+                };
                 let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                let min = export.node.limits().request_alignment;
+                let min = node.limits().request_alignment;
                 d.extend_from_slice(&min.to_be_bytes());
                 d.extend_from_slice(&4096u32.max(min).to_be_bytes());
                 d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
                 opt_reply(wr, opt, REP_INFO, &d).await?;
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
-                d.extend_from_slice(&export.node.size().to_be_bytes());
+                d.extend_from_slice(&node.size().to_be_bytes());
                 d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 opt_reply(wr, opt, REP_INFO, &d).await?;
                 let client = (opt == OPT_GO).then(|| export.attach());
@@ -749,7 +757,12 @@ fn allowed_flags(kind: u16, s: &Session) -> u16 {
 }
 
 async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
-    let node = &s.export.node;
+    // Counted on the export's edge: a graph change (a snapshot) waits
+    // for it, and the next request goes to the new node.
+    let Some(node) = s.export.node.enter().await else {
+        return error_reply(s, r.cookie, r.offset, EIO);
+    };
+    let node: &Node = &node;
     let known = matches!(
         r.kind,
         CMD_READ
@@ -779,11 +792,11 @@ async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
         return error_reply(s, r.cookie, r.offset, EPERM);
     }
     if r.kind == CMD_READ {
-        return read(s, r).await;
+        return read(s, node, r).await;
     }
     let fua = r.flags & CMD_FLAG_FUA != 0 || s.export.writethrough;
     let result = match r.kind {
-        CMD_BLOCK_STATUS => return block_status(s, &r).await,
+        CMD_BLOCK_STATUS => return block_status(s, node, &r).await,
         CMD_WRITE => node.write(r.offset, payload, WriteFlags { fua }).await,
         CMD_FLUSH => node.flush().await,
         CMD_TRIM => {
@@ -825,8 +838,7 @@ async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
     }
 }
 
-async fn read(s: &Session, mut r: Request) -> Reply {
-    let node = &s.export.node;
+async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
     // handle() has bounded the length by MAX_PAYLOAD.
     let len = r.len as usize;
     if s.structured && len > 0 && node.driver.known_zero(r.offset, r.len) {
@@ -877,11 +889,10 @@ async fn read(s: &Session, mut r: Request) -> Reply {
 /// Extents per reply at most, to bound reply sizes.
 const MAX_EXTENTS: usize = 1024;
 
-async fn block_status(s: &Session, r: &Request) -> Reply {
+async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
     if !s.structured || s.contexts.is_empty() || r.len == 0 {
         return error_reply(s, r.cookie, r.offset, EINVAL);
     }
-    let node = &s.export.node;
     let one = r.flags & CMD_FLAG_REQ_ONE != 0;
     let mut extents = Vec::new();
     let mut off = r.offset;

@@ -5,13 +5,14 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::block::node::Node;
+use crate::block::child::Child;
 
 pub struct Export {
     pub id: String,
     pub name: String,
     pub description: Option<String>,
-    pub node: Arc<Node>,
+    /// The exported node's edge (re-pointed by a snapshot).
+    pub node: Arc<Child>,
     pub writable: bool,
     /// writethrough=on: every write is made stable before it completes.
     pub writethrough: bool,
@@ -28,7 +29,7 @@ pub struct ExportConfig {
     pub id: String,
     pub name: String,
     pub description: Option<String>,
-    pub node: Arc<Node>,
+    pub node: Arc<Child>,
     pub writable: bool,
     pub writethrough: bool,
     pub allocation_depth: bool,

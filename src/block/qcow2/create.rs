@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use super::header::{self, MAGIC};
 use super::{Qcow2, Qcow2Options};
 use crate::block::driver::{Driver, WriteFlags};
+use crate::block::node::Node;
 use crate::jobs::create::Targets;
 use crate::jobs::{JobFuture, Shared};
 
@@ -268,8 +269,46 @@ async fn create(sh: &Arc<Shared>, o: &Map<String, Value>, targets: Targets) -> R
         Some(d) => Some(d?),
         None => None,
     };
+    let q = write_image(&p, &file, data).await?;
+    if p.prealloc != "off" {
+        q.preallocate(&p.prealloc, sh)
+            .await
+            .map_err(|e| format!("Could not resize image: {}", e.msg))?;
+    }
+    q.flush()
+        .await
+        .map_err(|e| format!("Could not flush: {}", e.msg))
+}
+
+/// A new qcow2 image over `backing` (its name as the header keeps it and
+/// its format), of `size` bytes, with QEMU's defaults: an external
+/// snapshot's overlay.
+pub async fn create_overlay(
+    file: &Arc<Node>,
+    size: u64,
+    backing: &str,
+    backing_fmt: &str,
+) -> Result<(), String> {
+    let mut o = Map::new();
+    o.insert("size".into(), Value::from(size));
+    o.insert("backing-file".into(), Value::from(backing));
+    o.insert("backing-fmt".into(), Value::from(backing_fmt));
+    let p = plan(&o, false)?;
+    let q = write_image(&p, file, None).await?;
+    q.flush()
+        .await
+        .map_err(|e| format!("Could not flush: {}", e.msg))
+}
+
+/// Writes the header, the first refcount structures and (through the
+/// driver) the L1 table for the disk size; returns the image, open.
+async fn write_image(
+    p: &Plan,
+    file: &Arc<Node>,
+    data: Option<(Arc<Node>, String)>,
+) -> Result<Qcow2, String> {
     let cs = 1u64 << p.cluster_bits;
-    let hdr = header_cluster(&p, data.as_ref().map(|(_, name)| name.as_str()))?;
+    let hdr = header_cluster(p, data.as_ref().map(|(_, name)| name.as_str()))?;
     // Header, refcount table (its entry 0: the block after it), and the
     // refcount block counting these three clusters.
     let wf = WriteFlags::default();
@@ -297,7 +336,7 @@ async fn create(sh: &Arc<Shared>, o: &Map<String, Value>, targets: Targets) -> R
             .await
             .map_err(|e| format!("Could not resize image: {}", e.msg))?;
     }
-    let h = super::read_header(&file)
+    let h = super::read_header(file)
         .await
         .map_err(|e| format!("Could not open the new image: {}", e.msg))?;
     let q = Qcow2::open(
@@ -313,14 +352,7 @@ async fn create(sh: &Arc<Shared>, o: &Map<String, Value>, targets: Targets) -> R
     q.truncate(p.size)
         .await
         .map_err(|e| format!("Could not resize image: {}", e.msg))?;
-    if p.prealloc != "off" {
-        q.preallocate(&p.prealloc, sh)
-            .await
-            .map_err(|e| format!("Could not resize image: {}", e.msg))?;
-    }
-    q.flush()
-        .await
-        .map_err(|e| format!("Could not flush: {}", e.msg))
+    Ok(q)
 }
 
 fn set_refcount(block: &mut [u8], width: usize, i: usize, v: u64) {

@@ -7,7 +7,6 @@ use super::l2::{self, Map, Table, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::refcount::corrupt;
 use super::{Header, Piece, Qcow2};
 use crate::block::error::BlockResult;
-use crate::block::node::Node;
 
 impl Qcow2 {
     pub(super) fn cs(&self) -> u64 {
@@ -16,10 +15,6 @@ impl Qcow2 {
 
     pub fn header(&self) -> Header {
         self.header.lock().map(|h| h.clone()).unwrap_or_default()
-    }
-
-    pub fn backing(&self) -> Option<&Arc<Node>> {
-        self.backing.as_ref()
     }
 
     pub(super) fn l1_entry(&self, l1i: u64) -> u64 {
@@ -179,7 +174,7 @@ impl Qcow2 {
 
     /// Reads the backing node's view of `g..` (zeroes past its end).
     pub(super) async fn read_backing(&self, g: u64, buf: &mut [u8]) -> BlockResult<()> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing.enter().await else {
             buf.fill(0);
             return Ok(());
         };

@@ -28,6 +28,7 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Value};
 
+use super::child::Child;
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
 use super::error::{BlockError, BlockResult};
 use super::node::Node;
@@ -62,7 +63,9 @@ pub struct Qcow2 {
     /// Where guest data lives: `file`, or the external data file.
     data: Arc<Node>,
     external: bool,
-    backing: Option<Arc<Node>>,
+    /// The backing node's edge: the graph re-points it (snapshots,
+    /// reopen), reads go through it counted.
+    backing: Arc<Child>,
     header: std::sync::Mutex<Header>,
     bits: u32,
     /// log2 of the entries per L2 table.
@@ -212,7 +215,7 @@ impl Qcow2 {
             external: data.is_some(),
             data: data.unwrap_or_else(|| file.clone()),
             file,
-            backing,
+            backing: backing.map_or_else(Child::empty, Child::new),
             bits,
             l2_bits,
             ext,
@@ -375,7 +378,7 @@ impl Driver for Qcow2 {
                     depth: 1,
                 }),
                 _ => {
-                    let Some(b) = &self.backing else {
+                    let Some(b) = self.backing.enter().await else {
                         return Ok(Extent {
                             len: run,
                             data: false,
@@ -457,7 +460,7 @@ impl Driver for Qcow2 {
     /// From cached metadata only (no I/O): the range is unallocated or
     /// zero clusters and there is no backing file to read instead.
     fn known_zero(&self, offset: u64, len: u64) -> bool {
-        if self.backing.is_some() || self.corrupt.load(Ordering::Acquire) {
+        if self.backing.get().is_some() || self.corrupt.load(Ordering::Acquire) {
             return false;
         }
         let end = offset.saturating_add(len);
@@ -527,6 +530,9 @@ impl Driver for Qcow2 {
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
+    }
+    fn child_slot(&self, role: &str) -> Option<Arc<Child>> {
+        (role == "backing").then(|| self.backing.clone())
     }
     fn backing_file(&self) -> Option<(String, Option<String>, String)> {
         let h = self.header();

@@ -40,7 +40,7 @@ impl Qcow2 {
             // table QEMU gives it.)
             let no_table = self.l1_entry(g >> (self.bits + self.l2_bits)) & OFFSET_MASK == 0;
             let whole_span = full && g.is_multiple_of(span);
-            if no_table && (whole_span || (discard && !full && self.backing.is_none())) {
+            if no_table && (whole_span || (discard && !full && self.backing.get().is_none())) {
                 g = end.min((g / span + 1) * span);
                 continue;
             }
@@ -52,7 +52,7 @@ impl Qcow2 {
             if discard
                 && !full
                 && !allocated
-                && self.backing.is_none()
+                && self.backing.get().is_none()
                 && (e & ZERO != 0 || bm & ALL_ZEROES == ALL_ZEROES || (e == 0 && bm == 0))
             {
                 g = stop;
@@ -88,7 +88,7 @@ impl Qcow2 {
                 }
             } else if v3 {
                 let owned = e & COPIED != 0 && e & COMPRESSED == 0;
-                let ne = if discard && self.backing.is_none() && !allocated {
+                let ne = if discard && self.backing.get().is_none() && !allocated {
                     e
                 } else if !unmap && owned {
                     host_bits | ZERO

@@ -1,0 +1,200 @@
+//! Replacing a node under its parents (QEMU's bdrv_replace_node): every
+//! user and parent edge of the old node is moved to the new one, the
+//! permissions are checked before anything moves, and the I/O switches
+//! over atomically: the parents' edges are quiesced (requests in flight
+//! finish on the old node, new ones wait), re-pointed, and released.
+use std::sync::Arc;
+
+use super::child::Child;
+use super::graph::Graph;
+
+/// What a replacement changed in the graph, to undo it on a conflict.
+struct Moved {
+    order: Vec<String>,
+    users: Vec<u64>,
+    /// (parent, index of the edge in its children).
+    edges: Vec<(String, usize)>,
+}
+
+impl Graph {
+    /// Moves every parent of `old` (except `new` itself, which may keep
+    /// `old` as its backing) to `new`. On a permission conflict, or a
+    /// parent that cannot be re-pointed, nothing changes.
+    pub async fn replace_node(&mut self, old: &str, new: &str) -> Result<(), String> {
+        let new_node = self
+            .find(new)
+            .map(|e| e.node.clone())
+            .ok_or_else(|| format!("Cannot find device='{new}' nor node-name='{new}'"))?;
+        if self.find(old).is_none() {
+            return Err(format!("Cannot find device='{old}' nor node-name='{old}'"));
+        }
+        let handles = self.parent_handles(old, new)?;
+        let moved = self.move_parents(old, new);
+        if let Err(e) = self.refresh_perms() {
+            self.undo(old, new, moved);
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        // Quiesce every edge first, so the switch is one step for all.
+        let mut held = Vec::new();
+        for h in &handles {
+            held.push(h.quiesce().await);
+        }
+        for h in &handles {
+            h.set(Some(new_node.clone()));
+        }
+        drop(held);
+        Ok(())
+    }
+
+    /// The re-pointable edges of every parent of `old` but `new`.
+    fn parent_handles(&self, old: &str, new: &str) -> Result<Vec<Arc<Child>>, String> {
+        let mut out = Vec::new();
+        let Some(entry) = self.find(old) else {
+            return Ok(out);
+        };
+        for u in &entry.users {
+            match &u.handle {
+                Some(h) => out.push(h.clone()),
+                None => return Err(format!("Node '{old}' is busy: it is used by {}", u.desc)),
+            }
+        }
+        for (parent, edge) in self.parents(old) {
+            if parent == new {
+                continue;
+            }
+            let slot = self
+                .find(parent)
+                .and_then(|p| p.node.driver.child_slot(edge.role));
+            match slot {
+                Some(h) => out.push(h),
+                None => {
+                    return Err(format!(
+                        "Cannot change the '{}' child of '{parent}'",
+                        edge.role
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn move_parents(&mut self, old: &str, new: &str) -> Moved {
+        let order = self.entries.iter().map(|e| e.name.clone()).collect();
+        let mut moved = Moved {
+            order,
+            users: Vec::new(),
+            edges: Vec::new(),
+        };
+        let users = self
+            .entries
+            .iter_mut()
+            .find(|e| e.name == old)
+            .map(|e| std::mem::take(&mut e.users))
+            .unwrap_or_default();
+        moved.users = users.iter().map(|u| u.id).collect();
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == new) {
+            let mut all = users;
+            all.append(&mut e.users);
+            e.users = all;
+        }
+        for e in self.entries.iter_mut().filter(|e| e.name != new) {
+            for (k, c) in e.children.iter_mut().enumerate() {
+                if c.child == old {
+                    c.child = new.to_string();
+                    moved.edges.push((e.name.clone(), k));
+                }
+            }
+        }
+        self.sort_children_first();
+        moved
+    }
+
+    fn undo(&mut self, old: &str, new: &str, moved: Moved) {
+        let users = self
+            .entries
+            .iter_mut()
+            .find(|e| e.name == new)
+            .map(|e| {
+                let (back, keep) = std::mem::take(&mut e.users)
+                    .into_iter()
+                    .partition(|u| moved.users.contains(&u.id));
+                e.users = keep;
+                back
+            })
+            .unwrap_or_default();
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == old) {
+            e.users = users;
+        }
+        for (parent, k) in &moved.edges {
+            if let Some(c) = self
+                .entries
+                .iter_mut()
+                .find(|e| &e.name == parent)
+                .and_then(|e| e.children.get_mut(*k))
+            {
+                c.child = old.to_string();
+            }
+        }
+        let pos = |n: &str| moved.order.iter().position(|o| o == n);
+        self.entries.sort_by_key(|e| pos(&e.name));
+    }
+
+    /// Keeps the graph's invariant that children come before their
+    /// parents (permissions are computed parents first), after edges
+    /// moved; otherwise the order stays as it was.
+    pub(super) fn sort_children_first(&mut self) {
+        let names: Vec<String> = self.entries.iter().map(|e| e.name.clone()).collect();
+        let mut placed: Vec<String> = Vec::new();
+        fn visit(g: &Graph, name: &str, placed: &mut Vec<String>, depth: usize) {
+            if placed.iter().any(|p| p == name) || depth > 256 {
+                return;
+            }
+            if let Some(e) = g.find(name) {
+                for c in &e.children {
+                    visit(g, &c.child, placed, depth + 1);
+                }
+            }
+            placed.push(name.to_string());
+        }
+        for n in &names {
+            visit(self, n, &mut placed, 0);
+        }
+        let pos = |n: &str| placed.iter().position(|p| p == n);
+        self.entries.sort_by_key(|e| pos(&e.name));
+    }
+}
+
+impl Graph {
+    /// Records `base` as `overlay`'s backing node (blockdev-snapshot: the
+    /// driver's edge is pointed by the caller). Permissions are applied
+    /// by the replacement that follows.
+    pub fn attach_backing(&mut self, overlay: &str, base: &str) -> Result<(), String> {
+        if self.find(base).is_none() {
+            return Err(format!(
+                "Cannot find device='{base}' nor node-name='{base}'"
+            ));
+        }
+        let Some(e) = self.entries.iter_mut().find(|e| e.name == overlay) else {
+            return Err(format!(
+                "Cannot find device='{overlay}' nor node-name='{overlay}'"
+            ));
+        };
+        e.children.push(super::graph::Edge {
+            role: "backing",
+            child: base.to_string(),
+            perm: super::perm::Perm::NONE,
+            shared: super::perm::Perm::ALL,
+        });
+        self.sort_children_first();
+        Ok(())
+    }
+
+    /// Undoes [`Graph::attach_backing`].
+    pub fn detach_backing(&mut self, overlay: &str) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == overlay) {
+            e.children.retain(|c| c.role != "backing");
+        }
+        let _ = self.refresh_perms();
+    }
+}

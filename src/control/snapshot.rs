@@ -1,0 +1,204 @@
+//! External snapshots: blockdev-snapshot-sync (create an overlay image
+//! over a node and put it in the node's place) and blockdev-snapshot (put
+//! an overlay node added beforehand in its place), with QSD's checks and
+//! messages. The switch is the graph's replace_node: the node's users
+//! and parents move to the overlay while their I/O is held, and the
+//! overlay's backing edge keeps the old node.
+use serde_json::{json, Map, Value};
+
+use super::{arg_str, ControlState};
+use crate::block::file::{FileDriver, FileOptions};
+use crate::block::node::{CommonOptions, Node};
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+fn not_found(device: &str, node: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{device}' nor node-name='{node}'"
+    ))
+}
+
+impl ControlState {
+    /// QEMU's op blocker: a node that is another node's backing file
+    /// cannot be snapshotted.
+    fn backing_busy(&self, name: &str) -> Result<(), String> {
+        match self
+            .block
+            .parents(name)
+            .into_iter()
+            .find(|(_, e)| e.role == "backing")
+        {
+            Some((parent, _)) => Err(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{parent}'"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn blockdev_snapshot_sync(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        // QSD has no named devices: only node-name finds a node.
+        let device = arg_str(args, "device");
+        let node_name = arg_str(args, "node-name");
+        let Some(base) = self.block.find(node_name) else {
+            return Err(not_found(device, node_name));
+        };
+        let base_name = base.name.clone();
+        let base_filename = self.block.filename(base);
+        let base_fmt = base.node.driver.name();
+        let base_ro = base.node.read_only();
+        let size = base.node.size();
+        let Some(overlay) = args.get("snapshot-node-name").and_then(Value::as_str) else {
+            return Err(QmpError::generic("New overlay node-name missing"));
+        };
+        if self.block.find(overlay).is_some() {
+            return Err(QmpError::generic("New overlay node-name already in use"));
+        }
+        self.backing_busy(&base_name).map_err(QmpError::generic)?;
+        let file = arg_str(args, "snapshot-file");
+        let format = args
+            .get("format")
+            .and_then(Value::as_str)
+            .unwrap_or("qcow2");
+        if args.get("mode").and_then(Value::as_str) != Some("existing") {
+            match format {
+                "qcow2" => {}
+                "raw" => {
+                    return Err(QmpError::generic(
+                        "Backing file not supported for file format 'raw'",
+                    ))
+                }
+                other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
+            }
+            if file == base_filename {
+                return Err(QmpError::generic(
+                    "Error: Trying to create an image with the same filename as the backing file",
+                ));
+            }
+            create_overlay_file(file, size, &base_filename, base_fmt)
+                .await
+                .map_err(QmpError::generic)?;
+        }
+        let mut opts = Map::new();
+        opts.insert("driver".into(), json!(format));
+        opts.insert("node-name".into(), json!(overlay));
+        opts.insert("file".into(), json!({"driver": "file", "filename": file}));
+        opts.insert("backing".into(), json!(base_name));
+        if base_ro {
+            opts.insert("read-only".into(), json!(true));
+        }
+        self.put_overlay(&base_name, &opts, false).await
+    }
+
+    pub(super) async fn blockdev_snapshot(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let node = arg_str(args, "node");
+        let overlay = arg_str(args, "overlay");
+        if self.block.find(node).is_none() {
+            return Err(not_found(node, node));
+        }
+        let Some(ov) = self.block.find(overlay) else {
+            return Err(not_found(overlay, overlay));
+        };
+        if node == overlay
+            || !ov.users.is_empty()
+            || self
+                .block
+                .parents(overlay)
+                .iter()
+                .any(|(_, e)| e.role != "backing")
+        {
+            return Err(QmpError::generic("The overlay is already in use"));
+        }
+        let Some(slot) = ov.node.driver.child_slot("backing") else {
+            return Err(QmpError::generic(
+                "The overlay does not support backing images",
+            ));
+        };
+        if slot.get().is_some() {
+            return Err(QmpError::generic("The overlay already has a backing image"));
+        }
+        if ov.node.read_only() {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+        self.backing_busy(node).map_err(QmpError::generic)?;
+        let base = self.block.find(node).map(|e| e.node.clone());
+        let (node, overlay) = (node.to_string(), overlay.to_string());
+        // The overlay's backing edge, then its parents' edges move.
+        self.block
+            .attach_backing(&overlay, &node)
+            .map_err(QmpError::generic)?;
+        slot.set(base);
+        if let Err(e) = self.block.replace_node(&node, &overlay).await {
+            slot.set(None);
+            self.block.detach_backing(&overlay);
+            return Err(QmpError::generic(e));
+        }
+        Ok(json!({}))
+    }
+
+    /// Opens the overlay over `base` (its options name `base` as the
+    /// backing node) and puts it in `base`'s place; on any failure the
+    /// overlay is gone again.
+    async fn put_overlay(
+        &mut self,
+        base: &str,
+        opts: &Map<String, Value>,
+        monitor_owned: bool,
+    ) -> QmpResult<Value> {
+        let names = self.node_names();
+        let len = self.block.entries.len();
+        let overlay = self
+            .block
+            .add_unchecked(opts, monitor_owned)
+            .map_err(QmpError::generic)?;
+        let has_parents = !self.block.find(base).is_some_and(|e| e.users.is_empty())
+            || self.block.parents(base).len() > 1;
+        if let Err(e) = self.block.replace_node(base, &overlay).await {
+            self.block.forget_since(len);
+            return Err(QmpError::generic(e));
+        }
+        if !has_parents {
+            // Nothing uses the overlay: QEMU frees it at once.
+            self.block.forget_since(len);
+            return Ok(json!({}));
+        }
+        self.start_node_actors(&names)
+            .await
+            .map_err(QmpError::generic)?;
+        Ok(json!({}))
+    }
+}
+
+/// Creates the overlay image file as QEMU's bdrv_img_create does,
+/// printing the same `Formatting ...` line.
+async fn create_overlay_file(
+    file: &str,
+    size: u64,
+    backing: &str,
+    backing_fmt: &str,
+) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(file)
+        .map_err(|e| format!("Could not create '{file}': {}", actors::pidfile::os_msg(&e)))?;
+    println!(
+        "Formatting '{file}', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size={size} backing_file={backing} backing_fmt={backing_fmt} lazy_refcounts=off refcount_bits=16"
+    );
+    let d = FileDriver::open(&FileOptions {
+        filename: file.into(),
+        read_only: false,
+        auto_read_only: false,
+        direct: false,
+        locking: true,
+        driver: "file".into(),
+    })?;
+    let node = Node::new(String::new(), Box::new(d), CommonOptions::default());
+    crate::block::qcow2::create::create_overlay(&node, size, backing, backing_fmt).await
+}
