@@ -10,5 +10,6 @@ mod process;
 mod qcow2;
 mod qmp_wire;
 mod quickstart;
+mod snapshot;
 mod supervision;
 mod transports;

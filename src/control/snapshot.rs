@@ -104,8 +104,8 @@ impl ControlState {
         let Some(ov) = self.block.find(overlay) else {
             return Err(not_found(overlay, overlay));
         };
-        if node == overlay
-            || !ov.users.is_empty()
+        self.backing_busy(node).map_err(QmpError::generic)?;
+        if !ov.users.is_empty()
             || self
                 .block
                 .parents(overlay)
@@ -122,10 +122,14 @@ impl ControlState {
         if slot.get().is_some() {
             return Err(QmpError::generic("The overlay already has a backing image"));
         }
+        if node == overlay {
+            return Err(QmpError::generic(format!(
+                "Making '{node}' a backing child of '{node}' would create a cycle"
+            )));
+        }
         if ov.node.read_only() {
             return Err(QmpError::generic("Block node is read-only"));
         }
-        self.backing_busy(node).map_err(QmpError::generic)?;
         let base = self.block.find(node).map(|e| e.node.clone());
         let (node, overlay) = (node.to_string(), overlay.to_string());
         // The overlay's backing edge, then its parents' edges move.

@@ -269,7 +269,15 @@ impl Validator<'_> {
             matches!(t, TypeRef::Named(n) if matches!(self.schema.types.get(n),
                 Some(TypeDef::Struct(_)) | Some(TypeDef::Union { .. })))
         };
+        // Keyval: an empty value means null where null is an option
+        // (`backing=`), as in QEMU.
+        let keyval_null = self.input == Input::Keyval
+            && v.as_str() == Some("")
+            && alts
+                .iter()
+                .any(|t| matches!(t, TypeRef::Named(n) if n == "null"));
         let pick = alts.iter().find(|t| match v {
+            _ if keyval_null => matches!(t, TypeRef::Named(n) if n == "null"),
             Value::Object(_) => is_object_type(t),
             Value::Array(_) => matches!(t, TypeRef::Array(_)),
             _ if self.input == Input::Keyval => !is_object_type(t),

@@ -1,0 +1,355 @@
+//! External snapshots under live NBD I/O (blockdev-snapshot-sync and
+//! blockdev-snapshot), checked with qemu-img, and their errors against
+//! qemu-storage-daemon.
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::*;
+
+const BLOCK: u64 = 64 << 10;
+const BLOCKS: u64 = 256;
+
+/// An NBD client (raw socket) that writes block i with byte (i % 250) + 1
+/// at i * BLOCK, one at a time, until told to stop; returns how many
+/// writes were acknowledged.
+fn writer(sock: std::path::PathBuf, stop: Arc<AtomicUsize>, acked: Arc<AtomicUsize>) -> u64 {
+    let mut s = UnixStream::connect(&sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("hello");
+    s.write_all(&3u32.to_be_bytes()).expect("flags");
+    let name = b"base";
+    let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+    go.extend_from_slice(&7u32.to_be_bytes());
+    go.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    go.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    go.extend_from_slice(name);
+    go.extend_from_slice(&0u16.to_be_bytes());
+    s.write_all(&go).expect("go");
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("opt reply");
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).expect("opt data");
+        if u32::from_be_bytes(h[12..16].try_into().expect("kind")) == 1 {
+            break;
+        }
+    }
+    let mut i = 0u64;
+    while i < BLOCKS && stop.load(Ordering::SeqCst) == 0 {
+        let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&1u16.to_be_bytes());
+        req.extend_from_slice(&i.to_be_bytes());
+        req.extend_from_slice(&(i * BLOCK).to_be_bytes());
+        req.extend_from_slice(&(BLOCK as u32).to_be_bytes());
+        req.extend(vec![(i % 250) as u8 + 1; BLOCK as usize]);
+        s.write_all(&req).expect("write");
+        let mut r = [0u8; 16];
+        s.read_exact(&mut r).expect("reply");
+        assert_eq!(&r[4..8], &[0, 0, 0, 0], "write {i} failed");
+        i += 1;
+        acked.store(i as usize, Ordering::SeqCst);
+    }
+    i
+}
+
+/// Reads `image` (with its backing chain) into memory with qemu-img.
+fn contents(dir: &TempDir, image: &str) -> Vec<u8> {
+    let out = dir.s("flat.raw");
+    ok(&run(
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", image, &out],
+    ));
+    std::fs::read(&out).expect("read")
+}
+
+fn block_byte(data: &[u8], i: u64) -> Option<u8> {
+    let b = &data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
+    b.iter().all(|x| *x == b[0]).then_some(b[0])
+}
+
+/// blockdev-snapshot-sync while an NBD client keeps writing: every
+/// acknowledged write is in the overlay's view, the base holds exactly a
+/// prefix of the writes (none after the switch), both images check
+/// clean, and the overlay's header names the base as it was given.
+#[test]
+fn snapshot_sync_under_live_writes_loses_nothing() {
+    let dir = TempDir::new();
+    let base = dir.s("base.qcow2");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &base, "16M"],
+    ));
+    // Given with a detour: the header must keep the name as given.
+    let given = format!("{}/sub/../base.qcow2", dir.0.display());
+    std::fs::create_dir(dir.path("sub")).expect("mkdir");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=base,file.driver=file,file.filename={given}"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+        "--export",
+        "type=nbd,id=e,node-name=base,writable=on",
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let (stop, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let w = {
+        let (sock, stop, acked) = (dir.path("n.sock"), stop.clone(), acked.clone());
+        std::thread::spawn(move || writer(sock, stop, acked))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.load(Ordering::SeqCst) < 20 {
+        assert!(std::time::Instant::now() < deadline, "writer stalled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ov = dir.s("ov.qcow2");
+    let before = acked.load(Ordering::SeqCst) as u64;
+    let r = q.cmd(&format!(
+        r#"{{"execute":"blockdev-snapshot-sync","arguments":{{"node-name":"base","snapshot-file":"{ov}","snapshot-node-name":"ov"}}}}"#
+    ));
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    let after = acked.load(Ordering::SeqCst) as u64;
+    while acked.load(Ordering::SeqCst) < (after + 20).min(BLOCKS as usize as u64) as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writer stalled after the switch"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(1, Ordering::SeqCst);
+    let written = w.join().expect("writer");
+    let exports = q.cmd(r#"{"execute":"query-block-exports"}"#);
+    assert_eq!(exports["return"][0]["node-name"], "ov", "{exports}");
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(10), Some(0));
+    for img in [&base, &ov] {
+        ok(&run("qemu-img", &["check", img]));
+    }
+    let info = ok(&run("qemu-img", &["info", "--output=json", &ov]));
+    let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+    assert_eq!(info["backing-filename"], given.as_str(), "{info}");
+    assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+    // The overlay's view: every acknowledged write, zeroes after.
+    let view = contents(&dir, &ov);
+    for i in 0..BLOCKS {
+        let want = if i < written { (i % 250) as u8 + 1 } else { 0 };
+        assert_eq!(block_byte(&view, i), Some(want), "overlay view, block {i}");
+    }
+    // The base: a prefix of the writes, including all acknowledged
+    // before the command and none started after its reply (the one
+    // write in flight during the switch finishes on the base).
+    let old = contents(&dir, &base);
+    let k = (0..BLOCKS)
+        .take_while(|i| block_byte(&old, *i) == Some((*i % 250) as u8 + 1))
+        .count() as u64;
+    assert!(
+        k >= before && k <= after,
+        "base holds {k} writes ({before}..={after})"
+    );
+    for i in k..BLOCKS {
+        assert_eq!(
+            block_byte(&old, i),
+            Some(0),
+            "base block {i} written after the switch"
+        );
+    }
+}
+
+/// blockdev-snapshot with an overlay added beforehand (backing: null):
+/// the export moves to it, reads see the base's data, writes land in the
+/// overlay, and its header is left as it was.
+#[test]
+fn blockdev_snapshot_puts_an_added_overlay_in_place() {
+    let dir = TempDir::new();
+    let base = dir.s("base.qcow2");
+    let ov = dir.s("ov.qcow2");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &base, "4M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 1M", &base],
+    ));
+    ok(&run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &ov,
+        ],
+    ));
+    for which in Which::all() {
+        ok(&run(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &ov,
+            ],
+        ));
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!("driver=qcow2,node-name=base,file.driver=file,file.filename={base}"),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+            "--export",
+            "type=nbd,id=e,node-name=base,name=disk,writable=on",
+        ]));
+        let mut d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let r = q.cmd(&format!(
+            r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"ov","file":{{"driver":"file","filename":"{ov}"}},"backing":null}}}}"#
+        ));
+        assert_eq!(r, serde_json::json!({"return": {}}), "{which:?}");
+        let r =
+            q.cmd(r#"{"execute":"blockdev-snapshot","arguments":{"node":"base","overlay":"ov"}}"#);
+        assert_eq!(r, serde_json::json!({"return": {}}), "{which:?}");
+        let url = format!("nbd+unix:///disk?socket={}", dir.s("n.sock"));
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x11 0 1M",
+                "-c",
+                "write -P 0x22 1M 64k",
+                &url,
+            ],
+        ));
+        assert!(!out.contains("failed"), "{which:?}: {out}");
+        let exports = q.cmd(r#"{"execute":"query-block-exports"}"#);
+        assert_eq!(exports["return"][0]["node-name"], "ov", "{which:?}");
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(10), Some(0), "{which:?}");
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x22 1M 64k",
+                "-c",
+                "read -P 0x11 0 1M",
+                &ov,
+            ],
+        ));
+        assert!(!out.contains("failed"), "{which:?}: {out}");
+        let out = ok(&run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0 1M 64k", &base],
+        ));
+        assert!(
+            !out.contains("failed"),
+            "{which:?}: base was written: {out}"
+        );
+    }
+}
+
+/// The errors of both commands, byte for byte as QSD's.
+#[test]
+fn snapshot_errors_match_qsd() {
+    let setup = |d: &TempDir| {
+        for f in ["base.qcow2", "o2.qcow2"] {
+            ok(&run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", &d.s(f), "1M"],
+            ));
+        }
+    };
+    let sync =
+        |args: &str| format!(r#"{{"execute":"blockdev-snapshot-sync","arguments":{{{args}}}}}"#);
+    let steps = [
+        sync(r#""node-name":"nope","snapshot-file":"$D/x.qcow2","snapshot-node-name":"x""#),
+        sync(r#""device":"base","snapshot-file":"$D/x.qcow2","snapshot-node-name":"x""#),
+        sync(r#""node-name":"base","snapshot-file":"$D/x.qcow2""#),
+        sync(r#""node-name":"base","snapshot-file":"$D/x.qcow2","snapshot-node-name":"base""#),
+        sync(
+            r#""node-name":"base","snapshot-file":"$D/x.qcow2","snapshot-node-name":"x","format":"raw""#,
+        ),
+        sync(
+            r#""node-name":"base","snapshot-file":"/nonexistent/dir/x.qcow2","snapshot-node-name":"x""#,
+        ),
+        sync(
+            r#""node-name":"base","snapshot-file":"$D/missing.qcow2","snapshot-node-name":"x","mode":"existing""#,
+        ),
+        sync(r#""node-name":"base","snapshot-file":"$D/base.qcow2","snapshot-node-name":"x""#),
+        r#"{"execute":"blockdev-snapshot","arguments":{"node":"nope","overlay":"o2"}}"#.into(),
+        r#"{"execute":"blockdev-snapshot","arguments":{"node":"base","overlay":"nope"}}"#.into(),
+        r#"{"execute":"blockdev-snapshot","arguments":{"node":"base","overlay":"base"}}"#.into(),
+        r#"{"execute":"blockdev-snapshot","arguments":{"node":"base","overlay":"o2file"}}"#.into(),
+        r#"{"execute":"blockdev-snapshot","arguments":{"node":"base","overlay":"o2"}}"#.into(),
+        r#"{"execute":"blockdev-snapshot","arguments":{"node":"base","overlay":"o2"}}"#.into(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = same_on_both(
+        &setup,
+        &[
+            "--blockdev",
+            "driver=qcow2,node-name=base,file.driver=file,file.filename=$D/base.qcow2",
+            "--blockdev",
+            "driver=file,node-name=o2file,filename=$D/o2.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=o2,file=o2file,backing=",
+        ],
+        &steps,
+    )
+    .expect("daemons start");
+    assert!(
+        out[0].contains("Cannot find device='' nor node-name='nope'"),
+        "{out:?}"
+    );
+    assert!(out[2].contains("New overlay node-name missing"), "{out:?}");
+    assert!(out[12].contains(r#"{"return": {}}"#), "{out:?}");
+    assert!(
+        out[13].contains("is busy: node is used as backing hd of 'o2'"),
+        "{out:?}"
+    );
+}
+
+/// A relative base filename goes into the overlay header as given.
+#[test]
+fn a_relative_base_name_is_written_as_given() {
+    let dir = TempDir::new();
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &dir.s("base.qcow2"), "1M"],
+    ));
+    let child = Command::new(rsd_bin())
+        .current_dir(&dir.0)
+        .args([
+            "--blockdev",
+            "driver=qcow2,node-name=base,file.driver=file,file.filename=base.qcow2",
+            "--chardev",
+            "socket,path=q.sock,server=on,wait=off,id=c",
+            "--monitor",
+            "chardev=c",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut d = Daemon {
+        child,
+        which: Which::Rsd,
+    };
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let r = q.cmd(r#"{"execute":"blockdev-snapshot-sync","arguments":{"node-name":"base","snapshot-file":"ov.qcow2","snapshot-node-name":"ov"}}"#);
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(10), Some(0));
+    let info = ok(&run(
+        "qemu-img",
+        &["info", "--output=json", &dir.s("ov.qcow2")],
+    ));
+    let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+    assert_eq!(info["backing-filename"], "base.qcow2", "{info}");
+}
