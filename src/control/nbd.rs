@@ -206,12 +206,7 @@ impl ControlState {
     async fn delete_export(&mut self, export: &Arc<Export>) {
         self.exports.remove(&export.id);
         export.close_all();
-        for _ in 0..500 {
-            if export.clients() == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        export.no_clients(std::time::Duration::from_secs(5)).await;
         self.block.remove_user(export.user);
         let mut data = Map::new();
         data.insert("id".into(), json!(export.id));

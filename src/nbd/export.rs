@@ -20,6 +20,8 @@ pub struct Export {
     /// The graph user holding this export's permissions.
     pub user: u64,
     clients: AtomicUsize,
+    /// Woken when the last client leaves.
+    idle: tokio::sync::Notify,
     /// Set to true to drop every connection (block-export-del mode=hard).
     closing: watch::Sender<bool>,
 }
@@ -49,12 +51,27 @@ impl Export {
             allocation_depth: c.allocation_depth,
             user: c.user,
             clients: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
             closing: watch::channel(false).0,
         })
     }
 
     pub fn clients(&self) -> usize {
         self.clients.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most `limit`) until no client is connected.
+    pub async fn no_clients(&self, limit: std::time::Duration) {
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.clients() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 
     pub fn close_all(&self) {
@@ -76,7 +93,9 @@ pub struct ClientGuard(Arc<Export>);
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::SeqCst);
+        if self.0.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
