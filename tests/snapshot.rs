@@ -353,3 +353,43 @@ fn a_relative_base_name_is_written_as_given() {
     let info: serde_json::Value = serde_json::from_str(&info).expect("json");
     assert_eq!(info["backing-filename"], "base.qcow2", "{info}");
 }
+
+/// x-blockdev-change, which QEMU implements for quorum only: its errors
+/// for the drivers rsd has, byte for byte as QSD's.
+#[test]
+fn x_blockdev_change_errors_match_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("base.qcow2"), "1M"],
+        ));
+    };
+    let change =
+        |args: &str| format!(r#"{{"execute":"x-blockdev-change","arguments":{{{args}}}}}"#);
+    let steps = [
+        change(r#""parent":"nope","node":"bf""#),
+        change(r#""parent":"base","child":"file","node":"bf""#),
+        change(r#""parent":"base""#),
+        change(r#""parent":"base","child":"bogus""#),
+        change(r#""parent":"base","child":"file""#),
+        change(r#""parent":"base","node":"nope""#),
+        change(r#""parent":"base","node":"bf""#),
+        change(r#""parent":"bf","child":"file""#),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = same_on_both(
+        &setup,
+        &[
+            "--blockdev",
+            "driver=file,node-name=bf,filename=$D/base.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=base,file=bf",
+        ],
+        &steps,
+    )
+    .expect("daemons start");
+    assert!(
+        out[4].contains("The node base does not support removing a child"),
+        "{out:?}"
+    );
+}

@@ -267,6 +267,7 @@ impl ControlState {
             "block_resize" => self.block_resize(&args).await,
             "blockdev-snapshot-sync" => self.blockdev_snapshot_sync(&args).await,
             "blockdev-snapshot" => self.blockdev_snapshot(&args).await,
+            "x-blockdev-change" => self.x_blockdev_change(&args),
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
                 args.get("flat").and_then(Value::as_bool).unwrap_or(false),
             )),
