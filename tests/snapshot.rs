@@ -393,3 +393,98 @@ fn x_blockdev_change_errors_match_qsd() {
         "{out:?}"
     );
 }
+
+/// change-backing-file: QSD's errors, and the header it writes (the new
+/// name with the backing node's format; "" removes both) while the open
+/// chain keeps serving.
+#[test]
+fn change_backing_file_as_qsd() {
+    let setup = |d: &TempDir| {
+        let base = d.s("base.qcow2");
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &base, "1M"],
+        ));
+        ok(&run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &base,
+                &d.s("ov.qcow2"),
+            ],
+        ));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("lone.qcow2"), "1M"],
+        ));
+    };
+    let change =
+        |args: &str| format!(r#"{{"execute":"change-backing-file","arguments":{{{args}}}}}"#);
+    let steps = [
+        change(r#""device":"nope","image-node-name":"ov","backing-file":"x""#),
+        change(r#""device":"base","image-node-name":"ov","backing-file":"x""#),
+        change(r#""device":"ov","image-node-name":"nope","backing-file":"x""#),
+        change(r#""device":"ov","image-node-name":"base","backing-file":"x""#),
+        change(r#""device":"lone","image-node-name":"ov","backing-file":"x""#),
+        change(r#""device":"ov","image-node-name":"ov","backing-file":"renamed.qcow2""#),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.into(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let extra = [
+        "--blockdev",
+        "driver=qcow2,node-name=base,file.driver=file,file.filename=$D/base.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=ov,file.driver=file,file.filename=$D/ov.qcow2,backing=base",
+        "--blockdev",
+        "driver=qcow2,node-name=lone,file.driver=file,file.filename=$D/lone.qcow2",
+    ];
+    let out = same_on_both(&setup, &extra, &steps).expect("daemons start");
+    assert!(out[1].contains("Need a root block node"), "{out:?}");
+    assert!(out[5].contains(r#"{"return": {}}"#), "{out:?}");
+    // The header each daemon wrote, and the removal.
+    for which in Which::all() {
+        let dir = TempDir::new();
+        setup(&dir);
+        let d = dir.0.display().to_string();
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(extra.iter().map(|s| s.replace("$D", &d)));
+        let mut dmn = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let r = q.cmd(&change(
+            r#""device":"ov","image-node-name":"ov","backing-file":"renamed.qcow2""#,
+        ));
+        assert_eq!(r, serde_json::json!({"return": {}}), "{which:?}");
+        let info = ok(&run(
+            "qemu-img",
+            &["info", "-U", "--output=json", &dir.s("ov.qcow2")],
+        ));
+        let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+        assert_eq!(
+            info["backing-filename"], "renamed.qcow2",
+            "{which:?}: {info}"
+        );
+        assert_eq!(
+            info["backing-filename-format"], "qcow2",
+            "{which:?}: {info}"
+        );
+        let r = q.cmd(&change(
+            r#""device":"ov","image-node-name":"ov","backing-file":"""#,
+        ));
+        assert_eq!(r, serde_json::json!({"return": {}}), "{which:?}");
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(dmn.wait_exit(10), Some(0), "{which:?}");
+        let info = ok(&run(
+            "qemu-img",
+            &["info", "--output=json", &dir.s("ov.qcow2")],
+        ));
+        let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+        assert!(info.get("backing-filename").is_none(), "{which:?}: {info}");
+        ok(&run("qemu-img", &["check", &dir.s("ov.qcow2")]));
+    }
+}

@@ -113,6 +113,21 @@ pub trait Driver: Send + Sync + 'static {
     fn cluster_size(&self) -> Option<u64> {
         None
     }
+    /// Writes a new backing file name (and format) into the image's
+    /// header, leaving the open chain as it is (change-backing-file).
+    /// `full` is `name` resolved against the image's directory.
+    fn change_backing_file<'a>(
+        &'a self,
+        _name: &'a str,
+        _fmt: Option<&'a str>,
+        _full: String,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async {
+            Err(super::error::BlockError::unsupported(
+                "Operation not supported",
+            ))
+        })
+    }
     /// The re-pointable edge this driver holds for a child role (a
     /// qcow2 image's "backing"), present even while it points nowhere.
     fn child_slot(&self, _role: &str) -> Option<std::sync::Arc<super::child::Child>> {

@@ -98,6 +98,19 @@ impl Node {
         self.driver.limits()
     }
 
+    /// Writes a new backing file name into the image's header.
+    pub async fn change_backing(
+        &self,
+        name: &str,
+        fmt: Option<&str>,
+        full: String,
+    ) -> Result<(), BlockError> {
+        if self.opts.read_only {
+            return Err(BlockError::perm("Block node is read-only"));
+        }
+        self.driver.change_backing_file(name, fmt, full).await
+    }
+
     pub fn read_only(&self) -> bool {
         self.opts.read_only
     }

@@ -198,3 +198,62 @@ impl Graph {
         let _ = self.refresh_perms();
     }
 }
+
+impl Graph {
+    /// `name` (a file an image's header names) resolved against the
+    /// directory of the image's file, as QEMU resolves backing names.
+    pub fn resolve_in_image_dir(&self, image: &str, name: &str) -> String {
+        let dir = self
+            .find(image)
+            .and_then(|e| e.children.iter().find(|c| c.role == "file"))
+            .and_then(|c| self.find(&c.child))
+            .and_then(|f| f.plain_filename.clone())
+            .and_then(|f| std::path::Path::new(&f).parent().map(|d| d.to_path_buf()));
+        match dir {
+            Some(d) if !name.starts_with('/') && !d.as_os_str().is_empty() => {
+                d.join(name).to_string_lossy().into_owned()
+            }
+            _ => name.to_string(),
+        }
+    }
+
+    /// Recomputes a format node's filename after its backing changed: as
+    /// QEMU, a backing node other than the one its header names (or none
+    /// where it names one) is part of its identity, so its filename
+    /// becomes `json:{...}` with the backing node's options.
+    pub fn refresh_backing_identity(&mut self, name: &str) {
+        let Some(e) = self.find(name) else {
+            return;
+        };
+        let header = e.node.driver.backing_file().map(|b| b.0);
+        let file = e
+            .children
+            .iter()
+            .find(|c| c.role == "file")
+            .map(|c| c.child.clone());
+        let backing = e
+            .children
+            .iter()
+            .find(|c| c.role == "backing")
+            .map(|c| c.child.clone());
+        let file_plain = file
+            .and_then(|f| self.find(&f))
+            .and_then(|f| f.plain_filename.clone());
+        let (bplain, bjson) = match backing.as_deref().and_then(|b| self.find(b)) {
+            Some(b) => (b.plain_filename.clone(), b.json.clone()),
+            None => (None, serde_json::Value::Null),
+        };
+        let same = backing.is_some() && header.is_some() && header == bplain;
+        let Some(e) = self.entries.iter_mut().find(|e| e.name == name) else {
+            return;
+        };
+        if let Some(j) = e.json.as_object_mut() {
+            if same {
+                j.remove("backing");
+            } else {
+                j.insert("backing".into(), bjson);
+            }
+        }
+        e.plain_filename = if same { file_plain } else { None };
+    }
+}

@@ -142,6 +142,7 @@ impl ControlState {
             self.block.detach_backing(&overlay);
             return Err(QmpError::generic(e));
         }
+        self.block.refresh_backing_identity(&overlay);
         Ok(json!({}))
     }
 
@@ -216,6 +217,73 @@ impl ControlState {
             }
             (None, None) => Err(QmpError::generic("Either child or node must be specified")),
         }
+    }
+}
+
+impl ControlState {
+    /// The backing node of `name`, if it has one.
+    fn backing_of(&self, name: &str) -> Option<String> {
+        self.block
+            .find(name)?
+            .children
+            .iter()
+            .find(|e| e.role == "backing")
+            .map(|e| e.child.clone())
+    }
+
+    /// change-backing-file: writes a new backing file name into the
+    /// header of an image in a root node's chain; the open chain stays.
+    pub(super) async fn change_backing_file(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let device = arg_str(args, "device");
+        let image = arg_str(args, "image-node-name");
+        let name = arg_str(args, "backing-file");
+        if self.block.find(device).is_none() {
+            return Err(not_found(device, device));
+        }
+        if !self.block.parents(device).is_empty() {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        let Some(img) = self.block.find(image) else {
+            return Err(not_found("", image));
+        };
+        let node = img.node.clone();
+        let Some(backing) = self.backing_of(image) else {
+            return Err(QmpError::generic(
+                "not allowing backing file change on an image without a backing file",
+            ));
+        };
+        // Walk the device's chain down to the image (bounded: the
+        // graph caps chains, this is a guard).
+        let mut at = Some(device.to_string());
+        for _ in 0..256 {
+            match &at {
+                Some(n) if n != image => at = self.backing_of(n),
+                _ => break,
+            }
+        }
+        if at.as_deref() != Some(image) {
+            return Err(QmpError::generic(format!(
+                "'{device}' and image file are not in the same chain"
+            )));
+        }
+        let fmt = self
+            .block
+            .find(&backing)
+            .map(|e| e.node.driver.name().to_string());
+        let full = self.block.resolve_in_image_dir(image, name);
+        node.change_backing(name, fmt.as_deref(), full)
+            .await
+            .map_err(|e| {
+                QmpError::generic(format!(
+                    "Could not change backing file to '{name}': {}",
+                    e.msg
+                ))
+            })?;
+        self.block.refresh_backing_identity(image);
+        Ok(json!({}))
     }
 }
 

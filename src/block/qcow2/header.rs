@@ -281,6 +281,67 @@ impl Header {
     }
 }
 
+/// The first cluster `b` with its backing file name (and format) made
+/// `name`/`fmt` (an empty name: none), as QEMU's change-backing-file
+/// rewrites it: the fixed fields as they are, the extensions in QEMU's
+/// order (backing format first), the name after them.
+pub fn with_backing(
+    b: &[u8],
+    h: &Header,
+    name: &str,
+    fmt: Option<&str>,
+) -> Result<Vec<u8>, String> {
+    let cs = h.cluster_size() as usize;
+    let fixed = (h.header_length as usize).min(b.len());
+    let end = if h.backing_file_offset != 0 {
+        (h.backing_file_offset as usize).min(cs)
+    } else {
+        cs
+    }
+    .min(b.len());
+    let mut exts: Vec<(u32, &[u8])> = Vec::new();
+    let mut at = fixed;
+    while at + 8 <= end {
+        let kind = be32(b, at);
+        let len = be32(b, at + 4) as usize;
+        if kind == EXT_END || len > end - (at + 8) {
+            break;
+        }
+        if kind != EXT_BACKING_FORMAT {
+            exts.push((kind, &b[at + 8..at + 8 + len]));
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    let mut out = b[..fixed].to_vec();
+    let push = |kind: u32, data: &[u8], out: &mut Vec<u8>| {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(8), 0);
+    };
+    if let (false, Some(f)) = (name.is_empty(), fmt) {
+        push(EXT_BACKING_FORMAT, f.as_bytes(), &mut out);
+    }
+    for (kind, data) in exts {
+        push(kind, data, &mut out);
+    }
+    out.extend_from_slice(&[0u8; 8]);
+    let (off, len) = if name.is_empty() {
+        (0u64, 0u32)
+    } else {
+        let off = out.len() as u64;
+        out.extend_from_slice(name.as_bytes());
+        (off, name.len() as u32)
+    };
+    if out.len() > cs || name.len() > 1023 {
+        return Err("Could not update the backing file name: header too large".into());
+    }
+    out[8..16].copy_from_slice(&off.to_be_bytes());
+    out[16..20].copy_from_slice(&len.to_be_bytes());
+    out.resize(cs, 0);
+    Ok(out)
+}
+
 /// Names unknown incompatible features as QEMU does: from the feature
 /// name table where it has them, else "Unknown incompatible feature: X".
 fn unknown_names(b: &[u8], h: &Header, mask: u64) -> String {

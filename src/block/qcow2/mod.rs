@@ -83,7 +83,8 @@ pub struct Qcow2 {
     free_guard: tokio::sync::RwLock<()>,
     read_only: bool,
     corrupt: AtomicBool,
-    backing_full: Option<String>,
+    /// The header's backing name resolved against the image's directory.
+    backing_full: std::sync::Mutex<Option<String>>,
     pass_discard: bool,
     overlap: Arc<overlap::Overlap>,
     node_name: String,
@@ -230,7 +231,7 @@ impl Qcow2 {
             free_guard: tokio::sync::RwLock::new(()),
             read_only,
             corrupt: AtomicBool::new(false),
-            backing_full: opts.backing_full.clone(),
+            backing_full: std::sync::Mutex::new(opts.backing_full.clone()),
             pass_discard: opts.pass_discard,
             overlap: ov,
             node_name: opts.node_name.clone(),
@@ -534,10 +535,42 @@ impl Driver for Qcow2 {
     fn child_slot(&self, role: &str) -> Option<Arc<Child>> {
         (role == "backing").then(|| self.backing.clone())
     }
+    fn change_backing_file<'a>(
+        &'a self,
+        name: &'a str,
+        fmt: Option<&'a str>,
+        full: String,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let _meta = self.meta.lock().await;
+            let h = self.header();
+            let mut first = vec![0u8; h.cluster_size() as usize];
+            self.file.read(0, &mut first).await?;
+            let new = header::with_backing(&first, &h, name, fmt).map_err(BlockError::inval)?;
+            self.file.write(0, &new, WriteFlags::default()).await?;
+            self.file.flush().await?;
+            if let Ok(mut hh) = self.header.lock() {
+                hh.backing_file = (!name.is_empty()).then(|| name.to_string());
+                hh.backing_format = fmt.filter(|_| !name.is_empty()).map(str::to_string);
+                let off = u64::from_be_bytes(new[8..16].try_into().unwrap_or([0; 8]));
+                hh.backing_file_offset = off;
+                hh.backing_file_size = name.len() as u32;
+            }
+            if let Ok(mut f) = self.backing_full.lock() {
+                *f = (!name.is_empty()).then_some(full);
+            }
+            Ok(())
+        })
+    }
     fn backing_file(&self) -> Option<(String, Option<String>, String)> {
         let h = self.header();
         let name = h.backing_file?;
-        let full = self.backing_full.clone().unwrap_or_else(|| name.clone());
+        let full = self
+            .backing_full
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_else(|| name.clone());
         Some((name, h.backing_format, full))
     }
 }
