@@ -180,12 +180,6 @@ fn blockdev_snapshot_puts_an_added_overlay_in_place() {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x11 0 1M", &base],
     ));
-    ok(&run(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &ov,
-        ],
-    ));
     for which in Which::all() {
         ok(&run(
             "qemu-img",
