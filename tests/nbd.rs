@@ -1573,3 +1573,29 @@ fn a_513_byte_qcow2_is_exported_as_512_as_in_qsd() {
         assert_eq!(size, 512, "{which:?}");
     }
 }
+
+/// block-export-add checks its `iothread` as QSD does (it was once
+/// ignored, whatever it named).
+#[test]
+fn export_iothread_is_checked_as_in_qsd() {
+    let setup = |d: &TempDir| qemu_img_create(&d.path("r.img"), "1M");
+    let out = same_on_both(
+        &setup,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=$D/r.img",
+            "--object",
+            "iothread,id=io1",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$D/n.sock",
+        ],
+        &[
+            r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e1","node-name":"f","iothread":"nope"}}"#,
+            r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e2","node-name":"f","iothread":"io1"}}"#,
+            r#"{"execute":"query-block-exports"}"#,
+        ],
+    )
+    .expect("daemons start");
+    assert!(out[0].contains(r#"iothread \"nope\" not found"#), "{out:?}");
+    assert!(out[2].contains(r#""id": "e2""#), "{out:?}");
+}

@@ -118,6 +118,18 @@ impl ControlState {
             return Err(format!("Cannot find device='' nor node-name='{node_name}'"));
         };
         let node = entry.node.clone();
+        // Validated as QEMU does; every NBD client already runs on a
+        // thread of its own, so the iothread changes nothing else
+        // (differences entry 36).
+        if let Some(io) = args.get("iothread").and_then(Value::as_str) {
+            let found = self
+                .objects
+                .get(io)
+                .is_some_and(|o| o.qom_type() == "iothread");
+            if !found {
+                return Err(format!("iothread \"{io}\" not found"));
+            }
+        }
         let writable = args
             .get("writable")
             .and_then(Value::as_bool)
