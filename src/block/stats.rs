@@ -33,14 +33,28 @@ pub struct Stats {
     pub unmap: Counter,
     /// Sectors are not tracked; QEMU reports merged requests as 0 too.
     pub wr_highest_offset: AtomicU64,
-    /// Time of the last completed request, for `idle_time_ns`.
-    pub last_io: std::sync::Mutex<Option<Instant>>,
+    /// When the last request completed, in nanoseconds after `epoch()`
+    /// plus one (0: never), for `idle_time_ns`: an atomic, not a lock
+    /// taken per request.
+    last_io: AtomicU64,
+}
+
+/// A fixed instant the request times count from.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Stats {
     pub fn touch(&self) {
-        if let Ok(mut t) = self.last_io.lock() {
-            *t = Some(Instant::now());
+        let at = epoch().elapsed().as_nanos() as u64 + 1;
+        self.last_io.store(at, Relaxed);
+    }
+    /// Nanoseconds since the last request completed, if there was one.
+    pub fn idle_ns(&self) -> Option<u64> {
+        match self.last_io.load(Relaxed) {
+            0 => None,
+            at => Some((epoch().elapsed().as_nanos() as u64 + 1).saturating_sub(at)),
         }
     }
     pub fn note_write_end(&self, end: u64) {

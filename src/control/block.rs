@@ -251,11 +251,7 @@ impl ControlState {
 
     fn node_stats(&self, e: &Entry) -> Value {
         let st = &e.node.stats;
-        let idle = st
-            .last_io
-            .lock()
-            .ok()
-            .and_then(|t| t.map(|t| t.elapsed().as_nanos() as u64));
+        let idle = st.idle_ns();
         let mut stats = json!({
             "unmap_operations": st.unmap.ops.load(Relaxed), "unmap_merged": 0,
             "failed_zone_append_operations": 0, "flush_total_time_ns": st.flush.total_ns.load(Relaxed),
