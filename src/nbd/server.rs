@@ -9,8 +9,9 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Semaphore;
 
-use super::conn::{handshake, transmission, Reader, Session, Writer};
+use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
+use super::handshake::{handshake, Session};
 use crate::chardev::actor::AbortOnDrop;
 use crate::chardev::backend::Listener;
 

@@ -1,0 +1,373 @@
+//! The NBD handshake: the fixed-newstyle greeting and option haggling
+//! (GO, INFO, LIST, STRUCTURED_REPLY, EXTENDED_HEADERS,
+//! LIST/SET_META_CONTEXT, ABORT, EXPORT_NAME), up to the export the
+//! client chose. It owns the whole stream while it runs (ready for
+//! STARTTLS) and reads exactly what the client sent, so the socket can
+//! move to the thread that serves transmission.
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::codec::drain;
+use super::export::{Export, Exports};
+use super::proto::*;
+
+/// Option payloads beyond this end the connection (QEMU's limit).
+const MAX_OPTION_LEN: u32 = 32 << 20;
+/// Option payloads beyond this are read and dropped, not kept: no valid
+/// option of rsd's is this long.
+const KEPT_OPTION_LEN: u32 = 64 << 10;
+/// The longest export name (the spec's, and QEMU's, string limit).
+const MAX_NAME_LEN: usize = 4096;
+
+pub const CTX_BASE: u32 = 1;
+pub const CTX_DEPTH: u32 = 2;
+
+/// The handshake: greeting, client flags and option haggling, up to the
+/// export the client chose (None when it left or chose none). It reads
+/// exactly what the client sent for it, so the stream can then move to
+/// the thread that serves transmission.
+pub async fn handshake<R, W>(rd: &mut R, wr: &mut W, exports: &Exports) -> Option<Session>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    wr.write_all(&hello).await.ok()?;
+    let client_flags = rd.read_u32().await.ok()?;
+    let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
+    negotiate(rd, wr, exports, no_zeroes).await.ok().flatten()
+}
+
+/// What option haggling settled.
+pub struct Session {
+    pub(super) export: Arc<Export>,
+    pub(super) structured: bool,
+    /// Extended headers: 64-bit lengths, 32-byte requests and replies.
+    pub(super) extended: bool,
+    pub(super) contexts: Vec<u32>,
+    /// Counts this client on its export, from before the handshake's
+    /// last reply (so a client that finished haggling is always "in use").
+    pub(super) _client: super::export::ClientGuard,
+}
+
+async fn opt_reply(
+    wr: &mut (impl AsyncWrite + Unpin),
+    opt: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    wr.write_all(&b).await
+}
+
+fn transmission_flags(e: &Export, extended: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS
+        | FLAG_SEND_FLUSH
+        | FLAG_SEND_FUA
+        | FLAG_SEND_DF
+        | FLAG_CAN_MULTI_CONN
+        | FLAG_SEND_CACHE;
+    if e.writable {
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    } else {
+        f |= FLAG_READ_ONLY;
+    }
+    if extended {
+        // BLOCK_STATUS may carry a payload (a length and context ids).
+        f |= FLAG_BLOCK_STAT_PAYLOAD;
+    }
+    f
+}
+
+/// A cursor over an option's payload.
+struct Payload<'a>(&'a [u8]);
+impl<'a> Payload<'a> {
+    fn u16(&mut self) -> Option<u16> {
+        let (h, t) = self.0.split_first_chunk::<2>()?;
+        self.0 = t;
+        Some(u16::from_be_bytes(*h))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        let (h, t) = self.0.split_first_chunk::<4>()?;
+        self.0 = t;
+        Some(u32::from_be_bytes(*h))
+    }
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (h, t) = self.0.split_at(n);
+        self.0 = t;
+        Some(h)
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        self.bytes(n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+}
+
+/// The export an option's payload names. Replies ERR_INVALID to a
+/// malformed payload and ERR_UNKNOWN to an unknown name, then gives None.
+async fn named_export<T>(
+    wr: &mut (impl AsyncWrite + Unpin),
+    opt: u32,
+    exports: &Exports,
+    parsed: Option<(String, T)>,
+) -> std::io::Result<Option<(Arc<Export>, String, T)>> {
+    let Some((name, rest)) = parsed else {
+        opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+        return Ok(None);
+    };
+    if name.len() > MAX_NAME_LEN {
+        let msg = format!("Invalid name length: {}", name.len());
+        opt_reply(wr, opt, REP_ERR_INVALID, msg.as_bytes()).await?;
+        return Ok(None);
+    }
+    match exports.find(&name) {
+        Some(e) => Ok(Some((e, name, rest))),
+        None => {
+            // As QEMU: a long name is cut to 80 characters in the message.
+            let shown = match name.char_indices().nth(80) {
+                Some((at, _)) => format!("{}...", &name[..at]),
+                None => name,
+            };
+            let msg = format!("export '{shown}' not present");
+            opt_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The meta contexts an export offers that match `query`.
+fn match_contexts(e: &Export, query: &str) -> Vec<(u32, &'static str)> {
+    let mut all = vec![(CTX_BASE, "base:allocation")];
+    if e.allocation_depth {
+        all.push((CTX_DEPTH, "qemu:allocation-depth"));
+    }
+    all.into_iter()
+        .filter(|(_, name)| match query {
+            "" => true,
+            "base:" | "qemu:" => name.starts_with(query),
+            q => *name == q,
+        })
+        .collect()
+}
+
+async fn negotiate(
+    rd: &mut (impl AsyncRead + Unpin),
+    wr: &mut (impl AsyncWrite + Unpin),
+    exports: &Exports,
+    no_zeroes: bool,
+) -> std::io::Result<Option<Session>> {
+    let mut structured = false;
+    let mut extended = false;
+    let mut contexts: Vec<u32> = Vec::new();
+    let mut ctx_export: Option<String> = None;
+    loop {
+        if rd.read_u64().await? != IHAVEOPT {
+            return Ok(None);
+        }
+        let opt = rd.read_u32().await?;
+        let len = rd.read_u32().await?;
+        if len > MAX_OPTION_LEN {
+            return Ok(None);
+        }
+        if len > KEPT_OPTION_LEN {
+            drain(rd, u64::from(len)).await?;
+            if opt == OPT_EXPORT_NAME {
+                return Ok(None);
+            }
+            let kind = match opt {
+                OPT_ABORT
+                | OPT_LIST
+                | OPT_STRUCTURED_REPLY
+                | OPT_EXTENDED_HEADERS
+                | OPT_INFO
+                | OPT_GO
+                | OPT_LIST_META_CONTEXT
+                | OPT_SET_META_CONTEXT => REP_ERR_INVALID,
+                _ => REP_ERR_UNSUP,
+            };
+            opt_reply(wr, opt, kind, &[]).await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        rd.read_exact(&mut data).await?;
+        match opt {
+            OPT_EXPORT_NAME if data.len() > MAX_NAME_LEN => return Ok(None),
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some((export, node)) = exports
+                    .find(&name)
+                    .and_then(|e| e.node.get().map(|n| (e, n)))
+                else {
+                    return Ok(None);
+                };
+                let mut b = Vec::with_capacity(134);
+                b.extend_from_slice(&node.size().to_be_bytes());
+                b.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                let client = export.attach();
+                wr.write_all(&b).await?;
+                return Ok(Some(Session {
+                    _client: client,
+                    export,
+                    structured,
+                    extended,
+                    contexts: if ctx_export.as_deref() == Some(&name) {
+                        contexts
+                    } else {
+                        vec![]
+                    },
+                }));
+            }
+            OPT_ABORT => {
+                let _ = opt_reply(wr, opt, REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if len != 0 {
+                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    continue;
+                }
+                for e in exports.list() {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(e.name.as_bytes());
+                    if let Some(desc) = &e.description {
+                        d.extend_from_slice(desc.as_bytes());
+                    }
+                    opt_reply(wr, opt, REP_SERVER, &d).await?;
+                }
+                opt_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            OPT_EXTENDED_HEADERS => {
+                if len != 0 {
+                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    continue;
+                }
+                extended = true;
+                structured = true;
+                opt_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    continue;
+                }
+                structured = true;
+                opt_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let mut p = Payload(&data);
+                let parsed = (|| {
+                    let name = p.string()?;
+                    let n = p.u16()? as usize;
+                    let reqs: Option<Vec<u16>> = (0..n).map(|_| p.u16()).collect();
+                    p.0.is_empty().then_some((name, reqs?))
+                })();
+                let Some((export, name, reqs)) = named_export(wr, opt, exports, parsed).await?
+                else {
+                    continue;
+                };
+                if reqs.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    opt_reply(wr, opt, REP_INFO, &d).await?;
+                }
+                if reqs.contains(&INFO_DESCRIPTION) {
+                    if let Some(desc) = &export.description {
+                        let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                        d.extend_from_slice(desc.as_bytes());
+                        opt_reply(wr, opt, REP_INFO, &d).await?;
+                    }
+                }
+                let Some(node) = export.node.get() else {
+                    opt_reply(wr, opt, REP_ERR_UNKNOWN, &[]).await?;
+                    continue;
+                };
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                let min = node.limits().request_alignment;
+                d.extend_from_slice(&min.to_be_bytes());
+                d.extend_from_slice(&4096u32.max(min).to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                opt_reply(wr, opt, REP_INFO, &d).await?;
+                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                d.extend_from_slice(&node.size().to_be_bytes());
+                d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
+                opt_reply(wr, opt, REP_INFO, &d).await?;
+                let client = (opt == OPT_GO).then(|| export.attach());
+                opt_reply(wr, opt, REP_ACK, &[]).await?;
+                if let Some(client) = client {
+                    return Ok(Some(Session {
+                        _client: client,
+                        contexts: if ctx_export.as_deref() == Some(&name) {
+                            contexts
+                        } else {
+                            vec![]
+                        },
+                        export,
+                        structured,
+                        extended,
+                    }));
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set && !structured {
+                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    continue;
+                }
+                let mut p = Payload(&data);
+                let parsed = (|| {
+                    let name = p.string()?;
+                    let n = p.u32()? as usize;
+                    let qs: Option<Vec<String>> = (0..n).map(|_| p.string()).collect();
+                    p.0.is_empty().then_some((name, qs?))
+                })();
+                let Some((export, name, queries)) = named_export(wr, opt, exports, parsed).await?
+                else {
+                    continue;
+                };
+                let mut found: Vec<(u32, &'static str)> = Vec::new();
+                let queries = if queries.is_empty() && !set {
+                    vec![String::new()]
+                } else {
+                    queries
+                };
+                for q in &queries {
+                    for c in match_contexts(&export, q) {
+                        if !found.contains(&c) {
+                            found.push(c);
+                        }
+                    }
+                }
+                for (id, cname) in &found {
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(cname.as_bytes());
+                    opt_reply(wr, opt, REP_META_CONTEXT, &d).await?;
+                }
+                if set {
+                    contexts = found.iter().map(|(id, _)| *id).collect();
+                    ctx_export = Some(name);
+                }
+                opt_reply(wr, opt, REP_ACK, &[]).await?;
+            }
+            _ => {
+                opt_reply(wr, opt, REP_ERR_UNSUP, &[]).await?;
+            }
+        }
+    }
+}
