@@ -11,3 +11,4 @@ pub mod nbd;
 pub mod objects;
 pub mod qapi;
 pub mod qmp;
+pub mod util;

@@ -22,7 +22,7 @@ impl BlockError {
     pub fn io(e: &std::io::Error, what: &str) -> Self {
         BlockError {
             errno: e.raw_os_error().unwrap_or(nix::libc::EIO),
-            msg: format!("{what}: {}", actors::pidfile::os_msg(e)),
+            msg: format!("{what}: {}", crate::util::os_msg(e)),
         }
     }
     pub fn errno(errno: nix::errno::Errno, what: &str) -> Self {

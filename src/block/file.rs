@@ -58,7 +58,7 @@ pub struct FileDriver {
 }
 
 fn os_err(e: &std::io::Error) -> String {
-    actors::pidfile::os_msg(e)
+    crate::util::os_msg(e)
 }
 
 impl FileDriver {

@@ -11,6 +11,7 @@ pub mod lock;
 pub mod node;
 pub mod null;
 pub mod perm;
+pub mod progress;
 pub mod qcow2;
 pub mod raw;
 pub mod replace;

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 
 use super::backend::{Backend, Conn};
+use crate::util::AbortOnDrop;
 
 pub enum ChardevMsg {
     /// Attach a frontend that receives connections.
@@ -21,16 +21,6 @@ pub enum ChardevMsg {
 
 #[derive(Clone)]
 pub struct ChardevActor;
-
-/// Aborts a task when dropped: the tasks an actor spawns die with its
-/// state, also when the actor fails (ractor then skips post_stop).
-pub struct AbortOnDrop(pub JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 pub struct ChardevState {
     backend: Arc<Backend>,

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{oneshot, Mutex};
 
-use actors::pidfile::os_msg;
+use crate::util::os_msg;
 
 /// One client connection handed to the frontend. Dropping it tells the
 /// chardev that the client is gone, so it accepts the next one.

@@ -245,7 +245,7 @@ pub fn trace(text: &str) -> Result<Option<observability::TraceOpt>, String> {
             "enable" => t.patterns.push(v),
             "events" => {
                 let list = std::fs::read_to_string(&v)
-                    .map_err(|e| format!("{v}: {}", actors::pidfile::os_msg(&e)))?;
+                    .map_err(|e| format!("{v}: {}", crate::util::os_msg(&e)))?;
                 t.patterns.extend(
                     list.lines()
                         .map(str::trim)

@@ -300,7 +300,7 @@ async fn create_overlay_file(
         .create(true)
         .truncate(true)
         .open(file)
-        .map_err(|e| format!("Could not create '{file}': {}", actors::pidfile::os_msg(&e)))?;
+        .map_err(|e| format!("Could not create '{file}': {}", crate::util::os_msg(&e)))?;
     println!(
         "Formatting '{file}', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size={size} backing_file={backing} backing_fmt={backing_fmt} lazy_refcounts=off refcount_bits=16"
     );

@@ -9,23 +9,16 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::{JobFuture, Shared, Start, CANCELED};
-use crate::block::node::Node;
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     m.get(k).and_then(Value::as_str)
 }
 
 fn os_msg(e: &std::io::Error) -> String {
-    actors::pidfile::os_msg(e)
+    crate::util::os_msg(e)
 }
 
-/// Nodes a create job writes to, looked up by the control actor before
-/// the job starts (the lookup's error is the job's, as in QEMU).
-pub struct Targets {
-    pub file: Result<Arc<Node>, String>,
-    /// The data file's node and the filename the image will name.
-    pub data_file: Option<Result<(Arc<Node>, String), String>>,
-}
+pub use crate::block::progress::Targets;
 
 /// The job's work for validated BlockdevCreateOptions.
 pub fn start(opts: Map<String, Value>, targets: Targets) -> Start {
@@ -34,7 +27,13 @@ pub fn start(opts: Map<String, Value>, targets: Targets) -> Start {
             sh.set_progress(0, 1);
             let first = match s(&opts, "driver").unwrap_or_default() {
                 "file" => create_file(sh.clone(), opts).await,
-                "qcow2" => crate::block::qcow2::create::start(sh.clone(), opts, targets).await,
+                "qcow2" => {
+                    let sh2 = sh.clone();
+                    let rest: JobFuture = Box::pin(async move {
+                        crate::block::qcow2::create::create(sh2.as_ref(), &opts, targets).await
+                    });
+                    Ok(rest)
+                }
                 other => {
                     // After the first yield in QEMU: an error of the job.
                     let msg = match &targets.file {

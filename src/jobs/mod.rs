@@ -32,7 +32,7 @@ pub type Start = Box<
 /// Every job, newest first (query-jobs order).
 pub type Jobs = Arc<Mutex<Vec<Arc<Shared>>>>;
 
-pub const CANCELED: &str = "Operation canceled";
+pub use crate::block::progress::CANCELED;
 
 struct Flags {
     status: Status,
@@ -57,6 +57,16 @@ pub struct Shared {
     /// The newest command that started or steered this job; what the
     /// job's work does next waits until that command's reply is queued.
     pub gate: AtomicU64,
+}
+
+/// Jobs drive long block work through the block layer's progress trait.
+impl crate::block::progress::Progress for Shared {
+    fn cancelled(&self) -> bool {
+        Shared::cancelled(self)
+    }
+    fn set_progress(&self, done: u64, total: u64) {
+        Shared::set_progress(self, done, total)
+    }
 }
 
 impl Shared {

@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
 use super::handshake::{handshake, Session};
-use crate::chardev::actor::AbortOnDrop;
 use crate::chardev::backend::Listener;
+use crate::util::AbortOnDrop;
 
 pub const REGISTRY_NAME: &str = "nbd-server";
 

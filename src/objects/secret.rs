@@ -113,7 +113,7 @@ impl Secret {
 
 fn read_file(path: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| {
-        let why = actors::pidfile::os_msg(&e);
+        let why = crate::util::os_msg(&e);
         let what = if e.kind() == std::io::ErrorKind::NotFound
             || e.kind() == std::io::ErrorKind::PermissionDenied
         {

@@ -11,11 +11,11 @@ use super::frame;
 use super::json::JsonStreamer;
 use super::outbox::Outbox;
 use super::request::{self, reply_err, reply_ok, Action, SessionState};
-use crate::chardev::actor::AbortOnDrop;
 use crate::chardev::{ChardevMsg, Conn};
 use crate::context::{Ctx, QEMU_COMPAT, RSD_VERSION};
 use crate::control::ControlMsg;
 use crate::qapi::QmpError;
+use crate::util::AbortOnDrop;
 
 #[derive(Clone)]
 pub struct MonitorConfig {

@@ -11,8 +11,7 @@ use super::header::{self, MAGIC};
 use super::{Qcow2, Qcow2Options};
 use crate::block::driver::{Driver, WriteFlags};
 use crate::block::node::Node;
-use crate::jobs::create::Targets;
-use crate::jobs::{JobFuture, Shared};
+use crate::block::progress::{Progress, Targets};
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     m.get(k).and_then(Value::as_str)
@@ -249,17 +248,12 @@ fn header_cluster(p: &Plan, data_file: Option<&str>) -> Result<Vec<u8>, String> 
     Ok(b)
 }
 
-/// The create job's work: everything after the command's reply.
-pub async fn start(
-    sh: Arc<Shared>,
-    opts: Map<String, Value>,
+/// blockdev-create for qcow2: everything after the command's reply.
+pub async fn create(
+    sh: &dyn Progress,
+    o: &Map<String, Value>,
     targets: Targets,
-) -> Result<JobFuture, String> {
-    let rest: JobFuture = Box::pin(async move { create(&sh, &opts, targets).await });
-    Ok(rest)
-}
-
-async fn create(sh: &Arc<Shared>, o: &Map<String, Value>, targets: Targets) -> Result<(), String> {
+) -> Result<(), String> {
     let file = targets.file?;
     if file.read_only() {
         return Err("Block node is read-only".into());

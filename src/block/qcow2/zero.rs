@@ -179,7 +179,11 @@ impl Qcow2 {
     /// cluster and an L2 entry ("metadata"); "falloc" also reserves the
     /// data's space in the file, "full" writes its zeroes (reporting
     /// progress in bytes).
-    pub async fn preallocate(&self, mode: &str, sh: &crate::jobs::Shared) -> BlockResult<()> {
+    pub async fn preallocate(
+        &self,
+        mode: &str,
+        sh: &dyn crate::block::progress::Progress,
+    ) -> BlockResult<()> {
         let size = self.size();
         let cs = self.cs();
         let mut meta = self.meta.lock().await;
@@ -188,7 +192,10 @@ impl Qcow2 {
         let mut g = 0;
         while g < size {
             if sh.cancelled() {
-                return Err(BlockError::new(nix::libc::ECANCELED, crate::jobs::CANCELED));
+                return Err(BlockError::new(
+                    nix::libc::ECANCELED,
+                    crate::block::progress::CANCELED,
+                ));
             }
             let (t, t_off, i) = self.writable_table(&mut meta, g, &mut released).await?;
             let host = if self.external {
