@@ -10,6 +10,11 @@ use tokio::sync::{oneshot, watch};
 use super::backend::{Backend, Conn};
 use crate::util::AbortOnDrop;
 
+/// The name a chardev's actor registers under.
+pub fn registry_name(id: &str) -> String {
+    format!("chardev/{id}")
+}
+
 pub enum ChardevMsg {
     /// Attach a frontend that receives connections.
     Attach(UnboundedSender<Conn>, RpcReplyPort<()>),

@@ -11,9 +11,7 @@ use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
 /// The registry name (and supervisor child id) of a chardev's actor.
-pub fn chardev_name(id: &str) -> String {
-    format!("chardev/{id}")
-}
+pub use crate::chardev::actor::registry_name as chardev_name;
 
 /// QOM type and `addr` property of a chardev, from its backend arguments.
 fn describe(backend: &Map<String, Value>) -> (&'static str, Option<Value>) {

@@ -351,10 +351,24 @@ impl ControlState {
             return Err(format!("chardev '{chardev}' is already in use"));
         }
         entry.has_monitor = true;
+        let control = self.ctx.control.get().cloned();
+        let dispatch: crate::qmp::Dispatch = Arc::new(move |name, args| {
+            let control = control.clone();
+            Box::pin(async move {
+                let Some(control) = control else {
+                    return (Err(QmpError::generic("daemon is starting")), 0);
+                };
+                match ractor::call!(control, ControlMsg::Execute, name, args) {
+                    Ok(r) => r,
+                    Err(e) => (Err(QmpError::generic(format!("internal error: {e}"))), 0),
+                }
+            })
+        });
         let cfg = MonitorConfig {
             chardev: chardev.clone(),
             pretty,
             ctx: self.ctx.clone(),
+            dispatch,
         };
         let spec = ChildSpec::actor(
             monitor::registry_name(&chardev),

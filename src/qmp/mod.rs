@@ -4,7 +4,22 @@ pub mod monitor;
 pub mod outbox;
 pub mod request;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
+
+/// Runs a validated command and gives its result and the sequence number
+/// of its reply (monitors depend on this handle, not on who runs it).
+pub type Dispatch = std::sync::Arc<
+    dyn Fn(
+            String,
+            Map<String, Value>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = (Result<Value, crate::qapi::QmpError>, u64)>
+                    + Send,
+            >,
+        > + Send
+        + Sync,
+>;
 
 /// One server-to-client message: the JSON text with every newline as CRLF
 /// and a final CRLF, as QEMU's monitor writes it.

@@ -13,8 +13,6 @@ use super::outbox::Outbox;
 use super::request::{self, reply_err, reply_ok, Action, SessionState};
 use crate::chardev::{ChardevMsg, Conn};
 use crate::context::{Ctx, QEMU_COMPAT, RSD_VERSION};
-use crate::control::ControlMsg;
-use crate::qapi::QmpError;
 use crate::util::AbortOnDrop;
 
 #[derive(Clone)]
@@ -22,6 +20,8 @@ pub struct MonitorConfig {
     pub chardev: String,
     pub pretty: bool,
     pub ctx: Arc<Ctx>,
+    /// Runs the commands this monitor's clients send.
+    pub dispatch: super::Dispatch,
 }
 
 pub enum MonitorMsg {
@@ -60,7 +60,7 @@ impl Actor for MonitorActor {
         cfg: MonitorConfig,
     ) -> Result<MonitorState, ActorProcessingErr> {
         let chardev: ActorRef<ChardevMsg> =
-            ractor::registry::where_is(crate::control::chardev_name(&cfg.chardev))
+            ractor::registry::where_is(crate::chardev::actor::registry_name(&cfg.chardev))
                 .ok_or_else(|| format!("chardev \"{}\" not found", cfg.chardev))?
                 .into();
         let (tx, mut rx) = mpsc::unbounded_channel::<Conn>();
@@ -164,7 +164,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
                     }
                     tracing::trace!(target: "qmp_command", chardev = %cfg.chardev, command = %name);
                     quit = name == "quit";
-                    let (result, seq) = execute(&ctx, name, args).await;
+                    let (result, seq) = (cfg.dispatch)(name, args).await;
                     let v = match result {
                         Ok(ret) => reply_ok(ret, id),
                         Err(e) => reply_err(&e, id),
@@ -195,18 +195,4 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
         std::future::pending::<()>().await;
     }
     drop(done);
-}
-
-async fn execute(
-    ctx: &Arc<Ctx>,
-    name: String,
-    args: serde_json::Map<String, Value>,
-) -> (Result<Value, QmpError>, u64) {
-    let Some(control) = ctx.control.get() else {
-        return (Err(QmpError::generic("daemon is starting")), 0);
-    };
-    match ractor::call!(control, ControlMsg::Execute, name, args) {
-        Ok(r) => r,
-        Err(e) => (Err(QmpError::generic(format!("internal error: {e}"))), 0),
-    }
 }
