@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod events;
 pub mod jobs;
 pub mod nbd;
+pub mod numbers;
 pub mod objects;
 pub mod qapi;
 pub mod qmp;

@@ -229,7 +229,7 @@ impl Validator<'_> {
 
     /// Keyval input: every scalar arrives as a string.
     fn visit_keyval_scalar(&self, name: &str, v: &Value, path: &Path) -> Result<Value, QmpError> {
-        use crate::cli::keyval::{parse_bool, parse_i64, parse_size, parse_u64};
+        use crate::numbers::{parse_bool, parse_i64, parse_size, parse_u64};
         let s = self.scalar_str(v, path)?;
         match name {
             "str" => Ok(Value::String(s.to_string())),
