@@ -41,8 +41,16 @@ impl Drop for Server {
 }
 
 pub enum ServerMsg {
+    /// The accept loop ended (it never should): fail, to be restarted.
+    LoopEnded(String),
     /// Test hook: fail inside the handler.
     Crash,
+}
+
+/// The accept loop and the task watching it; both stop with the actor.
+pub struct ServerState {
+    _accept: AbortOnDrop,
+    _watch: AbortOnDrop,
 }
 
 #[derive(Clone)]
@@ -234,24 +242,49 @@ async fn accept_loop(server: Arc<Server>) {
 
 impl Actor for ServerActor {
     type Msg = ServerMsg;
-    type State = AbortOnDrop;
+    type State = ServerState;
     type Arguments = Arc<Server>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ServerMsg>,
+        myself: ActorRef<ServerMsg>,
         server: Arc<Server>,
-    ) -> Result<AbortOnDrop, ActorProcessingErr> {
-        Ok(AbortOnDrop(tokio::spawn(accept_loop(server))))
+    ) -> Result<ServerState, ActorProcessingErr> {
+        // The actor owns the accept loop and watches it: if the loop ends
+        // (a panic), the actor fails and its supervisor starts it again
+        // on the same listening socket.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
+        let accept = tokio::spawn(async move {
+            struct Report(Option<tokio::sync::oneshot::Sender<String>>);
+            impl Drop for Report {
+                fn drop(&mut self) {
+                    if let Some(tx) = self.0.take() {
+                        let _ = tx.send("accept loop ended".into());
+                    }
+                }
+            }
+            let _report = Report(Some(done_tx));
+            accept_loop(server).await;
+        });
+        let watch = tokio::spawn(async move {
+            if let Ok(why) = done_rx.await {
+                let _ = myself.cast(ServerMsg::LoopEnded(why));
+            }
+        });
+        Ok(ServerState {
+            _accept: AbortOnDrop(accept),
+            _watch: AbortOnDrop(watch),
+        })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<ServerMsg>,
         msg: ServerMsg,
-        _state: &mut AbortOnDrop,
+        _state: &mut ServerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            ServerMsg::LoopEnded(why) => Err(format!("NBD server: {why}").into()),
             ServerMsg::Crash => Err("test hook: NBD server crash requested".into()),
         }
     }
