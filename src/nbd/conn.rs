@@ -229,7 +229,7 @@ async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
     };
     match result {
         Ok(()) => ok_reply(s, r.cookie, r.offset),
-        Err(e) => error_reply(s, r.cookie, r.offset, nbd_errno(e.errno)),
+        Err(e) => error_reply(s, r.cookie, r.offset, e.nbd_error()),
     }
 }
 
@@ -277,7 +277,7 @@ async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
     b[..head.len()].copy_from_slice(&head);
     match node.read(r.offset, &mut b[head.len()..need]).await {
         Ok(()) => Reply { buf: b, len: need },
-        Err(e) => error_reply(s, r.cookie, r.offset, nbd_errno(e.errno)),
+        Err(e) => error_reply(s, r.cookie, r.offset, e.nbd_error()),
     }
 }
 
@@ -298,7 +298,7 @@ async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
                 extents.push(e);
                 off += e.len;
             }
-            Err(e) => return error_reply(s, r.cookie, r.offset, nbd_errno(e.errno)),
+            Err(e) => return error_reply(s, r.cookie, r.offset, e.nbd_error()),
         }
         if one {
             break;

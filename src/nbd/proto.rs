@@ -88,19 +88,3 @@ pub const STATE_ZERO: u32 = 2;
 
 /// Largest request payload rsd accepts (QEMU's limit too).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
-
-/// Maps a block-layer errno to the NBD error the spec allows, as QEMU
-/// does (anything without an NBD equivalent is EINVAL).
-pub fn nbd_errno(errno: i32) -> u32 {
-    use nix::libc;
-    match errno {
-        libc::EPERM | libc::EROFS => EPERM,
-        libc::EIO => EIO,
-        libc::ENOMEM => ENOMEM,
-        libc::EDQUOT | libc::EFBIG | libc::ENOSPC => ENOSPC,
-        libc::EOVERFLOW => EOVERFLOW,
-        libc::ENOTSUP => ENOTSUP,
-        libc::ESHUTDOWN => ESHUTDOWN,
-        _ => EINVAL,
-    }
-}
