@@ -482,3 +482,141 @@ fn change_backing_file_as_qsd() {
         ok(&run("qemu-img", &["check", &dir.s("ov.qcow2")]));
     }
 }
+
+/// blockdev-reopen as QSD does it: read-only on and off, discard and
+/// detect-zeroes, the backing node dropped and set again, its errors in
+/// QSD's words, and all or nothing across the listed nodes.
+#[test]
+fn blockdev_reopen_matches_qsd() {
+    let setup = |d: &TempDir| {
+        let base = d.s("base.qcow2");
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &base, "1M"],
+        ));
+        ok(&run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &base,
+                &d.s("ov.qcow2"),
+            ],
+        ));
+    };
+    let ov = |extra: &str| {
+        format!(
+            r#"{{"execute":"blockdev-reopen","arguments":{{"options":[{{"driver":"qcow2","node-name":"ov","file":{{"driver":"file","filename":"$D/ov.qcow2"}}{extra}}}]}}}}"#
+        )
+    };
+    let base_ro = r#"{"driver":"qcow2","node-name":"base","file":{"driver":"file","filename":"$D/base.qcow2"},"read-only":true}"#;
+    let nodes = r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string();
+    let steps = [
+        ov(r#","backing":"base","read-only":true"#),
+        nodes.clone(),
+        ov(r#","backing":"base""#),
+        ov(r#","backing":"base","discard":"unmap","detect-zeroes":"unmap""#),
+        nodes.clone(),
+        ov(""),
+        ov(r#","backing":"base","driver":"raw""#).replace(r#""driver":"qcow2","#, ""),
+        r#"{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"qcow2","node-name":"ov","file":{"driver":"file","filename":"$D/base.qcow2"},"backing":"base"}]}}"#.into(),
+        r#"{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"qcow2","node-name":"nope","file":"x"}]}}"#.into(),
+        ov(r#","backing":"ov""#),
+        ov(r#","backing":"base","force-share":true,"read-only":true"#),
+        format!(
+            r#"{{"execute":"blockdev-reopen","arguments":{{"options":[{base_ro},{{"driver":"raw","node-name":"ov","file":"x"}}]}}}}"#
+        ),
+        nodes.clone(),
+        ov(r#","backing":null"#),
+        nodes.clone(),
+        ov(r#","backing":"base""#),
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"ov","writable":true}}"#.into(),
+        ov(r#","backing":"base","read-only":true"#),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let extra = [
+        "--blockdev",
+        "driver=qcow2,node-name=base,file.driver=file,file.filename=$D/base.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=ov,file.driver=file,file.filename=$D/ov.qcow2,backing=base",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$D/n.sock",
+    ];
+    let out = same_on_both(&setup, &extra, &steps).expect("daemons start");
+    assert!(out[0].contains(r#"{"return": {}}"#), "{out:?}");
+    assert!(out[5].contains("backing is missing for 'ov'"), "{out:?}");
+    assert!(
+        out[17].contains("cannot support read-write users"),
+        "{out:?}"
+    );
+}
+
+/// Reopening read-only and back moves the image locks as in QSD: while
+/// read-write, `qemu-img info` cannot open the image; read-only, it can,
+/// and a writer still cannot; read-write again, writes through NBD land.
+#[test]
+fn reopen_read_only_moves_the_image_locks_as_in_qsd() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let img = dir.s("img.qcow2");
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &img, "1M"],
+        ));
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!("driver=qcow2,node-name=n,file.driver=file,file.filename={img}"),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+        ]));
+        let mut d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let reopen = |ro: bool| {
+            format!(
+                r#"{{"execute":"blockdev-reopen","arguments":{{"options":[{{"driver":"qcow2","node-name":"n","file":{{"driver":"file","filename":"{img}"}},"read-only":{ro}}}]}}}}"#
+            )
+        };
+        let info_ok = || run("qemu-img", &["info", &img]).status.success();
+        let write_ok = || {
+            run("qemu-io", &["-f", "qcow2", "-c", "write 0 4k", &img])
+                .status
+                .success()
+        };
+        assert!(!info_ok(), "{which:?}: info while read-write");
+        assert_eq!(
+            q.cmd(&reopen(true)),
+            serde_json::json!({"return": {}}),
+            "{which:?}"
+        );
+        assert!(info_ok(), "{which:?}: info while read-only");
+        assert!(!write_ok(), "{which:?}: a writer while read-only");
+        assert_eq!(
+            q.cmd(&reopen(false)),
+            serde_json::json!({"return": {}}),
+            "{which:?}"
+        );
+        assert!(!info_ok(), "{which:?}: info after read-write again");
+        let r = q.cmd(r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"n","writable":true}}"#);
+        assert_eq!(r, serde_json::json!({"return": {}}), "{which:?}");
+        let url = format!("nbd+unix:///n?socket={}", dir.s("n.sock"));
+        let out = ok(&run(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x44 64k 64k", &url],
+        ));
+        assert!(!out.contains("failed"), "{which:?}: {out}");
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(10), Some(0), "{which:?}");
+        ok(&run("qemu-img", &["check", &img]));
+        let out = ok(&run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x44 64k 64k", &img],
+        ));
+        assert!(!out.contains("failed"), "{which:?}: {out}");
+    }
+}

@@ -128,6 +128,11 @@ pub trait Driver: Send + Sync + 'static {
             ))
         })
     }
+    /// blockdev-reopen switched the node's read-only state; the driver
+    /// reopens what it must (a file's descriptor) or refuses.
+    fn set_read_only(&self, _read_only: bool) -> Result<(), String> {
+        Ok(())
+    }
     /// The re-pointable edge this driver holds for a child role (a
     /// qcow2 image's "backing"), present even while it points nowhere.
     fn child_slot(&self, _role: &str) -> Option<std::sync::Arc<super::child::Child>> {

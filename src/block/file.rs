@@ -45,7 +45,7 @@ pub struct FileDriver {
     nowait: [std::sync::atomic::AtomicBool; 2],
     size: AtomicU64,
     direct: bool,
-    read_only: bool,
+    read_only: std::sync::atomic::AtomicBool,
     block_device: bool,
     locking: bool,
     /// As given: QEMU names it in the hint of a lock conflict.
@@ -130,7 +130,7 @@ impl FileDriver {
             file: Arc::new(file),
             size: AtomicU64::new(size),
             direct: o.direct,
-            read_only,
+            read_only: std::sync::atomic::AtomicBool::new(read_only),
             block_device,
             locking: o.locking,
             held: Mutex::new((Perm::NONE, Perm::ALL)),
@@ -139,7 +139,7 @@ impl FileDriver {
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Relaxed)
     }
 
     fn fd(&self) -> RawFd {
@@ -408,6 +408,42 @@ impl Driver for FileDriver {
         self.lock_perms(perm, shared)
     }
 
+    /// Reopens the file for reading only, or for writing too, in place:
+    /// a new descriptor with the new access mode takes the lock bytes the
+    /// old one holds and then replaces it under the same number (dup3),
+    /// so requests in flight and every holder of the descriptor go on
+    /// without a gap in the locks.
+    fn set_read_only(&self, read_only: bool) -> Result<(), String> {
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if self.direct {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let new = oo
+            .open(&self.filename)
+            .map_err(|e| open_error(&self.filename, &e))?;
+        if self.locking {
+            let held = *self
+                .held
+                .lock()
+                .map_err(|_| "lock state poisoned".to_string())?;
+            lock::apply(new.as_raw_fd(), held.0, held.1)?;
+        }
+        // SAFETY: dup3 on two descriptors this driver owns; the old
+        // number keeps being valid (it now names the new description).
+        let r = unsafe { libc::dup3(new.as_raw_fd(), self.fd(), libc::O_CLOEXEC) };
+        if r < 0 {
+            return Err(open_error(&self.filename, &last_err()));
+        }
+        self.read_only.store(read_only, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             request_alignment: if self.direct { DIRECT_ALIGN as u32 } else { 1 },
@@ -425,7 +461,7 @@ impl Driver for FileDriver {
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            if self.read_only {
+            if self.is_read_only() {
                 return Err(BlockError::perm("read-only file"));
             }
             let extra = if flags.fua { libc::RWF_DSYNC } else { 0 };
@@ -484,7 +520,7 @@ impl Driver for FileDriver {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.read_only {
+            if self.is_read_only() {
                 return Err(BlockError::perm("read-only file"));
             }
             let end = offset + len;

@@ -50,6 +50,9 @@ pub struct Entry {
     pub users: Vec<User>,
     /// The options QEMU shows in `json:{...}` filenames.
     pub json: Value,
+    /// The options the node was opened with (blockdev-reopen compares
+    /// against them).
+    pub options: Map<String, Value>,
     /// The plain filename, when the node has one.
     pub plain_filename: Option<String>,
     /// Cumulative permissions currently applied.
@@ -335,6 +338,7 @@ impl Graph {
             children,
             users: Vec::new(),
             json,
+            options: opts.clone(),
             plain_filename: plain,
             perm: Perm::NONE,
             shared: Perm::ALL,

@@ -1,6 +1,7 @@
 //! A block node as the data plane sees it: a driver plus the options
 //! every driver shares (read-only, discard, detect-zeroes, cache.no-flush)
 //! and its I/O counters. Exports and jobs hold an `Arc<Node>`.
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,8 +42,26 @@ pub struct CommonOptions {
 pub struct Node {
     pub name: String,
     pub driver: Box<dyn Driver>,
+    /// The options as opened; those blockdev-reopen changes are `live`.
     pub opts: CommonOptions,
+    live: Live,
     pub stats: Stats,
+}
+
+/// The options blockdev-reopen can change, read on every request.
+struct Live {
+    read_only: AtomicBool,
+    discard_unmap: AtomicBool,
+    /// DetectZeroes as 0 off, 1 on, 2 unmap.
+    detect_zeroes: AtomicU8,
+}
+
+fn dz_code(d: DetectZeroes) -> u8 {
+    match d {
+        DetectZeroes::Off => 0,
+        DetectZeroes::On => 1,
+        DetectZeroes::Unmap => 2,
+    }
 }
 
 fn out_of_range(offset: u64, len: u64, size: u64) -> bool {
@@ -60,7 +79,7 @@ impl Node {
         changes: bool,
         what: &str,
     ) -> Result<(), BlockError> {
-        if changes && self.opts.read_only {
+        if changes && self.read_only() {
             return Err(BlockError::perm("Block node is read-only"));
         }
         // Writes may go past the end: a format grows its file that way
@@ -82,10 +101,16 @@ impl Node {
 
 impl Node {
     pub fn new(name: String, driver: Box<dyn Driver>, opts: CommonOptions) -> Arc<Node> {
+        let live = Live {
+            read_only: AtomicBool::new(opts.read_only),
+            discard_unmap: AtomicBool::new(opts.discard_unmap),
+            detect_zeroes: AtomicU8::new(dz_code(opts.detect_zeroes)),
+        };
         Arc::new(Node {
             name,
             driver,
             opts,
+            live,
             stats: Stats::default(),
         })
     }
@@ -105,14 +130,38 @@ impl Node {
         fmt: Option<&str>,
         full: String,
     ) -> Result<(), BlockError> {
-        if self.opts.read_only {
+        if self.read_only() {
             return Err(BlockError::perm("Block node is read-only"));
         }
         self.driver.change_backing_file(name, fmt, full).await
     }
 
+    pub fn discard_unmap(&self) -> bool {
+        self.live.discard_unmap.load(Ordering::Relaxed)
+    }
+
+    pub fn detect_zeroes(&self) -> DetectZeroes {
+        match self.live.detect_zeroes.load(Ordering::Relaxed) {
+            1 => DetectZeroes::On,
+            2 => DetectZeroes::Unmap,
+            _ => DetectZeroes::Off,
+        }
+    }
+
+    /// blockdev-reopen: the options it may change, applied at once
+    /// (requests that already checked them finish as they started).
+    pub fn set_live(&self, read_only: bool, discard_unmap: bool, detect_zeroes: DetectZeroes) {
+        self.live.read_only.store(read_only, Ordering::Relaxed);
+        self.live
+            .discard_unmap
+            .store(discard_unmap, Ordering::Relaxed);
+        self.live
+            .detect_zeroes
+            .store(dz_code(detect_zeroes), Ordering::Relaxed);
+    }
+
     pub fn read_only(&self) -> bool {
-        self.opts.read_only
+        self.live.read_only.load(Ordering::Relaxed)
     }
 
     pub fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
@@ -151,11 +200,11 @@ impl Node {
             let len = buf.len() as u64;
             self.check(&self.stats.wr, offset, len, true, "write")?;
             let t = Instant::now();
-            let r = if self.opts.detect_zeroes != DetectZeroes::Off && buf.iter().all(|b| *b == 0) {
+            let dz = self.detect_zeroes();
+            let r = if dz != DetectZeroes::Off && buf.iter().all(|b| *b == 0) {
                 let zf = ZeroFlags {
                     fua: flags.fua,
-                    may_unmap: self.opts.detect_zeroes == DetectZeroes::Unmap
-                        && self.opts.discard_unmap,
+                    may_unmap: dz == DetectZeroes::Unmap && self.discard_unmap(),
                     no_fallback: false,
                 };
                 self.driver.write_zeroes(offset, len, zf).await
@@ -188,7 +237,7 @@ impl Node {
         Box::pin(async move {
             self.check(&self.stats.unmap, offset, len, true, "discard")?;
             let t = Instant::now();
-            let r = if self.opts.discard_unmap {
+            let r = if self.discard_unmap() {
                 self.driver.discard(offset, len).await
             } else {
                 Ok(())
@@ -202,7 +251,7 @@ impl Node {
         Box::pin(async move {
             self.check(&self.stats.wr, offset, len, true, "write")?;
             let flags = ZeroFlags {
-                may_unmap: flags.may_unmap && self.opts.discard_unmap,
+                may_unmap: flags.may_unmap && self.discard_unmap(),
                 ..flags
             };
             let t = Instant::now();
@@ -230,7 +279,7 @@ impl Node {
 
     pub fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.opts.read_only {
+            if self.read_only() {
                 return Err(BlockError::perm("Block node is read-only"));
             }
             self.driver.truncate(size).await

@@ -170,31 +170,18 @@ impl Graph {
     /// driver's edge is pointed by the caller). Permissions are applied
     /// by the replacement that follows.
     pub fn attach_backing(&mut self, overlay: &str, base: &str) -> Result<(), String> {
-        if self.find(base).is_none() {
-            return Err(format!(
-                "Cannot find device='{base}' nor node-name='{base}'"
-            ));
+        for n in [base, overlay] {
+            if self.find(n).is_none() {
+                return Err(format!("Cannot find device='{n}' nor node-name='{n}'"));
+            }
         }
-        let Some(e) = self.entries.iter_mut().find(|e| e.name == overlay) else {
-            return Err(format!(
-                "Cannot find device='{overlay}' nor node-name='{overlay}'"
-            ));
-        };
-        e.children.push(super::graph::Edge {
-            role: "backing",
-            child: base.to_string(),
-            perm: super::perm::Perm::NONE,
-            shared: super::perm::Perm::ALL,
-        });
-        self.sort_children_first();
+        self.set_backing_edge(overlay, Some(base));
         Ok(())
     }
 
     /// Undoes [`Graph::attach_backing`].
     pub fn detach_backing(&mut self, overlay: &str) {
-        if let Some(e) = self.entries.iter_mut().find(|e| e.name == overlay) {
-            e.children.retain(|c| c.role != "backing");
-        }
+        self.set_backing_edge(overlay, None);
         let _ = self.refresh_perms();
     }
 }
@@ -255,5 +242,42 @@ impl Graph {
             }
         }
         e.plain_filename = if same { file_plain } else { None };
+    }
+}
+
+impl Graph {
+    /// Removes `name` if it was opened inline (not by blockdev-add) and
+    /// nothing uses it any more, then its children the same way (a
+    /// backing chain dropped by blockdev-reopen goes with it, as in QEMU).
+    pub fn release_unused(&mut self, name: &str) {
+        let Some(e) = self.find(name) else {
+            return;
+        };
+        if e.monitor_owned || !e.users.is_empty() || !self.parents(name).is_empty() {
+            return;
+        }
+        let children: Vec<String> = e.children.iter().map(|c| c.child.clone()).collect();
+        self.entries.retain(|e| e.name != name);
+        for c in children {
+            self.release_unused(&c);
+        }
+    }
+
+    /// Points `parent`'s backing edge at `backing` (None: no backing),
+    /// replacing the one it had. The caller re-points the driver's edge
+    /// and re-applies permissions.
+    pub fn set_backing_edge(&mut self, parent: &str, backing: Option<&str>) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == parent) {
+            e.children.retain(|c| c.role != "backing");
+            if let Some(b) = backing {
+                e.children.push(super::graph::Edge {
+                    role: "backing",
+                    child: b.to_string(),
+                    perm: super::perm::Perm::NONE,
+                    shared: super::perm::Perm::ALL,
+                });
+            }
+        }
+        self.sort_children_first();
     }
 }

@@ -165,7 +165,7 @@ impl ControlState {
             at = b;
         }
         let mut info = json!({
-            "iops_rd": 0, "detect_zeroes": node.opts.detect_zeroes.as_str(), "active": true,
+            "iops_rd": 0, "detect_zeroes": node.detect_zeroes().as_str(), "active": true,
             "image": image, "iops_wr": 0, "ro": node.read_only(), "node-name": e.name,
             "backing_file_depth": depth, "drv": drv, "backing_file": Value::Null, "iops": 0, "bps_wr": 0, "write_threshold": 0,
             "encrypted": false, "bps": 0, "bps_rd": 0,
@@ -280,8 +280,8 @@ impl ControlState {
         if matches!(e.node.driver.name(), "file" | "host_device") {
             out.insert(
                 "driver-specific".into(),
-                json!({"discard-bytes-ok": st.unmap.bytes.load(Relaxed) * e.node.opts.discard_unmap as u64,
-                       "discard-nb-ok": st.unmap.ops.load(Relaxed) * e.node.opts.discard_unmap as u64,
+                json!({"discard-bytes-ok": st.unmap.bytes.load(Relaxed) * e.node.discard_unmap() as u64,
+                       "discard-nb-ok": st.unmap.ops.load(Relaxed) * e.node.discard_unmap() as u64,
                        "driver": e.node.driver.name(), "discard-nb-failed": st.unmap.failed.load(Relaxed)}),
             );
         }

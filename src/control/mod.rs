@@ -6,6 +6,7 @@ mod chardevs;
 mod jobs;
 mod nbd;
 mod qom;
+mod reopen;
 mod snapshot;
 
 use std::collections::BTreeMap;
@@ -268,6 +269,7 @@ impl ControlState {
             "blockdev-snapshot-sync" => self.blockdev_snapshot_sync(&args).await,
             "blockdev-snapshot" => self.blockdev_snapshot(&args).await,
             "x-blockdev-change" => self.x_blockdev_change(&args),
+            "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
                 args.get("flat").and_then(Value::as_bool).unwrap_or(false),

@@ -81,7 +81,7 @@ pub struct Qcow2 {
     /// Writes in place hold it shared; releasing clusters holds it alone,
     /// so no in-place write can land in a cluster after it is freed.
     free_guard: tokio::sync::RwLock<()>,
-    read_only: bool,
+    read_only: AtomicBool,
     corrupt: AtomicBool,
     /// The header's backing name resolved against the image's directory.
     backing_full: std::sync::Mutex<Option<String>>,
@@ -229,7 +229,7 @@ impl Qcow2 {
             cache,
             meta: tokio::sync::Mutex::new(refs),
             free_guard: tokio::sync::RwLock::new(()),
-            read_only,
+            read_only: AtomicBool::new(read_only),
             corrupt: AtomicBool::new(false),
             backing_full: std::sync::Mutex::new(opts.backing_full.clone()),
             pass_discard: opts.pass_discard,
@@ -511,7 +511,7 @@ impl Driver for Qcow2 {
         }
         let (mut p, mut sh) = (perm, shared);
         if role == "file" {
-            let (mp, msh) = metadata_perms(self.read_only);
+            let (mp, msh) = metadata_perms(self.read_only.load(Ordering::Relaxed));
             p = p.union(mp);
             sh = sh.intersect(msh);
         }
@@ -531,6 +531,13 @@ impl Driver for Qcow2 {
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
+    }
+    fn set_read_only(&self, read_only: bool) -> Result<(), String> {
+        if !read_only && self.corrupt.load(Ordering::Acquire) {
+            return Err("qcow2: Image is corrupt; cannot be opened read/write".into());
+        }
+        self.read_only.store(read_only, Ordering::Relaxed);
+        Ok(())
     }
     fn child_slot(&self, role: &str) -> Option<Arc<Child>> {
         (role == "backing").then(|| self.backing.clone())
