@@ -221,6 +221,24 @@ fn blockdev_snapshot_puts_an_added_overlay_in_place() {
         assert!(!out.contains("failed"), "{which:?}: {out}");
         let exports = q.cmd(r#"{"execute":"query-block-exports"}"#);
         assert_eq!(exports["return"][0]["node-name"], "ov", "{which:?}");
+        // The base is left read-only, its file too.
+        let nodes = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
+        let ro: Vec<(String, bool)> = nodes["return"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| {
+                (
+                    n["file"].as_str().unwrap_or_default().to_string(),
+                    n["ro"] == true,
+                )
+            })
+            .collect();
+        for (file, ro) in &ro {
+            assert_eq!(*ro, file.ends_with("base.qcow2"), "{which:?}: {ro:?}");
+        }
+        let info = run("qemu-img", &["info", &base]);
+        assert!(info.status.success(), "{which:?}: base locked for readers");
         q.send(br#"{"execute":"quit"}"#);
         assert_eq!(d.wait_exit(10), Some(0), "{which:?}");
         let out = ok(&run(

@@ -251,4 +251,25 @@ impl ControlState {
         let _ = self.block.refresh_perms();
         Ok(json!({}))
     }
+
+    /// Switches a node and its file children to read-only where the
+    /// drivers can (a snapshot's base, as QEMU leaves it); best effort.
+    pub(super) fn make_read_only(&mut self, name: &str) {
+        let Some(e) = self.block.find(name) else {
+            return;
+        };
+        let mut nodes = vec![e.node.clone()];
+        nodes.extend(
+            e.children
+                .iter()
+                .filter(|c| c.role == "file" || c.role == "data-file")
+                .filter_map(|c| self.block.find(&c.child).map(|x| x.node.clone())),
+        );
+        for n in nodes {
+            if n.driver.set_read_only(true).is_ok() {
+                n.set_live(true, n.discard_unmap(), n.detect_zeroes());
+            }
+        }
+        let _ = self.block.refresh_perms();
+    }
 }

@@ -143,6 +143,7 @@ impl ControlState {
             return Err(QmpError::generic(e));
         }
         self.block.refresh_backing_identity(&overlay);
+        self.make_read_only(&node);
         Ok(json!({}))
     }
 
@@ -168,10 +169,13 @@ impl ControlState {
             return Err(QmpError::generic(e));
         }
         if !has_parents {
-            // Nothing uses the overlay: QEMU frees it at once.
+            // Nothing uses the overlay: QEMU frees it at once (and the
+            // base is left read-only).
             self.block.forget_since(len);
+            self.make_read_only(base);
             return Ok(json!({}));
         }
+        self.make_read_only(base);
         self.start_node_actors(&names)
             .await
             .map_err(QmpError::generic)?;
