@@ -13,7 +13,7 @@ use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
 use super::handshake::{handshake, Session};
 use crate::chardev::backend::Listener;
-use crate::util::AbortOnDrop;
+use crate::util::{watched, Watched};
 
 pub const REGISTRY_NAME: &str = "nbd-server";
 
@@ -47,10 +47,9 @@ pub enum ServerMsg {
     Crash,
 }
 
-/// The accept loop and the task watching it; both stop with the actor.
+/// The accept loop, watched; it stops with the actor.
 pub struct ServerState {
-    _accept: AbortOnDrop,
-    _watch: AbortOnDrop,
+    _accept: Watched,
 }
 
 #[derive(Clone)]
@@ -253,27 +252,10 @@ impl Actor for ServerActor {
         // The actor owns the accept loop and watches it: if the loop ends
         // (a panic), the actor fails and its supervisor starts it again
         // on the same listening socket.
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
-        let accept = tokio::spawn(async move {
-            struct Report(Option<tokio::sync::oneshot::Sender<String>>);
-            impl Drop for Report {
-                fn drop(&mut self) {
-                    if let Some(tx) = self.0.take() {
-                        let _ = tx.send("accept loop ended".into());
-                    }
-                }
-            }
-            let _report = Report(Some(done_tx));
-            accept_loop(server).await;
-        });
-        let watch = tokio::spawn(async move {
-            if let Ok(why) = done_rx.await {
-                let _ = myself.cast(ServerMsg::LoopEnded(why));
-            }
-        });
         Ok(ServerState {
-            _accept: AbortOnDrop(accept),
-            _watch: AbortOnDrop(watch),
+            _accept: watched("accept loop", accept_loop(server), move |why| {
+                let _ = myself.cast(ServerMsg::LoopEnded(why));
+            }),
         })
     }
 

@@ -13,7 +13,7 @@ use super::outbox::Outbox;
 use super::request::{self, reply_err, reply_ok, Action, SessionState};
 use crate::chardev::{ChardevMsg, Conn};
 use crate::context::{Ctx, QEMU_COMPAT, RSD_VERSION};
-use crate::util::AbortOnDrop;
+use crate::util::{watched, Watched};
 
 #[derive(Clone)]
 pub struct MonitorConfig {
@@ -35,8 +35,7 @@ pub enum MonitorMsg {
 pub struct MonitorActor;
 
 pub struct MonitorState {
-    _sessions: AbortOnDrop,
-    _watch: AbortOnDrop,
+    _sessions: Watched,
 }
 
 pub fn registry_name(chardev: &str) -> String {
@@ -65,32 +64,21 @@ impl Actor for MonitorActor {
                 .into();
         let (tx, mut rx) = mpsc::unbounded_channel::<Conn>();
         ractor::call!(chardev, ChardevMsg::Attach, tx)?;
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
-        let sessions = tokio::spawn(async move {
-            // Reports a panic of a session (the guard is dropped unwinding).
-            struct Report(Option<tokio::sync::oneshot::Sender<String>>);
-            impl Drop for Report {
-                fn drop(&mut self) {
-                    if let Some(tx) = self.0.take() {
-                        let _ = tx.send("session loop ended".into());
-                    }
-                }
-            }
-            let _report = Report(Some(done_tx));
-            while let Some(conn) = rx.recv().await {
-                run_session(conn, &cfg).await;
-            }
-        });
         // If the session loop ends (a panic, the chardev gone), fail so
         // the supervisor restarts this monitor.
-        let watch = tokio::spawn(async move {
-            if let Ok(why) = done_rx.await {
+        let sessions = watched(
+            "session loop",
+            async move {
+                while let Some(conn) = rx.recv().await {
+                    run_session(conn, &cfg).await;
+                }
+            },
+            move |why| {
                 let _ = myself.cast(MonitorMsg::ServeEnded(why));
-            }
-        });
+            },
+        );
         Ok(MonitorState {
-            _sessions: AbortOnDrop(sessions),
-            _watch: AbortOnDrop(watch),
+            _sessions: sessions,
         })
     }
 
