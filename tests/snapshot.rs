@@ -406,31 +406,36 @@ fn x_blockdev_change_errors_match_qsd() {
     );
 }
 
+/// base.qcow2 (1M) and ov.qcow2 over it, in `d`.
+fn make_chain(d: &TempDir) {
+    let base = d.s("base.qcow2");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &base, "1M"],
+    ));
+    ok(&run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &base,
+            &d.s("ov.qcow2"),
+        ],
+    ));
+}
+
 /// change-backing-file: QSD's errors, and the header it writes (the new
 /// name with the backing node's format; "" removes both) while the open
 /// chain keeps serving.
 #[test]
 fn change_backing_file_as_qsd() {
     let setup = |d: &TempDir| {
-        let base = d.s("base.qcow2");
-        ok(&run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", &base, "1M"],
-        ));
-        ok(&run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                &base,
-                &d.s("ov.qcow2"),
-            ],
-        ));
+        make_chain(d);
         ok(&run(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", &d.s("lone.qcow2"), "1M"],
@@ -507,25 +512,7 @@ fn change_backing_file_as_qsd() {
 #[test]
 fn blockdev_reopen_matches_qsd() {
     let setup = |d: &TempDir| {
-        let base = d.s("base.qcow2");
-        ok(&run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", &base, "1M"],
-        ));
-        ok(&run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                &base,
-                &d.s("ov.qcow2"),
-            ],
-        ));
+        make_chain(d);
     };
     let ov = |extra: &str| {
         format!(
