@@ -1599,3 +1599,22 @@ fn export_iothread_is_checked_as_in_qsd() {
     assert!(out[0].contains(r#"iothread \"nope\" not found"#), "{out:?}");
     assert!(out[2].contains(r#""id": "e2""#), "{out:?}");
 }
+
+/// A server that takes one connection does not offer multi-conn, as in
+/// QSD; the default server does.
+#[test]
+fn multi_conn_follows_max_connections_as_in_qsd() {
+    for which in Which::all() {
+        for (opts, multi) in [("", true), (",max-connections=1", false)] {
+            let dir = TempDir::new();
+            qemu_img_create(&dir.path("img"), "1M");
+            let _d = serve_image(which, &dir, false, opts);
+            let (_, _, flags) = Raw::connect(&dir.path("nbd.sock"), "disk", false);
+            assert_eq!(
+                flags & (1 << 8) != 0,
+                multi,
+                "{which:?} {opts}: flags {flags:#x}"
+            );
+        }
+    }
+}

@@ -197,6 +197,7 @@ impl ControlState {
             writable,
             writethrough: flag("writethrough"),
             allocation_depth: flag("allocation-depth"),
+            multi_conn: self.nbd.as_ref().is_none_or(|s| s.max_connections != 1),
             user,
         });
         self.exports.add(export);

@@ -17,6 +17,9 @@ pub struct Export {
     /// writethrough=on: every write is made stable before it completes.
     pub writethrough: bool,
     pub allocation_depth: bool,
+    /// Clients may open several connections (not when the server takes
+    /// only one, as QEMU decides).
+    pub multi_conn: bool,
     /// The graph user holding this export's permissions.
     pub user: u64,
     clients: AtomicUsize,
@@ -35,6 +38,7 @@ pub struct ExportConfig {
     pub writable: bool,
     pub writethrough: bool,
     pub allocation_depth: bool,
+    pub multi_conn: bool,
     /// The graph user holding the export's permissions.
     pub user: u64,
 }
@@ -49,6 +53,7 @@ impl Export {
             writable: c.writable,
             writethrough: c.writethrough,
             allocation_depth: c.allocation_depth,
+            multi_conn: c.multi_conn,
             user: c.user,
             clients: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),

@@ -70,12 +70,10 @@ async fn opt_reply(
 }
 
 fn transmission_flags(e: &Export, extended: bool) -> u16 {
-    let mut f = FLAG_HAS_FLAGS
-        | FLAG_SEND_FLUSH
-        | FLAG_SEND_FUA
-        | FLAG_SEND_DF
-        | FLAG_CAN_MULTI_CONN
-        | FLAG_SEND_CACHE;
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_DF | FLAG_SEND_CACHE;
+    if e.multi_conn {
+        f |= FLAG_CAN_MULTI_CONN;
+    }
     if e.writable {
         f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     } else {
