@@ -196,7 +196,12 @@ async fn negotiate(
                 | OPT_SET_META_CONTEXT => REP_ERR_INVALID,
                 _ => REP_ERR_UNSUP,
             };
-            opt_reply(wr, opt, kind, &[]).await?;
+            let msg = if kind == REP_ERR_UNSUP {
+                unsupported(opt)
+            } else {
+                String::new()
+            };
+            opt_reply(wr, opt, kind, msg.as_bytes()).await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
@@ -364,8 +369,18 @@ async fn negotiate(
                 opt_reply(wr, opt, REP_ACK, &[]).await?;
             }
             _ => {
-                opt_reply(wr, opt, REP_ERR_UNSUP, &[]).await?;
+                opt_reply(wr, opt, REP_ERR_UNSUP, unsupported(opt).as_bytes()).await?;
             }
         }
     }
+}
+
+/// QEMU's words for an option it does not serve.
+fn unsupported(opt: u32) -> String {
+    let name = match opt {
+        4 => "peek export",
+        5 => "starttls",
+        _ => "<unknown>",
+    };
+    format!("Unsupported option {opt} ({name})")
 }
