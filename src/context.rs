@@ -1,12 +1,10 @@
 //! What every actor of the daemon shares: the schema, the event bus, the
-//! root supervisor, the control actor and the shutdown trigger.
-use std::sync::OnceLock;
+//! root supervisor and the shutdown trigger.
 
 use actors::SupervisorMsg;
 use ractor::ActorRef;
 use tokio::sync::watch;
 
-use crate::control::ControlMsg;
 use crate::events::EventBus;
 use crate::qapi::Schema;
 
@@ -18,7 +16,6 @@ pub struct Ctx {
     pub schema: Schema,
     pub events: EventBus,
     pub supervisor: ActorRef<SupervisorMsg>,
-    pub control: OnceLock<ActorRef<ControlMsg>>,
     /// Set to true to stop the daemon (quit).
     pub shutdown: watch::Sender<bool>,
     /// The sequence number of the newest command whose reply a monitor

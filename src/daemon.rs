@@ -62,7 +62,6 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         schema: Schema::rsd(test_hooks),
         events: EventBus::default(),
         supervisor: supervisor.clone(),
-        control: Default::default(),
         shutdown: shutdown_tx,
         replied: tokio::sync::watch::channel(0).0,
         test_hooks,
@@ -76,7 +75,6 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
                 return 1;
             }
         };
-    let _ = ctx.control.set(control.clone());
 
     let mut pidfile = None;
     let started = apply_all(&ctx, &control, &opts).await.and_then(|()| {

@@ -77,10 +77,10 @@ impl ControlState {
             None => None,
         };
         let targets = Targets { file, data_file };
-        let control = self.ctx.control.get().cloned();
+        let control = self.myself.clone();
         let on_end: Box<dyn FnOnce() + Send> = Box::new(move || {
-            if let (Some(c), false) = (control, users.is_empty()) {
-                let _ = c.cast(ControlMsg::RemoveUsers(users));
+            if !users.is_empty() {
+                let _ = control.cast(ControlMsg::RemoveUsers(users));
             }
         });
         self.start_job(

@@ -66,6 +66,9 @@ pub struct ChardevEntry {
 
 pub struct ControlState {
     ctx: Arc<Ctx>,
+    /// This actor, for work that reports back to it (monitors' commands,
+    /// a job's end).
+    myself: ActorRef<ControlMsg>,
     /// Chardevs in creation order.
     chardevs: Vec<(String, ChardevEntry)>,
     objects: BTreeMap<String, Object>,
@@ -86,7 +89,7 @@ impl Actor for ControlActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ControlMsg>,
+        myself: ActorRef<ControlMsg>,
         ctx: Arc<Ctx>,
     ) -> Result<ControlState, ActorProcessingErr> {
         let mut block = crate::block::graph::Graph::default();
@@ -94,6 +97,7 @@ impl Actor for ControlActor {
         block.events = Some(Arc::new(move |name, data| c.events.emit(name, Some(data))));
         Ok(ControlState {
             ctx,
+            myself,
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
             block,
@@ -353,13 +357,10 @@ impl ControlState {
             return Err(format!("chardev '{chardev}' is already in use"));
         }
         entry.has_monitor = true;
-        let control = self.ctx.control.get().cloned();
+        let control = self.myself.clone();
         let dispatch: crate::qmp::Dispatch = Arc::new(move |name, args| {
             let control = control.clone();
             Box::pin(async move {
-                let Some(control) = control else {
-                    return (Err(QmpError::generic("daemon is starting")), 0);
-                };
                 match ractor::call!(control, ControlMsg::Execute, name, args) {
                     Ok(r) => r,
                     Err(e) => (Err(QmpError::generic(format!("internal error: {e}"))), 0),
