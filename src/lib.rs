@@ -12,4 +12,5 @@ pub mod numbers;
 pub mod objects;
 pub mod qapi;
 pub mod qmp;
+pub mod sockets;
 pub mod util;

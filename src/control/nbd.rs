@@ -61,7 +61,7 @@ impl ControlState {
             .and_then(Value::as_object)
             .unwrap_or(&empty);
         let atype = arg_str(addr, "type");
-        let (listener, path, _) = crate::chardev::backend::listen(atype, addr).await?;
+        let (listener, path, _) = crate::sockets::listen(atype, addr).await?;
         let server = Arc::new(Server {
             listener,
             path,

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
 use super::handshake::{handshake, Session};
-use crate::chardev::backend::Listener;
+use crate::sockets::Listener;
 use crate::util::{watched, Watched};
 
 pub const REGISTRY_NAME: &str = "nbd-server";
