@@ -170,15 +170,18 @@ impl Node {
             // A file reads as zeroes past its end, as in QEMU's block
             // layer: a qcow2 whose clusters lie past a truncated end
             // reads them as zeroes instead of failing.
-            let size = self.size();
-            let buf = if self.driver.grows_on_write()
-                && offset.checked_add(len).is_some_and(|end| end > size)
-            {
-                let inside = size.saturating_sub(offset).min(len) as usize;
-                buf[inside..].fill(0);
-                &mut buf[..inside]
-            } else {
-                buf
+            let past_end = self
+                .driver
+                .grows_on_write()
+                .then(|| self.size())
+                .filter(|size| offset.checked_add(len).is_some_and(|end| end > *size));
+            let buf = match past_end {
+                Some(size) => {
+                    let inside = size.saturating_sub(offset).min(len) as usize;
+                    buf[inside..].fill(0);
+                    &mut buf[..inside]
+                }
+                None => buf,
             };
             if !buf.is_empty() {
                 self.check(&self.stats.rd, offset, buf.len() as u64, false, "read")?;
