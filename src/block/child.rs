@@ -53,11 +53,11 @@ impl Drop for Entered<'_> {
 }
 
 /// While held, no request enters the edge; dropping it lets them go on.
-pub struct Quiesced<'a> {
-    child: &'a Child,
+pub struct Quiesced {
+    child: Arc<Child>,
 }
 
-impl Drop for Quiesced<'_> {
+impl Drop for Quiesced {
     fn drop(&mut self) {
         if self.child.quiesced.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.child.resumed.notify_waiters();
@@ -131,9 +131,11 @@ impl Child {
     }
 
     /// Stops new requests and waits for those in flight to finish.
-    pub async fn quiesce(&self) -> Quiesced<'_> {
+    pub async fn quiesce(self: &Arc<Self>) -> Quiesced {
         self.quiesced.fetch_add(1, Ordering::SeqCst);
-        let q = Quiesced { child: self };
+        let q = Quiesced {
+            child: self.clone(),
+        };
         loop {
             let idle = self.idle.notified();
             if self.inflight.load(Ordering::SeqCst) == 0 {

@@ -7,6 +7,9 @@ pub mod driver;
 pub mod error;
 pub mod file;
 pub mod graph;
+#[cfg(test)]
+mod hook_tests;
+pub mod hooks;
 pub mod lock;
 pub mod node;
 pub mod null;

@@ -1,12 +1,15 @@
 //! A block node as the data plane sees it: a driver plus the options
 //! every driver shares (read-only, discard, detect-zeroes, cache.no-flush)
 //! and its I/O counters. Exports and jobs hold an `Arc<Node>`.
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::Notify;
+
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
-use super::error::BlockError;
+use super::error::{BlockError, BlockResult};
+use super::hooks::{self, Hooks, Op, Request};
 use super::stats::{Counter, Stats};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -46,6 +49,30 @@ pub struct Node {
     pub opts: CommonOptions,
     live: Live,
     pub stats: Stats,
+    /// Hooks every request passes (throttling, write notifiers, metrics).
+    pub hooks: Hooks,
+    drain: Drain,
+}
+
+/// Requests in flight on the node, so a graph change can wait for them.
+#[derive(Default)]
+struct Drain {
+    inflight: AtomicUsize,
+    /// Callers waiting in [`Node::drained`].
+    waiters: AtomicUsize,
+    idle: Notify,
+}
+
+/// A request in flight on a node; leaves when dropped.
+struct InFlight<'a>(&'a Drain);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let d = self.0;
+        if d.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && d.waiters.load(Ordering::SeqCst) > 0 {
+            d.idle.notify_waiters();
+        }
+    }
 }
 
 /// The options blockdev-reopen can change, read on every request.
@@ -112,7 +139,54 @@ impl Node {
             opts,
             live,
             stats: Stats::default(),
+            hooks: Hooks::default(),
+            drain: Drain::default(),
         })
+    }
+
+    /// Requests in flight on this node now.
+    pub fn inflight(&self) -> usize {
+        self.drain.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no request is in flight on this node. New requests
+    /// are not held here: the graph quiesces the parents' edges first
+    /// (see `Graph::drain`), so none arrive.
+    pub async fn drained(&self) {
+        let d = &self.drain;
+        d.waiters.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let idle = d.idle.notified();
+            if d.inflight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            idle.await;
+        }
+        d.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn enter(&self) -> InFlight<'_> {
+        self.drain.inflight.fetch_add(1, Ordering::SeqCst);
+        InFlight(&self.drain)
+    }
+
+    /// Runs one request: counted in flight, through the hooks, then
+    /// the driver.
+    async fn run<'a, T>(
+        &'a self,
+        req: Request,
+        call: impl FnOnce() -> IoFuture<'a, T>,
+    ) -> BlockResult<T> {
+        let _in = self.enter();
+        match self.hooks.active() {
+            None => call().await,
+            Some(list) => {
+                hooks::before(&list, &req).await?;
+                let r = call().await;
+                hooks::after(&list, &req, r.is_ok());
+                r
+            }
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -190,7 +264,12 @@ impl Node {
             let r = if buf.is_empty() {
                 Ok(())
             } else {
-                self.driver.read(offset, buf).await
+                let req = Request {
+                    op: Op::Read,
+                    offset,
+                    len: buf.len() as u64,
+                };
+                self.run(req, || self.driver.read(offset, buf)).await
             };
             self.stats.rd.done(len, t, r.is_ok());
             self.stats.touch();
@@ -210,9 +289,21 @@ impl Node {
                     may_unmap: dz == DetectZeroes::Unmap && self.discard_unmap(),
                     no_fallback: false,
                 };
-                self.driver.write_zeroes(offset, len, zf).await
+                let req = Request {
+                    op: Op::Zero,
+                    offset,
+                    len,
+                };
+                self.run(req, || self.driver.write_zeroes(offset, len, zf))
+                    .await
             } else {
-                self.driver.write(offset, buf, flags).await
+                let req = Request {
+                    op: Op::Write,
+                    offset,
+                    len,
+                };
+                self.run(req, || self.driver.write(offset, buf, flags))
+                    .await
             };
             self.stats.wr.done(len, t, r.is_ok());
             if r.is_ok() {
@@ -229,7 +320,12 @@ impl Node {
             let r = if self.opts.cache_no_flush {
                 Ok(())
             } else {
-                self.driver.flush().await
+                let req = Request {
+                    op: Op::Flush,
+                    offset: 0,
+                    len: 0,
+                };
+                self.run(req, || self.driver.flush()).await
             };
             self.stats.flush.done(0, t, r.is_ok());
             r
@@ -241,7 +337,12 @@ impl Node {
             self.check(&self.stats.unmap, offset, len, true, "discard")?;
             let t = Instant::now();
             let r = if self.discard_unmap() {
-                self.driver.discard(offset, len).await
+                let req = Request {
+                    op: Op::Discard,
+                    offset,
+                    len,
+                };
+                self.run(req, || self.driver.discard(offset, len)).await
             } else {
                 Ok(())
             };
@@ -258,7 +359,14 @@ impl Node {
                 ..flags
             };
             let t = Instant::now();
-            let r = self.driver.write_zeroes(offset, len, flags).await;
+            let req = Request {
+                op: Op::Zero,
+                offset,
+                len,
+            };
+            let r = self
+                .run(req, || self.driver.write_zeroes(offset, len, flags))
+                .await;
             self.stats.wr.done(len, t, r.is_ok());
             if r.is_ok() {
                 self.stats.note_write_end(offset + len);
@@ -274,6 +382,7 @@ impl Node {
                 return Err(BlockError::inval("block status beyond the end of the node"));
             }
             let len = len.min(size - offset);
+            let _in = self.enter();
             let mut e = self.driver.block_status(offset, len).await?;
             e.len = e.len.clamp(1, len);
             Ok(e)
@@ -285,6 +394,7 @@ impl Node {
             if self.read_only() {
                 return Err(BlockError::perm("Block node is read-only"));
             }
+            let _in = self.enter();
             self.driver.truncate(size).await
         })
     }

@@ -2,13 +2,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::child::{Child, Entered};
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
-use super::error::BlockError;
+use super::error::{BlockError, BlockResult};
 use super::node::Node;
 use super::perm::Perm;
 
 pub struct RawDriver {
-    child: Arc<Node>,
+    /// The file edge, which the graph can re-point (a filter inserted
+    /// below raw); requests enter it counted.
+    child: Arc<Child>,
     offset: u64,
     /// The `size` option was given: the node cannot be resized.
     fixed: bool,
@@ -38,7 +41,7 @@ impl RawDriver {
             }
         }
         Ok(RawDriver {
-            child,
+            child: Child::new(child),
             offset,
             fixed: size.is_some(),
             size: AtomicU64::new(size.unwrap_or(child_size - offset)),
@@ -51,8 +54,17 @@ impl RawDriver {
         self.offset != 0 || self.fixed
     }
 
-    pub fn child(&self) -> &Arc<Node> {
-        &self.child
+    /// The file node now (not counted: for sizes, limits and queries).
+    fn now(&self) -> Option<Arc<Node>> {
+        self.child.get()
+    }
+
+    /// Enters a request on the file edge.
+    async fn file(&self) -> BlockResult<Entered<'_>> {
+        self.child
+            .enter()
+            .await
+            .ok_or_else(|| BlockError::new(nix::libc::ENOMEDIUM, "No medium found"))
     }
 }
 
@@ -64,25 +76,34 @@ impl Driver for RawDriver {
         self.size.load(Ordering::Acquire)
     }
     fn limits(&self) -> Limits {
-        self.child.limits()
+        self.now().map(|n| n.limits()).unwrap_or_default()
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        self.child.read(self.offset + offset, buf)
+        Box::pin(async move { self.file().await?.read(self.offset + offset, buf).await })
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
-        self.child.write(self.offset + offset, buf, flags)
+        Box::pin(async move {
+            let f = self.file().await?;
+            f.write(self.offset + offset, buf, flags).await
+        })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
-        self.child.flush()
+        Box::pin(async move { self.file().await?.flush().await })
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.child.discard(self.offset + offset, len)
+        Box::pin(async move { self.file().await?.discard(self.offset + offset, len).await })
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
-        self.child.write_zeroes(self.offset + offset, len, flags)
+        Box::pin(async move {
+            let f = self.file().await?;
+            f.write_zeroes(self.offset + offset, len, flags).await
+        })
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
-        self.child.block_status(self.offset + offset, len)
+        Box::pin(async move {
+            let f = self.file().await?;
+            f.block_status(self.offset + offset, len).await
+        })
     }
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
@@ -91,11 +112,10 @@ impl Driver for RawDriver {
                     "Cannot resize fixed-size raw disks",
                 ));
             }
-            self.child.truncate(self.offset + size).await?;
-            self.size.store(
-                self.child.size().saturating_sub(self.offset),
-                Ordering::Release,
-            );
+            let f = self.file().await?;
+            f.truncate(self.offset + size).await?;
+            self.size
+                .store(f.size().saturating_sub(self.offset), Ordering::Release);
             Ok(())
         })
     }
@@ -112,9 +132,13 @@ impl Driver for RawDriver {
         (perm, shared.without(Perm::RESIZE))
     }
     fn allocated_size(&self) -> Option<u64> {
-        self.child.allocated_size()
+        self.now()?.allocated_size()
     }
     fn known_zero(&self, offset: u64, len: u64) -> bool {
-        self.child.driver.known_zero(self.offset + offset, len)
+        self.now()
+            .is_some_and(|n| n.driver.known_zero(self.offset + offset, len))
+    }
+    fn child_slot(&self, role: &str) -> Option<Arc<Child>> {
+        (role == "file").then(|| self.child.clone())
     }
 }

@@ -281,3 +281,49 @@ impl Graph {
         self.sort_children_first();
     }
 }
+
+/// A drained node: its parents' edges are quiesced (no new request
+/// reaches it) and nothing is in flight on it, until this is dropped.
+pub struct Drained {
+    _held: Vec<super::child::Quiesced>,
+}
+
+impl Graph {
+    /// Drains `name` (QEMU's bdrv_drained_begin): quiesces every edge
+    /// that leads requests into it, through parents that cannot hold
+    /// requests themselves (a qcow2 image's file), then waits for the
+    /// requests in flight on the node and those parents.
+    pub async fn drain(&self, name: &str) -> Drained {
+        let mut edges: Vec<Arc<Child>> = Vec::new();
+        let mut nodes = Vec::new();
+        let mut todo = vec![name.to_string()];
+        while let Some(n) = todo.pop() {
+            let Some(e) = self.find(&n) else {
+                continue;
+            };
+            if nodes.iter().any(|x: &Arc<super::node::Node>| x.name == n) {
+                continue;
+            }
+            nodes.push(e.node.clone());
+            edges.extend(e.users.iter().filter_map(|u| u.handle.clone()));
+            for (parent, edge) in self.parents(&n) {
+                match self
+                    .find(parent)
+                    .and_then(|p| p.node.driver.child_slot(edge.role))
+                {
+                    Some(slot) => edges.push(slot),
+                    None => todo.push(parent.to_string()),
+                }
+            }
+        }
+        let mut held = Vec::new();
+        for e in &edges {
+            held.push(e.quiesce().await);
+        }
+        // Parents first: their requests are what reach the node.
+        for n in nodes.iter().rev() {
+            n.drained().await;
+        }
+        Drained { _held: held }
+    }
+}

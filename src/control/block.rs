@@ -59,6 +59,8 @@ impl ControlState {
     pub(super) async fn blockdev_del(&mut self, name: &str) -> QmpResult<Value> {
         let gone = self.block.del(name).map_err(QmpError::generic)?;
         for node in gone {
+            // Nothing reaches it any more; let what runs finish first.
+            node.drained().await;
             let _ = node.flush().await;
             actors::supervisor::stop_child_by_id(
                 &self.ctx.supervisor,

@@ -220,6 +220,14 @@ impl ControlState {
         self.exports.remove(&export.id);
         export.close_all();
         export.no_clients(std::time::Duration::from_secs(5)).await;
+        // Drain the export's edge: requests in flight finish before the
+        // node is released, and none can start after.
+        // (Bounded like the wait for clients: a hung request must not
+        // hang the monitor.)
+        let limit = std::time::Duration::from_secs(5);
+        let held = tokio::time::timeout(limit, export.node.quiesce()).await;
+        export.node.set(None);
+        drop(held);
         self.block.remove_user(export.user);
         let mut data = Map::new();
         data.insert("id".into(), json!(export.id));

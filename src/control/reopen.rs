@@ -177,6 +177,12 @@ impl ControlState {
             plans.retain(|q| q.name != p.name);
             plans.push(p);
         }
+        // Drain every listed node for the switch, as QEMU drains its
+        // reopen queue: requests in flight finish with the old options.
+        let mut drained = Vec::new();
+        for p in &plans {
+            drained.push(self.block.drain(&p.name).await);
+        }
         // Apply, remembering how to undo.
         type Undo = (Arc<Node>, bool, bool, DetectZeroes);
         let mut undo: Vec<Undo> = Vec::new();
@@ -249,6 +255,7 @@ impl ControlState {
             self.block.refresh_backing_identity(&p.name);
         }
         let _ = self.block.refresh_perms();
+        drop(drained);
         Ok(json!({}))
     }
 
