@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex};
 
 use nix::libc;
 
+use serde_json::{Map, Value};
+
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
+use super::drivers::{opt_str, OpenCtx, Opened};
 use super::error::{BlockError, BlockResult};
 use super::lock;
 use super::perm::Perm;
@@ -682,4 +685,35 @@ impl Drop for AlignedBuf {
         // SAFETY: allocated in new() with this layout.
         unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) };
     }
+}
+
+impl FileOptions {
+    /// The file driver's options from validated BlockdevOptionsFile.
+    fn parse(ctx: &OpenCtx<'_>, opts: &Map<String, Value>) -> Result<FileOptions, String> {
+        if opt_str(opts, "aio") == Some("native") && !ctx.common.cache_direct {
+            return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+        }
+        Ok(FileOptions {
+            filename: opt_str(opts, "filename").unwrap_or_default().to_string(),
+            read_only: ctx.common.read_only,
+            auto_read_only: ctx.common.auto_read_only,
+            direct: ctx.common.cache_direct,
+            locking: opt_str(opts, "locking") != Some("off"),
+            driver: ctx.driver.clone(),
+        })
+    }
+}
+
+/// The registry's open function for file, host_device and host_cdrom.
+pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
+    let fo = FileOptions::parse(ctx, opts)?;
+    let d = FileDriver::open(&fo)?;
+    // auto-read-only may have fallen back to read-only.
+    ctx.common.read_only = d.is_read_only();
+    Ok(Opened {
+        driver: Box::new(d),
+        json: serde_json::json!({"driver": ctx.driver, "filename": fo.filename}),
+        plain: Some(fo.filename),
+        children: Vec::new(),
+    })
 }

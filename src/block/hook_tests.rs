@@ -150,7 +150,7 @@ fn opts(v: Value) -> Map<String, Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_file_edge_is_replaced_and_drained_under_io() {
     let mut g = Graph::default();
-    let add = |g: &mut Graph, v| g.add(&opts(v)).expect("add");
+    let add = |g: &mut Graph, v| g.add(&Default::default(), &opts(v)).expect("add");
     add(
         &mut g,
         json!({"driver": "null-co", "node-name": "a", "size": 1048576, "read-zeroes": true, "latency-ns": 50000000}),

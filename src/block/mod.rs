@@ -4,6 +4,7 @@ pub mod actor;
 pub mod cancel;
 pub mod child;
 pub mod driver;
+pub mod drivers;
 pub mod error;
 pub mod file;
 pub mod graph;

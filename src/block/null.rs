@@ -95,3 +95,34 @@ impl Driver for NullDriver {
         false
     }
 }
+
+/// The registry's open function for null-co and null-aio.
+pub fn open_node(
+    ctx: &mut crate::block::drivers::OpenCtx<'_>,
+    opts: &serde_json::Map<String, serde_json::Value>,
+) -> Result<crate::block::drivers::Opened, String> {
+    use crate::block::drivers::{opt_bool, opt_u64};
+    let size = opt_u64(opts, "size").unwrap_or(DEFAULT_SIZE);
+    let zeroes = opt_bool(opts, "read-zeroes").unwrap_or(false);
+    let latency = opt_u64(opts, "latency-ns").unwrap_or(0);
+    let name: &'static str = if ctx.driver == "null-co" {
+        "null-co"
+    } else {
+        "null-aio"
+    };
+    let mut j = serde_json::Map::new();
+    // Only these count for the `json:{}` filename, as in QEMU.
+    for k in ["read-zeroes", "size"] {
+        if let Some(v) = opts.get(k) {
+            j.insert(k.into(), v.clone());
+        }
+    }
+    let plain = j.is_empty().then(|| format!("{name}://"));
+    j.insert("driver".into(), serde_json::json!(name));
+    Ok(crate::block::drivers::Opened {
+        driver: Box::new(NullDriver::new(name, size, zeroes, latency)),
+        json: serde_json::Value::Object(j),
+        plain,
+        children: Vec::new(),
+    })
+}

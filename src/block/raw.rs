@@ -2,8 +2,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde_json::{json, Map, Value};
+
 use super::child::{Child, Entered};
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
+use super::drivers::{edge, opt_u64, OpenCtx, Opened};
 use super::error::{BlockError, BlockResult};
 use super::node::Node;
 use super::perm::Perm;
@@ -141,4 +144,38 @@ impl Driver for RawDriver {
     fn child_slot(&self, role: &str) -> Option<Arc<Child>> {
         (role == "file").then(|| self.child.clone())
     }
+}
+
+/// The registry's open function: the file child, then the window.
+pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
+    let child = ctx.child(opts, "file", ctx.common.read_only)?;
+    let child_node = ctx.node(&child)?;
+    let offset = opt_u64(opts, "offset").unwrap_or(0);
+    let size = opt_u64(opts, "size");
+    let raw = match RawDriver::new(child_node, offset, size) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.drop_inline(&child);
+            return Err(e);
+        }
+    };
+    let child_entry = ctx.entry(&child);
+    let child_json = child_entry.map(|e| e.json.clone()).unwrap_or(Value::Null);
+    let child_plain = child_entry.and_then(|e| e.plain_filename.clone());
+    let mut j = Map::new();
+    j.insert("driver".into(), json!("raw"));
+    if opts.contains_key("offset") {
+        j.insert("offset".into(), json!(offset));
+    }
+    if let Some(sz) = size {
+        j.insert("size".into(), json!(sz));
+    }
+    j.insert("file".into(), child_json);
+    let plain = if raw.has_window() { None } else { child_plain };
+    Ok(Opened {
+        driver: Box::new(raw),
+        json: Value::Object(j),
+        plain,
+        children: vec![edge("file", &child)],
+    })
 }

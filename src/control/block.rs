@@ -19,7 +19,7 @@ impl ControlState {
     /// node its supervised actor.
     pub(super) async fn blockdev_add(&mut self, opts: &Map<String, Value>) -> Result<(), String> {
         let before = self.node_names();
-        self.block.add(opts)?;
+        self.block.add(&self.objects, opts)?;
         self.start_node_actors(&before).await
     }
 

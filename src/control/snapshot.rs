@@ -160,7 +160,7 @@ impl ControlState {
         let len = self.block.entries.len();
         let overlay = self
             .block
-            .add_unchecked(opts, monitor_owned)
+            .add_unchecked(&self.objects, opts, monitor_owned)
             .map_err(QmpError::generic)?;
         let has_parents = !self.block.find(base).is_some_and(|e| e.users.is_empty())
             || self.block.parents(base).len() > 1;

@@ -11,6 +11,7 @@
 //!   clusters' contents, a flush, then the L1/L2 entries that point at
 //!   them; old clusters are released only after a flush that made the new
 //!   pointers stable. A crash can leak clusters, never corrupt the image.
+mod attach;
 pub mod compress;
 pub mod create;
 pub mod header;
@@ -36,6 +37,8 @@ use super::perm::Perm;
 use header::Header;
 use l2::{Map, OFFSET_MASK};
 use refcount::Refcounts;
+
+pub use attach::open_node;
 
 /// QCOW_MAX_L1_SIZE (32 MiB) in entries.
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
