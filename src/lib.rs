@@ -6,6 +6,7 @@ pub mod context;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod exports;
 pub mod jobs;
 pub mod nbd;
 pub mod numbers;

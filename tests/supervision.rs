@@ -307,3 +307,39 @@ fn a_failed_nbd_server_serves_again_on_the_same_socket() {
     let out = io("read -P 0x33 0 64k");
     assert!(!out.contains("failed"), "{out}");
 }
+
+/// An export's actor that fails is started again on the same export:
+/// clients are still served, and deleting the export afterwards goes
+/// through the new actor (the export is gone, its node free).
+#[test]
+fn a_failed_export_actor_keeps_its_export() {
+    let dir = TempDir::new();
+    qemu_img_create(&dir.path("img"), "1M");
+    let mut a = two_monitor_args(&dir);
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=n,filename={}", dir.s("img")),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+        "--export",
+        "type=nbd,id=e,node-name=n,writable=on",
+    ]));
+    let _d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
+    let mut q = Qmp::ready(&dir.path("a.sock"));
+    let url = format!("nbd+unix:///n?socket={}", dir.s("n.sock"));
+    let io = |cmd: &str| ok(&run("qemu-io", &["-f", "raw", "-c", cmd, &url]));
+    assert!(!io("write -P 0x44 0 64k").contains("failed"));
+    crash_when_up(&mut q, "export/e");
+    crash_when_up(&mut q, "export/e");
+    let out = io("read -P 0x44 0 64k");
+    assert!(!out.contains("failed"), "{out}");
+    let r = q.cmd(r#"{"execute":"query-block-exports"}"#);
+    assert_eq!(r["return"][0]["id"], "e", "{r}");
+    let r = q.cmd(r#"{"execute":"block-export-del","arguments":{"id":"e"}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    let r = q.cmd(r#"{"execute":"query-block-exports"}"#);
+    assert_eq!(r["return"], serde_json::json!([]), "{r}");
+    // The node is free again.
+    let r = q.cmd(r#"{"execute":"blockdev-del","arguments":{"node-name":"n"}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+}

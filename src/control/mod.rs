@@ -3,6 +3,7 @@
 //! stops the supervised actors that do the work.
 mod block;
 mod chardevs;
+mod exports;
 mod jobs;
 mod nbd;
 mod qom;
@@ -77,7 +78,7 @@ pub struct ControlState {
     /// The number of the command being run.
     seq: u64,
     nbd: Option<Arc<crate::nbd::server::Server>>,
-    exports: crate::nbd::export::Exports,
+    exports: crate::exports::Registry,
 }
 
 pub struct ControlActor;
@@ -147,7 +148,7 @@ impl Actor for ControlActor {
             }
             ControlMsg::Shutdown(reply) => {
                 st.cancel_all_jobs().await;
-                st.delete_all_exports().await;
+                st.delete_exports(None).await;
                 if st.nbd.take().is_some() {
                     actors::supervisor::stop_child_by_id(
                         &st.ctx.supervisor,
@@ -191,7 +192,7 @@ impl ControlState {
             // session sends the reply and then asks the daemon to stop.
             "quit" => {
                 // QSD's exit path runs before the reply: exports go first.
-                self.delete_all_exports().await;
+                self.delete_exports(None).await;
                 Ok(json!({}))
             }
             "nbd-server-start" => self.nbd_server_start_legacy(&args).await,
@@ -407,6 +408,10 @@ fn test_crash(id: &str) -> QmpResult<Value> {
     } else if id.starts_with("chardev/") {
         ActorRef::<crate::chardev::ChardevMsg>::from(cell)
             .cast(crate::chardev::ChardevMsg::Crash)
+            .is_ok()
+    } else if id.starts_with("export/") {
+        ActorRef::<crate::exports::actor::ExportMsg>::from(cell)
+            .cast(crate::exports::actor::ExportMsg::Crash)
             .is_ok()
     } else if id == crate::nbd::server::REGISTRY_NAME {
         ActorRef::<crate::nbd::server::ServerMsg>::from(cell)

@@ -1,11 +1,12 @@
 //! An NBD export: a node served under a name, and the live state its
 //! connections share (client count, the hard-delete signal).
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use crate::block::child::Child;
+use crate::exports::{BlockExport, BoxFuture, Registry};
 
 pub struct Export {
     pub id: String,
@@ -104,28 +105,50 @@ impl Drop for ClientGuard {
     }
 }
 
-/// The exports the NBD server serves, by name, in creation order.
+impl BlockExport for Export {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+    fn node(&self) -> &Arc<Child> {
+        &self.node
+    }
+    fn user(&self) -> u64 {
+        self.user
+    }
+    fn clients(&self) -> usize {
+        Export::clients(self)
+    }
+    fn close(&self) {
+        self.close_all();
+    }
+    fn no_clients(&self, limit: std::time::Duration) -> BoxFuture<'_, ()> {
+        Box::pin(Export::no_clients(self, limit))
+    }
+    /// The NBD server serves the clients; the export waits for its close.
+    fn serve(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut closing = self.closing();
+            let _ = closing.wait_for(|c| *c).await;
+        })
+    }
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
+/// The NBD exports as the server sees them: the export registry's NBD
+/// exports, found by their NBD name.
 #[derive(Clone, Default)]
-pub struct Exports(Arc<RwLock<Vec<Arc<Export>>>>);
+pub struct Exports(pub Registry);
 
 impl Exports {
     pub fn find(&self, name: &str) -> Option<Arc<Export>> {
-        self.0
-            .read()
-            .ok()
-            .and_then(|l| l.iter().find(|e| e.name == name).cloned())
+        self.list().into_iter().find(|e| e.name == name)
     }
     pub fn list(&self) -> Vec<Arc<Export>> {
-        self.0.read().map(|l| l.clone()).unwrap_or_default()
-    }
-    pub fn add(&self, e: Arc<Export>) {
-        if let Ok(mut l) = self.0.write() {
-            l.push(e);
-        }
-    }
-    pub fn remove(&self, id: &str) -> Option<Arc<Export>> {
-        let mut l = self.0.write().ok()?;
-        let pos = l.iter().position(|e| e.id == id)?;
-        Some(l.remove(pos))
+        self.0.of_type::<Export>()
     }
 }
