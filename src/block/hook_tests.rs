@@ -208,3 +208,64 @@ async fn raw_file_edge_is_replaced_and_drained_under_io() {
     // a is free again: nothing uses it.
     g.del("a").expect("a can go");
 }
+
+/// replace_node checks permissions before anything moves: a writer
+/// cannot be moved onto a read-only node, and after the refusal every
+/// user and edge is where it was, still doing I/O on the old node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_node_puts_everything_back_on_a_permission_conflict() {
+    use super::child::Child;
+    use super::perm::Perm;
+    let mut g = Graph::default();
+    let objects = Default::default();
+    for v in [
+        json!({"driver": "null-co", "node-name": "a", "size": 1048576, "read-zeroes": true}),
+        json!({"driver": "null-co", "node-name": "ro", "size": 1048576, "read-zeroes": true, "read-only": true}),
+        json!({"driver": "raw", "node-name": "r", "file": "a"}),
+    ] {
+        g.add(&objects, &opts(v)).expect("add");
+    }
+    let a = g.find("a").map(|e| e.node.clone()).expect("a");
+    let edge = Child::new(a.clone());
+    let writer = g
+        .add_user_on(
+            "a",
+            "an unnamed block device",
+            Perm::CONSISTENT_READ.union(Perm::WRITE),
+            Perm::ALL,
+            Some(edge.clone()),
+        )
+        .expect("writer");
+    let err = g.replace_node("a", "ro").await.expect_err("conflict");
+    assert_eq!(err, "Block node is read-only");
+    let users: Vec<u64> = g
+        .find("a")
+        .map(|e| e.users.iter().map(|u| u.id).collect())
+        .unwrap_or_default();
+    assert_eq!(users, [writer]);
+    assert!(g.find("ro").is_some_and(|e| e.users.is_empty()));
+    assert_eq!(
+        g.find("r").map(|e| e.children[0].child.clone()).as_deref(),
+        Some("a")
+    );
+    assert_eq!(edge.get().map(|n| n.name.clone()).as_deref(), Some("a"));
+    edge.enter()
+        .await
+        .expect("edge")
+        .write(0, &[7; 512], WriteFlags::default())
+        .await
+        .expect("the writer still writes to a");
+
+    // A user that holds the node itself (no edge) cannot be moved.
+    g.remove_user(writer);
+    let pinned = g
+        .add_user("a", "a job", Perm::CONSISTENT_READ, Perm::ALL)
+        .expect("pinned user");
+    let err = g.replace_node("a", "ro").await.expect_err("pinned");
+    assert_eq!(err, "Node 'a' is busy: it is used by a job");
+    assert_eq!(
+        g.find("r").map(|e| e.children[0].child.clone()).as_deref(),
+        Some("a")
+    );
+    g.remove_user(pinned);
+}
