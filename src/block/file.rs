@@ -24,6 +24,7 @@ use super::drivers::{opt_str, OpenCtx, Opened};
 use super::error::{BlockError, BlockResult};
 use super::lock;
 use super::perm::Perm;
+use super::serial::Tracker;
 
 #[derive(Clone, Debug)]
 pub struct FileOptions {
@@ -48,6 +49,9 @@ pub struct FileDriver {
     nowait: [std::sync::atomic::AtomicBool; 2],
     size: AtomicU64,
     direct: bool,
+    /// O_DIRECT requests in flight: an unaligned write is a
+    /// read-modify-write of whole blocks and must not overlap others.
+    serial: Tracker,
     read_only: std::sync::atomic::AtomicBool,
     block_device: bool,
     locking: bool,
@@ -133,6 +137,7 @@ impl FileDriver {
             file: Arc::new(file),
             size: AtomicU64::new(size),
             direct: o.direct,
+            serial: Tracker::default(),
             read_only: std::sync::atomic::AtomicBool::new(read_only),
             block_device,
             locking: o.locking,
@@ -341,11 +346,17 @@ impl FileDriver {
         let a = if self.direct { DIRECT_ALIGN as u64 } else { 1 };
         let start = off / a * a;
         let end = (off + len as u64).div_ceil(a) * a;
+        let rmw = write && (start != off || end != off + len as u64);
+        let _tracked = if self.direct {
+            Some(self.serial.enter(start, end, rmw).await)
+        } else {
+            None
+        };
         let mut owned = AlignedBuf::new((end - start) as usize);
         let skip = (off - start) as usize;
         let file = self.file.clone();
         if write {
-            if start != off || end != off + len as u64 {
+            if rmw {
                 // Read-modify-write of the partial blocks at the edges.
                 let (f2, mut o2) = (file.clone(), owned);
                 let (o, r) = blocking(move || {
@@ -379,6 +390,16 @@ impl FileDriver {
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64, what: &str) -> BlockResult<()> {
+        // Tracked like a write, so a read-modify-write around it waits.
+        let _tracked = if self.direct {
+            Some(
+                self.serial
+                    .enter(offset, offset.saturating_add(len), false)
+                    .await,
+            )
+        } else {
+            None
+        };
         let fd = self.fd();
         let file = self.file.clone();
         let r = blocking(move || {

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod qcow2;
 pub mod raw;
 pub mod replace;
+pub mod serial;
 pub mod stats;
 #[cfg(test)]
 mod tests;
