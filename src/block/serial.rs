@@ -7,10 +7,13 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+/// A request in flight: (id, start, end, serialising).
+type Entry = (u64, u64, u64, bool);
+
 #[derive(Default)]
 pub struct Tracker {
-    /// (id, start, end, serialising) of the requests in flight.
-    list: Mutex<(u64, Vec<(u64, u64, u64, bool)>)>,
+    /// The last id given, and the requests in flight.
+    list: Mutex<(u64, Vec<Entry>)>,
     /// Woken when a request leaves.
     left: Notify,
 }
