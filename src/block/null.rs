@@ -96,15 +96,30 @@ impl Driver for NullDriver {
     }
 }
 
+/// BlockdevOptionsNull, parsed.
+pub struct NullOptions {
+    pub size: u64,
+    pub read_zeroes: bool,
+    pub latency_ns: u64,
+}
+
+impl NullOptions {
+    pub fn parse(opts: &serde_json::Map<String, serde_json::Value>) -> NullOptions {
+        use crate::block::drivers::{opt_bool, opt_u64};
+        NullOptions {
+            size: opt_u64(opts, "size").unwrap_or(DEFAULT_SIZE),
+            read_zeroes: opt_bool(opts, "read-zeroes").unwrap_or(false),
+            latency_ns: opt_u64(opts, "latency-ns").unwrap_or(0),
+        }
+    }
+}
+
 /// The registry's open function for null-co and null-aio.
 pub fn open_node(
     ctx: &mut crate::block::drivers::OpenCtx<'_>,
     opts: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<crate::block::drivers::Opened, String> {
-    use crate::block::drivers::{opt_bool, opt_u64};
-    let size = opt_u64(opts, "size").unwrap_or(DEFAULT_SIZE);
-    let zeroes = opt_bool(opts, "read-zeroes").unwrap_or(false);
-    let latency = opt_u64(opts, "latency-ns").unwrap_or(0);
+    let o = NullOptions::parse(opts);
     let name: &'static str = if ctx.driver == "null-co" {
         "null-co"
     } else {
@@ -120,7 +135,7 @@ pub fn open_node(
     let plain = j.is_empty().then(|| format!("{name}://"));
     j.insert("driver".into(), serde_json::json!(name));
     Ok(crate::block::drivers::Opened {
-        driver: Box::new(NullDriver::new(name, size, zeroes, latency)),
+        driver: Box::new(NullDriver::new(name, o.size, o.read_zeroes, o.latency_ns)),
         json: serde_json::Value::Object(j),
         plain,
         children: Vec::new(),

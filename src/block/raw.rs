@@ -146,12 +146,26 @@ impl Driver for RawDriver {
     }
 }
 
+/// BlockdevOptionsRaw's window, parsed.
+pub struct RawOptions {
+    pub offset: u64,
+    pub size: Option<u64>,
+}
+
+impl RawOptions {
+    pub fn parse(opts: &Map<String, Value>) -> RawOptions {
+        RawOptions {
+            offset: opt_u64(opts, "offset").unwrap_or(0),
+            size: opt_u64(opts, "size"),
+        }
+    }
+}
+
 /// The registry's open function: the file child, then the window.
 pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
     let child = ctx.child(opts, "file", ctx.common.read_only)?;
     let child_node = ctx.node(&child)?;
-    let offset = opt_u64(opts, "offset").unwrap_or(0);
-    let size = opt_u64(opts, "size");
+    let RawOptions { offset, size } = RawOptions::parse(opts);
     let raw = match RawDriver::new(child_node, offset, size) {
         Ok(r) => r,
         Err(e) => {
