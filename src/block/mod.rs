@@ -1,6 +1,7 @@
 //! The block layer: the data-plane driver contract, the drivers, image
 //! locking and the node graph.
 pub mod actor;
+pub mod bitmap;
 pub mod cancel;
 pub mod child;
 pub mod driver;

@@ -38,7 +38,31 @@ struct Flags {
     status: Status,
     error: Option<String>,
     user_paused: bool,
+    /// Cancelled for good (QEMU's force cancel): the job aborts.
     cancelled: bool,
+    /// block-job-cancel without force on a ready job that can complete:
+    /// it ends successfully, without its final switch (a mirror's pivot).
+    soft_cancelled: bool,
+    /// job-complete was accepted.
+    complete: bool,
+    /// The last I/O error stopped the job (io-status "failed").
+    io_failed: bool,
+}
+
+/// What a block job adds to a job (query-block-jobs, BLOCK_JOB_* events).
+pub struct BlockJob {
+    /// The job can be completed (mirror, active commit): READY, then
+    /// job-complete or a soft cancel.
+    pub completable: bool,
+    /// Bytes per second; 0 is unlimited.
+    pub speed: AtomicU64,
+    /// Between requests of its own (QEMU's `busy`).
+    pub busy: std::sync::atomic::AtomicBool,
+    /// A mirror's copy mode: false background, true write-blocking.
+    pub write_blocking: std::sync::atomic::AtomicBool,
+    /// A write-blocking mirror has reached the point where every guest
+    /// write is copied at once.
+    pub actively_synced: std::sync::atomic::AtomicBool,
 }
 
 /// What a job shares with its actor, its work and query-jobs.
@@ -57,6 +81,8 @@ pub struct Shared {
     /// The newest command that started or steered this job; what the
     /// job's work does next waits until that command's reply is queued.
     pub gate: AtomicU64,
+    /// Present for block jobs.
+    pub block: Option<BlockJob>,
 }
 
 /// Jobs drive long block work through the block layer's progress trait.
@@ -77,6 +103,37 @@ impl Shared {
         auto_dismiss: bool,
         events: EventSink,
     ) -> Arc<Shared> {
+        Self::build(id, kind, auto_finalize, auto_dismiss, events, None)
+    }
+
+    /// A block job: listed by query-block-jobs, with BLOCK_JOB_* events.
+    pub fn new_block(
+        id: &str,
+        kind: &'static str,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+        events: EventSink,
+        completable: bool,
+        speed: u64,
+    ) -> Arc<Shared> {
+        let b = BlockJob {
+            completable,
+            speed: AtomicU64::new(speed),
+            busy: Default::default(),
+            write_blocking: Default::default(),
+            actively_synced: Default::default(),
+        };
+        Self::build(id, kind, auto_finalize, auto_dismiss, events, Some(b))
+    }
+
+    fn build(
+        id: &str,
+        kind: &'static str,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+        events: EventSink,
+        block: Option<BlockJob>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             id: id.to_string(),
             kind,
@@ -87,6 +144,9 @@ impl Shared {
                 error: None,
                 user_paused: false,
                 cancelled: false,
+                soft_cancelled: false,
+                complete: false,
+                io_failed: false,
             }),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -94,6 +154,7 @@ impl Shared {
             wake: tokio::sync::Notify::new(),
             crash: std::sync::atomic::AtomicBool::new(false),
             gate: AtomicU64::new(0),
+            block,
         })
     }
 
@@ -130,6 +191,103 @@ impl Shared {
 
     pub fn cancelled(&self) -> bool {
         self.flags(|f| f.cancelled)
+    }
+
+    /// The job should finish its work now: job-complete, or a soft
+    /// cancel (which finishes without the final switch).
+    pub fn should_finish(&self) -> bool {
+        self.flags(|f| f.complete || f.soft_cancelled)
+    }
+
+    /// job-complete was given (not a soft cancel).
+    pub fn completing(&self) -> bool {
+        self.flags(|f| f.complete && !f.soft_cancelled && !f.cancelled)
+    }
+
+    /// Woken by every verb: a job waiting for something else (new guest
+    /// writes, its rate limit) also waits for this.
+    pub fn verb_arrived(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
+    }
+
+    /// Bytes per second, 0 for none.
+    pub fn speed(&self) -> u64 {
+        self.block
+            .as_ref()
+            .map_or(0, |b| b.speed.load(Ordering::Relaxed))
+    }
+
+    pub fn set_busy(&self, busy: bool) {
+        if let Some(b) = &self.block {
+            b.busy.store(busy, Ordering::Relaxed);
+        }
+    }
+
+    /// running -> ready, with BLOCK_JOB_READY.
+    pub fn set_ready(&self) {
+        if self.status() == Status::Running {
+            self.set(Status::Ready);
+            self.block_event("BLOCK_JOB_READY", None);
+        }
+    }
+
+    /// A BLOCK_JOB_* event with the job's progress and speed.
+    fn block_event(&self, name: &str, error: Option<&str>) {
+        if self.block.is_none() {
+            return;
+        }
+        let mut d = Map::new();
+        d.insert("device".into(), json!(self.id));
+        d.insert("len".into(), json!(self.total.load(Ordering::Relaxed)));
+        d.insert(
+            "offset".into(),
+            json!(self.current.load(Ordering::Relaxed)),
+        );
+        d.insert("speed".into(), json!(self.speed()));
+        d.insert("type".into(), json!(self.kind));
+        if let Some(e) = error {
+            d.insert("error".into(), json!(e));
+        }
+        (self.events)(name, d);
+    }
+
+    /// BlockJobInfo for query-block-jobs (None for other jobs).
+    pub fn block_info(&self) -> Option<Value> {
+        let b = self.block.as_ref()?;
+        let (status, paused, io_failed, error) =
+            self.flags(|f| (f.status, f.user_paused, f.io_failed, f.error.clone()));
+        let mut m = Map::new();
+        m.insert("auto-finalize".into(), json!(self.auto_finalize));
+        m.insert(
+            "io-status".into(),
+            json!(if io_failed { "failed" } else { "ok" }),
+        );
+        m.insert("device".into(), json!(self.id));
+        m.insert("auto-dismiss".into(), json!(self.auto_dismiss));
+        m.insert("busy".into(), json!(b.busy.load(Ordering::Relaxed)));
+        m.insert("len".into(), json!(self.total.load(Ordering::Relaxed)));
+        m.insert(
+            "offset".into(),
+            json!(self.current.load(Ordering::Relaxed)),
+        );
+        m.insert("status".into(), json!(status.as_str()));
+        m.insert("paused".into(), json!(paused));
+        m.insert("speed".into(), json!(self.speed()));
+        m.insert(
+            "ready".into(),
+            json!(matches!(status, Status::Ready | Status::Standby)),
+        );
+        m.insert("type".into(), json!(self.kind));
+        if self.kind == "mirror" {
+            m.insert(
+                "actively-synced".into(),
+                json!(b.actively_synced.load(Ordering::Relaxed)),
+            );
+        }
+        if let Some(e) = error {
+            m.insert("error".into(), json!(e));
+        }
+        Some(Value::Object(m))
     }
 
     /// Test hook (x-rsd-test-crash): panics here once a crash was asked.
@@ -197,6 +355,12 @@ pub enum JobMsg {
     /// reply).
     Start(RpcReplyPort<()>),
     Verb(Verb, RpcReplyPort<Result<(), String>>),
+    /// block-job-cancel: `force` false lets a ready job finish instead.
+    Cancel(bool, RpcReplyPort<Result<(), String>>),
+    /// block-job-set-speed, in bytes per second.
+    SetSpeed(i64, RpcReplyPort<Result<(), String>>),
+    /// block-job-change of a mirror's copy mode (true: write-blocking).
+    ChangeCopyMode(bool, RpcReplyPort<Result<(), String>>),
     /// The rest of the job ended.
     Finished(Result<(), String>),
     /// Test hook: make the job's work panic.
@@ -236,35 +400,55 @@ fn panic_text(e: tokio::task::JoinError) -> String {
 
 impl JobActor {
     /// The end of a job: success goes waiting -> pending (-> concluded),
-    /// failure or cancel aborting -> concluded with the error.
+    /// failure or cancel aborting -> concluded with the error. Block
+    /// jobs announce it as QEMU does (BLOCK_JOB_PENDING without
+    /// auto-finalize; BLOCK_JOB_COMPLETED, or BLOCK_JOB_CANCELLED for a
+    /// job cancelled for good).
     fn finish(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, result: Result<(), String>) {
         if let Some(end) = a.on_end.lock().ok().and_then(|mut e| e.take()) {
             end();
         }
         let sh = &a.shared;
-        let result = if sh.cancelled() {
+        let cancelled = sh.cancelled();
+        let result = if cancelled {
             Err(CANCELED.to_string())
         } else {
             result
         };
+        sh.set_busy(false);
         match result {
             Ok(()) => {
                 sh.set(Status::Waiting);
                 sh.set(Status::Pending);
-                if sh.auto_finalize {
+                if !sh.auto_finalize {
+                    if sh.block.is_some() {
+                        let mut d = Map::new();
+                        d.insert("type".into(), json!(sh.kind));
+                        d.insert("id".into(), json!(sh.id));
+                        (sh.events)("BLOCK_JOB_PENDING", d);
+                    }
+                } else {
                     self.conclude(myself, a);
                 }
             }
             Err(e) => {
                 let msg = crate::qapi::error::without_hints(&e).to_string();
-                sh.flags(|f| f.error = Some(msg));
+                sh.flags(|f| f.error = Some(msg.clone()));
                 sh.set(Status::Aborting);
+                if cancelled {
+                    sh.block_event("BLOCK_JOB_CANCELLED", None);
+                } else {
+                    sh.block_event("BLOCK_JOB_COMPLETED", Some(&msg));
+                }
                 self.conclude(myself, a);
             }
         }
     }
 
     fn conclude(&self, myself: &ActorRef<JobMsg>, a: &JobArgs) {
+        if a.shared.status() == Status::Pending {
+            a.shared.block_event("BLOCK_JOB_COMPLETED", None);
+        }
         a.shared.set(Status::Concluded);
         if a.shared.auto_dismiss {
             self.dismiss(myself, a);
@@ -308,18 +492,7 @@ impl JobActor {
                 sh.wake.notify_waiters();
                 Ok(())
             }
-            Verb::Cancel => {
-                if !status.accepts(verb) {
-                    return Err(refused());
-                }
-                sh.flags(|f| f.cancelled = true);
-                sh.wake.notify_waiters();
-                if status == Status::Pending {
-                    // Waiting for job-finalize: cancel ends it now.
-                    self.finish(myself, a, Err(CANCELED.into()));
-                }
-                Ok(())
-            }
+            Verb::Cancel => self.cancel(myself, a, true),
             Verb::Finalize => {
                 if !status.accepts(verb) {
                     return Err(refused());
@@ -334,23 +507,109 @@ impl JobActor {
                 self.dismiss(myself, a);
                 Ok(())
             }
-            Verb::Complete | Verb::SetSpeed | Verb::Change => {
+            Verb::Complete => {
                 if !status.accepts(verb) {
                     return Err(refused());
                 }
-                // No job type rsd runs so far can be completed or tuned.
-                Err(match verb {
-                    Verb::Complete => {
-                        format!("The active block job '{}' cannot be completed", sh.id)
+                let completable = sh.block.as_ref().is_some_and(|b| b.completable);
+                let ok = sh.flags(|f| {
+                    let ok = completable && !f.cancelled && !f.soft_cancelled;
+                    if ok {
+                        f.complete = true;
                     }
-                    _ => format!(
-                        "Job '{}' does not support command verb '{}'",
-                        sh.id,
-                        verb.as_str()
-                    ),
-                })
+                    ok
+                });
+                if !ok {
+                    return Err(format!(
+                        "The active block job '{}' cannot be completed",
+                        sh.id
+                    ));
+                }
+                sh.wake.notify_waiters();
+                Ok(())
+            }
+            Verb::SetSpeed | Verb::Change => {
+                if !status.accepts(verb) {
+                    return Err(refused());
+                }
+                Err(format!(
+                    "Job '{}' does not support command verb '{}'",
+                    sh.id,
+                    verb.as_str()
+                ))
             }
         }
+    }
+
+    /// A cancel: `force` false on a ready job that can complete lets it
+    /// finish without its final switch; otherwise the job aborts. Either
+    /// way a user pause is lifted.
+    fn cancel(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, force: bool) -> Result<(), String> {
+        let sh = &a.shared;
+        let status = sh.status();
+        if !status.accepts(Verb::Cancel) {
+            return Err(state::refused(&sh.id, status, Verb::Cancel));
+        }
+        let completable = sh.block.as_ref().is_some_and(|b| b.completable);
+        let soft = !force && completable && matches!(status, Status::Ready | Status::Standby);
+        sh.flags(|f| {
+            if soft {
+                f.soft_cancelled = true;
+            } else {
+                f.cancelled = true;
+            }
+            f.user_paused = false;
+        });
+        sh.wake.notify_waiters();
+        if status == Status::Pending {
+            // Waiting for job-finalize: cancel ends it now.
+            self.finish(myself, a, Err(CANCELED.into()));
+        }
+        Ok(())
+    }
+
+    fn set_speed(&self, a: &JobArgs, speed: i64) -> Result<(), String> {
+        let sh = &a.shared;
+        let status = sh.status();
+        if !status.accepts(Verb::SetSpeed) {
+            return Err(state::refused(&sh.id, status, Verb::SetSpeed));
+        }
+        let Some(b) = &sh.block else {
+            return Err(format!(
+                "Job '{}' does not support command verb 'set-speed'",
+                sh.id
+            ));
+        };
+        if speed < 0 {
+            return Err("Parameter 'speed' expects a non-negative value".into());
+        }
+        b.speed.store(speed as u64, Ordering::Relaxed);
+        sh.wake.notify_waiters();
+        Ok(())
+    }
+
+    fn change_copy_mode(&self, a: &JobArgs, write_blocking: bool) -> Result<(), String> {
+        let sh = &a.shared;
+        let status = sh.status();
+        if !status.accepts(Verb::Change) {
+            return Err(state::refused(&sh.id, status, Verb::Change));
+        }
+        let Some(b) = sh.block.as_ref().filter(|_| sh.kind == "mirror") else {
+            return Err(format!(
+                "Job '{}' does not support command verb 'change'",
+                sh.id
+            ));
+        };
+        if !write_blocking {
+            return Err("Change to copy mode 'background' is not implemented".into());
+        }
+        if b.write_blocking.swap(true, Ordering::AcqRel) {
+            return Err(
+                "Expected current copy mode 'background', got 'write-blocking'".into(),
+            );
+        }
+        sh.wake.notify_waiters();
+        Ok(())
     }
 }
 
@@ -402,6 +661,15 @@ impl Actor for JobActor {
             }
             JobMsg::Verb(verb, reply) => {
                 let _ = reply.send(self.verb(&myself, a, verb));
+            }
+            JobMsg::Cancel(force, reply) => {
+                let _ = reply.send(self.cancel(&myself, a, force));
+            }
+            JobMsg::SetSpeed(speed, reply) => {
+                let _ = reply.send(self.set_speed(a, speed));
+            }
+            JobMsg::ChangeCopyMode(wb, reply) => {
+                let _ = reply.send(self.change_copy_mode(a, wb));
             }
             JobMsg::Finished(r) => self.finish(&myself, a, r),
             JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),
