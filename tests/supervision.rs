@@ -143,6 +143,8 @@ fn command_sets_agree() {
         assert_eq!(r["error"]["class"], "GenericError", "{name}: {r}");
     }
     let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
+    assert_eq!(r["return"], serde_json::json!([]));
+    let r = q.cmd(r#"{"execute":"x-no-such-command"}"#);
     assert_eq!(r["error"]["class"], "CommandNotFound");
 }
 

@@ -14,7 +14,7 @@ use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
 impl ControlState {
-    fn job(&self, id: &str) -> Option<Arc<Shared>> {
+    pub(super) fn job(&self, id: &str) -> Option<Arc<Shared>> {
         self.jobs
             .lock()
             .ok()
@@ -190,6 +190,6 @@ impl ControlState {
     }
 }
 
-fn job_actor(id: &str) -> Option<ActorRef<JobMsg>> {
+pub(super) fn job_actor(id: &str) -> Option<ActorRef<JobMsg>> {
     ractor::registry::where_is(jobs::registry_name(id)).map(Into::into)
 }

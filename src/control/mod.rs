@@ -2,6 +2,7 @@
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
 mod block;
+mod block_jobs;
 mod chardevs;
 mod exports;
 mod jobs;
@@ -311,6 +312,18 @@ impl ControlState {
             "job-dismiss" => {
                 self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Dismiss)
                     .await
+            }
+            "query-block-jobs" => Ok(self.query_block_jobs()),
+            "block-job-pause"
+            | "block-job-resume"
+            | "block-job-complete"
+            | "block-job-finalize"
+            | "block-job-dismiss"
+            | "block-job-cancel"
+            | "block-job-set-speed"
+            | "block-job-change" => self.block_job_command(name, &args).await,
+            "blockdev-mirror" | "drive-mirror" | "block-stream" | "block-commit" => {
+                self.block_job_start_unsupported(name)
             }
             "x-rsd-test-event" => {
                 let mut data = Map::new();

@@ -239,10 +239,7 @@ impl Shared {
         let mut d = Map::new();
         d.insert("device".into(), json!(self.id));
         d.insert("len".into(), json!(self.total.load(Ordering::Relaxed)));
-        d.insert(
-            "offset".into(),
-            json!(self.current.load(Ordering::Relaxed)),
-        );
+        d.insert("offset".into(), json!(self.current.load(Ordering::Relaxed)));
         d.insert("speed".into(), json!(self.speed()));
         d.insert("type".into(), json!(self.kind));
         if let Some(e) = error {
@@ -266,10 +263,7 @@ impl Shared {
         m.insert("auto-dismiss".into(), json!(self.auto_dismiss));
         m.insert("busy".into(), json!(b.busy.load(Ordering::Relaxed)));
         m.insert("len".into(), json!(self.total.load(Ordering::Relaxed)));
-        m.insert(
-            "offset".into(),
-            json!(self.current.load(Ordering::Relaxed)),
-        );
+        m.insert("offset".into(), json!(self.current.load(Ordering::Relaxed)));
         m.insert("status".into(), json!(status.as_str()));
         m.insert("paused".into(), json!(paused));
         m.insert("speed".into(), json!(self.speed()));
@@ -604,9 +598,7 @@ impl JobActor {
             return Err("Change to copy mode 'background' is not implemented".into());
         }
         if b.write_blocking.swap(true, Ordering::AcqRel) {
-            return Err(
-                "Expected current copy mode 'background', got 'write-blocking'".into(),
-            );
+            return Err("Expected current copy mode 'background', got 'write-blocking'".into());
         }
         sh.wake.notify_waiters();
         Ok(())
