@@ -5,6 +5,7 @@ mod common;
 mod block;
 mod cli;
 mod jobs;
+mod mirror;
 mod nbd;
 mod process;
 mod qcow2;

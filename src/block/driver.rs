@@ -96,6 +96,15 @@ pub trait Driver: Send + Sync + 'static {
     fn has_image_info(&self) -> bool {
         true
     }
+    /// A filter: it shows its child (role "backing") as its backing
+    /// image, as QEMU's filters do.
+    fn is_filter(&self) -> bool {
+        false
+    }
+    /// BlockDirtyInfo of the bitmaps the node holds (a mirror's).
+    fn dirty_bitmaps(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
     /// QAPI ImageInfoSpecific for query-named-block-nodes, if any.
     fn format_specific(&self) -> Option<serde_json::Value> {
         None

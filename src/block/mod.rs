@@ -13,6 +13,7 @@ pub mod graph;
 mod hook_tests;
 pub mod hooks;
 pub mod lock;
+pub mod mirror_top;
 pub mod node;
 pub mod null;
 pub mod perm;

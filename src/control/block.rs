@@ -134,6 +134,14 @@ impl ControlState {
             }
             image.insert("dirty-flag".into(), json!(false));
         }
+        if node.driver.is_filter() && !flat {
+            if let Some(b) = self.block.child_of(e, "backing") {
+                image.insert(
+                    "backing-image".into(),
+                    Value::Object(self.image_info(b, flat)),
+                );
+            }
+        }
         if let Some((name, fmt, full)) = node.driver.backing_file() {
             image.insert("backing-filename".into(), json!(name));
             if let Some(f) = fmt {
@@ -174,6 +182,10 @@ impl ControlState {
             "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
             "file": filename,
         });
+        let bitmaps = node.driver.dirty_bitmaps();
+        if !bitmaps.is_empty() {
+            info["dirty-bitmaps"] = Value::Array(bitmaps);
+        }
         // The backing node's own filename (QEMU refreshes it so). Its
         // place among the keys matters: QMP output follows QDict order.
         match (

@@ -77,17 +77,10 @@ impl ControlState {
                 ractor::call!(a, JobMsg::SetSpeed, speed)
             }
             "block-job-change" => {
-                let kind = arg_str(args, "type");
-                let job_kind = self.job(&id).map(|s| s.kind).unwrap_or_default();
-                if kind != job_kind {
-                    return Err(QmpError::generic("Job type does not match specified type"));
-                }
+                // QEMU hands the options to the job whatever `type` says;
+                // a mirror reads the copy mode (background if absent).
                 let wb = arg_str(args, "copy-mode") == "write-blocking";
-                if kind == "mirror" {
-                    ractor::call!(a, JobMsg::ChangeCopyMode, wb)
-                } else {
-                    ractor::call!(a, JobMsg::Verb, Verb::Change)
-                }
+                ractor::call!(a, JobMsg::ChangeCopyMode, wb)
             }
             _ => return Err(QmpError::generic(format!("internal error: {name}"))),
         };

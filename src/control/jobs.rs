@@ -88,6 +88,7 @@ impl ControlState {
             "create",
             true,
             false,
+            None,
             create::start(opts, targets),
             on_end,
         )
@@ -95,12 +96,15 @@ impl ControlState {
         .map(|()| json!({}))
     }
 
-    async fn start_job(
+    /// Starts a job; `block` is (completable, speed) for a block job.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn start_job(
         &mut self,
         id: &str,
         kind: &'static str,
         auto_finalize: bool,
         auto_dismiss: bool,
+        block: Option<(bool, u64)>,
         start: jobs::Start,
         on_end: Box<dyn FnOnce() + Send>,
     ) -> QmpResult<()> {
@@ -114,7 +118,18 @@ impl ControlState {
         }
         let ctx = self.ctx.clone();
         let sink: crate::events::EventSink = Arc::new(move |n, d| ctx.events.emit(n, Some(d)));
-        let shared = Shared::new(id, kind, auto_finalize, auto_dismiss, sink);
+        let shared = match block {
+            Some((completable, speed)) => Shared::new_block(
+                id,
+                kind,
+                auto_finalize,
+                auto_dismiss,
+                sink,
+                completable,
+                speed,
+            ),
+            None => Shared::new(id, kind, auto_finalize, auto_dismiss, sink),
+        };
         shared
             .gate
             .store(self.seq, std::sync::atomic::Ordering::Release);
@@ -168,6 +183,7 @@ impl ControlState {
     pub(super) async fn cancel_all_jobs(&mut self) {
         let all: Vec<Arc<Shared>> = self.jobs.lock().map(|j| j.clone()).unwrap_or_default();
         for sh in &all {
+            sh.drain_blip();
             if let Some(a) = job_actor(&sh.id) {
                 let _ = ractor::call!(a, JobMsg::Verb, Verb::Cancel);
             }

@@ -6,6 +6,7 @@ mod block_jobs;
 mod chardevs;
 mod exports;
 mod jobs;
+mod mirror;
 mod nbd;
 mod qom;
 mod reopen;
@@ -55,6 +56,8 @@ pub enum ControlMsg {
     AddBlockdevCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--monitor`: attach a QMP monitor to a chardev.
     AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
+    /// A mirror job ended: tidy the graph (its filter, its users).
+    MirrorEnded(Box<mirror::MirrorEnd>),
     /// The exit path run before the supervisor stops everything.
     Shutdown(RpcReplyPort<()>),
 }
@@ -147,9 +150,10 @@ impl Actor for ControlActor {
                 let r = st.add_monitor(chardev, pretty).await;
                 let _ = reply.send(r);
             }
+            ControlMsg::MirrorEnded(end) => st.mirror_ended(*end).await,
             ControlMsg::Shutdown(reply) => {
-                st.cancel_all_jobs().await;
                 st.delete_exports(None).await;
+                st.cancel_all_jobs().await;
                 if st.nbd.take().is_some() {
                     actors::supervisor::stop_child_by_id(
                         &st.ctx.supervisor,
@@ -192,8 +196,11 @@ impl ControlState {
             // The exit path (jobs, exports) runs in Shutdown; the monitor
             // session sends the reply and then asks the daemon to stop.
             "quit" => {
-                // QSD's exit path runs before the reply: exports go first.
+                // QSD's exit path runs before the reply: exports go
+                // first, then the jobs are cancelled (after the drain's
+                // pause of each block job).
                 self.delete_exports(None).await;
+                self.cancel_all_jobs().await;
                 Ok(json!({}))
             }
             "nbd-server-start" => self.nbd_server_start_legacy(&args).await,
@@ -322,7 +329,8 @@ impl ControlState {
             | "block-job-cancel"
             | "block-job-set-speed"
             | "block-job-change" => self.block_job_command(name, &args).await,
-            "blockdev-mirror" | "drive-mirror" | "block-stream" | "block-commit" => {
+            "blockdev-mirror" => self.blockdev_mirror(&args).await,
+            "drive-mirror" | "block-stream" | "block-commit" => {
                 self.block_job_start_unsupported(name)
             }
             "x-rsd-test-event" => {

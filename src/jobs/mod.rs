@@ -7,6 +7,7 @@
 //! own. State lives in `Shared`, which query-jobs reads without an actor
 //! hop; the actor applies the verbs and the end of the job.
 pub mod create;
+pub mod mirror;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,46 @@ struct Flags {
     complete: bool,
     /// The last I/O error stopped the job (io-status "failed").
     io_failed: bool,
+}
+
+/// BlockdevOnError: what a block job does on an I/O error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Report,
+    Ignore,
+    Enospc,
+    Stop,
+    Auto,
+}
+
+impl OnError {
+    pub fn parse(s: Option<&str>) -> OnError {
+        match s {
+            Some("ignore") => OnError::Ignore,
+            Some("enospc") => OnError::Enospc,
+            Some("stop") => OnError::Stop,
+            Some("auto") => OnError::Auto,
+            _ => OnError::Report,
+        }
+    }
+}
+
+/// BlockErrorAction: what was done about one error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorAction {
+    Ignore,
+    Report,
+    Stop,
+}
+
+impl ErrorAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Report => "report",
+            ErrorAction::Stop => "stop",
+        }
+    }
 }
 
 /// What a block job adds to a job (query-block-jobs, BLOCK_JOB_* events).
@@ -223,12 +264,77 @@ impl Shared {
         }
     }
 
+    /// QEMU drains every node when it quits, and a block job pauses and
+    /// resumes around that drain: running -> paused -> running, ready ->
+    /// standby -> ready, as QSD's events show.
+    pub fn drain_blip(&self) {
+        if self.block.is_none() {
+            return;
+        }
+        match self.status() {
+            Status::Running => {
+                self.set(Status::Paused);
+                self.set(Status::Running);
+            }
+            Status::Ready => {
+                self.set(Status::Standby);
+                self.set(Status::Ready);
+            }
+            _ => {}
+        }
+    }
+
+    /// A block job pauses at once (QEMU enters an idle job, which pauses
+    /// before the command replies): running -> paused, ready -> standby.
+    fn pause_now(&self) {
+        match self.status() {
+            Status::Running => self.set(Status::Paused),
+            Status::Ready => self.set(Status::Standby),
+            _ => {}
+        }
+    }
+
+    /// And resumes at once: paused -> running, standby -> ready.
+    fn resume_now(&self) {
+        match self.status() {
+            Status::Paused => self.set(Status::Running),
+            Status::Standby => self.set(Status::Ready),
+            _ => {}
+        }
+    }
+
     /// running -> ready, with BLOCK_JOB_READY.
     pub fn set_ready(&self) {
         if self.status() == Status::Running {
             self.set(Status::Ready);
             self.block_event("BLOCK_JOB_READY", None);
         }
+    }
+
+    /// An I/O error under the job's `on-*-error` policy (QEMU's
+    /// block_job_error_action): BLOCK_JOB_ERROR, and for `stop` the job
+    /// pauses with io-status "failed" until resumed. Returns the action.
+    pub fn io_error(&self, op: &str, policy: OnError, errno: i32) -> ErrorAction {
+        let action = match policy {
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Report => ErrorAction::Report,
+            OnError::Stop => ErrorAction::Stop,
+            OnError::Enospc | OnError::Auto if errno == nix::libc::ENOSPC => ErrorAction::Stop,
+            OnError::Enospc | OnError::Auto => ErrorAction::Report,
+        };
+        let mut d = Map::new();
+        d.insert("device".into(), json!(self.id));
+        d.insert("operation".into(), json!(op));
+        d.insert("action".into(), json!(action.as_str()));
+        (self.events)("BLOCK_JOB_ERROR", d);
+        if action == ErrorAction::Stop {
+            self.flags(|f| {
+                f.io_failed = true;
+                f.user_paused = true;
+            });
+            self.pause_now();
+        }
+        action
     }
 
     /// A BLOCK_JOB_* event with the job's progress and speed.
@@ -309,6 +415,11 @@ impl Shared {
             }
             if !paused {
                 return Ok(());
+            }
+            if self.block.is_some() {
+                // A block job changed state with the verb already.
+                woken.await;
+                continue;
             }
             let back = self.status();
             let rest = if back == Status::Ready {
@@ -473,7 +584,11 @@ impl JobActor {
                         f.user_paused = true;
                         Ok(())
                     }
-                })
+                })?;
+                if sh.block.is_some() {
+                    sh.pause_now();
+                }
+                Ok(())
             }
             Verb::Resume => {
                 if !sh.flags(|f| f.user_paused) {
@@ -482,7 +597,13 @@ impl JobActor {
                 if !status.accepts(verb) {
                     return Err(refused());
                 }
-                sh.flags(|f| f.user_paused = false);
+                sh.flags(|f| {
+                    f.user_paused = false;
+                    f.io_failed = false;
+                });
+                if sh.block.is_some() {
+                    sh.resume_now();
+                }
                 sh.wake.notify_waiters();
                 Ok(())
             }
@@ -554,6 +675,9 @@ impl JobActor {
             }
             f.user_paused = false;
         });
+        if sh.block.is_some() {
+            sh.resume_now();
+        }
         sh.wake.notify_waiters();
         if status == Status::Pending {
             // Waiting for job-finalize: cancel ends it now.
@@ -589,17 +713,15 @@ impl JobActor {
             return Err(state::refused(&sh.id, status, Verb::Change));
         }
         let Some(b) = sh.block.as_ref().filter(|_| sh.kind == "mirror") else {
-            return Err(format!(
-                "Job '{}' does not support command verb 'change'",
-                sh.id
-            ));
+            return Err("Job type does not support change".into());
         };
+        if b.write_blocking.load(Ordering::Acquire) == write_blocking {
+            return Ok(());
+        }
         if !write_blocking {
             return Err("Change to copy mode 'background' is not implemented".into());
         }
-        if b.write_blocking.swap(true, Ordering::AcqRel) {
-            return Err("Expected current copy mode 'background', got 'write-blocking'".into());
-        }
+        b.write_blocking.store(true, Ordering::Release);
         sh.wake.notify_waiters();
         Ok(())
     }

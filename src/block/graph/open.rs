@@ -144,3 +144,67 @@ fn common_options(
         cache_no_flush: cache.and_then(|c| b(c, "no-flush")).unwrap_or(false),
     })
 }
+
+impl Graph {
+    /// Adds a filter node the daemon makes itself (a job's mirror_top),
+    /// named `name` or automatically, above `child` in role `role`. It
+    /// takes its child's identity (QEMU's filters show their child's
+    /// filename). The caller moves the child's parents onto it.
+    pub fn add_filter(
+        &mut self,
+        name: Option<&str>,
+        driver: Box<dyn crate::block::driver::Driver>,
+        role: &'static str,
+        child: &str,
+    ) -> Result<String, String> {
+        let explicit = match name {
+            Some(n) => {
+                check_node_name(n)?;
+                if self.find(n).is_some() {
+                    return Err(format!("Duplicate nodes with node-name='{n}'"));
+                }
+                Some(n.to_string())
+            }
+            None => None,
+        };
+        let (json, plain, read_only) = match self.find(child) {
+            Some(e) => (e.json.clone(), e.plain_filename.clone(), e.node.read_only()),
+            None => {
+                return Err(format!(
+                    "Cannot find device='{child}' nor node-name='{child}'"
+                ))
+            }
+        };
+        let (name, seq) = self.name_now(&explicit);
+        let common = CommonOptions {
+            read_only,
+            ..CommonOptions::default()
+        };
+        let node = Node::new(name.clone(), driver, common);
+        self.entries.push(Entry {
+            seq,
+            name: name.clone(),
+            node,
+            monitor_owned: false,
+            children: vec![drivers::edge(role, child)],
+            users: Vec::new(),
+            json,
+            options: Map::new(),
+            plain_filename: plain,
+            perm: Perm::NONE,
+            shared: Perm::ALL,
+        });
+        Ok(name)
+    }
+
+    /// Removes a node nothing uses any more (a job's filter at its end).
+    pub fn remove_unused(&mut self, name: &str) {
+        let unused = self
+            .find(name)
+            .is_some_and(|e| e.users.is_empty() && self.parents(name).is_empty());
+        if unused {
+            self.entries.retain(|e| e.name != name);
+            let _ = self.refresh_perms();
+        }
+    }
+}

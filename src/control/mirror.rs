@@ -1,0 +1,282 @@
+//! blockdev-mirror: QEMU's checks in its order, the mirror_top filter put
+//! above the source (its parents move onto it), the job's users of the
+//! nodes, and the graph's tidying when the job ends (the filter's
+//! parents move to the target after a pivot, back to the source after
+//! anything else, and the filter goes).
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::{arg_str, ControlMsg, ControlState};
+use crate::block::bitmap::DirtyBitmap;
+use crate::block::mirror_top::MirrorTop;
+use crate::block::node::Node;
+use crate::block::perm::Perm;
+use crate::jobs::mirror::{self, DirtyHook, Mirror, SyncMode};
+use crate::jobs::OnError;
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+/// How a job's users of nodes are described (QEMU's op blocker reason).
+pub const JOB_USER: &str = "block device is in use by block job: ";
+
+/// QEMU's DEFAULT_MIRROR_BUF_SIZE.
+const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+
+/// What the control actor tidies when a mirror job ends.
+pub struct MirrorEnd {
+    pub filter: String,
+    pub filter_edge: Arc<crate::block::child::Child>,
+    pub source: String,
+    pub target: String,
+    pub target_node: Arc<Node>,
+    pub source_node: Arc<Node>,
+    pub hook: String,
+    pub users: Vec<u64>,
+}
+
+fn not_found(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
+}
+
+impl ControlState {
+    pub(super) async fn blockdev_mirror(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let device = arg_str(args, "device").to_string();
+        let Some(src) = self.block.find(&device) else {
+            return Err(not_found(&device));
+        };
+        let source = src.node.clone();
+        let target_name = arg_str(args, "target").to_string();
+        let Some(tgt) = self.block.find(&target_name) else {
+            return Err(not_found(&target_name));
+        };
+        let target = tgt.node.clone();
+        // No default id: nodes from --blockdev have no device name.
+        let job_id = arg_str(args, "job-id").to_string();
+        // Busy nodes (QEMU's op blockers).
+        if let Some(u) = tgt.users.iter().find(|u| u.desc.starts_with(JOB_USER)) {
+            return Err(QmpError::generic(format!(
+                "Node '{target_name}' is busy: {}",
+                u.desc
+            )));
+        }
+        if let Some((parent, _)) = self
+            .block
+            .parents(&target_name)
+            .into_iter()
+            .find(|(_, c)| c.role == "backing")
+        {
+            return Err(QmpError::generic(format!(
+                "Node '{target_name}' is busy: node is used as backing hd of '{parent}'"
+            )));
+        }
+        if let Some(r) = args.get("replaces").and_then(Value::as_str) {
+            if self.block.find(r).is_none() {
+                return Err(QmpError::generic(format!(
+                    "Failed to find node with node-name='{r}'"
+                )));
+            }
+            if r != device {
+                return Err(QmpError::generic(format!(
+                    "Cannot replace '{r}' by a node mirrored from '{device}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data"
+                )));
+            }
+        }
+        let granularity = args.get("granularity").and_then(Value::as_i64).unwrap_or(0);
+        if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
+            return Err(QmpError::generic(
+                "Parameter 'granularity' expects a value in range [512B, 64MB]",
+            ));
+        }
+        if granularity & (granularity - 1).max(0) != 0 {
+            return Err(QmpError::generic(
+                "Parameter 'granularity' expects a power of 2",
+            ));
+        }
+        let sync = match arg_str(args, "sync") {
+            "full" => SyncMode::Full,
+            "top" => SyncMode::Top,
+            "none" => SyncMode::None,
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Sync mode '{other}' not supported"
+                )))
+            }
+        };
+        let buf_size = match args.get("buf-size").and_then(Value::as_i64) {
+            Some(b) if b < 0 => return Err(QmpError::generic("Invalid parameter 'buf-size'")),
+            Some(b) if b > 0 => b as u64,
+            _ => DEFAULT_BUF_SIZE,
+        };
+        if Arc::ptr_eq(&source, &target) {
+            return Err(QmpError::generic("Can't mirror node into itself"));
+        }
+        if !self.block.parents(&device).is_empty() || source.driver.is_filter() {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        crate::jobs::check_id(&job_id).map_err(QmpError::generic)?;
+        if self.job(&job_id).is_some() {
+            return Err(QmpError::generic(format!(
+                "Job ID '{job_id}' already in use"
+            )));
+        }
+        // Checked once QEMU has created the job: it is created and
+        // dropped again.
+        let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
+        if speed < 0 {
+            self.stillborn_job(&job_id);
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        if target.read_only() {
+            self.stillborn_job(&job_id);
+            return Err(QmpError::generic("Block node is read-only"));
+        }
+        let granularity = match granularity {
+            0 => target
+                .driver
+                .cluster_size()
+                .map_or(65536, |c| c.clamp(4096, 65536)),
+            g => g as u64,
+        };
+        // The filter above the source, and the source's parents on it.
+        let filter = MirrorTop::new(source.clone());
+        let filter_name = self
+            .block
+            .add_filter(
+                args.get("filter-node-name").and_then(Value::as_str),
+                Box::new(filter.clone()),
+                "backing",
+                &device,
+            )
+            .map_err(QmpError::generic)?;
+        if let Err(e) = self.block.replace_node(&device, &filter_name).await {
+            self.block.remove_unused(&filter_name);
+            return Err(QmpError::generic(e));
+        }
+        // The job writes the target; nobody else may (QEMU's perms).
+        let users = (|| -> Result<Vec<u64>, String> {
+            let t = self.block.add_user(
+                &target_name,
+                &format!("{JOB_USER}mirror"),
+                Perm::WRITE,
+                Perm::WRITE_UNCHANGED,
+            )?;
+            match self.block.add_user(
+                &device,
+                &format!("{JOB_USER}mirror"),
+                Perm::CONSISTENT_READ,
+                Perm::ALL,
+            ) {
+                Ok(s) => Ok(vec![t, s]),
+                Err(e) => {
+                    self.block.remove_user(t);
+                    Err(e)
+                }
+            }
+        })();
+        let users = match users {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = self.block.replace_node(&filter_name, &device).await;
+                self.block.remove_unused(&filter_name);
+                return Err(QmpError::generic(e));
+            }
+        };
+        let dirty = Arc::new(DirtyBitmap::new(source.size(), granularity));
+        filter.show_bitmap(dirty.clone());
+        let hook = format!("mirror/{job_id}");
+        source.hooks.add(Arc::new(DirtyHook {
+            name: hook.clone(),
+            bitmap: dirty.clone(),
+        }));
+        let end = MirrorEnd {
+            filter: filter_name,
+            filter_edge: filter.edge(),
+            source: device.clone(),
+            target: target_name,
+            target_node: target.clone(),
+            source_node: source.clone(),
+            hook,
+            users,
+        };
+        let write_blocking = arg_str(args, "copy-mode") == "write-blocking";
+        let m = Mirror {
+            source,
+            target,
+            filter,
+            sync,
+            granularity,
+            buf_size,
+            unmap: args.get("unmap").and_then(Value::as_bool).unwrap_or(true),
+            on_source_error: OnError::parse(args.get("on-source-error").and_then(Value::as_str)),
+            on_target_error: OnError::parse(args.get("on-target-error").and_then(Value::as_str)),
+            dirty,
+        };
+        let control = self.myself.clone();
+        let on_end: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = control.cast(ControlMsg::MirrorEnded(Box::new(end)));
+        });
+        let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
+        self.start_job(
+            &job_id,
+            "mirror",
+            flag("auto-finalize"),
+            flag("auto-dismiss"),
+            Some((true, speed as u64)),
+            mirror::start(m),
+            on_end,
+        )
+        .await?;
+        if let Some(b) = self
+            .job(&job_id)
+            .and_then(|s| s.block.as_ref().map(|_| s.clone()))
+        {
+            if let Some(bj) = &b.block {
+                bj.write_blocking
+                    .store(write_blocking, std::sync::atomic::Ordering::Release);
+            }
+        }
+        Ok(json!({}))
+    }
+
+    /// A job QEMU creates and drops again when a later check fails: its
+    /// `created` and `null` events.
+    pub(super) fn stillborn_job(&self, id: &str) {
+        for status in ["created", "null"] {
+            let mut d = Map::new();
+            d.insert("status".into(), json!(status));
+            d.insert("id".into(), json!(id));
+            self.ctx.events.emit("JOB_STATUS_CHANGE", Some(d));
+        }
+    }
+
+    /// The graph after a mirror job: the filter's parents go to the
+    /// target if the job pivoted (the filter's edge points there now),
+    /// else back to the source; the filter, the hook and the job's users
+    /// go.
+    pub(super) async fn mirror_ended(&mut self, end: MirrorEnd) {
+        end.source_node.hooks.remove(&end.hook);
+        for u in &end.users {
+            self.block.remove_user(*u);
+        }
+        let pivoted = end
+            .filter_edge
+            .get()
+            .is_some_and(|n| Arc::ptr_eq(&n, &end.target_node));
+        let to = if pivoted { &end.target } else { &end.source };
+        if let Err(e) = self.block.replace_node(&end.filter, to).await {
+            tracing::warn!(filter = %end.filter, error = %e, "mirror filter left in place");
+            return;
+        }
+        self.block.remove_unused(&end.filter);
+        if pivoted {
+            // The source leaves with nothing using it, as after QEMU's
+            // bdrv_replace_node (inline children of it go too).
+            self.block.release_unused(&end.source);
+        }
+    }
+}
