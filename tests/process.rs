@@ -19,7 +19,16 @@ fn pidfile_lock_content_and_cleanup() {
     for which in Which::all() {
         let dir = TempDir::new();
         let mut first = start_with_pidfile(which, &dir);
-        let content = std::fs::read_to_string(dir.path("p.pid")).expect("pidfile");
+        // The file exists a moment before its content does (both
+        // daemons create, lock, then write it): wait for the line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let content = loop {
+            let c = std::fs::read_to_string(dir.path("p.pid")).expect("pidfile");
+            if c.ends_with('\n') || std::time::Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         assert_eq!(content, format!("{}\n", first.child.id()));
         // The socket exists by the time the pidfile does.
         assert!(dir.path("q.sock").exists());
