@@ -12,5 +12,6 @@ mod qcow2;
 mod qmp_wire;
 mod quickstart;
 mod snapshot;
+mod stream;
 mod supervision;
 mod transports;

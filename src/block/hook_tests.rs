@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::driver::{IoFuture, WriteFlags};
 use super::error::BlockError;
 use super::graph::Graph;
-use super::hooks::{Hook, Op, Request, Stage};
+use super::hooks::{Guard, Hook, Op, Request, Stage};
 use super::node::{CommonOptions, Node};
 use super::null::NullDriver;
 
@@ -36,7 +36,7 @@ impl Hook for Recorder {
     fn stage(&self) -> Stage {
         self.stage
     }
-    fn before<'a>(&'a self, req: &'a Request) -> Option<IoFuture<'a, ()>> {
+    fn before<'a>(&'a self, req: &'a Request) -> Option<IoFuture<'a, Option<Guard>>> {
         if let Ok(mut l) = self.log.lock() {
             l.push(format!("{} before {:?}@{}", self.name, req.op, req.offset));
         }

@@ -45,13 +45,18 @@ pub enum Stage {
     Observe,
 }
 
+/// Something a hook holds while the request runs (a range lock), let go
+/// when the request has finished.
+pub type Guard = Box<dyn Send>;
+
 pub trait Hook: Send + Sync + 'static {
     /// A name for the hook, to remove it and to show it.
     fn name(&self) -> &str;
     fn stage(&self) -> Stage;
     /// Runs before the driver; it may wait (throttling), do I/O
-    /// (copy-before-write) or fail the request. None: nothing to do.
-    fn before<'a>(&'a self, _req: &'a Request) -> Option<IoFuture<'a, ()>> {
+    /// (copy-before-write), fail the request, or return a guard held
+    /// until the request is done. None: nothing to do.
+    fn before<'a>(&'a self, _req: &'a Request) -> Option<IoFuture<'a, Option<Guard>>> {
         None
     }
     /// Runs after the driver, with whether the request succeeded.
@@ -111,13 +116,18 @@ impl Hooks {
 }
 
 /// Runs the `before` side of every hook in order; the first error wins.
-pub async fn before(hooks: &[Arc<dyn Hook>], req: &Request) -> super::error::BlockResult<()> {
+/// Returns the guards to hold until the request is done.
+pub async fn before(
+    hooks: &[Arc<dyn Hook>],
+    req: &Request,
+) -> super::error::BlockResult<Vec<Guard>> {
+    let mut guards = Vec::new();
     for h in hooks {
         if let Some(f) = h.before(req) {
-            f.await?;
+            guards.extend(f.await?);
         }
     }
-    Ok(())
+    Ok(guards)
 }
 
 pub fn after(hooks: &[Arc<dyn Hook>], req: &Request, ok: bool) {

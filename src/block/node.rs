@@ -181,9 +181,10 @@ impl Node {
         match self.hooks.active() {
             None => call().await,
             Some(list) => {
-                hooks::before(&list, &req).await?;
+                let guards = hooks::before(&list, &req).await?;
                 let r = call().await;
                 hooks::after(&list, &req, r.is_ok());
+                drop(guards);
                 r
             }
         }

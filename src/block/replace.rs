@@ -230,7 +230,8 @@ impl Graph {
             Some(b) => (b.plain_filename.clone(), b.json.clone()),
             None => (None, serde_json::Value::Null),
         };
-        let same = backing.is_some() && header.is_some() && header == bplain;
+        // No backing where the header names none is the plain identity too.
+        let same = header == bplain && (backing.is_some() || header.is_none());
         let Some(e) = self.entries.iter_mut().find(|e| e.name == name) else {
             return;
         };

@@ -33,7 +33,39 @@ impl Drop for Tracked<'_> {
     }
 }
 
+/// A request in a shared tracker, owning its place (a hook's guard).
+pub struct TrackedOwned {
+    tracker: std::sync::Arc<Tracker>,
+    id: u64,
+}
+
+impl Drop for TrackedOwned {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.tracker.list.lock() {
+            l.1.retain(|r| r.0 != self.id);
+        }
+        self.tracker.left.notify_waiters();
+    }
+}
+
 impl Tracker {
+    /// [`Tracker::enter`] for a tracker shared through an Arc, with a
+    /// guard that owns its place.
+    pub async fn enter_owned(
+        self: &std::sync::Arc<Self>,
+        start: u64,
+        end: u64,
+        serialising: bool,
+    ) -> TrackedOwned {
+        let t = self.enter(start, end, serialising).await;
+        let id = t.id;
+        std::mem::forget(t);
+        TrackedOwned {
+            tracker: self.clone(),
+            id,
+        }
+    }
+
     /// Enters a request on `start..end`, waiting for the requests it may
     /// not overlap.
     pub async fn enter(&self, start: u64, end: u64, serialising: bool) -> Tracked<'_> {

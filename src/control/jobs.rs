@@ -78,7 +78,7 @@ impl ControlState {
         };
         let targets = Targets { file, data_file };
         let control = self.myself.clone();
-        let on_end: Box<dyn FnOnce() + Send> = Box::new(move || {
+        let on_end: Box<dyn FnOnce(bool) + Send> = Box::new(move |_ok| {
             if !users.is_empty() {
                 let _ = control.cast(ControlMsg::RemoveUsers(users));
             }
@@ -106,14 +106,14 @@ impl ControlState {
         auto_dismiss: bool,
         block: Option<(bool, u64)>,
         start: jobs::Start,
-        on_end: Box<dyn FnOnce() + Send>,
+        on_end: Box<dyn FnOnce(bool) + Send>,
     ) -> QmpResult<()> {
         if let Err(e) = jobs::check_id(id) {
-            on_end();
+            on_end(false);
             return Err(QmpError::generic(e));
         }
         if self.job(id).is_some() {
-            on_end();
+            on_end(false);
             return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
         }
         let ctx = self.ctx.clone();

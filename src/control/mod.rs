@@ -11,6 +11,7 @@ mod nbd;
 mod qom;
 mod reopen;
 mod snapshot;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub enum ControlMsg {
     AddBlockdevCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--monitor`: attach a QMP monitor to a chardev.
     AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
+    /// A stream job ended (true: it succeeded).
+    StreamEnded(Box<stream::StreamEnd>, bool),
     /// A mirror job ended: tidy the graph (its filter, its users).
     MirrorEnded(Box<mirror::MirrorEnd>),
     /// The exit path run before the supervisor stops everything.
@@ -151,6 +154,7 @@ impl Actor for ControlActor {
                 let _ = reply.send(r);
             }
             ControlMsg::MirrorEnded(end) => st.mirror_ended(*end).await,
+            ControlMsg::StreamEnded(end, ok) => st.stream_ended(*end, ok).await,
             ControlMsg::Shutdown(reply) => {
                 st.delete_exports(None).await;
                 st.cancel_all_jobs().await;
@@ -330,9 +334,8 @@ impl ControlState {
             | "block-job-set-speed"
             | "block-job-change" => self.block_job_command(name, &args).await,
             "blockdev-mirror" => self.blockdev_mirror(&args).await,
-            "drive-mirror" | "block-stream" | "block-commit" => {
-                self.block_job_start_unsupported(name)
-            }
+            "block-stream" => self.block_stream(&args).await,
+            "drive-mirror" | "block-commit" => self.block_job_start_unsupported(name),
             "x-rsd-test-event" => {
                 let mut data = Map::new();
                 data.insert("message".into(), json!(arg_str(&args, "message")));

@@ -14,10 +14,11 @@
 //! is tidied by the control actor when the job ends.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 
+use super::pace::Pace;
 use super::{ErrorAction, JobFuture, OnError, Shared, Start, Status, CANCELED};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::driver::{WriteFlags, ZeroFlags};
@@ -117,56 +118,6 @@ async fn copy(src: Arc<Node>, dst: Arc<Node>, off: u64, len: u64, unmap: bool) -
 /// The text QEMU gives a job's error: the errno's strerror.
 fn strerror(e: &BlockError) -> String {
     crate::util::os_msg(&std::io::Error::from_raw_os_error(e.errno))
-}
-
-/// Spaces the copies to `speed` bytes per second, as QEMU's mirror
-/// does: it issues up to a buffer's worth of copies at once and then
-/// owes the time they take at that speed (a paced job is not ready
-/// while it owes time, as QEMU sleeps it off before looking again).
-struct Pace {
-    /// Bytes sent beyond what the speed allowed so far (<= 0: none).
-    credit: f64,
-    burst: f64,
-    at: Instant,
-}
-
-impl Pace {
-    fn new(burst: u64) -> Pace {
-        Pace {
-            credit: 0.0,
-            burst: burst as f64,
-            at: Instant::now(),
-        }
-    }
-
-    fn refill(&mut self, speed: u64) {
-        let now = Instant::now();
-        if speed == 0 {
-            self.credit = 0.0;
-        } else {
-            let earned = now.duration_since(self.at).as_secs_f64() * speed as f64;
-            self.credit = (self.credit + earned).min(0.0);
-        }
-        self.at = now;
-    }
-
-    /// How long to wait before issuing more, if at all.
-    fn delay(&mut self, speed: u64) -> Option<Duration> {
-        self.refill(speed);
-        let over = -self.credit - self.burst;
-        (speed > 0 && over >= 0.0).then(|| Duration::from_secs_f64(over / speed as f64 + 0.001))
-    }
-
-    /// The time still owed for what was sent, if any.
-    fn owed(&mut self, speed: u64) -> Option<Duration> {
-        self.refill(speed);
-        (speed > 0 && self.credit < 0.0)
-            .then(|| Duration::from_secs_f64(-self.credit / speed as f64 + 0.001))
-    }
-
-    fn account(&mut self, bytes: u64) {
-        self.credit -= bytes as f64;
-    }
 }
 
 impl Mirror {

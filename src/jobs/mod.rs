@@ -8,7 +8,9 @@
 //! hop; the actor applies the verbs and the end of the job.
 pub mod create;
 pub mod mirror;
+pub mod pace;
 pub mod state;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -478,9 +480,10 @@ pub struct JobArgs {
     pub jobs: Jobs,
     /// Replies queued so far (see `Shared::gate`); None in unit tests.
     pub replied: Option<tokio::sync::watch::Receiver<u64>>,
-    /// Runs once the work is over: gives back what the job held (its
-    /// users of block nodes).
-    pub on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Runs once the work is over, told whether it succeeded: gives back
+    /// what the job held (its users of block nodes) and makes its graph
+    /// changes.
+    pub on_end: Mutex<Option<Box<dyn FnOnce(bool) + Send>>>,
 }
 
 #[derive(Clone)]
@@ -510,11 +513,11 @@ impl JobActor {
     /// auto-finalize; BLOCK_JOB_COMPLETED, or BLOCK_JOB_CANCELLED for a
     /// job cancelled for good).
     fn finish(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, result: Result<(), String>) {
-        if let Some(end) = a.on_end.lock().ok().and_then(|mut e| e.take()) {
-            end();
-        }
         let sh = &a.shared;
         let cancelled = sh.cancelled();
+        if let Some(end) = a.on_end.lock().ok().and_then(|mut e| e.take()) {
+            end(result.is_ok() && !cancelled);
+        }
         let result = if cancelled {
             Err(CANCELED.to_string())
         } else {
