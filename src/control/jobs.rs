@@ -78,7 +78,7 @@ impl ControlState {
         };
         let targets = Targets { file, data_file };
         let control = self.myself.clone();
-        let on_end: Box<dyn FnOnce(bool) + Send> = Box::new(move |_ok| {
+        let on_end: crate::jobs::OnEnd = Box::new(move |_ok| {
             if !users.is_empty() {
                 let _ = control.cast(ControlMsg::RemoveUsers(users));
             }
@@ -106,7 +106,7 @@ impl ControlState {
         auto_dismiss: bool,
         block: Option<(bool, u64)>,
         start: jobs::Start,
-        on_end: Box<dyn FnOnce(bool) + Send>,
+        on_end: crate::jobs::OnEnd,
     ) -> QmpResult<()> {
         if let Err(e) = jobs::check_id(id) {
             on_end(false);

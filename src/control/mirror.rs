@@ -217,7 +217,7 @@ impl ControlState {
             dirty,
         };
         let control = self.myself.clone();
-        let on_end: Box<dyn FnOnce(bool) + Send> = Box::new(move |_ok| {
+        let on_end: crate::jobs::OnEnd = Box::new(move |_ok| {
             let _ = control.cast(ControlMsg::MirrorEnded(Box::new(end)));
         });
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);

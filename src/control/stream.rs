@@ -174,7 +174,7 @@ impl ControlState {
             users,
         };
         let control = self.myself.clone();
-        let on_end: Box<dyn FnOnce(bool) + Send> = Box::new(move |ok| {
+        let on_end: crate::jobs::OnEnd = Box::new(move |ok| {
             let _ = control.cast(ControlMsg::StreamEnded(Box::new(end), ok));
         });
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);

@@ -32,6 +32,9 @@ pub type Start = Box<
         + Send,
 >;
 
+/// Runs when a job's work is over, told whether it succeeded.
+pub type OnEnd = Box<dyn FnOnce(bool) + Send>;
+
 /// Every job, newest first (query-jobs order).
 pub type Jobs = Arc<Mutex<Vec<Arc<Shared>>>>;
 
@@ -483,7 +486,7 @@ pub struct JobArgs {
     /// Runs once the work is over, told whether it succeeded: gives back
     /// what the job held (its users of block nodes) and makes its graph
     /// changes.
-    pub on_end: Mutex<Option<Box<dyn FnOnce(bool) + Send>>>,
+    pub on_end: Mutex<Option<OnEnd>>,
 }
 
 #[derive(Clone)]
