@@ -23,6 +23,25 @@ pub const JOB_USER: &str = "block device is in use by block job: ";
 /// QEMU's DEFAULT_MIRROR_BUF_SIZE.
 const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 
+/// A mirror job to start (blockdev-mirror, active commit).
+pub struct MirrorPlan {
+    pub job_id: String,
+    pub kind: &'static str,
+    pub device: String,
+    pub target_name: String,
+    pub sync: SyncMode,
+    pub granularity: u64,
+    pub buf_size: u64,
+    pub unmap: bool,
+    pub on_source_error: OnError,
+    pub on_target_error: OnError,
+    pub filter_name: Option<String>,
+    pub speed: u64,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+    pub write_blocking: bool,
+}
+
 /// What the control actor tidies when a mirror job ends.
 pub struct MirrorEnd {
     pub filter: String,
@@ -142,12 +161,46 @@ impl ControlState {
                 .map_or(65536, |c| c.clamp(4096, 65536)),
             g => g as u64,
         };
-        // The filter above the source, and the source's parents on it.
+        let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
+        let plan = MirrorPlan {
+            job_id,
+            kind: "mirror",
+            device,
+            target_name,
+            sync,
+            granularity,
+            buf_size,
+            unmap: args.get("unmap").and_then(Value::as_bool).unwrap_or(true),
+            on_source_error: OnError::parse(args.get("on-source-error").and_then(Value::as_str)),
+            on_target_error: OnError::parse(args.get("on-target-error").and_then(Value::as_str)),
+            filter_name: args
+                .get("filter-node-name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            speed: speed as u64,
+            auto_finalize: flag("auto-finalize"),
+            auto_dismiss: flag("auto-dismiss"),
+            write_blocking: arg_str(args, "copy-mode") == "write-blocking",
+        };
+        self.start_mirror(plan).await?;
+        Ok(json!({}))
+    }
+
+    /// Puts the mirror_top filter above the source (its parents move
+    /// onto it), takes the job's users of the nodes, hooks the source's
+    /// writes and starts the job.
+    pub(super) async fn start_mirror(&mut self, p: MirrorPlan) -> QmpResult<()> {
+        let (source, target) = match (self.block.find(&p.device), self.block.find(&p.target_name)) {
+            (Some(s), Some(t)) => (s.node.clone(), t.node.clone()),
+            _ => return Err(not_found(&p.device)),
+        };
+        let (device, target_name, job_id) =
+            (p.device.clone(), p.target_name.clone(), p.job_id.clone());
         let filter = MirrorTop::new(source.clone());
         let filter_name = self
             .block
             .add_filter(
-                args.get("filter-node-name").and_then(Value::as_str),
+                p.filter_name.as_deref(),
                 Box::new(filter.clone()),
                 "backing",
                 &device,
@@ -157,20 +210,16 @@ impl ControlState {
             self.block.remove_unused(&filter_name);
             return Err(QmpError::generic(e));
         }
+        let desc = format!("{JOB_USER}{}", p.kind);
         // The job writes the target; nobody else may (QEMU's perms).
         let users = (|| -> Result<Vec<u64>, String> {
-            let t = self.block.add_user(
-                &target_name,
-                &format!("{JOB_USER}mirror"),
-                Perm::WRITE,
-                Perm::WRITE_UNCHANGED,
-            )?;
-            match self.block.add_user(
-                &device,
-                &format!("{JOB_USER}mirror"),
-                Perm::CONSISTENT_READ,
-                Perm::ALL,
-            ) {
+            let t = self
+                .block
+                .add_user(&target_name, &desc, Perm::WRITE, Perm::WRITE_UNCHANGED)?;
+            match self
+                .block
+                .add_user(&device, &desc, Perm::CONSISTENT_READ, Perm::ALL)
+            {
                 Ok(s) => Ok(vec![t, s]),
                 Err(e) => {
                     self.block.remove_user(t);
@@ -186,7 +235,7 @@ impl ControlState {
                 return Err(QmpError::generic(e));
             }
         };
-        let dirty = Arc::new(DirtyBitmap::new(source.size(), granularity));
+        let dirty = Arc::new(DirtyBitmap::new(source.size(), p.granularity));
         filter.show_bitmap(dirty.clone());
         let hook = format!("mirror/{job_id}");
         source.hooks.add(Arc::new(DirtyHook {
@@ -203,44 +252,39 @@ impl ControlState {
             hook,
             users,
         };
-        let write_blocking = arg_str(args, "copy-mode") == "write-blocking";
         let m = Mirror {
             source,
             target,
             filter,
-            sync,
-            granularity,
-            buf_size,
-            unmap: args.get("unmap").and_then(Value::as_bool).unwrap_or(true),
-            on_source_error: OnError::parse(args.get("on-source-error").and_then(Value::as_str)),
-            on_target_error: OnError::parse(args.get("on-target-error").and_then(Value::as_str)),
+            sync: p.sync,
+            granularity: p.granularity,
+            buf_size: p.buf_size,
+            unmap: p.unmap,
+            on_source_error: p.on_source_error,
+            on_target_error: p.on_target_error,
             dirty,
         };
         let control = self.myself.clone();
         let on_end: crate::jobs::OnEnd = Box::new(move |_ok| {
             let _ = control.cast(ControlMsg::MirrorEnded(Box::new(end)));
         });
-        let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
         self.start_job(
             &job_id,
-            "mirror",
-            flag("auto-finalize"),
-            flag("auto-dismiss"),
-            Some((true, speed as u64)),
+            p.kind,
+            p.auto_finalize,
+            p.auto_dismiss,
+            Some((true, p.speed)),
             mirror::start(m),
             on_end,
         )
         .await?;
-        if let Some(b) = self
-            .job(&job_id)
-            .and_then(|s| s.block.as_ref().map(|_| s.clone()))
-        {
-            if let Some(bj) = &b.block {
-                bj.write_blocking
-                    .store(write_blocking, std::sync::atomic::Ordering::Release);
+        if let Some(sh) = self.job(&job_id) {
+            if let Some(b) = &sh.block {
+                b.write_blocking
+                    .store(p.write_blocking, std::sync::atomic::Ordering::Release);
             }
         }
-        Ok(json!({}))
+        Ok(())
     }
 
     /// A job QEMU creates and drops again when a later check fails: its

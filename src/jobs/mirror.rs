@@ -38,6 +38,9 @@ pub enum SyncMode {
     Top,
     /// Only what the guest writes from now on.
     None,
+    /// What the chain holds above the layer at this depth (1 is the
+    /// source itself): active commit's copy into its base.
+    Above(u32),
 }
 
 pub struct Mirror {
@@ -134,8 +137,12 @@ impl Mirror {
             SyncMode::None => {}
             SyncMode::Full => self.dirty.set(0, size),
             SyncMode::Top if !backed => self.dirty.set(0, size),
-            SyncMode::Top => {
-                // Only what the top layer itself holds.
+            SyncMode::Top | SyncMode::Above(_) => {
+                // Only what the layers above the bottom one hold.
+                let below = match self.sync {
+                    SyncMode::Above(d) => d,
+                    _ => 2,
+                };
                 let mut off = 0;
                 while off < size {
                     let e = self
@@ -143,7 +150,7 @@ impl Mirror {
                         .block_status(off, size - off)
                         .await
                         .map_err(|e| strerror(&e))?;
-                    if e.depth == 1 {
+                    if e.depth >= 1 && e.depth < below {
                         self.dirty.set(off, e.len);
                     }
                     off += e.len;
