@@ -2,6 +2,8 @@
 //! /usr/bin/qemu-storage-daemon as the oracle where both can run.
 mod common;
 
+mod commit;
+
 mod block;
 mod cli;
 mod jobs;

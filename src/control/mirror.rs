@@ -213,9 +213,15 @@ impl ControlState {
         let desc = format!("{JOB_USER}{}", p.kind);
         // The job writes the target; nobody else may (QEMU's perms).
         let users = (|| -> Result<Vec<u64>, String> {
+            // A commit's target is a backing node its overlay reads.
+            let shared = if p.kind == "commit" {
+                Perm::WRITE_UNCHANGED.union(Perm::CONSISTENT_READ)
+            } else {
+                Perm::WRITE_UNCHANGED
+            };
             let t = self
                 .block
-                .add_user(&target_name, &desc, Perm::WRITE, Perm::WRITE_UNCHANGED)?;
+                .add_user(&target_name, &desc, Perm::WRITE, shared)?;
             match self
                 .block
                 .add_user(&device, &desc, Perm::CONSISTENT_READ, Perm::ALL)

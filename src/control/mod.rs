@@ -4,6 +4,7 @@
 mod block;
 mod block_jobs;
 mod chardevs;
+mod commit;
 mod exports;
 mod jobs;
 mod mirror;
@@ -57,6 +58,8 @@ pub enum ControlMsg {
     AddBlockdevCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--monitor`: attach a QMP monitor to a chardev.
     AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
+    /// An intermediate commit ended (true: it succeeded).
+    CommitEnded(Box<commit::CommitEnd>, bool),
     /// A stream job ended (true: it succeeded).
     StreamEnded(Box<stream::StreamEnd>, bool),
     /// A mirror job ended: tidy the graph (its filter, its users).
@@ -155,6 +158,7 @@ impl Actor for ControlActor {
             }
             ControlMsg::MirrorEnded(end) => st.mirror_ended(*end).await,
             ControlMsg::StreamEnded(end, ok) => st.stream_ended(*end, ok).await,
+            ControlMsg::CommitEnded(end, ok) => st.commit_ended(*end, ok).await,
             ControlMsg::Shutdown(reply) => {
                 st.delete_exports(None).await;
                 st.cancel_all_jobs().await;
@@ -335,7 +339,8 @@ impl ControlState {
             | "block-job-change" => self.block_job_command(name, &args).await,
             "blockdev-mirror" => self.blockdev_mirror(&args).await,
             "block-stream" => self.block_stream(&args).await,
-            "drive-mirror" | "block-commit" => self.block_job_start_unsupported(name),
+            "block-commit" => self.block_commit(&args).await,
+            "drive-mirror" => self.block_job_start_unsupported(name),
             "x-rsd-test-event" => {
                 let mut data = Map::new();
                 data.insert("message".into(), json!(arg_str(&args, "message")));
