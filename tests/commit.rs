@@ -16,8 +16,8 @@ const EXPLICIT: [&str; 3] = [
 fn expected(mib: u64) -> u8 {
     match mib {
         5 | 6 => 0x33,
-        2..=5 => 0x22,
-        0..=3 => 0x11,
+        2..=4 => 0x22,
+        0 | 1 => 0x11,
         _ => 0,
     }
 }
