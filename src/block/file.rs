@@ -5,10 +5,11 @@
 //! calling task's thread: when the data is in the page cache (always on
 //! tmpfs) the request completes with no thread hand-off. When the kernel
 //! would block, and always with O_DIRECT (cache.direct=on), the request
-//! goes to tokio's blocking pool with an owned aligned copy of the buffer,
-//! so a dropped request can never leave the kernel writing into freed
-//! memory. bench/fileio measured this against a plain blocking pool and
-//! io_uring: see docs/benchmarks.md.
+//! goes to the calling thread's io_uring (src/block/uring.rs), or to
+//! tokio's blocking pool without io_uring or with aio=threads, with an
+//! owned aligned copy of the buffer, so a dropped request can never
+//! leave the kernel writing into freed memory. bench/fileio and
+//! bench/disk.py measured this: see docs/benchmarks.md.
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -387,7 +388,8 @@ impl FileDriver {
         } else {
             None
         };
-        let mut owned = AlignedBuf::new((end - start) as usize);
+        // Every byte is read or written over before it is used.
+        let mut owned = AlignedBuf::take((end - start) as usize);
         let skip = (off - start) as usize;
         if write {
             if rmw {
@@ -401,7 +403,9 @@ impl FileDriver {
         let owned = self.io_owned(owned, start, write, extra).await?;
         if let IoBuf::Read(b) = io {
             b[done..].copy_from_slice(&owned.as_slice()[skip..skip + len]);
-        } else if end > off + len as u64 {
+        }
+        owned.give();
+        if write && end > off + len as u64 {
             // The aligned write may have extended the file past the data.
             let want = self.size.load(Ordering::Acquire).max(off + len as u64);
             let f = self.file.clone();
@@ -821,6 +825,52 @@ impl AlignedBuf {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and we hold &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Buffers of at least this size are kept for reuse on their thread:
+/// a fresh one of 1 MiB costs page faults and zeroing.
+const SPARE_MIN: usize = 64 << 10;
+/// At most this many, of at most 4 MiB each, per thread.
+const SPARE_COUNT: usize = 8;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<AlignedBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl AlignedBuf {
+    /// A buffer of `len` bytes whose contents are left from an earlier
+    /// use (large ones are reused on their thread), or zeroes.
+    pub fn take(len: usize) -> AlignedBuf {
+        if len >= SPARE_MIN {
+            let spare = SPARE
+                .try_with(|s| {
+                    let mut s = s.borrow_mut();
+                    let i = s.iter().position(|b| b.len == len)?;
+                    Some(s.swap_remove(i))
+                })
+                .ok()
+                .flatten();
+            if let Some(b) = spare {
+                return b;
+            }
+        }
+        AlignedBuf::new(len)
+    }
+
+    /// Gives a buffer back for `take` to reuse.
+    pub fn give(self) {
+        if self.len < SPARE_MIN || self.len > 4 << 20 {
+            return;
+        }
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() >= SPARE_COUNT {
+                // Keep the most recent sizes.
+                s.remove(0);
+            }
+            s.push(self);
+        });
     }
 }
 

@@ -160,15 +160,27 @@ async fn reap(ring: Arc<Ring>) {
         let mut buf = [0u8; 8];
         // SAFETY: reads 8 bytes into a local buffer (non-blocking fd).
         unsafe { libc::read(ended.0.event.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-        if let Ok(mut inner) = ended.0.inner.lock() {
-            inner.drain();
-        }
+        let woken = match ended.0.inner.lock() {
+            Ok(mut inner) => inner.drain(),
+            Err(_) => return,
+        };
+        wake(woken);
+    }
+}
+
+/// Wakes the futures whose requests completed (outside the ring's lock,
+/// so a waker that polls at once cannot deadlock).
+fn wake(woken: Vec<Waker>) {
+    for w in woken {
+        w.wake();
     }
 }
 
 impl Inner {
-    /// Moves every completion into its slot and wakes its future.
-    fn drain(&mut self) {
+    /// Moves every completion into its slot; returns the futures to wake.
+    #[must_use]
+    fn drain(&mut self) -> Vec<Waker> {
+        let mut woken = Vec::new();
         let Inner { ring, slots, free } = self;
         for cqe in ring.completion() {
             let i = cqe.user_data() as usize;
@@ -178,9 +190,7 @@ impl Inner {
             match std::mem::replace(slot, Slot::Free) {
                 Slot::Waiting(w, keep) => {
                     *slot = Slot::Done(cqe.result(), keep);
-                    if let Some(w) = w {
-                        w.wake();
-                    }
+                    woken.extend(w);
                 }
                 Slot::Abandoned(keep) => {
                     drop(keep);
@@ -189,6 +199,7 @@ impl Inner {
                 other => *slot = other,
             }
         }
+        woken
     }
 
     fn in_flight(&self) -> bool {
@@ -258,27 +269,14 @@ impl Ring {
         inner.slots[i] = Slot::Waiting(None, keep);
         #[cfg(test)]
         SUBMITTED.fetch_add(1, Ordering::Relaxed);
-        loop {
-            match inner.ring.submit() {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EAGAIN)
-                        || e.raw_os_error() == Some(libc::EBUSY) =>
-                {
-                    // Completions must be reaped before the kernel takes
-                    // more: the entry stays queued for the next submit.
-                    inner.drain();
-                    break;
-                }
-                Err(_) => {
-                    // The entry is queued but the kernel refused it; it
-                    // may still run at a later submit, so the slot stays.
-                    break;
-                }
-            }
-        }
-        inner.drain();
+        // On an error other than EINTR (EAGAIN: the kernel is short of
+        // memory) the entry stays queued and goes with the next submit,
+        // so the slot stays. The slots never outnumber the completion
+        // queue, so EBUSY (completions not reaped) cannot happen.
+        while matches!(inner.ring.submit(), Err(e) if e.raw_os_error() == Some(libc::EINTR)) {}
+        let woken = inner.drain();
+        drop(inner);
+        wake(woken);
         Ok(Op {
             ring: self.clone(),
             slot: i,
@@ -373,7 +371,7 @@ impl Drop for Ring {
                     return;
                 }
             }
-            inner.drain();
+            wake(inner.drain());
         }
     }
 }
@@ -389,19 +387,21 @@ pub struct Op {
 impl std::future::Future for Op {
     type Output = (i32, Keep);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, Keep)> {
-        let ring = self.ring.clone();
-        let Ok(mut inner) = ring.inner.lock() else {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, Keep)> {
+        let this = self.get_mut();
+        let Ok(mut inner) = this.ring.inner.lock() else {
             return Poll::Pending;
         };
-        let i = self.slot;
-        if matches!(inner.slots[i], Slot::Waiting(..)) {
-            inner.drain();
-        }
-        match std::mem::replace(&mut inner.slots[i], Slot::Free) {
+        let i = this.slot;
+        let woken = if matches!(inner.slots[i], Slot::Waiting(..)) {
+            inner.drain()
+        } else {
+            Vec::new()
+        };
+        let r = match std::mem::replace(&mut inner.slots[i], Slot::Free) {
             Slot::Done(res, keep) => {
                 inner.free.push(i as u32);
-                self.done = true;
+                this.done = true;
                 Poll::Ready((res, keep))
             }
             Slot::Waiting(w, keep) => {
@@ -416,7 +416,10 @@ impl std::future::Future for Op {
                 inner.slots[i] = other;
                 Poll::Pending
             }
-        }
+        };
+        drop(inner);
+        wake(woken);
+        r
     }
 }
 
