@@ -88,7 +88,6 @@ pub fn warn_unavailable(why: &str) {
             reason = why,
             "io_uring unavailable: file I/O uses a thread pool"
         );
-        eprintln!("rsd: io_uring unavailable ({why}): file I/O uses a thread pool");
     });
 }
 
