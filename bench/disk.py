@@ -7,11 +7,20 @@ cache.direct=on, on fresh (allocating) and preallocated images.
 Rows (fio's nbd engine, one connection, servers interleaved, medians):
 - fresh qcow2, 64k random writes QD32 (each allocates a cluster),
   buffered and cache.direct=on;
-- preallocated raw, 4k random reads and writes QD32, buffered and
-  cache.direct=on.
-It prints each server's IOPS, the ratio rsd/QSD and server CPU per I/O.
+- preallocated raw, 4k random reads and writes QD32 and 1M sequential
+  reads and writes QD8, buffered and cache.direct=on.
+It prints each server's IOPS (MiB/s for 1M rows), the ratios of rsd to
+each other server and server CPU per I/O.
 
-Usage: python3 bench/disk.py [--dir DIR] [--runtime SECS] [--repeats N] [--only LABEL] [--rsd PATH]
+Servers (--servers, comma-separated; default rsd,qsd-uring,qsd):
+- rsd: rsd with its default engine (io_uring where it helps);
+- rsd-threads: rsd with aio=threads (its blocking pool);
+- rsd2: the binary given with --rsd2 (to compare two builds);
+- qsd: qemu-storage-daemon with its default aio=threads;
+- qsd-uring: qemu-storage-daemon with aio=io_uring.
+
+Usage: python3 bench/disk.py [--dir DIR] [--runtime SECS] [--repeats N] [--only LABEL]
+                             [--servers LIST] [--rsd PATH] [--rsd2 PATH]
 Needs fio (installed here if root). Not part of CI.
 """
 import argparse, os, shutil, statistics, subprocess, sys, tempfile
@@ -20,14 +29,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nbd import cpu_seconds, ensure_tools, run_fio, wait_for  # noqa: E402
 
 ROWS = [
-    # label, image kind, direct, rw, bs
-    ("fresh qcow2 64k randwrite", "qcow2", False, "randwrite", "64k"),
-    ("fresh qcow2 64k randwrite direct", "qcow2", True, "randwrite", "64k"),
-    ("prealloc raw 4k randread", "raw", False, "randread", "4k"),
-    ("prealloc raw 4k randread direct", "raw", True, "randread", "4k"),
-    ("prealloc raw 4k randwrite", "raw", False, "randwrite", "4k"),
-    ("prealloc raw 4k randwrite direct", "raw", True, "randwrite", "4k"),
+    # label, image kind, direct, rw, bs, queue depth
+    ("fresh qcow2 64k randwrite", "qcow2", False, "randwrite", "64k", 32),
+    ("fresh qcow2 64k randwrite direct", "qcow2", True, "randwrite", "64k", 32),
+    ("prealloc raw 4k randread", "raw", False, "randread", "4k", 32),
+    ("prealloc raw 4k randread direct", "raw", True, "randread", "4k", 32),
+    ("prealloc raw 4k randwrite", "raw", False, "randwrite", "4k", 32),
+    ("prealloc raw 4k randwrite direct", "raw", True, "randwrite", "4k", 32),
+    ("prealloc raw 1M seqread QD8", "raw", False, "read", "1M", 8),
+    ("prealloc raw 1M seqread QD8 direct", "raw", True, "read", "1M", 8),
+    ("prealloc raw 1M seqwrite QD8", "raw", False, "write", "1M", 8),
+    ("prealloc raw 1M seqwrite QD8 direct", "raw", True, "write", "1M", 8),
 ]
+
+# name -> (binary option, extra file-node options)
+SERVERS = {
+    "rsd": ("rsd", ""),
+    "rsd-threads": ("rsd", ",aio=threads"),
+    "rsd2": ("rsd2", ""),
+    "qsd": ("qsd", ""),
+    "qsd-uring": ("qsd", ",aio=io_uring"),
+}
 
 
 def make_image(path, kind):
@@ -38,11 +60,11 @@ def make_image(path, kind):
                         path, "1G"], check=True)
 
 
-def serve(binary, d, name, kind, direct, img):
+def serve(binary, d, name, kind, direct, img, extra):
     sock = f"{d}/{name}.sock"
     cache = ",cache.direct=on" if direct else ""
     p = subprocess.Popen([binary,
-                          "--blockdev", f"driver=file,node-name=f,filename={img}{cache}",
+                          "--blockdev", f"driver=file,node-name=f,filename={img}{cache}{extra}",
                           "--blockdev", f"driver={kind},node-name=fmt,file=f",
                           "--nbd-server", f"addr.type=unix,addr.path={sock}",
                           "--export", "type=nbd,id=e,node-name=fmt,writable=on"],
@@ -57,7 +79,9 @@ def main():
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the rows whose label contains this")
+    ap.add_argument("--servers", default="rsd,qsd-uring,qsd")
     ap.add_argument("--rsd", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "rsd"))
+    ap.add_argument("--rsd2", default="")
     a = ap.parse_args()
     ensure_tools()
     if not os.path.exists(a.rsd):
@@ -65,32 +89,47 @@ def main():
                        cwd=os.path.join(os.path.dirname(__file__), ".."))
     rows = [r for r in ROWS if a.only in r[0]]
     d = tempfile.mkdtemp(prefix="rsdd", dir=a.dir)
-    servers = [("rsd", a.rsd), ("qsd", "qemu-storage-daemon")]
+    binaries = {"rsd": os.path.abspath(a.rsd), "rsd2": a.rsd2 and os.path.abspath(a.rsd2),
+                "qsd": "qemu-storage-daemon"}
+    names = [n for n in a.servers.split(",") if n]
+    for n in names:
+        if n not in SERVERS or not binaries[SERVERS[n][0]]:
+            sys.exit(f"unknown server {n} (or --rsd2 not given)")
+    servers = [(n, binaries[SERVERS[n][0]], SERVERS[n][1]) for n in names]
     res = {(r[0], s[0]): [] for r in rows for s in servers}
     try:
         for _ in range(a.repeats):
-            for label, kind, direct, rw, bs in rows:
-                for name, binary in servers:
+            for label, kind, direct, rw, bs, qd in rows:
+                for name, binary, extra in servers:
                     img = f"{d}/{name}.{kind}"
                     make_image(img, kind)
-                    p, uri = serve(binary, d, name, kind, direct, img)
+                    p, uri = serve(binary, d, name, kind, direct, img, extra)
                     c0 = cpu_seconds(p.pid)
-                    iops, _, ios = run_fio(uri, rw, bs, 32, a.runtime)
+                    iops, mibs, ios = run_fio(uri, rw, bs, qd, a.runtime)
                     cpu = (cpu_seconds(p.pid) - c0) / max(ios, 1) * 1e6
                     p.terminate()
                     p.wait()
                     os.unlink(img)
-                    res[(label, name)].append((iops, cpu))
+                    res[(label, name)].append((mibs if bs == "1M" else iops, cpu))
         fs = subprocess.run(["stat", "-f", "-c", "%T", d], capture_output=True, text=True).stdout.strip()
-        print(f"fio nbd engine on {a.dir} ({fs}), QD32, {a.repeats} repeats x {a.runtime}s, medians")
-        print(f"{'workload':36} {'rsd':>9} {'qsd':>9} {'rsd/qsd':>8}   cpu us/io rsd   qsd")
-        for label, *_ in rows:
-            r = [x[0] for x in res[(label, 'rsd')]]
-            q = [x[0] for x in res[(label, 'qsd')]]
-            rc = statistics.median(x[1] for x in res[(label, 'rsd')])
-            qc = statistics.median(x[1] for x in res[(label, 'qsd')])
-            rm, qm = statistics.median(r), statistics.median(q)
-            print(f"{label:36} {rm/1000:8.1f}k {qm/1000:8.1f}k {rm/max(qm,1):8.2f}   {rc:13.1f} {qc:5.1f}")
+        print(f"fio nbd engine on {a.dir} ({fs}), {a.repeats} repeats x {a.runtime}s, medians")
+        print("IOPS (k) for 4k/64k rows, MiB/s for 1M rows; ratios are rsd/<server>;"
+              " CPU is the server's us per I/O")
+        first = names[0]
+        others = names[1:]
+        head = f"{'workload':36}" + "".join(f" {n:>10}" for n in names)
+        head += "".join(f" {first + '/' + o:>16}" for o in others)
+        head += "   cpu " + " ".join(f"{n:>8}" for n in names)
+        print(head)
+        for label, _, _, _, bs, _ in rows:
+            med = {n: statistics.median(x[0] for x in res[(label, n)]) for n in names}
+            cpu = {n: statistics.median(x[1] for x in res[(label, n)]) for n in names}
+            unit = (lambda v: f"{v:10.0f}") if bs == "1M" else (lambda v: f"{v/1000:9.1f}k")
+            line = f"{label:36}" + "".join(" " + unit(med[n]) for n in names)
+            line += "".join(f" {med[first]/max(med[o], 1e-9):16.2f}" for o in others)
+            line += "       " + " ".join(f"{cpu[n]:8.1f}" for n in names)
+            print(line)
+            sys.stdout.flush()
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -211,6 +211,7 @@ fn run_once(
             direct,
             locking: false,
             driver: "file".into(),
+            aio: Default::default(),
         })
         .expect("open"),
     );

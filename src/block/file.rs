@@ -5,10 +5,11 @@
 //! calling task's thread: when the data is in the page cache (always on
 //! tmpfs) the request completes with no thread hand-off. When the kernel
 //! would block, and always with O_DIRECT (cache.direct=on), the request
-//! goes to tokio's blocking pool with an owned aligned copy of the buffer,
-//! so a dropped request can never leave the kernel writing into freed
-//! memory. bench/fileio measured this against a plain blocking pool and
-//! io_uring: see docs/benchmarks.md.
+//! goes to the calling thread's io_uring (src/block/uring.rs), or to
+//! tokio's blocking pool without io_uring or with aio=threads, with an
+//! owned aligned copy of the buffer, so a dropped request can never
+//! leave the kernel writing into freed memory. bench/fileio and
+//! bench/disk.py measured this: see docs/benchmarks.md.
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -37,6 +38,24 @@ pub struct FileOptions {
     pub locking: bool,
     /// "file", or "host_device"/"host_cdrom" (a block or character device).
     pub driver: String,
+    /// The `aio` option: how requests that have to wait are done.
+    pub aio: Aio,
+}
+
+/// How the file driver does the requests that have to wait for the
+/// device or the filesystem (page-cache hits and tmpfs are always
+/// completed inline).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// Not given: io_uring when the kernel allows it, else the pool.
+    #[default]
+    Auto,
+    /// `aio=threads`: tokio's blocking pool.
+    Threads,
+    /// `aio=io_uring`: io_uring, or an error at open without it (QEMU).
+    IoUring,
+    /// `aio=native` (Linux AIO in QEMU): io_uring, or the pool without it.
+    Native,
 }
 
 pub struct FileDriver {
@@ -52,6 +71,9 @@ pub struct FileDriver {
     /// O_DIRECT requests in flight: an unaligned write is a
     /// read-modify-write of whole blocks and must not overlap others.
     serial: Tracker,
+    /// Requests that have to wait go to this thread's io_uring
+    /// (else to the blocking pool).
+    uring: bool,
     read_only: std::sync::atomic::AtomicBool,
     block_device: bool,
     locking: bool,
@@ -125,7 +147,21 @@ impl FileDriver {
                     || t == nix::sys::statfs::FsType(0x8584_58f6_i64 as _) // ramfs
             })
             .unwrap_or(false);
+        let uring = match (o.aio, super::uring::probe()) {
+            (Aio::Threads, _) => false,
+            (_, Ok(())) => true,
+            (Aio::IoUring, Err(why)) => {
+                return Err(format!(
+                    "Unable to use io_uring: failed to init linux io_uring ring: {why}"
+                ))
+            }
+            (_, Err(why)) => {
+                super::uring::warn_unavailable(why);
+                false
+            }
+        };
         let d = FileDriver {
+            uring,
             filename: o.filename.clone(),
             maybe_empty: std::sync::atomic::AtomicBool::new(true),
             driver,
@@ -352,41 +388,112 @@ impl FileDriver {
         } else {
             None
         };
-        let mut owned = AlignedBuf::new((end - start) as usize);
+        // Every byte is read or written over before it is used.
+        let mut owned = AlignedBuf::take((end - start) as usize);
         let skip = (off - start) as usize;
-        let file = self.file.clone();
         if write {
             if rmw {
                 // Read-modify-write of the partial blocks at the edges.
-                let (f2, mut o2) = (file.clone(), owned);
-                let (o, r) = blocking(move || {
-                    let r = rw_blocking(&f2, o2.as_mut_slice(), start, false, 0);
-                    (o2, r)
-                })
-                .await?;
-                r?;
-                owned = o;
+                owned = self.io_owned(owned, start, false, 0).await?;
             }
             if let IoBuf::Write(b) = &io {
                 owned.as_mut_slice()[skip..skip + len].copy_from_slice(&b[done..]);
             }
         }
-        let (owned, r) = blocking(move || {
-            let mut o = owned;
-            let r = rw_blocking(&file, o.as_mut_slice(), start, write, extra);
-            (o, r)
-        })
-        .await?;
-        r?;
+        let owned = self.io_owned(owned, start, write, extra).await?;
         if let IoBuf::Read(b) = io {
             b[done..].copy_from_slice(&owned.as_slice()[skip..skip + len]);
-        } else if end > off + len as u64 {
+        }
+        owned.give();
+        if write && end > off + len as u64 {
             // The aligned write may have extended the file past the data.
             let want = self.size.load(Ordering::Acquire).max(off + len as u64);
             let f = self.file.clone();
             blocking(move || f.set_len(want)).await??;
         }
         Ok(())
+    }
+
+    /// This thread's io_uring, when this file uses io_uring.
+    fn ring(&self) -> Option<Arc<super::uring::Ring>> {
+        if self.uring {
+            super::uring::local()
+        } else {
+            None
+        }
+    }
+
+    /// Reads or writes all of an owned buffer at `off`, on this thread's
+    /// io_uring or else on the blocking pool; gives the buffer back.
+    /// Reads past the end of the file fill with zeroes.
+    async fn io_owned(
+        &self,
+        mut buf: AlignedBuf,
+        off: u64,
+        write: bool,
+        extra: i32,
+    ) -> std::io::Result<AlignedBuf> {
+        let len = buf.len();
+        let mut done = 0usize;
+        if let Some(ring) = self.ring() {
+            while done < len {
+                let op = match ring.rw(&self.file, buf, done..len, off + done as u64, write, extra)
+                {
+                    Ok(op) => op,
+                    Err(b) => {
+                        // The ring is full: the rest goes to the pool.
+                        buf = b;
+                        break;
+                    }
+                };
+                let (res, keep) = op.await;
+                buf = keep
+                    .buf
+                    .ok_or_else(|| std::io::Error::other("io_uring lost a buffer"))?;
+                match res {
+                    0 if write => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                    0 => {
+                        buf.as_mut_slice()[done..].fill(0);
+                        return Ok(buf);
+                    }
+                    n if n > 0 => done += n as usize,
+                    e if e == -libc::EINTR || e == -libc::EAGAIN => {}
+                    e => return Err(std::io::Error::from_raw_os_error(-e)),
+                }
+            }
+            if done == len {
+                return Ok(buf);
+            }
+        }
+        let file = self.file.clone();
+        let (buf, r) = blocking(move || {
+            let mut o = buf;
+            let r = rw_blocking(
+                &file,
+                &mut o.as_mut_slice()[done..],
+                off + done as u64,
+                write,
+                extra,
+            );
+            (o, r)
+        })
+        .await?;
+        r.map(|()| buf)
+    }
+
+    /// A request without data (fsync, fallocate) on this thread's
+    /// io_uring, if it has one; None means do it another way.
+    async fn on_ring(
+        &self,
+        submit: impl FnOnce(&Arc<super::uring::Ring>) -> Option<super::uring::Op>,
+    ) -> Option<std::io::Result<()>> {
+        let op = submit(&self.ring()?)?;
+        let (res, _) = op.await;
+        Some(if res < 0 {
+            Err(std::io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(())
+        })
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64, what: &str) -> BlockResult<()> {
@@ -400,6 +507,12 @@ impl FileDriver {
         } else {
             None
         };
+        if let Some(r) = self
+            .on_ring(|ring| ring.fallocate(&self.file, mode, offset, len))
+            .await
+        {
+            return r.map_err(|e| BlockError::io(&e, what));
+        }
         let fd = self.fd();
         let file = self.file.clone();
         let r = blocking(move || {
@@ -506,6 +619,9 @@ impl Driver for FileDriver {
                     .file
                     .sync_data()
                     .map_err(|e| BlockError::io(&e, "flush"));
+            }
+            if let Some(r) = self.on_ring(|ring| ring.fsync(&self.file, true)).await {
+                return r.map_err(|e| BlockError::io(&e, "flush"));
             }
             let f = self.file.clone();
             blocking(move || f.sync_data())
@@ -665,7 +781,7 @@ impl Driver for FileDriver {
 const DIRECT_ALIGN: usize = 4096;
 
 /// A zeroed heap buffer aligned for O_DIRECT.
-struct AlignedBuf {
+pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
@@ -679,7 +795,7 @@ impl AlignedBuf {
         std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
             .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; DIRECT_ALIGN]>())
     }
-    fn new(len: usize) -> AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -691,13 +807,70 @@ impl AlignedBuf {
             len: len.min(layout.size()),
         }
     }
-    fn as_slice(&self) -> &[u8] {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The start of the memory (stable while the buffer lives, even
+    /// when the value moves).
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len initialized bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and we hold &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Buffers of at least this size are kept for reuse on their thread:
+/// a fresh one of 1 MiB costs page faults and zeroing.
+const SPARE_MIN: usize = 64 << 10;
+/// At most this many, of at most 4 MiB each, per thread.
+const SPARE_COUNT: usize = 8;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<AlignedBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl AlignedBuf {
+    /// A buffer of `len` bytes whose contents are left from an earlier
+    /// use (large ones are reused on their thread), or zeroes.
+    pub fn take(len: usize) -> AlignedBuf {
+        if len >= SPARE_MIN {
+            let spare = SPARE
+                .try_with(|s| {
+                    let mut s = s.borrow_mut();
+                    let i = s.iter().position(|b| b.len == len)?;
+                    Some(s.swap_remove(i))
+                })
+                .ok()
+                .flatten();
+            if let Some(b) = spare {
+                return b;
+            }
+        }
+        AlignedBuf::new(len)
+    }
+
+    /// Gives a buffer back for `take` to reuse.
+    pub fn give(self) {
+        if self.len < SPARE_MIN || self.len > 4 << 20 {
+            return;
+        }
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() >= SPARE_COUNT {
+                // Keep the most recent sizes.
+                s.remove(0);
+            }
+            s.push(self);
+        });
     }
 }
 
@@ -721,6 +894,12 @@ impl FileOptions {
             direct: ctx.common.cache_direct,
             locking: opt_str(opts, "locking") != Some("off"),
             driver: ctx.driver.clone(),
+            aio: match opt_str(opts, "aio") {
+                Some("threads") => Aio::Threads,
+                Some("io_uring") => Aio::IoUring,
+                Some("native") => Aio::Native,
+                _ => Aio::Auto,
+            },
         })
     }
 }

@@ -25,4 +25,7 @@ pub mod serial;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+pub mod uring;
+#[cfg(test)]
+mod uring_tests;
 pub mod wait;

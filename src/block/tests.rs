@@ -37,6 +37,7 @@ fn file_opts(path: &str) -> FileOptions {
         direct: false,
         locking: true,
         driver: "file".into(),
+        aio: Default::default(),
     }
 }
 

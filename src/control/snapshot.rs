@@ -315,6 +315,7 @@ async fn create_overlay_file(
         direct: false,
         locking: true,
         driver: "file".into(),
+        aio: Default::default(),
     })?;
     let node = Node::new(String::new(), Box::new(d), CommonOptions::default());
     crate::block::qcow2::create::create_overlay(&node, size, backing, backing_fmt).await

@@ -55,6 +55,7 @@ fn open_file(path: &str) -> Option<Arc<Node>> {
         direct: false,
         locking: false,
         driver: "file".into(),
+        aio: Default::default(),
     })
     .ok()?;
     Some(Node::new("f".into(), Box::new(d), CommonOptions::default()))
