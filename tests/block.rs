@@ -413,3 +413,65 @@ fn first_errors_match_qsd() {
     );
     drop(busy);
 }
+
+/// block-set-write-threshold on both daemons: the one-shot event when an
+/// NBD client's write first reaches past the offset, the threshold then
+/// off, and the errors.
+#[test]
+fn write_threshold_event_matches_qsd() {
+    let mut seen = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        qemu_img_create(&dir.path("img"), "4M");
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!("driver=file,node-name=disk,filename={}", dir.s("img")),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+            "--export",
+            "type=nbd,id=e,node-name=disk,writable=on",
+        ]));
+        let _d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let mut out = Vec::new();
+        for c in [
+            r#"{"execute":"block-set-write-threshold","arguments":{"node-name":"nosuch","write-threshold":1}}"#,
+            r#"{"execute":"block-set-write-threshold","arguments":{"node-name":"disk","write-threshold":1048576}}"#,
+        ] {
+            out.push(q.cmd(c).to_string());
+        }
+        let url = format!("nbd+unix:///disk?socket={}", dir.s("n.sock"));
+        ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write 0 64k",
+                "-c",
+                "write 1M 64k",
+                "-c",
+                "write 2M 64k",
+                &url,
+            ],
+        ));
+        let mut ev: serde_json::Value = serde_json::from_str(&q.line()).expect("event");
+        if let Some(o) = ev.as_object_mut() {
+            o.remove("timestamp");
+        }
+        out.push(ev.to_string());
+        let r = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
+        out.push(r["return"][0]["write_threshold"].to_string());
+        q.send(br#"{"execute":"quit"}"#);
+        seen.push(out);
+    }
+    assert_eq!(
+        seen[0][2],
+        r#"{"data":{"node-name":"disk","write-threshold":1048576,"amount-exceeded":65536},"event":"BLOCK_WRITE_THRESHOLD"}"#
+    );
+    assert_eq!(seen[0][3], "0");
+    if seen.len() == 2 {
+        assert_eq!(seen[0], seen[1]);
+    }
+}

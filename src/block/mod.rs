@@ -25,6 +25,7 @@ pub mod serial;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+pub mod threshold;
 pub mod uring;
 #[cfg(test)]
 mod uring_tests;

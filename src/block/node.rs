@@ -51,6 +51,9 @@ pub struct Node {
     pub stats: Stats,
     /// Hooks every request passes (throttling, write notifiers, metrics).
     pub hooks: Hooks,
+    /// block-set-write-threshold's offset (0: none); the hook that
+    /// watches it shares it.
+    pub write_threshold: Arc<std::sync::atomic::AtomicU64>,
     drain: Drain,
 }
 
@@ -140,6 +143,7 @@ impl Node {
             live,
             stats: Stats::default(),
             hooks: Hooks::default(),
+            write_threshold: Default::default(),
             drain: Drain::default(),
         })
     }

@@ -2,6 +2,7 @@
 //! queries, over the node graph the control actor owns.
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use actors::{ChildSpec, Restart};
 use ractor::ActorRef;
@@ -106,6 +107,31 @@ impl ControlState {
         result.map(|()| json!({}))
     }
 
+    /// block-set-write-threshold (0 turns it off).
+    pub(super) fn set_write_threshold(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let name = arg_str(args, "node-name");
+        let Some(e) = self.block.find(name) else {
+            return Err(QmpError::generic(format!("Device '{name}' not found")));
+        };
+        let node = e.node.clone();
+        let at = args
+            .get("write-threshold")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        node.write_threshold
+            .store(at, std::sync::atomic::Ordering::Release);
+        node.hooks.remove(crate::block::threshold::HOOK);
+        if at > 0 {
+            let ctx = self.ctx.clone();
+            node.hooks.add(Arc::new(crate::block::threshold::Threshold {
+                node: name.to_string(),
+                offset: node.write_threshold.clone(),
+                events: Arc::new(move |n, d| ctx.events.emit(n, Some(d))),
+            }));
+        }
+        Ok(json!({}))
+    }
+
     /// ImageInfo of a node, with its backing chain nested as QEMU shows it.
     fn image_info(&self, e: &Entry, flat: bool) -> Map<String, Value> {
         let node = &e.node;
@@ -177,7 +203,7 @@ impl ControlState {
         let mut info = json!({
             "iops_rd": 0, "detect_zeroes": node.detect_zeroes().as_str(), "active": true,
             "image": image, "iops_wr": 0, "ro": node.read_only(), "node-name": e.name,
-            "backing_file_depth": depth, "drv": drv, "backing_file": Value::Null, "iops": 0, "bps_wr": 0, "write_threshold": 0,
+            "backing_file_depth": depth, "drv": drv, "backing_file": Value::Null, "iops": 0, "bps_wr": 0, "write_threshold": node.write_threshold.load(std::sync::atomic::Ordering::Acquire),
             "encrypted": false, "bps": 0, "bps_rd": 0,
             "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
             "file": filename,

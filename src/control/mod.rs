@@ -339,6 +339,7 @@ impl ControlState {
             | "block-job-change" => self.block_job_command(name, &args).await,
             "blockdev-mirror" => self.blockdev_mirror(&args).await,
             "block-stream" => self.block_stream(&args).await,
+            "block-set-write-threshold" => self.set_write_threshold(&args),
             "block-commit" => self.block_commit(&args).await,
             "drive-mirror" => self.block_job_start_unsupported(name),
             "x-rsd-test-event" => {
