@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Mirror benchmark: rsd and qemu-storage-daemon mirror the same 1 GiB
+qcow2 image (768 MiB of data) into a fresh qcow2, on tmpfs (/dev/shm) and
+on a disk filesystem (/var/tmp), runs interleaved; it prints the median
+time from blockdev-mirror to BLOCK_JOB_READY and the ratio (QSD's time
+over rsd's: above 1 means rsd is faster).
+
+Usage: python3 bench/mirror.py [--repeats N] [--rsd PATH] [--size-mib N]
+Not part of CI.
+"""
+import argparse, json, os, shutil, socket, statistics, subprocess, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def qmp(path):
+    s = socket.socket(socket.AF_UNIX)
+    for _ in range(400):
+        try:
+            s.connect(path)
+            break
+        except OSError:
+            time.sleep(0.01)
+    f = s.makefile("rwb")
+    f.readline()
+    send(f, {"execute": "qmp_capabilities"})
+    wait(f, lambda v: "return" in v)
+    return s, f
+
+
+def send(f, msg):
+    f.write(json.dumps(msg).encode() + b"\n")
+    f.flush()
+
+
+def wait(f, pred):
+    while True:
+        line = f.readline()
+        if not line:
+            raise RuntimeError("daemon closed the monitor")
+        v = json.loads(line)
+        if "error" in v:
+            raise RuntimeError(v["error"]["desc"])
+        if pred(v):
+            return v
+
+
+def one(binary, d, size_mib):
+    src, tgt = os.path.join(d, "src.qcow2"), os.path.join(d, "tgt.qcow2")
+    for p in (src, tgt):
+        if os.path.exists(p):
+            os.unlink(p)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, f"{size_mib}M"], check=True)
+    data = size_mib * 3 // 4
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data}M", src],
+                   check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", tgt, f"{size_mib}M"], check=True)
+    sock = os.path.join(d, "q.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    p = subprocess.Popen([binary, "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
+                          "--monitor", "chardev=m",
+                          "--blockdev", f"driver=qcow2,node-name=src,file.driver=file,file.filename={src}",
+                          "--blockdev", f"driver=qcow2,node-name=tgt,file.driver=file,file.filename={tgt}"],
+                         stderr=subprocess.DEVNULL)
+    try:
+        s, f = qmp(sock)
+        t = time.monotonic()
+        send(f, {"execute": "blockdev-mirror",
+                 "arguments": {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}})
+        wait(f, lambda v: v.get("event") == "BLOCK_JOB_READY")
+        took = time.monotonic() - t
+        send(f, {"execute": "job-complete", "arguments": {"id": "m"}})
+        wait(f, lambda v: v.get("event") == "BLOCK_JOB_COMPLETED")
+        send(f, {"execute": "quit"})
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    cmp = subprocess.run(["qemu-img", "compare", "-q", src, tgt])
+    if cmp.returncode != 0:
+        raise RuntimeError(f"{binary}: images differ after the mirror")
+    return took
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rsd", default=os.path.join(HERE, "..", "target", "release", "rsd"))
+    a = ap.parse_args()
+    servers = {"rsd": a.rsd, "qsd": shutil.which("qemu-storage-daemon")}
+    print(f"mirror of a {a.size_mib} MiB qcow2 ({a.size_mib * 3 // 4} MiB of data) to READY, "
+          f"{a.repeats} runs interleaved, medians")
+    print(f"{'filesystem':<12}{'rsd s':>10}{'qsd s':>10}{'qsd/rsd':>10}")
+    for label, base in (("tmpfs", "/dev/shm"), ("disk", "/var/tmp")):
+        times = {k: [] for k in servers}
+        d = tempfile.mkdtemp(prefix="rsd-mirror-", dir=base)
+        try:
+            for _ in range(a.repeats):
+                for k, b in servers.items():
+                    times[k].append(one(b, d, a.size_mib))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        r, q = statistics.median(times["rsd"]), statistics.median(times["qsd"])
+        print(f"{label:<12}{r:>10.2f}{q:>10.2f}{q / r:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
