@@ -98,6 +98,22 @@ type Copied = (u64, u64, Result<(), Failed>);
 
 async fn copy(src: Arc<Node>, dst: Arc<Node>, off: u64, len: u64, unmap: bool) -> Copied {
     let r = async {
+        // A run the source knows reads as zeroes needs no read.
+        let known_zero = src
+            .block_status(off, len)
+            .await
+            .is_ok_and(|e| e.zero && !e.data && e.len >= len);
+        if known_zero {
+            let zf = ZeroFlags {
+                fua: false,
+                may_unmap: unmap,
+                no_fallback: false,
+            };
+            return dst
+                .write_zeroes(off, len, zf)
+                .await
+                .map_err(|err| Failed { op: "write", err });
+        }
         let mut buf = vec![0u8; len as usize];
         src.read(off, &mut buf)
             .await
