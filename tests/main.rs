@@ -2,6 +2,8 @@
 //! /usr/bin/qemu-storage-daemon as the oracle where both can run.
 mod common;
 
+mod backup;
+
 mod commit;
 
 mod block;

@@ -1,6 +1,7 @@
 //! The control actor: QSD's single dispatcher. It runs commands one at a
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
+mod backup;
 mod block;
 mod block_jobs;
 mod chardevs;
@@ -58,6 +59,8 @@ pub enum ControlMsg {
     AddBlockdevCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
     /// `--monitor`: attach a QMP monitor to a chardev.
     AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
+    /// A backup job ended: its hook and users go.
+    BackupEnded(Box<backup::BackupEnd>),
     /// An intermediate commit ended (true: it succeeded).
     CommitEnded(Box<commit::CommitEnd>, bool),
     /// A stream job ended (true: it succeeded).
@@ -159,6 +162,7 @@ impl Actor for ControlActor {
             ControlMsg::MirrorEnded(end) => st.mirror_ended(*end).await,
             ControlMsg::StreamEnded(end, ok) => st.stream_ended(*end, ok).await,
             ControlMsg::CommitEnded(end, ok) => st.commit_ended(*end, ok).await,
+            ControlMsg::BackupEnded(end) => st.backup_ended(*end),
             ControlMsg::Shutdown(reply) => {
                 st.delete_exports(None).await;
                 st.cancel_all_jobs().await;
@@ -339,6 +343,7 @@ impl ControlState {
             | "block-job-change" => self.block_job_command(name, &args).await,
             "blockdev-mirror" => self.blockdev_mirror(&args).await,
             "block-stream" => self.block_stream(&args).await,
+            "blockdev-backup" => self.blockdev_backup(&args).await,
             "block-set-write-threshold" => self.set_write_threshold(&args),
             "block-commit" => self.block_commit(&args).await,
             "drive-mirror" => self.block_job_start_unsupported(name),

@@ -6,6 +6,7 @@
 //! reply, as QSD does), and returns the rest, which runs on a task of its
 //! own. State lives in `Shared`, which query-jobs reads without an actor
 //! hop; the actor applies the verbs and the end of the job.
+pub mod backup;
 pub mod commit;
 pub mod create;
 pub mod mirror;
