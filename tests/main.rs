@@ -8,6 +8,7 @@ mod commit;
 
 mod block;
 mod cli;
+mod job_errors;
 mod jobs;
 mod mirror;
 mod nbd;

@@ -54,6 +54,10 @@ static REGISTRY: &[DriverSpec] = &[
         names: &["null-co", "null-aio"],
         open: super::null::open_node,
     },
+    DriverSpec {
+        names: &["blkdebug"],
+        open: super::blkdebug::open_node,
+    },
 ];
 
 pub fn lookup(driver: &str) -> Option<&'static DriverSpec> {

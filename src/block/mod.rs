@@ -2,6 +2,7 @@
 //! locking and the node graph.
 pub mod actor;
 pub mod bitmap;
+pub mod blkdebug;
 pub mod cancel;
 pub mod child;
 pub mod driver;
