@@ -12,6 +12,7 @@ mod job_errors;
 mod jobs;
 mod mirror;
 mod nbd;
+mod nbd_client;
 mod process;
 mod qcow2;
 mod qmp_wire;

@@ -58,6 +58,10 @@ static REGISTRY: &[DriverSpec] = &[
         names: &["blkdebug"],
         open: super::blkdebug::open_node,
     },
+    DriverSpec {
+        names: &["nbd"],
+        open: super::nbd_client::open_node,
+    },
 ];
 
 pub fn lookup(driver: &str) -> Option<&'static DriverSpec> {

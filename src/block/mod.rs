@@ -15,6 +15,7 @@ mod hook_tests;
 pub mod hooks;
 pub mod lock;
 pub mod mirror_top;
+pub mod nbd_client;
 pub mod node;
 pub mod null;
 pub mod perm;

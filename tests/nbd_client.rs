@@ -1,0 +1,207 @@
+//! The `nbd` block driver against real servers (rsd's own, QSD's,
+//! qemu-nbd), and a mirror from one rsd to another over TCP.
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// A server exporting `img` (qcow2) as "disk" on `sock`.
+fn server(kind: &str, dir: &TempDir, img: &str, sock: &str) -> Option<Child> {
+    let blockdev = format!("driver=qcow2,node-name=disk,file.driver=file,file.filename={img}");
+    let nbd = format!("addr.type=unix,addr.path={sock}");
+    let child = match kind {
+        "qemu-nbd" => Command::new("qemu-nbd")
+            .args(["-f", "qcow2", "-x", "disk", "-k", sock, "--persistent", img])
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?,
+        _ => {
+            let bin = if kind == "rsd" {
+                rsd_bin()
+            } else {
+                "qemu-storage-daemon"
+            };
+            Command::new(bin)
+                .args(["--blockdev", &blockdev, "--nbd-server", &nbd])
+                .args(["--export", "type=nbd,id=e,node-name=disk,writable=on"])
+                .args(["--pidfile", &dir.s(&format!("{kind}.pid"))])
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?
+        }
+    };
+    assert!(
+        wait_for_path(std::path::Path::new(sock), 10),
+        "{kind}: no socket"
+    );
+    Some(child)
+}
+
+/// rsd reads and writes another server's export through its nbd node,
+/// served again on its own NBD export: the data lands in the image
+/// behind the other server.
+#[test]
+fn nbd_node_reads_and_writes_other_servers() {
+    for kind in ["rsd", "qsd", "qemu-nbd"] {
+        let dir = TempDir::new();
+        let img = dir.s("back.qcow2");
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &img, "8M"],
+        ));
+        ok(&run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x21 0 1M", &img],
+        ));
+        let mut srv = server(kind, &dir, &img, &dir.s("back.sock")).expect("server");
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!(
+                "driver=nbd,node-name=remote,server.type=unix,server.path={},export=disk",
+                dir.s("back.sock")
+            ),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("front.sock")),
+            "--export",
+            "type=nbd,id=f,node-name=remote,writable=on",
+        ]));
+        let mut d = Daemon::spawn(Which::Rsd, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let url = format!("nbd+unix:///remote?socket={}", dir.s("front.sock"));
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x21 0 1M",
+                "-c",
+                "write -P 0x42 2M 1M",
+                "-c",
+                "write -z 4M 1M",
+                "-c",
+                "flush",
+                &url,
+            ],
+        ));
+        assert!(!out.contains("fail"), "{kind}: {out}");
+        let r = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
+        assert_eq!(
+            r["return"][0]["image"]["virtual-size"], 8388608,
+            "{kind}: {r}"
+        );
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let check = run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x21 0 1M",
+                "-c",
+                "read -P 0x42 2M 1M",
+                "-c",
+                "read -P 0 4M 1M",
+                &img,
+            ],
+        );
+        let text = String::from_utf8_lossy(&check.stdout);
+        assert!(!text.contains("fail"), "{kind}: {text}");
+    }
+}
+
+/// blockdev-mirror from one rsd to another's export over TCP: READY,
+/// complete, and the target image equals the source.
+#[test]
+fn mirror_between_two_daemons_over_tcp() {
+    let dir = TempDir::new();
+    let (src, tgt) = (dir.s("src.qcow2"), dir.s("tgt.qcow2"));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &src, "32M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 8M",
+            "-c",
+            "write -P 0xa5 20M 3M",
+            &src,
+        ],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &tgt, "32M"],
+    ));
+    let port = free_port().to_string();
+    let mut b = monitor_args(&dir.s("b.sock"));
+    b.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=tgt,file.driver=file,file.filename={tgt}"),
+        "--nbd-server",
+        &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+        "--export",
+        "type=nbd,id=t,node-name=tgt,writable=on",
+    ]));
+    let mut db = Daemon::spawn(Which::Rsd, &b);
+    let mut qb = Qmp::ready(&dir.path("b.sock"));
+    let mut a = monitor_args(&dir.s("a.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=src,file.driver=file,file.filename={src}"),
+        "--blockdev",
+        &format!("driver=nbd,node-name=remote,server.type=inet,server.host=127.0.0.1,server.port={port},export=tgt"),
+    ]));
+    let mut da = Daemon::spawn(Which::Rsd, &a);
+    let mut qa = Qmp::ready(&dir.path("a.sock"));
+    let r = qa.cmd(r#"{"execute":"blockdev-mirror","arguments":{"job-id":"m","device":"src","target":"remote","sync":"full"}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = qa.cmd(r#"{"execute":"query-block-jobs"}"#);
+        if r["return"][0]["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < until, "never ready: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = qa.cmd(r#"{"execute":"job-complete","arguments":{"id":"m"}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = qa.cmd(r#"{"execute":"query-jobs"}"#);
+        if r["return"].as_array().is_some_and(|a| a.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < until, "never ended: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qa.send(br#"{"execute":"quit"}"#);
+    assert_eq!(da.wait_exit(20), Some(0));
+    qb.send(br#"{"execute":"quit"}"#);
+    assert_eq!(db.wait_exit(20), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "qcow2", &src, &tgt],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    ok(&run("qemu-img", &["check", &tgt]));
+}
