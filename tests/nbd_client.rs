@@ -205,3 +205,63 @@ fn mirror_between_two_daemons_over_tcp() {
     );
     ok(&run("qemu-img", &["check", &tgt]));
 }
+
+/// With reconnect-delay, the nbd node survives its server restarting:
+/// the next request connects again and succeeds.
+#[test]
+fn nbd_node_reconnects_within_the_delay() {
+    let dir = TempDir::new();
+    let img = dir.s("back.qcow2");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img, "8M"],
+    ));
+    let sock = dir.s("back.sock");
+    let mut srv = server("rsd", &dir, &img, &sock).expect("server");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=nbd,node-name=remote,server.type=unix,server.path={sock},export=disk,reconnect-delay=20"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("front.sock")),
+        "--export",
+        "type=nbd,id=f,node-name=remote,writable=on",
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let _q = Qmp::ready(&dir.path("q.sock"));
+    let url = format!("nbd+unix:///remote?socket={}", dir.s("front.sock"));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 64k", &url],
+    ));
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(dir.path("rsd.pid"));
+    // The server comes back a moment later, on the same socket, while
+    // the client's writes wait for it.
+    let (out, mut srv) = std::thread::scope(|s| {
+        let back = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            server("rsd", &dir, &img, &sock).expect("restart")
+        });
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x22 64k 64k",
+                "-c",
+                "read -P 0x11 0 64k",
+                &url,
+            ],
+        );
+        (out, back.join().expect("restart"))
+    });
+    let text = ok(&out);
+    assert!(!text.contains("fail"), "{text}");
+    drop(d.wait_exit(0));
+    let _ = srv.kill();
+    let _ = srv.wait();
+}
