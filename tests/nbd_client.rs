@@ -261,7 +261,7 @@ fn nbd_node_reconnects_within_the_delay() {
     });
     let text = ok(&out);
     assert!(!text.contains("fail"), "{text}");
-    drop(d.wait_exit(0));
+    let _ = d.wait_exit(0);
     let _ = srv.kill();
     let _ = srv.wait();
 }
