@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Mirror benchmark: rsd and qemu-storage-daemon mirror the same 1 GiB
-qcow2 image (768 MiB of data) into a fresh qcow2, on tmpfs (/dev/shm) and
-on a disk filesystem (/var/tmp), runs interleaved; it prints the median
-time from blockdev-mirror to BLOCK_JOB_READY and the ratio (QSD's time
-over rsd's: above 1 means rsd is faster).
+"""Block-job benchmark: rsd and qemu-storage-daemon run the same job on
+the same 1 GiB qcow2 image (768 MiB of data) into a fresh qcow2, on tmpfs
+(/dev/shm) and on a disk filesystem (/var/tmp), runs interleaved:
+- mirror: the time from blockdev-mirror to BLOCK_JOB_READY;
+- backup: the time from blockdev-backup to BLOCK_JOB_COMPLETED.
+It prints medians and the ratio QSD's time over rsd's (above 1: rsd is
+faster), and checks the target with qemu-img compare each time.
 
-Usage: python3 bench/mirror.py [--repeats N] [--rsd PATH] [--size-mib N]
+Usage: python3 bench/jobs.py [--repeats N] [--rsd PATH] [--size-mib N]
 Not part of CI.
 """
 import argparse, json, os, shutil, socket, statistics, subprocess, tempfile, time
@@ -45,7 +47,7 @@ def wait(f, pred):
             return v
 
 
-def one(binary, d, size_mib):
+def one(binary, d, size_mib, job):
     src, tgt = os.path.join(d, "src.qcow2"), os.path.join(d, "tgt.qcow2")
     for p in (src, tgt):
         if os.path.exists(p):
@@ -66,12 +68,16 @@ def one(binary, d, size_mib):
     try:
         s, f = qmp(sock)
         t = time.monotonic()
-        send(f, {"execute": "blockdev-mirror",
+        send(f, {"execute": f"blockdev-{job}",
                  "arguments": {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}})
-        wait(f, lambda v: v.get("event") == "BLOCK_JOB_READY")
-        took = time.monotonic() - t
-        send(f, {"execute": "job-complete", "arguments": {"id": "m"}})
-        wait(f, lambda v: v.get("event") == "BLOCK_JOB_COMPLETED")
+        if job == "mirror":
+            wait(f, lambda v: v.get("event") == "BLOCK_JOB_READY")
+            took = time.monotonic() - t
+            send(f, {"execute": "job-complete", "arguments": {"id": "m"}})
+            wait(f, lambda v: v.get("event") == "BLOCK_JOB_COMPLETED")
+        else:
+            wait(f, lambda v: v.get("event") == "BLOCK_JOB_COMPLETED")
+            took = time.monotonic() - t
         send(f, {"execute": "quit"})
         p.wait(timeout=60)
     finally:
@@ -79,7 +85,7 @@ def one(binary, d, size_mib):
             p.kill()
     cmp = subprocess.run(["qemu-img", "compare", "-q", src, tgt])
     if cmp.returncode != 0:
-        raise RuntimeError(f"{binary}: images differ after the mirror")
+        raise RuntimeError(f"{binary}: images differ after the {job}")
     return took
 
 
@@ -90,20 +96,21 @@ def main():
     ap.add_argument("--rsd", default=os.path.join(HERE, "..", "target", "release", "rsd"))
     a = ap.parse_args()
     servers = {"rsd": a.rsd, "qsd": shutil.which("qemu-storage-daemon")}
-    print(f"mirror of a {a.size_mib} MiB qcow2 ({a.size_mib * 3 // 4} MiB of data) to READY, "
-          f"{a.repeats} runs interleaved, medians")
-    print(f"{'filesystem':<12}{'rsd s':>10}{'qsd s':>10}{'qsd/rsd':>10}")
-    for label, base in (("tmpfs", "/dev/shm"), ("disk", "/var/tmp")):
-        times = {k: [] for k in servers}
-        d = tempfile.mkdtemp(prefix="rsd-mirror-", dir=base)
-        try:
-            for _ in range(a.repeats):
-                for k, b in servers.items():
-                    times[k].append(one(b, d, a.size_mib))
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-        r, q = statistics.median(times["rsd"]), statistics.median(times["qsd"])
-        print(f"{label:<12}{r:>10.2f}{q:>10.2f}{q / r:>10.2f}")
+    print(f"a {a.size_mib} MiB qcow2 ({a.size_mib * 3 // 4} MiB of data) into a fresh qcow2, "
+          f"{a.repeats} runs interleaved, medians (mirror: to READY; backup: to the end)")
+    print(f"{'job':<8}{'filesystem':<12}{'rsd s':>10}{'qsd s':>10}{'qsd/rsd':>10}")
+    for job in ("mirror", "backup"):
+        for label, base in (("tmpfs", "/dev/shm"), ("disk", "/var/tmp")):
+            times = {k: [] for k in servers}
+            d = tempfile.mkdtemp(prefix="rsd-jobs-", dir=base)
+            try:
+                for _ in range(a.repeats):
+                    for k, b in servers.items():
+                        times[k].append(one(b, d, a.size_mib, job))
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+            r, q = statistics.median(times["rsd"]), statistics.median(times["qsd"])
+            print(f"{job:<8}{label:<12}{r:>10.2f}{q:>10.2f}{q / r:>10.2f}")
 
 
 if __name__ == "__main__":
