@@ -278,3 +278,66 @@ fn mirror_under_live_writes_pivots_the_export() {
         ok(&run("qemu-img", &["check", &dir.s(img)]));
     }
 }
+
+/// drive-mirror creates the target (absolute-paths), mirrors into it and
+/// drops its nodes once the job ends, as QSD; the image is a copy.
+#[test]
+fn drive_mirror_matches_qsd() {
+    let steps = with_nodes(&[
+        r#"{"execute":"drive-mirror","arguments":{"device":"src","target":"$D/x.qcow2","sync":"full"}}"#,
+        r#"{"execute":"drive-mirror","arguments":{"job-id":"d","device":"src","target":"$D/nonexist.qcow2","sync":"full","mode":"existing"}}"#,
+        r#"{"execute":"drive-mirror","arguments":{"job-id":"d","device":"src","target":"$D/dm.qcow2","format":"qcow2","node-name":"dmnode","sync":"full"}}"#,
+        "until BLOCK_JOB_READY",
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"job-complete","arguments":{"id":"d"}}"#,
+        r#"until "null""#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ]);
+    let out = same_transcripts(&images, &steps);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_COMPLETED""#), 1);
+}
+
+#[test]
+fn drive_mirror_copies_the_data() {
+    let dir = TempDir::new();
+    images(&dir);
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            dir.s("src.qcow2")
+        ),
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let cmd = format!(
+        r#"{{"execute":"drive-mirror","arguments":{{"job-id":"d","device":"src","target":"{}","sync":"full"}}}}"#,
+        dir.s("dm.qcow2")
+    );
+    let r = q.cmd(&cmd);
+    assert!(r.get("return").is_some(), "{r}");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
+        if r["return"][0]["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < until, "never ready: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = q.cmd(r#"{"execute":"block-job-cancel","arguments":{"device":"d"}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &["compare", &dir.s("src.qcow2"), &dir.s("dm.qcow2")],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    ok(&run("qemu-img", &["check", &dir.s("dm.qcow2")]));
+}

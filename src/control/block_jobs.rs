@@ -86,9 +86,4 @@ impl ControlState {
         };
         Self::reply(r)
     }
-
-    /// The commands that start block jobs rsd does not run yet.
-    pub(super) fn block_job_start_unsupported(&self, name: &str) -> QmpResult<Value> {
-        Err(QmpError::generic(format!("rsd cannot run {name} yet")))
-    }
 }

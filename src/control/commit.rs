@@ -155,6 +155,7 @@ impl ControlState {
                 auto_finalize: flag("auto-finalize"),
                 auto_dismiss: flag("auto-dismiss"),
                 write_blocking: false,
+                new_target: false,
             };
             self.start_mirror(plan).await?;
             return Ok(json!({}));

@@ -40,6 +40,8 @@ pub struct MirrorPlan {
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
     pub write_blocking: bool,
+    /// The target reads as zeroes already: only allocated data is copied.
+    pub new_target: bool,
 }
 
 /// What the control actor tidies when a mirror job ends.
@@ -62,6 +64,16 @@ fn not_found(name: &str) -> QmpError {
 
 impl ControlState {
     pub(super) async fn blockdev_mirror(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        self.mirror_into(args, false).await
+    }
+
+    /// blockdev-mirror's work; `new_target`: the target was just created
+    /// (it reads as zeroes), so only what the source holds is copied.
+    async fn mirror_into(
+        &mut self,
+        args: &Map<String, Value>,
+        new_target: bool,
+    ) -> QmpResult<Value> {
         let device = arg_str(args, "device").to_string();
         let Some(src) = self.block.find(&device) else {
             return Err(not_found(&device));
@@ -181,6 +193,7 @@ impl ControlState {
             auto_finalize: flag("auto-finalize"),
             auto_dismiss: flag("auto-dismiss"),
             write_blocking: arg_str(args, "copy-mode") == "write-blocking",
+            new_target,
         };
         self.start_mirror(plan).await?;
         Ok(json!({}))
@@ -269,6 +282,7 @@ impl ControlState {
             on_source_error: p.on_source_error,
             on_target_error: p.on_target_error,
             dirty,
+            target_is_zero: p.new_target,
         };
         let control = self.myself.clone();
         let on_end: crate::jobs::OnEnd = Box::new(move |_ok| {
@@ -291,6 +305,95 @@ impl ControlState {
             }
         }
         Ok(())
+    }
+
+    /// drive-mirror: the target image is created (mode absolute-paths,
+    /// the default) or opened (existing), as an implicit node, then
+    /// mirrored to like blockdev-mirror; it goes when nothing uses it.
+    pub(super) async fn drive_mirror(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let device = arg_str(args, "device").to_string();
+        let Some(src) = self.block.find(&device) else {
+            return Err(not_found(&device));
+        };
+        let format = args
+            .get("format")
+            .and_then(Value::as_str)
+            .unwrap_or(src.node.driver.name())
+            .to_string();
+        let size = src.node.size();
+        let file = arg_str(args, "target").to_string();
+        let top = arg_str(args, "sync") == "top";
+        let backing = self
+            .block
+            .child_of(src, "backing")
+            .map(|b| (b.name.clone(), self.block.filename(b), b.node.driver.name()));
+        if args.get("mode").and_then(Value::as_str) != Some("existing") {
+            match format.as_str() {
+                "qcow2" => {
+                    let (name, fmt) = match (&backing, top) {
+                        (Some((_, f, d)), true) => (f.clone(), *d),
+                        _ => (String::new(), ""),
+                    };
+                    super::snapshot::create_overlay_file(&file, size, &name, fmt)
+                        .await
+                        .map_err(QmpError::generic)?;
+                }
+                "raw" => {
+                    let f = std::fs::File::create(&file).map_err(|e| {
+                        QmpError::generic(format!(
+                            "Could not create '{file}': {}",
+                            crate::util::os_msg(&e)
+                        ))
+                    })?;
+                    f.set_len(size).map_err(|e| {
+                        QmpError::generic(format!(
+                            "Could not resize file: {}",
+                            crate::util::os_msg(&e)
+                        ))
+                    })?;
+                }
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "rsd cannot create '{other}' images for drive-mirror yet"
+                    )))
+                }
+            }
+        }
+        let mut opts = Map::new();
+        opts.insert("driver".into(), json!(format));
+        if let Some(n) = args.get("node-name") {
+            opts.insert("node-name".into(), n.clone());
+        }
+        opts.insert("file".into(), json!({"driver": "file", "filename": file}));
+        // The source's backing for a top sync; otherwise none (an
+        // existing image's header may name one: QEMU opens it without).
+        let existing = args.get("mode").and_then(Value::as_str) == Some("existing");
+        if format == "qcow2" {
+            match (&backing, top) {
+                (Some((name, _, _)), true) => {
+                    opts.insert("backing".into(), json!(name));
+                }
+                _ if existing => {
+                    opts.insert("backing".into(), Value::Null);
+                }
+                _ => {}
+            }
+        }
+        let target = self
+            .block
+            .add_implicit(&self.objects, &opts)
+            .map_err(QmpError::generic)?;
+        let mut m = args.clone();
+        for k in ["format", "node-name", "mode"] {
+            m.remove(k);
+        }
+        m.insert("target".into(), json!(target));
+        let created = args.get("mode").and_then(Value::as_str) != Some("existing");
+        let r = self.mirror_into(&m, created).await;
+        if r.is_err() {
+            self.block.release_unused(&target);
+        }
+        r
     }
 
     /// A job QEMU creates and drops again when a later check fails: its
@@ -323,6 +426,8 @@ impl ControlState {
             return;
         }
         self.block.remove_unused(&end.filter);
+        // A target drive-mirror made goes once nothing uses it.
+        self.block.release_unused(&end.target);
         if pivoted {
             // The source leaves with nothing using it, as after QEMU's
             // bdrv_replace_node (inline children of it go too).

@@ -346,7 +346,7 @@ impl ControlState {
             "blockdev-backup" => self.blockdev_backup(&args).await,
             "block-set-write-threshold" => self.set_write_threshold(&args),
             "block-commit" => self.block_commit(&args).await,
-            "drive-mirror" => self.block_job_start_unsupported(name),
+            "drive-mirror" => self.drive_mirror(&args).await,
             "x-rsd-test-event" => {
                 let mut data = Map::new();
                 data.insert("message".into(), json!(arg_str(&args, "message")));

@@ -293,7 +293,7 @@ impl ControlState {
 
 /// Creates the overlay image file as QEMU's bdrv_img_create does,
 /// printing the same `Formatting ...` line.
-async fn create_overlay_file(
+pub(super) async fn create_overlay_file(
     file: &str,
     size: u64,
     backing: &str,
@@ -305,8 +305,13 @@ async fn create_overlay_file(
         .truncate(true)
         .open(file)
         .map_err(|e| format!("Could not create '{file}': {}", crate::util::os_msg(&e)))?;
+    let named = if backing.is_empty() {
+        String::new()
+    } else {
+        format!(" backing_file={backing} backing_fmt={backing_fmt}")
+    };
     println!(
-        "Formatting '{file}', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size={size} backing_file={backing} backing_fmt={backing_fmt} lazy_refcounts=off refcount_bits=16"
+        "Formatting '{file}', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size={size}{named} lazy_refcounts=off refcount_bits=16"
     );
     let d = FileDriver::open(&FileOptions {
         filename: file.into(),

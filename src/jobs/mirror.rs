@@ -56,6 +56,9 @@ pub struct Mirror {
     pub on_target_error: OnError,
     /// The bitmap the source's dirty hook fills.
     pub dirty: Arc<DirtyBitmap>,
+    /// The target reads as zeroes (just created): a full sync copies
+    /// only what the source's chain holds.
+    pub target_is_zero: bool,
 }
 
 /// Marks what the guest writes to the source.
@@ -151,27 +154,32 @@ impl Mirror {
             .is_some();
         match self.sync {
             SyncMode::None => {}
-            SyncMode::Full => self.dirty.set(0, size),
-            SyncMode::Top if !backed => self.dirty.set(0, size),
-            SyncMode::Top | SyncMode::Above(_) => {
-                // Only what the layers above the bottom one hold.
-                let below = match self.sync {
-                    SyncMode::Above(d) => d,
-                    _ => 2,
-                };
-                let mut off = 0;
-                while off < size {
-                    let e = self
-                        .source
-                        .block_status(off, size - off)
-                        .await
-                        .map_err(|e| strerror(&e))?;
-                    if e.depth >= 1 && e.depth < below {
-                        self.dirty.set(off, e.len);
-                    }
-                    off += e.len;
-                }
+            SyncMode::Full | SyncMode::Top if !backed && !self.target_is_zero => {
+                self.dirty.set(0, size)
             }
+            SyncMode::Full if !self.target_is_zero => self.dirty.set(0, size),
+            SyncMode::Full => self.mark_allocated(u32::MAX).await?,
+            SyncMode::Top if !backed => self.mark_allocated(u32::MAX).await?,
+            SyncMode::Top => self.mark_allocated(2).await?,
+            SyncMode::Above(d) => self.mark_allocated(d).await?,
+        }
+        Ok(())
+    }
+
+    /// Marks what the layers above depth `below` hold (1 is the source).
+    async fn mark_allocated(&self, below: u32) -> Result<(), String> {
+        let size = self.source.size();
+        let mut off = 0;
+        while off < size {
+            let e = self
+                .source
+                .block_status(off, size - off)
+                .await
+                .map_err(|e| strerror(&e))?;
+            if e.depth >= 1 && e.depth < below {
+                self.dirty.set(off, e.len);
+            }
+            off += e.len;
         }
         Ok(())
     }

@@ -47,6 +47,24 @@ impl Graph {
         result
     }
 
+    /// Opens a node the daemon makes for a command (drive-mirror's
+    /// target): named as given or automatically, not owned by the
+    /// monitor, so it goes once nothing uses it.
+    pub fn add_implicit(
+        &mut self,
+        objects: &Objects,
+        opts: &Map<String, Value>,
+    ) -> Result<String, String> {
+        let before = self.entries.len();
+        let result = self
+            .open(objects, opts, None)
+            .and_then(|name| self.refresh_perms().map(|()| name));
+        if result.is_err() {
+            self.entries.truncate(before);
+        }
+        result
+    }
+
     /// Drops the nodes opened since the graph had `len` of them (nothing
     /// may use them yet) and re-applies permissions.
     pub fn forget_since(&mut self, len: usize) {

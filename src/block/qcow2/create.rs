@@ -285,8 +285,11 @@ pub async fn create_overlay(
 ) -> Result<(), String> {
     let mut o = Map::new();
     o.insert("size".into(), Value::from(size));
-    o.insert("backing-file".into(), Value::from(backing));
-    o.insert("backing-fmt".into(), Value::from(backing_fmt));
+    // An empty name: a standalone image (drive-mirror's full copy).
+    if !backing.is_empty() {
+        o.insert("backing-file".into(), Value::from(backing));
+        o.insert("backing-fmt".into(), Value::from(backing_fmt));
+    }
     let p = plan(&o, false)?;
     let q = write_image(&p, file, None).await?;
     q.flush()
