@@ -59,7 +59,7 @@ impl ControlState {
     pub(super) async fn blockdev_del(&mut self, name: &str) -> QmpResult<Value> {
         let gone = self.block.del(name).map_err(QmpError::generic)?;
         for node in gone {
-            let _ = node.flush().await;
+            let _ = node.close().await;
             actors::supervisor::stop_child_by_id(
                 &self.ctx.supervisor,
                 &node_actor::registry_name(&node.name),

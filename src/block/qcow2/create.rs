@@ -269,7 +269,7 @@ pub async fn create(
             .await
             .map_err(|e| format!("Could not resize image: {}", e.msg))?;
     }
-    q.flush()
+    q.close()
         .await
         .map_err(|e| format!("Could not flush: {}", e.msg))
 }
@@ -289,7 +289,7 @@ pub async fn create_overlay(
     o.insert("backing-fmt".into(), Value::from(backing_fmt));
     let p = plan(&o, false)?;
     let q = write_image(&p, file, None).await?;
-    q.flush()
+    q.close()
         .await
         .map_err(|e| format!("Could not flush: {}", e.msg))
 }
