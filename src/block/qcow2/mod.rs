@@ -122,6 +122,9 @@ pub struct Image {
     /// lazy-refcounts: L2 tables may reach the file before the refcounts
     /// of their clusters, with the dirty bit set meanwhile.
     lazy: bool,
+    /// The file was grown ahead of allocations (see write.rs): cut what
+    /// is left unused on close.
+    grown: AtomicBool,
     /// Writes in place hold it shared; releasing clusters holds it alone,
     /// so no in-place write can land in a cluster after it is freed.
     free_guard: tokio::sync::RwLock<()>,
@@ -286,6 +289,7 @@ impl Qcow2 {
             inflight: std::sync::Mutex::new(HashSet::new()),
             alloc_done: tokio::sync::Notify::new(),
             lazy,
+            grown: AtomicBool::new(false),
             free_guard: tokio::sync::RwLock::new(()),
             read_only: AtomicBool::new(read_only),
             corrupt: AtomicBool::new(false),

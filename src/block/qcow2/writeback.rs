@@ -119,6 +119,10 @@ impl Image {
         if meta.dirty_bit {
             self.set_dirty_bit(&mut meta, false).await?;
         }
+        let end = meta.end << self.bits;
+        if self.grown.swap(false, Ordering::AcqRel) && self.file.size() > end {
+            self.file.truncate(end).await?;
+        }
         Ok(())
     }
 
