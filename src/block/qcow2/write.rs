@@ -242,10 +242,11 @@ impl Image {
     }
 
     /// New clusters past the end of the file: the file grows ahead of
-    /// them in large steps, so the data writes land inside the file
-    /// (writes that extend a file one by one cost the filesystem far
-    /// more). The part never used is cut again on close. Advisory: a file
-    /// that cannot grow is written as it is.
+    /// them in large steps (an eighth of its size, 1 to 64 MiB), so the
+    /// data writes land inside the file (writes that extend a file one by
+    /// one cost the filesystem far more). The part never used is cut
+    /// again on close. Advisory: a file that cannot grow is written as it
+    /// is.
     async fn grow_ahead(&self, allocs: &[Alloc]) {
         let cs = self.cs();
         let Some(need) = allocs.iter().filter(|a| a.fresh).map(|a| a.new + cs).max() else {
@@ -256,12 +257,20 @@ impl Image {
             return;
         }
         let step = (size / 8).clamp(1 << 20, 64 << 20).next_multiple_of(cs);
-        if self
-            .file
-            .truncate(need.next_multiple_of(step))
-            .await
-            .is_ok()
-        {
+        let target = need.next_multiple_of(step);
+        let z = crate::block::driver::ZeroFlags {
+            fua: false,
+            may_unmap: false,
+            no_fallback: true,
+        };
+        // With O_DIRECT, writes into holes take the filesystem's slow
+        // path (ext4 allocates under the exclusive inode lock): the space
+        // is reserved (as zeroes) instead. Buffered writes fill holes
+        // cheaply, and holes cost no disk space.
+        let grown = (self.file.opts.cache_direct
+            && self.file.write_zeroes(size, target - size, z).await.is_ok())
+            || self.file.truncate(target).await.is_ok();
+        if grown {
             self.grown.store(true, Ordering::Release);
         }
     }
