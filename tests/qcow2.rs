@@ -130,6 +130,11 @@ fn workload(seed: u64, cluster: u64, discards: bool) -> (Vec<String>, Vec<String
 /// workload through rsd and to a raw copy, then checks both agree and the
 /// image is clean.
 fn exercise(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64) {
+    exercise_with(make, cluster, discards, seed, "");
+}
+
+/// `exercise` with extra options for the qcow2 node.
+fn exercise_with(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64, extra: &str) {
     let dir = TempDir::new();
     make(&dir);
     let image = dir.s("img.qcow2");
@@ -138,7 +143,7 @@ fn exercise(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64) {
         "qemu-img",
         &["convert", "-O", "raw", &image, &reference],
     ));
-    let s = serve(&dir, "");
+    let s = serve(&dir, extra);
     let same = run(
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &s.url, &reference],
@@ -1356,4 +1361,211 @@ fn sigkill_after_flushes_keeps_flushed_writes() {
         start.elapsed()
     );
     assert!(start.elapsed() < std::time::Duration::from_secs(120));
+}
+
+/// One write through a fresh NBD connection, acknowledged, with no
+/// flush (qemu-io would flush when it closes).
+fn write_unflushed(sock: &std::path::Path, offset: u64, data: &[u8]) {
+    let mut c = NbdWriter::connect(sock, "q");
+    assert!(c.send(1, 0, 1, offset, data), "send");
+    assert_eq!(c.reply(), Some((0, 1)));
+}
+
+/// qemu-io reading the image beside the running daemon (shared, read
+/// only): does `off len` hold pattern `pat`?
+fn image_holds(image: &str, pat: u8, off: u64, len: u64) -> bool {
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pat} {off} {len}"),
+            image,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("fail") && !text.contains("error")
+}
+
+/// cache-clean-interval writes dirty metadata back by itself: an
+/// acknowledged, unflushed allocating write becomes visible in the file.
+#[test]
+fn cache_clean_interval_writes_metadata_back() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let s = serve(&dir, ",cache-clean-interval=1");
+    write_unflushed(&dir.path("nbd.sock"), 5 << 20, &[0x5a; 65536]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !image_holds(&image, 0x5a, 5 << 20, 65536) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached the file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.quit();
+    let check = run("qemu-img", &["check", &image]);
+    assert_eq!(check.status.code(), Some(0));
+}
+
+/// blockdev-del writes the node's cached metadata back before it lets
+/// the image go: the unflushed write is in the file, which is clean.
+#[test]
+fn blockdev_del_writes_metadata_back() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let s = serve(&dir, "");
+    write_unflushed(&dir.path("nbd.sock"), 3 << 20, &[0x6b; 70000]);
+    let mut q = Qmp::ready(&s.qmp);
+    // The export may still see its client for a moment, then it goes
+    // away while the node is still in use: both are retried.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for cmd in [
+        r#"{"execute": "block-export-del", "arguments": {"id": "e"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "q"}}"#,
+    ] {
+        loop {
+            let r = q.cmd(cmd);
+            if r.get("return").is_some() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{r}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let check = run("qemu-img", &["check", &image]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    qemu_io(
+        "qcow2",
+        &image,
+        &["read -P 0x6b 3M 70000".into(), "read -P 0 0 3M".into()],
+    );
+    drop(q);
+    s.quit();
+}
+
+/// The header's dirty bit (incompatible bit 0) in the file.
+fn dirty_bit(image: &str) -> bool {
+    let b = std::fs::read(image).expect("image");
+    b[79] & 1 != 0
+}
+
+/// lazy-refcounts (the image's bit, or the option on an image without
+/// it): the dirty bit is set once metadata is written back and cleared
+/// on a clean shutdown; after a SIGKILL the image is left dirty, and rsd
+/// repairs it on open with every flushed write intact.
+#[test]
+fn lazy_refcounts_keep_the_dirty_bit_until_close() {
+    for (create, extra) in [("lazy_refcounts=on", ""), ("", ",lazy-refcounts=on")] {
+        let dir = TempDir::new();
+        let image = dir.s("img.qcow2");
+        let mut a = vec!["create", "-q", "-f", "qcow2"];
+        if !create.is_empty() {
+            a.extend(["-o", create]);
+        }
+        a.extend([image.as_str(), "16M"]);
+        img(&dir, &a);
+        let s = serve(&dir, extra);
+        qemu_io("raw", &s.url, &["write -P 7 0 1M".into()]);
+        assert!(dirty_bit(&image), "{create}{extra}: dirty while open");
+        s.quit();
+        assert!(!dirty_bit(&image), "{create}{extra}: clean after quit");
+        assert_eq!(run("qemu-img", &["check", &image]).status.code(), Some(0));
+        // Killed: dirty, then repaired when opened read-write.
+        let _ = std::fs::remove_file(dir.path("p.pid"));
+        let s = serve(&dir, extra);
+        qemu_io("raw", &s.url, &["write -P 8 2M 300k".into()]);
+        let mut d = s.daemon;
+        d.signal(9);
+        let _ = d.child.wait();
+        assert!(dirty_bit(&image), "{create}{extra}: dirty after a crash");
+        // What the killed daemon left behind.
+        let _ = std::fs::remove_file(dir.path("p.pid"));
+        let _ = std::fs::remove_file(dir.path("nbd.sock"));
+        let _ = std::fs::remove_file(dir.path("q.sock"));
+        let s = serve(&dir, extra);
+        qemu_io(
+            "raw",
+            &s.url,
+            &["read -P 7 0 1M".into(), "read -P 8 2M 300k".into()],
+        );
+        s.quit();
+        let check = run("qemu-img", &["check", &image]);
+        assert_eq!(
+            check.status.code(),
+            Some(0),
+            "{create}{extra}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+}
+
+/// Small caches (two L2 tables, four refcount blocks, 4k clusters, so
+/// hundreds of tables): dirty tables are written back when the cache
+/// overflows, and the image still matches the raw reference.
+#[test]
+fn small_caches_write_back_on_overflow() {
+    exercise_with(
+        made("cluster_size=4096"),
+        4096,
+        true,
+        23,
+        ",l2-cache-size=8192,refcount-cache-size=16384",
+    );
+}
+
+/// QSD's checks of the cache options, with its messages.
+#[test]
+fn cache_options_are_checked_as_qsd() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let v2 = dir.s("v2.qcow2");
+    img(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &v2,
+            "16M",
+        ],
+    );
+    let cases = [
+        (&image, "cache-size=1048576,l2-cache-size=2097152"),
+        (
+            &image,
+            "cache-size=1048576,l2-cache-size=65536,refcount-cache-size=65536",
+        ),
+        (&image, "cache-size=65536,refcount-cache-size=131072"),
+        (&image, "l2-cache-entry-size=1000"),
+        (&image, "cache-clean-interval=5000000000"),
+        (&v2, "lazy-refcounts=on"),
+    ];
+    for (file, opt) in cases {
+        let spec = format!("driver=qcow2,node-name=q,file.driver=file,file.filename={file},{opt}");
+        let mut seen = Vec::new();
+        for which in Which::all() {
+            let out = run_to_end(which, &["--blockdev", &spec], 10);
+            let err = String::from_utf8_lossy(&out.stderr).replacen(which.prog(), "PROG", 1);
+            assert_eq!(out.status.code(), Some(1), "{which:?} {opt}: {err}");
+            seen.push(err);
+        }
+        if seen.len() == 2 {
+            assert_eq!(seen[0], seen[1], "{opt}");
+        }
+    }
 }
