@@ -1569,3 +1569,34 @@ fn cache_options_are_checked_as_qsd() {
         }
     }
 }
+
+/// A FUA write into a cluster that an earlier, unflushed write allocated
+/// is stable when acknowledged, mapping included: after a SIGKILL right
+/// after its reply both writes read back (the FUA flushed the cached L2
+/// entry the earlier write made).
+#[test]
+fn fua_write_in_place_makes_its_mapping_stable() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let s = serve(&dir, "");
+    let mut c = NbdWriter::connect(&dir.path("nbd.sock"), "q");
+    assert!(c.send(1, 0, 1, 1 << 20, &[0x11; 4096]));
+    assert_eq!(c.reply(), Some((0, 1)));
+    // NBD_CMD_FLAG_FUA on a write that lands in place.
+    assert!(c.send(1, 1, 2, (1 << 20) + 8192, &[0x22; 4096]));
+    assert_eq!(c.reply(), Some((0, 2)));
+    let mut d = s.daemon;
+    d.signal(9);
+    let _ = d.child.wait();
+    let check = run("qemu-img", &["check", &image]);
+    assert!(matches!(check.status.code(), Some(0) | Some(3)));
+    qemu_io(
+        "qcow2",
+        &image,
+        &[
+            "read -P 0x11 1M 4k".into(),
+            "read -P 0x22 1056768 4k".into(),
+        ],
+    );
+}

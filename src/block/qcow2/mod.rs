@@ -125,6 +125,11 @@ pub struct Image {
     /// The file was grown ahead of allocations (see write.rs): cut what
     /// is left unused on close.
     grown: AtomicBool,
+    /// Counts mapping changes (L1 and L2 entries); `synced_gen` is the
+    /// count a completed flush made stable. A FUA write in place whose
+    /// mapping is older than that needs no flush of its own.
+    meta_gen: AtomicU64,
+    synced_gen: AtomicU64,
     /// Writes in place hold it shared; releasing clusters holds it alone,
     /// so no in-place write can land in a cluster after it is freed.
     free_guard: tokio::sync::RwLock<()>,
@@ -290,6 +295,8 @@ impl Qcow2 {
             alloc_done: tokio::sync::Notify::new(),
             lazy,
             grown: AtomicBool::new(false),
+            meta_gen: AtomicU64::new(0),
+            synced_gen: AtomicU64::new(0),
             free_guard: tokio::sync::RwLock::new(()),
             read_only: AtomicBool::new(read_only),
             corrupt: AtomicBool::new(false),

@@ -166,11 +166,21 @@ impl Image {
     ) -> BlockResult<()> {
         self.check_usable()?;
         {
-            let _g = self.free_guard.read().await;
+            let guard = self.free_guard.read().await;
             if let Some(runs) = self.in_place(offset, buf.len() as u64).await? {
+                // FUA: the data alone is enough when the mapping just
+                // used is stable already; otherwise a whole flush (the
+                // entries that lead to the data may still be cached).
+                let gen = self.meta_gen.load(Ordering::Acquire);
+                let flush = flags.fua && self.synced_gen.load(Ordering::Acquire) < gen;
+                let wf = if flush { WriteFlags::default() } else { flags };
                 for (g, n, h) in runs {
                     let at = (g - offset) as usize;
-                    self.write_data(h, &buf[at..at + n as usize], flags).await?;
+                    self.write_data(h, &buf[at..at + n as usize], wf).await?;
+                }
+                drop(guard);
+                if flush {
+                    self.flush_all().await?;
                 }
                 return Ok(());
             }
@@ -424,6 +434,7 @@ impl Image {
         if let Ok(mut l) = self.l1.write() {
             l[l1i as usize] = e;
         }
+        self.meta_gen.fetch_add(1, Ordering::AcqRel);
         let t = self
             .cache
             .insert(new, Arc::new(Table::from_bytes(&content, self.ext)));
@@ -457,6 +468,7 @@ impl Image {
             return Err(self.signal_corruption(Some((at, len)), msg).await);
         }
         self.cache.mark_dirty(t_off, t);
+        self.meta_gen.fetch_add(1, Ordering::AcqRel);
         t.set(i, e, bm);
         Ok(())
     }

@@ -97,14 +97,18 @@ impl Image {
 
     /// Flush: metadata written back, then everything synced.
     pub(super) async fn flush_all(&self) -> BlockResult<()> {
+        let mut gen = self.meta_gen.load(Ordering::Acquire);
         if self.writable() {
             let mut meta = self.meta.lock().await;
+            gen = self.meta_gen.load(Ordering::Acquire);
             self.writeback(&mut meta).await?;
         }
         if self.external {
             self.data.flush().await?;
         }
-        self.file.flush().await
+        self.file.flush().await?;
+        self.synced_gen.fetch_max(gen, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Close (or a switch to read-only): everything written back and
