@@ -564,6 +564,9 @@ impl Image {
                     let mut c = vec![0u8; cs as usize];
                     c[in_off as usize..end as usize].copy_from_slice(data);
                     self.write_data(host, &c, WriteFlags::default()).await?;
+                    // The zeroes are stable before the entry loses its
+                    // zero flag.
+                    meta.data_unsynced = true;
                     self.set_entry(&t, t_off, i, host | COPIED, 0).await?;
                     return Ok(None);
                 }
@@ -577,6 +580,8 @@ impl Image {
                 .await?;
             let nbm = (bm | touched) & !(touched << 32);
             if nbm != bm {
+                // Likewise the fill of newly allocated subclusters.
+                meta.data_unsynced = true;
                 self.set_entry(&t, t_off, i, e, nbm).await?;
             }
             return Ok(None);
