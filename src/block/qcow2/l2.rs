@@ -188,6 +188,34 @@ impl Cache {
         g.order.push_back(offset);
         t
     }
+    /// A new table at `offset` (just written): it replaces whatever a
+    /// reader may have cached there (a table freed earlier).
+    pub fn put(&self, offset: u64, t: Arc<Table>) -> Arc<Table> {
+        let Ok(mut g) = self.inner.lock() else {
+            return t;
+        };
+        let g = &mut *g;
+        if let Some(s) = g.map.get_mut(&offset) {
+            if s.dirty {
+                s.dirty = false;
+                g.dirty -= 1;
+            }
+            s.table = t.clone();
+            s.used = true;
+            return t;
+        }
+        while g.map.len() >= self.capacity && Self::evict_one(g) {}
+        g.map.insert(
+            offset,
+            Slot {
+                table: t.clone(),
+                dirty: false,
+                used: true,
+            },
+        );
+        g.order.push_back(offset);
+        t
+    }
     /// Marks `t` (the table at `offset`) dirty, making it the cached
     /// instance if it was evicted meanwhile (it was clean then, so equal
     /// to any copy loaded since).

@@ -437,7 +437,7 @@ impl Image {
         self.meta_gen.fetch_add(1, Ordering::AcqRel);
         let t = self
             .cache
-            .insert(new, Arc::new(Table::from_bytes(&content, self.ext)));
+            .put(new, Arc::new(Table::from_bytes(&content, self.ext)));
         self.overlap.add_cluster(overlap::ACTIVE_L2, new);
         if old != 0 {
             self.cache.remove(old);
