@@ -5,12 +5,16 @@ flushes and allocation cost what they cost, buffered and with
 cache.direct=on, on fresh (allocating) and preallocated images.
 
 Rows (fio's nbd engine, one connection, servers interleaved, medians):
-- fresh qcow2, 64k random writes QD32 (each allocates a cluster),
-  buffered and cache.direct=on;
+- fresh 4 GiB qcow2 (fio over the whole disk): 4k random writes QD32,
+  64k random writes QD32 (each allocates a cluster), 1M sequential
+  writes QD8; buffered and cache.direct=on;
+- preallocated 1 GiB qcow2 (preallocation=full): 4k random reads and
+  writes QD32, buffered and cache.direct=on;
 - preallocated raw, 4k random reads and writes QD32 and 1M sequential
   reads and writes QD8, buffered and cache.direct=on.
 It prints each server's IOPS (MiB/s for 1M rows), the ratios of rsd to
-each other server and server CPU per I/O.
+each other server and server CPU per I/O, then each server's
+preallocated qcow2/raw ratios.
 
 Servers (--servers, comma-separated; default rsd,qsd-uring,qsd):
 - rsd: rsd with its default engine (io_uring where it helps);
@@ -30,8 +34,16 @@ from nbd import cpu_seconds, ensure_tools, run_fio, wait_for  # noqa: E402
 
 ROWS = [
     # label, image kind, direct, rw, bs, queue depth
+    ("fresh qcow2 4k randwrite", "qcow2", False, "randwrite", "4k", 32),
+    ("fresh qcow2 4k randwrite direct", "qcow2", True, "randwrite", "4k", 32),
     ("fresh qcow2 64k randwrite", "qcow2", False, "randwrite", "64k", 32),
     ("fresh qcow2 64k randwrite direct", "qcow2", True, "randwrite", "64k", 32),
+    ("fresh qcow2 1M seqwrite QD8", "qcow2", False, "write", "1M", 8),
+    ("fresh qcow2 1M seqwrite QD8 direct", "qcow2", True, "write", "1M", 8),
+    ("prealloc qcow2 4k randread", "pqcow2", False, "randread", "4k", 32),
+    ("prealloc qcow2 4k randread direct", "pqcow2", True, "randread", "4k", 32),
+    ("prealloc qcow2 4k randwrite", "pqcow2", False, "randwrite", "4k", 32),
+    ("prealloc qcow2 4k randwrite direct", "pqcow2", True, "randwrite", "4k", 32),
     ("prealloc raw 4k randread", "raw", False, "randread", "4k", 32),
     ("prealloc raw 4k randread direct", "raw", True, "randread", "4k", 32),
     ("prealloc raw 4k randwrite", "raw", False, "randwrite", "4k", 32),
@@ -41,6 +53,9 @@ ROWS = [
     ("prealloc raw 1M seqwrite QD8", "raw", False, "write", "1M", 8),
     ("prealloc raw 1M seqwrite QD8 direct", "raw", True, "write", "1M", 8),
 ]
+
+# fio's range: the whole fresh image, 1 GiB of the preallocated ones.
+SIZE = {"qcow2": "4G", "pqcow2": "1G", "raw": "1G"}
 
 # name -> (binary option, extra file-node options)
 SERVERS = {
@@ -55,6 +70,9 @@ SERVERS = {
 def make_image(path, kind):
     if kind == "qcow2":
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "4G"], check=True)
+    elif kind == "pqcow2":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full",
+                        path, "1G"], check=True)
     else:
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full",
                         path, "1G"], check=True)
@@ -62,6 +80,7 @@ def make_image(path, kind):
 
 def serve(binary, d, name, kind, direct, img, extra):
     sock = f"{d}/{name}.sock"
+    kind = "qcow2" if kind == "pqcow2" else kind
     cache = ",cache.direct=on" if direct else ""
     p = subprocess.Popen([binary,
                           "--blockdev", f"driver=file,node-name=f,filename={img}{cache}{extra}",
@@ -105,7 +124,7 @@ def main():
                     make_image(img, kind)
                     p, uri = serve(binary, d, name, kind, direct, img, extra)
                     c0 = cpu_seconds(p.pid)
-                    iops, mibs, ios = run_fio(uri, rw, bs, qd, a.runtime)
+                    iops, mibs, ios = run_fio(uri, rw, bs, qd, a.runtime, SIZE[kind])
                     cpu = (cpu_seconds(p.pid) - c0) / max(ios, 1) * 1e6
                     p.terminate()
                     p.wait()
@@ -130,6 +149,16 @@ def main():
             line += "       " + " ".join(f"{cpu[n]:8.1f}" for n in names)
             print(line)
             sys.stdout.flush()
+        for label, *_ in rows:
+            twin = label.replace("prealloc qcow2", "prealloc raw")
+            if twin == label or twin not in [r[0] for r in rows]:
+                continue
+            ratios = []
+            for n in names:
+                q = statistics.median(x[0] for x in res[(label, n)])
+                r = statistics.median(x[0] for x in res[(twin, n)])
+                ratios.append(f"{n} {q / max(r, 1e-9):5.2f}")
+            print(f"qcow2/raw {label[15:]:26} " + "  ".join(ratios))
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

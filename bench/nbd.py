@@ -70,10 +70,10 @@ def start_servers(d, img, rsd):
     return servers
 
 
-def run_fio(uri, rw, bs, qd, runtime):
+def run_fio(uri, rw, bs, qd, runtime, size="1G"):
     out = subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                           f"--bs={bs}", f"--iodepth={qd}", f"--runtime={runtime}", "--time_based",
-                          "--size=1G", "--output-format=json"],
+                          f"--size={size}", "--output-format=json"],
                          capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]

@@ -130,6 +130,11 @@ fn workload(seed: u64, cluster: u64, discards: bool) -> (Vec<String>, Vec<String
 /// workload through rsd and to a raw copy, then checks both agree and the
 /// image is clean.
 fn exercise(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64) {
+    exercise_with(make, cluster, discards, seed, "");
+}
+
+/// `exercise` with extra options for the qcow2 node.
+fn exercise_with(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64, extra: &str) {
     let dir = TempDir::new();
     make(&dir);
     let image = dir.s("img.qcow2");
@@ -138,7 +143,7 @@ fn exercise(make: impl Fn(&TempDir), cluster: u64, discards: bool, seed: u64) {
         "qemu-img",
         &["convert", "-O", "raw", &image, &reference],
     ));
-    let s = serve(&dir, "");
+    let s = serve(&dir, extra);
     let same = run(
         "qemu-img",
         &["compare", "-f", "raw", "-F", "raw", &s.url, &reference],
@@ -1118,4 +1123,480 @@ fn discard_gives_the_space_back_as_qsd() {
     if seen.len() == 2 {
         assert_eq!(seen[0], seen[1]);
     }
+}
+
+/// A minimal pipelining NBD client for the crash test: writes (some with
+/// FUA) and flushes, keeping several in flight.
+struct NbdWriter {
+    s: std::os::unix::net::UnixStream,
+}
+
+impl NbdWriter {
+    fn connect(path: &std::path::Path, export: &str) -> NbdWriter {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("hello");
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        // NBD_OPT_GO with the export's name and no info requests.
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&d);
+        s.write_all(&opt).expect("option");
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("option reply");
+            let kind = u32::from_be_bytes(h[12..16].try_into().expect("kind"));
+            let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).expect("option data");
+            if kind == 1 {
+                break;
+            }
+            assert_eq!(kind, 3, "NBD_REP_INFO expected");
+        }
+        NbdWriter { s }
+    }
+
+    /// Sends a request (`data` follows a write); false once the server
+    /// is gone.
+    fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, data: &[u8]) -> bool {
+        use std::io::Write;
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).is_ok()
+    }
+
+    /// The next simple reply: (error, cookie); None once the server is
+    /// gone.
+    fn reply(&mut self) -> Option<(u32, u64)> {
+        use std::io::Read;
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).ok()?;
+        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
+        let err = u32::from_be_bytes(h[4..8].try_into().ok()?);
+        Some((err, u64::from_be_bytes(h[8..16].try_into().ok()?)))
+    }
+}
+
+/// What the crash test's writer saw: writes known durable (acknowledged
+/// before a flush that then completed, or FUA), as (offset, length,
+/// pattern byte), and how many flushes completed.
+#[derive(Default)]
+struct Durable {
+    writes: Vec<(u64, usize, u8)>,
+    flushes: usize,
+}
+
+/// Writes slots of the disk in random order (never one twice), 8 requests
+/// in flight, a flush every 10 writes and FUA on every 7th, until the
+/// server goes away.
+fn crash_writer(
+    sock: std::path::PathBuf,
+    seed: u64,
+    slot: u64,
+    slots: u64,
+    seen: std::sync::Arc<std::sync::Mutex<Durable>>,
+) {
+    const NBD_CMD_WRITE: u16 = 1;
+    const NBD_CMD_FLUSH: u16 = 3;
+    const NBD_CMD_FLAG_FUA: u16 = 1;
+    let mut c = NbdWriter::connect(&sock, "q");
+    let mut rng = Rng(seed);
+    let mut order: Vec<u64> = (0..slots).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    // cookie -> (offset, length, pattern, fua) of writes in flight;
+    // flushes in flight carry the acknowledged writes they cover.
+    let mut writes = std::collections::HashMap::new();
+    let mut flushes: std::collections::HashMap<u64, Vec<(u64, usize, u8)>> =
+        std::collections::HashMap::new();
+    let mut acked: Vec<(u64, usize, u8)> = Vec::new();
+    let mut next = 0usize;
+    let mut cookie = 0u64;
+    loop {
+        while writes.len() + flushes.len() < 8 && next < order.len() {
+            cookie += 1;
+            if cookie.is_multiple_of(11) {
+                if !c.send(NBD_CMD_FLUSH, 0, cookie, 0, &[]) {
+                    return;
+                }
+                flushes.insert(cookie, acked.clone());
+                continue;
+            }
+            let off = order[next] * slot;
+            next += 1;
+            let len = (slot - rng.below(slot / 2)) as usize & !511;
+            let pat = 1 + (cookie % 251) as u8;
+            let fua = cookie.is_multiple_of(7);
+            let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
+            if !c.send(NBD_CMD_WRITE, flags, cookie, off, &vec![pat; len]) {
+                return;
+            }
+            writes.insert(cookie, (off, len, pat, fua));
+        }
+        let Some((err, k)) = c.reply() else {
+            return;
+        };
+        assert_eq!(err, 0, "request {k} failed");
+        if let Some((off, len, pat, fua)) = writes.remove(&k) {
+            acked.push((off, len, pat));
+            if fua {
+                if let Ok(mut d) = seen.lock() {
+                    d.writes.push((off, len, pat));
+                }
+            }
+        } else if let Some(covered) = flushes.remove(&k) {
+            if let Ok(mut d) = seen.lock() {
+                d.writes.extend(covered);
+                d.flushes += 1;
+            }
+        }
+        if next == order.len() && writes.is_empty() && flushes.is_empty() {
+            return;
+        }
+    }
+}
+
+/// SIGKILL during allocating writes with flushes in between, 50 times:
+/// every image is clean or only leaks clusters, and every write
+/// acknowledged before the last completed flush (or with FUA) reads back
+/// intact. Rounds cycle through 64k clusters, 4k clusters (more metadata:
+/// L2 tables and refcount blocks are created as the writes go) and
+/// extended L2 entries (writes share subclusters).
+#[test]
+fn sigkill_after_flushes_keeps_flushed_writes() {
+    let dir = TempDir::new();
+    let start = std::time::Instant::now();
+    let mut rng = Rng(4242);
+    let size: u64 = 16 << 20;
+    let mut leaked_rounds = 0;
+    for round in 0..50u64 {
+        let opts =
+            ["cluster_size=65536", "cluster_size=4096", "extended_l2=on"][round as usize % 3];
+        let image = dir.s("crash.qcow2");
+        let _ = std::fs::remove_file(&image);
+        img(
+            &dir,
+            &["create", "-q", "-f", "qcow2", "-o", opts, &image, "16M"],
+        );
+        let sock = dir.path("crash.sock");
+        let _ = std::fs::remove_file(&sock);
+        let a = args(&[
+            "--blockdev",
+            &format!("driver=qcow2,node-name=q,file.driver=file,file.filename={image}"),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
+        ]);
+        let mut d = Daemon::spawn(Which::Rsd, &a);
+        assert!(
+            wait_for_path(&sock, 10),
+            "round {round}: {}",
+            d.stderr_text()
+        );
+        // Slots of 12k (not cluster aligned: writes share and cross
+        // clusters); each write fills most of its slot.
+        let slot = 12 << 10;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Durable::default()));
+        let writer = {
+            let (sock, seen, seed) = (sock.clone(), seen.clone(), rng.next());
+            std::thread::spawn(move || crash_writer(sock, seed, slot, size / slot, seen))
+        };
+        // Killed once some flushes completed, while writes go on.
+        let want = 1 + rng.below(6) as usize;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while seen.lock().map(|s| s.flushes).unwrap_or(0) < want
+            && !writer.is_finished()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        d.signal(9);
+        let _ = d.child.wait();
+        writer.join().expect("writer");
+        let durable = std::mem::take(&mut *seen.lock().expect("seen"));
+        assert!(
+            durable.flushes >= want,
+            "round {round}: only {} flushes completed",
+            durable.flushes
+        );
+        let check = run("qemu-img", &["check", &image]);
+        let text = String::from_utf8_lossy(&check.stdout).into_owned()
+            + &String::from_utf8_lossy(&check.stderr);
+        assert!(
+            matches!(check.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+            "round {round} ({opts}): {text}"
+        );
+        if check.status.code() == Some(3) {
+            leaked_rounds += 1;
+        }
+        let raw = dir.s("crash.raw");
+        ok(&run("qemu-img", &["convert", "-O", "raw", &image, &raw]));
+        let data = std::fs::read(&raw).expect("raw");
+        for (off, len, pat) in &durable.writes {
+            let got = &data[*off as usize..*off as usize + len];
+            assert!(
+                got.iter().all(|b| b == pat),
+                "round {round} ({opts}): flushed write of {len} bytes at {off} lost"
+            );
+        }
+    }
+    eprintln!(
+        "50 rounds, {leaked_rounds} with leaked clusters, {:?}",
+        start.elapsed()
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(120));
+}
+
+/// One write through a fresh NBD connection, acknowledged, with no
+/// flush (qemu-io would flush when it closes).
+fn write_unflushed(sock: &std::path::Path, offset: u64, data: &[u8]) {
+    let mut c = NbdWriter::connect(sock, "q");
+    assert!(c.send(1, 0, 1, offset, data), "send");
+    assert_eq!(c.reply(), Some((0, 1)));
+}
+
+/// qemu-io reading the image beside the running daemon (shared, read
+/// only): does `off len` hold pattern `pat`?
+fn image_holds(image: &str, pat: u8, off: u64, len: u64) -> bool {
+    let out = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-U",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {pat} {off} {len}"),
+            image,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("fail") && !text.contains("error")
+}
+
+/// cache-clean-interval writes dirty metadata back by itself: an
+/// acknowledged, unflushed allocating write becomes visible in the file.
+#[test]
+fn cache_clean_interval_writes_metadata_back() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let s = serve(&dir, ",cache-clean-interval=1");
+    write_unflushed(&dir.path("nbd.sock"), 5 << 20, &[0x5a; 65536]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !image_holds(&image, 0x5a, 5 << 20, 65536) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached the file"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.quit();
+    let check = run("qemu-img", &["check", &image]);
+    assert_eq!(check.status.code(), Some(0));
+}
+
+/// blockdev-del writes the node's cached metadata back before it lets
+/// the image go: the unflushed write is in the file, which is clean.
+#[test]
+fn blockdev_del_writes_metadata_back() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let s = serve(&dir, "");
+    write_unflushed(&dir.path("nbd.sock"), 3 << 20, &[0x6b; 70000]);
+    let mut q = Qmp::ready(&s.qmp);
+    // The export may still see its client for a moment, then it goes
+    // away while the node is still in use: both are retried.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for cmd in [
+        r#"{"execute": "block-export-del", "arguments": {"id": "e"}}"#,
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "q"}}"#,
+    ] {
+        loop {
+            let r = q.cmd(cmd);
+            if r.get("return").is_some() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{r}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let check = run("qemu-img", &["check", &image]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    qemu_io(
+        "qcow2",
+        &image,
+        &["read -P 0x6b 3M 70000".into(), "read -P 0 0 3M".into()],
+    );
+    drop(q);
+    s.quit();
+}
+
+/// The header's dirty bit (incompatible bit 0) in the file.
+fn dirty_bit(image: &str) -> bool {
+    let b = std::fs::read(image).expect("image");
+    b[79] & 1 != 0
+}
+
+/// lazy-refcounts (the image's bit, or the option on an image without
+/// it): the dirty bit is set once metadata is written back and cleared
+/// on a clean shutdown; after a SIGKILL the image is left dirty, and rsd
+/// repairs it on open with every flushed write intact.
+#[test]
+fn lazy_refcounts_keep_the_dirty_bit_until_close() {
+    for (create, extra) in [("lazy_refcounts=on", ""), ("", ",lazy-refcounts=on")] {
+        let dir = TempDir::new();
+        let image = dir.s("img.qcow2");
+        let mut a = vec!["create", "-q", "-f", "qcow2"];
+        if !create.is_empty() {
+            a.extend(["-o", create]);
+        }
+        a.extend([image.as_str(), "16M"]);
+        img(&dir, &a);
+        let s = serve(&dir, extra);
+        qemu_io("raw", &s.url, &["write -P 7 0 1M".into()]);
+        assert!(dirty_bit(&image), "{create}{extra}: dirty while open");
+        s.quit();
+        assert!(!dirty_bit(&image), "{create}{extra}: clean after quit");
+        assert_eq!(run("qemu-img", &["check", &image]).status.code(), Some(0));
+        // Killed: dirty, then repaired when opened read-write.
+        let _ = std::fs::remove_file(dir.path("p.pid"));
+        let s = serve(&dir, extra);
+        qemu_io("raw", &s.url, &["write -P 8 2M 300k".into()]);
+        let mut d = s.daemon;
+        d.signal(9);
+        let _ = d.child.wait();
+        assert!(dirty_bit(&image), "{create}{extra}: dirty after a crash");
+        // What the killed daemon left behind.
+        let _ = std::fs::remove_file(dir.path("p.pid"));
+        let _ = std::fs::remove_file(dir.path("nbd.sock"));
+        let _ = std::fs::remove_file(dir.path("q.sock"));
+        let s = serve(&dir, extra);
+        qemu_io(
+            "raw",
+            &s.url,
+            &["read -P 7 0 1M".into(), "read -P 8 2M 300k".into()],
+        );
+        s.quit();
+        let check = run("qemu-img", &["check", &image]);
+        assert_eq!(
+            check.status.code(),
+            Some(0),
+            "{create}{extra}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+}
+
+/// Small caches (two L2 tables, four refcount blocks, 4k clusters, so
+/// hundreds of tables): dirty tables are written back when the cache
+/// overflows, and the image still matches the raw reference.
+#[test]
+fn small_caches_write_back_on_overflow() {
+    exercise_with(
+        made("cluster_size=4096"),
+        4096,
+        true,
+        23,
+        ",l2-cache-size=8192,refcount-cache-size=16384",
+    );
+}
+
+/// QSD's checks of the cache options, with its messages.
+#[test]
+fn cache_options_are_checked_as_qsd() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let v2 = dir.s("v2.qcow2");
+    img(
+        &dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &v2,
+            "16M",
+        ],
+    );
+    let cases = [
+        (&image, "cache-size=1048576,l2-cache-size=2097152"),
+        (
+            &image,
+            "cache-size=1048576,l2-cache-size=65536,refcount-cache-size=65536",
+        ),
+        (&image, "cache-size=65536,refcount-cache-size=131072"),
+        (&image, "l2-cache-entry-size=1000"),
+        (&image, "cache-clean-interval=5000000000"),
+        (&v2, "lazy-refcounts=on"),
+    ];
+    for (file, opt) in cases {
+        let spec = format!("driver=qcow2,node-name=q,file.driver=file,file.filename={file},{opt}");
+        let mut seen = Vec::new();
+        for which in Which::all() {
+            let out = run_to_end(which, &["--blockdev", &spec], 10);
+            let err = String::from_utf8_lossy(&out.stderr).replacen(which.prog(), "PROG", 1);
+            assert_eq!(out.status.code(), Some(1), "{which:?} {opt}: {err}");
+            seen.push(err);
+        }
+        if seen.len() == 2 {
+            assert_eq!(seen[0], seen[1], "{opt}");
+        }
+    }
+}
+
+/// A FUA write into a cluster that an earlier, unflushed write allocated
+/// is stable when acknowledged, mapping included: after a SIGKILL right
+/// after its reply both writes read back (the FUA flushed the cached L2
+/// entry the earlier write made).
+#[test]
+fn fua_write_in_place_makes_its_mapping_stable() {
+    let dir = TempDir::new();
+    let image = dir.s("img.qcow2");
+    img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let s = serve(&dir, "");
+    let mut c = NbdWriter::connect(&dir.path("nbd.sock"), "q");
+    assert!(c.send(1, 0, 1, 1 << 20, &[0x11; 4096]));
+    assert_eq!(c.reply(), Some((0, 1)));
+    // NBD_CMD_FLAG_FUA on a write that lands in place.
+    assert!(c.send(1, 1, 2, (1 << 20) + 8192, &[0x22; 4096]));
+    assert_eq!(c.reply(), Some((0, 2)));
+    let mut d = s.daemon;
+    d.signal(9);
+    let _ = d.child.wait();
+    let check = run("qemu-img", &["check", &image]);
+    assert!(matches!(check.status.code(), Some(0) | Some(3)));
+    qemu_io(
+        "qcow2",
+        &image,
+        &[
+            "read -P 0x11 1M 4k".into(),
+            "read -P 0x22 1056768 4k".into(),
+        ],
+    );
 }

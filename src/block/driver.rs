@@ -67,6 +67,12 @@ pub trait Driver: Send + Sync + 'static {
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()>;
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()>;
     fn flush(&self) -> IoFuture<'_, ()>;
+    /// The node is going away or its file becomes read-only: write back
+    /// what the driver caches and mark the image clean (QEMU's
+    /// bdrv_close / inactivate). Called after a flush.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()>;
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent>;

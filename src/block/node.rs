@@ -337,6 +337,17 @@ impl Node {
         })
     }
 
+    /// Flush, then the driver's close: for a node that goes away or
+    /// becomes read-only. The driver writes back its caches even with
+    /// cache.no-flush (as QEMU does).
+    pub fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let r = self.flush().await;
+            let c = self.driver.close().await;
+            r.and(c)
+        })
+    }
+
     pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check(&self.stats.unmap, offset, len, true, "discard")?;

@@ -62,7 +62,7 @@ impl ControlState {
         for node in gone {
             // Nothing reaches it any more; let what runs finish first.
             node.drained().await;
-            let _ = node.flush().await;
+            let _ = node.close().await;
             actors::supervisor::stop_child_by_id(
                 &self.ctx.supervisor,
                 &node_actor::registry_name(&node.name),

@@ -175,7 +175,7 @@ impl Actor for ControlActor {
                 }
                 // Newest first: parents before their children.
                 for e in st.block.entries.iter().rev() {
-                    let _ = e.node.flush().await;
+                    let _ = e.node.close().await;
                 }
                 st.block = Default::default();
                 for (_, c) in &st.chardevs {

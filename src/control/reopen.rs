@@ -197,6 +197,10 @@ impl ControlState {
                     n.discard_unmap(),
                     n.detect_zeroes(),
                 ));
+                // Cached metadata reaches the file while it is writable.
+                if p.read_only && !n.read_only() {
+                    let _ = n.close().await;
+                }
                 if let Err(e) = n.driver.set_read_only(p.read_only) {
                     failed = Some(e);
                     break;
@@ -261,7 +265,7 @@ impl ControlState {
 
     /// Switches a node and its file children to read-only where the
     /// drivers can (a snapshot's base, as QEMU leaves it); best effort.
-    pub(super) fn make_read_only(&mut self, name: &str) {
+    pub(super) async fn make_read_only(&mut self, name: &str) {
         let Some(e) = self.block.find(name) else {
             return;
         };
@@ -273,6 +277,9 @@ impl ControlState {
                 .filter_map(|c| self.block.find(&c.child).map(|x| x.node.clone())),
         );
         for n in nodes {
+            if !n.read_only() {
+                let _ = n.close().await;
+            }
             if n.driver.set_read_only(true).is_ok() {
                 n.set_live(true, n.discard_unmap(), n.detect_zeroes());
             }

@@ -143,7 +143,7 @@ impl ControlState {
             return Err(QmpError::generic(e));
         }
         self.block.refresh_backing_identity(&overlay);
-        self.make_read_only(&node);
+        self.make_read_only(&node).await;
         Ok(json!({}))
     }
 
@@ -172,10 +172,10 @@ impl ControlState {
             // Nothing uses the overlay: QEMU frees it at once (and the
             // base is left read-only).
             self.block.forget_since(len);
-            self.make_read_only(base);
+            self.make_read_only(base).await;
             return Ok(json!({}));
         }
-        self.make_read_only(base);
+        self.make_read_only(base).await;
         self.start_node_actors(&names)
             .await
             .map_err(QmpError::generic)?;

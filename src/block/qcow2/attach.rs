@@ -93,7 +93,12 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     let q_opts = Qcow2Options {
         node_name,
         events: ctx.events(),
-        l2_cache_size: u(opts, "l2-cache-size").or_else(|| u(opts, "cache-size")),
+        l2_cache_size: u(opts, "l2-cache-size"),
+        l2_cache_entry_size: u(opts, "l2-cache-entry-size"),
+        refcount_cache_size: u(opts, "refcount-cache-size"),
+        cache_size: u(opts, "cache-size"),
+        cache_clean_interval: u(opts, "cache-clean-interval"),
+        lazy_refcounts: b(opts, "lazy-refcounts"),
         backing_full: header.backing_file.as_deref().map(resolve),
         // QEMU's default: on when the node itself unmaps.
         pass_discard: b(opts, "pass-discard-request")

@@ -269,7 +269,7 @@ pub async fn create(
             .await
             .map_err(|e| format!("Could not resize image: {}", e.msg))?;
     }
-    q.flush()
+    q.close()
         .await
         .map_err(|e| format!("Could not flush: {}", e.msg))
 }
@@ -292,7 +292,7 @@ pub async fn create_overlay(
     }
     let p = plan(&o, false)?;
     let q = write_image(&p, file, None).await?;
-    q.flush()
+    q.close()
         .await
         .map_err(|e| format!("Could not flush: {}", e.msg))
 }

@@ -1,6 +1,6 @@
-//! L1/L2 entry formats and the L2 table cache. Tables are written through
-//! on every change (an entry at a time), so the cache only ever holds
-//! clean tables and eviction costs nothing.
+//! L1/L2 entry formats and the L2 table cache. The cache is write-back:
+//! changed tables stay dirty in memory until the driver writes them back
+//! after the refcounts they depend on (see mod.rs).
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,12 +65,9 @@ impl Table {
             )
         }
     }
-    /// Sets entry `i` in memory and returns its bytes and their offset
-    /// within the table, for writing through.
-    pub fn set(&self, i: usize, entry: u64, bitmap: u64) -> (u64, Vec<u8>) {
-        let width = if self.ext { 2 } else { 1 };
-        let at = i * width;
-        let mut bytes = entry.to_be_bytes().to_vec();
+    /// Sets entry `i` (and its bitmap) in memory.
+    pub fn set(&self, i: usize, entry: u64, bitmap: u64) {
+        let at = if self.ext { 2 * i } else { i };
         if let Some(w) = self.words.get(at) {
             w.store(entry, Ordering::Release);
         }
@@ -78,9 +75,7 @@ impl Table {
             if let Some(w) = self.words.get(at + 1) {
                 w.store(bitmap, Ordering::Release);
             }
-            bytes.extend_from_slice(&bitmap.to_be_bytes());
         }
-        ((at * 8) as u64, bytes)
     }
     pub fn to_bytes(&self) -> Vec<u8> {
         self.words
@@ -112,10 +107,31 @@ impl std::hash::Hasher for OffsetHasher {
 
 type Build = std::hash::BuildHasherDefault<OffsetHasher>;
 
-/// Tables by host offset, and their offsets in load order.
-type Tables = (HashMap<u64, Arc<Table>, Build>, VecDeque<u64>);
+/// One cached table: dirty tables differ from the file and stay cached
+/// until they are written back; `used` marks tables looked at since the
+/// last cache-clean-interval tick.
+struct Slot {
+    table: Arc<Table>,
+    dirty: bool,
+    used: bool,
+}
 
-/// L2 tables by host offset, bounded; the oldest loaded goes first.
+/// Tables by host offset, and their offsets in load order.
+struct Tables {
+    map: HashMap<u64, Slot, Build>,
+    order: VecDeque<u64>,
+    dirty: usize,
+}
+
+/// L2 tables by host offset, bounded; the oldest loaded clean table goes
+/// first. Dirty tables are never evicted here: the metadata lock's holder
+/// writes them back (in dependency order) when the cache is over its
+/// size, on flush, and on the cache-clean-interval tick.
+///
+/// Changing a table: `mark_dirty` first (under the metadata lock), then
+/// the entries. That makes the changed instance the cached one before any
+/// entry changes, so a reader that loads the table afterwards finds it
+/// instead of the (older) copy in the file.
 pub struct Cache {
     inner: Mutex<Tables>,
     capacity: usize,
@@ -124,42 +140,180 @@ pub struct Cache {
 impl Cache {
     pub fn new(capacity: usize) -> Cache {
         Cache {
-            inner: Mutex::new((HashMap::default(), VecDeque::new())),
+            inner: Mutex::new(Tables {
+                map: HashMap::default(),
+                order: VecDeque::new(),
+                dirty: 0,
+            }),
             capacity: capacity.max(2),
         }
     }
     pub fn get(&self, offset: u64) -> Option<Arc<Table>> {
-        self.inner.lock().ok()?.0.get(&offset).cloned()
+        let mut g = self.inner.lock().ok()?;
+        let s = g.map.get_mut(&offset)?;
+        s.used = true;
+        Some(s.table.clone())
+    }
+    /// Drops the oldest clean table; false if every table is dirty.
+    fn evict_one(g: &mut Tables) -> bool {
+        for _ in 0..g.order.len() {
+            let Some(old) = g.order.pop_front() else {
+                return false;
+            };
+            if g.map.get(&old).is_some_and(|s| s.dirty) {
+                g.order.push_back(old);
+                continue;
+            }
+            g.map.remove(&old);
+            return true;
+        }
+        false
     }
     pub fn insert(&self, offset: u64, t: Arc<Table>) -> Arc<Table> {
         let Ok(mut g) = self.inner.lock() else {
             return t;
         };
-        if let Some(have) = g.0.get(&offset) {
-            return have.clone();
+        if let Some(have) = g.map.get(&offset) {
+            return have.table.clone();
         }
-        while g.0.len() >= self.capacity {
-            match g.1.pop_front() {
-                Some(old) => {
-                    g.0.remove(&old);
-                }
-                None => break,
-            }
-        }
-        g.0.insert(offset, t.clone());
-        g.1.push_back(offset);
+        while g.map.len() >= self.capacity && Self::evict_one(&mut g) {}
+        g.map.insert(
+            offset,
+            Slot {
+                table: t.clone(),
+                dirty: false,
+                used: true,
+            },
+        );
+        g.order.push_back(offset);
         t
     }
-    pub fn remove(&self, offset: u64) {
-        if let Ok(mut g) = self.inner.lock() {
-            g.0.remove(&offset);
-            g.1.retain(|o| *o != offset);
+    /// A new table at `offset` (just written): it replaces whatever a
+    /// reader may have cached there (a table freed earlier).
+    pub fn put(&self, offset: u64, t: Arc<Table>) -> Arc<Table> {
+        let Ok(mut g) = self.inner.lock() else {
+            return t;
+        };
+        let g = &mut *g;
+        if let Some(s) = g.map.get_mut(&offset) {
+            if s.dirty {
+                s.dirty = false;
+                g.dirty -= 1;
+            }
+            s.table = t.clone();
+            s.used = true;
+            return t;
+        }
+        while g.map.len() >= self.capacity && Self::evict_one(g) {}
+        g.map.insert(
+            offset,
+            Slot {
+                table: t.clone(),
+                dirty: false,
+                used: true,
+            },
+        );
+        g.order.push_back(offset);
+        t
+    }
+    /// Marks `t` (the table at `offset`) dirty, making it the cached
+    /// instance if it was evicted meanwhile (it was clean then, so equal
+    /// to any copy loaded since).
+    pub fn mark_dirty(&self, offset: u64, t: &Arc<Table>) {
+        let Ok(mut g) = self.inner.lock() else {
+            return;
+        };
+        let g = &mut *g;
+        match g.map.get_mut(&offset) {
+            Some(s) => {
+                if !Arc::ptr_eq(&s.table, t) {
+                    s.table = t.clone();
+                }
+                if !s.dirty {
+                    s.dirty = true;
+                    g.dirty += 1;
+                }
+                s.used = true;
+            }
+            None => {
+                g.map.insert(
+                    offset,
+                    Slot {
+                        table: t.clone(),
+                        dirty: true,
+                        used: true,
+                    },
+                );
+                g.order.push_back(offset);
+                g.dirty += 1;
+            }
         }
     }
-    pub fn clear(&self) {
+    /// The dirty tables, by offset.
+    pub fn dirty(&self) -> Vec<(u64, Arc<Table>)> {
+        let Ok(g) = self.inner.lock() else {
+            return Vec::new();
+        };
+        if g.dirty == 0 {
+            return Vec::new();
+        }
+        let mut v: Vec<(u64, Arc<Table>)> = g
+            .map
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(o, s)| (*o, s.table.clone()))
+            .collect();
+        v.sort_unstable_by_key(|(o, _)| *o);
+        v
+    }
+    pub fn has_dirty(&self) -> bool {
+        self.inner.lock().is_ok_and(|g| g.dirty > 0)
+    }
+    /// After `t` was written back (under the metadata lock, so it did not
+    /// change meanwhile).
+    pub fn set_clean(&self, offset: u64, t: &Arc<Table>) {
         if let Ok(mut g) = self.inner.lock() {
-            g.0.clear();
-            g.1.clear();
+            let g = &mut *g;
+            if let Some(s) = g.map.get_mut(&offset) {
+                if s.dirty && Arc::ptr_eq(&s.table, t) {
+                    s.dirty = false;
+                    g.dirty -= 1;
+                }
+            }
+        }
+    }
+    /// More tables than the cache's size (every one of them dirty): the
+    /// caller should write them back, then `trim`.
+    pub fn over(&self) -> bool {
+        self.inner.lock().is_ok_and(|g| g.map.len() > self.capacity)
+    }
+    /// Evicts clean tables down to the cache's size.
+    pub fn trim(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            while g.map.len() > self.capacity && Self::evict_one(&mut g) {}
+        }
+    }
+    /// A table no longer in use (freed): its changes do not matter.
+    pub fn remove(&self, offset: u64) {
+        if let Ok(mut g) = self.inner.lock() {
+            if g.map.remove(&offset).is_some_and(|s| s.dirty) {
+                g.dirty -= 1;
+            }
+            g.order.retain(|o| *o != offset);
+        }
+    }
+    /// cache-clean-interval: drops the clean tables nobody looked at
+    /// since the last call.
+    pub fn clean_unused(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            let g = &mut *g;
+            g.map.retain(|_, s| {
+                let keep = s.dirty || s.used;
+                s.used = false;
+                keep
+            });
+            let map = &g.map;
+            g.order.retain(|o| map.contains_key(o));
         }
     }
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use super::l2::{self, Map, Table, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::refcount::corrupt;
-use super::{Header, Piece, Qcow2};
+use super::{Header, Image, Piece};
 use crate::block::error::BlockResult;
 
-impl Qcow2 {
+impl Image {
     pub(super) fn cs(&self) -> u64 {
         1 << self.bits
     }

@@ -7,10 +7,23 @@
 //!   the data file with no lock but a shared "nothing is being freed"
 //!   guard. Everything else (allocation, copy-on-write of shared or
 //!   compressed clusters, zeroing, discard) runs under the metadata lock.
-//! - Metadata is written through and ordered: new refcounts, then the new
-//!   clusters' contents, a flush, then the L1/L2 entries that point at
-//!   them; old clusters are released only after a flush that made the new
-//!   pointers stable. A crash can leak clusters, never corrupt the image.
+//! - An allocating write takes the metadata lock only to plan (allocate
+//!   host clusters, in the caches) and to link (set the L2 entries); its
+//!   data goes to the file outside the lock, with the guest clusters
+//!   marked in flight so that overlapping requests wait for it.
+//! - L2 tables and refcount blocks are cached write-back (QEMU's qcow2
+//!   caches). Write-back order: dirty refcount blocks, a sync, then the
+//!   dirty L2 tables (with lazy refcounts: the dirty bit instead of the
+//!   sync). A sync also goes before L2 tables whenever data they will
+//!   point at (copy-on-write content, reused clusters) is not yet stable.
+//!   L1 entries are written through, after their new L2 table and its
+//!   refcount are synced. Old clusters are released only after a sync
+//!   that made the new pointers stable. One sync serves every allocation
+//!   made since the last write-back, and a crash can leak clusters, never
+//!   corrupt the image.
+//! - Write-back happens on flush and FUA, when the L2 cache is over its
+//!   size, before clusters are released, on the cache-clean-interval
+//!   tick and when the node is closed (`Driver::close`).
 mod attach;
 pub mod compress;
 pub mod create;
@@ -22,10 +35,12 @@ pub mod refcount;
 mod repair;
 mod snapshot;
 mod write;
+mod writeback;
 mod zero;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 
 use serde_json::{json, Value};
 
@@ -52,7 +67,15 @@ pub type BlockEvents = crate::events::EventSink;
 pub struct Qcow2Options {
     pub node_name: String,
     pub events: Option<BlockEvents>,
+    /// QEMU's cache options (qapi BlockdevOptionsQcow2), in bytes.
     pub l2_cache_size: Option<u64>,
+    pub l2_cache_entry_size: Option<u64>,
+    pub refcount_cache_size: Option<u64>,
+    pub cache_size: Option<u64>,
+    /// Seconds between cache-clean ticks (QEMU's default 600; 0: none).
+    pub cache_clean_interval: Option<u64>,
+    /// lazy-refcounts; the image's compatible bit when absent.
+    pub lazy_refcounts: Option<bool>,
     /// The header's backing file name resolved against the image's
     /// directory (full-backing-filename).
     pub backing_full: Option<String>,
@@ -61,7 +84,20 @@ pub struct Qcow2Options {
     pub pass_discard: bool,
 }
 
+/// The driver: the image's state, shared with its cache-clean timer.
 pub struct Qcow2 {
+    img: Arc<Image>,
+    _timer: Option<crate::util::AbortOnDrop>,
+}
+
+impl std::ops::Deref for Qcow2 {
+    type Target = Image;
+    fn deref(&self) -> &Image {
+        &self.img
+    }
+}
+
+pub struct Image {
     file: Arc<Node>,
     /// Where guest data lives: `file`, or the external data file.
     data: Arc<Node>,
@@ -81,6 +117,22 @@ pub struct Qcow2 {
     l1_offset: AtomicU64,
     cache: l2::Cache,
     meta: tokio::sync::Mutex<Refcounts>,
+    /// Guest clusters whose allocation is in flight: planned, their data
+    /// being written outside the metadata lock, not linked yet. Whoever
+    /// would change their L2 entries waits for `alloc_done`.
+    inflight: std::sync::Mutex<HashSet<u64>>,
+    alloc_done: tokio::sync::Notify,
+    /// lazy-refcounts: L2 tables may reach the file before the refcounts
+    /// of their clusters, with the dirty bit set meanwhile.
+    lazy: bool,
+    /// The file was grown ahead of allocations (see write.rs): cut what
+    /// is left unused on close.
+    grown: AtomicBool,
+    /// Counts mapping changes (L1 and L2 entries); `synced_gen` is the
+    /// count a completed flush made stable. A FUA write in place whose
+    /// mapping is older than that needs no flush of its own.
+    meta_gen: AtomicU64,
+    synced_gen: AtomicU64,
     /// Writes in place hold it shared; releasing clusters holds it alone,
     /// so no in-place write can land in a cluster after it is freed.
     free_guard: tokio::sync::RwLock<()>,
@@ -198,10 +250,21 @@ impl Qcow2 {
         for (off, n) in snaps.l1_tables {
             ov.add_range(overlap::INACTIVE_L1, off, n * 8);
         }
-        // Default: enough L2 tables for the whole disk, at most 32 MiB.
-        let need = h.size.div_ceil(1 << (bits + l2_bits)) << bits;
-        let cache_bytes = opts.l2_cache_size.unwrap_or(need.min(32 << 20));
-        let cache = l2::Cache::new((cache_bytes >> bits) as usize);
+        let (l2_bytes, rc_bytes) = cache_sizes(&h, l2_bits, opts)?;
+        let cache = l2::Cache::new((l2_bytes >> bits) as usize);
+        refs.set_capacity((rc_bytes >> bits) as usize);
+        let interval = opts.cache_clean_interval.unwrap_or(600);
+        if interval > u64::from(u32::MAX) {
+            return Err(BlockError::inval("Cache clean interval too big"));
+        }
+        let lazy = opts
+            .lazy_refcounts
+            .unwrap_or(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0);
+        if lazy && h.version < 3 {
+            return Err(BlockError::inval(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
         // rsd keeps no bitmaps: clear the auto-clear bits it does not
         // know before writing, as the spec asks.
         let keep = header::AUTOCLEAR_DATA_FILE_RAW;
@@ -215,7 +278,7 @@ impl Qcow2 {
             .await?;
             file.flush().await?;
         }
-        Ok(Qcow2 {
+        let img = Arc::new(Image {
             external: data.is_some(),
             data: data.unwrap_or_else(|| file.clone()),
             file,
@@ -231,6 +294,12 @@ impl Qcow2 {
             header: std::sync::Mutex::new(h),
             cache,
             meta: tokio::sync::Mutex::new(refs),
+            inflight: std::sync::Mutex::new(HashSet::new()),
+            alloc_done: tokio::sync::Notify::new(),
+            lazy,
+            grown: AtomicBool::new(false),
+            meta_gen: AtomicU64::new(0),
+            synced_gen: AtomicU64::new(0),
             free_guard: tokio::sync::RwLock::new(()),
             read_only: AtomicBool::new(read_only),
             corrupt: AtomicBool::new(false),
@@ -239,7 +308,96 @@ impl Qcow2 {
             overlap: ov,
             node_name: opts.node_name.clone(),
             events: opts.events.clone(),
-        })
+        });
+        let timer = (interval > 0)
+            .then(|| tokio::runtime::Handle::try_current().ok())
+            .flatten()
+            .map(|rt| {
+                let weak = Arc::downgrade(&img);
+                crate::util::AbortOnDrop(rt.spawn(clean_timer(weak, interval)))
+            });
+        Ok(Qcow2 { img, _timer: timer })
+    }
+}
+
+/// The L2 and refcount cache sizes in bytes from QEMU's options (its
+/// read_cache_sizes): by default L2 tables for the whole disk up to
+/// 32 MiB, and 4 refcount blocks; `cache-size` gives the L2 cache what
+/// it can use and the refcount cache the rest.
+fn cache_sizes(h: &Header, l2_bits: u32, o: &Qcow2Options) -> BlockResult<(u64, u64)> {
+    let cs = h.cluster_size();
+    let min_rc = refcount::MIN_CACHED_BLOCKS as u64 * cs;
+    let max_l2 = h.size.div_ceil(1 << (h.cluster_bits + l2_bits)) * cs;
+    let l2_setting = o.l2_cache_size.unwrap_or(32 << 20);
+    let mut l2 = max_l2.min(l2_setting);
+    let mut rc = o.refcount_cache_size.unwrap_or(0);
+    if let Some(all) = o.cache_size {
+        if o.l2_cache_size.is_some() && o.refcount_cache_size.is_some() {
+            return Err(BlockError::inval(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+            ));
+        } else if o.l2_cache_size.is_some() && l2_setting > all {
+            return Err(BlockError::inval("l2-cache-size may not exceed cache-size"));
+        } else if rc > all {
+            return Err(BlockError::inval(
+                "refcount-cache-size may not exceed cache-size",
+            ));
+        }
+        if o.l2_cache_size.is_some() {
+            rc = all - l2;
+        } else if o.refcount_cache_size.is_some() {
+            l2 = all - rc;
+        } else if all >= max_l2 + min_rc {
+            l2 = max_l2;
+            rc = all - l2;
+        } else {
+            rc = all.min(min_rc);
+            l2 = all - rc;
+        }
+    }
+    if let Some(e) = o.l2_cache_entry_size {
+        if e < 512 || e > cs || !e.is_power_of_two() {
+            return Err(BlockError::inval(format!(
+                "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+            )));
+        }
+    }
+    Ok((l2, rc))
+}
+
+/// cache-clean-interval: every `secs` seconds the dirty tables are
+/// written back and the tables nobody used since the last tick dropped.
+async fn clean_timer(img: Weak<Image>, secs: u64) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        let Some(img) = img.upgrade() else {
+            return;
+        };
+        img.clean_tick().await;
+    }
+}
+
+impl Drop for Qcow2 {
+    /// A node dropped without `close` (the daemon closes every node it
+    /// drops; this is a safety net): its dirty metadata is written back
+    /// on a task of its own.
+    fn drop(&mut self) {
+        if !self.maybe_dirty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let img = self.img.clone();
+            rt.spawn(async move {
+                let _ = img.close_image().await;
+            });
+        }
+    }
+}
+
+impl Image {
+    /// The guest disk's size.
+    pub fn disk_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 }
 
@@ -259,7 +417,7 @@ impl Driver for Qcow2 {
         "qcow2"
     }
     fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.disk_size()
     }
     fn limits(&self) -> Limits {
         Limits {
@@ -275,6 +433,9 @@ impl Driver for Qcow2 {
     }
     fn flush(&self) -> IoFuture<'_, ()> {
         self.boundary(self.flush_all())
+    }
+    fn close(&self) -> IoFuture<'_, ()> {
+        self.boundary(self.close_image())
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.boundary(async move {
@@ -434,6 +595,8 @@ impl Driver for Qcow2 {
                 // Only the table's bytes, as QEMU writes it (the rest of
                 // its clusters reads as zeroes).
                 self.file.write(new, &bytes, WriteFlags::default()).await?;
+                // Its refcount is stable before the header names it.
+                meta.write_dirty().await?;
                 self.file.flush().await?;
                 let mut hdr = (need as u32).to_be_bytes().to_vec();
                 hdr.extend_from_slice(&new.to_be_bytes());

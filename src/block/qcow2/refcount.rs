@@ -1,9 +1,12 @@
 //! Reference counts: the refcount table and its blocks, and the cluster
-//! allocator. Lives inside the driver's metadata lock. Every change is
-//! written through, refcounts before anything that points at the
-//! clusters they count, so a crash can leak clusters but never leave a
-//! reference to a cluster counted as free.
-use std::collections::{BTreeMap, HashMap};
+//! allocator. Lives inside the driver's metadata lock. Refcount blocks
+//! are cached write-back: a change marks its block dirty, and dirty
+//! blocks are written (and synced) before any L2 table that points at the
+//! clusters they count (mod.rs), so a crash can leak clusters but never
+//! leave a reference to a cluster counted as free. Counts only ever go
+//! down after the pointers that held them are stable, so a refcount block
+//! may be written back at any time.
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::super::driver::WriteFlags;
@@ -20,7 +23,20 @@ pub struct Refcounts {
     pub table_offset: u64,
     pub table: Vec<u64>,
     /// Refcount blocks by host offset.
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: HashMap<u64, Block>,
+    /// Cached blocks in load order, for eviction.
+    lru: VecDeque<u64>,
+    /// Blocks kept cached (refcount-cache-size).
+    capacity: usize,
+    /// Refcount blocks (or refcount table entries) were written since
+    /// the last sync: L2 tables must wait for one.
+    pub unsynced: bool,
+    /// Data that an L2 table will point at was written since the last
+    /// sync and must be stable before it (copy-on-write content, reused
+    /// clusters).
+    pub data_unsynced: bool,
+    /// The header's dirty bit is set in the file (lazy refcounts).
+    pub dirty_bit: bool,
     /// No free cluster below this index.
     free_hint: u64,
     /// Clusters at or past this index are free and beyond every
@@ -28,9 +44,16 @@ pub struct Refcounts {
     pub end: u64,
 }
 
-/// Refcount blocks kept cached at most (they are written through, so the
-/// cache is dropped whole when it is full).
-const MAX_CACHED_BYTES: u64 = 32 << 20;
+/// One cached refcount block; `dirty` is the byte range that differs
+/// from the file.
+struct Block {
+    data: Vec<u8>,
+    dirty: Option<(usize, usize)>,
+    used: bool,
+}
+
+/// QEMU's minimum (and default) refcount cache: 4 blocks.
+pub const MIN_CACHED_BLOCKS: usize = 4;
 
 /// Long CPU loops over metadata yield to the runtime this often.
 pub const YIELD_EVERY: u64 = 1 << 16;
@@ -89,6 +112,11 @@ impl Refcounts {
             table_offset,
             table,
             blocks: HashMap::new(),
+            lru: VecDeque::new(),
+            capacity: MIN_CACHED_BLOCKS,
+            unsynced: false,
+            data_unsynced: false,
+            dirty_bit: false,
             free_hint: 0,
         })
     }
@@ -128,6 +156,103 @@ impl Refcounts {
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
     }
+
+    /// refcount-cache-size, in blocks (at least QEMU's minimum).
+    pub fn set_capacity(&mut self, blocks: usize) {
+        self.capacity = blocks.max(MIN_CACHED_BLOCKS);
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        self.blocks.values().any(|b| b.dirty.is_some())
+    }
+
+    /// Writes every dirty refcount block (the bytes that changed).
+    pub async fn write_dirty(&mut self) -> BlockResult<()> {
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty.is_some())
+            .map(|(o, _)| *o)
+            .collect();
+        dirty.sort_unstable();
+        for off in dirty {
+            let Some(b) = self.blocks.get_mut(&off) else {
+                continue;
+            };
+            let Some((lo, hi)) = b.dirty else {
+                continue;
+            };
+            self.unsynced = true;
+            self.file
+                .write(off + lo as u64, &b.data[lo..hi], WriteFlags::default())
+                .await?;
+            b.dirty = None;
+        }
+        Ok(())
+    }
+
+    /// cache-clean-interval: drops the clean blocks nobody used since
+    /// the last call.
+    pub fn clean_unused(&mut self) {
+        self.blocks.retain(|_, b| {
+            let keep = b.dirty.is_some() || b.used;
+            b.used = false;
+            keep
+        });
+        let blocks = &self.blocks;
+        self.lru.retain(|o| blocks.contains_key(o));
+    }
+
+    /// Makes room for one more block: the oldest clean block goes; when
+    /// every block is dirty they are written back first.
+    async fn make_room(&mut self) -> BlockResult<()> {
+        while self.blocks.len() >= self.capacity {
+            let mut evicted = false;
+            for _ in 0..self.lru.len() {
+                let Some(o) = self.lru.pop_front() else {
+                    break;
+                };
+                if self.blocks.get(&o).is_some_and(|b| b.dirty.is_some()) {
+                    self.lru.push_back(o);
+                    continue;
+                }
+                self.blocks.remove(&o);
+                evicted = true;
+                break;
+            }
+            if !evicted {
+                if !self.has_dirty() {
+                    break;
+                }
+                self.write_dirty().await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_block(&mut self, off: u64, data: Vec<u8>, dirty: Option<(usize, usize)>) {
+        if self.blocks.contains_key(&off) {
+            self.lru.retain(|o| *o != off);
+        }
+        self.blocks.insert(
+            off,
+            Block {
+                data,
+                dirty,
+                used: true,
+            },
+        );
+        self.lru.push_back(off);
+    }
+
+    /// Drops a clean block from the cache (after a look that must not
+    /// fill it); a dirty one stays.
+    fn uncache_clean(&mut self, off: u64) {
+        if self.blocks.get(&off).is_some_and(|b| b.dirty.is_none()) {
+            self.blocks.remove(&off);
+            self.lru.retain(|o| *o != off);
+        }
+    }
     /// Refcount entries per block.
     fn per_block(&self) -> u64 {
         (self.cs() * 8) >> self.order
@@ -145,22 +270,21 @@ impl Refcounts {
             Some(&o) if o != 0 => o,
             _ => return Ok(None),
         };
-        if !self.blocks.contains_key(&off) {
-            if off % self.cs() != 0
-                || off.saturating_add(self.cs())
-                    > self.file.size().max(self.end << self.cluster_bits)
-            {
-                return Err(corrupt(format!(
-                    "Refcount block offset {off:#x} is invalid"
-                )));
-            }
-            let mut b = vec![0u8; self.cs() as usize];
-            self.file.read(off, &mut b).await?;
-            if (self.blocks.len() as u64 + 1) << self.cluster_bits > MAX_CACHED_BYTES {
-                self.blocks.clear();
-            }
-            self.blocks.insert(off, b);
+        if let Some(b) = self.blocks.get_mut(&off) {
+            b.used = true;
+            return Ok(Some(off));
         }
+        if off % self.cs() != 0
+            || off.saturating_add(self.cs()) > self.file.size().max(self.end << self.cluster_bits)
+        {
+            return Err(corrupt(format!(
+                "Refcount block offset {off:#x} is invalid"
+            )));
+        }
+        let mut b = vec![0u8; self.cs() as usize];
+        self.file.read(off, &mut b).await?;
+        self.make_room().await?;
+        self.cache_block(off, b, None);
         Ok(Some(off))
     }
 
@@ -181,20 +305,7 @@ impl Refcounts {
 
     /// Sets entry `i` and returns the byte range that changed.
     fn encode(&self, b: &mut [u8], i: u64, v: u64) -> (usize, usize) {
-        let w = 1u64 << self.order;
-        if w < 8 {
-            let bit = i * w;
-            let at = (bit / 8) as usize;
-            let mask = (((1u16 << w) - 1) << (bit % 8)) as u8;
-            b[at] = (b[at] & !mask) | (((v << (bit % 8)) as u8) & mask);
-            (at, at + 1)
-        } else {
-            let n = (w / 8) as usize;
-            let at = i as usize * n;
-            let be = v.to_be_bytes();
-            b[at..at + n].copy_from_slice(&be[8 - n..]);
-            (at, at + n)
-        }
+        encode(self.order, b, i, v)
     }
 
     pub async fn get(&mut self, cluster: u64) -> BlockResult<u64> {
@@ -203,13 +314,13 @@ impl Refcounts {
             Some(off) => Ok(self
                 .blocks
                 .get(&off)
-                .map_or(0, |b| self.decode(b, cluster % per))),
+                .map_or(0, |b| self.decode(&b.data, cluster % per))),
             None => Ok(0),
         }
     }
 
-    /// Sets the refcounts of `n` clusters from `first` to `v`, creating
-    /// refcount blocks as needed. Written through, block by block.
+    /// Sets the refcounts of `n` clusters from `first` to `v` in the
+    /// cached blocks, which become dirty.
     async fn set_range(&mut self, first: u64, n: u64, v: u64) -> BlockResult<()> {
         let per = self.per_block();
         let mut c = first;
@@ -220,21 +331,17 @@ impl Refcounts {
                 None => return Err(corrupt("refcount block missing for an allocated cluster")),
             };
             let stop = (first + n).min((bi + 1) * per);
-            let Some(mut b) = self.blocks.remove(&off) else {
+            let order = self.order;
+            let Some(b) = self.blocks.get_mut(&off) else {
                 return Err(corrupt("refcount block vanished"));
             };
-            let (mut lo, mut hi) = (usize::MAX, 0);
+            let (mut lo, mut hi) = b.dirty.unwrap_or((usize::MAX, 0));
             for x in c..stop {
-                let (a, z) = self.encode(&mut b, x % per, v);
+                let (a, z) = encode(order, &mut b.data, x % per, v);
                 lo = lo.min(a);
                 hi = hi.max(z);
             }
-            let r = self
-                .file
-                .write(off + lo as u64, &b[lo..hi], WriteFlags::default())
-                .await;
-            self.blocks.insert(off, b);
-            r?;
+            b.dirty = Some((lo, hi));
             c = stop;
         }
         Ok(())
@@ -254,7 +361,7 @@ impl Refcounts {
             let Some(off) = self.block(bi).await? else {
                 continue;
             };
-            let Some(b) = self.blocks.get(&off) else {
+            let Some(b) = self.blocks.get(&off).map(|b| &b.data) else {
                 continue;
             };
             let stop = self.end.min((bi + 1) * per) - bi * per;
@@ -269,7 +376,7 @@ impl Refcounts {
             }
             if !cached {
                 // Only looked at: a long walk must not fill the cache.
-                self.blocks.remove(&off);
+                self.uncache_clean(off);
             }
             if let Some(c) = found {
                 return Ok(c);
@@ -303,9 +410,12 @@ impl Refcounts {
         let Some(off) = self.block(bi).await? else {
             return Ok(());
         };
-        let Some(mut b) = self.blocks.remove(&off) else {
+        // Written now: the block must not also be dirty in the cache.
+        self.write_dirty().await?;
+        let Some(mut b) = self.blocks.remove(&off).map(|b| b.data) else {
             return Err(corrupt("refcount block vanished"));
         };
+        self.lru.retain(|o| *o != off);
         let per = self.per_block();
         let first = bi * per;
         let (mut lo, mut hi) = (usize::MAX, 0);
@@ -382,6 +492,13 @@ impl Refcounts {
     /// Allocates `n` contiguous clusters with refcount 1; returns the host
     /// offset of the first.
     pub async fn alloc(&mut self, n: u64) -> BlockResult<u64> {
+        Ok(self.alloc_fresh(n).await?.0)
+    }
+
+    /// `alloc`, and whether the clusters lie past everything the file
+    /// held or was written with since open (then they read as zeroes
+    /// until written: a hole or past the end of the file).
+    pub async fn alloc_fresh(&mut self, n: u64) -> BlockResult<(u64, bool)> {
         // Each retry creates a refcount block, which claims a table entry
         // for good: a retry that finds no new block made no progress.
         let mut blocks_made = 0u64;
@@ -425,8 +542,9 @@ impl Refcounts {
                 Some(f) if f < start => f,
                 _ => start + n,
             };
+            let fresh = start >= self.end;
             self.end = self.end.max(start + n);
-            return Ok(start << self.cluster_bits);
+            return Ok((start << self.cluster_bits, fresh));
         }
     }
 
@@ -453,8 +571,11 @@ impl Refcounts {
             )
             .await?;
         self.table[bi as usize] = off;
+        // The table entry is not synced yet.
+        self.unsynced = true;
         self.overlap.add_cluster(REFCOUNT_BLOCK, off);
-        self.blocks.insert(off, b);
+        self.make_room().await?;
+        self.cache_block(off, b, None);
         self.end = self.end.max(at + 1);
         Ok(())
     }
@@ -499,6 +620,7 @@ impl Refcounts {
         let mut table = self.table.clone();
         table.resize((tclusters * cs / 8) as usize, 0);
         // The new blocks, in order, for the block indices that lack one.
+        let mut new_blocks = Vec::new();
         let missing: Vec<u64> = (a / per..=(area_end - 1) / per)
             .filter(|i| self.table.get(*i as usize).copied().unwrap_or(0) == 0)
             .collect();
@@ -511,7 +633,7 @@ impl Refcounts {
             self.file.write(off, &b, WriteFlags::default()).await?;
             table[i as usize] = off;
             self.overlap.add_cluster(REFCOUNT_BLOCK, off);
-            self.blocks.insert(off, b);
+            new_blocks.push((off, b));
         }
         // Area clusters counted by blocks that already exist.
         for c in a..area_end {
@@ -522,6 +644,9 @@ impl Refcounts {
         let toff = (a + nblocks) << self.cluster_bits;
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file.write(toff, &bytes, WriteFlags::default()).await?;
+        // Everything the new table counts must be stable before the
+        // header names it.
+        self.write_dirty().await?;
         self.file.flush().await?;
         let mut hdr = toff.to_be_bytes().to_vec();
         hdr.extend_from_slice(&(tclusters as u32).to_be_bytes());
@@ -531,6 +656,10 @@ impl Refcounts {
         self.file.flush().await?;
         let (old_off, old_len) = (self.table_offset, self.table.len() as u64 * 8);
         self.table = table;
+        for (off, b) in new_blocks {
+            self.make_room().await?;
+            self.cache_block(off, b, None);
+        }
         self.table_offset = toff;
         self.overlap.set_range(REFCOUNT_TABLE, toff, tclusters * cs);
         self.end = self.end.max(area_end);
@@ -538,5 +667,24 @@ impl Refcounts {
             self.change((old_off >> self.cluster_bits) + k, -1).await?;
         }
         Ok(())
+    }
+}
+
+/// Sets refcount entry `i` of width 2^`order` bits in block `b` to `v`;
+/// returns the byte range that changed.
+fn encode(order: u32, b: &mut [u8], i: u64, v: u64) -> (usize, usize) {
+    let w = 1u64 << order;
+    if w < 8 {
+        let bit = i * w;
+        let at = (bit / 8) as usize;
+        let mask = (((1u16 << w) - 1) << (bit % 8)) as u8;
+        b[at] = (b[at] & !mask) | (((v << (bit % 8)) as u8) & mask);
+        (at, at + 1)
+    } else {
+        let n = (w / 8) as usize;
+        let at = i as usize * n;
+        let be = v.to_be_bytes();
+        b[at..at + n].copy_from_slice(&be[8 - n..]);
+        (at, at + n)
     }
 }

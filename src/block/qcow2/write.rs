@@ -6,12 +6,39 @@ use std::sync::Arc;
 
 use super::l2::{self, Map, Table, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::refcount::{corrupt, Refcounts};
-use super::{header, overlap, Qcow2};
+use super::writeback::InFlight;
+use super::{header, overlap, Image};
 use crate::block::driver::{IoFuture, WriteFlags};
 use crate::block::error::{BlockError, BlockResult};
 use serde_json::json;
 
-impl Qcow2 {
+/// One cluster of an allocating write, planned under the metadata lock.
+pub(super) struct Alloc {
+    /// Guest offset of the write's first byte in the cluster, where that
+    /// byte is in the request's buffer, and the write's length here.
+    g: u64,
+    at: usize,
+    len: usize,
+    /// The cluster's old L2 entry and bitmap.
+    e: u64,
+    bm: u64,
+    /// The new host cluster, and whether it reads as zeroes until
+    /// written (never used since open, past the old end of the file).
+    new: u64,
+    fresh: bool,
+    /// The new bitmap (extended L2).
+    nbm: u64,
+    /// Around the write the cluster reads as zeroes (no copy-on-write).
+    plain: bool,
+}
+
+/// Bytes to write: a range of the request's buffer, or built here.
+enum Src {
+    Guest(usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl Image {
     /// After fatal corruption the node takes no more I/O (QEMU ejects
     /// its medium).
     pub(super) fn check_usable(&self) -> BlockResult<()> {
@@ -139,11 +166,21 @@ impl Qcow2 {
     ) -> BlockResult<()> {
         self.check_usable()?;
         {
-            let _g = self.free_guard.read().await;
+            let guard = self.free_guard.read().await;
             if let Some(runs) = self.in_place(offset, buf.len() as u64).await? {
+                // FUA: the data alone is enough when the mapping just
+                // used is stable already; otherwise a whole flush (the
+                // entries that lead to the data may still be cached).
+                let gen = self.meta_gen.load(Ordering::Acquire);
+                let flush = flags.fua && self.synced_gen.load(Ordering::Acquire) < gen;
+                let wf = if flush { WriteFlags::default() } else { flags };
                 for (g, n, h) in runs {
                     let at = (g - offset) as usize;
-                    self.write_data(h, &buf[at..at + n as usize], flags).await?;
+                    self.write_data(h, &buf[at..at + n as usize], wf).await?;
+                }
+                drop(guard);
+                if flush {
+                    self.flush_all().await?;
                 }
                 return Ok(());
             }
@@ -151,17 +188,62 @@ impl Qcow2 {
         // A request of a client that has gone stops here, before it
         // allocates anything.
         let mut meta = crate::block::cancel::before_start(self.meta.lock()).await?;
+        let mut inflight = InFlight::new(self);
+        let mut allocs: Vec<Alloc> = Vec::new();
         let mut released = Vec::new();
+        let mut failed = None;
         let mut pos = 0;
         while pos < buf.len() {
             let g = offset + pos as u64;
             let in_off = (g & (self.cs() - 1)) as usize;
             let n = (self.cs() as usize - in_off).min(buf.len() - pos);
-            self.write_cluster(&mut meta, g, &buf[pos..pos + n], &mut released)
-                .await?;
+            // Another request is allocating this cluster: its entry
+            // changes when it links; wait for that. (Requests take their
+            // clusters in ascending order, so waits cannot form a cycle.)
+            let done = self.alloc_done();
+            if self.in_flight(g >> self.bits) {
+                drop(meta);
+                done.await;
+                meta = self.meta.lock().await;
+                continue;
+            }
+            match self
+                .plan_cluster(&mut meta, g, &buf[pos..pos + n], &mut released)
+                .await
+            {
+                Ok(Some(mut a)) => {
+                    a.at = pos;
+                    inflight.add(g >> self.bits);
+                    allocs.push(a);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
             pos += n;
         }
+        if let Some(e) = failed {
+            self.give_up(&mut meta, &allocs).await;
+            return Err(e);
+        }
+        if !allocs.is_empty() {
+            self.grow_ahead(&allocs).await;
+            // The data goes to the new clusters without the lock: nobody
+            // else uses them, and the guest clusters are in flight.
+            drop(meta);
+            let r = self.fill(buf, &allocs).await;
+            meta = self.meta.lock().await;
+            if let Err(e) = r {
+                self.give_up(&mut meta, &allocs).await;
+                return Err(e);
+            }
+            self.link(&mut meta, &allocs, &mut released).await?;
+        }
+        drop(inflight);
         self.release(&mut meta, released, false).await?;
+        self.after_change(&mut meta).await?;
         drop(meta);
         if flags.fua {
             self.flush_all().await?;
@@ -169,8 +251,150 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// New clusters past the end of the file: the file grows ahead of
+    /// them in large steps (an eighth of its size, 1 to 64 MiB), so the
+    /// data writes land inside the file (writes that extend a file one by
+    /// one cost the filesystem far more). The part never used is cut
+    /// again on close. Advisory: a file that cannot grow is written as it
+    /// is.
+    async fn grow_ahead(&self, allocs: &[Alloc]) {
+        let cs = self.cs();
+        let Some(need) = allocs.iter().filter(|a| a.fresh).map(|a| a.new + cs).max() else {
+            return;
+        };
+        let size = self.file.size();
+        if need <= size {
+            return;
+        }
+        let step = (size / 8).clamp(1 << 20, 64 << 20).next_multiple_of(cs);
+        let target = need.next_multiple_of(step);
+        let z = crate::block::driver::ZeroFlags {
+            fua: false,
+            may_unmap: false,
+            no_fallback: true,
+        };
+        // With O_DIRECT, writes into holes take the filesystem's slow
+        // path (ext4 allocates under the exclusive inode lock): the space
+        // is reserved (as zeroes) instead. Buffered writes fill holes
+        // cheaply, and holes cost no disk space.
+        let grown = (self.file.opts.cache_direct
+            && self.file.write_zeroes(size, target - size, z).await.is_ok())
+            || self.file.truncate(target).await.is_ok();
+        if grown {
+            self.grown.store(true, Ordering::Release);
+        }
+    }
+
+    /// A failed allocating write: its new clusters are free again (no
+    /// entry points at them).
+    async fn give_up(&self, meta: &mut Refcounts, allocs: &[Alloc]) {
+        if self.external {
+            return;
+        }
+        for a in allocs {
+            let _ = meta.change(a.new >> self.bits, -1).await;
+        }
+    }
+
+    /// Writes the new clusters' contents: the request's bytes straight
+    /// from its buffer where they need nothing around them (contiguous
+    /// host runs in one write), copy-on-write content otherwise.
+    async fn fill(&self, buf: &[u8], allocs: &[Alloc]) -> BlockResult<()> {
+        let mut runs: Vec<(u64, Src)> = Vec::new();
+        for a in allocs {
+            let (host, src) = self.content(buf, a).await?;
+            if let (Some((h0, Src::Guest(s0, e0))), Src::Guest(s, e)) = (runs.last_mut(), &src) {
+                if *h0 + (*e0 - *s0) as u64 == host && *e0 == *s {
+                    *e0 = *e;
+                    continue;
+                }
+            }
+            runs.push((host, src));
+        }
+        for (host, src) in &runs {
+            let bytes = match src {
+                Src::Guest(s, e) => &buf[*s..*e],
+                Src::Owned(v) => &v[..],
+            };
+            self.write_data(*host, bytes, WriteFlags::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// What to write for one allocation, and where.
+    async fn content(&self, buf: &[u8], a: &Alloc) -> BlockResult<(u64, Src)> {
+        let cs = self.cs();
+        let ci = a.g >> self.bits;
+        let base = ci << self.bits;
+        let in_off = a.g - base;
+        let end = in_off + a.len as u64;
+        let data = &buf[a.at..a.at + a.len];
+        let guest = Src::Guest(a.at, a.at + a.len);
+        if a.len as u64 == cs {
+            return Ok((a.new, guest));
+        }
+        if a.fresh && a.plain {
+            // The rest of the cluster reads as zeroes as it is.
+            return Ok((a.new + in_off, guest));
+        }
+        let host = a.e & OFFSET_MASK;
+        if !self.ext || a.e & COMPRESSED != 0 || host != 0 {
+            // The whole cluster moves: old content with the write on top.
+            let mut c = self.cluster_content(ci, a.e, a.bm).await?;
+            c[in_off as usize..end as usize].copy_from_slice(data);
+            return Ok((a.new, Src::Owned(c)));
+        }
+        // Only the touched subclusters get data; the rest keep their
+        // zero or unallocated state.
+        let (first, last) = (
+            (in_off >> self.sc_bits) as u32,
+            ((end - 1) >> self.sc_bits) as u32,
+        );
+        let s0 = u64::from(first) << self.sc_bits;
+        let s1 = (u64::from(last) + 1) << self.sc_bits;
+        if s0 == in_off && s1 == end {
+            return Ok((a.new + s0, guest));
+        }
+        let mut c = vec![0u8; (s1 - s0) as usize];
+        c[(in_off - s0) as usize..(end - s0) as usize].copy_from_slice(data);
+        if in_off > s0 {
+            let st = Self::sc_state(a.bm, first)?;
+            self.sc_fill(st, base + s0, &mut c[..(in_off - s0) as usize])
+                .await?;
+        }
+        if end < s1 {
+            let st = Self::sc_state(a.bm, last)?;
+            let at = (end - s0) as usize;
+            self.sc_fill(st, base + end, &mut c[at..]).await?;
+        }
+        Ok((a.new + s0, Src::Owned(c)))
+    }
+
+    /// Points the L2 entries at the new clusters (in the cache: they
+    /// reach the file at write-back, after their refcounts).
+    async fn link(
+        &self,
+        meta: &mut Refcounts,
+        allocs: &[Alloc],
+        released: &mut Vec<u64>,
+    ) -> BlockResult<()> {
+        for a in allocs {
+            let (t, t_off, i) = self.writable_table(meta, a.g, released).await?;
+            self.set_entry(&t, t_off, i, a.new | COPIED, a.nbm).await?;
+            released.extend(self.held_clusters(a.e));
+            if !(a.fresh && a.plain) {
+                // Copy-on-write content, or a reused cluster's old bytes
+                // under the write: stable before the entry.
+                meta.data_unsynced = true;
+            }
+        }
+        Ok(())
+    }
+
     /// The L2 table for guest offset `g`, allocated or copied so that it
     /// belongs to the active L1 alone. Returns (table, its offset, index).
+    /// A new table is written whole and synced with its refcount before
+    /// the L1 entry (written through) names it.
     pub(super) async fn writable_table(
         &self,
         meta: &mut Refcounts,
@@ -197,7 +421,8 @@ impl Qcow2 {
         self.file
             .write(new, &content, WriteFlags::default())
             .await?;
-        self.file.flush().await?;
+        meta.write_dirty().await?;
+        self.sync(meta).await?;
         let e = new | COPIED;
         self.file
             .write(
@@ -209,9 +434,10 @@ impl Qcow2 {
         if let Ok(mut l) = self.l1.write() {
             l[l1i as usize] = e;
         }
+        self.meta_gen.fetch_add(1, Ordering::AcqRel);
         let t = self
             .cache
-            .insert(new, Arc::new(Table::from_bytes(&content, self.ext)));
+            .put(new, Arc::new(Table::from_bytes(&content, self.ext)));
         self.overlap.add_cluster(overlap::ACTIVE_L2, new);
         if old != 0 {
             self.cache.remove(old);
@@ -221,9 +447,10 @@ impl Qcow2 {
         Ok((t, new, l2i))
     }
 
+    /// Sets an L2 entry in the cached table, which becomes dirty.
     pub(super) async fn set_entry(
         &self,
-        t: &Table,
+        t: &Arc<Table>,
         t_off: u64,
         i: usize,
         e: u64,
@@ -240,10 +467,10 @@ impl Qcow2 {
             let msg = format!("Preventing invalid write on metadata (overlaps with {kind})");
             return Err(self.signal_corruption(Some((at, len)), msg).await);
         }
-        let (at, bytes) = t.set(i, e, bm);
-        self.file
-            .write(t_off + at, &bytes, WriteFlags::default())
-            .await
+        self.cache.mark_dirty(t_off, t);
+        self.meta_gen.fetch_add(1, Ordering::AcqRel);
+        t.set(i, e, bm);
+        Ok(())
     }
 
     /// Host clusters the entry holds (to release when it is replaced).
@@ -264,7 +491,7 @@ impl Qcow2 {
     }
 
     /// Drops one reference from each cluster, after making the pointers
-    /// that replaced them stable.
+    /// that replaced them stable (written back and synced).
     /// `punch`: clusters that become free are also discarded in the
     /// file, so the host gets the space back (pass-discard-*).
     pub(super) async fn release(
@@ -276,7 +503,8 @@ impl Qcow2 {
         if clusters.is_empty() {
             return Ok(());
         }
-        self.file.flush().await?;
+        self.writeback(meta).await?;
+        self.sync(meta).await?;
         let _g = self.free_guard.write().await;
         for c in clusters {
             if meta.change(c >> self.bits, -1).await? == 0 && punch {
@@ -298,15 +526,17 @@ impl Qcow2 {
         }
     }
 
-    /// Writes `data` (inside one cluster) at guest offset `g`, allocating
-    /// or copying the cluster as needed.
-    pub(super) async fn write_cluster(
+    /// A write of `data` (inside one cluster) at guest offset `g`: done
+    /// here (under the lock) when the cluster is owned; otherwise a new
+    /// cluster is allocated and returned, to be filled without the lock
+    /// and linked after.
+    pub(super) async fn plan_cluster(
         &self,
         meta: &mut Refcounts,
         g: u64,
         data: &[u8],
         released: &mut Vec<u64>,
-    ) -> BlockResult<()> {
+    ) -> BlockResult<Option<Alloc>> {
         let cs = self.cs();
         let ci = g >> self.bits;
         let base = ci << self.bits;
@@ -334,11 +564,15 @@ impl Qcow2 {
                     let mut c = vec![0u8; cs as usize];
                     c[in_off as usize..end as usize].copy_from_slice(data);
                     self.write_data(host, &c, WriteFlags::default()).await?;
-                    return self.set_entry(&t, t_off, i, host | COPIED, 0).await;
+                    // The zeroes are stable before the entry loses its
+                    // zero flag.
+                    meta.data_unsynced = true;
+                    self.set_entry(&t, t_off, i, host | COPIED, 0).await?;
+                    return Ok(None);
                 }
-                return self
-                    .write_data(host + in_off, data, WriteFlags::default())
-                    .await;
+                self.write_data(host + in_off, data, WriteFlags::default())
+                    .await?;
+                return Ok(None);
             }
             self.write_data(host + in_off, data, WriteFlags::default())
                 .await?;
@@ -346,59 +580,52 @@ impl Qcow2 {
                 .await?;
             let nbm = (bm | touched) & !(touched << 32);
             if nbm != bm {
+                // Likewise the fill of newly allocated subclusters.
+                meta.data_unsynced = true;
                 self.set_entry(&t, t_off, i, e, nbm).await?;
             }
-            return Ok(());
+            return Ok(None);
         }
-        let new = if self.external {
-            base
-        } else {
-            meta.alloc(1).await?
-        };
-        let nbm;
-        if !self.ext || compressed || host != 0 {
-            // The whole cluster moves: old content with the write on top.
-            if data.len() as u64 == cs {
-                self.write_data(new, data, WriteFlags::default()).await?;
-            } else {
-                let mut c = self.cluster_content(ci, e, bm).await?;
-                c[in_off as usize..end as usize].copy_from_slice(data);
-                self.write_data(new, &c, WriteFlags::default()).await?;
-            }
-            nbm = if !self.ext {
+        let no_backing = self.backing.get().is_none();
+        let whole = !self.ext || compressed || host != 0;
+        let (nbm, plain) = if whole {
+            let nbm = if !self.ext {
                 0
             } else if compressed {
                 0xffff_ffff
             } else {
                 (bm | touched) & !(touched << 32)
             };
+            // The old content reads as zeroes (or none is left).
+            let zero = host == 0 && !compressed && (e & ZERO != 0 || no_backing);
+            (nbm, zero || data.len() as u64 == cs)
         } else {
-            // Only the touched subclusters get data; the rest keep their
-            // zero or unallocated state.
-            let s0 = (sc_first as u64) << self.sc_bits;
-            let s1 = ((sc_last as u64) + 1) << self.sc_bits;
-            let mut c = vec![0u8; (s1 - s0) as usize];
-            c[(in_off - s0) as usize..(end - s0) as usize].copy_from_slice(data);
-            if in_off > s0 {
-                let st = Self::sc_state(bm, sc_first)?;
-                self.sc_fill(st, base + s0, &mut c[..(in_off - s0) as usize])
-                    .await?;
-            }
-            if end < s1 {
-                let st = Self::sc_state(bm, sc_last)?;
-                let at = (end - s0) as usize;
-                self.sc_fill(st, base + end, &mut c[at..]).await?;
-            }
-            self.write_data(new + s0, &c, WriteFlags::default()).await?;
-            nbm = touched | ((bm >> 32) & !touched) << 32;
-        }
-        self.file.flush().await?;
-        if self.external {
-            self.data.flush().await?;
-        }
-        self.set_entry(&t, t_off, i, new | COPIED, nbm).await?;
-        released.extend(self.held_clusters(e));
-        Ok(())
+            let zero_fill = |s: u32| -> BlockResult<bool> {
+                let st = Self::sc_state(bm, s)?;
+                Ok(st == 1 || (st == 2 && no_backing))
+            };
+            let s0 = u64::from(sc_first) << self.sc_bits;
+            let s1 = (u64::from(sc_last) + 1) << self.sc_bits;
+            let plain =
+                (in_off == s0 || zero_fill(sc_first)?) && (end == s1 || zero_fill(sc_last)?);
+            (touched | ((bm >> 32) & !touched) << 32, plain)
+        };
+        let (new, fresh) = if self.external {
+            (base, false)
+        } else {
+            meta.alloc_fresh(1).await?
+        };
+        Ok(Some(Alloc {
+            g,
+            at: 0,
+            len: data.len(),
+            e,
+            bm,
+            new,
+            fresh,
+            nbm,
+            plain,
+        }))
     }
 
     /// After an in-place write into an owned extended cluster: the parts
@@ -432,12 +659,5 @@ impl Qcow2 {
                 .await?;
         }
         Ok(())
-    }
-
-    pub(super) async fn flush_all(&self) -> BlockResult<()> {
-        if self.external {
-            self.data.flush().await?;
-        }
-        self.file.flush().await
     }
 }

@@ -4,11 +4,11 @@ use std::sync::atomic::Ordering;
 
 use super::l2::{ALL_ZEROES, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::refcount::tick;
-use super::{header, Qcow2};
-use crate::block::driver::{Driver, WriteFlags, ZeroFlags};
+use super::{header, Image};
+use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::error::{BlockError, BlockResult};
 
-impl Qcow2 {
+impl Image {
     /// Zeroes or discards whole clusters (whole subclusters with extended
     /// L2) in metadata. `discard`: QEMU's rules for a discarded cluster;
     /// otherwise the range must read as zeroes afterwards.
@@ -22,6 +22,19 @@ impl Qcow2 {
     ) -> BlockResult<()> {
         let v3 = self.header().version >= 3;
         let mut meta = crate::block::cancel::before_start(self.meta.lock()).await?;
+        // Allocations in flight in the range link first.
+        if len > 0 {
+            let (first, last) = (offset >> self.bits, (offset + len - 1) >> self.bits);
+            loop {
+                let done = self.alloc_done();
+                if !self.in_flight_range(first, last) {
+                    break;
+                }
+                drop(meta);
+                done.await;
+                meta = self.meta.lock().await;
+            }
+        }
         let mut released = Vec::new();
         let unit = 1u64 << self.sc_bits;
         let mut g = offset;
@@ -45,7 +58,7 @@ impl Qcow2 {
                 continue;
             }
             // The image's last cluster may be partial.
-            let whole = g == base && (stop == base + self.cs() || stop == self.size());
+            let whole = g == base && (stop == base + self.cs() || stop == self.disk_size());
             let (e, bm) = self.entry(g).await?;
             let allocated =
                 e & (COMPRESSED | OFFSET_MASK) != 0 || (self.external && e & COPIED != 0);
@@ -111,7 +124,8 @@ impl Qcow2 {
             g = stop;
         }
         let punch = self.pass_discard && (discard || unmap);
-        self.release(&mut meta, released, punch).await
+        self.release(&mut meta, released, punch).await?;
+        self.after_change(&mut meta).await
     }
 
     /// Records a new disk size in the header and in memory.
@@ -137,8 +151,8 @@ impl Qcow2 {
             ));
         }
         let start = size.next_multiple_of(self.cs());
-        if start < self.size() {
-            self.zero_clusters(start, self.size() - start, true, true, true)
+        if start < self.disk_size() {
+            self.zero_clusters(start, self.disk_size() - start, true, true, true)
                 .await?;
         }
         let mut meta = self.meta.lock().await;
@@ -167,6 +181,9 @@ impl Qcow2 {
         }
         self.release(&mut meta, released, true).await?;
         self.set_size(size).await?;
+        // The freed counts are stable before the file is cut.
+        self.writeback(&mut meta).await?;
+        self.sync(&mut meta).await?;
         let end = meta.last_used().await? + 1;
         if (end << self.bits) < self.file.size() {
             self.file.truncate(end << self.bits).await?;
@@ -184,7 +201,7 @@ impl Qcow2 {
         mode: &str,
         sh: &dyn crate::block::progress::Progress,
     ) -> BlockResult<()> {
-        let size = self.size();
+        let size = self.disk_size();
         let cs = self.cs();
         let mut meta = self.meta.lock().await;
         let mut released = Vec::new();
@@ -224,6 +241,7 @@ impl Qcow2 {
             }
             end = end.max(host + cs);
             g += cs;
+            self.after_change(&mut meta).await?;
         }
         drop(meta);
         // Metadata preallocation only extends the file.
