@@ -46,6 +46,7 @@ pub fn transcript(which: Which, setup: &dyn Fn(&TempDir), steps: &[&str]) -> Vec
                 if let Some(o) = v.as_object_mut() {
                     o.remove("timestamp");
                 }
+                mask_file_sizes(&mut v);
                 out.push(mask_sizes(&mask(&v.to_string(), &dir)));
                 if l.contains(want) {
                     break;
@@ -69,6 +70,7 @@ pub fn transcript(which: Which, setup: &dyn Fn(&TempDir), steps: &[&str]) -> Vec
                 o.remove("timestamp");
                 replied |= o.contains_key("return") || o.contains_key("error");
             }
+            mask_file_sizes(&mut v);
             out.push(mask_sizes(&mask(&v.to_string(), &dir)));
         }
     }
@@ -76,6 +78,26 @@ pub fn transcript(which: Which, setup: &dyn Fn(&TempDir), steps: &[&str]) -> Vec
         q.send(br#"{"execute":"quit"}"#);
     }
     out
+}
+
+/// A qcow2 file's length while it is open: rsd grows the file ahead of
+/// its allocations (differences entry 21), so a file node's size is
+/// masked.
+fn mask_file_sizes(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.get("format").and_then(|f| f.as_str()) == Some("file") {
+                if let Some(s) = o.get_mut("virtual-size") {
+                    *s = serde_json::json!("N");
+                }
+            }
+            for x in o.values_mut() {
+                mask_file_sizes(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(mask_file_sizes),
+        _ => {}
+    }
 }
 
 /// Host allocation ("actual-size") depends on the filesystem's block

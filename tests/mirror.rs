@@ -60,6 +60,7 @@ fn mirror_to_ready_verbs_and_complete_match_qsd() {
         r#"{"execute":"block-job-pause","arguments":{"device":"nope"}}"#,
         r#"{"execute":"block-job-cancel","arguments":{"device":"nope"}}"#,
         r#"{"execute":"job-complete","arguments":{"id":"m1"}}"#,
+        r#"until "null""#,
         r#"{"execute":"query-block-jobs"}"#,
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
     ]);
@@ -108,6 +109,7 @@ fn ready_mirror_soft_cancel_and_quit_match_qsd() {
         r#"{"execute":"blockdev-mirror","arguments":{"job-id":"m1","device":"src","target":"tgt","sync":"full","auto-dismiss":false}}"#,
         "until BLOCK_JOB_READY",
         r#"{"execute":"block-job-cancel","arguments":{"device":"m1"}}"#,
+        r#"until "concluded""#,
         r#"{"execute":"query-block-jobs"}"#,
         r#"{"execute":"job-dismiss","arguments":{"id":"m1"}}"#,
         r#"{"execute":"blockdev-mirror","arguments":{"job-id":"m2","device":"src","target":"tgt","sync":"full"}}"#,
@@ -129,6 +131,7 @@ fn running_mirror_with_a_speed_limit_matches_qsd() {
         r#"{"execute":"job-complete","arguments":{"id":"m2"}}"#,
         r#"{"execute":"block-job-change","arguments":{"id":"m2","type":"mirror","copy-mode":"write-blocking"}}"#,
         r#"{"execute":"block-job-cancel","arguments":{"device":"m2"}}"#,
+        r#"until "null""#,
     ]);
     let out = same_transcripts(&images, &steps);
     assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 1);

@@ -47,7 +47,7 @@ pub struct FileOptions {
 /// completed inline).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Aio {
-    /// Not given: io_uring when the kernel allows it, else the pool.
+    /// Not given: the pool, as `aio=threads` (QSD's default too).
     #[default]
     Auto,
     /// `aio=threads`: tokio's blocking pool.
@@ -147,8 +147,11 @@ impl FileDriver {
                     || t == nix::sys::statfs::FsType(0x8584_58f6_i64 as _) // ramfs
             })
             .unwrap_or(false);
+        // Unset means threads, as in QSD: a ring keeps the file open in
+        // the kernel for a moment after the process is killed, which
+        // holds its image locks beyond the process (difference 38).
         let uring = match (o.aio, super::uring::probe()) {
-            (Aio::Threads, _) => false,
+            (Aio::Threads | Aio::Auto, _) => false,
             (_, Ok(())) => true,
             (Aio::IoUring, Err(why)) => {
                 return Err(format!(
