@@ -1134,7 +1134,17 @@ struct NbdWriter {
 impl NbdWriter {
     fn connect(path: &std::path::Path, export: &str) -> NbdWriter {
         use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        // The path can exist a moment before the server listens on it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "connect: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        };
         s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
             .expect("timeout");
         let mut hello = [0u8; 18];
@@ -1201,8 +1211,8 @@ struct Durable {
 }
 
 /// Writes slots of the disk in random order (never one twice), 8 requests
-/// in flight, a flush every 10 writes and FUA on every 7th, until the
-/// server goes away.
+/// in flight, every 11th request a flush and every 13th write with FUA,
+/// until the server goes away.
 fn crash_writer(
     sock: std::path::PathBuf,
     seed: u64,
@@ -1241,7 +1251,7 @@ fn crash_writer(
             next += 1;
             let len = (slot - rng.below(slot / 2)) as usize & !511;
             let pat = 1 + (cookie % 251) as u8;
-            let fua = cookie.is_multiple_of(7);
+            let fua = cookie.is_multiple_of(13);
             let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
             if !c.send(NBD_CMD_WRITE, flags, cookie, off, &vec![pat; len]) {
                 return;
@@ -1318,7 +1328,7 @@ fn sigkill_after_flushes_keeps_flushed_writes() {
             std::thread::spawn(move || crash_writer(sock, seed, slot, size / slot, seen))
         };
         // Killed once some flushes completed, while writes go on.
-        let want = 1 + rng.below(6) as usize;
+        let want = 1 + rng.below(3) as usize;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while seen.lock().map(|s| s.flushes).unwrap_or(0) < want
             && !writer.is_finished()
