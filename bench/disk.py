@@ -17,8 +17,9 @@ each other server and server CPU per I/O, then each server's
 preallocated qcow2/raw ratios.
 
 Servers (--servers, comma-separated; default rsd,qsd-uring,qsd):
-- rsd: rsd with its default engine (io_uring where it helps);
+- rsd: rsd with its default engine (the thread pool, as aio=threads);
 - rsd-threads: rsd with aio=threads (its blocking pool);
+- rsd-uring: rsd with aio=io_uring;
 - rsd2: the binary given with --rsd2 (to compare two builds);
 - qsd: qemu-storage-daemon with its default aio=threads;
 - qsd-uring: qemu-storage-daemon with aio=io_uring.
@@ -61,6 +62,7 @@ SIZE = {"qcow2": "4G", "pqcow2": "1G", "raw": "1G"}
 SERVERS = {
     "rsd": ("rsd", ""),
     "rsd-threads": ("rsd", ",aio=threads"),
+    "rsd-uring": ("rsd", ",aio=io_uring"),
     "rsd2": ("rsd2", ""),
     "qsd": ("qsd", ""),
     "qsd-uring": ("qsd", ",aio=io_uring"),
