@@ -1,7 +1,6 @@
 //! blockdev-backup against qemu-storage-daemon (the transcript with
 //! auto-finalize and auto-dismiss off), and under a live NBD client: the
 //! target holds the source as it was when the job started.
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 use crate::jobs::{count, same_transcripts};
@@ -82,15 +81,7 @@ fn backup_keeps_the_point_in_time_under_live_writes() {
     }
     argv.push(&url);
     ok(&run("qemu-io", &argv));
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = q.cmd(r#"{"execute":"query-jobs"}"#);
-        if r["return"].as_array().is_some_and(|a| a.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < until, "backup never ended: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_no_jobs(&mut q);
     q.send(br#"{"execute":"quit"}"#);
     assert_eq!(d.wait_exit(20), Some(0));
     let check = |img: &str, cmds: &[String]| {

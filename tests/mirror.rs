@@ -197,15 +197,7 @@ fn mirror_under_live_writes_pivots_the_export() {
     );
     assert!(r.get("return").is_some(), "{r}");
     // Ready while the writer writes.
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
-        if r["return"][0]["ready"] == true {
-            break;
-        }
-        assert!(Instant::now() < until, "never ready: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(&mut q);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.join().expect("writer");
@@ -320,15 +312,7 @@ fn drive_mirror_copies_the_data() {
     );
     let r = q.cmd(&cmd);
     assert!(r.get("return").is_some(), "{r}");
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
-        if r["return"][0]["ready"] == true {
-            break;
-        }
-        assert!(Instant::now() < until, "never ready: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(&mut q);
     let r = q.cmd(r#"{"execute":"block-job-cancel","arguments":{"device":"d"}}"#);
     assert!(r.get("return").is_some(), "{r}");
     q.send(br#"{"execute":"quit"}"#);

@@ -1,7 +1,7 @@
 //! The `nbd` block driver against real servers (rsd's own, QSD's,
 //! qemu-nbd), and a mirror from one rsd to another over TCP.
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -170,26 +170,10 @@ fn mirror_between_two_daemons_over_tcp() {
     let mut qa = Qmp::ready(&dir.path("a.sock"));
     let r = qa.cmd(r#"{"execute":"blockdev-mirror","arguments":{"job-id":"m","device":"src","target":"remote","sync":"full"}}"#);
     assert!(r.get("return").is_some(), "{r}");
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = qa.cmd(r#"{"execute":"query-block-jobs"}"#);
-        if r["return"][0]["ready"] == true {
-            break;
-        }
-        assert!(Instant::now() < until, "never ready: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(&mut qa);
     let r = qa.cmd(r#"{"execute":"job-complete","arguments":{"id":"m"}}"#);
     assert!(r.get("return").is_some(), "{r}");
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = qa.cmd(r#"{"execute":"query-jobs"}"#);
-        if r["return"].as_array().is_some_and(|a| a.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < until, "never ended: {r}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_no_jobs(&mut qa);
     qa.send(br#"{"execute":"quit"}"#);
     assert_eq!(da.wait_exit(20), Some(0));
     qb.send(br#"{"execute":"quit"}"#);

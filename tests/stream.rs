@@ -1,7 +1,6 @@
 //! block-stream against qemu-storage-daemon (transcripts, the header it
 //! writes) and under a live NBD client (no guest write lost, the data
 //! the chain held kept).
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 use crate::jobs::{count, same_transcripts};
@@ -124,15 +123,7 @@ fn stream_under_live_writes_loses_nothing() {
         argv.push(&url);
         ok(&run("qemu-io", &argv));
     }
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = q.cmd(r#"{"execute":"query-jobs"}"#);
-        if r["return"].as_array().is_some_and(|a| a.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < until, "stream never ended: {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_no_jobs(&mut q);
     q.send(br#"{"execute":"quit"}"#);
     assert_eq!(d.wait_exit(20), Some(0));
     let info = ok(&run(

@@ -47,16 +47,7 @@ impl ControlState {
         if let Some(m) = self.busy(&target_name) {
             return err(m);
         }
-        let job_id = arg_str(args, "job-id").to_string();
-        crate::jobs::check_id(&job_id).map_err(QmpError::generic)?;
-        if self.job(&job_id).is_some() {
-            return err(format!("Job ID '{job_id}' already in use"));
-        }
-        let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
-        if speed < 0 {
-            self.stillborn_job(&job_id);
-            return err("Parameter 'speed' expects a non-negative value".into());
-        }
+        let (job_id, speed) = self.job_id_and_speed(args)?;
         if source.size() != target.size() {
             self.stillborn_job(&job_id);
             return err("Source and target image have different sizes".into());
@@ -121,7 +112,7 @@ impl ControlState {
             "backup",
             flag("auto-finalize"),
             flag("auto-dismiss"),
-            Some((false, speed as u64)),
+            Some((false, speed)),
             backup::start(b),
             on_end,
         )

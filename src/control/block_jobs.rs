@@ -86,4 +86,25 @@ impl ControlState {
         };
         Self::reply(r)
     }
+
+    /// The checks every job-starting command makes once its nodes are
+    /// found, in QEMU's order: the job id, then the speed (checked once
+    /// QEMU has created the job, which it then drops again).
+    pub(super) fn job_id_and_speed(&self, args: &Map<String, Value>) -> QmpResult<(String, u64)> {
+        let job_id = arg_str(args, "job-id").to_string();
+        crate::jobs::check_id(&job_id).map_err(QmpError::generic)?;
+        if self.job(&job_id).is_some() {
+            return Err(QmpError::generic(format!(
+                "Job ID '{job_id}' already in use"
+            )));
+        }
+        let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
+        if speed < 0 {
+            self.stillborn_job(&job_id);
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        Ok((job_id, speed as u64))
+    }
 }

@@ -118,16 +118,7 @@ impl ControlState {
         if let Some(m) = chain[top_at..=base_at].iter().find_map(|n| self.busy(n)) {
             return err(m);
         }
-        let job_id = arg_str(args, "job-id").to_string();
-        crate::jobs::check_id(&job_id).map_err(QmpError::generic)?;
-        if self.job(&job_id).is_some() {
-            return err(format!("Job ID '{job_id}' already in use"));
-        }
-        let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
-        if speed < 0 {
-            self.stillborn_job(&job_id);
-            return err("Parameter 'speed' expects a non-negative value".into());
-        }
+        let (job_id, speed) = self.job_id_and_speed(args)?;
         self.make_writable(&base).map_err(QmpError::generic)?;
         let on_error = OnError::parse(args.get("on-error").and_then(Value::as_str));
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
@@ -151,7 +142,7 @@ impl ControlState {
                 on_source_error: on_error,
                 on_target_error: on_error,
                 filter_name: opt("filter-node-name"),
-                speed: speed as u64,
+                speed,
                 auto_finalize: flag("auto-finalize"),
                 auto_dismiss: flag("auto-dismiss"),
                 write_blocking: false,
@@ -208,7 +199,7 @@ impl ControlState {
             "commit",
             flag("auto-finalize"),
             flag("auto-dismiss"),
-            Some((false, speed as u64)),
+            Some((false, speed)),
             commit::start(c),
             on_end,
         )

@@ -85,7 +85,6 @@ impl ControlState {
         };
         let target = tgt.node.clone();
         // No default id: nodes from --blockdev have no device name.
-        let job_id = arg_str(args, "job-id").to_string();
         // Busy nodes (QEMU's op blockers).
         if let Some(u) = tgt.users.iter().find(|u| u.desc.starts_with(JOB_USER)) {
             return Err(QmpError::generic(format!(
@@ -147,21 +146,7 @@ impl ControlState {
         if !self.block.parents(&device).is_empty() || source.driver.is_filter() {
             return Err(QmpError::generic("Need a root block node"));
         }
-        crate::jobs::check_id(&job_id).map_err(QmpError::generic)?;
-        if self.job(&job_id).is_some() {
-            return Err(QmpError::generic(format!(
-                "Job ID '{job_id}' already in use"
-            )));
-        }
-        // Checked once QEMU has created the job: it is created and
-        // dropped again.
-        let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
-        if speed < 0 {
-            self.stillborn_job(&job_id);
-            return Err(QmpError::generic(
-                "Parameter 'speed' expects a non-negative value",
-            ));
-        }
+        let (job_id, speed) = self.job_id_and_speed(args)?;
         if target.read_only() {
             self.stillborn_job(&job_id);
             return Err(QmpError::generic("Block node is read-only"));
@@ -189,7 +174,7 @@ impl ControlState {
                 .get("filter-node-name")
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            speed: speed as u64,
+            speed,
             auto_finalize: flag("auto-finalize"),
             auto_dismiss: flag("auto-dismiss"),
             write_blocking: arg_str(args, "copy-mode") == "write-blocking",

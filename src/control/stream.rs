@@ -114,16 +114,7 @@ impl ControlState {
         if let Some(m) = held.iter().find_map(|n| self.busy(n)) {
             return err(m);
         }
-        let job_id = arg_str(args, "job-id").to_string();
-        crate::jobs::check_id(&job_id).map_err(QmpError::generic)?;
-        if self.job(&job_id).is_some() {
-            return err(format!("Job ID '{job_id}' already in use"));
-        }
-        let speed = args.get("speed").and_then(Value::as_i64).unwrap_or(0);
-        if speed < 0 {
-            self.stillborn_job(&job_id);
-            return err("Parameter 'speed' expects a non-negative value".into());
-        }
+        let (job_id, speed) = self.job_id_and_speed(args)?;
         if top.read_only() {
             self.stillborn_job(&job_id);
             return err("Block node is read-only".into());
@@ -183,7 +174,7 @@ impl ControlState {
             "stream",
             flag("auto-finalize"),
             flag("auto-dismiss"),
-            Some((false, speed as u64)),
+            Some((false, speed)),
             stream::start(s),
             on_end,
         )

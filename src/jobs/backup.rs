@@ -33,9 +33,7 @@ pub struct Copier {
     pub done: AtomicU64,
 }
 
-fn strerror(e: &BlockError) -> String {
-    crate::util::os_msg(&std::io::Error::from_raw_os_error(e.errno))
-}
+use super::walk::strerror;
 
 impl Copier {
     /// Copies the clusters of `off..end` still to copy; the caller holds

@@ -6,8 +6,8 @@
 //! is the active layer) is a mirror into the base instead.
 use std::sync::Arc;
 
-use super::pace::Pace;
-use super::{ErrorAction, JobFuture, OnError, Shared, Start};
+use super::walk::strerror;
+use super::{JobFuture, OnError, Shared, Start};
 use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
 use crate::block::node::Node;
@@ -31,10 +31,6 @@ pub fn start(c: Commit) -> Start {
             Ok(rest)
         })
     })
-}
-
-fn strerror(e: &BlockError) -> String {
-    crate::util::os_msg(&std::io::Error::from_raw_os_error(e.errno))
 }
 
 impl Commit {
@@ -71,36 +67,6 @@ impl Commit {
 
 async fn run(sh: Arc<Shared>, c: Commit) -> Result<(), String> {
     let size = c.top.size();
-    sh.set_progress(0, size);
-    let mut pace = Pace::new(CHUNK);
-    let mut off = 0;
-    while off < size {
-        let verb = sh.verb_arrived();
-        tokio::pin!(verb);
-        sh.pause_point().await?;
-        sh.crash_point();
-        if let Some(d) = pace.delay(sh.speed()) {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => {}
-                _ = &mut verb => {}
-            }
-            continue;
-        }
-        let len = CHUNK.min(size - off);
-        sh.set_busy(true);
-        match c.copy(off, len).await {
-            Ok(copied) => {
-                pace.account(copied);
-                off += len;
-                sh.set_progress(off, size);
-            }
-            Err((op, e)) => match sh.io_error(op, c.on_error, e.errno) {
-                ErrorAction::Report => return Err(strerror(&e)),
-                ErrorAction::Ignore => off += len,
-                ErrorAction::Stop => {}
-            },
-        }
-        sh.set_busy(false);
-    }
+    super::walk::chunks(&sh, size, CHUNK, c.on_error, |off, len| c.copy(off, len)).await?;
     c.base.flush().await.map_err(|e| strerror(&e))
 }

@@ -137,10 +137,7 @@ async fn copy(src: Arc<Node>, dst: Arc<Node>, off: u64, len: u64, unmap: bool) -
     (off, len, r)
 }
 
-/// The text QEMU gives a job's error: the errno's strerror.
-fn strerror(e: &BlockError) -> String {
-    crate::util::os_msg(&std::io::Error::from_raw_os_error(e.errno))
-}
+use super::walk::strerror;
 
 impl Mirror {
     /// Marks what the job must copy before it can be ready.

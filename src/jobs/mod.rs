@@ -15,6 +15,7 @@ pub mod state;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod walk;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -12,8 +12,8 @@
 //! filter with serialising requests does the same).
 use std::sync::Arc;
 
-use super::pace::Pace;
-use super::{ErrorAction, JobFuture, OnError, Shared, Start};
+use super::walk::strerror;
+use super::{JobFuture, OnError, Shared, Start};
 use crate::block::driver::{IoFuture, WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
 use crate::block::hooks::{Guard, Hook, Request, Stage};
@@ -64,10 +64,6 @@ pub fn start(s: Stream) -> Start {
             Ok(rest)
         })
     })
-}
-
-fn strerror(e: &BlockError) -> String {
-    crate::util::os_msg(&std::io::Error::from_raw_os_error(e.errno))
 }
 
 impl Stream {
@@ -130,38 +126,6 @@ impl Stream {
 
 async fn run(sh: Arc<Shared>, s: Stream) -> Result<(), String> {
     let size = s.top.size();
-    sh.set_progress(0, size);
-    let mut pace = Pace::new(CHUNK);
-    let mut off = 0;
-    while off < size {
-        let verb = sh.verb_arrived();
-        tokio::pin!(verb);
-        sh.pause_point().await?;
-        sh.crash_point();
-        if let Some(d) = pace.delay(sh.speed()) {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => {}
-                _ = &mut verb => {}
-            }
-            continue;
-        }
-        let len = CHUNK.min(size - off);
-        sh.set_busy(true);
-        match s.copy(off, len).await {
-            Ok(copied) => {
-                pace.account(copied);
-                off += len;
-                sh.set_progress(off, size);
-            }
-            Err((op, e)) => match sh.io_error(op, s.on_error, e.errno) {
-                ErrorAction::Report => return Err(strerror(&e)),
-                // Skipped: the top keeps reading it through the chain.
-                ErrorAction::Ignore => off += len,
-                // Tried again after a resume.
-                ErrorAction::Stop => {}
-            },
-        }
-        sh.set_busy(false);
-    }
+    super::walk::chunks(&sh, size, CHUNK, s.on_error, |off, len| s.copy(off, len)).await?;
     s.top.flush().await.map_err(|e| strerror(&e))
 }

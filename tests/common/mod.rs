@@ -418,3 +418,29 @@ pub fn cpu_time(pid: u32) -> Duration {
     // Linux reports these in USER_HZ, 100 per second.
     Duration::from_millis(ticks * 10)
 }
+
+/// Polls query-jobs until no job is left (at most 60 s).
+pub fn wait_no_jobs(q: &mut Qmp) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = q.cmd(r#"{"execute":"query-jobs"}"#);
+        if r["return"].as_array().is_some_and(|a| a.is_empty()) {
+            return;
+        }
+        assert!(Instant::now() < until, "jobs never ended: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls query-block-jobs until the first block job is ready (60 s).
+pub fn wait_ready(q: &mut Qmp) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
+        if r["return"][0]["ready"] == true {
+            return;
+        }
+        assert!(Instant::now() < until, "never ready: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
