@@ -11,6 +11,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
+use tokio::task::JoinSet;
+
 use super::pace::Pace;
 use super::{ErrorAction, JobFuture, OnError, Shared, Start, Status};
 use crate::block::bitmap::DirtyBitmap;
@@ -127,54 +129,82 @@ pub fn start(b: Backup) -> Start {
     })
 }
 
+/// Background copies in flight at once (QEMU's backup runs up to 64
+/// workers).
+const WORKERS: usize = 8;
+
+type Done = (u64, u64, Result<(), (&'static str, BlockError)>);
+
 async fn run(sh: Arc<Shared>, b: Backup) -> Result<(), String> {
     let c = &b.copier;
     let mut pace = Pace::new(MAX_CHUNK);
     let mut cursor = 0;
+    let mut copies: JoinSet<Done> = JoinSet::new();
+    let mut inflight: Vec<u64> = Vec::new();
     loop {
         let verb = sh.verb_arrived();
         tokio::pin!(verb);
         sh.set_progress(c.done.load(Ordering::Relaxed), b.size);
         sh.pause_point().await?;
         sh.crash_point();
-        let Some((off, len)) = c.todo.next_run(cursor, MAX_CHUNK) else {
-            break;
-        };
-        if let Some(d) = pace.delay(sh.speed()) {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => {}
-                _ = &mut verb => {}
-            }
-            continue;
-        }
-        let end = (off + len).min(b.size);
-        sh.set_busy(true);
-        let held = c.tracker.enter(off, end, true).await;
-        let r = c.copy(off, end).await;
-        drop(held);
-        sh.set_busy(false);
-        match r {
-            Ok(()) => {
-                pace.account(end - off);
-                cursor = end;
-            }
-            Err((op, e)) => {
-                let policy = if op == "read" {
-                    b.on_source_error
-                } else {
-                    b.on_target_error
-                };
-                match sh.io_error(op, policy, e.errno) {
-                    ErrorAction::Report => return Err(strerror(&e)),
-                    ErrorAction::Ignore => {
-                        c.todo.clear(off, end - off);
+        let mut delay = None;
+        if copies.len() < WORKERS {
+            match c.todo.next_run(cursor, MAX_CHUNK) {
+                Some((off, len)) if !inflight.contains(&off) => match pace.delay(sh.speed()) {
+                    Some(d) => delay = Some(d),
+                    None => {
+                        let end = (off + len).min(b.size);
+                        let c2 = c.clone();
+                        copies.spawn(async move {
+                            let held = c2.tracker.enter_owned(off, end, true).await;
+                            let r = c2.copy(off, end).await;
+                            drop(held);
+                            (off, end, r)
+                        });
+                        inflight.push(off);
+                        pace.account(end - off);
                         cursor = end;
+                        sh.set_busy(true);
+                        continue;
                     }
-                    ErrorAction::Stop => {}
+                },
+                None if copies.is_empty() => break,
+                // What is left is in flight already.
+                _ => {}
+            }
+        }
+        let pause = async {
+            match delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(done) = copies.join_next(), if !copies.is_empty() => {
+                let (off, end, r) = done.map_err(|e| format!("internal error: {e}"))?;
+                inflight.retain(|o| *o != off);
+                if copies.is_empty() {
+                    sh.set_busy(false);
+                }
+                if let Err((op, e)) = r {
+                    let policy = if op == "read" {
+                        b.on_source_error
+                    } else {
+                        b.on_target_error
+                    };
+                    match sh.io_error(op, policy, e.errno) {
+                        ErrorAction::Report => return Err(strerror(&e)),
+                        ErrorAction::Ignore => c.todo.clear(off, end - off),
+                        // Copied again after the resume.
+                        ErrorAction::Stop => cursor = cursor.min(off),
+                    }
                 }
             }
+            _ = &mut verb => {}
+            _ = pause => {}
         }
     }
+    sh.set_busy(false);
     sh.set_progress(b.size, b.size);
     c.target.flush().await.map_err(|e| strerror(&e))
 }
