@@ -153,3 +153,18 @@ fn committed_data_reads_the_same() {
         }
     }
 }
+
+/// A cancelled active commit leaves the base read-only again, as QSD.
+#[test]
+fn cancelled_active_commit_matches_qsd() {
+    let steps = [
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"top","file":{"driver":"file","filename":"$D/top.qcow2"}}}"#,
+        r#"{"execute":"block-commit","arguments":{"job-id":"c1","device":"top"}}"#,
+        "until BLOCK_JOB_READY",
+        r#"{"execute":"job-cancel","arguments":{"id":"c1"}}"#,
+        r#"until "null""#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ];
+    let out = same_transcripts(&chain, &steps);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 1);
+}

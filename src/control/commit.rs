@@ -119,6 +119,7 @@ impl ControlState {
             return err(m);
         }
         let (job_id, speed) = self.job_id_and_speed(args)?;
+        let base_was_ro = self.block.find(&base).is_some_and(|e| e.node.read_only());
         self.make_writable(&base).map_err(QmpError::generic)?;
         let on_error = OnError::parse(args.get("on-error").and_then(Value::as_str));
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
@@ -147,6 +148,7 @@ impl ControlState {
                 auto_dismiss: flag("auto-dismiss"),
                 write_blocking: false,
                 new_target: false,
+                restore_read_only: base_was_ro,
             };
             self.start_mirror(plan).await?;
             return Ok(json!({}));

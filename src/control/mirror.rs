@@ -42,6 +42,9 @@ pub struct MirrorPlan {
     pub write_blocking: bool,
     /// The target reads as zeroes already: only allocated data is copied.
     pub new_target: bool,
+    /// The target was made writable for the job (an active commit's
+    /// base): read-only again unless the job pivots onto it.
+    pub restore_read_only: bool,
 }
 
 /// What the control actor tidies when a mirror job ends.
@@ -54,6 +57,7 @@ pub struct MirrorEnd {
     pub source_node: Arc<Node>,
     pub hook: String,
     pub users: Vec<u64>,
+    pub restore_read_only: bool,
 }
 
 fn not_found(name: &str) -> QmpError {
@@ -179,6 +183,7 @@ impl ControlState {
             auto_dismiss: flag("auto-dismiss"),
             write_blocking: arg_str(args, "copy-mode") == "write-blocking",
             new_target,
+            restore_read_only: false,
         };
         self.start_mirror(plan).await?;
         Ok(json!({}))
@@ -255,6 +260,7 @@ impl ControlState {
             source_node: source.clone(),
             hook,
             users,
+            restore_read_only: p.restore_read_only,
         };
         let m = Mirror {
             source,
@@ -413,6 +419,9 @@ impl ControlState {
         self.block.remove_unused(&end.filter);
         // A target drive-mirror made goes once nothing uses it.
         self.block.release_unused(&end.target);
+        if !pivoted && end.restore_read_only {
+            self.make_read_only(&end.target).await;
+        }
         if pivoted {
             // The source leaves with nothing using it, as after QEMU's
             // bdrv_replace_node (inline children of it go too).
