@@ -171,7 +171,8 @@ fn mirror_under_live_writes_pivots_the_export() {
     let url = format!("nbd+unix:///src?socket={}", dir.s("n.sock"));
     // A writer in the background: 4 KiB writes all over the disk.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (s2, url2) = (stop.clone(), url.clone());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s2, d2, url2) = (stop.clone(), done.clone(), url.clone());
     let writer = std::thread::spawn(move || {
         let mut rounds = 0u64;
         while !s2.load(std::sync::atomic::Ordering::Relaxed) {
@@ -189,6 +190,7 @@ fn mirror_under_live_writes_pivots_the_export() {
             let o = run("qemu-io", &argv);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             rounds += 1;
+            d2.store(rounds, std::sync::atomic::Ordering::Relaxed);
         }
         rounds
     });
@@ -198,7 +200,13 @@ fn mirror_under_live_writes_pivots_the_export() {
     assert!(r.get("return").is_some(), "{r}");
     // Ready while the writer writes.
     wait_ready(&mut q);
-    std::thread::sleep(Duration::from_millis(300));
+    // Two more rounds of writes land while the job is READY.
+    let at_ready = done.load(std::sync::atomic::Ordering::Relaxed);
+    let until = Instant::now() + Duration::from_secs(30);
+    while done.load(std::sync::atomic::Ordering::Relaxed) < at_ready + 2 {
+        assert!(Instant::now() < until, "the writer stalled while READY");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.join().expect("writer");
     assert!(rounds > 0);

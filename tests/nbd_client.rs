@@ -222,27 +222,25 @@ fn nbd_node_reconnects_within_the_delay() {
     let _ = srv.wait();
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(dir.path("rsd.pid"));
-    // The server comes back a moment later, on the same socket, while
-    // the client's writes wait for it.
-    let (out, mut srv) = std::thread::scope(|s| {
-        let back = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            server("rsd", &dir, &img, &sock).expect("restart")
-        });
-        let out = run(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x22 64k 64k",
-                "-c",
-                "read -P 0x11 0 64k",
-                &url,
-            ],
-        );
-        (out, back.join().expect("restart"))
-    });
+    // The client's next requests start while the server is down and
+    // wait for it (reconnect-delay); the server comes back on the same
+    // socket.
+    let client = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 64k 64k",
+            "-c",
+            "read -P 0x11 0 64k",
+            &url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let mut srv = server("rsd", &dir, &img, &sock).expect("restart");
+    let out = client.wait_with_output().expect("qemu-io");
     let text = ok(&out);
     assert!(!text.contains("fail"), "{text}");
     let _ = d.wait_exit(0);

@@ -129,12 +129,17 @@ async fn draining_a_node_waits_for_its_requests_in_flight() {
         n3.drained().await;
         d2.store(1, Ordering::SeqCst);
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Let the drainer run; it cannot finish while the read is in flight
+    // (`done` is read first: the read was still in flight after that).
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
     assert_eq!(
         done.load(Ordering::SeqCst),
         0,
         "drained with a read in flight"
     );
+    assert!(n.inflight() > 0, "the read ended too soon to tell");
     running.await.expect("join").expect("read");
     drainer.await.expect("drained");
     assert_eq!(n.inflight(), 0);

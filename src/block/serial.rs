@@ -91,7 +91,14 @@ impl Tracker {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::Duration;
+
+    /// On this single-threaded runtime, lets every spawned task run
+    /// until it waits.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
 
     #[tokio::test]
     async fn serialising_requests_wait_for_overlaps_only() {
@@ -105,10 +112,10 @@ mod tests {
         let rmw = tokio::spawn(async move {
             let _g = t2.enter(2048, 6144, true).await;
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert!(!rmw.is_finished(), "an RMW ran over requests in flight");
         drop(plain);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert!(!rmw.is_finished(), "an RMW ran over a request in flight");
         drop(other);
         rmw.await.expect("the RMW goes once the overlaps left");
@@ -117,7 +124,7 @@ mod tests {
         let after = tokio::spawn(async move {
             let _g = t3.enter(9000, 9100, false).await;
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        settle().await;
         assert!(!after.is_finished(), "a request ran into an RMW");
         drop(apart);
         after.await.expect("then it goes");
