@@ -1,7 +1,6 @@
 //! The `nbd` block driver against real servers (rsd's own, QSD's,
 //! qemu-nbd), and a mirror from one rsd to another over TCP.
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use crate::common::*;
 
