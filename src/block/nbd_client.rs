@@ -176,7 +176,9 @@ async fn read_replies(mut r: Reader, conn: Arc<Conn>) {
 }
 
 impl NbdClient {
-    async fn open_conn(&self) -> Result<Arc<Conn>, String> {
+    /// Connects and negotiates: the connection, the export's size and
+    /// its transmission flags.
+    async fn open_conn(&self) -> Result<(Arc<Conn>, u64, u16), String> {
         let (mut r, mut w) = connect(&self.addr).await.map_err(|e| {
             format!(
                 "Failed to connect to '{}': {}",
@@ -184,17 +186,27 @@ impl NbdClient {
                 crate::util::os_msg(&e)
             )
         })?;
-        let (size, _flags) = handshake(&mut r, &mut w, &self.export).await?;
-        if size != self.size {
-            return Err("Cannot reconnect: the export's size changed".into());
-        }
+        let (size, flags) = handshake(&mut r, &mut w, &self.export).await?;
         let conn = Arc::new(Conn {
             writer: Mutex::new(w),
             pending: StdMutex::new(HashMap::new()),
             dead: Default::default(),
         });
         self.rt.spawn(read_replies(r, conn.clone()));
-        Ok(conn)
+        Ok((conn, size, flags))
+    }
+
+    /// [`NbdClient::open_conn`], tried again every 100 ms until `within`
+    /// has passed (open-timeout, reconnect-delay).
+    async fn connect_within(&self, within: Duration) -> BlockResult<(Arc<Conn>, u64, u16)> {
+        let until = Instant::now() + within;
+        loop {
+            match self.open_conn().await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= until => return Err(eio(e)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     fn addr_text(&self) -> String {
@@ -212,17 +224,12 @@ impl NbdClient {
             return Ok(c.clone());
         }
         *slot = None;
-        let until = Instant::now() + self.reconnect_delay;
-        loop {
-            match self.open_conn().await {
-                Ok(c) => {
-                    *slot = Some(c.clone());
-                    return Ok(c);
-                }
-                Err(e) if Instant::now() >= until => return Err(eio(e)),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        let (c, size, _) = self.connect_within(self.reconnect_delay).await?;
+        if size != self.size {
+            return Err(eio("Cannot reconnect: the export's size changed"));
         }
+        *slot = Some(c.clone());
+        Ok(c)
     }
 
     /// Sends one request and waits for its reply.
@@ -439,30 +446,9 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
         cookie: AtomicU64::new(1),
     };
     // The first connection tells the size and flags.
-    let first = super::wait::wait(async {
-        let until = Instant::now() + Duration::from_secs(open_timeout);
-        loop {
-            let attempt = async {
-                let (mut r, mut w) = connect(&addr).await.map_err(|e| {
-                    format!(
-                        "Failed to connect to '{}': {}",
-                        client.addr_text(),
-                        crate::util::os_msg(&e)
-                    )
-                })?;
-                let (size, flags) = handshake(&mut r, &mut w, &export).await?;
-                Ok::<_, String>((r, w, size, flags))
-            }
-            .await;
-            match attempt {
-                Ok(v) => return Ok(v),
-                Err(e) if Instant::now() >= until => return Err(eio(e)),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .map_err(|e| e.msg)?;
-    let (r, w, size, flags) = first;
+    let (conn, size, flags) =
+        super::wait::wait(client.connect_within(Duration::from_secs(open_timeout)))
+            .map_err(|e| e.msg)?;
     client.size = size;
     client.flags = flags;
     if flags & FLAG_READ_ONLY != 0 && !ctx.common.read_only {
@@ -471,12 +457,6 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
             return Err("Block node is read-only".into());
         }
     }
-    let conn = Arc::new(Conn {
-        writer: Mutex::new(w),
-        pending: StdMutex::new(HashMap::new()),
-        dead: Default::default(),
-    });
-    rt.spawn(read_replies(r, conn.clone()));
     client.conn = Mutex::new(Some(conn));
     let mut srv = Map::new();
     for (k, v) in server {

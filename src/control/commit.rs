@@ -6,6 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use super::mirror::{MirrorPlan, JOB_USER};
+use super::stream::ChainEnd;
 use super::{arg_str, ControlMsg, ControlState};
 use crate::block::perm::Perm;
 use crate::jobs::commit::{self, Commit};
@@ -13,15 +14,6 @@ use crate::jobs::mirror::SyncMode;
 use crate::jobs::OnError;
 use crate::qapi::error::QmpResult;
 use crate::qapi::{ErrorClass, QmpError};
-
-/// What the control actor does when an intermediate commit ends.
-pub struct CommitEnd {
-    /// The node whose backing was the top.
-    pub overlay: String,
-    pub base: String,
-    pub backing_file: Option<String>,
-    pub users: Vec<u64>,
-}
 
 impl ControlState {
     /// Lets a node (and its file children) be written, as QEMU reopens a
@@ -186,15 +178,16 @@ impl ControlState {
             base_depth,
             on_error,
         };
-        let end = CommitEnd {
-            overlay,
-            base,
+        let end = ChainEnd {
+            node: overlay,
+            base: Some(base),
             backing_file: opt("backing-file"),
+            hook: None,
             users,
         };
         let control = self.myself.clone();
         let on_end: crate::jobs::OnEnd = Box::new(move |ok| {
-            let _ = control.cast(ControlMsg::CommitEnded(Box::new(end), ok));
+            let _ = control.cast(ControlMsg::ChainJobEnded(Box::new(end), ok));
         });
         self.start_job(
             &job_id,
@@ -207,23 +200,5 @@ impl ControlState {
         )
         .await?;
         Ok(json!({}))
-    }
-
-    /// After an intermediate commit: on success the overlay names the
-    /// base (header, edge, graph) and the committed layers go if nothing
-    /// else holds them.
-    pub(super) async fn commit_ended(&mut self, end: CommitEnd, ok: bool) {
-        for u in &end.users {
-            self.block.remove_user(*u);
-        }
-        if !ok {
-            return;
-        }
-        if let Err(e) = self
-            .set_backing(&end.overlay, Some(&end.base), end.backing_file.as_deref())
-            .await
-        {
-            tracing::warn!(node = %end.overlay, error = %e, "commit: backing not changed");
-        }
     }
 }

@@ -61,10 +61,9 @@ pub enum ControlMsg {
     AddMonitor(String, bool, RpcReplyPort<Result<(), String>>),
     /// A backup job ended: its hook and users go.
     BackupEnded(Box<backup::BackupEnd>),
-    /// An intermediate commit ended (true: it succeeded).
-    CommitEnded(Box<commit::CommitEnd>, bool),
-    /// A stream job ended (true: it succeeded).
-    StreamEnded(Box<stream::StreamEnd>, bool),
+
+    /// A stream or intermediate commit ended (true: it succeeded).
+    ChainJobEnded(Box<stream::ChainEnd>, bool),
     /// A mirror job ended: tidy the graph (its filter, its users).
     MirrorEnded(Box<mirror::MirrorEnd>),
     /// The exit path run before the supervisor stops everything.
@@ -160,8 +159,7 @@ impl Actor for ControlActor {
                 let _ = reply.send(r);
             }
             ControlMsg::MirrorEnded(end) => st.mirror_ended(*end).await,
-            ControlMsg::StreamEnded(end, ok) => st.stream_ended(*end, ok).await,
-            ControlMsg::CommitEnded(end, ok) => st.commit_ended(*end, ok).await,
+            ControlMsg::ChainJobEnded(end, ok) => st.chain_job_ended(*end, ok).await,
             ControlMsg::BackupEnded(end) => st.backup_ended(*end),
             ControlMsg::Shutdown(reply) => {
                 st.delete_exports(None).await;

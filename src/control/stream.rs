@@ -15,13 +15,18 @@ use crate::jobs::OnError;
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
-/// What the control actor does when a stream job ends.
-pub struct StreamEnd {
-    pub top: String,
+/// What the control actor does when a stream or intermediate commit
+/// ends: the job's users (and hook) go, and on success `node` names
+/// `base` as its backing.
+pub struct ChainEnd {
+    /// The node whose backing changes: the streamed top, the committed
+    /// top's overlay.
+    pub node: String,
     pub base: Option<String>,
     /// The name to write in the header instead of the base's filename.
     pub backing_file: Option<String>,
-    pub hook: String,
+    /// The guest-write hook the job put on `node`, if any.
+    pub hook: Option<String>,
     pub users: Vec<u64>,
 }
 
@@ -154,19 +159,19 @@ impl ControlState {
             tracker,
             on_error: OnError::parse(args.get("on-error").and_then(Value::as_str)),
         };
-        let end = StreamEnd {
-            top: device,
+        let end = ChainEnd {
+            node: device,
             base,
             backing_file: args
                 .get("backing-file")
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            hook,
+            hook: Some(hook),
             users,
         };
         let control = self.myself.clone();
         let on_end: crate::jobs::OnEnd = Box::new(move |ok| {
-            let _ = control.cast(ControlMsg::StreamEnded(Box::new(end), ok));
+            let _ = control.cast(ControlMsg::ChainJobEnded(Box::new(end), ok));
         });
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
         self.start_job(
@@ -182,24 +187,23 @@ impl ControlState {
         Ok(json!({}))
     }
 
-    /// After a stream job: the hook and users go; on success the top
-    /// names the base in its header and points at it in the graph.
-    pub(super) async fn stream_ended(&mut self, end: StreamEnd, ok: bool) {
-        let Some(top) = self.block.find(&end.top).map(|e| e.node.clone()) else {
-            return;
-        };
-        top.hooks.remove(&end.hook);
+    /// After a stream or intermediate commit: the hook and users go; on
+    /// success the node names the base (header, edge, graph).
+    pub(super) async fn chain_job_ended(&mut self, end: ChainEnd, ok: bool) {
+        if let (Some(h), Some(e)) = (&end.hook, self.block.find(&end.node)) {
+            e.node.hooks.remove(h);
+        }
         for u in &end.users {
             self.block.remove_user(*u);
         }
         if !ok {
             return;
         }
-        if let Err(e) = self
-            .set_backing(&end.top, end.base.as_deref(), end.backing_file.as_deref())
-            .await
-        {
-            tracing::warn!(node = %end.top, error = %e, "stream: backing not changed");
+        let r = self
+            .set_backing(&end.node, end.base.as_deref(), end.backing_file.as_deref())
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(node = %end.node, error = %e, "backing not changed after the job");
         }
     }
 
