@@ -9,6 +9,7 @@ mod commit;
 mod block;
 mod cli;
 mod job_errors;
+mod job_speed;
 mod jobs;
 mod mirror;
 mod nbd;
