@@ -205,3 +205,60 @@ fn backup_source_error_stop_matches_qsd() {
     ]);
     same_but_timing(&steps);
 }
+
+/// blkdebug's states: reads succeed until a write moves the node to
+/// state 2, where its read rule applies; rsd and QSD give qemu-io the
+/// same results.
+#[test]
+fn blkdebug_set_state_matches_qsd() {
+    let mut outs = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        error_setup(&dir);
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!(
+                "{{\"driver\":\"raw\",\"node-name\":\"src\",\"file\":{{\"driver\":\"blkdebug\",\"image\":{{\"driver\":\"file\",\"filename\":\"{}\"}},\"inject-error\":[{{\"event\":\"read_aio\",\"state\":2,\"errno\":5}}],\"set-state\":[{{\"event\":\"write_aio\",\"new_state\":2}}]}}}}",
+                dir.s("src.raw")
+            ),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+            "--export",
+            "type=nbd,id=e,node-name=src,writable=on",
+        ]));
+        let _d = Daemon::spawn(which, &a);
+        let _q = Qmp::ready(&dir.path("q.sock"));
+        let url = format!("nbd+unix:///src?socket={}", dir.s("n.sock"));
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x11 0 64k",
+                "-c",
+                "write -P 0x22 1M 64k",
+                "-c",
+                "read -P 0x11 0 64k",
+                &url,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.contains("ops/sec"))
+            .map(String::from)
+            .collect();
+        outs.push(lines);
+    }
+    let rsd = &outs[0];
+    assert_eq!(rsd.len(), 3, "{rsd:#?}");
+    assert!(rsd[0].starts_with("read 65536/65536"), "{rsd:#?}");
+    assert!(rsd[1].starts_with("wrote 65536/65536"), "{rsd:#?}");
+    assert!(rsd[2].contains("Input/output error"), "{rsd:#?}");
+    if outs.len() == 2 {
+        assert_eq!(outs[0], outs[1], "rsd, then QSD");
+    }
+}
