@@ -106,9 +106,9 @@ impl Blkdebug {
         if let Some(to) = rules
             .set
             .iter()
-            .filter(|r| r.kinds.contains(&kind) && r.state.is_none_or(|s| s == now))
+            .rev()
+            .find(|r| r.kinds.contains(&kind) && r.state.is_none_or(|s| s == now))
             .map(|r| r.new_state)
-            .last()
         {
             rules.state = to;
         }
