@@ -325,3 +325,95 @@ pub(super) async fn create_overlay_file(
     let node = Node::new(String::new(), Box::new(d), CommonOptions::default());
     crate::block::qcow2::create::create_overlay(&node, size, backing, backing_fmt).await
 }
+
+/// Internal snapshots (qcow2): blockdev-snapshot-internal-sync and
+/// blockdev-snapshot-delete-internal-sync, with QSD's checks in QSD's
+/// order.
+impl ControlState {
+    /// QEMU's qmp_get_root_bs: these commands take a node no other node
+    /// has as a child.
+    fn root_node(&self, name: &str) -> QmpResult<()> {
+        if self.block.parents(name).is_empty() {
+            Ok(())
+        } else {
+            Err(QmpError::generic("Need a root block node"))
+        }
+    }
+
+    pub(super) async fn blockdev_snapshot_internal_sync(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let device = arg_str(args, "device");
+        let name = arg_str(args, "name");
+        let Some(node) = self.block.find(device).map(|e| e.node.clone()) else {
+            return Err(not_found(device, device));
+        };
+        self.root_node(device)?;
+        if let Some(m) = self.busy(device) {
+            return Err(QmpError::generic(m));
+        }
+        if node.read_only() {
+            return Err(QmpError::generic(format!("Device '{device}' is read only")));
+        }
+        let Some(list) = node.driver.snapshots() else {
+            return Err(QmpError::generic(format!(
+                "Block format '{}' used by device '{device}' does not support internal snapshots",
+                node.driver.name()
+            )));
+        };
+        if name.is_empty() {
+            return Err(QmpError::generic("Name is empty"));
+        }
+        if list.iter().any(|s| s["name"] == name) {
+            return Err(QmpError::generic(format!(
+                "Snapshot with name '{name}' already exists on device '{device}'"
+            )));
+        }
+        node.driver.snapshot_create(name).await.map_err(|e| {
+            QmpError::generic(format!(
+                "Failed to create snapshot '{name}' on device '{device}': {}",
+                e.msg
+            ))
+        })?;
+        Ok(json!({}))
+    }
+
+    pub(super) async fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let device = arg_str(args, "device");
+        let id = args.get("id").and_then(Value::as_str);
+        let name = args.get("name").and_then(Value::as_str);
+        let Some(node) = self.block.find(device).map(|e| e.node.clone()) else {
+            return Err(not_found(device, device));
+        };
+        self.root_node(device)?;
+        if id.is_none() && name.is_none() {
+            return Err(QmpError::generic("Name or id must be provided"));
+        }
+        if let Some(m) = self.busy(device) {
+            return Err(QmpError::generic(m));
+        }
+        let Some(list) = node.driver.snapshots() else {
+            return Err(QmpError::generic(
+                "Failed to get a snapshot list: Operation not supported",
+            ));
+        };
+        let found = list
+            .iter()
+            .any(|s| id.is_none_or(|v| s["id"] == v) && name.is_none_or(|v| s["name"] == v));
+        if !found {
+            return Err(QmpError::generic(format!(
+                "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+                id.unwrap_or("null"),
+                name.unwrap_or("null")
+            )));
+        }
+        node.driver
+            .snapshot_delete(id, name)
+            .await
+            .map_err(|e| QmpError::generic(format!("Failed to delete snapshot: {}", e.msg)))
+    }
+}

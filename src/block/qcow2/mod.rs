@@ -28,6 +28,7 @@ mod attach;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod internal;
 pub mod l2;
 mod map;
 pub mod overlap;
@@ -144,6 +145,8 @@ pub struct Image {
     overlap: Arc<overlap::Overlap>,
     node_name: String,
     events: Option<BlockEvents>,
+    /// The internal snapshot table as it is on disk.
+    snaps: std::sync::Mutex<Vec<snapshot::Entry>>,
 }
 
 /// One piece of a request: the L2 entry of its cluster, what its first
@@ -308,6 +311,7 @@ impl Qcow2 {
             overlap: ov,
             node_name: opts.node_name.clone(),
             events: opts.events.clone(),
+            snaps: std::sync::Mutex::new(snaps.entries),
         });
         let timer = (interval > 0)
             .then(|| tokio::runtime::Handle::try_current().ok())
@@ -694,6 +698,19 @@ impl Driver for Qcow2 {
     }
     fn format_specific(&self) -> Option<Value> {
         Some(format_specific(self))
+    }
+    fn snapshots(&self) -> Option<Vec<Value>> {
+        Some(self.snapshot_list())
+    }
+    fn snapshot_create<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {
+        self.boundary(self.img.snapshot_create(name))
+    }
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, Value> {
+        self.boundary(self.img.snapshot_delete(id, name))
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
