@@ -875,3 +875,85 @@ fn internal_snapshots_are_what_qemu_img_reads() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+/// `transaction` with snapshot actions: all or nothing (an abort or a
+/// failing action takes back the internal snapshots before it), its
+/// errors, and the result, as QSD gives them.
+#[test]
+fn snapshot_transactions_match_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("s.qcow2"), "4M"],
+        ));
+    };
+    let tx = |actions: &str, props: &str| {
+        format!(r#"{{"execute":"transaction","arguments":{{"actions":[{actions}]{props}}}}}"#)
+    };
+    let internal = |name: &str| {
+        format!(
+            r#"{{"type":"blockdev-snapshot-internal-sync","data":{{"device":"s","name":"{name}"}}}}"#
+        )
+    };
+    let steps = [
+        tx(
+            &format!(r#"{},{{"type":"abort","data":{{}}}}"#, internal("a")),
+            "",
+        ),
+        tx(&format!("{},{}", internal("a"), internal("a")), ""),
+        tx("", ""),
+        tx(
+            &internal("b"),
+            r#","properties":{"completion-mode":"grouped"}"#,
+        ),
+        tx(
+            &format!(
+                r#"{},{{"type":"blockdev-snapshot-sync","data":{{"node-name":"s","snapshot-file":"$D/ov.qcow2","snapshot-node-name":"ov"}}}}"#,
+                internal("c")
+            ),
+            "",
+        ),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string(),
+        tx(r#"{"type":"nope","data":{}}"#, ""),
+        tx(r#"{"type":"abort"}"#, ""),
+        tx(
+            r#"{"type":"blockdev-snapshot-sync","data":{"node-name":"ov","snapshot-file":"$D/ov2.qcow2","snapshot-node-name":"ov2"}},{"type":"abort","data":{}}"#,
+            "",
+        ),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let extra = [
+        "--blockdev",
+        "driver=qcow2,node-name=s,file.driver=file,file.filename=$D/s.qcow2",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$D/n.sock",
+        "--export",
+        "type=nbd,id=e,node-name=s",
+    ];
+    let mut all = Vec::new();
+    for which in Which::all() {
+        let out = scenario(which, &setup, &extra, &steps).expect("daemon starts");
+        all.push(
+            out.iter()
+                .map(|l| mask_sizes(&mask_times(l)))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let rsd = &all[0];
+    assert!(
+        rsd[0].contains("Transaction aborted using Abort action"),
+        "{rsd:#?}"
+    );
+    assert!(
+        rsd[5].contains(r#""name": "c""#) && !rsd[5].contains(r#""name": "a""#),
+        "{rsd:#?}"
+    );
+    assert!(rsd[5].contains(r#""node-name": "ov""#), "{rsd:#?}");
+    assert!(!rsd[9].contains(r#""node-name": "ov2""#), "{rsd:#?}");
+    if all.len() == 2 {
+        for (i, (a, b)) in all[0].iter().zip(&all[1]).enumerate() {
+            assert_eq!(a, b, "step {i}: {}", steps[i]);
+        }
+    }
+}

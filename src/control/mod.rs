@@ -14,6 +14,7 @@ mod qom;
 mod reopen;
 mod snapshot;
 mod stream;
+mod transaction;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -292,6 +293,7 @@ impl ControlState {
             "blockdev-snapshot-sync" => self.blockdev_snapshot_sync(&args).await,
             "blockdev-snapshot" => self.blockdev_snapshot(&args).await,
             "blockdev-snapshot-internal-sync" => self.blockdev_snapshot_internal_sync(&args).await,
+            "transaction" => self.transaction(&args).await,
             "blockdev-snapshot-delete-internal-sync" => {
                 self.blockdev_snapshot_delete_internal_sync(&args).await
             }

@@ -39,6 +39,17 @@ impl ControlState {
         &mut self,
         args: &Map<String, Value>,
     ) -> QmpResult<Value> {
+        let (base, opts) = self.snapshot_sync_prepare(args).await?;
+        self.put_overlay(&base, &opts, false).await
+    }
+
+    /// blockdev-snapshot-sync up to the switch: the checks, the overlay
+    /// file created (unless mode=existing); returns the base's name and
+    /// the overlay's options.
+    pub(super) async fn snapshot_sync_prepare(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<(String, Map<String, Value>)> {
         // QSD has no named devices: only node-name finds a node.
         let device = arg_str(args, "device");
         let node_name = arg_str(args, "node-name");
@@ -89,13 +100,43 @@ impl ControlState {
         if base_ro {
             opts.insert("read-only".into(), json!(true));
         }
-        self.put_overlay(&base_name, &opts, false).await
+        Ok((base_name, opts))
     }
 
     pub(super) async fn blockdev_snapshot(
         &mut self,
         args: &Map<String, Value>,
     ) -> QmpResult<Value> {
+        self.blockdev_snapshot_checks(args)?;
+        let node = arg_str(args, "node");
+        let overlay = arg_str(args, "overlay");
+        let Some(slot) = self
+            .block
+            .find(overlay)
+            .and_then(|ov| ov.node.driver.child_slot("backing"))
+        else {
+            return Err(not_found(overlay, overlay));
+        };
+        let base = self.block.find(node).map(|e| e.node.clone());
+        let (node, overlay) = (node.to_string(), overlay.to_string());
+        // The overlay's backing edge, then its parents' edges move.
+        self.block
+            .attach_backing(&overlay, &node)
+            .map_err(QmpError::generic)?;
+        slot.set(base);
+        if let Err(e) = self.block.replace_node(&node, &overlay).await {
+            slot.set(None);
+            self.block.detach_backing(&overlay);
+            return Err(QmpError::generic(e));
+        }
+        self.block.refresh_backing_identity(&overlay);
+        self.make_read_only(&node).await;
+        Ok(json!({}))
+    }
+
+    /// blockdev-snapshot's checks, in QSD's order (a transaction makes
+    /// them before it changes anything).
+    pub(super) fn blockdev_snapshot_checks(&self, args: &Map<String, Value>) -> QmpResult<()> {
         let node = arg_str(args, "node");
         let overlay = arg_str(args, "overlay");
         if self.block.find(node).is_none() {
@@ -130,27 +171,13 @@ impl ControlState {
         if ov.node.read_only() {
             return Err(QmpError::generic("Block node is read-only"));
         }
-        let base = self.block.find(node).map(|e| e.node.clone());
-        let (node, overlay) = (node.to_string(), overlay.to_string());
-        // The overlay's backing edge, then its parents' edges move.
-        self.block
-            .attach_backing(&overlay, &node)
-            .map_err(QmpError::generic)?;
-        slot.set(base);
-        if let Err(e) = self.block.replace_node(&node, &overlay).await {
-            slot.set(None);
-            self.block.detach_backing(&overlay);
-            return Err(QmpError::generic(e));
-        }
-        self.block.refresh_backing_identity(&overlay);
-        self.make_read_only(&node).await;
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Opens the overlay over `base` (its options name `base` as the
     /// backing node) and puts it in `base`'s place; on any failure the
     /// overlay is gone again.
-    async fn put_overlay(
+    pub(super) async fn put_overlay(
         &mut self,
         base: &str,
         opts: &Map<String, Value>,
