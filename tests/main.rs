@@ -8,6 +8,7 @@ mod commit;
 
 mod block;
 mod cli;
+mod fuse;
 mod job_errors;
 mod job_speed;
 mod jobs;
