@@ -333,3 +333,117 @@ fn fuse_unmounts_on_every_stop_path() {
         );
     }
 }
+
+/// What another user sees, growable exports, and O_DIRECT, for one
+/// daemon, as text.
+fn access_ops(which: Which) -> Vec<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let mut out = Vec::new();
+    for (extra, mode) in [
+        (",allow-other=off,writable=on", 0o640),
+        (",allow-other=on,writable=on,growable=on", 0o666),
+    ] {
+        let dir = TempDir::new();
+        // The nobody user must reach the mountpoint's directory.
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let img = image(&dir);
+        let mp = dir.s("mnt");
+        std::fs::write(&mp, b"").expect("mountpoint");
+        let (mut d, mut q) = serve(which, &dir, &img, &mp, extra);
+        out.push(format!(
+            "{extra}: mode {:o}",
+            std::fs::metadata(&mp).expect("stat").mode()
+        ));
+        out.push(errno_of(std::fs::set_permissions(
+            &mp,
+            std::fs::Permissions::from_mode(mode),
+        )));
+        let nobody = std::process::Command::new("head")
+            .args(["-c", "4", &mp])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("head");
+        out.push(format!(
+            "nobody reads: {} {:?}",
+            nobody.status.success(),
+            nobody.stdout
+        ));
+        // O_DIRECT reads and writes of aligned blocks.
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&mp);
+        match f {
+            Ok(f) => {
+                let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("layout");
+                // SAFETY: a 4 KiB buffer with the layout just made, freed below.
+                let p = unsafe { std::alloc::alloc_zeroed(layout) };
+                // SAFETY: p points to 4096 bytes.
+                let b = unsafe { std::slice::from_raw_parts_mut(p, 4096) };
+                out.push(format!(
+                    "direct read: {:?} {:x}",
+                    f.read_at(b, 8192).map_err(|e| e.raw_os_error()),
+                    b[0]
+                ));
+                b.fill(0x42);
+                out.push(format!(
+                    "direct write: {:?}",
+                    f.write_at(b, 12288).map_err(|e| e.raw_os_error())
+                ));
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(p, layout) };
+                // Past the end: growable exports grow.
+                out.push(format!(
+                    "past the end: {:?}",
+                    f.write_at(&[1u8; 4096], 5 << 20)
+                        .map_err(|e| e.raw_os_error())
+                ));
+            }
+            Err(e) => out.push(format!("O_DIRECT open: {:?}", e.raw_os_error())),
+        }
+        out.push(format!(
+            "size {}",
+            std::fs::metadata(&mp).expect("stat").len()
+        ));
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+        wait_mount(&mp, false);
+    }
+    out
+}
+
+#[test]
+fn fuse_access_growable_and_direct_match_qsd() {
+    if fuse_missing() {
+        return;
+    }
+    let all: Vec<Vec<String>> = Which::all().into_iter().map(access_ops).collect();
+    let rsd = &all[0];
+    assert!(
+        rsd[1].starts_with("errno 1"),
+        "chmod g+r without allow-other: {rsd:#?}"
+    );
+    assert!(rsd[2].starts_with("nobody reads: false"), "{rsd:#?}");
+    assert!(
+        rsd.iter()
+            .any(|l| l.starts_with("nobody reads: true [90, 90, 90, 90]")),
+        "{rsd:#?}"
+    );
+    assert_eq!(
+        rsd.last().map(String::as_str),
+        Some("size 5246976"),
+        "{rsd:#?}"
+    );
+    if all.len() == 2 {
+        for (i, (a, b)) in all[0].iter().zip(&all[1]).enumerate() {
+            assert_eq!(
+                a, b,
+                "step {i} (rsd, then QSD)\nrsd: {:#?}\nqsd: {:#?}",
+                all[0], all[1]
+            );
+        }
+    }
+}
