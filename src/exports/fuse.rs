@@ -63,18 +63,36 @@ pub struct FuseExport {
     pub mountpoint: String,
     edge: Arc<Child>,
     user: u64,
-    fs: Arc<FsShared>,
-    mount: Mutex<Option<fuse3::raw::MountHandle>>,
+    cfg: Arc<FsShared>,
+    /// Resolves when the session's thread ends (taken by `serve`).
+    ended: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     closed: AtomicBool,
     unmounted: tokio::sync::Notify,
+    gone: AtomicBool,
 }
 
-/// What a remount needs to build the filesystem again.
+/// What a (re)mount needs to build the filesystem.
 struct FsShared {
+    edge: Arc<Child>,
     writable: bool,
     growable: bool,
-    allow_other: bool,
     mode: u32,
+}
+
+impl FsShared {
+    fn fs(&self, allow_other: bool) -> Fs {
+        Fs {
+            edge: self.edge.clone(),
+            writable: self.writable,
+            growable: self.growable,
+            allow_other,
+            attrs: Mutex::new(Attrs {
+                mode: self.mode,
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }),
+        }
+    }
 }
 
 fn errno(e: BlockError) -> fuse3::Errno {
@@ -121,6 +139,57 @@ async fn mount(
     Ok(h)
 }
 
+/// Mounts and serves the session on a thread of its own with a
+/// single-threaded runtime, as each NBD client is served: a request's
+/// task, its node I/O and its reply stay on that thread. `allow_other`
+/// None is QEMU's auto (with it if the mount takes it). Returns whether
+/// allow_other is on and a receiver that resolves when the session ends.
+async fn start_session(
+    cfg: Arc<FsShared>,
+    mountpoint: String,
+    allow_other: Option<bool>,
+    id: &str,
+) -> Result<(bool, tokio::sync::oneshot::Receiver<()>), String> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("fuse/{id}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let tries: Vec<bool> = match allow_other {
+                    None => vec![true, false],
+                    Some(a) => vec![a],
+                };
+                for a in tries {
+                    if let Ok(h) = mount(cfg.fs(a), &mountpoint, a).await {
+                        let _ = ready_tx.send(Ok(a));
+                        if let Err(e) = h.await {
+                            tracing::debug!(mountpoint, error = %e, "FUSE session ended");
+                        }
+                        return;
+                    }
+                }
+                let _ = ready_tx.send(Err("Failed to mount FUSE session to export".into()));
+            });
+            let _ = end_tx.send(());
+        })
+        .map_err(|e| format!("Failed to start the FUSE thread: {e}"))?;
+    let allow = ready_rx
+        .await
+        .map_err(|_| "Failed to mount FUSE session to export".to_string())??;
+    Ok((allow, end_rx))
+}
+
 impl FuseExport {
     /// Checks the mountpoint and mounts, as QEMU's fuse_export_create.
     pub async fn create(c: FuseConfig) -> Result<Arc<FuseExport>, String> {
@@ -146,49 +215,24 @@ impl FuseExport {
             Ok(_) => {}
         }
         let mode = libc::S_IFREG | libc::S_IRUSR | if c.writable { libc::S_IWUSR } else { 0 };
-        let make = |allow_other: bool| Fs {
+        let cfg = Arc::new(FsShared {
             edge: c.edge.clone(),
             writable: c.writable,
             growable: c.growable,
-            allow_other,
-            attrs: Mutex::new(Attrs {
-                mode,
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-            }),
-        };
-        let (handle, allow_other) = match c.allow_other {
-            // auto: allow_other if the mount takes it.
-            None => match mount(make(true), &c.mountpoint, true).await {
-                Ok(h) => (h, true),
-                Err(_) => (
-                    mount(make(false), &c.mountpoint, false)
-                        .await
-                        .map_err(|_| "Failed to mount FUSE session to export".to_string())?,
-                    false,
-                ),
-            },
-            Some(a) => (
-                mount(make(a), &c.mountpoint, a)
-                    .await
-                    .map_err(|_| "Failed to mount FUSE session to export".to_string())?,
-                a,
-            ),
-        };
+            mode,
+        });
+        let (_, ended) =
+            start_session(cfg.clone(), c.mountpoint.clone(), c.allow_other, &c.id).await?;
         Ok(Arc::new(FuseExport {
             id: c.id,
             mountpoint: c.mountpoint,
             edge: c.edge,
             user: c.user,
-            fs: Arc::new(FsShared {
-                writable: c.writable,
-                growable: c.growable,
-                allow_other,
-                mode,
-            }),
-            mount: Mutex::new(Some(handle)),
+            cfg,
+            ended: Mutex::new(Some(ended)),
             closed: AtomicBool::new(false),
             unmounted: tokio::sync::Notify::new(),
+            gone: AtomicBool::new(false),
         }))
     }
 
@@ -224,33 +268,24 @@ impl BlockExport for FuseExport {
     fn no_clients(&self, limit: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let ended = self.unmounted.notified();
-            if self.mount.lock().map(|m| m.is_none()).unwrap_or(true) {
+            if !self.gone.load(Ordering::Acquire) {
                 let _ = tokio::time::timeout(limit, ended).await;
             }
         })
     }
     fn serve(self: Arc<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let handle = self.mount.lock().ok().and_then(|mut m| m.take());
-            let handle = match handle {
-                Some(h) => Some(h),
+            let ended = self.ended.lock().ok().and_then(|mut m| m.take());
+            let ended = match ended {
+                Some(e) => Some(e),
                 // A restart by the supervisor: the old session is gone;
                 // mount again where it was.
                 None if !self.closed.load(Ordering::Acquire) => {
                     self.unmount();
-                    let fs = Fs {
-                        edge: self.edge.clone(),
-                        writable: self.fs.writable,
-                        growable: self.fs.growable,
-                        allow_other: self.fs.allow_other,
-                        attrs: Mutex::new(Attrs {
-                            mode: self.fs.mode,
-                            uid: nix::unistd::getuid().as_raw(),
-                            gid: nix::unistd::getgid().as_raw(),
-                        }),
-                    };
-                    match mount(fs, &self.mountpoint, self.fs.allow_other).await {
-                        Ok(h) => Some(h),
+                    match start_session(self.cfg.clone(), self.mountpoint.clone(), None, &self.id)
+                        .await
+                    {
+                        Ok((_, e)) => Some(e),
                         Err(e) => {
                             tracing::warn!(export = %self.id, error = %e, "FUSE remount failed");
                             None
@@ -259,15 +294,13 @@ impl BlockExport for FuseExport {
                 }
                 None => None,
             };
-            if let Some(h) = handle {
-                if let Err(e) = h.await {
-                    tracing::debug!(export = %self.id, error = %e, "FUSE session ended");
-                }
+            if let Some(e) = ended {
+                let _ = e.await;
             }
+            self.gone.store(true, Ordering::Release);
             self.unmounted.notify_waiters();
             if !self.closed.load(Ordering::Acquire) {
-                // Someone unmounted it from outside: the export is gone
-                // for the supervisor to see.
+                // Unmounted from outside: the export stays until deleted.
                 std::future::pending::<()>().await;
             }
         })
