@@ -54,6 +54,18 @@ pub fn transcript(which: Which, setup: &dyn Fn(&TempDir), steps: &[&str]) -> Vec
             }
             continue;
         }
+        // "sh CMD": a shell command between requests (writes through
+        // an export); it must succeed.
+        if let Some(cmd) = s.strip_prefix("sh ") {
+            let o = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd.replace("$D", &d))
+                .output()
+                .expect("sh");
+            assert!(o.status.success(), "{which:?}: {cmd}: {o:?}");
+            out.push(format!("$ {cmd}"));
+            continue;
+        }
         out.push(format!(">> {s}"));
         q.send(s.replace("$D", &d).as_bytes());
         let mut replied = false;

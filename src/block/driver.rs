@@ -43,6 +43,15 @@ pub struct ZeroFlags {
     pub no_fallback: bool,
 }
 
+/// Why a persistent bitmap cannot be stored.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BitmapStoreError {
+    /// The driver stores no bitmaps (ENOTSUP).
+    Unsupported,
+    /// The image's limits refuse it (the message says which).
+    Invalid(String),
+}
+
 /// What block status says about the start of a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
@@ -110,6 +119,17 @@ pub trait Driver: Send + Sync + 'static {
     /// BlockDirtyInfo of the bitmaps the node holds (a mirror's).
     fn dirty_bitmaps(&self) -> Vec<serde_json::Value> {
         Vec::new()
+    }
+    /// Whether the image can store a new persistent bitmap `name`
+    /// (QEMU's bdrv_can_store_new_dirty_bitmap); `stored` are the
+    /// node's persistent bitmaps now. Only qcow2 stores bitmaps.
+    fn can_store_bitmap(
+        &self,
+        _name: &str,
+        _granularity: u64,
+        _stored: &[String],
+    ) -> Result<(), BitmapStoreError> {
+        Err(BitmapStoreError::Unsupported)
     }
     /// QAPI ImageInfoSpecific for query-named-block-nodes, if any.
     fn format_specific(&self) -> Option<serde_json::Value> {

@@ -54,6 +54,9 @@ pub struct Node {
     /// block-set-write-threshold's offset (0: none); the hook that
     /// watches it shares it.
     pub write_threshold: Arc<std::sync::atomic::AtomicU64>,
+    /// The named dirty bitmaps (block-dirty-bitmap-add, or loaded from
+    /// the image).
+    pub bitmaps: Arc<super::dirty::NodeBitmaps>,
     drain: Drain,
 }
 
@@ -144,8 +147,30 @@ impl Node {
             stats: Stats::default(),
             hooks: Hooks::default(),
             write_threshold: Default::default(),
+            bitmaps: Default::default(),
             drain: Drain::default(),
         })
+    }
+
+    /// Adds a named bitmap (first in the list); false if the name is
+    /// taken. The recording hook is on while the node has bitmaps.
+    pub fn add_bitmap(&self, b: Arc<super::dirty::NamedBitmap>) -> bool {
+        if !self.bitmaps.insert(b) {
+            return false;
+        }
+        if !self.hooks.names().iter().any(|n| n == super::dirty::HOOK) {
+            self.hooks
+                .add(Arc::new(super::dirty::Recorder(self.bitmaps.clone())));
+        }
+        true
+    }
+
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<super::dirty::NamedBitmap>> {
+        let b = self.bitmaps.remove(name);
+        if self.bitmaps.is_empty() {
+            self.hooks.remove(super::dirty::HOOK);
+        }
+        b
     }
 
     /// Requests in flight on this node now.
@@ -411,7 +436,9 @@ impl Node {
                 return Err(BlockError::perm("Block node is read-only"));
             }
             let _in = self.enter();
-            self.driver.truncate(size).await
+            self.driver.truncate(size).await?;
+            self.bitmaps.resize(self.size());
+            Ok(())
         })
     }
 
