@@ -24,6 +24,10 @@ const ADD_NODES: [&str; 4] = [
 
 #[test]
 fn bitmap_commands_and_errors_match_qsd() {
+    let long = format!(
+        r#"{{"execute":"block-dirty-bitmap-add","arguments":{{"node":"q","name":"{}","persistent":true}}}}"#,
+        "x".repeat(1024)
+    );
     let mut steps: Vec<&str> = ADD_NODES.to_vec();
     steps.extend([
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"b0"}}"#,
@@ -39,6 +43,9 @@ fn bitmap_commands_and_errors_match_qsd() {
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"r","name":"p","persistent":true}}"#,
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"n","name":"p","persistent":true}}"#,
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"r","name":"np","disabled":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"p","persistent":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"ro","name":"rp","persistent":true,"disabled":true}}"#,
+        &long,
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"ro","name":"rob"}}"#,
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"n","name":"nb"}}"#,
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
@@ -74,6 +81,7 @@ fn bitmap_commands_and_errors_match_qsd() {
         "Granularity must be power of 2 and at least 512",
         "Can't store persistent bitmaps to r: Operation not supported",
         "Bitmaps are of different sizes (destination size is 1048576, source size is 2097152)",
+        "Name length exceeds maximum (1023 characters)",
     ] {
         assert_eq!(
             count(&out, want),
@@ -123,4 +131,209 @@ fn bitmap_counts_and_sha256_after_writes_match_qsd() {
     assert!(out
         .iter()
         .any(|l| l.contains(r#""count":393216"#) && l.contains(r#""name":"b0""#)));
+}
+
+/// A daemon on `dir` with a qcow2 node `q` over `dir/i.qcow2` and a
+/// writable NBD export of it at `dir/nbd.sock`.
+fn open_image(which: Which, dir: &TempDir, tag: &str) -> (Daemon, Qmp) {
+    let sock = dir.s(&format!("{tag}.sock"));
+    let mut a = monitor_args(&sock);
+    a.extend(args(&["--pidfile", &dir.s(&format!("{tag}.pid"))]));
+    let d = Daemon::spawn(which, &a);
+    let mut q = Qmp::ready(&dir.path(&format!("{tag}.sock")));
+    let add = format!(
+        r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"q","file":{{"driver":"file","filename":"{}"}}}}}}"#,
+        dir.s("i.qcow2")
+    );
+    assert_eq!(q.cmd(&add)["return"], serde_json::json!({}), "{which:?}");
+    let srv = format!(
+        r#"{{"execute":"nbd-server-start","arguments":{{"addr":{{"type":"unix","data":{{"path":"{}"}}}}}}}}"#,
+        dir.s("nbd.sock")
+    );
+    assert_eq!(q.cmd(&srv)["return"], serde_json::json!({}));
+    let exp = r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"q","writable":true}}"#;
+    assert_eq!(q.cmd(exp)["return"], serde_json::json!({}));
+    (d, q)
+}
+
+fn quit(mut d: Daemon, mut q: Qmp) {
+    q.cmd(r#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0), "{:?} did not quit", d.which);
+}
+
+fn sha(q: &mut Qmp, name: &str) -> String {
+    let r = q.cmd(&format!(
+        r#"{{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{{"node":"q","name":"{name}"}}}}"#
+    ));
+    r["return"]["sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string()
+}
+
+/// The node's bitmaps as query-named-block-nodes shows them.
+fn bitmaps_of(q: &mut Qmp) -> serde_json::Value {
+    let r = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
+    let nodes = r["return"].as_array().cloned().unwrap_or_default();
+    let n = nodes
+        .iter()
+        .find(|n| n["node-name"] == "q")
+        .expect("node q");
+    n["dirty-bitmaps"].clone()
+}
+
+fn nbd_write(dir: &TempDir, cmds: &[&str]) {
+    let url = format!("nbd+unix:///q?socket={}", dir.s("nbd.sock"));
+    let mut a = vec!["-f", "raw"];
+    for c in cmds {
+        a.extend(["-c", c]);
+    }
+    a.push(&url);
+    ok(&run("qemu-io", &a));
+}
+
+/// An image with bitmaps made by qemu-img: b1 (enabled), b2 (512-byte
+/// granules, disabled, then enabled), m (b1 merged in), off (disabled).
+fn qemu_img_bitmaps(dir: &TempDir) {
+    let img = dir.s("i.qcow2");
+    ok(&run("qemu-img", &["create", "-f", "qcow2", &img, "4M"]));
+    let io = |c: &str| ok(&run("qemu-io", &["-f", "qcow2", "-c", c, &img]));
+    io("write 0 64k");
+    ok(&run("qemu-img", &["bitmap", "--add", &img, "b1"]));
+    ok(&run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", "--disable", &img, "b2"],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", &img, "off"],
+    ));
+    io("write 1M 70000");
+    ok(&run("qemu-img", &["bitmap", "--enable", &img, "b2"]));
+    io("write 3M 1");
+    ok(&run(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", &img, "m"],
+    ));
+    ok(&run("qemu-img", &["bitmap", "--merge", "b1", &img, "m"]));
+}
+
+#[test]
+fn qemu_img_bitmaps_open_in_rsd_as_in_qsd() {
+    let add = r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q","file":{"driver":"file","filename":"$D/i.qcow2"}}}"#;
+    let mut steps = vec![
+        add,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ];
+    let shas: Vec<String> = ["b1", "b2", "off", "m"]
+        .iter()
+        .map(|n| {
+            format!(
+                r#"{{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{{"node":"q","name":"{n}"}}}}"#
+            )
+        })
+        .collect();
+    steps.extend(shas.iter().map(String::as_str));
+    steps.extend([
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"p","persistent":true,"granularity":131072}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"long","persistent":true,"granularity":4096}}"#,
+        r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q","name":"off"}}"#,
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/nbd.sock"}}}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"q","writable":true}}"#,
+        "sh qemu-io -f raw -c 'write 2M 300k' -c 'write -z 3M 4k' 'nbd+unix:///q?socket=$D/nbd.sock'",
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ]);
+    steps.extend(shas.iter().take(2).map(String::as_str));
+    steps.push("sh qemu-img info -U --output=json $D/i.qcow2 | grep -c in-use");
+    let out = same_transcripts(&qemu_img_bitmaps, &steps);
+    assert!(out
+        .iter()
+        .any(|l| l.contains(r#""name":"m""#) && l.contains(r#""flags":["in-use"]"#)));
+}
+
+#[test]
+fn rsd_writes_bitmaps_that_qemu_img_and_qsd_read_back() {
+    let dir = TempDir::new();
+    ok(&run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &dir.s("i.qcow2"), "10M"],
+    ));
+    let (d, mut q) = open_image(Which::Rsd, &dir, "a");
+    for add in [
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"on","persistent":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"fine","persistent":true,"granularity":512}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"off","persistent":true,"disabled":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"gone","persistent":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"mem"}}"#,
+    ] {
+        assert_eq!(q.cmd(add)["return"], serde_json::json!({}), "{add}");
+    }
+    nbd_write(&dir, &["write 0 1", "write 5M 3M", "write 9M 100k"]);
+    q.cmd(r#"{"execute":"block-dirty-bitmap-merge","arguments":{"node":"q","target":"off","bitmaps":["fine"]}}"#);
+    q.cmd(r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q","name":"gone"}}"#);
+    let names = ["on", "fine", "off"];
+    let want: Vec<String> = names.iter().map(|n| sha(&mut q, n)).collect();
+    let shown = bitmaps_of(&mut q);
+    quit(d, q);
+    ok(&run("qemu-img", &["check", &dir.s("i.qcow2")]));
+    let info = ok(&run(
+        "qemu-img",
+        &["info", "--output=json", &dir.s("i.qcow2")],
+    ));
+    let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+    let list = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(
+        list,
+        &serde_json::json!([
+            {"flags": ["auto"], "name": "on", "granularity": 65536},
+            {"flags": ["auto"], "name": "fine", "granularity": 512},
+            {"flags": [], "name": "off", "granularity": 65536},
+        ])
+    );
+    // QSD, then rsd again, read the same bits.
+    for which in Which::all().into_iter().rev() {
+        let (d, mut q) = open_image(which, &dir, "b");
+        let got: Vec<String> = names.iter().map(|n| sha(&mut q, n)).collect();
+        assert_eq!(got, want, "{which:?}");
+        let mut persisted = shown.clone();
+        if let Some(a) = persisted.as_array_mut() {
+            a.retain(|b| b["name"] != "mem");
+        }
+        assert_eq!(bitmaps_of(&mut q), persisted, "{which:?}");
+        quit(d, q);
+        ok(&run("qemu-img", &["check", &dir.s("i.qcow2")]));
+    }
+}
+
+/// A daemon killed while it has the image open leaves its bitmaps
+/// marked in use: both daemons then show them inconsistent.
+#[test]
+fn a_killed_rsd_leaves_bitmaps_inconsistent() {
+    let setup = |dir: &TempDir| {
+        qemu_img_bitmaps(dir);
+        let (d, q) = open_image(Which::Rsd, dir, "k");
+        d.signal(9);
+        drop(q);
+        let mut d = d;
+        let st = d.child.wait().expect("wait");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+        let info = ok(&run("qemu-img", &["info", "-U", &dir.s("i.qcow2")]));
+        assert_eq!(info.matches("in-use").count(), 4, "{info}");
+    };
+    let out = same_transcripts(
+        &setup,
+        &[
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q","file":{"driver":"file","filename":"$D/i.qcow2"}}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            r#"{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{"node":"q","name":"b1"}}"#,
+            r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"b1"}}"#,
+            r#"{"execute":"block-dirty-bitmap-enable","arguments":{"node":"q","name":"off"}}"#,
+            r#"{"execute":"block-dirty-bitmap-merge","arguments":{"node":"q","target":"b2","bitmaps":["m"]}}"#,
+            r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q","name":"b2"}}"#,
+            r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"b2","persistent":true}}"#,
+            r#"{"execute":"quit"}"#,
+        ],
+    );
+    assert_eq!(count(&out, r#""inconsistent":true"#), 1);
+    assert_eq!(count(&out, "is inconsistent and cannot be used"), 3);
 }

@@ -131,6 +131,23 @@ pub trait Driver: Send + Sync + 'static {
     ) -> Result<(), BitmapStoreError> {
         Err(BitmapStoreError::Unsupported)
     }
+    /// The bitmaps the image holds, loaded on open (taken once, by the
+    /// node).
+    fn take_bitmaps(&self) -> Vec<super::dirty::NamedBitmap> {
+        Vec::new()
+    }
+    /// Writes the node's persistent bitmaps into the image (on close,
+    /// before `close`); `list` is all of the node's bitmaps.
+    fn store_bitmaps<'a>(
+        &'a self,
+        _list: &'a [std::sync::Arc<super::dirty::NamedBitmap>],
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Takes a persistent bitmap out of the image (block-dirty-bitmap-remove).
+    fn remove_persistent_bitmap<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// QAPI ImageInfoSpecific for query-named-block-nodes, if any.
     fn format_specific(&self) -> Option<serde_json::Value> {
         None

@@ -139,7 +139,8 @@ impl Node {
             discard_unmap: AtomicBool::new(opts.discard_unmap),
             detect_zeroes: AtomicU8::new(dz_code(opts.detect_zeroes)),
         };
-        Arc::new(Node {
+        let loaded = driver.take_bitmaps();
+        let node = Arc::new(Node {
             name,
             driver,
             opts,
@@ -149,7 +150,11 @@ impl Node {
             write_threshold: Default::default(),
             bitmaps: Default::default(),
             drain: Drain::default(),
-        })
+        });
+        for b in loaded {
+            node.add_bitmap(Arc::new(b));
+        }
+        node
     }
 
     /// Adds a named bitmap (first in the list); false if the name is
@@ -368,8 +373,9 @@ impl Node {
     pub fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let r = self.flush().await;
+            let b = self.driver.store_bitmaps(&self.bitmaps.all()).await;
             let c = self.driver.close().await;
-            r.and(c)
+            r.and(b).and(c)
         })
     }
 

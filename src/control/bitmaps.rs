@@ -127,12 +127,38 @@ pub fn prepare_remove(
 }
 
 impl ControlState {
-    pub(super) fn bitmap_command(
+    pub(super) async fn bitmap_command(
         &mut self,
         cmd: &str,
         args: &Map<String, Value>,
     ) -> QmpResult<Value> {
+        if cmd == "block-dirty-bitmap-remove" {
+            return self
+                .bitmap_remove(arg_str(args, "node"), arg_str(args, "name"))
+                .await
+                .map(|()| json!({}))
+                .map_err(QmpError::generic);
+        }
         self.bitmap_op(cmd, args).map_err(QmpError::generic)
+    }
+
+    /// block-dirty-bitmap-remove: a persistent bitmap leaves the image
+    /// first, as in QEMU.
+    pub(super) async fn bitmap_remove(&mut self, node: &str, name: &str) -> Result<(), String> {
+        let (n, b) = prepare_remove(&self.block, node, name)?;
+        if b.persistent() {
+            n.driver
+                .remove_persistent_bitmap(&b.name)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "Failed to remove bitmap '{}' from the image: {}",
+                        b.name, e.msg
+                    )
+                })?;
+        }
+        n.remove_bitmap(&b.name);
+        Ok(())
     }
 
     fn bitmap_op(&mut self, cmd: &str, args: &Map<String, Value>) -> Result<Value, String> {
@@ -156,10 +182,6 @@ impl ControlState {
                 };
                 let (n, b) = prepare_add(g, &a)?;
                 n.add_bitmap(b);
-            }
-            "block-dirty-bitmap-remove" => {
-                let (n, b) = prepare_remove(g, node, name)?;
-                n.remove_bitmap(&b.name);
             }
             "block-dirty-bitmap-clear" => {
                 let (_, b) = lookup(g, node, name)?;

@@ -350,7 +350,7 @@ impl ControlState {
             | "block-dirty-bitmap-enable"
             | "block-dirty-bitmap-disable"
             | "block-dirty-bitmap-merge"
-            | "x-debug-block-dirty-bitmap-sha256" => self.bitmap_command(name, &args),
+            | "x-debug-block-dirty-bitmap-sha256" => self.bitmap_command(name, &args).await,
             "block-commit" => self.block_commit(&args).await,
             "drive-mirror" => self.drive_mirror(&args).await,
             "x-rsd-test-event" => {
