@@ -93,7 +93,7 @@ fn bitmap_commands_and_errors_match_qsd() {
 
 #[test]
 fn bitmap_counts_and_sha256_after_writes_match_qsd() {
-    let write = "sh qemu-io -f raw -c 'write 0 1' -c 'write 70000 5000' -c 'write -z 300k 64k' -c 'discard 900k 10k' -c 'write 1048000 576' 'nbd+unix:///q?socket=$D/nbd.sock'";
+    let write = "sh qemu-io -f raw -c 'write 0 1' -c 'write 70000 5000' -c 'write -z 300k 64k' -c 'discard 900k 10k' -c 'write 1048000 576' 'nbd+unix:///q?socket=$D/nbd.sock' >/dev/null";
     let mut steps: Vec<&str> = ADD_NODES.to_vec();
     steps.extend([
         r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/nbd.sock"}}}}"#,
@@ -115,7 +115,7 @@ fn bitmap_counts_and_sha256_after_writes_match_qsd() {
         r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"b0"}}"#,
         r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"q","name":"big"}}"#,
         r#"{"execute":"block-dirty-bitmap-enable","arguments":{"node":"q","name":"off"}}"#,
-        "sh qemu-io -f raw -c 'write 600k 1' 'nbd+unix:///q?socket=$D/nbd.sock'",
+        "sh qemu-io -f raw -c 'write 600k 1' 'nbd+unix:///q?socket=$D/nbd.sock' >/dev/null",
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
         r#"{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{"node":"q","name":"b0"}}"#,
         r#"{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{"node":"q","name":"off"}}"#,
@@ -240,7 +240,7 @@ fn qemu_img_bitmaps_open_in_rsd_as_in_qsd() {
         r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q","name":"off"}}"#,
         r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/nbd.sock"}}}}"#,
         r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"q","writable":true}}"#,
-        "sh qemu-io -f raw -c 'write 2M 300k' -c 'write -z 3M 4k' 'nbd+unix:///q?socket=$D/nbd.sock'",
+        "sh qemu-io -f raw -c 'write 2M 300k' -c 'write -z 3M 4k' 'nbd+unix:///q?socket=$D/nbd.sock' >/dev/null",
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
     ]);
     steps.extend(shas.iter().take(2).map(String::as_str));
@@ -336,4 +336,68 @@ fn a_killed_rsd_leaves_bitmaps_inconsistent() {
     );
     assert_eq!(count(&out, r#""inconsistent":true"#), 1);
     assert_eq!(count(&out, "is inconsistent and cannot be used"), 3);
+}
+
+/// The `qemu:dirty-bitmap:NAME` meta context: what nbdinfo and
+/// qemu-img map see of an exported bitmap, which is busy meanwhile.
+#[test]
+fn exported_bitmaps_show_dirty_ranges_as_in_qsd() {
+    let url = "'nbd+unix:///q?socket=$D/nbd.sock'";
+    let map = |ctx: &str| format!("sh nbdinfo --map=qemu:dirty-bitmap:{ctx} {url}");
+    let m_frozen = "sh nbdinfo --map=qemu:dirty-bitmap:frozen 'nbd+unix:///ro?socket=$D/nbd.sock'";
+    let img_map = |ctx: &str| {
+        format!("sh qemu-img map --output=json --image-opts driver=nbd,server.type=unix,server.path=$D/nbd.sock,export=q,x-dirty-bitmap=qemu:dirty-bitmap:{ctx}")
+    };
+    let write = format!("sh qemu-io -f raw -c 'write 0 1' -c 'write 70000 5000' -c 'write -z 300k 64k' -c 'write 1048000 576' {url} >/dev/null");
+    // After `frozen` is disabled: b0 and fine see this write, frozen not.
+    let later = format!("sh qemu-io -f raw -c 'write 600k 4k' {url} >/dev/null");
+    let list = format!(
+        "sh nbdinfo --list 'nbd+unix:///?socket=$D/nbd.sock' | grep -A5 contexts | grep -v is_"
+    );
+    let (m_b0, m_fine) = (map("b0"), map("fine"));
+    let (i_b0, i_fine) = (img_map("b0"), img_map("fine"));
+    let mut steps: Vec<&str> = ADD_NODES.to_vec();
+    steps.extend([
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/nbd.sock"}}}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"b0"}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"fine","granularity":512}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"frozen"}}"#,
+        // Errors: unknown, enabled on a read-only export, busy.
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"x","node-name":"q","bitmaps":["zz"]}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"x","node-name":"q","bitmaps":[{"node":"zz","name":"b0"}]}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"x","node-name":"q","bitmaps":[{"node":"r","name":"b0"}]}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"x","node-name":"q","bitmaps":["b0"]}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e1","node-name":"q","writable":true,"bitmaps":["b0",{"node":"q","name":"fine"}]}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"x","node-name":"q","name":"x","writable":true,"bitmaps":["fine"]}}"#,
+        r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"b0"}}"#,
+        r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"q","name":"fine"}}"#,
+        r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q","name":"fine"}}"#,
+        &write,
+        r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"q","name":"frozen"}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e2","node-name":"q","name":"ro","bitmaps":["frozen"]}}"#,
+        &later,
+        &list,
+        &m_b0,
+        &m_fine,
+        &i_b0,
+        &i_fine,
+        m_frozen,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"block-export-del","arguments":{"id":"e1"}}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q","name":"fine"}}"#,
+    ]);
+    let out = same_transcripts(&images, &steps);
+    // b0 (64 KiB granules): 0-128K, 256K-384K, 960K-1M dirty.
+    for want in [
+        "|          0      131072    1  dirty",
+        "|     262144      131072    1  dirty",
+        "|     983040       65536    1  dirty",
+        "|     589824       65536    1  dirty",
+        "|      69632        5632    1  dirty",
+        "qemu:dirty-bitmap:frozen",
+    ] {
+        assert!(out.iter().any(|l| l.contains(want)), "{want}: {out:#?}");
+    }
+    assert_eq!(count(&out, "is currently in use by another operation"), 4);
 }
