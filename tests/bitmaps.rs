@@ -351,9 +351,8 @@ fn exported_bitmaps_show_dirty_ranges_as_in_qsd() {
     let write = format!("sh qemu-io -f raw -c 'write 0 1' -c 'write 70000 5000' -c 'write -z 300k 64k' -c 'write 1048000 576' {url} >/dev/null");
     // After `frozen` is disabled: b0 and fine see this write, frozen not.
     let later = format!("sh qemu-io -f raw -c 'write 600k 4k' {url} >/dev/null");
-    let list = format!(
-        "sh nbdinfo --list 'nbd+unix:///?socket=$D/nbd.sock' | grep -A5 contexts | grep -v is_"
-    );
+    let list =
+        "sh nbdinfo --list 'nbd+unix:///?socket=$D/nbd.sock' | grep -A5 contexts | grep -v is_";
     let (m_b0, m_fine) = (map("b0"), map("fine"));
     let (i_b0, i_fine) = (img_map("b0"), img_map("fine"));
     let mut steps: Vec<&str> = ADD_NODES.to_vec();
@@ -376,7 +375,7 @@ fn exported_bitmaps_show_dirty_ranges_as_in_qsd() {
         r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"q","name":"frozen"}}"#,
         r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e2","node-name":"q","name":"ro","bitmaps":["frozen"]}}"#,
         &later,
-        &list,
+        list,
         &m_b0,
         &m_fine,
         &i_b0,
@@ -400,4 +399,51 @@ fn exported_bitmaps_show_dirty_ranges_as_in_qsd() {
         assert!(out.iter().any(|l| l.contains(want)), "{want}: {out:#?}");
     }
     assert_eq!(count(&out, "is currently in use by another operation"), 4);
+}
+
+/// Bitmaps of an image opened read-only can be read, exported,
+/// enabled or disabled, but not changed.
+#[test]
+fn bitmaps_of_a_read_only_image_are_readonly_as_in_qsd() {
+    let out = same_transcripts(
+        &qemu_img_bitmaps,
+        &[
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"base","read-only":true,"file":{"driver":"file","filename":"$D/i.qcow2"}}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"base","name":"b1"}}"#,
+            r#"{"execute":"block-dirty-bitmap-remove","arguments":{"node":"base","name":"b1"}}"#,
+            r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"base","name":"b1"}}"#,
+            r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"base","name":"x"}}"#,
+            r#"{"execute":"block-dirty-bitmap-merge","arguments":{"node":"base","target":"x","bitmaps":["b1","m"]}}"#,
+            r#"{"execute":"block-dirty-bitmap-merge","arguments":{"node":"base","target":"b1","bitmaps":["x"]}}"#,
+            r#"{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{"node":"base","name":"x"}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            // A read-only open leaves the image's flags alone.
+            "sh qemu-img info -U $D/i.qcow2 | grep -c in-use || true",
+        ],
+    );
+    assert_eq!(count(&out, "is readonly and cannot be modified"), 3);
+    assert_eq!(out.last().map(String::as_str), Some("| 0"));
+}
+
+/// A bitmaps extension without its autoclear bit (a program without
+/// bitmap support wrote the image) is dropped on a read-write open.
+#[test]
+fn a_stale_bitmaps_extension_is_dropped_as_in_qsd() {
+    let setup = |dir: &TempDir| {
+        qemu_img_bitmaps(dir);
+        let path = dir.path("i.qcow2");
+        let mut b = std::fs::read(&path).expect("image");
+        b[95] &= !1; // autoclear bit 0, big-endian at offset 88
+        std::fs::write(&path, b).expect("image");
+    };
+    let out = same_transcripts(
+        &setup,
+        &[
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q","file":{"driver":"file","filename":"$D/i.qcow2"}}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            "sh qemu-img info -U $D/i.qcow2 | grep -c granularity || true",
+        ],
+    );
+    assert_eq!(out.last().map(String::as_str), Some("| 0"));
 }

@@ -168,6 +168,21 @@ impl DirtyBitmap {
         })
     }
 
+    /// Puts back bits taken with `words` (a transaction's abort after
+    /// clear or merge); words past the bitmap's are ignored.
+    pub fn restore_words(&self, words: &[u64]) {
+        self.with(|b| {
+            let n = b.words.len();
+            for (i, w) in b.words.iter_mut().enumerate() {
+                *w = words.get(i).copied().unwrap_or(0);
+            }
+            if !b.granules.is_multiple_of(64) && n > 0 {
+                b.words[n - 1] &= (1u64 << (b.granules % 64)) - 1;
+            }
+            b.count = b.words.iter().map(|w| w.count_ones() as u64).sum();
+        })
+    }
+
     /// The bits serialized little-endian, a byte per 8 granules, as
     /// the qcow2 bitmaps extension stores them (at least one word).
     pub fn to_le_bytes(&self) -> Vec<u8> {
@@ -319,5 +334,10 @@ mod tests {
             vec![(0, 65536), (65536 * 3, 65536)]
         );
         assert_eq!(b.size(), 1 << 21);
+        let saved = b.words();
+        b.clear_all();
+        assert_eq!(b.dirty_bytes(), 0);
+        b.restore_words(&saved);
+        assert_eq!(b.dirty_bytes(), 2 * 65536);
     }
 }

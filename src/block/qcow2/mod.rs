@@ -286,6 +286,11 @@ impl Qcow2 {
         let loaded = bitmaps::load(&file, &h, h.size & !511, read_only).await?;
         // A bitmaps extension a program without bitmaps left behind is
         // dropped on a read-write open, as QEMU does (its clusters leak).
+        if h.has_bitmaps && h.bitmaps.is_none() {
+            eprintln!(
+                "rsd: warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+            );
+        }
         let stale_bitmaps = !read_only && h.has_bitmaps && h.bitmaps.is_none();
         let img = Arc::new(Image {
             external: data.is_some(),
