@@ -447,3 +447,35 @@ fn a_stale_bitmaps_extension_is_dropped_as_in_qsd() {
     );
     assert_eq!(out.last().map(String::as_str), Some("| 0"));
 }
+
+/// blockdev-reopen: going read-write marks the image's bitmaps in use
+/// and lets them change; going read-only stores them (a new persistent
+/// one too) and makes them read-only, as in QSD.
+#[test]
+fn reopen_moves_bitmaps_between_read_only_and_read_write_as_in_qsd() {
+    let reopen = |ro: bool| {
+        format!(
+            r#"{{"execute":"blockdev-reopen","arguments":{{"options":[{{"driver":"qcow2","node-name":"q","read-only":{ro},"file":"f"}}]}}}}"#
+        )
+    };
+    let (rw, ro) = (reopen(false), reopen(true));
+    let out = same_transcripts(
+        &qemu_img_bitmaps,
+        &[
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q","read-only":true,"file":{"driver":"file","node-name":"f","filename":"$D/i.qcow2"}}}"#,
+            r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"b1"}}"#,
+            "sh qemu-img info -U $D/i.qcow2 | grep -c in-use || true",
+            &rw,
+            "sh qemu-img info -U $D/i.qcow2 | grep -c in-use",
+            r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"b1"}}"#,
+            r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"q","name":"n","persistent":true}}"#,
+            &ro,
+            "sh qemu-img info -U $D/i.qcow2 | grep -c 'in-use\\|name: n'",
+            r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"b2"}}"#,
+            r#"{"execute":"block-dirty-bitmap-clear","arguments":{"node":"q","name":"n"}}"#,
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        ],
+    );
+    assert_eq!(count(&out, "is readonly and cannot be modified"), 3);
+    assert!(out.contains(&"| 4".to_string()), "{out:#?}");
+}

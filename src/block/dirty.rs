@@ -29,8 +29,8 @@ pub struct NamedBitmap {
     busy: AtomicBool,
     /// Loaded marked in-use: its contents cannot be trusted.
     pub inconsistent: bool,
-    /// Loaded from a read-only image: it cannot be changed.
-    pub readonly: bool,
+    /// Stored in an image open read-only: it cannot be changed.
+    readonly: AtomicBool,
 }
 
 /// What a check allows (QEMU's BDRV_BITMAP_* flags).
@@ -53,7 +53,7 @@ impl NamedBitmap {
             persistent: AtomicBool::new(false),
             busy: AtomicBool::new(false),
             inconsistent: false,
-            readonly: false,
+            readonly: AtomicBool::new(false),
         }
     }
 
@@ -67,9 +67,9 @@ impl NamedBitmap {
     ) -> NamedBitmap {
         let b = NamedBitmap {
             inconsistent,
-            readonly,
             ..NamedBitmap::new(name, bits)
         };
+        b.set_readonly(readonly);
         b.enabled.store(enabled && !inconsistent, Ordering::Release);
         b.persistent.store(true, Ordering::Release);
         b
@@ -87,6 +87,12 @@ impl NamedBitmap {
     pub fn set_persistent(&self, on: bool) {
         self.persistent.store(on, Ordering::Release)
     }
+    pub fn readonly(&self) -> bool {
+        self.readonly.load(Ordering::Acquire)
+    }
+    pub fn set_readonly(&self, on: bool) {
+        self.readonly.store(on, Ordering::Release)
+    }
     pub fn busy(&self) -> bool {
         self.busy.load(Ordering::Acquire)
     }
@@ -102,7 +108,7 @@ impl NamedBitmap {
                 "Bitmap '{name}' is currently in use by another operation and cannot be used"
             ));
         }
-        if what != Check::AllowRo && self.readonly {
+        if what != Check::AllowRo && self.readonly() {
             return Err(format!(
                 "Bitmap '{name}' is readonly and cannot be modified"
             ));

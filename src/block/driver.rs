@@ -144,6 +144,10 @@ pub trait Driver: Send + Sync + 'static {
     ) -> IoFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
+    /// The node became writable: mark the image's bitmaps in use again.
+    fn reopen_bitmaps_rw(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Takes a persistent bitmap out of the image (block-dirty-bitmap-remove).
     fn remove_persistent_bitmap<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
         Box::pin(async { Ok(()) })

@@ -170,6 +170,22 @@ impl Node {
         true
     }
 
+    /// After the node switched between read-only and read-write: the
+    /// image's bitmaps follow (QEMU's reopen_bitmaps_ro/rw). Going
+    /// read-write marks them in use on disk again; going read-only
+    /// (after `close` stored them) makes them read-only.
+    pub async fn bitmaps_follow_read_only(&self, read_only: bool) -> BlockResult<()> {
+        if !read_only {
+            self.driver.reopen_bitmaps_rw().await?;
+        }
+        for b in self.bitmaps.all() {
+            if b.persistent() {
+                b.set_readonly(read_only);
+            }
+        }
+        Ok(())
+    }
+
     pub fn remove_bitmap(&self, name: &str) -> Option<Arc<super::dirty::NamedBitmap>> {
         let b = self.bitmaps.remove(name);
         if self.bitmaps.is_empty() {

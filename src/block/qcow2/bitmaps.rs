@@ -357,6 +357,37 @@ impl Image {
         self.switch_dir(&mut meta, dir, freed).await
     }
 
+    /// The image became writable: its bitmaps are marked in use on
+    /// disk, in place, as on a read-write open.
+    pub(super) async fn mark_bitmaps_in_use(&self) -> BlockResult<()> {
+        if !self.writable() {
+            return Ok(());
+        }
+        let _meta = self.meta.lock().await;
+        let Some(ext) = self.header().bitmaps else {
+            return Ok(());
+        };
+        let mut dir = self
+            .bitmap_dir
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        if dir.iter().all(|e| e.flags & FLAG_IN_USE != 0) {
+            return Ok(());
+        }
+        for e in dir.iter_mut() {
+            e.flags |= FLAG_IN_USE;
+        }
+        self.file
+            .write(ext.dir_offset, &dir_bytes(&dir), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        if let Ok(mut d) = self.bitmap_dir.lock() {
+            *d = dir;
+        }
+        Ok(())
+    }
+
     /// Takes a stored bitmap out of the image at once, as QEMU's
     /// block-dirty-bitmap-remove does (nothing if it is not stored yet).
     pub(super) async fn remove_stored_bitmap(&self, name: &str) -> BlockResult<()> {

@@ -726,6 +726,9 @@ impl Driver for Qcow2 {
     ) -> IoFuture<'a, ()> {
         self.boundary(self.img.store_bitmaps(list))
     }
+    fn reopen_bitmaps_rw(&self) -> IoFuture<'_, ()> {
+        self.boundary(self.img.mark_bitmaps_in_use())
+    }
     fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {
         self.boundary(self.img.remove_stored_bitmap(name))
     }
