@@ -479,3 +479,48 @@ fn reopen_moves_bitmaps_between_read_only_and_read_write_as_in_qsd() {
     assert_eq!(count(&out, "is readonly and cannot be modified"), 3);
     assert!(out.contains(&"| 4".to_string()), "{out:#?}");
 }
+
+/// A crash with lazy refcounts leaves the image dirty; rsd's repair on
+/// the next open counts the bitmaps' clusters too, so they survive and
+/// `qemu-img check` finds nothing.
+#[test]
+fn repairing_a_dirty_image_keeps_its_bitmaps() {
+    let dir = TempDir::new();
+    let img = dir.s("i.qcow2");
+    ok(&run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &img,
+            "4M",
+        ],
+    ));
+    ok(&run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", &img]));
+    ok(&run("qemu-img", &["bitmap", "--add", &img, "b1"]));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write 1M 64k", &img],
+    ));
+    ok(&run("qemu-img", &["bitmap", "--add", &img, "b2"]));
+    let (mut d, q) = open_image(Which::Rsd, &dir, "a");
+    nbd_write(&dir, &["write 2M 64k", "write 3M 64k", "flush"]);
+    d.signal(9);
+    drop(q);
+    let _ = d.child.wait();
+    let header = std::fs::read(&img).expect("image");
+    assert_eq!(header[79] & 1, 1, "the dirty bit is set");
+    let (d, mut q) = open_image(Which::Rsd, &dir, "b");
+    let shown = bitmaps_of(&mut q);
+    assert_eq!(shown.as_array().map(Vec::len), Some(2), "{shown}");
+    quit(d, q);
+    ok(&run("qemu-img", &["check", &img]));
+    let info = ok(&run("qemu-img", &["info", &img]));
+    assert!(
+        info.contains("name: b1") && info.contains("name: b2"),
+        "{info}"
+    );
+}

@@ -77,8 +77,15 @@ fn table_entries(size: u64, granularity: u64, cs: u64) -> u64 {
     size.div_ceil(granularity).div_ceil(8).div_ceil(cs)
 }
 
-/// Parses `n` directory entries, with the checks QEMU makes.
-pub fn parse_dir(b: &[u8], n: u32, cs: u64, disk_size: u64) -> BlockResult<Vec<DirEntry>> {
+/// Parses `n` directory entries, with the checks QEMU makes; every
+/// table must lie inside the file (`file_size`).
+pub fn parse_dir(
+    b: &[u8],
+    n: u32,
+    cs: u64,
+    disk_size: u64,
+    file_size: u64,
+) -> BlockResult<Vec<DirEntry>> {
     let mut out: Vec<DirEntry> = Vec::new();
     let mut at = 0usize;
     for _ in 0..n {
@@ -108,6 +115,8 @@ pub fn parse_dir(b: &[u8], n: u32, cs: u64, disk_size: u64) -> BlockResult<Vec<D
             || (e.flags & FLAG_IN_USE == 0
                 && u64::from(e.table_size) != table_entries(disk_size, e.granularity(), cs))
             || (extra_size > 0 && e.flags & FLAG_EXTRA_DATA_COMPATIBLE == 0)
+            || e.flags & !(FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE) != 0
+            || e.table_offset.saturating_add(u64::from(e.table_size) * 8) > file_size
             || e.name.is_empty()
             || out.iter().any(|o| o.name == e.name)
         {
@@ -171,7 +180,7 @@ pub async fn load(
     let cs = h.cluster_size();
     let mut raw = vec![0u8; ext.dir_size as usize];
     file.read(ext.dir_offset, &mut raw).await?;
-    let mut dir = parse_dir(&raw, ext.nb_bitmaps, cs, disk_size)?;
+    let mut dir = parse_dir(&raw, ext.nb_bitmaps, cs, disk_size, file.size())?;
     let mut bitmaps = Vec::new();
     for e in &dir {
         let bits = Arc::new(DirtyBitmap::new(disk_size, e.granularity()));
@@ -524,17 +533,58 @@ mod tests {
         let raw = dir_bytes(&[e.clone(), f.clone()]);
         assert_eq!(raw.len(), 32 + 32);
         assert_eq!(
-            parse_dir(&raw, 2, cs, 1 << 20).expect("valid"),
+            parse_dir(&raw, 2, cs, 1 << 20, 1 << 30).expect("valid"),
             vec![e.clone(), f]
         );
         // A consistent entry's table must fit the disk.
-        assert!(parse_dir(&raw, 1, cs, 1 << 40).is_err());
+        assert!(parse_dir(&raw, 1, cs, 1 << 40, 1 << 30).is_err());
+        // A table past the end of the file.
+        assert!(parse_dir(&raw, 1, cs, 1 << 20, 3 * cs).is_err());
+        // Unknown flags.
+        let mut flags = raw.clone();
+        flags[12] = 0x80;
+        assert!(parse_dir(&flags, 1, cs, 1 << 20, 1 << 30).is_err());
         // Truncated, or more entries than bytes.
-        assert!(parse_dir(&raw[..40], 2, cs, 1 << 20).is_err());
+        assert!(parse_dir(&raw[..40], 2, cs, 1 << 20, 1 << 30).is_err());
         let mut bad_type = raw.clone();
         bad_type[16] = 2;
-        assert!(parse_dir(&bad_type, 1, cs, 1 << 20).is_err());
+        assert!(parse_dir(&bad_type, 1, cs, 1 << 20, 1 << 30).is_err());
         let dup = dir_bytes(&[e.clone(), e]);
-        assert!(parse_dir(&dup, 2, cs, 1 << 20).is_err());
+        assert!(parse_dir(&dup, 2, cs, 1 << 20, 1 << 30).is_err());
+    }
+
+    /// Random mutations of a directory never panic the parser.
+    #[test]
+    fn mutated_directories_never_panic() {
+        let cs = 65536;
+        let e = DirEntry {
+            table_offset: 3 * cs,
+            table_size: 1,
+            flags: FLAG_AUTO,
+            granularity_bits: 16,
+            name: "bitmap".into(),
+            extra: Vec::new(),
+        };
+        let base = dir_bytes(&[e.clone(), e]);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20000 {
+            let mut b = base.clone();
+            for _ in 0..(next() % 6 + 1) {
+                let at = (next() % b.len() as u64) as usize;
+                b[at] = next() as u8;
+            }
+            let cut = (next() % (b.len() as u64 + 1)) as usize;
+            let n = (next() % 4) as u32;
+            if let Ok(d) = parse_dir(&b[..cut], n, cs, 1 << 20, 1 << 30) {
+                assert_eq!(d.len(), n as usize);
+                assert!(d.iter().all(|x| x.table_offset % cs == 0));
+            }
+        }
     }
 }
