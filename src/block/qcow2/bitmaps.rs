@@ -449,6 +449,9 @@ impl Image {
         self.writeback(meta).await?;
         self.sync(meta).await?;
         self.set_bitmaps_ext(ext).await?;
+        let (at, len) = ext.map_or((0, 0), |e| (e.dir_offset, e.dir_size));
+        self.overlap
+            .set_range(super::overlap::BITMAP_DIRECTORY, at, len);
         for off in freed {
             meta.change(off / cs, -1).await?;
         }

@@ -284,6 +284,9 @@ impl Qcow2 {
             file.flush().await?;
         }
         let loaded = bitmaps::load(&file, &h, h.size & !511, read_only).await?;
+        if let Some(e) = h.bitmaps {
+            ov.set_range(overlap::BITMAP_DIRECTORY, e.dir_offset, e.dir_size);
+        }
         // A bitmaps extension a program without bitmaps left behind is
         // dropped on a read-write open, as QEMU does (its clusters leak).
         if h.has_bitmaps && h.bitmaps.is_none() {
