@@ -135,15 +135,23 @@ impl NamedBitmap {
     }
 }
 
+type List = Arc<Vec<Arc<NamedBitmap>>>;
+
 /// A node's named bitmaps, newest first (the order QEMU lists them).
+/// The list is replaced, never changed in place, so a write's hook
+/// takes it with one reference count.
 #[derive(Default)]
 pub struct NodeBitmaps {
-    list: RwLock<Vec<Arc<NamedBitmap>>>,
+    list: RwLock<List>,
 }
 
 impl NodeBitmaps {
-    pub fn all(&self) -> Vec<Arc<NamedBitmap>> {
+    fn current(&self) -> List {
         self.list.read().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn all(&self) -> Vec<Arc<NamedBitmap>> {
+        self.current().to_vec()
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<NamedBitmap>> {
@@ -162,14 +170,20 @@ impl NodeBitmaps {
         if l.iter().any(|x| x.name == b.name) {
             return false;
         }
-        l.insert(0, b);
+        let mut v = Vec::with_capacity(l.len() + 1);
+        v.push(b);
+        v.extend(l.iter().cloned());
+        *l = Arc::new(v);
         true
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<NamedBitmap>> {
         let mut l = self.list.write().ok()?;
         let at = l.iter().position(|b| b.name == name)?;
-        Some(l.remove(at))
+        let mut v = l.to_vec();
+        let gone = v.remove(at);
+        *l = Arc::new(v);
+        Some(gone)
     }
 
     /// Follows a resize of the node.
@@ -198,7 +212,7 @@ impl Hook for Recorder {
         if !matches!(req.op, Op::Write | Op::Zero | Op::Discard) || req.len == 0 {
             return;
         }
-        for b in self.0.all() {
+        for b in self.0.current().iter() {
             if b.enabled() {
                 b.bits.set(req.offset, req.len);
             }
@@ -250,4 +264,88 @@ pub fn merge(target: &NamedBitmap, sources: &[Arc<NamedBitmap>]) -> Result<(), S
     }
     target.bits.merge_from(&acc);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitmap(name: &str, size: u64, g: u64) -> Arc<NamedBitmap> {
+        Arc::new(NamedBitmap::new(name, Arc::new(DirtyBitmap::new(size, g))))
+    }
+
+    #[test]
+    fn recorder_marks_enabled_bitmaps_newest_first() {
+        let list = Arc::new(NodeBitmaps::default());
+        let (a, b) = (bitmap("a", 1 << 20, 65536), bitmap("b", 1 << 20, 512));
+        assert!(list.insert(a.clone()));
+        assert!(list.insert(b.clone()));
+        assert!(!list.insert(bitmap("a", 1 << 20, 65536)));
+        let names: Vec<String> = list.all().iter().map(|x| x.name.clone()).collect();
+        assert_eq!(names, ["b", "a"]);
+        b.set_enabled(false);
+        let hook = Recorder(list.clone());
+        for op in [Op::Write, Op::Read, Op::Flush, Op::Zero] {
+            let off = if op == Op::Zero { 200_000 } else { 0 };
+            hook.after(
+                &Request {
+                    op,
+                    offset: off,
+                    len: 1,
+                },
+                false,
+            );
+        }
+        assert_eq!(a.bits.dirty_bytes(), 2 * 65536);
+        assert_eq!(b.bits.dirty_bytes(), 0);
+        assert!(list.remove("a").is_some());
+        assert!(list.remove("a").is_none());
+    }
+
+    #[test]
+    fn checks_and_merge_are_all_or_nothing() {
+        let t = bitmap("t", 1 << 20, 65536);
+        let s = bitmap("s", 1 << 20, 512);
+        s.bits.set(70_000, 1);
+        let other = bitmap("o", 2 << 20, 65536);
+        other.bits.set(0, 1);
+        let busy = bitmap("busy", 1 << 20, 65536);
+        busy.set_busy(true);
+        assert_eq!(
+            merge(&t, &[s.clone(), busy.clone()]).unwrap_err(),
+            "Bitmap 'busy' is currently in use by another operation and cannot be used"
+        );
+        assert!(merge(&t, &[s.clone(), other])
+            .unwrap_err()
+            .starts_with("Bitmaps are of different sizes"));
+        assert_eq!(t.bits.dirty_bytes(), 0, "nothing merged on failure");
+        merge(&t, &[s, t.clone()]).expect("merge");
+        assert_eq!(t.bits.dirty_bytes(), 65536);
+        let ro = NamedBitmap::loaded(
+            "ro",
+            Arc::new(DirtyBitmap::new(1 << 20, 65536)),
+            true,
+            false,
+            true,
+        );
+        assert!(ro.check(Check::AllowRo).is_ok());
+        assert_eq!(
+            ro.check(Check::Default).unwrap_err(),
+            "Bitmap 'ro' is readonly and cannot be modified"
+        );
+        let bad = NamedBitmap::loaded(
+            "bad",
+            Arc::new(DirtyBitmap::new(1 << 20, 65536)),
+            true,
+            true,
+            false,
+        );
+        assert!(!bad.enabled());
+        assert!(bad.check(Check::BusyRo).is_ok());
+        assert_eq!(
+            bad.check(Check::AllowRo).unwrap_err(),
+            "Bitmap 'bad' is inconsistent and cannot be used"
+        );
+        assert_eq!(bad.info()["inconsistent"], serde_json::json!(true));
+    }
 }
