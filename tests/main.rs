@@ -9,7 +9,9 @@ mod commit;
 
 mod block;
 mod cli;
+mod fuse;
 mod job_errors;
+mod job_speed;
 mod jobs;
 mod mirror;
 mod nbd;

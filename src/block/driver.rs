@@ -152,6 +152,34 @@ pub trait Driver: Send + Sync + 'static {
     fn remove_persistent_bitmap<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
+    /// Internal snapshots (SnapshotInfo each), or None for a format
+    /// that has none.
+    fn snapshots(&self) -> Option<Vec<serde_json::Value>> {
+        None
+    }
+    /// Makes an internal snapshot named `name` (formats with snapshots).
+    fn snapshot_create<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
+        Box::pin(async {
+            Err(super::error::BlockError::new(
+                nix::libc::ENOTSUP,
+                "Operation not supported",
+            ))
+        })
+    }
+    /// Deletes the internal snapshot with this id and/or name; returns
+    /// its SnapshotInfo.
+    fn snapshot_delete<'a>(
+        &'a self,
+        _id: Option<&'a str>,
+        _name: Option<&'a str>,
+    ) -> IoFuture<'a, serde_json::Value> {
+        Box::pin(async {
+            Err(super::error::BlockError::new(
+                nix::libc::ENOTSUP,
+                "Operation not supported",
+            ))
+        })
+    }
     /// QAPI ImageInfoSpecific for query-named-block-nodes, if any.
     fn format_specific(&self) -> Option<serde_json::Value> {
         None

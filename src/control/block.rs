@@ -155,6 +155,9 @@ impl ControlState {
             if let Some(fs) = node.driver.format_specific() {
                 image.insert("format-specific".into(), fs);
             }
+            if let Some(list) = node.driver.snapshots().filter(|l| !l.is_empty()) {
+                image.insert("snapshots".into(), Value::Array(list));
+            }
             if let Some(cs) = node.driver.cluster_size() {
                 image.insert("cluster-size".into(), json!(cs));
             }

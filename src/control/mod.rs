@@ -15,6 +15,7 @@ mod qom;
 mod reopen;
 mod snapshot;
 mod stream;
+mod transaction;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -292,6 +293,11 @@ impl ControlState {
             "block_resize" => self.block_resize(&args).await,
             "blockdev-snapshot-sync" => self.blockdev_snapshot_sync(&args).await,
             "blockdev-snapshot" => self.blockdev_snapshot(&args).await,
+            "blockdev-snapshot-internal-sync" => self.blockdev_snapshot_internal_sync(&args).await,
+            "transaction" => self.transaction(&args).await,
+            "blockdev-snapshot-delete-internal-sync" => {
+                self.blockdev_snapshot_delete_internal_sync(&args).await
+            }
             "x-blockdev-change" => self.x_blockdev_change(&args),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,

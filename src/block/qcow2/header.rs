@@ -22,6 +22,8 @@ pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 pub const OFF_SIZE: u64 = 24;
 pub const OFF_L1_SIZE: u64 = 36;
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
+/// nb_snapshots, then snapshots_offset.
+pub const OFF_NB_SNAPSHOTS: u64 = 60;
 pub const OFF_INCOMPAT: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 

@@ -29,6 +29,7 @@ pub mod bitmaps;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod internal;
 pub mod l2;
 mod map;
 pub mod overlap;
@@ -149,6 +150,8 @@ pub struct Image {
     bitmap_dir: std::sync::Mutex<Vec<bitmaps::DirEntry>>,
     /// Bitmaps loaded on open, until the node takes them.
     loaded: std::sync::Mutex<Vec<crate::block::dirty::NamedBitmap>>,
+    /// The internal snapshot table as it is on disk.
+    snaps: std::sync::Mutex<Vec<snapshot::Entry>>,
 }
 
 /// One piece of a request: the L2 entry of its cluster, what its first
@@ -327,6 +330,7 @@ impl Qcow2 {
             events: opts.events.clone(),
             bitmap_dir: std::sync::Mutex::new(loaded.dir),
             loaded: std::sync::Mutex::new(loaded.bitmaps),
+            snaps: std::sync::Mutex::new(snaps.entries),
         });
         if stale_bitmaps {
             img.set_bitmaps_ext(None).await?;
@@ -742,6 +746,19 @@ impl Driver for Qcow2 {
         stored: &[String],
     ) -> Result<(), crate::block::driver::BitmapStoreError> {
         bitmaps::can_store(&self.header(), self.disk_size(), name, granularity, stored)
+    }
+    fn snapshots(&self) -> Option<Vec<Value>> {
+        Some(self.snapshot_list())
+    }
+    fn snapshot_create<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {
+        self.boundary(self.img.snapshot_create(name))
+    }
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, Value> {
+        self.boundary(self.img.snapshot_delete(id, name))
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())

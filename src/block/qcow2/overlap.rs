@@ -62,6 +62,13 @@ impl Overlap {
         }
     }
 
+    /// Removes the contiguous structure of a kind that starts at `start`.
+    pub fn remove_range(&self, kind: &'static str, start: u64) {
+        if let Ok(mut m) = self.map.write() {
+            m.ranges.retain(|r| !(r.0 == kind && r.1 == start));
+        }
+    }
+
     pub fn add_cluster(&self, kind: &'static str, off: u64) {
         if let Ok(mut m) = self.map.write() {
             m.clusters.insert(off, kind);
