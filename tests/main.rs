@@ -3,6 +3,7 @@
 mod common;
 
 mod backup;
+mod bitmaps;
 
 mod commit;
 

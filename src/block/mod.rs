@@ -5,6 +5,7 @@ pub mod bitmap;
 pub mod blkdebug;
 pub mod cancel;
 pub mod child;
+pub mod dirty;
 pub mod driver;
 pub mod drivers;
 pub mod error;

@@ -211,7 +211,8 @@ impl ControlState {
             "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
             "file": filename,
         });
-        let bitmaps = node.driver.dirty_bitmaps();
+        let mut bitmaps = node.bitmaps.infos();
+        bitmaps.extend(node.driver.dirty_bitmaps());
         if !bitmaps.is_empty() {
             info["dirty-bitmaps"] = Value::Array(bitmaps);
         }

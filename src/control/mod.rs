@@ -2,6 +2,7 @@
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
 mod backup;
+mod bitmaps;
 mod block;
 mod block_jobs;
 mod chardevs;
@@ -349,6 +350,13 @@ impl ControlState {
             "block-stream" => self.block_stream(&args).await,
             "blockdev-backup" => self.blockdev_backup(&args).await,
             "block-set-write-threshold" => self.set_write_threshold(&args),
+            "block-dirty-bitmap-add"
+            | "block-dirty-bitmap-remove"
+            | "block-dirty-bitmap-clear"
+            | "block-dirty-bitmap-enable"
+            | "block-dirty-bitmap-disable"
+            | "block-dirty-bitmap-merge"
+            | "x-debug-block-dirty-bitmap-sha256" => self.bitmap_command(name, &args).await,
             "block-commit" => self.block_commit(&args).await,
             "drive-mirror" => self.drive_mirror(&args).await,
             "x-rsd-test-event" => {
