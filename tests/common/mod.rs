@@ -292,15 +292,22 @@ pub fn qemu_img_create(path: &Path, size: &str) {
     assert!(st.success());
 }
 
-/// Masks what legitimately differs between runs: the temp dir and the
-/// random digits of automatic node names.
+/// Masks what legitimately differs between runs: the temp dir, the
+/// random digits of automatic node names, and host allocation
+/// ("actual-size", which depends on where the filesystem puts blocks).
 pub fn mask(line: &str, dir: &TempDir) -> String {
     let line = line.replace(&dir.0.display().to_string(), "$D");
+    let line = mask_digits_after(&line, "#block");
+    mask_digits_after(&line, "\"actual-size\": ")
+}
+
+/// Replaces the digits after each `key` with N.
+fn mask_digits_after(line: &str, key: &str) -> String {
     let mut out = String::new();
-    let mut rest = line.as_str();
-    while let Some(p) = rest.find("#block") {
-        out.push_str(&rest[..p + 6]);
-        rest = &rest[p + 6..];
+    let mut rest = line;
+    while let Some(p) = rest.find(key) {
+        out.push_str(&rest[..p + key.len()]);
+        rest = &rest[p + key.len()..];
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         out.push('N');
         rest = &rest[digits..];
