@@ -567,3 +567,69 @@ fn a_persistent_bitmap_survives_a_restart_and_exports_its_ranges() {
     }
     ok(&run("qemu-img", &["check", &dir.s("i.qcow2")]));
 }
+
+/// `transaction` with bitmap actions: each one undone when a later
+/// action fails (add, clear, enable/disable, merge), remove done only
+/// when all succeed; replies and the bitmaps afterwards as QSD's.
+#[test]
+fn bitmap_transactions_match_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("a.qcow2"), "4M"],
+        ));
+    };
+    let tx = |actions: &str| {
+        format!(r#"{{"execute":"transaction","arguments":{{"actions":[{actions}]}}}}"#)
+    };
+    let abort = r#"{"type":"abort","data":{}}"#;
+    let bm = |kind: &str, name: &str| {
+        format!(r#"{{"type":"block-dirty-bitmap-{kind}","data":{{"node":"a","name":"{name}"}}}}"#)
+    };
+    let merge =
+        r#"{"type":"block-dirty-bitmap-merge","data":{"node":"a","target":"b2","bitmaps":["b0"]}}"#;
+    let sha = |name: &str| {
+        format!(
+            r#"{{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{{"node":"a","name":"{name}"}}}}"#
+        )
+    };
+    let query = r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string();
+    let steps = [
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"a","name":"b0"}}"#.to_string(),
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"a","name":"b2"}}"#.to_string(),
+        "sh qemu-io -f raw -c 'write -q -P 0x11 0 64k' -c 'write -q -P 0x22 1M 128k' nbd+unix:///a?socket=$D/n.sock".to_string(),
+        sha("b0"),
+        tx(&format!("{},{abort}", bm("add", "b1"))),
+        tx(&format!("{},{abort}", bm("clear", "b0"))),
+        sha("b0"),
+        tx(&format!("{},{}", bm("disable", "b0"), bm("add", "b0"))),
+        tx(&format!("{merge},{abort}")),
+        sha("b2"),
+        tx(&format!("{},{abort}", bm("remove", "b0"))),
+        query.clone(),
+        tx(&format!("{},{}", bm("disable", "b2"), bm("add", "b3"))),
+        tx(&format!("{merge},{}", bm("remove", "b0"))),
+        sha("b2"),
+        query,
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let setup_steps = |d: &TempDir| setup(d);
+    let out = crate::jobs::same_transcripts(
+        &setup_steps,
+        &[
+            &[
+                r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"a","file":{"driver":"file","filename":"$D/a.qcow2"}}}"#,
+                r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/n.sock"}}}}"#,
+                r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"a","writable":true}}"#,
+            ][..],
+            &steps[..],
+        ]
+        .concat(),
+    );
+    let text = out.join("\n");
+    assert!(
+        text.contains("Transaction aborted using Abort action"),
+        "{text}"
+    );
+    assert!(text.contains("Bitmap already exists: b0"), "{text}");
+}

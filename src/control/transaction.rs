@@ -8,9 +8,14 @@
 //! prepared: the switch is the one step rsd cannot take back (the base is
 //! closed and reopened read-only), so nothing may fail after it
 //! (differences entry 43).
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 
-use super::ControlState;
+use super::bitmaps::{lookup, lookup_ref, prepare_add, prepare_remove, AddArgs};
+use super::{arg_str, ControlState};
+use crate::block::dirty::{self, Check, NamedBitmap};
+use crate::block::node::Node;
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
@@ -19,13 +24,24 @@ const GROUPED: [&str; 2] = ["blockdev-backup", "drive-backup"];
 
 /// How to take a prepared action back.
 enum Undo {
-    InternalSnapshot { device: String, name: String },
+    InternalSnapshot {
+        device: String,
+        name: String,
+    },
+    /// A bitmap added: it goes again.
+    BitmapAdded(Arc<Node>, String),
+    /// A bitmap's bits before a clear or merge.
+    BitmapBits(Arc<NamedBitmap>, Vec<u64>),
+    /// A bitmap's recording state before enable or disable.
+    BitmapEnabled(Arc<NamedBitmap>, bool),
 }
 
 /// What a prepared action still does at commit.
 enum Commit {
     Snapshot(Map<String, Value>),
     SnapshotSync(String, Map<String, Value>),
+    /// block-dirty-bitmap-remove (node, name), checked at prepare.
+    BitmapRemove(String, String),
 }
 
 impl ControlState {
@@ -65,6 +81,11 @@ impl ControlState {
             let r = match c {
                 Commit::Snapshot(data) => self.blockdev_snapshot(&data).await,
                 Commit::SnapshotSync(base, opts) => self.put_overlay(&base, &opts, false).await,
+                Commit::BitmapRemove(node, name) => self
+                    .bitmap_remove(&node, &name)
+                    .await
+                    .map(|()| json!({}))
+                    .map_err(QmpError::generic),
             };
             if let Err(e) = r {
                 tracing::warn!(error = %e.desc, "transaction: a snapshot switch failed at commit");
@@ -86,11 +107,14 @@ impl ControlState {
             "blockdev-snapshot-internal-sync" => {
                 self.blockdev_snapshot_internal_sync(data).await?;
                 undo.push(Undo::InternalSnapshot {
-                    device: super::arg_str(data, "device").to_string(),
-                    name: super::arg_str(data, "name").to_string(),
+                    device: arg_str(data, "device").to_string(),
+                    name: arg_str(data, "name").to_string(),
                 });
                 Ok(())
             }
+            k if k.starts_with("block-dirty-bitmap-") => self
+                .prepare_bitmap(k, data, undo, commit)
+                .map_err(QmpError::generic),
             "blockdev-snapshot" => {
                 self.blockdev_snapshot_checks(data)?;
                 commit.push(Commit::Snapshot(data.clone()));
@@ -107,9 +131,77 @@ impl ControlState {
         }
     }
 
+    /// A bitmap action, done at once (and undoable) except remove,
+    /// which is checked here and done at commit.
+    fn prepare_bitmap(
+        &mut self,
+        kind: &str,
+        data: &Map<String, Value>,
+        undo: &mut Vec<Undo>,
+        commit: &mut Vec<Commit>,
+    ) -> Result<(), String> {
+        let node = arg_str(data, "node");
+        let name = arg_str(data, "name");
+        let g = &self.block;
+        match kind {
+            "block-dirty-bitmap-add" => {
+                let a = AddArgs {
+                    node,
+                    name,
+                    granularity: data.get("granularity").and_then(Value::as_u64),
+                    persistent: data.get("persistent").and_then(Value::as_bool) == Some(true),
+                    disabled: data.get("disabled").and_then(Value::as_bool) == Some(true),
+                };
+                let (n, b) = prepare_add(g, &a)?;
+                n.add_bitmap(b);
+                undo.push(Undo::BitmapAdded(n, name.to_string()));
+            }
+            "block-dirty-bitmap-remove" => {
+                prepare_remove(g, node, name)?;
+                commit.push(Commit::BitmapRemove(node.to_string(), name.to_string()));
+            }
+            "block-dirty-bitmap-clear" => {
+                let (_, b) = lookup(g, node, name)?;
+                b.check(Check::Default)?;
+                undo.push(Undo::BitmapBits(b.clone(), b.bits.words()));
+                b.bits.clear_all();
+            }
+            "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
+                let (_, b) = lookup(g, node, name)?;
+                b.check(Check::AllowRo)?;
+                undo.push(Undo::BitmapEnabled(b.clone(), b.enabled()));
+                b.set_enabled(kind.ends_with("enable"));
+            }
+            "block-dirty-bitmap-merge" => {
+                let (n, target) = lookup(g, node, arg_str(data, "target"))?;
+                target.check(Check::Default)?;
+                let mut sources = Vec::new();
+                for r in data
+                    .get("bitmaps")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let s = lookup_ref(g, &n, r)?;
+                    dirty::check_merge_source(&target, &s)?;
+                    sources.push(s);
+                }
+                undo.push(Undo::BitmapBits(target.clone(), target.bits.words()));
+                dirty::merge(&target, &sources)?;
+            }
+            other => return Err(format!("rsd cannot run '{other}' in a transaction yet")),
+        }
+        Ok(())
+    }
+
     async fn roll_back(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             match u {
+                Undo::BitmapAdded(n, name) => {
+                    n.remove_bitmap(&name);
+                }
+                Undo::BitmapBits(b, words) => b.bits.restore_words(&words),
+                Undo::BitmapEnabled(b, on) => b.set_enabled(on),
                 Undo::InternalSnapshot { device, name } => {
                     if let Some(n) = self.block.find(&device).map(|e| e.node.clone()) {
                         if let Err(e) = n.driver.snapshot_delete(None, Some(&name)).await {
