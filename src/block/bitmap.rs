@@ -115,6 +115,12 @@ impl DirtyBitmap {
         self.changed.notify_waiters();
     }
 
+    /// The granule holding `offset` is dirty.
+    pub fn is_set(&self, offset: u64) -> bool {
+        let g = offset / self.granularity;
+        self.with(|b| g < b.granules && b.words[(g / 64) as usize] & (1u64 << (g % 64)) != 0)
+    }
+
     /// Dirty bytes (whole granules).
     pub fn dirty_bytes(&self) -> u64 {
         self.with(|b| b.count) * self.granularity
