@@ -103,3 +103,202 @@ fn backup_keeps_the_point_in_time_under_live_writes() {
         ok(&run("qemu-img", &["check", &dir.s(img)]));
     }
 }
+
+/// A chain: base (0x11 over 8 MiB) under top (0x22 at 2 MiB, zeroes at
+/// 5 MiB), and a target full of 0x33.
+fn chain(d: &TempDir) {
+    let img = |n: &str| d.s(&format!("{n}.qcow2"));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img("base"), "16M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 8M", &img("base")],
+    ));
+    ok(&run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &img("base"),
+            "-F",
+            "qcow2",
+            &img("top"),
+        ],
+    ));
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 2M 1M",
+            "-c",
+            "write -z 5M 1M",
+            &img("top"),
+        ],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img("bk"), "16M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x33 0 16M", &img("bk")],
+    ));
+}
+
+const ADD_TOP: &str = r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"src","file":{"driver":"file","filename":"$D/top.qcow2"}}}"#;
+const ADD_BK: &str = r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"bk","file":{"driver":"file","filename":"$D/bk.qcow2"}}}"#;
+
+/// qemu-io commands against an image or URL; every read must verify.
+fn verify(fmt: &str, target: &str, cmds: &[&str]) {
+    let mut argv = vec!["-f", fmt];
+    if target.starts_with("nbd") {
+        argv.push("-r");
+    }
+    for c in cmds {
+        argv.extend(["-c", c]);
+    }
+    argv.push(target);
+    let out = ok(&run("qemu-io", &argv));
+    assert!(
+        !out.contains("fail") && out.matches("read ").count() == cmds.len(),
+        "{target}: {out}"
+    );
+}
+
+#[test]
+fn sync_top_over_a_backing_chain_matches_qsd() {
+    let steps = [
+        ADD_TOP,
+        ADD_BK,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"b1","device":"src","target":"bk","sync":"top","auto-finalize":false,"auto-dismiss":false}}"#,
+        "until BLOCK_JOB_PENDING",
+        r#"{"execute":"query-block-jobs"}"#,
+        r#"{"execute":"job-finalize","arguments":{"id":"b1"}}"#,
+        r#"{"execute":"job-dismiss","arguments":{"id":"b1"}}"#,
+    ];
+    let out = same_transcripts(&chain, &steps);
+    // Only what the top allocates: 1 MiB of data and 1 MiB of zeroes.
+    assert_eq!(count(&out, r#""len":2097152,"offset":2097152"#), 2);
+}
+
+/// sync=top leaves the target's other clusters as they were.
+#[test]
+fn sync_top_copies_only_the_top_layer() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        chain(&dir);
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+                dir.s("top.qcow2")
+            ),
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=bk,file.driver=file,file.filename={}",
+                dir.s("bk.qcow2")
+            ),
+        ]));
+        let mut d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let r = q.cmd(
+            r#"{"execute":"blockdev-backup","arguments":{"job-id":"b","device":"src","target":"bk","sync":"top"}}"#,
+        );
+        assert!(r.get("return").is_some(), "{which:?}: {r}");
+        wait_no_jobs(&mut q);
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+        verify(
+            "qcow2",
+            &dir.s("bk.qcow2"),
+            &[
+                "read -P 0x33 0 2M",
+                "read -P 0x22 2M 1M",
+                "read -P 0x33 3M 2M",
+                "read -P 0 5M 1M",
+                "read -P 0x33 6M 10M",
+            ],
+        );
+        ok(&run("qemu-img", &["check", &dir.s("bk.qcow2")]));
+    }
+}
+
+#[test]
+fn sync_none_runs_until_cancelled_as_in_qsd() {
+    let steps = [
+        ADD_TOP,
+        ADD_BK,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"b1","device":"src","target":"bk","sync":"none"}}"#,
+        r#"{"execute":"query-block-jobs"}"#,
+        r#"{"execute":"query-jobs"}"#,
+        r#"{"execute":"block-job-cancel","arguments":{"device":"b1"}}"#,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"b2","device":"src","target":"bk","sync":"none","auto-finalize":false,"auto-dismiss":false}}"#,
+        r#"{"execute":"job-pause","arguments":{"id":"b2"}}"#,
+        r#"{"execute":"job-resume","arguments":{"id":"b2"}}"#,
+        r#"{"execute":"job-cancel","arguments":{"id":"b2"}}"#,
+        r#"{"execute":"query-jobs"}"#,
+        r#"{"execute":"job-dismiss","arguments":{"id":"b2"}}"#,
+    ];
+    let out = same_transcripts(&chain, &steps);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 2);
+    assert_eq!(count(&out, r#""error":"Operation canceled""#), 1);
+}
+
+#[test]
+fn bad_backup_option_combinations_match_qsd() {
+    let images = |d: &TempDir| {
+        chain(d);
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &d.s("r.raw"), "16M"],
+        ));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("small.qcow2"), "8M"],
+        ));
+    };
+    let b = |rest: &str| {
+        format!(
+            r#"{{"execute":"blockdev-backup","arguments":{{"job-id":"j","device":"src",{rest}}}}}"#
+        )
+    };
+    let steps: Vec<String> = [
+        ADD_TOP.to_string(),
+        ADD_BK.to_string(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r","file":{"driver":"file","filename":"$D/r.raw"}}}"#.into(),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"small","file":{"driver":"file","filename":"$D/small.qcow2"}}}"#.into(),
+        b(r#""target":"r","sync":"full","compress":true"#),
+        b(r#""target":"bk","sync":"bitmap""#),
+        b(r#""target":"bk","sync":"incremental""#),
+        b(r#""target":"bk","sync":"incremental","bitmap":"x","bitmap-mode":"never""#),
+        b(r#""target":"bk","sync":"full","bitmap-mode":"always""#),
+        b(r#""target":"bk","sync":"none","bitmap":"nope""#),
+        b(r#""target":"small","sync":"full""#),
+        b(r#""target":"src","sync":"full""#),
+        b(r#""target":"nope","sync":"full""#),
+        b(r#""target":"bk","sync":"full","x-perf":{"max-workers":0}"#),
+        b(r#""target":"bk","sync":"full","x-perf":{"max-chunk":-1}"#),
+        b(r#""target":"bk","sync":"full","x-perf":{"max-chunk":1000}"#),
+        b(r#""target":"bk","sync":"full","x-perf":{"min-cluster-size":1000}"#),
+        b(r#""target":"bk","sync":"top","speed":-1"#),
+        r#"{"execute":"blockdev-backup","arguments":{"device":"src","target":"bk","sync":"full"}}"#.into(),
+        b(r#""target":"bk","sync":"full","x-perf":{"max-chunk":65536,"max-workers":1,"use-copy-range":true,"min-cluster-size":4096}"#),
+        "until \"null\"".into(),
+    ]
+    .into();
+    let refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = same_transcripts(&images, &refs);
+    assert_eq!(
+        count(&out, "Compression is not supported for this drive "),
+        1
+    );
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_COMPLETED""#), 1);
+}

@@ -208,10 +208,10 @@ impl ControlState {
             // rsd writes no compressed clusters yet (differences entry).
             return err("Compression is not supported for this drive ".into());
         }
-        for name in [device, target_name] {
-            if let Some(m) = self.busy(name) {
-                return err(m);
-            }
+        // The source stays free for more backups (QEMU's job sits on its
+        // filter above the source); the target is the job's.
+        if let Some(m) = self.busy(target_name) {
+            return err(m);
         }
         let perf = perf.map_err(QmpError::generic)?;
         if source.size() != target.size() {
