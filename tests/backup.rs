@@ -302,3 +302,200 @@ fn bad_backup_option_combinations_match_qsd() {
     );
     assert_eq!(count(&out, r#""event":"BLOCK_JOB_COMPLETED""#), 1);
 }
+
+/// A source full of 0x11 and an empty fleecing image of the same size.
+fn fleecing_images(d: &TempDir) {
+    for n in ["src", "tmp"] {
+        ok(&run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                &d.s(&format!("{n}.qcow2")),
+                "16M",
+            ],
+        ));
+    }
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 16M",
+            &d.s("src.qcow2"),
+        ],
+    ));
+}
+
+/// Starts a daemon with the source and an NBD server; `setup` are the
+/// QMP commands that build the fleecing.
+fn fleecing_daemon(which: Which, dir: &TempDir, setup: &[&str]) -> (Daemon, Qmp) {
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            dir.s("src.qcow2")
+        ),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+    ]));
+    let d = Daemon::spawn(which, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    for s in setup {
+        let r = q.cmd(&s.replace("$D", &dir.0.display().to_string()));
+        assert!(r.get("return").is_some(), "{which:?}: {s}: {r}");
+    }
+    (d, q)
+}
+
+/// While a client overwrites the whole source through `live`, readers of
+/// the `view` export see the source as it was (0x11), before, during and
+/// after the writes.
+fn check_view(dir: &TempDir, live: &str, view: &str) {
+    let url = |e: &str| format!("nbd+unix:///{e}?socket={}", dir.s("n.sock"));
+    verify("raw", &url(view), &["read -P 0x11 0 16M"]);
+    let reads: Vec<String> = (0..8).map(|_| "read -P 0x11 0 16M".to_string()).collect();
+    let mut argv: Vec<String> = vec!["-f".into(), "raw".into(), "-r".into()];
+    for r in &reads {
+        argv.extend(["-c".to_string(), r.clone()]);
+    }
+    argv.push(url(view));
+    let reader = std::process::Command::new("qemu-io")
+        .args(&argv)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    let writes: Vec<String> = (0..16u64)
+        .map(|m| format!("write -P 0x77 {}M 1M", (m * 7) % 16))
+        .collect();
+    let mut wargv = vec!["-f", "raw"];
+    for w in &writes {
+        wargv.extend(["-c", w.as_str()]);
+    }
+    let live_url = url(live);
+    wargv.push(&live_url);
+    ok(&run("qemu-io", &wargv));
+    let out = reader.wait_with_output().expect("reader");
+    let text = ok(&out);
+    assert!(
+        !text.contains("fail") && text.matches("read ").count() == reads.len(),
+        "{text}"
+    );
+    verify("raw", &url(view), &["read -P 0x11 0 16M"]);
+    verify("raw", &url(live), &["read -P 0x77 0 16M"]);
+}
+
+/// Fleecing the old way: a qcow2 image whose backing is the live source,
+/// a sync=none backup into it, and an NBD export of it.
+#[test]
+fn fleecing_with_a_backup_job_keeps_the_point_in_time() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        fleecing_images(&dir);
+        let (mut d, mut q) = fleecing_daemon(
+            which,
+            &dir,
+            &[
+                r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"live","node-name":"src","writable":true}}"#,
+                r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"file","filename":"$D/tmp.qcow2"},"backing":"src"}}"#,
+                r#"{"execute":"blockdev-backup","arguments":{"job-id":"fl","device":"src","target":"tmp","sync":"none"}}"#,
+                r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"fl","node-name":"tmp"}}"#,
+            ],
+        );
+        check_view(&dir, "src", "tmp");
+        let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
+        assert_eq!(r["return"][0]["offset"], 16 << 20, "{which:?}: {r}");
+        for s in [
+            r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#,
+            r#"{"execute":"block-job-cancel","arguments":{"device":"fl"}}"#,
+        ] {
+            let r = q.cmd(s);
+            assert!(r.get("return").is_some(), "{which:?}: {s}: {r}");
+        }
+        wait_no_jobs(&mut q);
+        let r = q.cmd(r#"{"execute":"blockdev-del","arguments":{"node-name":"tmp"}}"#);
+        assert!(r.get("return").is_some(), "{which:?}: {r}");
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+        // The fleecing image holds the old contents of every cluster.
+        verify("qcow2", &dir.s("tmp.qcow2"), &["read -P 0x11 0 16M"]);
+        for img in ["src.qcow2", "tmp.qcow2"] {
+            ok(&run("qemu-img", &["check", &dir.s(img)]));
+        }
+    }
+}
+
+const CBW_SETUP: [&str; 5] = [
+    r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"file","filename":"$D/tmp.qcow2"}}}"#,
+    r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tmp"}}"#,
+    r#"{"execute":"blockdev-add","arguments":{"driver":"snapshot-access","node-name":"acc","file":"cbw"}}"#,
+    r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"live","node-name":"cbw","writable":true}}"#,
+    r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"fl","node-name":"acc"}}"#,
+];
+
+/// Fleecing with the copy-before-write filter and snapshot-access.
+#[test]
+fn fleecing_with_copy_before_write_keeps_the_point_in_time() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        fleecing_images(&dir);
+        let (mut d, mut q) = fleecing_daemon(which, &dir, &CBW_SETUP);
+        check_view(&dir, "cbw", "acc");
+        // A discarded range of the view is gone; the rest still reads.
+        let url = format!("nbd+unix:///acc?socket={}", dir.s("n.sock"));
+        let out = run(
+            "qemu-io",
+            &["-f", "raw", "-c", "discard 0 1M", "-c", "read 0 64k", &url],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("Permission denied"), "{which:?}: {text}");
+        verify("raw", &url, &["read -P 0x11 1M 15M"]);
+        for s in [
+            r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#,
+            r#"{"execute":"block-export-del","arguments":{"id":"live"}}"#,
+        ] {
+            let r = q.cmd(s);
+            assert!(r.get("return").is_some(), "{which:?}: {s}: {r}");
+        }
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+        verify("qcow2", &dir.s("src.qcow2"), &["read -P 0x77 0 16M"]);
+        for img in ["src.qcow2", "tmp.qcow2"] {
+            ok(&run("qemu-img", &["check", &dir.s(img)]));
+        }
+    }
+}
+
+/// The modern fleecing set-up's replies and node list, against QSD.
+#[test]
+fn copy_before_write_setup_matches_qsd() {
+    let mut steps = vec![
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"src","file":{"driver":"file","filename":"$D/src.qcow2"}}}"#,
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/n.sock"}}}}"#,
+    ];
+    steps.extend(CBW_SETUP);
+    steps.extend([
+        r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c2","file":"src","target":"tmp","bitmap":{"node":"src","name":"b0"}}}"#,
+        r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c3","file":"src","target":"tmp","min-cluster-size":1000}}"#,
+        r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c4","file":"src","target":"nope"}}"#,
+    ]);
+    steps.extend([
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"block_resize","arguments":{"node-name":"src","size":33554432}}"#,
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"cbw"}}"#,
+        r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#,
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"acc"}}"#,
+        r#"{"execute":"block-export-del","arguments":{"id":"live"}}"#,
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"cbw"}}"#,
+        r#"{"execute":"blockdev-del","arguments":{"node-name":"tmp"}}"#,
+    ]);
+    let out = same_transcripts(&fleecing_images, &steps);
+    assert_eq!(count(&out, r#""drv":"copy-before-write""#), 1);
+    assert_eq!(count(&out, "Dirty bitmap 'b0' not found"), 1);
+}

@@ -130,7 +130,8 @@ impl Driver for Cbw {
     }
 }
 
-pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
+/// The options checked once the children are open, as QEMU does.
+fn check_options(opts: &Map<String, Value>) -> Result<(), String> {
     if let Some(b) = opts.get("bitmap").and_then(Value::as_object) {
         // rsd has no dirty bitmaps yet, so none is ever found.
         let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
@@ -145,6 +146,10 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     if min_cluster > 64 << 20 {
         return Err("rsd limits min-cluster-size to 64 MiB".into());
     }
+    Ok(())
+}
+
+pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
     let file = ctx.child(opts, "file", ctx.common.read_only)?;
     let target = match ctx.child(opts, "target", false) {
         Ok(t) => t,
@@ -153,6 +158,12 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
             return Err(e);
         }
     };
+    if let Err(e) = check_options(opts) {
+        ctx.drop_inline(&target);
+        ctx.drop_inline(&file);
+        return Err(e);
+    }
+    let min_cluster = opt_u64(opts, "min-cluster-size").unwrap_or(0);
     let source = ctx.node(&file)?;
     let target_node = ctx.node(&target)?;
     let cluster = target_node
