@@ -499,3 +499,81 @@ fn copy_before_write_setup_matches_qsd() {
     assert_eq!(count(&out, r#""drv":"copy-before-write""#), 1);
     assert_eq!(count(&out, "Dirty bitmap 'b0' not found"), 1);
 }
+
+/// drive-backup creates its target (qcow2 by default, with the
+/// source's backing for sync=top and the source itself for sync=none),
+/// opens it as an implicit node and drops it when the job is gone.
+#[test]
+fn drive_backup_to_new_images_matches_qsd() {
+    let steps = [
+        ADD_TOP,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d1","device":"src","target":"$D/new1.qcow2","sync":"full","auto-finalize":false,"auto-dismiss":false}}"#,
+        "until BLOCK_JOB_PENDING",
+        r#"{"execute":"job-finalize","arguments":{"id":"d1"}}"#,
+        r#"{"execute":"job-dismiss","arguments":{"id":"d1"}}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d2","device":"src","target":"$D/new2.qcow2","sync":"top","auto-finalize":false}}"#,
+        "until BLOCK_JOB_PENDING",
+        r#"{"execute":"job-finalize","arguments":{"id":"d2"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d3","device":"src","target":"$D/new3.raw","sync":"full","format":"raw","auto-finalize":false}}"#,
+        "until BLOCK_JOB_PENDING",
+        r#"{"execute":"job-finalize","arguments":{"id":"d3"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d4","device":"src","target":"$D/new4.qcow2","sync":"none"}}"#,
+        r#"{"execute":"query-block-jobs"}"#,
+        r#"{"execute":"job-cancel","arguments":{"id":"d4"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d5","device":"src","target":"$D/nonexist.qcow2","sync":"full","mode":"existing"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d6","device":"nope","target":"$D/new6.qcow2","sync":"full"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"device":"src","target":"$D/new7.qcow2","sync":"full"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d8","device":"src","target":"$D/new8.qcow2","sync":"incremental"}}"#,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d9","device":"src","target":"$D/new1.qcow2","sync":"full","mode":"existing","x-perf":{"max-workers":2,"max-chunk":131072},"auto-finalize":false}}"#,
+        "until BLOCK_JOB_PENDING",
+        r#"{"execute":"job-finalize","arguments":{"id":"d9"}}"#,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ];
+    let out = same_transcripts(&chain, &steps);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_COMPLETED""#), 4);
+}
+
+/// The images drive-backup made hold what they should.
+#[test]
+fn drive_backup_images_hold_the_source() {
+    let dir = TempDir::new();
+    chain(&dir);
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!(
+            "driver=qcow2,node-name=src,file.driver=file,file.filename={}",
+            dir.s("top.qcow2")
+        ),
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    for (t, sync, fmt) in [
+        ("full.qcow2", "full", "qcow2"),
+        ("top.raw", "top", "raw"),
+        ("full.raw", "full", "raw"),
+    ] {
+        let r = q.cmd(&format!(
+            r#"{{"execute":"drive-backup","arguments":{{"job-id":"d","device":"src","target":"{}","sync":"{sync}","format":"{fmt}","x-perf":{{"max-workers":1,"max-chunk":65536}}}}}}"#,
+            dir.s(t)
+        ));
+        assert!(r.get("return").is_some(), "{r}");
+        wait_no_jobs(&mut q);
+    }
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0));
+    let src = dir.s("top.qcow2");
+    ok(&run("qemu-img", &["compare", &src, &dir.s("full.qcow2")]));
+    ok(&run(
+        "qemu-img",
+        &["compare", "-F", "raw", &src, &dir.s("full.raw")],
+    ));
+    ok(&run("qemu-img", &["check", &dir.s("full.qcow2")]));
+    // sync=top into a raw image: only the top's clusters, zeroes elsewhere.
+    verify(
+        "raw",
+        &dir.s("top.raw"),
+        &["read -P 0 0 2M", "read -P 0x22 2M 1M", "read -P 0 3M 13M"],
+    );
+}
