@@ -289,6 +289,11 @@ fn bad_backup_option_combinations_match_qsd() {
         b(r#""target":"bk","sync":"full","x-perf":{"max-chunk":1000}"#),
         b(r#""target":"bk","sync":"full","x-perf":{"min-cluster-size":1000}"#),
         b(r#""target":"bk","sync":"top","speed":-1"#),
+        b(r#""target":"bk","sync":"full","filter-node-name":"src""#),
+        b(r#""target":"bk","sync":"full","filter-node-name":"9x""#),
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"ro","read-only":true,"file":{"driver":"file","filename":"$D/base.qcow2"}}}"#.into(),
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"j","device":"ro","target":"bk","sync":"full","discard-source":true}}"#.into(),
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"j","device":"src","target":"ro","sync":"full"}}"#.into(),
         r#"{"execute":"blockdev-backup","arguments":{"device":"src","target":"bk","sync":"full"}}"#.into(),
         b(r#""target":"bk","sync":"full","x-perf":{"max-chunk":65536,"max-workers":1,"use-copy-range":true,"min-cluster-size":4096}"#),
         "until \"null\"".into(),
@@ -576,4 +581,43 @@ fn drive_backup_images_hold_the_source() {
         &dir.s("top.raw"),
         &["read -P 0 0 2M", "read -P 0x22 2M 1M", "read -P 0 3M 13M"],
     );
+}
+
+/// discard-source: each cluster copied is discarded in the source (a
+/// source opened with discard=unmap).
+#[test]
+fn discard_source_empties_the_source() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        fleecing_images(&dir);
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=src,discard=unmap,file.driver=file,file.filename={}",
+                dir.s("src.qcow2")
+            ),
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=bk,file.driver=file,file.filename={}",
+                dir.s("tmp.qcow2")
+            ),
+        ]));
+        let mut d = Daemon::spawn(which, &a);
+        let mut q = Qmp::ready(&dir.path("q.sock"));
+        let r = q.cmd(
+            r#"{"execute":"blockdev-backup","arguments":{"job-id":"b","device":"src","target":"bk","sync":"full","discard-source":true}}"#,
+        );
+        assert!(r.get("return").is_some(), "{which:?}: {r}");
+        wait_no_jobs(&mut q);
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+        verify("qcow2", &dir.s("tmp.qcow2"), &["read -P 0x11 0 16M"]);
+        let map = ok(&run(
+            "qemu-img",
+            &["map", "--output=json", &dir.s("src.qcow2")],
+        ));
+        assert!(!map.contains(r#""data": true"#), "{which:?}: {map}");
+        ok(&run("qemu-img", &["check", &dir.s("src.qcow2")]));
+    }
 }

@@ -121,6 +121,14 @@ impl DirtyBitmap {
         self.with(|b| g < b.granules && b.words[(g / 64) as usize] & (1u64 << (g % 64)) != 0)
     }
 
+    /// Some granule the range touches is dirty.
+    pub fn any_set(&self, offset: u64, len: u64) -> bool {
+        self.with(|b| {
+            self.span(b, offset, len)
+                .any(|g| b.words[(g / 64) as usize] & (1u64 << (g % 64)) != 0)
+        })
+    }
+
     /// Dirty bytes (whole granules).
     pub fn dirty_bytes(&self) -> u64 {
         self.with(|b| b.count) * self.granularity

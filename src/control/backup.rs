@@ -217,6 +217,17 @@ impl ControlState {
         if source.size() != target.size() {
             return err("Source and target image have different sizes".into());
         }
+        // rsd puts no filter node above the source (differences entry),
+        // but the name is checked as QEMU checks the filter's.
+        if let Some(f) = args.get("filter-node-name").and_then(Value::as_str) {
+            crate::block::graph::check_node_name(f)
+                .map_err(|e| QmpError::generic(format!("Could not create node: {e}")))?;
+            if self.block.find(f).is_some() {
+                return err(format!(
+                    "Could not create node: Duplicate nodes with node-name='{f}'"
+                ));
+            }
+        }
         if perf.min_cluster != 0
             && (!perf.min_cluster.is_power_of_two() || perf.min_cluster > MAX_MIN_CLUSTER)
         {
@@ -230,18 +241,10 @@ impl ControlState {
             .cluster_size()
             .map_or(65536, |c| c.clamp(65536, 1 << 20))
             .max(perf.min_cluster);
-        if perf.max_chunk != 0 && perf.max_chunk < cluster {
-            return err(format!(
-                "Required max-chunk ({}) is less than backup cluster size ({cluster})",
-                perf.max_chunk
-            ));
-        }
-        let (job_id, speed) = self.job_id_and_speed(args)?;
-        let discard_source = args.get("discard-source").and_then(Value::as_bool) == Some(true);
         let desc = format!("{JOB_USER}backup");
-        // The target is shared for writes, as QEMU's copy-before-write
-        // shares it: a fleecing image's backing is the source, written by
-        // the guest.
+        // Where QEMU creates its filter: the target is taken for writes
+        // and shared for them, as QEMU's copy-before-write shares it (a
+        // fleecing image's backing is the source, written by the guest).
         let t = self
             .block
             .add_user(
@@ -250,7 +253,24 @@ impl ControlState {
                 Perm::WRITE,
                 Perm::ALL.without(Perm::RESIZE),
             )
-            .map_err(QmpError::generic)?;
+            .map_err(|e| QmpError::generic(format!("Could not create node: {e}")))?;
+        if perf.max_chunk != 0 && perf.max_chunk < cluster {
+            self.block.remove_user(t);
+            return err(format!(
+                "Required max-chunk ({}) is less than backup cluster size ({cluster})",
+                perf.max_chunk
+            ));
+        }
+        let (job_id, speed) = match self.job_id_and_speed(args) {
+            Ok(j) => j,
+            Err(e) => {
+                self.block.remove_user(t);
+                return Err(e);
+            }
+        };
+        let discard_source = args.get("discard-source").and_then(Value::as_bool) == Some(true);
+        // discard-source writes the source: QEMU's job takes that once
+        // it exists.
         let src_perm = if discard_source {
             Perm::CONSISTENT_READ.union(Perm::WRITE)
         } else {
@@ -260,6 +280,7 @@ impl ControlState {
             Ok(s) => s,
             Err(e) => {
                 self.block.remove_user(t);
+                self.stillborn_job(&job_id);
                 return err(e);
             }
         };
