@@ -228,13 +228,14 @@ impl ControlState {
                 ));
             }
         }
-        if perf.min_cluster != 0
-            && (!perf.min_cluster.is_power_of_two() || perf.min_cluster > MAX_MIN_CLUSTER)
-        {
+        if perf.min_cluster != 0 && !perf.min_cluster.is_power_of_two() {
             return err(
                 "Could not create node: Cannot create block-copy-state: min-cluster-size needs to be a power of 2"
                     .into(),
             );
+        }
+        if perf.min_cluster > MAX_MIN_CLUSTER {
+            return err("Could not create node: rsd limits min-cluster-size to 64 MiB".into());
         }
         let cluster = target
             .driver
