@@ -438,9 +438,9 @@ fn fleecing_with_a_backup_job_keeps_the_point_in_time() {
 const CBW_SETUP: [&str; 5] = [
     r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"file","filename":"$D/tmp.qcow2"}}}"#,
     r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tmp"}}"#,
-    r#"{"execute":"blockdev-add","arguments":{"driver":"snapshot-access","node-name":"acc","file":"cbw"}}"#,
+    r#"{"execute":"blockdev-add","arguments":{"driver":"snapshot-access","node-name":"acc","discard":"unmap","file":"cbw"}}"#,
     r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"live","node-name":"cbw","writable":true}}"#,
-    r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"fl","node-name":"acc"}}"#,
+    r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"fl","node-name":"acc","writable":true}}"#,
 ];
 
 /// Fleecing with the copy-before-write filter and snapshot-access.
@@ -451,15 +451,36 @@ fn fleecing_with_copy_before_write_keeps_the_point_in_time() {
         fleecing_images(&dir);
         let (mut d, mut q) = fleecing_daemon(which, &dir, &CBW_SETUP);
         check_view(&dir, "cbw", "acc");
-        // A discarded range of the view is gone; the rest still reads.
+        // A discarded range of the view is gone (reads fail: EACCES,
+        // which NBD carries as EINVAL); the rest still reads.
         let url = format!("nbd+unix:///acc?socket={}", dir.s("n.sock"));
         let out = run(
             "qemu-io",
-            &["-f", "raw", "-c", "discard 0 1M", "-c", "read 0 64k", &url],
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "discard 0 1M",
+                "-c",
+                "read 0 64k",
+                "-c",
+                "read 960k 64k",
+                "-c",
+                "write 2M 64k",
+                &url,
+            ],
         );
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
-        assert!(text.contains("Permission denied"), "{which:?}: {text}");
+        assert_eq!(
+            text.matches("read failed: Invalid argument").count(),
+            2,
+            "{which:?}: {text}"
+        );
+        assert!(
+            text.contains("write failed: Operation not supported"),
+            "{which:?}: {text}"
+        );
         verify("raw", &url, &["read -P 0x11 1M 15M"]);
         for s in [
             r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#,
@@ -619,5 +640,61 @@ fn discard_source_empties_the_source() {
         ));
         assert!(!map.contains(r#""data": true"#), "{which:?}: {map}");
         ok(&run("qemu-img", &["check", &dir.s("src.qcow2")]));
+    }
+}
+
+/// on-cbw-error: when the copy to the target fails, break-guest-write
+/// (the default) fails the guest's write and keeps the view whole;
+/// break-snapshot lets the write through and the view's reads fail.
+#[test]
+fn copy_before_write_errors_follow_on_cbw_error() {
+    for which in Which::all() {
+        for (policy, write_ok) in [("break-guest-write", false), ("break-snapshot", true)] {
+            let dir = TempDir::new();
+            fleecing_images(&dir);
+            let cbw = format!(
+                r#"{{"execute":"blockdev-add","arguments":{{"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tmp","on-cbw-error":"{policy}","cbw-timeout":30}}}}"#
+            );
+            let (mut d, mut q) = fleecing_daemon(
+                which,
+                &dir,
+                &[
+                    r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"blkdebug","image":{"driver":"file","filename":"$D/tmp.qcow2"},"inject-error":[{"event":"pwritev","errno":5}]}}}"#,
+                    &cbw,
+                    CBW_SETUP[2],
+                    CBW_SETUP[3],
+                    CBW_SETUP[4],
+                ],
+            );
+            let url = |e: &str| format!("nbd+unix:///{e}?socket={}", dir.s("n.sock"));
+            let out = run(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 0x77 1M 64k", &url("cbw")],
+            );
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            if write_ok {
+                assert!(text.contains("wrote 65536/65536"), "{which:?}: {text}");
+                verify("raw", &url("cbw"), &["read -P 0x77 1M 64k"]);
+                let out = run(
+                    "qemu-io",
+                    &["-r", "-f", "raw", "-c", "read 0 64k", &url("acc")],
+                );
+                let text = String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr);
+                assert!(text.contains("read failed"), "{which:?}: {text}");
+            } else {
+                assert!(
+                    text.contains("write failed: Input/output error"),
+                    "{which:?}: {text}"
+                );
+                verify("raw", &url("acc"), &["read -P 0x11 0 16M"]);
+                verify("raw", &url("cbw"), &["read -P 0x11 0 16M"]);
+            }
+            let r = q.cmd(r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#);
+            assert!(r.get("return").is_some(), "{which:?}: {r}");
+            q.send(br#"{"execute":"quit"}"#);
+            assert!(d.wait_exit(20).is_some());
+        }
     }
 }

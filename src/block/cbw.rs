@@ -239,11 +239,12 @@ impl Driver for SnapshotAccess {
         Box::pin(async { Err(BlockError::unsupported("Operation not supported")) })
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
-        // Everything reads as data, as QEMU's snapshot-access reports.
-        let size = self.size();
+        // What the view can read is data, as QSD reports it; what it
+        // cannot (discarded, or a broken view) fails.
+        let len = len.min(self.size().saturating_sub(offset)).max(1);
         Box::pin(async move {
             Ok(Extent {
-                len: len.min(size.saturating_sub(offset)).max(1),
+                len: self.copier()?.view_extent(offset, len)?,
                 data: true,
                 zero: false,
                 depth: 1,

@@ -176,6 +176,22 @@ impl Copier {
         self.check_view()
     }
 
+    /// How much of `off..off+len` the view can still read from `off` on
+    /// (block status of the view); fails where it cannot.
+    pub fn view_extent(&self, off: u64, len: u64) -> BlockResult<u64> {
+        self.check_view()?;
+        if self.gone.is_set(off) {
+            return Err(BlockError::new(nix::libc::EACCES, "Permission denied"));
+        }
+        let g = self.cluster();
+        let end = off.saturating_add(len);
+        let mut next = (off / g + 1) * g;
+        while next < end && !self.gone.is_set(next) {
+            next += g;
+        }
+        Ok(next.min(end) - off)
+    }
+
     /// The view no longer needs the clusters wholly inside
     /// `off..off+len`: they are not copied any more and the target may
     /// drop them.
@@ -196,8 +212,9 @@ impl Copier {
         Ok(())
     }
 
-    /// The dirty bitmaps QEMU shows on a copy-before-write node: what is
-    /// left to copy, what was copied, and what the view can still read.
+    /// The dirty bitmaps QEMU shows on a copy-before-write node, newest
+    /// first: what the view can still read, what was copied, and what
+    /// is left to copy.
     pub fn bitmaps_info(&self, size: u64) -> Vec<serde_json::Value> {
         let g = self.cluster();
         let info = |count: u64| {
@@ -206,9 +223,9 @@ impl Copier {
         };
         let whole = size.div_ceil(g) * g;
         vec![
-            info(self.todo.dirty_bytes()),
-            info(self.done.load(Ordering::Relaxed)),
             info(whole.saturating_sub(self.gone.dirty_bytes())),
+            info(self.done.load(Ordering::Relaxed)),
+            info(self.todo.dirty_bytes()),
         ]
     }
 }
