@@ -555,9 +555,14 @@ fn drive_backup_to_new_images_matches_qsd() {
         "until BLOCK_JOB_PENDING",
         r#"{"execute":"job-finalize","arguments":{"id":"d9"}}"#,
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        // Nothing below the source: sync=top copies everything.
+        ADD_BK,
+        r#"{"execute":"drive-backup","arguments":{"job-id":"d10","device":"bk","target":"$D/new10.qcow2","sync":"top","auto-finalize":false}}"#,
+        "until BLOCK_JOB_PENDING",
+        r#"{"execute":"job-finalize","arguments":{"id":"d10"}}"#,
     ];
     let out = same_transcripts(&chain, &steps);
-    assert_eq!(count(&out, r#""event":"BLOCK_JOB_COMPLETED""#), 4);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_COMPLETED""#), 5);
 }
 
 /// The images drive-backup made hold what they should.

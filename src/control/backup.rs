@@ -121,14 +121,19 @@ impl ControlState {
             .to_string();
         let size = src.node.size();
         let file = arg_str(args, "target").to_string();
-        let sync = arg_str(args, "sync").to_string();
+        let mut sync = arg_str(args, "sync").to_string();
+        let src_backing = self
+            .block
+            .child_of(src, "backing")
+            .map(|b| (b.name.clone(), self.block.filename(b), b.node.driver.name()));
+        // With nothing below the source, top is full (as in QEMU).
+        if sync == "top" && src_backing.is_none() {
+            sync = "full".into();
+        }
         // The image the target's header names as its backing file, and
         // the node the target opens as its backing.
         let backing = match sync.as_str() {
-            "top" => self
-                .block
-                .child_of(src, "backing")
-                .map(|b| (b.name.clone(), self.block.filename(b), b.node.driver.name())),
+            "top" => src_backing,
             "none" => Some((
                 src.name.clone(),
                 self.block.filename(src),
@@ -176,8 +181,10 @@ impl ControlState {
             .block
             .add_implicit(&self.objects, &opts)
             .map_err(QmpError::generic)?;
+        let mut args = args.clone();
+        args.insert("sync".into(), json!(sync));
         let r = self
-            .start_backup(args, &device, &target, Some(target.clone()))
+            .start_backup(&args, &device, &target, Some(target.clone()))
             .await;
         if r.is_err() {
             self.block.release_unused(&target);
@@ -384,7 +391,9 @@ fn not_found(name: &str) -> QmpError {
     ))
 }
 
+/// A raw image of `size` bytes, announced as QEMU announces it.
 fn create_raw(file: &str, size: u64) -> QmpResult<()> {
+    println!("Formatting '{file}', fmt=raw size={size}");
     let f = std::fs::File::create(file).map_err(|e| {
         QmpError::generic(format!(
             "Could not create '{file}': {}",
