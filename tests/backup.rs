@@ -513,6 +513,7 @@ fn copy_before_write_setup_matches_qsd() {
     ]);
     steps.extend([
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        r#"{"execute":"query-named-block-nodes"}"#,
         r#"{"execute":"block_resize","arguments":{"node-name":"src","size":33554432}}"#,
         r#"{"execute":"blockdev-del","arguments":{"node-name":"cbw"}}"#,
         r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#,
@@ -522,7 +523,7 @@ fn copy_before_write_setup_matches_qsd() {
         r#"{"execute":"blockdev-del","arguments":{"node-name":"tmp"}}"#,
     ]);
     let out = same_transcripts(&fleecing_images, &steps);
-    assert_eq!(count(&out, r#""drv":"copy-before-write""#), 1);
+    assert_eq!(count(&out, r#""drv":"copy-before-write""#), 2);
     assert_eq!(count(&out, "Dirty bitmap 'b0' not found"), 1);
 }
 

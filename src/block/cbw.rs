@@ -122,6 +122,10 @@ impl Driver for Cbw {
     fn cluster_size(&self) -> Option<u64> {
         Some(self.copier.cluster())
     }
+    /// A filter of its `file`, as in QEMU (shown nested below it).
+    fn is_filter(&self) -> bool {
+        true
+    }
     fn dirty_bitmaps(&self) -> Vec<Value> {
         self.copier.bitmaps_info(self.size())
     }
