@@ -514,6 +514,7 @@ fn copy_before_write_setup_matches_qsd() {
     steps.extend([
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
         r#"{"execute":"query-named-block-nodes"}"#,
+        r#"{"execute":"x-debug-query-block-graph"}"#,
         r#"{"execute":"block_resize","arguments":{"node-name":"src","size":33554432}}"#,
         r#"{"execute":"blockdev-del","arguments":{"node-name":"cbw"}}"#,
         r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#,
