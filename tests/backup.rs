@@ -246,9 +246,12 @@ fn sync_none_runs_until_cancelled_as_in_qsd() {
         r#"{"execute":"job-cancel","arguments":{"id":"b2"}}"#,
         r#"{"execute":"query-jobs"}"#,
         r#"{"execute":"job-dismiss","arguments":{"id":"b2"}}"#,
+        // quit cancels a running one.
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"b3","device":"src","target":"bk","sync":"none"}}"#,
+        r#"{"execute":"quit"}"#,
     ];
     let out = same_transcripts(&chain, &steps);
-    assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 2);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 3);
     assert_eq!(count(&out, r#""error":"Operation canceled""#), 1);
 }
 

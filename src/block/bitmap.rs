@@ -182,4 +182,19 @@ mod tests {
         odd.set_all();
         assert_eq!(odd.dirty_bytes(), 2 * 65536);
     }
+
+    #[test]
+    fn single_granules_and_ranges() {
+        let b = DirtyBitmap::new(1 << 20, 65536);
+        b.set(65536 * 3, 1);
+        assert!(b.is_set(65536 * 3 + 100));
+        assert!(!b.is_set(65536 * 4));
+        // Past the end is never set.
+        assert!(!b.is_set(1 << 30));
+        // A range touching the granule by one byte sees it.
+        assert!(b.any_set(65536 * 4 - 1, 2));
+        assert!(!b.any_set(0, 65536 * 3));
+        assert!(!b.any_set(65536 * 4, 1 << 30));
+        assert!(!b.any_set(65536 * 3, 0));
+    }
 }
