@@ -708,3 +708,26 @@ fn copy_before_write_errors_follow_on_cbw_error() {
         }
     }
 }
+
+/// Cancelling a backup that only waits (sync=none, or a full one
+/// sleeping off its speed limit), running or paused, ends it before the
+/// reply, as in QSD; a speed-limited job copies one chunk, then sleeps.
+#[test]
+fn cancelling_waiting_backups_matches_qsd() {
+    let steps = [
+        ADD_TOP,
+        ADD_BK,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"j","device":"src","target":"bk","sync":"none"}}"#,
+        r#"{"execute":"job-pause","arguments":{"id":"j"}}"#,
+        r#"{"execute":"job-cancel","arguments":{"id":"j"}}"#,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"k","device":"src","target":"bk","sync":"full","speed":1}}"#,
+        r#"{"execute":"query-block-jobs"}"#,
+        r#"{"execute":"job-pause","arguments":{"id":"k"}}"#,
+        r#"{"execute":"job-cancel","arguments":{"id":"k"}}"#,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"l","device":"src","target":"bk","sync":"full","speed":1}}"#,
+        r#"{"execute":"block-job-cancel","arguments":{"device":"l"}}"#,
+    ];
+    let out = same_transcripts(&chain, &steps);
+    assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 3);
+    assert_eq!(count(&out, r#""offset":1048576"#), 3);
+}

@@ -135,7 +135,9 @@ async fn until_cancelled(sh: Arc<Shared>, b: Backup) -> Result<(), String> {
 
 async fn run(sh: Arc<Shared>, b: Backup, total: u64) -> Result<(), String> {
     let c = &b.copier;
-    let mut pace = Pace::new(c.chunk);
+    // No burst: a chunk goes, and the next once its time is paid, as
+    // QSD's backup does (it copies one chunk, then sleeps).
+    let mut pace = Pace::new(1);
     let mut cursor = 0;
     let mut copies: JoinSet<Done> = JoinSet::new();
     let mut inflight: Vec<u64> = Vec::new();
@@ -178,29 +180,35 @@ async fn run(sh: Arc<Shared>, b: Backup, total: u64) -> Result<(), String> {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            Some(done) = copies.join_next(), if !copies.is_empty() => {
-                let (off, end, r) = done.map_err(|e| format!("internal error: {e}"))?;
-                inflight.retain(|o| *o != off);
-                if copies.is_empty() {
-                    sh.set_busy(false);
-                }
-                if let Err((op, e)) = r {
-                    let policy = if op == "read" {
-                        b.on_source_error
-                    } else {
-                        b.on_target_error
-                    };
-                    match sh.io_error(op, policy, e.errno) {
-                        ErrorAction::Report => return Err(strerror(&e)),
-                        ErrorAction::Ignore => c.todo.clear(off, end - off),
-                        // Copied again after the resume.
-                        ErrorAction::Stop => cursor = cursor.min(off),
-                    }
+        // Only waiting (its rate limit, or a verb): a cancel may end the
+        // job at once, before its reply, as QEMU's sleeping job ends.
+        sh.ends_on_cancel
+            .store(copies.is_empty(), Ordering::Release);
+        let woken = tokio::select! {
+            Some(done) = copies.join_next(), if !copies.is_empty() => Some(done),
+            _ = &mut verb => None,
+            _ = pause => None,
+        };
+        sh.ends_on_cancel.store(false, Ordering::Release);
+        if let Some(done) = woken {
+            let (off, end, r) = done.map_err(|e| format!("internal error: {e}"))?;
+            inflight.retain(|o| *o != off);
+            if copies.is_empty() {
+                sh.set_busy(false);
+            }
+            if let Err((op, e)) = r {
+                let policy = if op == "read" {
+                    b.on_source_error
+                } else {
+                    b.on_target_error
+                };
+                match sh.io_error(op, policy, e.errno) {
+                    ErrorAction::Report => return Err(strerror(&e)),
+                    ErrorAction::Ignore => c.todo.clear(off, end - off),
+                    // Copied again after the resume.
+                    ErrorAction::Stop => cursor = cursor.min(off),
                 }
             }
-            _ = &mut verb => {}
-            _ = pause => {}
         }
     }
     sh.set_busy(false);
