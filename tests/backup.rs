@@ -701,8 +701,6 @@ fn copy_before_write_errors_follow_on_cbw_error() {
                 verify("raw", &url("acc"), &["read -P 0x11 0 16M"]);
                 verify("raw", &url("cbw"), &["read -P 0x11 0 16M"]);
             }
-            let r = q.cmd(r#"{"execute":"block-export-del","arguments":{"id":"fl"}}"#);
-            assert!(r.get("return").is_some(), "{which:?}: {r}");
             q.send(br#"{"execute":"quit"}"#);
             assert!(d.wait_exit(20).is_some());
         }
@@ -730,4 +728,81 @@ fn cancelling_waiting_backups_matches_qsd() {
     let out = same_transcripts(&chain, &steps);
     assert_eq!(count(&out, r#""event":"BLOCK_JOB_CANCELLED""#), 3);
     assert_eq!(count(&out, r#""offset":1048576"#), 3);
+}
+
+/// cbw-timeout: a copy to a target that stopped answering (a qemu-nbd
+/// server under SIGSTOP) fails the guest write after the timeout, or
+/// with break-snapshot lets it through and breaks the view.
+#[test]
+fn copy_before_write_timeout_follows_on_cbw_error() {
+    for which in Which::all() {
+        for (policy, write_ok) in [("break-guest-write", false), ("break-snapshot", true)] {
+            let dir = TempDir::new();
+            fleecing_images(&dir);
+            let mut server = std::process::Command::new("qemu-nbd")
+                .args(["-k", &dir.s("t.sock"), "-f", "qcow2", &dir.s("tmp.qcow2")])
+                .spawn()
+                .expect("qemu-nbd");
+            assert!(wait_for_path(&dir.path("t.sock"), 10));
+            let pid = server.id() as i32;
+            let target = format!(
+                r#"{{"execute":"blockdev-add","arguments":{{"driver":"nbd","node-name":"tmp","server":{{"type":"unix","path":"{}"}}}}}}"#,
+                dir.s("t.sock")
+            );
+            let cbw = format!(
+                r#"{{"execute":"blockdev-add","arguments":{{"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tmp","on-cbw-error":"{policy}","cbw-timeout":1}}}}"#
+            );
+            let (mut d, _q) = fleecing_daemon(
+                which,
+                &dir,
+                &[&target, &cbw, CBW_SETUP[2], CBW_SETUP[3], CBW_SETUP[4]],
+            );
+            let url = |e: &str| format!("nbd+unix:///{e}?socket={}", dir.s("n.sock"));
+            let write = |at: &str| {
+                let out = run(
+                    "qemu-io",
+                    &[
+                        "-f",
+                        "raw",
+                        "-c",
+                        &format!("write -P 0x77 {at} 64k"),
+                        &url("cbw"),
+                    ],
+                );
+                String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr)
+            };
+            assert!(write("0").contains("wrote"), "{which:?}");
+            unsafe_kill(pid, nix::libc::SIGSTOP);
+            let started = std::time::Instant::now();
+            let text = write("1M");
+            let took = started.elapsed();
+            unsafe_kill(pid, nix::libc::SIGCONT);
+            assert!(
+                took >= std::time::Duration::from_millis(900),
+                "{which:?}: {took:?}"
+            );
+            if write_ok {
+                assert!(text.contains("wrote 65536/65536"), "{which:?}: {text}");
+                let out = run(
+                    "qemu-io",
+                    &["-r", "-f", "raw", "-c", "read 0 64k", &url("acc")],
+                );
+                let t = String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr);
+                assert!(t.contains("read failed"), "{which:?}: {t}");
+            } else {
+                // ETIMEDOUT, which NBD carries as EINVAL.
+                assert!(
+                    text.contains("write failed: Invalid argument"),
+                    "{which:?}: {text}"
+                );
+                verify("raw", &url("acc"), &["read -P 0x11 0 16M"]);
+            }
+            d.signal(nix::libc::SIGTERM);
+            assert!(d.wait_exit(20).is_some());
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
 }

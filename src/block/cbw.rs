@@ -36,16 +36,25 @@ impl Cbw {
     /// Copy-before-write for `off..off+len`, with the filter's timeout
     /// and error policy.
     async fn before_write(&self, off: u64, len: u64) -> BlockResult<()> {
-        let copy = self.copier.before_write(off, len);
         let r = match self.timeout {
-            Some(t) => match tokio::time::timeout(t, copy).await {
-                Ok(r) => r,
-                Err(_) => Err(BlockError::new(
-                    nix::libc::ETIMEDOUT,
-                    "Connection timed out",
-                )),
-            },
-            None => copy.await,
+            // The copy goes on after a timeout (as QEMU's does): a
+            // request is never dropped halfway.
+            Some(t) => {
+                let copier = self.copier.clone();
+                let copy = tokio::spawn(async move { copier.before_write(off, len).await });
+                match tokio::time::timeout(t, copy).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(BlockError::new(
+                        nix::libc::EIO,
+                        format!("internal error: {e}"),
+                    )),
+                    Err(_) => Err(BlockError::new(
+                        nix::libc::ETIMEDOUT,
+                        "Connection timed out",
+                    )),
+                }
+            }
+            None => self.copier.before_write(off, len).await,
         };
         match r {
             Err(e) if self.break_snapshot => {
