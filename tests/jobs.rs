@@ -54,6 +54,22 @@ pub fn transcript(which: Which, setup: &dyn Fn(&TempDir), steps: &[&str]) -> Vec
             }
             continue;
         }
+        // "sh CMD": a shell command between requests (writes through
+        // an export, a client's view); it must succeed, and its output
+        // is part of the transcript.
+        if let Some(cmd) = s.strip_prefix("sh ") {
+            let o = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd.replace("$D", &d))
+                .output()
+                .expect("sh");
+            assert!(o.status.success(), "{which:?}: {cmd}: {o:?}");
+            out.push(format!("$ {cmd}"));
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                out.push(mask(&format!("| {l}"), &dir));
+            }
+            continue;
+        }
         out.push(format!(">> {s}"));
         q.send(s.replace("$D", &d).as_bytes());
         let mut replied = false;

@@ -3,12 +3,15 @@
 mod common;
 
 mod backup;
+mod bitmaps;
 
 mod commit;
 
 mod block;
 mod cli;
+mod fuse;
 mod job_errors;
+mod job_speed;
 mod jobs;
 mod mirror;
 mod nbd;

@@ -246,3 +246,116 @@ fn nbd_node_reconnects_within_the_delay() {
     let _ = srv.kill();
     let _ = srv.wait();
 }
+
+/// A mirror from one rsd to another over TCP survives the target daemon
+/// being killed mid-copy and started again within reconnect-delay: the
+/// job waits, goes on, reaches READY, and the target equals the source,
+/// including what a client wrote to the source while the target was down.
+/// (The target image is raw: what the killed daemon had acknowledged is
+/// in the page cache, so the kill loses nothing the mirror counted.)
+#[test]
+fn mirror_survives_target_restart() {
+    let dir = TempDir::new();
+    let (src, tgt) = (dir.s("src.qcow2"), dir.s("tgt.raw"));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &src, "32M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 0 24M", &src],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &tgt, "32M"],
+    ));
+    let port = free_port().to_string();
+    let target_args = |name: &str| {
+        let mut b = monitor_args(&dir.s(name));
+        b.extend(args(&[
+            "--blockdev",
+            &format!("driver=raw,node-name=tgt,file.driver=file,file.filename={tgt}"),
+            "--nbd-server",
+            &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+            "--export",
+            "type=nbd,id=t,node-name=tgt,writable=on",
+        ]));
+        b
+    };
+    let mut db = Daemon::spawn(Which::Rsd, &target_args("b.sock"));
+    let _qb = Qmp::ready(&dir.path("b.sock"));
+    let mut a = monitor_args(&dir.s("a.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=src,file.driver=file,file.filename={src}"),
+        "--blockdev",
+        &format!("driver=nbd,node-name=remote,server.type=inet,server.host=127.0.0.1,server.port={port},export=tgt,reconnect-delay=60"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("front.sock")),
+        "--export",
+        "type=nbd,id=s,node-name=src,writable=on",
+    ]));
+    let mut da = Daemon::spawn(Which::Rsd, &a);
+    let mut qa = Qmp::ready(&dir.path("a.sock"));
+    // Slow enough that the kill lands mid-copy.
+    let r = qa.cmd(r#"{"execute":"blockdev-mirror","arguments":{"job-id":"m","device":"src","target":"remote","sync":"full","speed":4194304}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    let offset = |q: &mut Qmp| {
+        let r = q.cmd(r#"{"execute":"query-block-jobs"}"#);
+        r["return"][0]["offset"].as_u64().unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while offset(&mut qa) < 2 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror made no progress"
+        );
+        std::thread::yield_now();
+    }
+    let _ = db.child.kill();
+    let _ = db.child.wait();
+    let at_kill = offset(&mut qa);
+    assert!(
+        at_kill < 24 << 20,
+        "the copy ended before the kill: {at_kill}"
+    );
+    // The source changes while the target is away.
+    let url = format!("nbd+unix:///src?socket={}", dir.s("front.sock"));
+    let out = ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 1M 1M", &url],
+    ));
+    assert!(!out.contains("fail"), "{out}");
+    // Full speed while the target is away: the job's next writes find
+    // the connection gone and wait for it (without reconnect-delay they
+    // would fail the job at once).
+    let r = qa.cmd(r#"{"execute":"block-job-set-speed","arguments":{"device":"m","speed":0}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(700);
+    while std::time::Instant::now() < until {
+        let r = qa.cmd(r#"{"execute":"query-block-jobs"}"#);
+        assert_eq!(r["return"][0]["status"], "running", "{r}");
+        assert!(r["return"][0]["offset"].as_u64() < Some(24 << 20), "{r}");
+        std::thread::yield_now();
+    }
+    let _ = std::fs::remove_file(dir.path("b.sock"));
+    let mut db = Daemon::spawn(Which::Rsd, &target_args("b.sock"));
+    let _qb = Qmp::ready(&dir.path("b.sock"));
+    wait_ready(&mut qa);
+    let r = qa.cmd(r#"{"execute":"job-complete","arguments":{"id":"m"}}"#);
+    assert!(r.get("return").is_some(), "{r}");
+    wait_no_jobs(&mut qa);
+    qa.send(br#"{"execute":"quit"}"#);
+    assert_eq!(da.wait_exit(20), Some(0));
+    db.signal(15);
+    assert_eq!(db.wait_exit(20), Some(0));
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", &src, &tgt],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+}

@@ -625,3 +625,421 @@ fn reopen_read_only_moves_the_image_locks_as_in_qsd() {
         assert!(!out.contains("failed"), "{which:?}: {out}");
     }
 }
+
+/// The times in SnapshotInfo (date and VM clock) differ from run to run.
+fn mask_times(line: &str) -> String {
+    let mut out = line.to_string();
+    for key in [
+        "\"date-sec\": ",
+        "\"date-nsec\": ",
+        "\"vm-clock-sec\": ",
+        "\"vm-clock-nsec\": ",
+    ] {
+        let mut s = String::new();
+        let mut rest = out.as_str();
+        while let Some(p) = rest.find(key) {
+            s.push_str(&rest[..p + key.len()]);
+            rest = &rest[p + key.len()..];
+            let n = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+            s.push('T');
+            rest = &rest[n..];
+        }
+        s.push_str(rest);
+        out = s;
+    }
+    out
+}
+
+/// blockdev-snapshot-internal-sync and -delete-internal-sync: replies,
+/// errors and the snapshot list in query-named-block-nodes as QSD gives
+/// them.
+#[test]
+fn internal_snapshots_match_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("a.qcow2"), "4M"],
+        ));
+        ok(&run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x11 0 1M", &d.s("a.qcow2")],
+        ));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &d.s("b.raw"), "4M"],
+        ));
+    };
+    let make = |dev: &str, name: &str| {
+        format!(
+            r#"{{"execute":"blockdev-snapshot-internal-sync","arguments":{{"device":"{dev}","name":"{name}"}}}}"#
+        )
+    };
+    let del = |args: &str| {
+        format!(r#"{{"execute":"blockdev-snapshot-delete-internal-sync","arguments":{{{args}}}}}"#)
+    };
+    let steps = [
+        make("a", "s1"),
+        make("a", "s1"),
+        make("a", ""),
+        make("nope", "s2"),
+        make("b", "s2"),
+        make("braw", "s2"),
+        make("ro", "s2"),
+        make("a", "s2"),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string(),
+        del(r#""device":"a","name":"zz""#),
+        del(r#""device":"a""#),
+        del(r#""device":"braw","name":"s1""#),
+        del(r#""device":"b","name":"s1""#),
+        del(r#""device":"a","id":"1","name":"s2""#),
+        del(r#""device":"a","id":"1""#),
+        del(r#""device":"a","name":"s1""#),
+        make("a", "s3"),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let extra = [
+        "--blockdev",
+        "driver=qcow2,node-name=a,file.driver=file,file.filename=$D/a.qcow2",
+        "--blockdev",
+        "driver=file,node-name=b,filename=$D/b.raw",
+        "--blockdev",
+        "driver=raw,node-name=braw,file=b",
+        "--blockdev",
+        "driver=qcow2,node-name=ro,read-only=on,file.driver=file,file.filename=$D/a.qcow2,file.locking=off",
+    ];
+    let mut all = Vec::new();
+    for which in Which::all() {
+        let out = scenario(which, &setup, &extra, &steps).expect("daemon starts");
+        all.push(out.iter().map(|l| mask_times(l)).collect::<Vec<_>>());
+    }
+    let rsd = &all[0];
+    assert!(
+        rsd[1].contains("Snapshot with name 's1' already exists on device 'a'"),
+        "{rsd:#?}"
+    );
+    assert!(
+        rsd[8].contains(r#""name": "s2""#) && rsd[8].contains(r#""id": "2""#),
+        "{rsd:#?}"
+    );
+    assert!(rsd[14].contains(r#""id": "1""#), "{rsd:#?}");
+    assert!(rsd[17].contains(r#""id": "3""#), "{rsd:#?}");
+    if all.len() == 2 {
+        for (i, (a, b)) in all[0].iter().zip(&all[1]).enumerate() {
+            assert_eq!(mask_sizes(a), mask_sizes(b), "step {i}: {}", steps[i]);
+        }
+    }
+}
+
+/// actual-size depends on the filesystem.
+fn mask_sizes(line: &str) -> String {
+    let key = "\"actual-size\": ";
+    let mut s = String::new();
+    let mut rest = line;
+    while let Some(p) = rest.find(key) {
+        s.push_str(&rest[..p + key.len()]);
+        rest = &rest[p + key.len()..];
+        let n = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        s.push('N');
+        rest = &rest[n..];
+    }
+    s.push_str(rest);
+    s
+}
+
+/// Internal snapshots made and deleted by rsd while a client writes over
+/// NBD: `qemu-img check` finds the image clean (nothing leaked), and
+/// `qemu-img snapshot` lists and restores what rsd wrote; a snapshot
+/// qemu-img made is deleted cleanly too.
+#[test]
+fn internal_snapshots_are_what_qemu_img_reads() {
+    let dir = TempDir::new();
+    let img = dir.s("a.qcow2");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img, "8M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 4M", &img],
+    ));
+    ok(&run("qemu-img", &["snapshot", "-c", "s0", &img]));
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=a,file.driver=file,file.filename={img}"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+        "--export",
+        "type=nbd,id=e,node-name=a,writable=on",
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let url = format!("nbd+unix:///a?socket={}", dir.s("n.sock"));
+    let io = |cmds: &[&str]| {
+        let mut argv = vec!["-f", "raw"];
+        for c in cmds {
+            argv.extend(["-c", c]);
+        }
+        argv.push(&url);
+        let out = ok(&run("qemu-io", &argv));
+        assert!(!out.contains("fail"), "{out}");
+    };
+    let cmd = |q: &mut Qmp, s: &str| {
+        let r = q.cmd(s);
+        assert!(r.get("return").is_some(), "{s}: {r}");
+        r
+    };
+    cmd(
+        &mut q,
+        r#"{"execute":"blockdev-snapshot-internal-sync","arguments":{"device":"a","name":"s1"}}"#,
+    );
+    io(&["write -P 0x22 0 2M", "write -P 0x33 6M 1M"]);
+    cmd(
+        &mut q,
+        r#"{"execute":"blockdev-snapshot-internal-sync","arguments":{"device":"a","name":"s2"}}"#,
+    );
+    io(&[
+        "write -P 0x44 1M 1M",
+        "read -P 0x22 0 1M",
+        "read -P 0x11 2M 2M",
+    ]);
+    let r = cmd(
+        &mut q,
+        r#"{"execute":"blockdev-snapshot-delete-internal-sync","arguments":{"device":"a","name":"s1"}}"#,
+    );
+    assert_eq!(r["return"]["name"], "s1", "{r}");
+    let r = cmd(
+        &mut q,
+        r#"{"execute":"blockdev-snapshot-delete-internal-sync","arguments":{"device":"a","name":"s0"}}"#,
+    );
+    assert_eq!(r["return"]["id"], "1", "{r}");
+    io(&[
+        "write -P 0x55 7M 64k",
+        "read -P 0x44 1M 1M",
+        "read -P 0x33 6M 1M",
+    ]);
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0));
+    let check = run("qemu-img", &["check", &img]);
+    let text = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(check.status.success(), "{text}");
+    assert!(text.contains("No errors were found"), "{text}");
+    assert!(!text.contains("leaked"), "{text}");
+    let list = ok(&run("qemu-img", &["snapshot", "-l", &img]));
+    assert!(list.contains("s2"), "{list}");
+    assert!(!list.contains("s1") && !list.contains("s0"), "{list}");
+    let now = ok(&run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x22 0 1M",
+            "-c",
+            "read -P 0x44 1M 1M",
+            "-c",
+            "read -P 0x11 2M 2M",
+            "-c",
+            "read -P 0x33 6M 1M",
+            "-c",
+            "read -P 0x55 7M 64k",
+            &img,
+        ],
+    ));
+    assert!(!now.contains("fail"), "{now}");
+    ok(&run("qemu-img", &["snapshot", "-a", "s2", &img]));
+    let then = ok(&run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x22 0 2M",
+            "-c",
+            "read -P 0x11 2M 2M",
+            "-c",
+            "read -P 0x33 6M 1M",
+            "-c",
+            "read -P 0 7M 64k",
+            &img,
+        ],
+    ));
+    assert!(!then.contains("fail"), "{then}");
+    let check = run("qemu-img", &["check", &img]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+/// `transaction` with snapshot actions: all or nothing (an abort or a
+/// failing action takes back the internal snapshots before it), its
+/// errors, and the result, as QSD gives them.
+#[test]
+fn snapshot_transactions_match_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &d.s("s.qcow2"), "4M"],
+        ));
+    };
+    let tx = |actions: &str, props: &str| {
+        format!(r#"{{"execute":"transaction","arguments":{{"actions":[{actions}]{props}}}}}"#)
+    };
+    let internal = |name: &str| {
+        format!(
+            r#"{{"type":"blockdev-snapshot-internal-sync","data":{{"device":"s","name":"{name}"}}}}"#
+        )
+    };
+    let steps = [
+        tx(
+            &format!(r#"{},{{"type":"abort","data":{{}}}}"#, internal("a")),
+            "",
+        ),
+        tx(&format!("{},{}", internal("a"), internal("a")), ""),
+        tx("", ""),
+        tx(
+            &internal("b"),
+            r#","properties":{"completion-mode":"grouped"}"#,
+        ),
+        tx(
+            &format!(
+                r#"{},{{"type":"blockdev-snapshot-sync","data":{{"node-name":"s","snapshot-file":"$D/ov.qcow2","snapshot-node-name":"ov"}}}}"#,
+                internal("c")
+            ),
+            "",
+        ),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string(),
+        tx(r#"{"type":"nope","data":{}}"#, ""),
+        tx(r#"{"type":"abort"}"#, ""),
+        tx(
+            r#"{"type":"blockdev-snapshot-sync","data":{"node-name":"ov","snapshot-file":"$D/ov2.qcow2","snapshot-node-name":"ov2"}},{"type":"abort","data":{}}"#,
+            "",
+        ),
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#.to_string(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let extra = [
+        "--blockdev",
+        "driver=qcow2,node-name=s,file.driver=file,file.filename=$D/s.qcow2",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$D/n.sock",
+        "--export",
+        "type=nbd,id=e,node-name=s",
+    ];
+    let mut all = Vec::new();
+    for which in Which::all() {
+        let out = scenario(which, &setup, &extra, &steps).expect("daemon starts");
+        all.push(
+            out.iter()
+                .map(|l| mask_sizes(&mask_times(l)))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let rsd = &all[0];
+    assert!(
+        rsd[0].contains("Transaction aborted using Abort action"),
+        "{rsd:#?}"
+    );
+    assert!(
+        rsd[5].contains(r#""name": "c""#) && !rsd[5].contains(r#""name": "a""#),
+        "{rsd:#?}"
+    );
+    assert!(rsd[5].contains(r#""node-name": "ov""#), "{rsd:#?}");
+    assert!(!rsd[9].contains(r#""node-name": "ov2""#), "{rsd:#?}");
+    if all.len() == 2 {
+        for (i, (a, b)) in all[0].iter().zip(&all[1]).enumerate() {
+            assert_eq!(a, b, "step {i}: {}", steps[i]);
+        }
+    }
+}
+
+/// blockdev-snapshot-internal-sync while an NBD client keeps writing:
+/// the image checks clean, the active view has every acknowledged
+/// write, and the snapshot holds exactly a prefix of them (all
+/// acknowledged before the command, none started after its reply).
+#[test]
+fn internal_snapshot_under_live_writes_loses_nothing() {
+    let dir = TempDir::new();
+    let img = dir.s("base.qcow2");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img, "16M"],
+    ));
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=qcow2,node-name=base,file.driver=file,file.filename={img}"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+        "--export",
+        "type=nbd,id=e,node-name=base,writable=on",
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let (stop, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let w = {
+        let (sock, stop, acked) = (dir.path("n.sock"), stop.clone(), acked.clone());
+        std::thread::spawn(move || writer(sock, stop, acked))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.load(Ordering::SeqCst) < 20 {
+        assert!(std::time::Instant::now() < deadline, "writer stalled");
+        std::thread::yield_now();
+    }
+    let before = acked.load(Ordering::SeqCst) as u64;
+    let r = q.cmd(r#"{"execute":"blockdev-snapshot-internal-sync","arguments":{"device":"base","name":"s1"}}"#);
+    assert_eq!(r, serde_json::json!({"return": {}}));
+    let after = acked.load(Ordering::SeqCst) as u64;
+    while acked.load(Ordering::SeqCst) < (after + 20).min(BLOCKS) as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writer stalled after the snapshot"
+        );
+        std::thread::yield_now();
+    }
+    stop.store(1, Ordering::SeqCst);
+    let written = w.join().expect("writer");
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(10), Some(0));
+    let check = ok(&run("qemu-img", &["check", &img]));
+    assert!(check.contains("No errors were found"), "{check}");
+    let view = contents(&dir, &img);
+    for i in 0..BLOCKS {
+        let want = if i < written { (i % 250) as u8 + 1 } else { 0 };
+        assert_eq!(block_byte(&view, i), Some(want), "active view, block {i}");
+    }
+    let snap = dir.s("snap.raw");
+    ok(&run(
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "raw",
+            &img,
+            &snap,
+        ],
+    ));
+    let old = std::fs::read(&snap).expect("read");
+    let k = (0..BLOCKS)
+        .take_while(|i| block_byte(&old, *i) == Some((*i % 250) as u8 + 1))
+        .count() as u64;
+    assert!(
+        k >= before && k <= after,
+        "snapshot holds {k} writes ({before}..={after})"
+    );
+    for i in k..BLOCKS {
+        assert_eq!(
+            block_byte(&old, i),
+            Some(0),
+            "snapshot block {i} written after it"
+        );
+    }
+}

@@ -158,3 +158,72 @@ fn stream_under_live_writes_loses_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("fail"), "{text}");
 }
+
+/// backing-mask-protocol: a stream down to a base that is a protocol
+/// node (a bare file) records the base's format as "file", or as "raw"
+/// with the mask, in the header, as QSD writes it.
+#[test]
+fn stream_backing_mask_protocol_matches_qsd() {
+    for mask in [false, true] {
+        let mut fmts = Vec::new();
+        for which in Which::all() {
+            let dir = TempDir::new();
+            let (base, mid, top) = (dir.s("base.raw"), dir.s("mid.qcow2"), dir.s("top.qcow2"));
+            ok(&run(
+                "qemu-img",
+                &["create", "-q", "-f", "raw", &base, "4M"],
+            ));
+            ok(&run(
+                "qemu-img",
+                &[
+                    "create", "-q", "-f", "qcow2", "-b", &base, "-F", "raw", &mid,
+                ],
+            ));
+            ok(&run(
+                "qemu-io",
+                &["-f", "qcow2", "-c", "write -P 0x44 0 64k", &mid],
+            ));
+            ok(&run(
+                "qemu-img",
+                &[
+                    "create", "-q", "-f", "qcow2", "-b", &mid, "-F", "qcow2", &top,
+                ],
+            ));
+            let mut a = monitor_args(&dir.s("q.sock"));
+            a.extend(args(&[
+                "--blockdev",
+                &format!("driver=file,node-name=base,filename={base}"),
+                "--blockdev",
+                &format!(
+                    "driver=qcow2,node-name=mid,backing=base,file.driver=file,file.filename={mid}"
+                ),
+                "--blockdev",
+                &format!(
+                    "driver=qcow2,node-name=top,backing=mid,file.driver=file,file.filename={top}"
+                ),
+            ]));
+            let mut d = Daemon::spawn(which, &a);
+            let mut q = Qmp::ready(&dir.path("q.sock"));
+            let r = q.cmd(&format!(
+                r#"{{"execute":"block-stream","arguments":{{"job-id":"s","device":"top","base-node":"base","backing-mask-protocol":{mask}}}}}"#
+            ));
+            assert!(r.get("return").is_some(), "{which:?}: {r}");
+            wait_no_jobs(&mut q);
+            q.send(br#"{"execute":"quit"}"#);
+            assert_eq!(d.wait_exit(20), Some(0));
+            let info = ok(&run("qemu-img", &["info", "--output=json", "-U", &top]));
+            let v: serde_json::Value = serde_json::from_str(&info).expect("json");
+            fmts.push(v["backing-filename-format"].clone());
+            let data = ok(&run(
+                "qemu-io",
+                &["-r", "-f", "qcow2", "-c", "read -P 0x44 0 64k", &top],
+            ));
+            assert!(!data.contains("fail"), "{which:?}: {data}");
+        }
+        let want = if mask { "raw" } else { "file" };
+        assert_eq!(fmts[0], want, "mask {mask}: {fmts:?}");
+        if fmts.len() == 2 {
+            assert_eq!(fmts[0], fmts[1], "mask {mask}: rsd, then QSD");
+        }
+    }
+}

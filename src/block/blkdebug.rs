@@ -6,6 +6,13 @@
 //! pwritev and the other write events fail writes and write-zeroes,
 //! flush_to_os/flush_to_disk fail flushes; `iotype` picks the kind
 //! directly.
+//!
+//! States, as QEMU keeps them: the node starts in state 1; a rule with
+//! `state` applies only in that state; a `set-state` rule moves the node
+//! to `new_state` when its event happens in its `state` (any state when
+//! unset). A request is checked against the error rules in the state it
+//! found, and then moves the state, as QEMU applies an event's new state
+//! after all of the event's rules.
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
@@ -32,11 +39,27 @@ struct Rule {
     /// The 512-byte sector a request must cover (None: any).
     sector: Option<u64>,
     once: bool,
+    /// The state the node must be in (None: any).
+    state: Option<i64>,
+}
+
+#[derive(Debug)]
+struct SetState {
+    kinds: Vec<Kind>,
+    state: Option<i64>,
+    new_state: i64,
+}
+
+#[derive(Debug)]
+struct Rules {
+    inject: Vec<Rule>,
+    set: Vec<SetState>,
+    state: i64,
 }
 
 pub struct Blkdebug {
     child: Arc<Child>,
-    rules: Mutex<Vec<Rule>>,
+    rules: Mutex<Rules>,
 }
 
 fn kinds_of(event: &str, iotype: Option<&str>) -> Vec<Kind> {
@@ -71,18 +94,29 @@ impl Blkdebug {
         let Ok(mut rules) = self.rules.lock() else {
             return Ok(());
         };
-        let hit = rules.iter().position(|r| {
+        let now = rules.state;
+        let hit = rules.inject.iter().position(|r| {
             r.kinds.contains(&kind)
+                && r.state.is_none_or(|s| s == now)
                 && r.sector.is_none_or(|s| {
                     let at = s.saturating_mul(512);
                     offset <= at && at < offset.saturating_add(len.max(1))
                 })
         });
+        if let Some(to) = rules
+            .set
+            .iter()
+            .rev()
+            .find(|r| r.kinds.contains(&kind) && r.state.is_none_or(|s| s == now))
+            .map(|r| r.new_state)
+        {
+            rules.state = to;
+        }
         match hit {
             Some(i) => {
-                let errno = rules[i].errno;
-                if rules[i].once {
-                    rules.remove(i);
+                let errno = rules.inject[i].errno;
+                if rules.inject[i].once {
+                    rules.inject.remove(i);
                 }
                 Err(BlockError::new(
                     errno,
@@ -172,7 +206,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     }
     let image = ctx.child(opts, "image", ctx.common.read_only)?;
     let node = ctx.node(&image)?;
-    let mut rules = Vec::new();
+    let mut inject = Vec::new();
     for r in opts
         .get("inject-error")
         .and_then(Value::as_array)
@@ -182,8 +216,9 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     {
         let event = r.get("event").and_then(Value::as_str).unwrap_or_default();
         let iotype = r.get("iotype").and_then(Value::as_str);
-        rules.push(Rule {
+        inject.push(Rule {
             kinds: kinds_of(event, iotype),
+            state: r.get("state").and_then(Value::as_i64),
             errno: r.get("errno").and_then(Value::as_i64).unwrap_or(5) as i32,
             sector: r
                 .get("sector")
@@ -193,6 +228,21 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
             once: r.get("once").and_then(Value::as_bool).unwrap_or(false),
         });
     }
+    let set = opts
+        .get("set-state")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .map(|r| SetState {
+            kinds: kinds_of(
+                r.get("event").and_then(Value::as_str).unwrap_or_default(),
+                None,
+            ),
+            state: r.get("state").and_then(Value::as_i64),
+            new_state: r.get("new_state").and_then(Value::as_i64).unwrap_or(1),
+        })
+        .collect();
     let _ = opt_u64(opts, "align");
     let child = ctx.entry(&image);
     let mut j = Map::new();
@@ -204,7 +254,11 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     Ok(Opened {
         driver: Box::new(Blkdebug {
             child: Child::new(node),
-            rules: Mutex::new(rules),
+            rules: Mutex::new(Rules {
+                inject,
+                set,
+                state: 1,
+            }),
         }),
         json: Value::Object(j),
         plain: None,

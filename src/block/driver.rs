@@ -43,6 +43,15 @@ pub struct ZeroFlags {
     pub no_fallback: bool,
 }
 
+/// Why a persistent bitmap cannot be stored.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BitmapStoreError {
+    /// The driver stores no bitmaps (ENOTSUP).
+    Unsupported,
+    /// The image's limits refuse it (the message says which).
+    Invalid(String),
+}
+
 /// What block status says about the start of a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
@@ -110,6 +119,66 @@ pub trait Driver: Send + Sync + 'static {
     /// BlockDirtyInfo of the bitmaps the node holds (a mirror's).
     fn dirty_bitmaps(&self) -> Vec<serde_json::Value> {
         Vec::new()
+    }
+    /// Whether the image can store a new persistent bitmap `name`
+    /// (QEMU's bdrv_can_store_new_dirty_bitmap); `stored` are the
+    /// node's persistent bitmaps now. Only qcow2 stores bitmaps.
+    fn can_store_bitmap(
+        &self,
+        _name: &str,
+        _granularity: u64,
+        _stored: &[String],
+    ) -> Result<(), BitmapStoreError> {
+        Err(BitmapStoreError::Unsupported)
+    }
+    /// The bitmaps the image holds, loaded on open (taken once, by the
+    /// node).
+    fn take_bitmaps(&self) -> Vec<super::dirty::NamedBitmap> {
+        Vec::new()
+    }
+    /// Writes the node's persistent bitmaps into the image (on close,
+    /// before `close`); `list` is all of the node's bitmaps.
+    fn store_bitmaps<'a>(
+        &'a self,
+        _list: &'a [std::sync::Arc<super::dirty::NamedBitmap>],
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The node became writable: mark the image's bitmaps in use again.
+    fn reopen_bitmaps_rw(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Takes a persistent bitmap out of the image (block-dirty-bitmap-remove).
+    fn remove_persistent_bitmap<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Internal snapshots (SnapshotInfo each), or None for a format
+    /// that has none.
+    fn snapshots(&self) -> Option<Vec<serde_json::Value>> {
+        None
+    }
+    /// Makes an internal snapshot named `name` (formats with snapshots).
+    fn snapshot_create<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
+        Box::pin(async {
+            Err(super::error::BlockError::new(
+                nix::libc::ENOTSUP,
+                "Operation not supported",
+            ))
+        })
+    }
+    /// Deletes the internal snapshot with this id and/or name; returns
+    /// its SnapshotInfo.
+    fn snapshot_delete<'a>(
+        &'a self,
+        _id: Option<&'a str>,
+        _name: Option<&'a str>,
+    ) -> IoFuture<'a, serde_json::Value> {
+        Box::pin(async {
+            Err(super::error::BlockError::new(
+                nix::libc::ENOTSUP,
+                "Operation not supported",
+            ))
+        })
     }
     /// QAPI ImageInfoSpecific for query-named-block-nodes, if any.
     fn format_specific(&self) -> Option<serde_json::Value> {

@@ -7,6 +7,7 @@ pub mod cancel;
 pub mod cbw;
 pub mod child;
 pub mod copier;
+pub mod dirty;
 pub mod driver;
 pub mod drivers;
 pub mod error;

@@ -7,7 +7,10 @@
 //! waits for its reply, which a reader task hands over by cookie. When
 //! the connection breaks, the requests in flight fail with EIO and the
 //! next request connects again; with `reconnect-delay`, requests wait up
-//! to that long for the server to come back (QEMU's option).
+//! to that long for the server to come back (QEMU's option), and those
+//! that were in flight are sent again on the new connection, as QEMU
+//! does (every NBD request can be repeated: reads, writes, zeroes,
+//! trims and flushes leave the same result when done twice).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -34,6 +37,10 @@ type Reader = Box<dyn AsyncRead + Send + Unpin>;
 
 /// A reply: the error (0: none) and, for reads, the data.
 type Reply = (u32, Vec<u8>);
+
+/// The "error" of a request whose reply will not come because the
+/// connection ended (not an NBD error value).
+const LOST: u32 = u32::MAX;
 
 struct Conn {
     writer: Mutex<Writer>,
@@ -160,7 +167,7 @@ async fn read_replies(mut r: Reader, conn: Arc<Conn>) {
         if err == 0 && want > 0 {
             data = vec![0u8; want as usize];
             if r.read_exact(&mut data).await.is_err() {
-                let _ = tx.send((EIO, Vec::new()));
+                let _ = tx.send((LOST, Vec::new()));
                 break;
             }
         }
@@ -170,9 +177,17 @@ async fn read_replies(mut r: Reader, conn: Arc<Conn>) {
     // Requests in flight fail: their replies will not come.
     if let Ok(mut p) = conn.pending.lock() {
         for (_, (_, tx)) in p.drain() {
-            let _ = tx.send((EIO, Vec::new()));
+            let _ = tx.send((LOST, Vec::new()));
         }
     }
+}
+
+/// Why a request got no good reply.
+enum Sent {
+    /// The connection ended before the reply: worth sending again.
+    Lost(BlockError),
+    /// The server's error, or no connection within the delay.
+    Failed(BlockError),
 }
 
 impl NbdClient {
@@ -232,7 +247,9 @@ impl NbdClient {
         Ok(c)
     }
 
-    /// Sends one request and waits for its reply.
+    /// Sends one request and waits for its reply; a request the
+    /// connection lost is sent again on the next one while the reconnect
+    /// delay has not passed.
     async fn request(
         &self,
         kind: u16,
@@ -241,7 +258,25 @@ impl NbdClient {
         len: u32,
         payload: &[u8],
     ) -> BlockResult<Vec<u8>> {
-        let conn = self.conn().await?;
+        let until = Instant::now() + self.reconnect_delay;
+        loop {
+            match self.send_once(kind, flags, offset, len, payload).await {
+                Err(Sent::Lost(_)) if Instant::now() < until => continue,
+                Err(Sent::Lost(e)) | Err(Sent::Failed(e)) => return Err(e),
+                Ok(data) => return Ok(data),
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Sent> {
+        let conn = self.conn().await.map_err(Sent::Failed)?;
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let want = if kind == CMD_READ { len } else { 0 };
@@ -268,17 +303,19 @@ impl NbdClient {
                 if let Ok(mut p) = conn.pending.lock() {
                     p.remove(&cookie);
                 }
-                return Err(BlockError::io(&e, "NBD request"));
+                return Err(Sent::Lost(BlockError::io(&e, "NBD request")));
             }
         }
-        let (err, data) = rx.await.map_err(|_| eio("Connection closed"))?;
-        if err != 0 {
-            return Err(BlockError::new(
+        let lost = || Sent::Lost(eio("Connection closed"));
+        let (err, data) = rx.await.map_err(|_| lost())?;
+        match err {
+            0 => Ok(data),
+            LOST => Err(lost()),
+            _ => Err(Sent::Failed(BlockError::new(
                 err as i32,
                 crate::util::os_msg(&std::io::Error::from_raw_os_error(err as i32)),
-            ));
+            ))),
         }
-        Ok(data)
     }
 }
 

@@ -54,6 +54,9 @@ pub struct Node {
     /// block-set-write-threshold's offset (0: none); the hook that
     /// watches it shares it.
     pub write_threshold: Arc<std::sync::atomic::AtomicU64>,
+    /// The named dirty bitmaps (block-dirty-bitmap-add, or loaded from
+    /// the image).
+    pub bitmaps: Arc<super::dirty::NodeBitmaps>,
     drain: Drain,
 }
 
@@ -136,7 +139,8 @@ impl Node {
             discard_unmap: AtomicBool::new(opts.discard_unmap),
             detect_zeroes: AtomicU8::new(dz_code(opts.detect_zeroes)),
         };
-        Arc::new(Node {
+        let loaded = driver.take_bitmaps();
+        let node = Arc::new(Node {
             name,
             driver,
             opts,
@@ -144,8 +148,50 @@ impl Node {
             stats: Stats::default(),
             hooks: Hooks::default(),
             write_threshold: Default::default(),
+            bitmaps: Default::default(),
             drain: Drain::default(),
-        })
+        });
+        for b in loaded {
+            node.add_bitmap(Arc::new(b));
+        }
+        node
+    }
+
+    /// Adds a named bitmap (first in the list); false if the name is
+    /// taken. The recording hook is on while the node has bitmaps.
+    pub fn add_bitmap(&self, b: Arc<super::dirty::NamedBitmap>) -> bool {
+        if !self.bitmaps.insert(b) {
+            return false;
+        }
+        if !self.hooks.names().iter().any(|n| n == super::dirty::HOOK) {
+            self.hooks
+                .add(Arc::new(super::dirty::Recorder(self.bitmaps.clone())));
+        }
+        true
+    }
+
+    /// After the node switched between read-only and read-write: the
+    /// image's bitmaps follow (QEMU's reopen_bitmaps_ro/rw). Going
+    /// read-write marks them in use on disk again; going read-only
+    /// (after `close` stored them) makes them read-only.
+    pub async fn bitmaps_follow_read_only(&self, read_only: bool) -> BlockResult<()> {
+        if !read_only {
+            self.driver.reopen_bitmaps_rw().await?;
+        }
+        for b in self.bitmaps.all() {
+            if b.persistent() {
+                b.set_readonly(read_only);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<super::dirty::NamedBitmap>> {
+        let b = self.bitmaps.remove(name);
+        if self.bitmaps.is_empty() {
+            self.hooks.remove(super::dirty::HOOK);
+        }
+        b
     }
 
     /// Requests in flight on this node now.
@@ -343,8 +389,9 @@ impl Node {
     pub fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let r = self.flush().await;
+            let b = self.driver.store_bitmaps(&self.bitmaps.all()).await;
             let c = self.driver.close().await;
-            r.and(c)
+            r.and(b).and(c)
         })
     }
 
@@ -411,7 +458,9 @@ impl Node {
                 return Err(BlockError::perm("Block node is read-only"));
             }
             let _in = self.enter();
-            self.driver.truncate(size).await
+            self.driver.truncate(size).await?;
+            self.bitmaps.resize(self.size());
+            Ok(())
         })
     }
 

@@ -167,6 +167,9 @@ impl ControlState {
             if let Some(fs) = node.driver.format_specific() {
                 image.insert("format-specific".into(), fs);
             }
+            if let Some(list) = node.driver.snapshots().filter(|l| !l.is_empty()) {
+                image.insert("snapshots".into(), Value::Array(list));
+            }
             if let Some(cs) = node.driver.cluster_size() {
                 image.insert("cluster-size".into(), json!(cs));
             }
@@ -220,7 +223,8 @@ impl ControlState {
             "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
             "file": filename,
         });
-        let bitmaps = node.driver.dirty_bitmaps();
+        let mut bitmaps = node.bitmaps.infos();
+        bitmaps.extend(node.driver.dirty_bitmaps());
         if !bitmaps.is_empty() {
             info["dirty-bitmaps"] = Value::Array(bitmaps);
         }

@@ -182,6 +182,10 @@ impl ControlState {
             node: overlay,
             base: Some(base),
             backing_file: opt("backing-file"),
+            mask_protocol: args
+                .get("backing-mask-protocol")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             hook: None,
             users,
         };

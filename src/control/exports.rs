@@ -16,7 +16,7 @@ use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
 /// The export types rsd serves.
-const EXPORT_TYPES: &[&str] = &["nbd"];
+const EXPORT_TYPES: &[&str] = &["nbd", "fuse"];
 
 /// What block-export-add decided for every export type.
 pub(super) struct ExportCommon {
@@ -27,6 +27,29 @@ pub(super) struct ExportCommon {
     pub edge: Arc<Child>,
     /// The graph user holding the export's permissions.
     pub user: u64,
+}
+
+/// The FUSE export's own options (QEMU's fuse_export_create).
+async fn fuse_export_create(
+    c: &ExportCommon,
+    args: &Map<String, Value>,
+) -> Result<Arc<dyn BlockExport>, String> {
+    let allow_other = match args.get("allow-other").and_then(Value::as_str) {
+        Some("on") => Some(true),
+        Some("off") => Some(false),
+        _ => None,
+    };
+    let e = crate::exports::fuse::FuseExport::create(crate::exports::fuse::FuseConfig {
+        id: c.id.clone(),
+        mountpoint: arg_str(args, "mountpoint").to_string(),
+        writable: c.writable,
+        growable: args.get("growable").and_then(Value::as_bool) == Some(true),
+        allow_other,
+        edge: c.edge.clone(),
+        user: c.user,
+    })
+    .await?;
+    Ok(e)
 }
 
 impl ControlState {
@@ -69,11 +92,28 @@ impl ControlState {
         if writable && node.read_only() {
             return Err("Cannot export read-only node as writable".into());
         }
-        let perm = if writable {
+        let mut perm = if writable {
             Perm::CONSISTENT_READ.union(Perm::WRITE)
         } else {
             Perm::CONSISTENT_READ
         };
+        let growable = args.get("growable").and_then(Value::as_bool) == Some(true);
+        if kind == "fuse" && (writable || growable) {
+            // Truncate and growing writes resize the node (QEMU takes the
+            // permission for good).
+            perm = perm.union(Perm::RESIZE);
+        }
+        if kind == "fuse" {
+            let mp = arg_str(args, "mountpoint");
+            let taken = self
+                .exports
+                .of_type::<crate::exports::fuse::FuseExport>()
+                .iter()
+                .any(|e| e.mountpoint == mp);
+            if taken {
+                return Err(format!("There already is a FUSE export on '{mp}'"));
+            }
+        }
         let edge = Child::new(node);
         let user = self.block.add_user_on(
             &node_name,
@@ -91,6 +131,7 @@ impl ControlState {
         };
         let created = match kind {
             "nbd" => self.nbd_export_create(&common, args),
+            "fuse" => fuse_export_create(&common, args).await,
             other => Err(format!("rsd does not support '{other}' exports yet")),
         };
         let export = match created {

@@ -2,6 +2,7 @@
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
 mod backup;
+mod bitmaps;
 mod block;
 mod block_jobs;
 mod chardevs;
@@ -14,6 +15,7 @@ mod qom;
 mod reopen;
 mod snapshot;
 mod stream;
+mod transaction;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -291,6 +293,11 @@ impl ControlState {
             "block_resize" => self.block_resize(&args).await,
             "blockdev-snapshot-sync" => self.blockdev_snapshot_sync(&args).await,
             "blockdev-snapshot" => self.blockdev_snapshot(&args).await,
+            "blockdev-snapshot-internal-sync" => self.blockdev_snapshot_internal_sync(&args).await,
+            "transaction" => self.transaction(&args).await,
+            "blockdev-snapshot-delete-internal-sync" => {
+                self.blockdev_snapshot_delete_internal_sync(&args).await
+            }
             "x-blockdev-change" => self.x_blockdev_change(&args),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
@@ -344,6 +351,13 @@ impl ControlState {
             "blockdev-backup" => self.blockdev_backup(&args).await,
             "drive-backup" => self.drive_backup(&args).await,
             "block-set-write-threshold" => self.set_write_threshold(&args),
+            "block-dirty-bitmap-add"
+            | "block-dirty-bitmap-remove"
+            | "block-dirty-bitmap-clear"
+            | "block-dirty-bitmap-enable"
+            | "block-dirty-bitmap-disable"
+            | "block-dirty-bitmap-merge"
+            | "x-debug-block-dirty-bitmap-sha256" => self.bitmap_command(name, &args).await,
             "block-commit" => self.block_commit(&args).await,
             "drive-mirror" => self.drive_mirror(&args).await,
             "x-rsd-test-event" => {

@@ -119,15 +119,7 @@ impl ControlState {
         if self.nbd_exports().find(&name).is_some() {
             return Err(format!("NBD server already has export named '{name}'"));
         }
-        if let Some(Value::Array(bitmaps)) = args.get("bitmaps") {
-            if let Some(b) = bitmaps.first() {
-                let bname = b
-                    .as_str()
-                    .or_else(|| b.get("name").and_then(Value::as_str))
-                    .unwrap_or_default();
-                return Err(format!("Bitmap '{bname}' is not found"));
-            }
-        }
+        let bitmaps = self.export_bitmaps(c, args)?;
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(false);
         Ok(Export::new(ExportConfig {
             id: c.id.clone(),
@@ -140,9 +132,55 @@ impl ControlState {
             writable: c.writable,
             writethrough: flag("writethrough"),
             allocation_depth: flag("allocation-depth"),
+            bitmaps,
             multi_conn: server.max_connections != 1,
             user: c.user,
         }))
+    }
+
+    /// The export's `bitmaps`, with QEMU's checks: a name is looked up on
+    /// the node and down its backing chain, {node, name} exactly; a
+    /// bitmap must not be busy or inconsistent, and a read-only export
+    /// of a writable node takes only disabled bitmaps.
+    fn export_bitmaps(
+        &self,
+        c: &ExportCommon,
+        args: &Map<String, Value>,
+    ) -> Result<Vec<Arc<crate::block::dirty::NamedBitmap>>, String> {
+        let mut out: Vec<Arc<crate::block::dirty::NamedBitmap>> = Vec::new();
+        let list = args.get("bitmaps").and_then(Value::as_array);
+        for r in list.into_iter().flatten() {
+            let Some(mut e) = self.block.find(&c.node_name) else {
+                return Err(format!("Node '{}' not found", c.node_name));
+            };
+            let b = match r.as_str() {
+                Some(name) => loop {
+                    if let Some(b) = e.node.bitmaps.find(name) {
+                        break b;
+                    }
+                    match self.block.child_of(e, "backing") {
+                        Some(next) => e = next,
+                        None => return Err(format!("Bitmap '{name}' is not found")),
+                    }
+                },
+                None => {
+                    let node = r.get("node").and_then(Value::as_str).unwrap_or_default();
+                    let name = r.get("name").and_then(Value::as_str).unwrap_or_default();
+                    super::bitmaps::lookup(&self.block, node, name)?.1
+                }
+            };
+            b.check(crate::block::dirty::Check::AllowRo)?;
+            if !c.writable && !e.node.read_only() && b.enabled() {
+                return Err(format!(
+                    "Enabled bitmap '{}' incompatible with readonly export",
+                    b.name
+                ));
+            }
+            if !out.iter().any(|x| Arc::ptr_eq(x, &b)) {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     /// The NBD exports, as the server finds them by name.

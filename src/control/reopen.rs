@@ -187,6 +187,9 @@ impl ControlState {
         type Undo = (Arc<Node>, bool, bool, DetectZeroes);
         let mut undo: Vec<Undo> = Vec::new();
         let mut failed = None;
+        // Nodes whose read-only state changed: their bitmaps follow once
+        // every node (the files too) has switched.
+        let mut switched: Vec<(Arc<Node>, bool)> = Vec::new();
         for p in &plans {
             let mut nodes = vec![p.node.clone()];
             nodes.extend(p.children.iter().cloned());
@@ -201,9 +204,13 @@ impl ControlState {
                 if p.read_only && !n.read_only() {
                     let _ = n.close().await;
                 }
+                let was_ro = n.read_only();
                 if let Err(e) = n.driver.set_read_only(p.read_only) {
                     failed = Some(e);
                     break;
+                }
+                if was_ro != p.read_only {
+                    switched.push((n.clone(), p.read_only));
                 }
                 let (discard, dz) = if Arc::ptr_eq(&n, &p.node) {
                     (p.discard_unmap, p.detect_zeroes)
@@ -227,6 +234,10 @@ impl ControlState {
             }
             let _ = self.block.refresh_perms();
             return Err(QmpError::hinted(e));
+        }
+        for (n, ro) in switched {
+            // Best effort: the switch itself is done.
+            let _ = n.bitmaps_follow_read_only(ro).await;
         }
         // Backing changes last: they cannot fail once checked.
         for p in &plans {
@@ -282,6 +293,7 @@ impl ControlState {
             }
             if n.driver.set_read_only(true).is_ok() {
                 n.set_live(true, n.discard_unmap(), n.detect_zeroes());
+                let _ = n.bitmaps_follow_read_only(true).await;
             }
         }
         let _ = self.block.refresh_perms();

@@ -39,6 +39,17 @@ impl ControlState {
         &mut self,
         args: &Map<String, Value>,
     ) -> QmpResult<Value> {
+        let (base, opts) = self.snapshot_sync_prepare(args).await?;
+        self.put_overlay(&base, &opts, false).await
+    }
+
+    /// blockdev-snapshot-sync up to the switch: the checks, the overlay
+    /// file created (unless mode=existing); returns the base's name and
+    /// the overlay's options.
+    pub(super) async fn snapshot_sync_prepare(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<(String, Map<String, Value>)> {
         // QSD has no named devices: only node-name finds a node.
         let device = arg_str(args, "device");
         let node_name = arg_str(args, "node-name");
@@ -89,13 +100,43 @@ impl ControlState {
         if base_ro {
             opts.insert("read-only".into(), json!(true));
         }
-        self.put_overlay(&base_name, &opts, false).await
+        Ok((base_name, opts))
     }
 
     pub(super) async fn blockdev_snapshot(
         &mut self,
         args: &Map<String, Value>,
     ) -> QmpResult<Value> {
+        self.blockdev_snapshot_checks(args)?;
+        let node = arg_str(args, "node");
+        let overlay = arg_str(args, "overlay");
+        let Some(slot) = self
+            .block
+            .find(overlay)
+            .and_then(|ov| ov.node.driver.child_slot("backing"))
+        else {
+            return Err(not_found(overlay, overlay));
+        };
+        let base = self.block.find(node).map(|e| e.node.clone());
+        let (node, overlay) = (node.to_string(), overlay.to_string());
+        // The overlay's backing edge, then its parents' edges move.
+        self.block
+            .attach_backing(&overlay, &node)
+            .map_err(QmpError::generic)?;
+        slot.set(base);
+        if let Err(e) = self.block.replace_node(&node, &overlay).await {
+            slot.set(None);
+            self.block.detach_backing(&overlay);
+            return Err(QmpError::generic(e));
+        }
+        self.block.refresh_backing_identity(&overlay);
+        self.make_read_only(&node).await;
+        Ok(json!({}))
+    }
+
+    /// blockdev-snapshot's checks, in QSD's order (a transaction makes
+    /// them before it changes anything).
+    pub(super) fn blockdev_snapshot_checks(&self, args: &Map<String, Value>) -> QmpResult<()> {
         let node = arg_str(args, "node");
         let overlay = arg_str(args, "overlay");
         if self.block.find(node).is_none() {
@@ -130,27 +171,13 @@ impl ControlState {
         if ov.node.read_only() {
             return Err(QmpError::generic("Block node is read-only"));
         }
-        let base = self.block.find(node).map(|e| e.node.clone());
-        let (node, overlay) = (node.to_string(), overlay.to_string());
-        // The overlay's backing edge, then its parents' edges move.
-        self.block
-            .attach_backing(&overlay, &node)
-            .map_err(QmpError::generic)?;
-        slot.set(base);
-        if let Err(e) = self.block.replace_node(&node, &overlay).await {
-            slot.set(None);
-            self.block.detach_backing(&overlay);
-            return Err(QmpError::generic(e));
-        }
-        self.block.refresh_backing_identity(&overlay);
-        self.make_read_only(&node).await;
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Opens the overlay over `base` (its options name `base` as the
     /// backing node) and puts it in `base`'s place; on any failure the
     /// overlay is gone again.
-    async fn put_overlay(
+    pub(super) async fn put_overlay(
         &mut self,
         base: &str,
         opts: &Map<String, Value>,
@@ -324,4 +351,96 @@ pub(super) async fn create_overlay_file(
     })?;
     let node = Node::new(String::new(), Box::new(d), CommonOptions::default());
     crate::block::qcow2::create::create_overlay(&node, size, backing, backing_fmt).await
+}
+
+/// Internal snapshots (qcow2): blockdev-snapshot-internal-sync and
+/// blockdev-snapshot-delete-internal-sync, with QSD's checks in QSD's
+/// order.
+impl ControlState {
+    /// QEMU's qmp_get_root_bs: these commands take a node no other node
+    /// has as a child.
+    fn root_node(&self, name: &str) -> QmpResult<()> {
+        if self.block.parents(name).is_empty() {
+            Ok(())
+        } else {
+            Err(QmpError::generic("Need a root block node"))
+        }
+    }
+
+    pub(super) async fn blockdev_snapshot_internal_sync(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let device = arg_str(args, "device");
+        let name = arg_str(args, "name");
+        let Some(node) = self.block.find(device).map(|e| e.node.clone()) else {
+            return Err(not_found(device, device));
+        };
+        self.root_node(device)?;
+        if let Some(m) = self.busy(device) {
+            return Err(QmpError::generic(m));
+        }
+        if node.read_only() {
+            return Err(QmpError::generic(format!("Device '{device}' is read only")));
+        }
+        let Some(list) = node.driver.snapshots() else {
+            return Err(QmpError::generic(format!(
+                "Block format '{}' used by device '{device}' does not support internal snapshots",
+                node.driver.name()
+            )));
+        };
+        if name.is_empty() {
+            return Err(QmpError::generic("Name is empty"));
+        }
+        if list.iter().any(|s| s["name"] == name) {
+            return Err(QmpError::generic(format!(
+                "Snapshot with name '{name}' already exists on device '{device}'"
+            )));
+        }
+        node.driver.snapshot_create(name).await.map_err(|e| {
+            QmpError::generic(format!(
+                "Failed to create snapshot '{name}' on device '{device}': {}",
+                e.msg
+            ))
+        })?;
+        Ok(json!({}))
+    }
+
+    pub(super) async fn blockdev_snapshot_delete_internal_sync(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
+        let device = arg_str(args, "device");
+        let id = args.get("id").and_then(Value::as_str);
+        let name = args.get("name").and_then(Value::as_str);
+        let Some(node) = self.block.find(device).map(|e| e.node.clone()) else {
+            return Err(not_found(device, device));
+        };
+        self.root_node(device)?;
+        if id.is_none() && name.is_none() {
+            return Err(QmpError::generic("Name or id must be provided"));
+        }
+        if let Some(m) = self.busy(device) {
+            return Err(QmpError::generic(m));
+        }
+        let Some(list) = node.driver.snapshots() else {
+            return Err(QmpError::generic(
+                "Failed to get a snapshot list: Operation not supported",
+            ));
+        };
+        let found = list
+            .iter()
+            .any(|s| id.is_none_or(|v| s["id"] == v) && name.is_none_or(|v| s["name"] == v));
+        if !found {
+            return Err(QmpError::generic(format!(
+                "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+                id.unwrap_or("null"),
+                name.unwrap_or("null")
+            )));
+        }
+        node.driver
+            .snapshot_delete(id, name)
+            .await
+            .map_err(|e| QmpError::generic(format!("Failed to delete snapshot: {}", e.msg)))
+    }
 }

@@ -25,10 +25,22 @@ pub struct ChainEnd {
     pub base: Option<String>,
     /// The name to write in the header instead of the base's filename.
     pub backing_file: Option<String>,
+    /// backing-mask-protocol: a protocol base is recorded as format raw.
+    pub mask_protocol: bool,
     /// The guest-write hook the job put on `node`, if any.
     pub hook: Option<String>,
     pub users: Vec<u64>,
 }
+
+/// Drivers QEMU counts as protocols (they name a `protocol_name`).
+const PROTOCOLS: [&str; 6] = [
+    "file",
+    "host_device",
+    "nbd",
+    "null-co",
+    "null-aio",
+    "blkdebug",
+];
 
 impl ControlState {
     /// The backing chain below `name`, nearest first.
@@ -166,6 +178,10 @@ impl ControlState {
                 .get("backing-file")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            mask_protocol: args
+                .get("backing-mask-protocol")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             hook: Some(hook),
             users,
         };
@@ -200,7 +216,12 @@ impl ControlState {
             return;
         }
         let r = self
-            .set_backing(&end.node, end.base.as_deref(), end.backing_file.as_deref())
+            .set_backing(
+                &end.node,
+                end.base.as_deref(),
+                end.backing_file.as_deref(),
+                end.mask_protocol,
+            )
             .await;
         if let Err(e) = r {
             tracing::warn!(node = %end.node, error = %e, "backing not changed after the job");
@@ -208,13 +229,16 @@ impl ControlState {
     }
 
     /// Points `top` at `base` (None: no backing): the header first (the
-    /// base's filename, or `name` as given), then the driver's edge and
-    /// the graph; the old backing chain goes if nothing holds it.
+    /// base's filename, or `name` as given; its driver as the backing
+    /// format, "raw" for a protocol driver when `mask_protocol`), then the
+    /// driver's edge and the graph; the old backing chain goes if nothing
+    /// holds it.
     pub(super) async fn set_backing(
         &mut self,
         top: &str,
         base: Option<&str>,
         name: Option<&str>,
+        mask_protocol: bool,
     ) -> Result<(), String> {
         let Some(te) = self.block.find(top) else {
             return Err(format!("Cannot find node '{top}'"));
@@ -225,7 +249,10 @@ impl ControlState {
             Some(b) => (
                 name.map(str::to_string)
                     .unwrap_or_else(|| self.block.filename(b)),
-                Some(b.node.driver.name().to_string()),
+                Some(match b.node.driver.name() {
+                    p if mask_protocol && PROTOCOLS.contains(&p) => "raw".to_string(),
+                    f => f.to_string(),
+                }),
                 Some(b.node.clone()),
             ),
             None => (String::new(), None, None),

@@ -2,6 +2,7 @@
 //! type implements (NBD now; vhost-user-blk and FUSE next), one registry
 //! keyed by export id, and the actor that owns each export.
 pub mod actor;
+pub mod fuse;
 
 use std::any::Any;
 use std::future::Future;

@@ -379,7 +379,13 @@ impl Shared {
         );
         m.insert("device".into(), json!(self.id));
         m.insert("auto-dismiss".into(), json!(self.auto_dismiss));
-        m.insert("busy".into(), json!(b.busy.load(Ordering::Relaxed)));
+        // A paused job waits at its pause point, between requests of its
+        // own, as QEMU's paused coroutine does.
+        let waiting = matches!(status, Status::Paused | Status::Standby);
+        m.insert(
+            "busy".into(),
+            json!(b.busy.load(Ordering::Relaxed) && !waiting),
+        );
         m.insert("len".into(), json!(self.total.load(Ordering::Relaxed)));
         m.insert("offset".into(), json!(self.current.load(Ordering::Relaxed)));
         m.insert("status".into(), json!(status.as_str()));

@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
 use super::codec::*;
-use super::handshake::{Session, CTX_BASE};
+use super::handshake::{Session, CTX_BASE, CTX_BITMAP, CTX_DEPTH};
 use super::proto::*;
 use crate::block::cancel::Cancel;
 use crate::block::driver::{WriteFlags, ZeroFlags};
@@ -284,26 +284,42 @@ async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
 /// Extents per reply at most, to bound reply sizes.
 const MAX_EXTENTS: usize = 1024;
 
+/// A dirty bitmap's extents over `from..end`: alternating clean (0) and
+/// dirty (NBD_STATE_DIRTY, 1) runs, at most MAX_EXTENTS (one with
+/// REQ_ONE).
+fn dirty_extents(
+    bits: &crate::block::bitmap::DirtyBitmap,
+    from: u64,
+    end: u64,
+    one: bool,
+) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut pos = from;
+    let push = |len: u64, flags: u32, out: &mut Vec<(u64, u32)>| {
+        if len > 0 {
+            out.push((len, flags));
+        }
+    };
+    for (d, len) in bits.dirty_ranges(from, end - from) {
+        let (ds, de) = (d.max(from), (d + len).min(end));
+        if de <= ds {
+            continue;
+        }
+        push(ds - pos, 0, &mut out);
+        push(de - ds, 1, &mut out);
+        pos = de;
+    }
+    push(end - pos, 0, &mut out);
+    out.truncate(if one { 1 } else { MAX_EXTENTS });
+    out
+}
+
 async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
     if !s.structured || s.contexts.is_empty() || r.len == 0 {
         return error_reply(s, r.cookie, r.offset, EINVAL);
     }
     let one = r.flags & CMD_FLAG_REQ_ONE != 0;
-    let mut extents = Vec::new();
-    let mut off = r.offset;
     let end = r.offset + r.len;
-    while off < end && extents.len() < MAX_EXTENTS {
-        match node.block_status(off, end - off).await {
-            Ok(e) => {
-                extents.push(e);
-                off += e.len;
-            }
-            Err(e) => return error_reply(s, r.cookie, r.offset, e.nbd_error()),
-        }
-        if one {
-            break;
-        }
-    }
     // A payload may narrow the contexts to report, among those selected.
     let mut wanted: Vec<u32> = Vec::new();
     for id in r.contexts.as_deref().unwrap_or(&s.contexts) {
@@ -317,15 +333,45 @@ async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
     if wanted.is_empty() {
         return error_reply(s, r.cookie, r.offset, EINVAL);
     }
-    let mut b = Vec::new();
-    for (i, ctx) in wanted.iter().enumerate() {
-        let last = i + 1 == wanted.len();
-        let flags_of = |e: &crate::block::driver::Extent| match *ctx {
-            CTX_BASE => {
-                (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+    // The node's status, when a context reports it.
+    let mut extents = Vec::new();
+    let mut off = r.offset;
+    while wanted.iter().any(|c| *c < CTX_BITMAP) && off < end && extents.len() < MAX_EXTENTS {
+        match node.block_status(off, end - off).await {
+            Ok(e) => {
+                extents.push(e);
+                off += e.len;
             }
-            _ => e.depth,
-        };
+            Err(e) => return error_reply(s, r.cookie, r.offset, e.nbd_error()),
+        }
+        if one {
+            break;
+        }
+    }
+    // (length, flags) per context.
+    let per_ctx: Vec<Vec<(u64, u32)>> = wanted
+        .iter()
+        .map(|ctx| match *ctx {
+            CTX_BASE => extents
+                .iter()
+                .map(|e| {
+                    let f = (if e.data { 0 } else { STATE_HOLE })
+                        | (if e.zero { STATE_ZERO } else { 0 });
+                    (e.len, f)
+                })
+                .collect(),
+            CTX_DEPTH => extents.iter().map(|e| (e.len, e.depth)).collect(),
+            id => s
+                .export
+                .bitmaps
+                .get((id - CTX_BITMAP) as usize)
+                .map(|b| dirty_extents(&b.bits, r.offset, end, one))
+                .unwrap_or_default(),
+        })
+        .collect();
+    let mut b = Vec::new();
+    for (i, (ctx, extents)) in wanted.iter().zip(&per_ctx).enumerate() {
+        let last = i + 1 == wanted.len();
         let done = if last { REPLY_FLAG_DONE } else { 0 };
         if s.extended {
             // 64-bit descriptors, as extended headers require.
@@ -341,9 +387,9 @@ async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
             );
             b.extend_from_slice(&ctx.to_be_bytes());
             b.extend_from_slice(&(extents.len() as u32).to_be_bytes());
-            for e in &extents {
-                b.extend_from_slice(&e.len.to_be_bytes());
-                b.extend_from_slice(&(flags_of(e) as u64).to_be_bytes());
+            for (len, flags) in extents {
+                b.extend_from_slice(&len.to_be_bytes());
+                b.extend_from_slice(&u64::from(*flags).to_be_bytes());
             }
         } else {
             let len = 4 + 8 * extents.len() as u64;
@@ -357,9 +403,9 @@ async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
                 len,
             );
             b.extend_from_slice(&ctx.to_be_bytes());
-            for e in &extents {
-                b.extend_from_slice(&(e.len.min(u32::MAX as u64) as u32).to_be_bytes());
-                b.extend_from_slice(&flags_of(e).to_be_bytes());
+            for (len, flags) in extents {
+                b.extend_from_slice(&((*len).min(u32::MAX as u64) as u32).to_be_bytes());
+                b.extend_from_slice(&flags.to_be_bytes());
             }
         }
     }

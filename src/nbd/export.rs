@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::block::child::Child;
+use crate::block::dirty::NamedBitmap;
 use crate::exports::{BlockExport, BoxFuture, Registry};
 
 pub struct Export {
@@ -18,6 +19,9 @@ pub struct Export {
     /// writethrough=on: every write is made stable before it completes.
     pub writethrough: bool,
     pub allocation_depth: bool,
+    /// The dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts,
+    /// busy while the export exists.
+    pub bitmaps: Vec<Arc<NamedBitmap>>,
     /// Clients may open several connections (not when the server takes
     /// only one, as QEMU decides).
     pub multi_conn: bool,
@@ -39,6 +43,7 @@ pub struct ExportConfig {
     pub writable: bool,
     pub writethrough: bool,
     pub allocation_depth: bool,
+    pub bitmaps: Vec<Arc<NamedBitmap>>,
     pub multi_conn: bool,
     /// The graph user holding the export's permissions.
     pub user: u64,
@@ -46,6 +51,9 @@ pub struct ExportConfig {
 
 impl Export {
     pub fn new(c: ExportConfig) -> Arc<Export> {
+        for b in &c.bitmaps {
+            b.set_busy(true);
+        }
         Arc::new(Export {
             id: c.id,
             name: c.name,
@@ -54,6 +62,7 @@ impl Export {
             writable: c.writable,
             writethrough: c.writethrough,
             allocation_depth: c.allocation_depth,
+            bitmaps: c.bitmaps,
             multi_conn: c.multi_conn,
             user: c.user,
             clients: AtomicUsize::new(0),
@@ -92,6 +101,16 @@ impl Export {
     pub fn attach(self: &Arc<Self>) -> ClientGuard {
         self.clients.fetch_add(1, Ordering::SeqCst);
         ClientGuard(self.clone())
+    }
+}
+
+/// The export's bitmaps are free again once nothing holds it (QEMU
+/// releases them when its last reference goes).
+impl Drop for Export {
+    fn drop(&mut self) {
+        for b in &self.bitmaps {
+            b.set_busy(false);
+        }
     }
 }
 

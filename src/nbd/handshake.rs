@@ -22,6 +22,9 @@ const MAX_NAME_LEN: usize = 4096;
 
 pub const CTX_BASE: u32 = 1;
 pub const CTX_DEPTH: u32 = 2;
+/// `qemu:dirty-bitmap:NAME` of the export's bitmap `i` is CTX_BITMAP + i.
+pub const CTX_BITMAP: u32 = 3;
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// The handshake: greeting, client flags and option haggling, up to the
 /// export the client chose (None when it left or chose none). It reads
@@ -147,16 +150,22 @@ async fn named_export<T>(
 }
 
 /// The meta contexts an export offers that match `query`.
-fn match_contexts(e: &Export, query: &str) -> Vec<(u32, &'static str)> {
-    let mut all = vec![(CTX_BASE, "base:allocation")];
+fn match_contexts(e: &Export, query: &str) -> Vec<(u32, String)> {
+    let mut all = vec![(CTX_BASE, "base:allocation".to_string())];
     if e.allocation_depth {
-        all.push((CTX_DEPTH, "qemu:allocation-depth"));
+        all.push((CTX_DEPTH, "qemu:allocation-depth".to_string()));
+    }
+    for (i, b) in e.bitmaps.iter().enumerate() {
+        all.push((
+            CTX_BITMAP + i as u32,
+            format!("{DIRTY_BITMAP_PREFIX}{}", b.name),
+        ));
     }
     all.into_iter()
         .filter(|(_, name)| match query {
             "" => true,
-            "base:" | "qemu:" => name.starts_with(query),
-            q => *name == q,
+            "base:" | "qemu:" | DIRTY_BITMAP_PREFIX => name.starts_with(query),
+            q => name == q,
         })
         .collect()
 }
@@ -344,7 +353,7 @@ async fn negotiate(
                 else {
                     continue;
                 };
-                let mut found: Vec<(u32, &'static str)> = Vec::new();
+                let mut found: Vec<(u32, String)> = Vec::new();
                 let queries = if queries.is_empty() && !set {
                     vec![String::new()]
                 } else {

@@ -22,13 +22,37 @@ pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 pub const OFF_SIZE: u64 = 24;
 pub const OFF_L1_SIZE: u64 = 36;
 pub const OFF_REFCOUNT_TABLE: u64 = 48;
+/// nb_snapshots, then snapshots_offset.
+pub const OFF_NB_SNAPSHOTS: u64 = 60;
 pub const OFF_INCOMPAT: u64 = 72;
 pub const OFF_AUTOCLEAR: u64 = 88;
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// QEMU's limits on the bitmaps extension (QCOW2_MAX_BITMAPS and
+/// QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
+pub const MAX_BITMAPS: u32 = 65535;
+pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
+
+/// The bitmaps extension: where the bitmap directory is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub dir_size: u64,
+    pub dir_offset: u64,
+}
+
+impl BitmapsExt {
+    pub fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&self.nb_bitmaps.to_be_bytes());
+        b[8..16].copy_from_slice(&self.dir_size.to_be_bytes());
+        b[16..24].copy_from_slice(&self.dir_offset.to_be_bytes());
+        b
+    }
+}
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -58,7 +82,12 @@ pub struct Header {
     pub data_file: Option<String>,
     /// (type, bit, name) from the feature name table.
     pub feature_names: Vec<(u8, u8, String)>,
+    /// A bitmaps extension is there (trusted or not).
     pub has_bitmaps: bool,
+    /// The bitmaps extension, when the autoclear bit says a program
+    /// that knows bitmaps wrote the image last (QEMU ignores it
+    /// otherwise: the bitmaps are then lost, their clusters leaked).
+    pub bitmaps: Option<BitmapsExt>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -251,7 +280,10 @@ impl Header {
                 EXT_END => return Ok(()),
                 EXT_BACKING_FORMAT => self.backing_format = Some(text()),
                 EXT_DATA_FILE => self.data_file = Some(text()),
-                EXT_BITMAPS => self.has_bitmaps = true,
+                EXT_BITMAPS => {
+                    self.has_bitmaps = true;
+                    self.bitmaps = self.parse_bitmaps_ext(data)?;
+                }
                 EXT_CRYPTO => {}
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
@@ -268,6 +300,44 @@ impl Header {
             at = data_at + len.div_ceil(8) * 8;
         }
         Ok(())
+    }
+
+    /// QEMU's checks of the bitmaps extension; None when the autoclear
+    /// bit is clear (the extension is stale).
+    fn parse_bitmaps_ext(&self, d: &[u8]) -> Result<Option<BitmapsExt>, BlockError> {
+        if d.len() != 24 {
+            return Err(bad("bitmaps_ext: Invalid extension length"));
+        }
+        if self.autoclear & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(None);
+        }
+        let e = BitmapsExt {
+            nb_bitmaps: be32(d, 0),
+            dir_size: be64(d, 8),
+            dir_offset: be64(d, 16),
+        };
+        if be32(d, 4) != 0 {
+            return Err(bad("bitmaps_ext: Reserved field is not zero"));
+        }
+        if e.nb_bitmaps > MAX_BITMAPS {
+            return Err(bad(format!(
+                "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
+                e.nb_bitmaps
+            )));
+        }
+        if e.nb_bitmaps == 0 {
+            return Err(bad("found bitmaps extension with zero bitmaps"));
+        }
+        if !e.dir_offset.is_multiple_of(self.cluster_size()) {
+            return Err(bad("bitmaps_ext: invalid bitmap directory offset"));
+        }
+        if e.dir_size > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(bad(format!(
+                "bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})",
+                e.dir_size
+            )));
+        }
+        Ok(Some(e))
     }
 
     pub fn extended_l2(&self) -> bool {
@@ -291,6 +361,37 @@ pub fn with_backing(
     name: &str,
     fmt: Option<&str>,
 ) -> Result<Vec<u8>, String> {
+    let exts: Vec<(u32, Vec<u8>)> = extensions(b, h)
+        .into_iter()
+        .filter(|(k, _)| *k != EXT_BACKING_FORMAT)
+        .collect();
+    let fmt = fmt.filter(|_| !name.is_empty());
+    assemble(b, h, fmt, exts, name)
+        .map_err(|()| "Could not update the backing file name: header too large".into())
+}
+
+/// The first cluster `b` with its bitmaps extension made `ext` (None:
+/// no extension), the rest as it is.
+pub fn with_bitmaps(b: &[u8], h: &Header, ext: Option<BitmapsExt>) -> Result<Vec<u8>, String> {
+    let mut exts: Vec<(u32, Vec<u8>)> = extensions(b, h)
+        .into_iter()
+        .filter(|(k, _)| *k != EXT_BACKING_FORMAT && *k != EXT_BITMAPS)
+        .collect();
+    if let Some(e) = ext {
+        // After the extensions QEMU knows, before unknown ones.
+        let at = exts
+            .iter()
+            .position(|(k, _)| ![EXT_DATA_FILE, EXT_CRYPTO, EXT_FEATURE_TABLE].contains(k))
+            .unwrap_or(exts.len());
+        exts.insert(at, (EXT_BITMAPS, e.to_bytes().to_vec()));
+    }
+    let name = h.backing_file.clone().unwrap_or_default();
+    assemble(b, h, h.backing_format.as_deref(), exts, &name)
+        .map_err(|()| "Could not update the header: header too large".into())
+}
+
+/// The header extensions of the first cluster `b`, in order.
+fn extensions(b: &[u8], h: &Header) -> Vec<(u32, Vec<u8>)> {
     let cs = h.cluster_size() as usize;
     let fixed = (h.header_length as usize).min(b.len());
     let end = if h.backing_file_offset != 0 {
@@ -299,7 +400,7 @@ pub fn with_backing(
         cs
     }
     .min(b.len());
-    let mut exts: Vec<(u32, &[u8])> = Vec::new();
+    let mut exts = Vec::new();
     let mut at = fixed;
     while at + 8 <= end {
         let kind = be32(b, at);
@@ -307,11 +408,23 @@ pub fn with_backing(
         if kind == EXT_END || len > end - (at + 8) {
             break;
         }
-        if kind != EXT_BACKING_FORMAT {
-            exts.push((kind, &b[at + 8..at + 8 + len]));
-        }
+        exts.push((kind, b[at + 8..at + 8 + len].to_vec()));
         at += 8 + len.div_ceil(8) * 8;
     }
+    exts
+}
+
+/// A first cluster: the fixed fields of `b`, the backing format
+/// extension, `exts`, the end mark, then the backing file name.
+fn assemble(
+    b: &[u8],
+    h: &Header,
+    fmt: Option<&str>,
+    exts: Vec<(u32, Vec<u8>)>,
+    name: &str,
+) -> Result<Vec<u8>, ()> {
+    let cs = h.cluster_size() as usize;
+    let fixed = (h.header_length as usize).min(b.len());
     let mut out = b[..fixed].to_vec();
     let push = |kind: u32, data: &[u8], out: &mut Vec<u8>| {
         out.extend_from_slice(&kind.to_be_bytes());
@@ -323,7 +436,7 @@ pub fn with_backing(
         push(EXT_BACKING_FORMAT, f.as_bytes(), &mut out);
     }
     for (kind, data) in exts {
-        push(kind, data, &mut out);
+        push(kind, &data, &mut out);
     }
     out.extend_from_slice(&[0u8; 8]);
     let (off, len) = if name.is_empty() {
@@ -333,8 +446,8 @@ pub fn with_backing(
         out.extend_from_slice(name.as_bytes());
         (off, name.len() as u32)
     };
-    if out.len() > cs || name.len() > 1023 {
-        return Err("Could not update the backing file name: header too large".into());
+    if out.len() > cs || name.len() > 1023 || out.len() < 20 {
+        return Err(());
     }
     out[8..16].copy_from_slice(&off.to_be_bytes());
     out[16..20].copy_from_slice(&len.to_be_bytes());

@@ -25,9 +25,11 @@
 //!   size, before clusters are released, on the cache-clean-interval
 //!   tick and when the node is closed (`Driver::close`).
 mod attach;
+pub mod bitmaps;
 pub mod compress;
 pub mod create;
 pub mod header;
+mod internal;
 pub mod l2;
 mod map;
 pub mod overlap;
@@ -144,6 +146,12 @@ pub struct Image {
     overlap: Arc<overlap::Overlap>,
     node_name: String,
     events: Option<BlockEvents>,
+    /// The bitmap directory as on disk now.
+    bitmap_dir: std::sync::Mutex<Vec<bitmaps::DirEntry>>,
+    /// Bitmaps loaded on open, until the node takes them.
+    loaded: std::sync::Mutex<Vec<crate::block::dirty::NamedBitmap>>,
+    /// The internal snapshot table as it is on disk.
+    snaps: std::sync::Mutex<Vec<snapshot::Entry>>,
 }
 
 /// One piece of a request: the L2 entry of its cluster, what its first
@@ -265,9 +273,9 @@ impl Qcow2 {
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
             ));
         }
-        // rsd keeps no bitmaps: clear the auto-clear bits it does not
-        // know before writing, as the spec asks.
-        let keep = header::AUTOCLEAR_DATA_FILE_RAW;
+        // Clear the auto-clear bits rsd does not know before writing, as
+        // the spec asks; it knows bitmaps.
+        let keep = header::AUTOCLEAR_DATA_FILE_RAW | header::AUTOCLEAR_BITMAPS;
         if !read_only && h.autoclear & !keep != 0 {
             h.autoclear &= keep;
             file.write(
@@ -278,6 +286,18 @@ impl Qcow2 {
             .await?;
             file.flush().await?;
         }
+        let loaded = bitmaps::load(&file, &h, h.size & !511, read_only).await?;
+        if let Some(e) = h.bitmaps {
+            ov.set_range(overlap::BITMAP_DIRECTORY, e.dir_offset, e.dir_size);
+        }
+        // A bitmaps extension a program without bitmaps left behind is
+        // dropped on a read-write open, as QEMU does (its clusters leak).
+        if h.has_bitmaps && h.bitmaps.is_none() {
+            eprintln!(
+                "rsd: warning: a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+            );
+        }
+        let stale_bitmaps = !read_only && h.has_bitmaps && h.bitmaps.is_none();
         let img = Arc::new(Image {
             external: data.is_some(),
             data: data.unwrap_or_else(|| file.clone()),
@@ -308,7 +328,13 @@ impl Qcow2 {
             overlap: ov,
             node_name: opts.node_name.clone(),
             events: opts.events.clone(),
+            bitmap_dir: std::sync::Mutex::new(loaded.dir),
+            loaded: std::sync::Mutex::new(loaded.bitmaps),
+            snaps: std::sync::Mutex::new(snaps.entries),
         });
+        if stale_bitmaps {
+            img.set_bitmaps_ext(None).await?;
+        }
         let timer = (interval > 0)
             .then(|| tokio::runtime::Handle::try_current().ok())
             .flatten()
@@ -695,6 +721,45 @@ impl Driver for Qcow2 {
     fn format_specific(&self) -> Option<Value> {
         Some(format_specific(self))
     }
+    fn take_bitmaps(&self) -> Vec<crate::block::dirty::NamedBitmap> {
+        self.loaded
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    }
+    fn store_bitmaps<'a>(
+        &'a self,
+        list: &'a [Arc<crate::block::dirty::NamedBitmap>],
+    ) -> IoFuture<'a, ()> {
+        self.boundary(self.img.store_bitmaps(list))
+    }
+    fn reopen_bitmaps_rw(&self) -> IoFuture<'_, ()> {
+        self.boundary(self.img.mark_bitmaps_in_use())
+    }
+    fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {
+        self.boundary(self.img.remove_stored_bitmap(name))
+    }
+    fn can_store_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+        stored: &[String],
+    ) -> Result<(), crate::block::driver::BitmapStoreError> {
+        bitmaps::can_store(&self.header(), self.disk_size(), name, granularity, stored)
+    }
+    fn snapshots(&self) -> Option<Vec<Value>> {
+        Some(self.snapshot_list())
+    }
+    fn snapshot_create<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {
+        self.boundary(self.img.snapshot_create(name))
+    }
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, Value> {
+        self.boundary(self.img.snapshot_delete(id, name))
+    }
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cs())
     }
@@ -767,6 +832,10 @@ pub fn format_specific(q: &Qcow2) -> Value {
             "lazy-refcounts".into(),
             json!(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0),
         );
+        let bitmaps = q.bitmap_infos();
+        if !bitmaps.is_empty() {
+            data.insert("bitmaps".into(), Value::Array(bitmaps));
+        }
         data.insert("refcount-bits".into(), json!(h.refcount_bits()));
         data.insert(
             "corrupt".into(),

@@ -12,9 +12,10 @@ pub const REFCOUNT_TABLE: &str = "refcount table";
 pub const REFCOUNT_BLOCK: &str = "refcount block";
 pub const SNAPSHOT_TABLE: &str = "snapshot table";
 pub const INACTIVE_L1: &str = "inactive L1 table";
+pub const BITMAP_DIRECTORY: &str = "bitmap directory";
 
 /// QEMU's order: the first kind a write overlaps is the one reported.
-const ORDER: [&str; 7] = [
+const ORDER: [&str; 8] = [
     HEADER,
     ACTIVE_L1,
     ACTIVE_L2,
@@ -22,6 +23,7 @@ const ORDER: [&str; 7] = [
     REFCOUNT_BLOCK,
     SNAPSHOT_TABLE,
     INACTIVE_L1,
+    BITMAP_DIRECTORY,
 ];
 
 #[derive(Default)]
@@ -57,6 +59,13 @@ impl Overlap {
         if let Ok(mut m) = self.map.write() {
             m.ranges.retain(|r| r.0 != kind);
             m.ranges.push((kind, start, len));
+        }
+    }
+
+    /// Removes the contiguous structure of a kind that starts at `start`.
+    pub fn remove_range(&self, kind: &'static str, start: u64) {
+        if let Ok(mut m) = self.map.write() {
+            m.ranges.retain(|r| !(r.0 == kind && r.1 == start));
         }
     }
 

@@ -118,6 +118,33 @@ async fn count_l2s(
     Ok(())
 }
 
+/// The bitmap directory, the bitmap tables and their data clusters
+/// (qemu-img check counts them too).
+async fn count_bitmaps(file: &Arc<Node>, h: &Header, c: &mut Counter) -> BlockResult<()> {
+    let Some(ext) = h.bitmaps else {
+        return Ok(());
+    };
+    let cs = h.cluster_size();
+    if ext.dir_offset.saturating_add(ext.dir_size) > file.size() {
+        return Err(corrupt("bitmap directory beyond the end of the image file"));
+    }
+    let mut raw = vec![0u8; ext.dir_size as usize];
+    file.read(ext.dir_offset, &mut raw).await?;
+    c.add(ext.dir_offset, ext.dir_size.max(1), 1).await?;
+    let dir = super::bitmaps::parse_dir(&raw, ext.nb_bitmaps, cs, h.size & !511, file.size())?;
+    for e in dir {
+        let n = u64::from(e.table_size);
+        c.add(e.table_offset, (n * 8).max(1), 1).await?;
+        for entry in read_u64s(file, e.table_offset, n).await? {
+            let off = entry & 0x00ff_ffff_ffff_fe00;
+            if off != 0 {
+                c.add(off, cs, 1).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn repair(file: &Arc<Node>, h: &mut Header, refs: &mut Refcounts) -> BlockResult<()> {
     let cs = h.cluster_size();
     let mut c = Counter {
@@ -156,6 +183,7 @@ pub async fn repair(file: &Arc<Node>, h: &mut Header, refs: &mut Refcounts) -> B
     }
     count_l2s(file, h, &mut c, &l2s, external).await?;
     c.add(h.snapshots_offset, snaps.table_len, 1).await?;
+    count_bitmaps(file, h, &mut c).await?;
     // Rewrite what differs, over every cluster counted or refcounted.
     // New refcount blocks would need a free cluster, and nothing is known
     // free before the repair is done: leave such images to qemu-img.

@@ -91,7 +91,7 @@ impl Image {
         Ok(())
     }
 
-    fn writable(&self) -> bool {
+    pub(super) fn writable(&self) -> bool {
         !self.read_only.load(Ordering::Acquire) && !self.corrupt.load(Ordering::Acquire)
     }
 

@@ -1,0 +1,123 @@
+//! `transaction`: several actions, all or none.
+//!
+//! Each action is prepared in order; one that fails undoes the ones
+//! before it (in reverse) and its error is the reply. An internal
+//! snapshot is made at prepare (undone by deleting it, as QEMU's abort
+//! does). An external snapshot makes its checks and its overlay file at
+//! prepare, and switches the graph at commit, after every action is
+//! prepared: the switch is the one step rsd cannot take back (the base is
+//! closed and reopened read-only), so nothing may fail after it
+//! (differences entry 43).
+use serde_json::{json, Map, Value};
+
+use super::ControlState;
+use crate::qapi::error::QmpResult;
+use crate::qapi::QmpError;
+
+/// Actions that take completion-mode=grouped (the job actions).
+const GROUPED: [&str; 2] = ["blockdev-backup", "drive-backup"];
+
+/// How to take a prepared action back.
+enum Undo {
+    InternalSnapshot { device: String, name: String },
+}
+
+/// What a prepared action still does at commit.
+enum Commit {
+    Snapshot(Map<String, Value>),
+    SnapshotSync(String, Map<String, Value>),
+}
+
+impl ControlState {
+    pub(super) async fn transaction(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let actions: Vec<Value> = args
+            .get("actions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mode = args
+            .get("properties")
+            .and_then(|p| p.get("completion-mode"))
+            .and_then(Value::as_str)
+            .unwrap_or("individual");
+        let kind = |a: &Value| a["type"].as_str().unwrap_or_default().to_string();
+        if mode != "individual" {
+            if let Some(t) = actions
+                .iter()
+                .map(kind)
+                .find(|t| !GROUPED.contains(&t.as_str()))
+            {
+                return Err(QmpError::generic(format!(
+                    "Action '{t}' does not support transaction property completion-mode = {mode}"
+                )));
+            }
+        }
+        let mut undo = Vec::new();
+        let mut commit = Vec::new();
+        for a in &actions {
+            let data = a["data"].as_object().cloned().unwrap_or_default();
+            if let Err(e) = self.prepare(&kind(a), &data, &mut undo, &mut commit).await {
+                self.roll_back(undo).await;
+                return Err(e);
+            }
+        }
+        for c in commit {
+            let r = match c {
+                Commit::Snapshot(data) => self.blockdev_snapshot(&data).await,
+                Commit::SnapshotSync(base, opts) => self.put_overlay(&base, &opts, false).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e.desc, "transaction: a snapshot switch failed at commit");
+                return Err(e);
+            }
+        }
+        Ok(json!({}))
+    }
+
+    async fn prepare(
+        &mut self,
+        kind: &str,
+        data: &Map<String, Value>,
+        undo: &mut Vec<Undo>,
+        commit: &mut Vec<Commit>,
+    ) -> QmpResult<()> {
+        match kind {
+            "abort" => Err(QmpError::generic("Transaction aborted using Abort action")),
+            "blockdev-snapshot-internal-sync" => {
+                self.blockdev_snapshot_internal_sync(data).await?;
+                undo.push(Undo::InternalSnapshot {
+                    device: super::arg_str(data, "device").to_string(),
+                    name: super::arg_str(data, "name").to_string(),
+                });
+                Ok(())
+            }
+            "blockdev-snapshot" => {
+                self.blockdev_snapshot_checks(data)?;
+                commit.push(Commit::Snapshot(data.clone()));
+                Ok(())
+            }
+            "blockdev-snapshot-sync" => {
+                let (base, opts) = self.snapshot_sync_prepare(data).await?;
+                commit.push(Commit::SnapshotSync(base, opts));
+                Ok(())
+            }
+            other => Err(QmpError::generic(format!(
+                "rsd cannot run '{other}' in a transaction yet"
+            ))),
+        }
+    }
+
+    async fn roll_back(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::InternalSnapshot { device, name } => {
+                    if let Some(n) = self.block.find(&device).map(|e| e.node.clone()) {
+                        if let Err(e) = n.driver.snapshot_delete(None, Some(&name)).await {
+                            tracing::warn!(node = %device, error = %e.msg, "transaction: snapshot not undone");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
