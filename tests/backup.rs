@@ -284,6 +284,11 @@ fn bad_backup_option_combinations_match_qsd() {
         b(r#""target":"bk","sync":"incremental","bitmap":"x","bitmap-mode":"never""#),
         b(r#""target":"bk","sync":"full","bitmap-mode":"always""#),
         b(r#""target":"bk","sync":"none","bitmap":"nope""#),
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"src","name":"b0"}}"#.into(),
+        b(r#""target":"bk","sync":"full","bitmap":"b0""#),
+        b(r#""target":"bk","sync":"none","bitmap":"b0","bitmap-mode":"always""#),
+        b(r#""target":"bk","sync":"full","bitmap":"b0","bitmap-mode":"never""#),
+        b(r#""target":"bk","sync":"incremental","bitmap":"b0","bitmap-mode":"always""#),
         b(r#""target":"small","sync":"full""#),
         b(r#""target":"src","sync":"full""#),
         b(r#""target":"nope","sync":"full""#),
@@ -511,6 +516,7 @@ fn copy_before_write_setup_matches_qsd() {
     steps.extend(CBW_SETUP);
     steps.extend([
         r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c2","file":"src","target":"tmp","bitmap":{"node":"src","name":"b0"}}}"#,
+        r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c2","file":"src","target":"tmp","bitmap":{"node":"nope","name":"b0"}}}"#,
         r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c3","file":"src","target":"tmp","min-cluster-size":1000}}"#,
         r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c4","file":"src","target":"nope"}}"#,
     ]);
@@ -805,4 +811,37 @@ fn copy_before_write_timeout_follows_on_cbw_error() {
             let _ = server.wait();
         }
     }
+}
+
+/// A bitmap that passes QSD's checks is refused for now, by backup and
+/// by copy-before-write (differences entry).
+#[test]
+fn backups_with_a_bitmap_are_refused_for_now() {
+    let dir = TempDir::new();
+    fleecing_images(&dir);
+    let (mut d, mut q) = fleecing_daemon(
+        Which::Rsd,
+        &dir,
+        &[
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"file","filename":"$D/tmp.qcow2"}}}"#,
+            r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"src","name":"b0"}}"#,
+        ],
+    );
+    for (cmd, want) in [
+        (
+            r#"{"execute":"blockdev-backup","arguments":{"job-id":"j","device":"src","target":"tmp","sync":"bitmap","bitmap":"b0","bitmap-mode":"never"}}"#,
+            "rsd cannot run a backup with a bitmap yet",
+        ),
+        (
+            r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c","file":"src","target":"tmp","bitmap":{"node":"src","name":"b0"}}}"#,
+            "rsd's copy-before-write cannot use a bitmap yet",
+        ),
+    ] {
+        let r = q.cmd(cmd);
+        assert_eq!(r["error"]["desc"], want, "{r}");
+    }
+    let r = q.cmd(r#"{"execute":"query-jobs"}"#);
+    assert_eq!(r["return"], serde_json::json!([]), "{r}");
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0));
 }

@@ -144,11 +144,18 @@ impl Driver for Cbw {
 }
 
 /// The options checked once the children are open, as QEMU does.
-fn check_options(opts: &Map<String, Value>) -> Result<(), String> {
+fn check_options(ctx: &OpenCtx<'_>, opts: &Map<String, Value>) -> Result<(), String> {
     if let Some(b) = opts.get("bitmap").and_then(Value::as_object) {
-        // rsd has no dirty bitmaps yet, so none is ever found.
+        let node = b.get("node").and_then(Value::as_str).unwrap_or_default();
         let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
-        return Err(format!("Dirty bitmap '{name}' not found"));
+        let Some(e) = ctx.entry(node) else {
+            return Err(format!("Node '{node}' not found"));
+        };
+        if e.node.bitmaps.find(name).is_none() {
+            return Err(format!("Dirty bitmap '{name}' not found"));
+        }
+        // Copying only what a bitmap marks is another issue.
+        return Err("rsd's copy-before-write cannot use a bitmap yet".into());
     }
     let min_cluster = opt_u64(opts, "min-cluster-size").unwrap_or(0);
     if min_cluster != 0 && !min_cluster.is_power_of_two() {
@@ -171,7 +178,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
             return Err(e);
         }
     };
-    if let Err(e) = check_options(opts) {
+    if let Err(e) = check_options(ctx, opts) {
         ctx.drop_inline(&target);
         ctx.drop_inline(&file);
         return Err(e);
