@@ -123,6 +123,20 @@ impl DirtyBitmap {
         self.changed.notify_waiters();
     }
 
+    /// The granule holding `offset` is dirty.
+    pub fn is_set(&self, offset: u64) -> bool {
+        let g = offset / self.granularity;
+        self.with(|b| g < b.granules && b.words[(g / 64) as usize] & (1u64 << (g % 64)) != 0)
+    }
+
+    /// Some granule the range touches is dirty.
+    pub fn any_set(&self, offset: u64, len: u64) -> bool {
+        self.with(|b| {
+            self.span(b, offset, len)
+                .any(|g| b.words[(g / 64) as usize] & (1u64 << (g % 64)) != 0)
+        })
+    }
+
     /// Dirty bytes (whole granules).
     pub fn dirty_bytes(&self) -> u64 {
         self.with(|b| b.count) * self.granularity
@@ -299,6 +313,21 @@ mod tests {
         assert_eq!(odd.next_run(0, 1 << 30), Some((65536, 65536)));
         odd.set_all();
         assert_eq!(odd.dirty_bytes(), 2 * 65536);
+    }
+
+    #[test]
+    fn single_granules_and_ranges() {
+        let b = DirtyBitmap::new(1 << 20, 65536);
+        b.set(65536 * 3, 1);
+        assert!(b.is_set(65536 * 3 + 100));
+        assert!(!b.is_set(65536 * 4));
+        // Past the end is never set.
+        assert!(!b.is_set(1 << 30));
+        // A range touching the granule by one byte sees it.
+        assert!(b.any_set(65536 * 4 - 1, 2));
+        assert!(!b.any_set(0, 65536 * 3));
+        assert!(!b.any_set(65536 * 4, 1 << 30));
+        assert!(!b.any_set(65536 * 3, 0));
     }
 
     #[test]

@@ -181,6 +181,10 @@ impl Driver for Blkdebug {
     fn truncate(&self, size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move { self.enter().await?.truncate(size).await })
     }
+    /// A format above grows its file through the filter, as in QEMU.
+    fn grows_on_write(&self) -> bool {
+        self.child.get().is_some_and(|n| n.driver.grows_on_write())
+    }
     fn child_perms(&self, _role: &str, perm: Perm, shared: Perm) -> (Perm, Perm) {
         (perm, shared)
     }

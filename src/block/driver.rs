@@ -222,4 +222,9 @@ pub trait Driver: Send + Sync + 'static {
     fn child_slot(&self, _role: &str) -> Option<std::sync::Arc<super::child::Child>> {
         None
     }
+    /// The point-in-time view a copy-before-write node keeps, for
+    /// snapshot-access above it.
+    fn copier(&self) -> Option<std::sync::Arc<super::copier::Copier>> {
+        None
+    }
 }

@@ -59,6 +59,14 @@ static REGISTRY: &[DriverSpec] = &[
         open: super::blkdebug::open_node,
     },
     DriverSpec {
+        names: &["copy-before-write"],
+        open: super::cbw::open_node,
+    },
+    DriverSpec {
+        names: &["snapshot-access"],
+        open: super::cbw::open_snapshot_access,
+    },
+    DriverSpec {
         names: &["nbd"],
         open: super::nbd_client::open_node,
     },

@@ -132,6 +132,18 @@ impl ControlState {
         Ok(json!({}))
     }
 
+    /// The node below `e` that QEMU nests in its ImageInfo: the backing
+    /// node, or the child a filter passes requests to.
+    fn filtered<'a>(&'a self, e: &'a Entry) -> Option<&'a Entry> {
+        self.block.child_of(e, "backing").or_else(|| {
+            e.node
+                .driver
+                .is_filter()
+                .then(|| self.block.child_of(e, "file"))
+                .flatten()
+        })
+    }
+
     /// ImageInfo of a node, with its backing chain nested as QEMU shows it.
     fn image_info(&self, e: &Entry, flat: bool) -> Map<String, Value> {
         let node = &e.node;
@@ -164,7 +176,7 @@ impl ControlState {
             image.insert("dirty-flag".into(), json!(false));
         }
         if node.driver.is_filter() && !flat {
-            if let Some(b) = self.block.child_of(e, "backing") {
+            if let Some(b) = self.filtered(e) {
                 image.insert(
                     "backing-image".into(),
                     Value::Object(self.image_info(b, flat)),
@@ -199,7 +211,7 @@ impl ControlState {
         // query says 0.
         let mut depth = 0;
         let mut at = e;
-        while let Some(b) = self.block.child_of(at, "backing").filter(|_| !flat) {
+        while let Some(b) = self.filtered(at).filter(|_| !flat) {
             depth += 1;
             at = b;
         }

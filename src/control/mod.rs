@@ -349,6 +349,7 @@ impl ControlState {
             "blockdev-mirror" => self.blockdev_mirror(&args).await,
             "block-stream" => self.block_stream(&args).await,
             "blockdev-backup" => self.blockdev_backup(&args).await,
+            "drive-backup" => self.drive_backup(&args).await,
             "block-set-write-threshold" => self.set_write_threshold(&args),
             "block-dirty-bitmap-add"
             | "block-dirty-bitmap-remove"

@@ -132,6 +132,9 @@ pub struct Shared {
     pub gate: AtomicU64,
     /// Present for block jobs.
     pub block: Option<BlockJob>,
+    /// The job's work only waits for its cancel (a sync=none backup): a
+    /// cancel ends the job before its reply, as QEMU's idle job does.
+    pub ends_on_cancel: std::sync::atomic::AtomicBool,
 }
 
 /// Jobs drive long block work through the block layer's progress trait.
@@ -204,6 +207,7 @@ impl Shared {
             crash: std::sync::atomic::AtomicBool::new(false),
             gate: AtomicU64::new(0),
             block,
+            ends_on_cancel: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -694,8 +698,11 @@ impl JobActor {
             sh.resume_now();
         }
         sh.wake.notify_waiters();
-        if status == Status::Pending {
-            // Waiting for job-finalize: cancel ends it now.
+        let idle = sh.ends_on_cancel.load(Ordering::Acquire)
+            && matches!(status, Status::Running | Status::Paused);
+        if status == Status::Pending || idle {
+            // Waiting for job-finalize, or for nothing but the cancel:
+            // cancel ends it now (an idle job's work stops on its own).
             self.finish(myself, a, Err(CANCELED.into()));
         }
         Ok(())
@@ -800,7 +807,12 @@ impl Actor for JobActor {
             JobMsg::ChangeCopyMode(wb, reply) => {
                 let _ = reply.send(self.change_copy_mode(a, wb));
             }
-            JobMsg::Finished(r) => self.finish(&myself, a, r),
+            JobMsg::Finished(r) => {
+                // A cancel may have ended the job already.
+                if !matches!(a.shared.status(), Status::Concluded | Status::Null) {
+                    self.finish(&myself, a, r)
+                }
+            }
             JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),
         }
         Ok(())

@@ -124,7 +124,12 @@ pub fn schema_info(schema: &Schema) -> Value {
                 .as_ref()
                 .unwrap_or(&TypeRef::Named(EMPTY.to_string())),
         );
-        out.push(json!({"name": c.name, "ret-type": ret, "meta-type": "command", "arg-type": arg}));
+        let mut cmd =
+            json!({"name": c.name, "ret-type": ret, "meta-type": "command", "arg-type": arg});
+        if !c.features.is_empty() {
+            cmd["features"] = json!(c.features);
+        }
+        out.push(cmd);
     }
     for e in &schema.events {
         let arg = m.mask(&TypeRef::Named(e.args.clone()));

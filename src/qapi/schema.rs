@@ -42,6 +42,8 @@ pub struct Command {
     /// Name of the argument struct (an implicit one for inline data).
     pub args: String,
     pub returns: Option<TypeRef>,
+    /// QAPI features ("deprecated", "unstable").
+    pub features: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -157,10 +159,20 @@ impl Schema {
             } else if let Some(n) = name("command") {
                 let args = s.implicit_args(&n, e.get("data"), "arg")?;
                 let returns = e.get("returns").map(parse_typeref).transpose()?;
+                let features = e
+                    .get("features")
+                    .and_then(Value::as_array)
+                    .map(|f| {
+                        f.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 s.commands.push(Command {
                     name: n,
                     args,
                     returns,
+                    features,
                 });
             } else if let Some(n) = name("event") {
                 let args = s.implicit_args(&n, e.get("data"), "arg")?;
