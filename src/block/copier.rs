@@ -91,6 +91,28 @@ impl Copier {
             if len == 0 {
                 return Ok(());
             }
+            // A run the source knows reads as zeroes is written as zeroes
+            // without a read (whole granules only: the rest of a granule
+            // must still be read), as QEMU's block-copy does.
+            let g = self.todo.granularity();
+            let zero = src
+                .block_status(run, len)
+                .await
+                .ok()
+                .filter(|e| e.zero && !e.data)
+                .map(|e| e.len.min(len) / g * g)
+                .filter(|z| *z > 0);
+            if let Some(z) = zero {
+                self.target
+                    .write_zeroes(run, z, ZeroFlags::default())
+                    .await
+                    .map_err(|e| ("write", e))?;
+                self.todo.clear(run, z);
+                self.done.fetch_add(z, Ordering::Relaxed);
+                self.copied.notify_waiters();
+                pos = run + z;
+                continue;
+            }
             let mut buf = vec![0u8; len as usize];
             src.read(run, &mut buf).await.map_err(|e| ("read", e))?;
             let w = if buf.iter().all(|b| *b == 0) {
