@@ -16,7 +16,7 @@ use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
 /// The export types rsd serves.
-const EXPORT_TYPES: &[&str] = &["nbd"];
+const EXPORT_TYPES: &[&str] = &["nbd", "vhost-user-blk"];
 
 /// What block-export-add decided for every export type.
 pub(super) struct ExportCommon {
@@ -91,6 +91,7 @@ impl ControlState {
         };
         let created = match kind {
             "nbd" => self.nbd_export_create(&common, args),
+            "vhost-user-blk" => self.vhost_user_export_create(&common, args).await,
             other => Err(format!("rsd does not support '{other}' exports yet")),
         };
         let export = match created {

@@ -14,6 +14,7 @@ mod qom;
 mod reopen;
 mod snapshot;
 mod stream;
+mod vhost_user;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
