@@ -22,3 +22,4 @@ mod snapshot;
 mod stream;
 mod supervision;
 mod transports;
+mod vhost_user;

@@ -1,0 +1,507 @@
+//! vhost-user-blk export: an in-process frontend (the `vhost` crate's
+//! frontend, memfd guest memory, split virtqueues built by hand) drives
+//! rsd and qemu-storage-daemon with the same requests; their answers
+//! (status, used length, data read) and the images they leave must be
+//! the same, and the data is checked with qemu-io.
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::common::{args, monitor_args, ok, run, Daemon, Qmp, TempDir, Which};
+
+/// Guest memory: 16 MiB at guest-physical 1 MiB (not 0, so a backend
+/// that mixes up addresses fails).
+const MEM_BASE: u64 = 0x10_0000;
+const MEM_SIZE: u64 = 16 << 20;
+const QSIZE: u16 = 128;
+/// Queue q's rings start at RINGS + q * 0x10000.
+const RINGS: u64 = MEM_BASE;
+/// Buffers start here.
+const DATA: u64 = MEM_BASE + (1 << 20);
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+/// One descriptor: guest address, length, device-writable.
+#[derive(Clone, Copy, Debug)]
+struct D(u64, u32, bool);
+
+/// A request as built: its descriptors, where its status byte is, and
+/// its device-writable data (to read back), unless it goes through an
+/// indirect table.
+struct Req {
+    descs: Vec<D>,
+    indirect: bool,
+    status: Option<u64>,
+    data_in: Vec<D>,
+}
+
+/// What a request came back with.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: Option<u8>,
+    used_len: u32,
+    data: Vec<u8>,
+}
+
+struct Guest {
+    fe: Frontend,
+    mem: GuestMemoryMmap,
+    queues: usize,
+    avail_idx: Vec<u16>,
+    used_seen: Vec<u16>,
+    kicks: Vec<EventFd>,
+    _calls: Vec<EventFd>,
+    /// Bump allocator for buffers (reset per batch).
+    next: u64,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+}
+
+fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
+    mem.get_host_address(GuestAddress(gpa)).expect("host addr") as u64
+}
+
+impl Guest {
+    /// Connects and sets the device up with `queues` queues, acking
+    /// every feature offered.
+    fn connect(sock: &Path, queues: usize) -> Guest {
+        let fe = connect_retry(sock, queues as u64);
+        let memfd =
+            nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .expect("memfd");
+        let file = File::from(memfd);
+        file.set_len(MEM_SIZE).expect("size memfd");
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(MEM_BASE),
+            MEM_SIZE as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .expect("guest memory");
+        let mut g = Guest {
+            fe,
+            mem,
+            queues,
+            avail_idx: vec![0; queues],
+            used_seen: vec![0; queues],
+            kicks: Vec::new(),
+            _calls: Vec::new(),
+            next: DATA,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+        };
+        g.setup();
+        g
+    }
+
+    fn setup(&mut self) {
+        // GET_FEATURES first: the crate checks its cached bits later.
+        self.features = self.fe.get_features().expect("get features");
+        self.fe.set_owner().expect("set owner");
+        self.protocol = self
+            .fe
+            .get_protocol_features()
+            .expect("get protocol features");
+        let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+        self.fe
+            .set_protocol_features(self.protocol & wanted)
+            .expect("set protocol features");
+        // Everything but the dirty log.
+        self.fe
+            .set_features(self.features & !(1 << 26))
+            .expect("set features");
+        let region = self
+            .mem
+            .find_region(GuestAddress(MEM_BASE))
+            .expect("region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
+        self.fe.set_mem_table(&[info]).expect("set mem table");
+        for q in 0..self.queues {
+            let base = RINGS + q as u64 * 0x10000;
+            // Zero the rings (a reconnect reuses the memory).
+            self.mem
+                .write_slice(&[0u8; 0x3000], GuestAddress(base))
+                .expect("zero rings");
+            self.fe.set_vring_num(q, QSIZE).expect("vring num");
+            // SET_VRING_ADDR takes the frontend's own addresses.
+            let cfg = VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: host_addr(&self.mem, base),
+                avail_ring_addr: host_addr(&self.mem, base + 0x1000),
+                used_ring_addr: host_addr(&self.mem, base + 0x2000),
+                log_addr: None,
+            };
+            self.fe.set_vring_addr(q, &cfg).expect("vring addr");
+            self.fe.set_vring_base(q, 0).expect("vring base");
+            let call = EventFd::new(0).expect("eventfd");
+            let kick = EventFd::new(0).expect("eventfd");
+            self.fe.set_vring_call(q, &call).expect("vring call");
+            self.fe.set_vring_kick(q, &kick).expect("vring kick");
+            // With PROTOCOL_FEATURES acked, rings start disabled.
+            self.fe.set_vring_enable(q, true).expect("vring enable");
+            self.kicks.push(kick);
+            self._calls.push(call);
+        }
+    }
+
+    fn config(&mut self, size: u32) -> Option<Vec<u8>> {
+        let buf = vec![0u8; size as usize];
+        self.fe
+            .get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+            .ok()
+            .map(|(_, data)| data.to_vec())
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        let at = self.next;
+        self.next = (self.next + len + 15) & !15;
+        assert!(self.next < MEM_BASE + MEM_SIZE, "test buffers overflow");
+        at
+    }
+
+    fn header(&mut self, kind: u32, sector: u64) -> D {
+        let at = self.alloc(16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(at)).expect("header");
+        D(at, 16, false)
+    }
+
+    fn status(&mut self) -> D {
+        let at = self.alloc(1);
+        // A value no answer has, to see that the device wrote it.
+        self.mem
+            .write_obj(0xeeu8, GuestAddress(at))
+            .expect("status");
+        D(at, 1, true)
+    }
+
+    fn buffer(&mut self, data: &[u8], writable: bool) -> D {
+        let at = self.alloc(data.len() as u64);
+        self.mem
+            .write_slice(data, GuestAddress(at))
+            .expect("buffer");
+        D(at, data.len() as u32, writable)
+    }
+
+    /// A request: header, data segments, status.
+    fn req(&mut self, kind: u32, sector: u64, out: &[&[u8]], inn: &[u32]) -> Req {
+        let mut descs = vec![self.header(kind, sector)];
+        for o in out {
+            descs.push(self.buffer(o, false));
+        }
+        let mut data_in = Vec::new();
+        for &n in inn {
+            let d = self.buffer(&vec![0xaa; n as usize], true);
+            data_in.push(d);
+            descs.push(d);
+        }
+        let st = self.status();
+        descs.push(st);
+        Req {
+            descs,
+            indirect: false,
+            status: Some(st.0),
+            data_in,
+        }
+    }
+
+    fn discard_seg(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
+        let mut s = sector.to_le_bytes().to_vec();
+        s.extend_from_slice(&sectors.to_le_bytes());
+        s.extend_from_slice(&flags.to_le_bytes());
+        s
+    }
+
+    /// Puts the requests on queue q, kicks, and waits for all of them.
+    fn submit(&mut self, q: usize, reqs: Vec<Req>) -> Vec<Answer> {
+        let base = RINGS + q as u64 * 0x10000;
+        let mut slot = 0u16;
+        let mut heads = Vec::new();
+        for r in &reqs {
+            let head = slot;
+            let list: Vec<D> = if r.indirect {
+                // One descriptor pointing at a table of the chain.
+                let table = self.alloc(16 * r.descs.len() as u64);
+                for (i, d) in r.descs.iter().enumerate() {
+                    let last = i + 1 == r.descs.len();
+                    self.write_desc(table + 16 * i as u64, *d, !last, i as u16 + 1);
+                }
+                self.write_raw_desc(
+                    base + 16 * u64::from(slot),
+                    table,
+                    16 * r.descs.len() as u32,
+                    VIRTQ_DESC_F_INDIRECT,
+                    0,
+                );
+                slot += 1;
+                Vec::new()
+            } else {
+                r.descs.clone()
+            };
+            for (i, d) in list.iter().enumerate() {
+                let last = i + 1 == list.len();
+                self.write_desc(base + 16 * u64::from(slot), *d, !last, slot + 1);
+                slot += 1;
+            }
+            assert!(slot <= QSIZE, "too many descriptors in one batch");
+            heads.push(head);
+        }
+        for head in &heads {
+            let idx = self.avail_idx[q];
+            let entry = base + 0x1000 + 4 + 2 * u64::from(idx % QSIZE);
+            self.mem
+                .write_obj(*head, GuestAddress(entry))
+                .expect("avail");
+            self.avail_idx[q] = idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(self.avail_idx[q], GuestAddress(base + 0x1000 + 2))
+            .expect("avail idx");
+        self.kicks[q].write(1).expect("kick");
+        let used = self.wait_used(q, heads.len());
+        let answers = heads
+            .iter()
+            .zip(&reqs)
+            .map(|(head, r)| {
+                let used_len = used
+                    .iter()
+                    .find(|(id, _)| *id == u32::from(*head))
+                    .map(|(_, l)| *l)
+                    .expect("request completed");
+                let status = r.status.map(|a| {
+                    self.mem
+                        .read_obj::<u8>(GuestAddress(a))
+                        .expect("status read")
+                });
+                let mut data = Vec::new();
+                for d in &r.data_in {
+                    let mut b = vec![0u8; d.1 as usize];
+                    self.mem
+                        .read_slice(&mut b, GuestAddress(d.0))
+                        .expect("data");
+                    data.extend_from_slice(&b);
+                }
+                Answer {
+                    status,
+                    used_len,
+                    data,
+                }
+            })
+            .collect();
+        self.next = DATA;
+        answers
+    }
+
+    fn write_desc(&mut self, at: u64, d: D, has_next: bool, next: u16) {
+        let mut flags = if d.2 { VIRTQ_DESC_F_WRITE } else { 0 };
+        if has_next {
+            flags |= VIRTQ_DESC_F_NEXT;
+        }
+        self.write_raw_desc(at, d.0, d.1, flags, if has_next { next } else { 0 });
+    }
+
+    fn write_raw_desc(&mut self, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut b = addr.to_le_bytes().to_vec();
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&b, GuestAddress(at)).expect("desc");
+    }
+
+    /// Waits (with a deadline) until n more used entries are there.
+    fn wait_used(&mut self, q: usize, n: usize) -> Vec<(u32, u32)> {
+        let base = RINGS + q as u64 * 0x10000 + 0x2000;
+        let end = Instant::now() + Duration::from_secs(10);
+        let target = self.used_seen[q].wrapping_add(n as u16);
+        loop {
+            let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).expect("used idx");
+            if idx == target {
+                break;
+            }
+            assert!(Instant::now() < end, "requests not completed on queue {q}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut out = Vec::new();
+        let mut i = self.used_seen[q];
+        while i != target {
+            let e = base + 4 + 8 * u64::from(i % QSIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(e)).expect("used id");
+            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).expect("used len");
+            out.push((id, len));
+            i = i.wrapping_add(1);
+        }
+        self.used_seen[q] = target;
+        out
+    }
+}
+
+fn connect_retry(sock: &Path, queues: u64) -> Frontend {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Frontend::connect(sock, queues) {
+            Ok(f) => return f,
+            Err(e) => {
+                assert!(Instant::now() < end, "connect {}: {e}", sock.display());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect()
+}
+
+/// A daemon serving `image` as a vhost-user-blk export on `sock`.
+fn start(which: Which, dir: &TempDir, image: &str, sock: &str, extra: &str) -> (Daemon, Qmp) {
+    let mon = dir.s(&format!("{}-qmp.sock", which.prog()));
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=file,filename={image}"),
+        "--export",
+        &format!("type=vhost-user-blk,id=vu,node-name=file,addr.type=unix,addr.path={sock}{extra}"),
+    ]));
+    let d = Daemon::spawn(which, &a);
+    let q = Qmp::ready(Path::new(&mon));
+    (d, q)
+}
+
+const IMAGE_SIZE: u64 = 4 << 20;
+const SECTORS: u64 = IMAGE_SIZE / 512;
+
+/// Every request type, the answers QSD gives, in one transcript.
+fn scenario(g: &mut Guest) -> Vec<Answer> {
+    let a = pattern(1, 4096);
+    let mut out = Vec::new();
+    let r = vec![
+        g.req(T_GET_ID, 0, &[], &[20]),
+        // A write split over two descriptors.
+        g.req(T_OUT, 8, &[&a[..2048], &a[2048..]], &[]),
+    ];
+    out.extend(g.submit(0, r));
+    let mut ind = g.req(T_IN, 8, &[], &[512]);
+    ind.indirect = true;
+    let r = vec![
+        // A read into three descriptors.
+        g.req(T_IN, 8, &[], &[1024, 1024, 2048]),
+        ind,
+        g.req(T_FLUSH, 0, &[], &[]),
+        g.req(T_WRITE_ZEROES, 0, &[&Guest::discard_seg(16, 8, 0)], &[]),
+        g.req(T_WRITE_ZEROES, 0, &[&Guest::discard_seg(24, 8, 1)], &[]),
+        g.req(T_DISCARD, 0, &[&Guest::discard_seg(32, 8, 0)], &[]),
+        g.req(T_DISCARD, 0, &[&Guest::discard_seg(32, 8, 1)], &[]),
+        g.req(T_WRITE_ZEROES, 0, &[&Guest::discard_seg(32, 8, 2)], &[]),
+        g.req(T_DISCARD, 0, &[&Guest::discard_seg(32, 40000, 0)], &[]),
+        // Past the end, and straddling it.
+        g.req(T_IN, SECTORS, &[], &[512]),
+        g.req(T_IN, SECTORS - 1, &[], &[1024]),
+        g.req(T_OUT, SECTORS - 1, &[&a[..1024]], &[]),
+        // Not whole sectors.
+        g.req(T_OUT, 0, &[&a[..100]], &[]),
+        // Unknown types.
+        g.req(99, 0, &[], &[512]),
+        g.req(T_FLUSH | 0x8000_0000, 0, &[], &[]),
+    ];
+    out.extend(g.submit(0, r));
+    out
+}
+
+#[test]
+fn every_request_type_answers_as_qsd_and_lands_in_the_image() {
+    let dir = TempDir::new();
+    let mut transcripts = Vec::new();
+    let mut configs = Vec::new();
+    let mut features = Vec::new();
+    for which in Which::all() {
+        let image = dir.s(&format!("{}.img", which.prog()));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &image, "4M"],
+        ));
+        ok(&run(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x5a 0 4M", &image],
+        ));
+        let sock = dir.s(&format!("{}-vu.sock", which.prog()));
+        let (mut d, mut q) = start(which, &dir, &image, &sock, ",writable=on");
+        let mut g = Guest::connect(Path::new(&sock), 1);
+        features.push((g.features, g.protocol));
+        configs.push((g.config(60), g.config(96)));
+        let t = scenario(&mut g);
+        drop(g);
+        let r = q.cmd(r#"{"execute": "quit"}"#);
+        assert_eq!(r["return"], serde_json::json!({}), "{which:?}");
+        assert!(d.wait_exit(10).is_some(), "{which:?} did not quit");
+        transcripts.push((which, t, image));
+    }
+    let (_, rsd, rsd_image) = &transcripts[0];
+    // What the scenario must give, whatever QSD does.
+    let s = |i: usize| rsd[i].status;
+    assert_eq!(&rsd[0].data[..15], b"vhost_user_blk\0");
+    assert_eq!(s(0), Some(0));
+    assert_eq!(s(1), Some(0));
+    assert_eq!(rsd[2].data, pattern(1, 4096));
+    assert_eq!(s(2), Some(0));
+    assert_eq!(s(4), Some(0), "flush");
+    assert_eq!((s(5), s(6), s(7)), (Some(0), Some(0), Some(0)));
+    assert_eq!(s(8), Some(2), "discard with unmap is UNSUPP");
+    assert_eq!(s(9), Some(2), "unknown flags are UNSUPP");
+    assert_eq!(s(10), Some(1), "discard past its limit is IOERR");
+    assert_eq!((s(11), s(12), s(13)), (Some(1), Some(1), Some(1)));
+    assert_eq!(s(14), Some(1), "partial sectors are IOERR");
+    assert_eq!(s(15), Some(2), "unknown type is UNSUPP");
+    assert_eq!(s(16), Some(0), "the barrier bit is ignored");
+    let cfg = &configs[0];
+    let c60 = cfg.0.as_ref().expect("config of 60 bytes");
+    assert_eq!(&c60[0..8], &SECTORS.to_le_bytes(), "capacity");
+    assert_eq!(features[0].0, 0x1_7500_7e46, "rsd's feature bits");
+    // The data, through qemu-io.
+    for (cmd, what) in [
+        ("read -P 0x5a 0 4096", "before the write"),
+        ("read -P 0 8192 8192", "zeroed"),
+        ("read -P 0x5a 20480 4096", "after the discard"),
+    ] {
+        ok(&run("qemu-io", &["-f", "raw", "-c", cmd, rsd_image]));
+        let _ = what;
+    }
+    let written = std::fs::read(rsd_image).expect("image");
+    assert_eq!(&written[4096..8192], &pattern(1, 4096)[..]);
+    // The same as QSD, answer by answer, and the same image.
+    if let Some((_, qsd, qsd_image)) = transcripts.get(1) {
+        for (i, (r, q)) in rsd.iter().zip(qsd).enumerate() {
+            assert_eq!(r, q, "request {i}");
+        }
+        assert_eq!(configs[0], configs[1], "config space");
+        assert_eq!(features[0].0, features[1].0, "feature bits");
+        assert!(
+            features[1].1.contains(features[0].1),
+            "protocol features beyond QSD's: {:?} vs {:?}",
+            features[0].1,
+            features[1].1
+        );
+        ok(&run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", rsd_image, qsd_image],
+        ));
+    }
+}
