@@ -311,6 +311,27 @@ impl Guest {
         answers
     }
 
+    /// Makes chains the test wrote itself available and waits for them.
+    fn submit_raw(&mut self, q: usize, heads: &[u16]) -> Vec<(u32, u32)> {
+        let base = RINGS + q as u64 * 0x10000;
+        for head in heads {
+            let idx = self.avail_idx[q];
+            let entry = base + 0x1000 + 4 + 2 * u64::from(idx % QSIZE);
+            self.mem
+                .write_obj(*head, GuestAddress(entry))
+                .expect("avail");
+            self.avail_idx[q] = idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(self.avail_idx[q], GuestAddress(base + 0x1000 + 2))
+            .expect("avail idx");
+        self.kicks[q].write(1).expect("kick");
+        let used = self.wait_used(q, heads.len());
+        self.next = DATA;
+        used
+    }
+
     fn write_desc(&mut self, at: u64, d: D, has_next: bool, next: u16) {
         let mut flags = if d.2 { VIRTQ_DESC_F_WRITE } else { 0 };
         if has_next {
@@ -504,4 +525,183 @@ fn every_request_type_answers_as_qsd_and_lands_in_the_image() {
             &["compare", "-f", "raw", "-F", "raw", rsd_image, qsd_image],
         ));
     }
+}
+
+/// Writes on one queue, reads on the other; a second frontend after the
+/// first goes; block-export-del refused while a frontend is connected
+/// and forced with mode=hard; the export re-added serves a new frontend.
+#[test]
+fn two_queues_reconnect_and_delete_as_qsd() {
+    let dir = TempDir::new();
+    let mut replies = Vec::new();
+    for which in Which::all() {
+        let image = dir.s(&format!("{}.img", which.prog()));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &image, "4M"],
+        ));
+        let sock = dir.s(&format!("{}-vu.sock", which.prog()));
+        let (mut d, mut q) = start(which, &dir, &image, &sock, ",writable=on,num-queues=2");
+        let b = pattern(7, 8192);
+        let mut g = Guest::connect(Path::new(&sock), 2);
+        let cfg = g.config(60).expect("config");
+        assert_eq!(&cfg[34..36], &2u16.to_le_bytes(), "{which:?} num_queues");
+        let w = vec![g.req(T_OUT, 0, &[&b], &[]), g.req(T_FLUSH, 0, &[], &[])];
+        let got = g.submit(1, w);
+        assert_eq!(got[0].status, Some(0), "{which:?}");
+        let r = vec![g.req(T_IN, 0, &[], &[8192])];
+        let got = g.submit(0, r);
+        assert_eq!(got[0].status, Some(0), "{which:?}");
+        assert_eq!(
+            got[0].data, b,
+            "{which:?}: queue 0 reads what queue 1 wrote"
+        );
+        drop(g);
+        // The next frontend is served.
+        let mut g = Guest::connect(Path::new(&sock), 2);
+        let r = g_read(&mut g, 0, 8192);
+        let got = g.submit(1, vec![r]);
+        assert_eq!(got[0].data, b, "{which:?} after a reconnect");
+        // Connected but idle: a safe delete goes (QSD counts requests in
+        // flight, not frontends), and drops the frontend.
+        let safe = q.cmd(r#"{"execute": "block-export-del", "arguments": {"id": "vu"}}"#);
+        let hard =
+            q.cmd(r#"{"execute": "block-export-del", "arguments": {"id": "vu", "mode": "hard"}}"#);
+        let listed = wait_exports_gone(&mut q);
+        replies.push((safe, hard, listed));
+        drop(g);
+        let add = format!(
+            r#"{{"execute": "block-export-add", "arguments": {{"type": "vhost-user-blk", "id": "vu2", "node-name": "file", "writable": true, "addr": {{"type": "unix", "path": "{sock}"}}}}}}"#
+        );
+        assert_eq!(q.cmd(&add)["return"], serde_json::json!({}), "{which:?}");
+        let mut g = Guest::connect(Path::new(&sock), 1);
+        let r = g_read(&mut g, 0, 8192);
+        let got = g.submit(0, vec![r]);
+        assert_eq!(got[0].data, b, "{which:?} after del and add");
+        drop(g);
+        let r = q.cmd(r#"{"execute": "quit"}"#);
+        assert_eq!(r["return"], serde_json::json!({}));
+        assert!(d.wait_exit(10).is_some(), "{which:?} did not quit");
+        assert!(!Path::new(&sock).exists(), "{which:?} left its socket");
+    }
+    assert_eq!(replies[0].0, serde_json::json!({"return": {}}));
+    if replies.len() == 2 {
+        assert_eq!(replies[0], replies[1]);
+    }
+}
+
+fn g_read(g: &mut Guest, sector: u64, len: u32) -> Req {
+    g.req(T_IN, sector, &[], &[len])
+}
+
+/// Polls query-block-exports until it lists nothing (the hard delete
+/// ends the export once its frontend is gone).
+fn wait_exports_gone(q: &mut Qmp) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = q.cmd(r#"{"execute": "query-block-exports"}"#);
+        if r["return"] == serde_json::json!([]) || Instant::now() > end {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A read-only export: the RO feature bit, and writes refused with
+/// IOERR, as QSD does.
+#[test]
+fn read_only_export_as_qsd() {
+    let dir = TempDir::new();
+    let mut all = Vec::new();
+    for which in Which::all() {
+        let image = dir.s(&format!("{}.img", which.prog()));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &image, "1M"],
+        ));
+        let sock = dir.s(&format!("{}-vu.sock", which.prog()));
+        let (_d, _q) = start(which, &dir, &image, &sock, ",logical-block-size=4096");
+        let mut g = Guest::connect(Path::new(&sock), 1);
+        let a = pattern(3, 4096);
+        let r = vec![
+            g.req(T_OUT, 8, &[&a], &[]),
+            g.req(T_DISCARD, 0, &[&Guest::discard_seg(8, 8, 0)], &[]),
+            g.req(T_WRITE_ZEROES, 0, &[&Guest::discard_seg(8, 8, 0)], &[]),
+            // Not aligned to the 4k logical block size.
+            g.req(T_IN, 1, &[], &[4096]),
+            g.req(T_IN, 8, &[], &[4096]),
+            g.req(T_FLUSH, 0, &[], &[]),
+        ];
+        let got = g.submit(0, r);
+        all.push((g.features, g.config(60), got));
+    }
+    let (features, _, got) = &all[0];
+    assert_eq!(features & (1 << 5), 1 << 5, "RO bit");
+    let st: Vec<_> = got.iter().map(|a| a.status).collect();
+    assert_eq!(
+        st,
+        [Some(1), Some(1), Some(1), Some(1), Some(0), Some(0)].to_vec()
+    );
+    if all.len() == 2 {
+        assert_eq!(all[0], all[1]);
+    }
+}
+
+/// What a frontend must not do gets IOERR (or no status where there is
+/// no writable byte for it), and the device serves the next request.
+#[test]
+fn hostile_descriptors_get_ioerr_and_the_device_goes_on() {
+    let dir = TempDir::new();
+    let image = dir.s("rsd.img");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &image, "1M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x33 0 1M", &image],
+    ));
+    let sock = dir.s("vu.sock");
+    let (_d, _q) = start(Which::Rsd, &dir, &image, &sock, ",writable=on");
+    let mut g = Guest::connect(Path::new(&sock), 1);
+    // Data outside guest memory.
+    let mut outside = g.req(T_IN, 0, &[], &[512]);
+    outside.descs[1] = D(0xdead_0000_0000, 512, true);
+    outside.data_in.clear();
+    // A write whose data runs past the end of guest memory.
+    let mut past = g.req(T_OUT, 0, &[&[0u8; 512]], &[]);
+    past.descs[1] = D(MEM_BASE + MEM_SIZE - 256, 512, false);
+    // A status byte in a read-only descriptor.
+    let mut ro_status = g.req(T_IN, 0, &[], &[]);
+    let st = ro_status.descs[1];
+    ro_status.descs[1] = D(st.0, 1, false);
+    // A short header.
+    let mut short = g.req(T_IN, 0, &[], &[512]);
+    short.descs[0].1 = 8;
+    short.data_in.clear();
+    let got = g.submit(0, vec![outside, past, ro_status, short]);
+    assert_eq!(got[0].status, Some(1), "outside guest memory");
+    assert_eq!(got[1].status, Some(1), "past guest memory");
+    assert_eq!(got[2].status, Some(0xee), "no status written");
+    assert_eq!(got[2].used_len, 0);
+    assert_eq!(got[3].status, Some(1), "short header");
+    // A chain that loops, and an indirect table outside memory.
+    let base = RINGS;
+    let h = g.header(T_IN, 0);
+    let s = g.status();
+    g.write_raw_desc(base, h.0, h.1, VIRTQ_DESC_F_NEXT, 1);
+    g.write_raw_desc(base + 16, s.0, 1, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 0);
+    g.write_raw_desc(base + 32, 0xdead_0000_0000, 64, VIRTQ_DESC_F_INDIRECT, 0);
+    let used = g.submit_raw(0, &[0, 2]);
+    assert_eq!(used.len(), 2, "both completed: {used:?}");
+    // The device still serves, and the image is untouched.
+    let r = g_read(&mut g, 0, 4096);
+    let got = g.submit(0, vec![r]);
+    assert_eq!(got[0].status, Some(0));
+    assert_eq!(got[0].data, vec![0x33; 4096]);
+    drop(g);
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x33 0 1M", &image],
+    ));
 }

@@ -223,8 +223,11 @@ impl BlockExport for VhostUserBlkExport {
     fn user(&self) -> u64 {
         self.user
     }
+    /// QSD counts a vhost-user-blk export in use only while requests
+    /// are in flight, not for a connected frontend: a safe delete drops
+    /// an idle frontend.
     fn clients(&self) -> usize {
-        self.clients.load(Ordering::SeqCst)
+        self.shared.node.inflight()
     }
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
@@ -242,7 +245,7 @@ impl BlockExport for VhostUserBlkExport {
             let wait = async {
                 loop {
                     let idle = self.idle.notified();
-                    if self.clients() == 0 {
+                    if self.clients.load(Ordering::SeqCst) == 0 {
                         return;
                     }
                     idle.await;
