@@ -232,10 +232,16 @@ impl Guest {
 
     /// Puts the requests on queue q, kicks, and waits for all of them.
     fn submit(&mut self, q: usize, reqs: Vec<Req>) -> Vec<Answer> {
+        let heads = self.post(q, &reqs);
+        self.answers(q, &heads, &reqs)
+    }
+
+    /// Puts the requests on queue q and kicks; returns their heads.
+    fn post(&mut self, q: usize, reqs: &[Req]) -> Vec<u16> {
         let base = RINGS + q as u64 * 0x10000;
         let mut slot = 0u16;
         let mut heads = Vec::new();
-        for r in &reqs {
+        for r in reqs {
             let head = slot;
             let list: Vec<D> = if r.indirect {
                 // One descriptor pointing at a table of the chain.
@@ -277,10 +283,15 @@ impl Guest {
             .write_obj(self.avail_idx[q], GuestAddress(base + 0x1000 + 2))
             .expect("avail idx");
         self.kicks[q].write(1).expect("kick");
+        heads
+    }
+
+    /// Waits for the requests posted and reads their answers.
+    fn answers(&mut self, q: usize, heads: &[u16], reqs: &[Req]) -> Vec<Answer> {
         let used = self.wait_used(q, heads.len());
         let answers = heads
             .iter()
-            .zip(&reqs)
+            .zip(reqs)
             .map(|(head, r)| {
                 let used_len = used
                     .iter()
@@ -346,6 +357,12 @@ impl Guest {
         b.extend_from_slice(&flags.to_le_bytes());
         b.extend_from_slice(&next.to_le_bytes());
         self.mem.write_slice(&b, GuestAddress(at)).expect("desc");
+    }
+
+    /// The used ring's index now.
+    fn used_idx(&self, q: usize) -> u16 {
+        let base = RINGS + q as u64 * 0x10000 + 0x2000;
+        self.mem.read_obj(GuestAddress(base + 2)).expect("used idx")
     }
 
     /// Waits (with a deadline) until n more used entries are there.
@@ -704,4 +721,57 @@ fn hostile_descriptors_get_ioerr_and_the_device_goes_on() {
         "qemu-io",
         &["-f", "raw", "-c", "read -P 0x33 0 1M", &image],
     ));
+}
+
+/// block-export-del and quit wait for the requests in flight: they are
+/// all in the used ring when the command's reply comes.
+#[test]
+fn delete_and_quit_drain_requests_in_flight() {
+    let dir = TempDir::new();
+    let sock = dir.s("vu.sock");
+    let mon = dir.s("qmp.sock");
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--blockdev",
+        "driver=null-co,node-name=slow,size=1048576,read-zeroes=on,latency-ns=300000000",
+        "--export",
+        &format!("type=vhost-user-blk,id=vu,node-name=slow,addr.type=unix,addr.path={sock}"),
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(Path::new(&mon));
+    for verb in ["del", "quit"] {
+        let mut g = Guest::connect(Path::new(&sock), 1);
+        // GET_ID first: it completes at once, so when it is in the used
+        // ring the device has taken the whole batch and holds the reads.
+        let mut reqs = vec![g.req(T_GET_ID, 0, &[], &[20])];
+        reqs.extend((0..4).map(|i| g_read(&mut g, i * 8, 4096)));
+        g.post(0, &reqs);
+        let end = Instant::now() + Duration::from_secs(10);
+        while g.used_idx(0) == 0 {
+            assert!(Instant::now() < end, "GET_ID never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(g.used_idx(0), 1, "{verb}: the reads are still in flight");
+        if verb == "del" {
+            let r = q.cmd(
+                r#"{"execute": "block-export-del", "arguments": {"id": "vu", "mode": "hard"}}"#,
+            );
+            assert_eq!(r["return"], serde_json::json!({}));
+            assert_eq!(
+                g.used_idx(0),
+                5,
+                "del replied before its requests completed"
+            );
+            let add = format!(
+                r#"{{"execute": "block-export-add", "arguments": {{"type": "vhost-user-blk", "id": "vu", "node-name": "slow", "addr": {{"type": "unix", "path": "{sock}"}}}}}}"#
+            );
+            assert_eq!(q.cmd(&add)["return"], serde_json::json!({}));
+        } else {
+            q.send(br#"{"execute": "quit"}"#);
+            assert!(d.wait_exit(10).is_some(), "rsd did not quit");
+            assert_eq!(g.used_idx(0), 5, "quit before its requests completed");
+        }
+        let got = g.answers(0, &[0, 3, 6, 9, 12], &reqs);
+        assert!(got.iter().all(|a| a.status == Some(0)), "{verb}: {got:?}");
+    }
 }
