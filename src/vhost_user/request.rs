@@ -177,7 +177,7 @@ fn total(segs: &[Seg]) -> u64 {
 /// QSD's range check: whole sectors, aligned to the logical block
 /// size, within the capacity.
 fn range_ok(dev: &Shared, capacity_bytes: u64, sector: u64, size: u64) -> bool {
-    if size % (1 << SECTOR_BITS) != 0 {
+    if !size.is_multiple_of(1 << SECTOR_BITS) {
         return false;
     }
     let nb = size >> SECTOR_BITS;
@@ -194,17 +194,21 @@ fn range_ok(dev: &Shared, capacity_bytes: u64, sector: u64, size: u64) -> bool {
     sector <= total && nb <= total - sector
 }
 
-/// Guest memory as a byte slice. The frontend owns that memory and
-/// may change it at any time: the driver treats it as plain bytes it
-/// reads or fills, never as something it relies on.
-fn guest_bytes(mem: &GuestMemoryMmap, s: Seg) -> Option<&mut [u8]> {
+/// Where a segment is in this process: a pointer and a length inside
+/// one mapped region of guest memory.
+fn guest_ptr(mem: &GuestMemoryMmap, s: Seg) -> Option<(*mut u8, usize)> {
     let len = usize::try_from(s.len).ok()?;
     let slice = mem.get_slice(GuestAddress(s.addr), len).ok()?;
     let ptr = slice.ptr_guard_mut().as_ptr();
+    Some((ptr, len))
+}
+
+/// Guest memory as a byte slice for the driver to read.
+fn guest_bytes(mem: &GuestMemoryMmap, s: Seg) -> Option<&[u8]> {
+    let (ptr, len) = guest_ptr(mem, s)?;
     // SAFETY: get_slice checked that [ptr, ptr+len) lies inside one
-    // mapped region, and the caller holds `mem` (the mapping) for as
-    // long as the slice is used.
-    Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+    // mapped region, which `mem` keeps mapped for the borrow's life.
+    Some(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
 async fn read(dev: &Shared, mem: &GuestMemoryMmap, p: &Parts) -> u8 {
@@ -216,8 +220,13 @@ async fn read(dev: &Shared, mem: &GuestMemoryMmap, p: &Parts) -> u8 {
     }
     let mut off = p.sector << SECTOR_BITS;
     for s in &p.inn {
-        let Some(buf) = guest_bytes(mem, *s) else {
-            return S_IOERR;
+        // The frontend owns this memory and may change it at any time:
+        // the driver fills it as plain bytes and never relies on them.
+        let buf: &mut [u8] = match guest_ptr(mem, *s) {
+            // SAFETY: get_slice checked that the run lies inside one
+            // mapped region, which `mem` keeps mapped while it is used.
+            Some((ptr, len)) => unsafe { std::slice::from_raw_parts_mut(ptr, len) },
+            None => return S_IOERR,
         };
         if node.read(off, buf).await.is_err() {
             return S_IOERR;
