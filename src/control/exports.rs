@@ -74,12 +74,19 @@ impl ControlState {
         } else {
             Perm::CONSISTENT_READ
         };
+        // NBD does not let the node be resized under its clients;
+        // vhost-user-blk does, and tells its frontend (as QEMU).
+        let shared = if kind == "vhost-user-blk" {
+            Perm::ALL
+        } else {
+            Perm::ALL.without(Perm::RESIZE)
+        };
         let edge = Child::new(node);
         let user = self.block.add_user_on(
             &node_name,
             "an unnamed block device",
             perm,
-            Perm::ALL.without(Perm::RESIZE),
+            shared,
             Some(edge.clone()),
         )?;
         let common = ExportCommon {

@@ -51,6 +51,11 @@ impl Device {
     }
 
     /// Tells the frontend that the config space changed (a resize).
+    /// The vhost crate's `Backend` (0.18) does not implement this message
+    /// (it answers ENOSYS) and gives no access to its socket, so today
+    /// nothing reaches the frontend; a frontend re-reading the config
+    /// sees the new capacity. Sending it needs a request handler on the
+    /// lower `vhost` crate (which in-flight tracking needs as well).
     pub fn config_changed(&self) {
         if let Ok(guard) = self.backend_req.lock() {
             if let Some(b) = guard.as_ref() {

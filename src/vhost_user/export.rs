@@ -85,11 +85,15 @@ impl VhostUserBlkExport {
         }))
     }
 
-    /// Tells the connected frontend that the config space changed.
+    /// Tells the connected frontend, if any, that the config space
+    /// changed. On a thread of its own: with REPLY_ACK the message
+    /// waits for the frontend's answer, which must not hold the caller.
     pub fn config_changed(&self) {
         let device = self.device.lock().ok().and_then(|d| d.clone());
         if let Some(d) = device {
-            d.config_changed();
+            let _ = std::thread::Builder::new()
+                .name(format!("vhost-user/{}/config", self.id))
+                .spawn(move || d.config_changed());
         }
     }
 
