@@ -830,3 +830,115 @@ fn resize_shows_the_new_capacity() {
         assert_eq!(seen[0], seen[1]);
     }
 }
+
+/// Protocol-level abuse: garbage headers, a message claiming a huge
+/// payload, SET_MEM_TABLE without its descriptors, a memory table that
+/// changes while requests run. Each costs the abuser its connection at
+/// most; the next frontend and the other export are served.
+#[test]
+fn hostile_messages_cost_only_the_connection() {
+    use std::io::Write;
+    let dir = TempDir::new();
+    let image = dir.s("a.img");
+    let other = dir.s("b.img");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &image, "1M"],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &other, "1M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x44 0 1M", &image],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x55 0 1M", &other],
+    ));
+    let sock = dir.s("a.sock");
+    let sock_b = dir.s("b.sock");
+    let mon = dir.s("qmp.sock");
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=a,filename={image}"),
+        "--blockdev",
+        &format!("driver=file,node-name=b,filename={other}"),
+        "--export",
+        &format!("type=vhost-user-blk,id=va,node-name=a,addr.type=unix,addr.path={sock}"),
+        "--export",
+        &format!("type=vhost-user-blk,id=vb,node-name=b,addr.type=unix,addr.path={sock_b}"),
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(Path::new(&mon));
+    // The other export's frontend stays connected through it all.
+    let mut gb = Guest::connect(Path::new(&sock_b), 1);
+    let hdr = |req: u32, flags: u32, size: u32| {
+        let mut h = req.to_le_bytes().to_vec();
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&size.to_le_bytes());
+        h
+    };
+    let abuse: Vec<Vec<u8>> = vec![
+        // Not a request at all.
+        vec![0xff; 64],
+        // GET_FEATURES claiming a 4 GiB payload.
+        hdr(1, 1, u32::MAX),
+        // SET_MEM_TABLE with one region and no descriptor.
+        {
+            let mut m = hdr(5, 1, 8 + 32);
+            m.extend_from_slice(&1u32.to_le_bytes());
+            m.extend_from_slice(&0u32.to_le_bytes());
+            m.extend_from_slice(&[0u8; 32]);
+            m
+        },
+        // A header cut short.
+        hdr(1, 1, 0)[..6].to_vec(),
+    ];
+    for bytes in abuse {
+        let mut s = connect_stream(Path::new(&sock));
+        let _ = s.write_all(&bytes);
+        drop(s);
+        // The next frontend is served.
+        let mut g = Guest::connect(Path::new(&sock), 1);
+        let r = g_read(&mut g, 0, 4096);
+        let got = g.submit(0, vec![r]);
+        assert_eq!(got[0].data, vec![0x44; 4096], "after {bytes:02x?}");
+    }
+    // A memory table replaced while requests run: each request uses the
+    // table it started with, or the new one; none is lost.
+    let mut g = Guest::connect(Path::new(&sock), 1);
+    let reqs: Vec<Req> = (0..8).map(|i| g_read(&mut g, i * 8, 4096)).collect();
+    let heads = g.post(0, &reqs);
+    let region = g.mem.find_region(GuestAddress(MEM_BASE)).expect("region");
+    let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
+    g.fe.set_mem_table(&[info]).expect("set mem table again");
+    let got = g.answers(0, &heads, &reqs);
+    assert!(got
+        .iter()
+        .all(|a| a.status == Some(0) && a.data == vec![0x44; 4096]));
+    drop(g);
+    let r = g_read(&mut gb, 0, 4096);
+    let got = gb.submit(0, vec![r]);
+    assert_eq!(got[0].data, vec![0x55; 4096], "the other export");
+    drop(gb);
+    let r = q.cmd(r#"{"execute": "query-block-exports"}"#);
+    assert_eq!(r["return"].as_array().map(Vec::len), Some(2));
+    q.send(br#"{"execute": "quit"}"#);
+    assert_eq!(d.wait_exit(10), Some(0), "rsd survived");
+}
+
+fn connect_stream(sock: &Path) -> std::os::unix::net::UnixStream {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < end, "connect: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
