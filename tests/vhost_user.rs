@@ -942,3 +942,55 @@ fn connect_stream(sock: &Path) -> std::os::unix::net::UnixStream {
         }
     }
 }
+
+/// block-export-add's answers for vhost-user-blk, as QSD gives them:
+/// the checks of its own options in QSD's order, the address types,
+/// the socket and query-block-exports.
+#[test]
+fn export_add_answers_as_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &d.s("d.img"), "1M"],
+        ));
+        std::fs::write(d.path("stale.sock"), b"").expect("stale file");
+    };
+    let add = |extra: &str| {
+        format!(
+            r#"{{"execute": "block-export-add", "arguments": {{"type": "vhost-user-blk", "id": "e", "node-name": "n"{extra}}}}}"#
+        )
+    };
+    let unix = r#", "addr": {"type": "unix", "path": "$D/v.sock"}"#;
+    let steps = [
+        add(&format!(r#"{unix}, "logical-block-size": 100"#)),
+        add(&format!(r#"{unix}, "logical-block-size": 4194304"#)),
+        add(&format!(r#"{unix}, "num-queues": 0"#)),
+        // Both wrong: the block size is checked first.
+        add(
+            r#", "addr": {"type": "inet", "host": "localhost", "port": "1"}, "logical-block-size": 3"#,
+        ),
+        add(r#", "addr": {"type": "inet", "host": "localhost", "port": "1"}"#),
+        add(r#", "addr": {"type": "vsock", "cid": "1", "port": "1"}"#),
+        add(r#", "addr": {"type": "fd", "str": "77"}"#),
+        add(r#", "addr": {"type": "unix", "path": "$D/no/such/v.sock"}"#),
+        add(
+            r#", "addr": {"type": "unix", "path": "$D/v.sock"}, "writable": true, "iothread": "nope""#,
+        ),
+        // A stale file where the socket goes is replaced.
+        add(
+            r#", "addr": {"type": "unix", "path": "$D/stale.sock"}, "logical-block-size": 4096, "num-queues": 4"#,
+        ),
+        add(unix),
+        r#"{"execute": "query-block-exports"}"#.to_string(),
+    ];
+    let steps: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let out = crate::common::same_on_both(
+        &setup,
+        &["--blockdev", "driver=file,node-name=n,filename=$D/d.img"],
+        &steps,
+    )
+    .expect("both start");
+    assert!(out[0].contains("must be a power of 2"), "{}", out[0]);
+    assert_eq!(out[9], "{\"return\": {}}\r\n");
+    assert!(out[10].contains("is already in use"), "{}", out[10]);
+}

@@ -30,10 +30,12 @@ pub(super) struct ExportCommon {
 }
 
 impl ControlState {
-    /// block-export-add and `--export`, with QEMU's checks in its order.
+    /// block-export-add (`monitor`) and `--export`, with QEMU's checks in
+    /// its order.
     pub(super) async fn block_export_add(
         &mut self,
         args: &Map<String, Value>,
+        monitor: bool,
     ) -> Result<(), String> {
         let id = arg_str(args, "id").to_string();
         if crate::objects::check_id(&id).is_err() {
@@ -98,7 +100,7 @@ impl ControlState {
         };
         let created = match kind {
             "nbd" => self.nbd_export_create(&common, args),
-            "vhost-user-blk" => self.vhost_user_export_create(&common, args).await,
+            "vhost-user-blk" => self.vhost_user_export_create(&common, args, monitor).await,
             other => Err(format!("rsd does not support '{other}' exports yet")),
         };
         let export = match created {

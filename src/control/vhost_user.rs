@@ -21,6 +21,7 @@ impl ControlState {
         &self,
         c: &ExportCommon,
         args: &Map<String, Value>,
+        monitor: bool,
     ) -> Result<Arc<dyn BlockExport>, String> {
         let lbs = args
             .get("logical-block-size")
@@ -50,6 +51,11 @@ impl ControlState {
         let atype = addr.get("type").and_then(Value::as_str).unwrap_or_default();
         if atype != "unix" && atype != "fd" {
             return Err("Only socket address types 'unix' and 'fd' are supported".into());
+        }
+        // A command names a descriptor passed to the monitor (getfd),
+        // which QSD does not support; the command line a number.
+        if atype == "fd" && monitor {
+            return Err("only QEMU supports file descriptor passing".into());
         }
         let (listener, path, _) = sockets::listen(atype, addr).await?;
         let Listener::Unix(listener) = listener else {
