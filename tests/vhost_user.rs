@@ -994,3 +994,44 @@ fn export_add_answers_as_qsd() {
     assert_eq!(out[9], "{\"return\": {}}\r\n");
     assert!(out[10].contains("is already in use"), "{}", out[10]);
 }
+
+/// `addr.type=fd` on the command line: a listening socket inherited
+/// from the parent is served, by rsd as by QSD.
+#[test]
+fn inherited_listening_socket() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new();
+    for which in Which::all() {
+        let image = dir.s(&format!("{}.img", which.prog()));
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &image, "1M"],
+        ));
+        ok(&run(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x66 0 4k", &image],
+        ));
+        let sock = dir.path(&format!("{}-vu.sock", which.prog()));
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        // Inherited by the daemon: clear close-on-exec.
+        fcntl(listener.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).expect("fcntl");
+        let fd = listener.as_raw_fd();
+        let d = Daemon::spawn(
+            which,
+            &args(&[
+                "--blockdev",
+                &format!("driver=file,node-name=file,filename={image}"),
+                "--export",
+                &format!("type=vhost-user-blk,id=vu,node-name=file,addr.type=fd,addr.str={fd}"),
+            ]),
+        );
+        drop(listener);
+        let mut g = Guest::connect(&sock, 1);
+        let r = g_read(&mut g, 0, 4096);
+        let got = g.submit(0, vec![r]);
+        assert_eq!(got[0].data, vec![0x66; 4096], "{which:?}");
+        drop(g);
+        drop(d);
+    }
+}
