@@ -243,8 +243,13 @@ impl Guest {
 
     /// Puts the requests on queue q and kicks; returns their heads.
     fn post(&mut self, q: usize, reqs: &[Req]) -> Vec<u16> {
+        self.post_from(q, reqs, 0)
+    }
+
+    /// As `post`, with the descriptors from table slot `slot` on (to
+    /// leave those of requests in flight alone).
+    fn post_from(&mut self, q: usize, reqs: &[Req], mut slot: u16) -> Vec<u16> {
         let base = RINGS + q as u64 * 0x10000;
-        let mut slot = 0u16;
         let mut heads = Vec::new();
         for r in reqs {
             let head = slot;
@@ -1034,4 +1039,46 @@ fn inherited_listening_socket() {
         drop(g);
         drop(d);
     }
+}
+
+/// A request that waits does not hold back the ones kicked after it on
+/// the same queue: a flush completes while a slow read is in flight.
+#[test]
+fn a_slow_request_does_not_hold_back_the_next() {
+    let dir = TempDir::new();
+    let sock = dir.s("vu.sock");
+    let mon = dir.s("qmp.sock");
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--blockdev",
+        // Reads take 2 s; flushes none.
+        "driver=null-co,node-name=slow,size=1048576,read-zeroes=on,latency-ns=2000000000",
+        "--export",
+        &format!("type=vhost-user-blk,id=vu,node-name=slow,addr.type=unix,addr.path={sock}"),
+    ]));
+    let _d = Daemon::spawn(Which::Rsd, &a);
+    let _q = Qmp::ready(Path::new(&mon));
+    let mut g = Guest::connect(Path::new(&sock), 1);
+    let mut first = vec![g.req(T_GET_ID, 0, &[], &[20])];
+    first.push(g_read(&mut g, 0, 4096));
+    g.post(0, &first);
+    let end = Instant::now() + Duration::from_secs(10);
+    while g.used_idx(0) == 0 {
+        assert!(Instant::now() < end, "GET_ID never completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The read is in flight; a flush kicked now completes before it.
+    let flush = vec![g.req(T_FLUSH, 0, &[], &[])];
+    let heads = g.post_from(0, &flush, 6);
+    while g.used_idx(0) < 2 {
+        assert!(Instant::now() < end, "the flush never completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let used = g.wait_used(0, 2);
+    assert_eq!(
+        used[1].0,
+        u32::from(heads[0]),
+        "the flush, not the read: {used:?}"
+    );
+    let _ = g.wait_used(0, 1);
 }

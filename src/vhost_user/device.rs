@@ -6,9 +6,12 @@
 //! is completed in the used ring as soon as it is done, with no hand-off
 //! to another thread.
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -70,64 +73,115 @@ impl Device {
         Some(guard.as_ref()?.memory().into_inner())
     }
 
-    /// Serves what the queue holds until it is empty (with event-idx:
-    /// until no request came while notifications were off).
+    /// Serves the queue until it is empty and no request is in flight.
+    /// While requests are in flight the thread stays here and also takes
+    /// the requests that new kicks bring, so a slow request never holds
+    /// back the ones behind it.
     fn drain_queue(&self, vring: &Vring) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        // Our own handle on the kick eventfd, watched while requests run.
+        let kick = vring.get_ref().get_kick().as_ref().and_then(|k| {
+            // SAFETY: the vring's lock is held, so its eventfd stays open
+            // while it is duplicated.
+            let fd = unsafe { BorrowedFd::borrow_raw(k.as_raw_fd()) };
+            fd.try_clone_to_owned().ok()
+        });
+        with_runtime(|rt| {
+            rt.block_on(async {
+                let kick = kick.and_then(|fd| {
+                    // SAFETY: the OwnedFd stays open and the same while
+                    // the AsyncFd owns it.
+                    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
+                });
+                let mut running = tokio::task::JoinSet::new();
+                loop {
+                    self.take_available(vring, &mem, &mut running);
+                    if running.is_empty() {
+                        return;
+                    }
+                    match &kick {
+                        Some(kick) => {
+                            tokio::select! {
+                                _ = running.join_next() => {}
+                                ready = kick.readable() => {
+                                    if let Ok(mut guard) = ready {
+                                        consume_kick(kick.get_ref());
+                                        guard.clear_ready();
+                                    }
+                                }
+                            }
+                        }
+                        None => {
+                            running.join_next().await;
+                        }
+                    }
+                }
+            })
+        })
+    }
+
+    /// Starts every request the ring holds (with event-idx: until no
+    /// request came while notifications were off).
+    fn take_available(
+        &self,
+        vring: &Vring,
+        mem: &Arc<GuestMemoryMmap>,
+        running: &mut tokio::task::JoinSet<()>,
+    ) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
-            self.serve_available(vring)?;
+            for (head, descs) in pop_chains(vring, mem) {
+                let (shared, mem, vring) = (self.shared.clone(), mem.clone(), vring.clone());
+                running.spawn(async move {
+                    let used = request::run(&shared, &mem, &descs).await;
+                    complete(&vring, head, used);
+                });
+            }
             if !event_idx {
-                return Ok(());
+                return;
             }
             match vring.enable_notification() {
                 Ok(true) => continue,
-                _ => return Ok(()),
+                _ => return,
             }
         }
     }
+}
 
-    fn serve_available(&self, vring: &Vring) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
-            return Ok(());
-        };
-        let chains: Vec<(u16, Vec<Desc>)> = {
-            let mut state = vring.get_mut();
-            let Ok(iter) = state.get_queue_mut().iter(mem.clone()) else {
-                // A ring index the frontend made up: nothing to serve.
-                return Ok(());
-            };
-            iter.map(|chain| {
-                let head = chain.head_index();
-                let descs = chain
-                    .map(|d| Desc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                    })
-                    .collect();
-                (head, descs)
+/// The chains the ring holds now, as descriptor lists.
+fn pop_chains(vring: &Vring, mem: &Arc<GuestMemoryMmap>) -> Vec<(u16, Vec<Desc>)> {
+    let mut state = vring.get_mut();
+    let Ok(iter) = state.get_queue_mut().iter(mem.clone()) else {
+        // A ring index the frontend made up: nothing to serve.
+        return Vec::new();
+    };
+    iter.map(|chain| {
+        let head = chain.head_index();
+        let descs = chain
+            .map(|d| Desc {
+                addr: d.addr().0,
+                len: d.len(),
+                writable: d.is_write_only(),
             })
-            .collect()
-        };
-        if chains.is_empty() {
-            return Ok(());
-        }
-        with_runtime(|rt| {
-            rt.block_on(async {
-                let mut set = tokio::task::JoinSet::new();
-                for (head, descs) in chains {
-                    let (shared, mem, vring) = (self.shared.clone(), mem.clone(), vring.clone());
-                    set.spawn(async move {
-                        let used = request::run(&shared, &mem, &descs).await;
-                        complete(&vring, head, used);
-                    });
-                }
-                while set.join_next().await.is_some() {}
-            })
-        })
+            .collect();
+        (head, descs)
+    })
+    .collect()
+}
+
+/// Reads the kick eventfd's counter if it is set (the descriptor may be
+/// blocking: it is the frontend's, and its flags are shared).
+fn consume_kick(fd: &OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+        let mut buf = [0u8; 8];
+        let _ = nix::unistd::read(fd.as_raw_fd(), &mut buf);
     }
 }
 
