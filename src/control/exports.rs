@@ -117,6 +117,7 @@ impl ControlState {
             export.clone(),
         );
         if let Err(e) = actors::supervisor::start_child(&self.ctx.supervisor, spec).await {
+            export.close();
             self.block.remove_user(user);
             return Err(e);
         }

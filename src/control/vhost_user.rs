@@ -72,8 +72,13 @@ impl ControlState {
             logical_block_size: lbs as u32,
             num_queues: num_queues as u16,
             listener,
-            path,
-        })?;
-        Ok(export)
+            path: path.clone(),
+        });
+        if export.is_err() {
+            if let Some(p) = &path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        Ok(export?)
     }
 }

@@ -28,7 +28,8 @@ pub struct VhostUserBlkExport {
     shared: Arc<Shared>,
     /// The listening socket; the accept loop holds it while it runs.
     listener: Mutex<Option<Listener>>,
-    /// The socket's path, unlinked when the export goes.
+    /// The socket's path, unlinked when the export closes (not when the
+    /// last reference goes: a new export may have bound it by then).
     path: Option<PathBuf>,
     /// Wakes the accept loop when the export closes.
     stop: EventFd,
@@ -175,7 +176,10 @@ impl VhostUserBlkExport {
             VhostUserDaemon::new(format!("vhost-user/{}", self.id), device.clone(), mem)
                 .map_err(|e| e.to_string())?;
         // A frontend that vanished between poll and accept: next one.
-        if daemon.start(listener).is_err() {
+        // Pausing, so a failing accept (out of descriptors) cannot spin.
+        if let Err(e) = daemon.start(listener) {
+            tracing::debug!("vhost-user-blk export '{}': accept: {e}", self.id);
+            std::thread::sleep(Duration::from_millis(20));
             return Ok(());
         }
         self.clients.fetch_add(1, Ordering::SeqCst);
@@ -203,14 +207,6 @@ impl VhostUserBlkExport {
             self.idle.notify_waiters();
         }
         Ok(())
-    }
-}
-
-impl Drop for VhostUserBlkExport {
-    fn drop(&mut self) {
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 
