@@ -1082,3 +1082,49 @@ fn a_slow_request_does_not_hold_back_the_next() {
     );
     let _ = g.wait_used(0, 1);
 }
+
+/// The export's actor fails and is restarted: the frontend connected
+/// meanwhile is still served, and so is the next one.
+#[test]
+fn export_actor_restart_keeps_serving() {
+    let dir = TempDir::new();
+    let image = dir.s("d.img");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &image, "1M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 0 4k", &image],
+    ));
+    let sock = dir.s("vu.sock");
+    let mon = dir.s("qmp.sock");
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--blockdev",
+        &format!("driver=file,node-name=file,filename={image}"),
+        "--export",
+        &format!("type=vhost-user-blk,id=vu,node-name=file,addr.type=unix,addr.path={sock}"),
+    ]));
+    let _d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
+    let mut q = Qmp::ready(Path::new(&mon));
+    let mut g = Guest::connect(Path::new(&sock), 1);
+    for _ in 0..2 {
+        let r = q.cmd(r#"{"execute":"x-rsd-test-crash","arguments":{"id":"export/vu"}}"#);
+        assert_eq!(r["return"], serde_json::json!({}), "{r}");
+        let r = g_read(&mut g, 0, 4096);
+        let got = g.submit(0, vec![r]);
+        assert_eq!(got[0].data, vec![0x77; 4096]);
+    }
+    drop(g);
+    let mut g = Guest::connect(Path::new(&sock), 1);
+    let r = g_read(&mut g, 0, 4096);
+    let got = g.submit(0, vec![r]);
+    assert_eq!(
+        got[0].data,
+        vec![0x77; 4096],
+        "a frontend after the restarts"
+    );
+    let r = q.cmd(r#"{"execute": "query-block-exports"}"#);
+    assert_eq!(r["return"][0]["id"], "vu");
+}
