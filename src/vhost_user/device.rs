@@ -6,7 +6,7 @@
 //! is completed in the used ring as soon as it is done, with no hand-off
 //! to another thread.
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -75,8 +75,9 @@ impl Device {
 
     /// Serves the queue until it is empty and no request is in flight.
     /// While requests are in flight the thread stays here and also takes
-    /// the requests that new kicks bring, so a slow request never holds
-    /// back the ones behind it.
+    /// the requests that new kicks bring (each write to the eventfd wakes
+    /// its edge-triggered watch), so a slow request never holds back the
+    /// ones behind it.
     fn drain_queue(&self, vring: &Vring) -> io::Result<()> {
         let Some(mem) = self.memory() else {
             return Ok(());
@@ -106,8 +107,11 @@ impl Device {
                             tokio::select! {
                                 _ = running.join_next() => {}
                                 ready = kick.readable() => {
+                                    // The counter is left for the crate's
+                                    // loop, which reads it (blocking) when
+                                    // its epoll reports it: reading it
+                                    // here could leave that read waiting.
                                     if let Ok(mut guard) = ready {
-                                        consume_kick(kick.get_ref());
                                         guard.clear_ready();
                                     }
                                 }
@@ -172,17 +176,6 @@ fn pop_chains(vring: &Vring, mem: &Arc<GuestMemoryMmap>) -> Vec<(u16, Vec<Desc>)
         (head, descs)
     })
     .collect()
-}
-
-/// Reads the kick eventfd's counter if it is set (the descriptor may be
-/// blocking: it is the frontend's, and its flags are shared).
-fn consume_kick(fd: &OwnedFd) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
-        let mut buf = [0u8; 8];
-        let _ = nix::unistd::read(fd.as_raw_fd(), &mut buf);
-    }
 }
 
 /// Puts a request in the used ring and signals the frontend if it
