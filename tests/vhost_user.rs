@@ -403,10 +403,19 @@ impl Guest {
 }
 
 fn connect_retry(sock: &Path, queues: u64) -> Frontend {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    use nix::sys::time::TimeVal;
+    use std::os::fd::{AsRawFd, BorrowedFd};
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         match Frontend::connect(sock, queues) {
-            Ok(f) => return f,
+            Ok(f) => {
+                // A reply that never comes fails the test, not hangs it.
+                // SAFETY: the frontend owns the socket while it is used.
+                let fd = unsafe { BorrowedFd::borrow_raw(f.as_raw_fd()) };
+                setsockopt(&fd, ReceiveTimeout, &TimeVal::new(10, 0)).expect("SO_RCVTIMEO");
+                return f;
+            }
             Err(e) => {
                 assert!(Instant::now() < end, "connect {}: {e}", sock.display());
                 std::thread::sleep(Duration::from_millis(10));
