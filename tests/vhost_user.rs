@@ -730,6 +730,13 @@ fn hostile_descriptors_get_ioerr_and_the_device_goes_on() {
     g.write_raw_desc(base + 32, 0xdead_0000_0000, 64, VIRTQ_DESC_F_INDIRECT, 0);
     let used = g.submit_raw(0, &[0, 2]);
     assert_eq!(used.len(), 2, "both completed: {used:?}");
+    // A chain far longer than seg_max (and than the ring), through an
+    // indirect table: served.
+    let mut long = g.req(T_IN, 0, &[], &[512; 998]);
+    long.indirect = true;
+    let got = g.submit(0, vec![long]);
+    assert_eq!(got[0].status, Some(0), "a long chain");
+    assert_eq!(got[0].data, vec![0x33; 998 * 512]);
     // The device still serves, and the image is untouched.
     let r = g_read(&mut g, 0, 4096);
     let got = g.submit(0, vec![r]);
