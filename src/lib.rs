@@ -15,3 +15,4 @@ pub mod qapi;
 pub mod qmp;
 pub mod sockets;
 pub mod util;
+pub mod vhost_user;

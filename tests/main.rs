@@ -24,3 +24,4 @@ mod snapshot;
 mod stream;
 mod supervision;
 mod transports;
+mod vhost_user;

@@ -89,6 +89,7 @@ impl ControlState {
             return Err(QmpError::generic("Image is read-only"));
         }
         let name = entry.name.clone();
+        let node = entry.node.clone();
         // A transient user holding the resize permission, as QEMU does.
         let user = self
             .block
@@ -104,7 +105,22 @@ impl ControlState {
             None => Err(QmpError::generic("internal error: node actor missing")),
         };
         self.block.remove_user(user);
+        if result.is_ok() {
+            self.resized(&node);
+        }
         result.map(|()| json!({}))
+    }
+
+    /// Tells the exports of a resized node: vhost-user-blk frontends get
+    /// a config-change message.
+    fn resized(&self, node: &Arc<crate::block::node::Node>) {
+        use crate::exports::BlockExport;
+        use crate::vhost_user::export::VhostUserBlkExport;
+        for e in self.exports.of_type::<VhostUserBlkExport>() {
+            if e.node().get().is_some_and(|n| Arc::ptr_eq(&n, node)) {
+                e.config_changed();
+            }
+        }
     }
 
     /// block-set-write-threshold (0 turns it off).

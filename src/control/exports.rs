@@ -16,7 +16,7 @@ use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
 /// The export types rsd serves.
-const EXPORT_TYPES: &[&str] = &["nbd", "fuse"];
+const EXPORT_TYPES: &[&str] = &["nbd", "vhost-user-blk", "fuse"];
 
 /// What block-export-add decided for every export type.
 pub(super) struct ExportCommon {
@@ -53,10 +53,12 @@ async fn fuse_export_create(
 }
 
 impl ControlState {
-    /// block-export-add and `--export`, with QEMU's checks in its order.
+    /// block-export-add (`monitor`) and `--export`, with QEMU's checks in
+    /// its order.
     pub(super) async fn block_export_add(
         &mut self,
         args: &Map<String, Value>,
+        monitor: bool,
     ) -> Result<(), String> {
         let id = arg_str(args, "id").to_string();
         if crate::objects::check_id(&id).is_err() {
@@ -114,12 +116,19 @@ impl ControlState {
                 return Err(format!("There already is a FUSE export on '{mp}'"));
             }
         }
+        // NBD does not let the node be resized under its clients;
+        // vhost-user-blk (which tells its frontend) and FUSE do, as QEMU.
+        let shared = if kind == "vhost-user-blk" || kind == "fuse" {
+            Perm::ALL
+        } else {
+            Perm::ALL.without(Perm::RESIZE)
+        };
         let edge = Child::new(node);
         let user = self.block.add_user_on(
             &node_name,
             "an unnamed block device",
             perm,
-            Perm::ALL.without(Perm::RESIZE),
+            shared,
             Some(edge.clone()),
         )?;
         let common = ExportCommon {
@@ -132,6 +141,7 @@ impl ControlState {
         let created = match kind {
             "nbd" => self.nbd_export_create(&common, args),
             "fuse" => fuse_export_create(&common, args).await,
+            "vhost-user-blk" => self.vhost_user_export_create(&common, args, monitor).await,
             other => Err(format!("rsd does not support '{other}' exports yet")),
         };
         let export = match created {
@@ -148,6 +158,7 @@ impl ControlState {
             export.clone(),
         );
         if let Err(e) = actors::supervisor::start_child(&self.ctx.supervisor, spec).await {
+            export.close();
             self.block.remove_user(user);
             return Err(e);
         }

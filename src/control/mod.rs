@@ -16,6 +16,7 @@ mod reopen;
 mod snapshot;
 mod stream;
 mod transaction;
+mod vhost_user;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -148,7 +149,7 @@ impl Actor for ControlActor {
                 let _ = reply.send(st.nbd_server_start(&args).await);
             }
             ControlMsg::ExportCli(args, reply) => {
-                let _ = reply.send(st.block_export_add(&args).await);
+                let _ = reply.send(st.block_export_add(&args, false).await);
             }
             ControlMsg::AddBlockdevCli(args, reply) => {
                 let _ = reply.send(st.blockdev_add(&args).await);
@@ -218,7 +219,7 @@ impl ControlState {
             "nbd-server-start" => self.nbd_server_start_legacy(&args).await,
             "nbd-server-stop" => self.nbd_server_stop().await,
             "block-export-add" => self
-                .block_export_add(&args)
+                .block_export_add(&args, true)
                 .await
                 .map(|()| json!({}))
                 .map_err(QmpError::hinted),
@@ -248,7 +249,7 @@ impl ControlState {
                 if let Some(b) = args.get("bitmap") {
                     e.insert("bitmaps".into(), json!([b]));
                 }
-                self.block_export_add(&e)
+                self.block_export_add(&e, true)
                     .await
                     .map(|()| json!({}))
                     .map_err(QmpError::hinted)

@@ -1,5 +1,5 @@
 //! The block-export layer, across export types: the trait every export
-//! type implements (NBD now; vhost-user-blk and FUSE next), one registry
+//! type implements (NBD, vhost-user-blk; FUSE next), one registry
 //! keyed by export id, and the actor that owns each export.
 pub mod actor;
 pub mod fuse;
@@ -23,7 +23,8 @@ pub trait BlockExport: Send + Sync + 'static {
     fn node(&self) -> &Arc<Child>;
     /// The graph user holding the export's permissions.
     fn user(&self) -> u64;
-    /// Clients connected now: a safe block-export-del refuses while any is.
+    /// What a safe block-export-del refuses to cut: connected clients
+    /// for NBD, requests in flight for vhost-user-blk (as QSD counts).
     fn clients(&self) -> usize;
     /// Stops serving and drops the connected clients.
     fn close(&self);

@@ -1,0 +1,278 @@
+//! A vhost-user-blk export: its listening socket and the loop that
+//! serves one frontend at a time on it. Each connection gets a fresh
+//! device (the vhost-user-backend crate keeps a connection's state, such
+//! as its owner and its rings, in the daemon), so the next frontend
+//! starts from a clean device. Dropping a connection's daemon joins its
+//! queue threads, which finish the requests they hold: that is the drain
+//! block-export-del and quit wait for.
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::Device;
+use super::Shared;
+use crate::block::child::Child;
+use crate::exports::{BlockExport, BoxFuture};
+
+pub struct VhostUserBlkExport {
+    id: String,
+    user: u64,
+    shared: Arc<Shared>,
+    /// The listening socket; the accept loop holds it while it runs.
+    listener: Mutex<Option<Listener>>,
+    /// The socket's path, unlinked when the export closes (not when the
+    /// last reference goes: a new export may have bound it by then).
+    path: Option<PathBuf>,
+    /// Wakes the accept loop when the export closes.
+    stop: EventFd,
+    closing: AtomicBool,
+    /// The connected frontend's connection, to cut it on close.
+    conn: Mutex<Option<ShutdownHandle>>,
+    /// The device of the connected frontend (for config changes).
+    device: Mutex<Option<Arc<Device>>>,
+    clients: AtomicUsize,
+    idle: tokio::sync::Notify,
+    /// The accept loop's thread: its end, once it has ended.
+    worker: Mutex<Option<tokio::sync::watch::Receiver<Option<String>>>>,
+}
+
+/// What block-export-add decided.
+pub struct VhostUserBlkConfig {
+    pub id: String,
+    pub user: u64,
+    pub node: Arc<Child>,
+    pub writable: bool,
+    pub writethrough: bool,
+    pub logical_block_size: u32,
+    pub num_queues: u16,
+    pub listener: std::os::unix::net::UnixListener,
+    pub path: Option<PathBuf>,
+}
+
+impl VhostUserBlkExport {
+    pub fn new(c: VhostUserBlkConfig) -> Result<Arc<Self>, String> {
+        c.listener
+            .set_nonblocking(false)
+            .map_err(|e| crate::util::os_msg(&e))?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| crate::util::os_msg(&e))?;
+        Ok(Arc::new(VhostUserBlkExport {
+            id: c.id,
+            user: c.user,
+            shared: Arc::new(Shared {
+                node: c.node,
+                writable: c.writable,
+                logical_block_size: c.logical_block_size,
+                num_queues: c.num_queues,
+                write_cache: AtomicBool::new(!c.writethrough),
+                wce: 0.into(),
+            }),
+            listener: Mutex::new(Some(Listener::from(c.listener))),
+            path: c.path,
+            stop,
+            closing: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            device: Mutex::new(None),
+            clients: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+            worker: Mutex::new(None),
+        }))
+    }
+
+    /// Tells the connected frontend, if any, that the config space
+    /// changed. On a thread of its own: with REPLY_ACK the message
+    /// waits for the frontend's answer, which must not hold the caller.
+    pub fn config_changed(&self) {
+        let device = self.device.lock().ok().and_then(|d| d.clone());
+        if let Some(d) = device {
+            let _ = std::thread::Builder::new()
+                .name(format!("vhost-user/{}/config", self.id))
+                .spawn(move || d.config_changed());
+        }
+    }
+
+    /// The accept loop's end (None while it runs), starting it if need be.
+    fn worker(self: &Arc<Self>) -> Result<tokio::sync::watch::Receiver<Option<String>>, String> {
+        let mut slot = self.worker.lock().map_err(|e| e.to_string())?;
+        if let Some(rx) = slot.as_ref() {
+            if rx.borrow().is_none() {
+                return Ok(rx.clone());
+            }
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("vhost-user/{}", self.id))
+            .spawn(move || {
+                let why = me.accept_loop();
+                tx.send_replace(Some(why));
+            })
+            .map_err(|e| e.to_string())?;
+        *slot = Some(rx.clone());
+        Ok(rx)
+    }
+
+    /// The accept loop, on a thread of its own: the crate's daemon is
+    /// blocking code.
+    fn accept_loop(self: &Arc<Self>) -> String {
+        let Some(mut listener) = self.listener.lock().ok().and_then(|mut l| l.take()) else {
+            return "the listening socket is gone".into();
+        };
+        let why = loop {
+            if self.closing.load(Ordering::SeqCst) {
+                break String::new();
+            }
+            match self.wait_for_client(&listener) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => break e,
+            }
+            if let Err(e) = self.serve_one(&mut listener) {
+                break e;
+            }
+        };
+        if let Ok(mut l) = self.listener.lock() {
+            *l = Some(listener);
+        }
+        why
+    }
+
+    /// Waits until a frontend connects (true) or the export closes.
+    fn wait_for_client(&self, listener: &Listener) -> Result<bool, String> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: both descriptors are owned by `self`/`listener`, which
+        // outlive this call.
+        let (lfd, sfd) = unsafe {
+            (
+                BorrowedFd::borrow_raw(listener.as_raw_fd()),
+                BorrowedFd::borrow_raw(self.stop.as_raw_fd()),
+            )
+        };
+        let mut fds = [
+            PollFd::new(lfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        Ok(ready(&fds[0]) && !self.closing.load(Ordering::SeqCst))
+    }
+
+    /// Serves one frontend until it goes (or the export closes).
+    fn serve_one(self: &Arc<Self>, listener: &mut Listener) -> Result<(), String> {
+        let device = Device::new(self.shared.clone());
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            VhostUserDaemon::new(format!("vhost-user/{}", self.id), device.clone(), mem)
+                .map_err(|e| e.to_string())?;
+        // A frontend that vanished between poll and accept: next one.
+        // Pausing, so a failing accept (out of descriptors) cannot spin.
+        if let Err(e) = daemon.start(listener) {
+            tracing::debug!("vhost-user-blk export '{}': accept: {e}", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+            return Ok(());
+        }
+        self.clients.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.conn.lock() {
+            *c = daemon.shutdown_handle();
+        }
+        if let Ok(mut d) = self.device.lock() {
+            *d = Some(device);
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        }
+        if let Err(e) = daemon.wait() {
+            tracing::debug!("vhost-user-blk export '{}': frontend gone: {e}", self.id);
+        }
+        if let Ok(mut c) = self.conn.lock() {
+            *c = None;
+        }
+        if let Ok(mut d) = self.device.lock() {
+            *d = None;
+        }
+        // Joins the queue threads: their requests are done after this.
+        drop(daemon);
+        if self.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+impl BlockExport for VhostUserBlkExport {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn kind(&self) -> &'static str {
+        "vhost-user-blk"
+    }
+    fn node(&self) -> &Arc<Child> {
+        &self.shared.node
+    }
+    fn user(&self) -> u64 {
+        self.user
+    }
+    /// QSD counts a vhost-user-blk export in use only while requests
+    /// are in flight, not for a connected frontend: a safe delete drops
+    /// an idle frontend.
+    fn clients(&self) -> usize {
+        self.shared.node.inflight()
+    }
+    fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = self.stop.write(1);
+        if let Some(h) = self.conn.lock().ok().and_then(|c| c.clone()) {
+            h.shutdown();
+        }
+        // The socket goes with the export, as QSD removes it.
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    fn no_clients(&self, limit: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let wait = async {
+                loop {
+                    let idle = self.idle.notified();
+                    if self.clients.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    idle.await;
+                }
+            };
+            let _ = tokio::time::timeout(limit, wait).await;
+        })
+    }
+    /// Waits for the accept loop (on a thread of its own, started here
+    /// unless it runs already: a restarted actor finds it still serving).
+    fn serve(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut done = match self.worker() {
+                Ok(rx) => rx,
+                Err(e) => {
+                    tracing::warn!("vhost-user-blk export '{}': {e}", self.id);
+                    return;
+                }
+            };
+            let _ = done.wait_for(|d| d.is_some()).await;
+            let why = done.borrow().clone().unwrap_or_default();
+            if !why.is_empty() {
+                tracing::warn!("vhost-user-blk export '{}': {why}", self.id);
+            }
+        })
+    }
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}

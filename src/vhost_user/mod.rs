@@ -1,0 +1,54 @@
+//! The vhost-user-blk export: a node offered to a VM's virtio-blk
+//! device over a vhost-user socket, built on the rust-vmm crates
+//! (vhost-user-backend for the protocol, virtio-queue for the rings,
+//! vm-memory for guest memory).
+//!
+//! - `config.rs`: the feature bits and config space, as QSD offers them.
+//! - `request.rs`: one virtio-blk request, run in guest memory in place.
+//! - `device.rs`: the backend one frontend connection talks to, and the
+//!   queues' worker threads.
+//! - `export.rs`: the export (`BlockExport`), its socket and its accept
+//!   loop, one frontend at a time.
+//!
+//! Not here yet: in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
+//! issue 15 point 4). Its entry points are `Device::protocol_features`
+//! (offer the bit) and the crate's `get_inflight_fd`/`set_inflight_fd`
+//! (which the vhost-user-backend crate answers "unsupported" today, so
+//! it needs the lower `vhost` crate's request handler or a patch), and
+//! `Device::serve_available`/`complete`, where a request would be
+//! marked in flight and done.
+pub mod config;
+pub mod device;
+pub mod export;
+pub mod request;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::block::child::Child;
+
+/// What every connection of an export shares.
+pub struct Shared {
+    /// The exported node's edge (re-pointed by a snapshot).
+    pub node: Arc<Child>,
+    pub writable: bool,
+    pub logical_block_size: u32,
+    pub num_queues: u16,
+    /// Writes are cached (not FUA). Starts as !writethrough and follows
+    /// what the frontend writes into wce, as in QSD.
+    pub write_cache: AtomicBool,
+    /// The wce byte of the config space (QSD starts it at 0).
+    pub wce: AtomicU8,
+}
+
+impl Shared {
+    pub fn config(&self) -> config::BlkConfig {
+        let size = self.node.get().map(|n| n.size()).unwrap_or(0);
+        config::BlkConfig {
+            capacity: size >> config::SECTOR_BITS,
+            blk_size: self.logical_block_size,
+            num_queues: self.num_queues,
+            wce: self.wce.load(Ordering::Relaxed),
+        }
+    }
+}
