@@ -633,3 +633,208 @@ fn bitmap_transactions_match_qsd() {
     );
     assert!(text.contains("Bitmap already exists: b0"), "{text}");
 }
+
+/// The cycle a backup tool runs: a full backup and a new persistent
+/// bitmap in one transaction; writes over NBD; rsd restarted (the bitmap
+/// persists); the changed ranges read over NBD with the dirty-bitmap
+/// context; an incremental backup into an image backed by the full one;
+/// the restore (full + incremental) equals the source.
+#[test]
+fn full_and_incremental_backup_cycle() {
+    let dir = TempDir::new();
+    let (src, full, inc) = (dir.s("src.qcow2"), dir.s("full.qcow2"), dir.s("inc.qcow2"));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &src, "8M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 4M", &src],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &full, "8M"],
+    ));
+    let start = |tag: &str, extra: &[&str]| {
+        let mut a = monitor_args(&dir.s(&format!("q{tag}.sock")));
+        a.extend(args(&[
+            "--blockdev",
+            &format!("driver=qcow2,node-name=src,file.driver=file,file.filename={src}"),
+            "--nbd-server",
+            &format!(
+                "addr.type=unix,addr.path={}",
+                dir.s(&format!("n{tag}.sock"))
+            ),
+        ]));
+        a.extend(args(extra));
+        let d = Daemon::spawn(Which::Rsd, &a);
+        let q = Qmp::ready(&dir.path(&format!("q{tag}.sock")));
+        (d, q)
+    };
+    let cmd = |q: &mut Qmp, s: &str| {
+        let r = q.cmd(s);
+        assert!(r.get("return").is_some(), "{s}: {r}");
+        r
+    };
+    // 1. Full backup and the bitmap, at the same point in time.
+    let (mut d, mut q) = start(
+        "1",
+        &[
+            "--blockdev",
+            &format!("driver=qcow2,node-name=full,file.driver=file,file.filename={full}"),
+            "--export",
+            "type=nbd,id=e,node-name=src,writable=on",
+        ],
+    );
+    cmd(
+        &mut q,
+        r#"{"execute":"transaction","arguments":{"actions":[
+            {"type":"block-dirty-bitmap-add","data":{"node":"src","name":"b0","persistent":true}},
+            {"type":"blockdev-backup","data":{"job-id":"f","device":"src","target":"full","sync":"full"}}]}}"#,
+    );
+    // Writes while the backup may still run: they are the bitmap's, not
+    // the full backup's.
+    let url = format!("nbd+unix:///src?socket={}", dir.s("n1.sock"));
+    let out = ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 1M 64k",
+            "-c",
+            "write -P 0x33 6M 128k",
+            &url,
+        ],
+    ));
+    assert!(!out.contains("fail"), "{out}");
+    wait_no_jobs(&mut q);
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0));
+    // The full backup is the source as it was at the transaction.
+    let check = ok(&run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x11 0 4M",
+            "-c",
+            "read -P 0 4M 4M",
+            &full,
+        ],
+    ));
+    assert!(!check.contains("fail"), "{check}");
+    // 2. After a restart: the bitmap is there, its ranges over NBD.
+    let (mut d, mut q) = start("2", &[]);
+    let r = cmd(
+        &mut q,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    );
+    let bm = &r["return"][0]["dirty-bitmaps"][0];
+    assert_eq!(bm["name"], "b0", "{r}");
+    assert_eq!(bm["count"], 196608, "{r}");
+    // Frozen while it is read (QEMU exports only disabled bitmaps on a
+    // read-only export).
+    cmd(
+        &mut q,
+        r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"src","name":"b0"}}"#,
+    );
+    cmd(
+        &mut q,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"m","node-name":"src","name":"m","bitmaps":["b0"]}}"#,
+    );
+    let map = ok(&run(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!(
+                "driver=nbd,export=m,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:b0",
+                dir.s("n2.sock")
+            ),
+        ],
+    ));
+    // With x-dirty-bitmap, "data": false marks the dirty ranges.
+    let v: serde_json::Value = serde_json::from_str(&map).expect("map json");
+    let dirty: Vec<(u64, u64)> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["data"] == false)
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap_or(0),
+                e["length"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(dirty, [(1 << 20, 65536), (6 << 20, 131072)], "{map}");
+    cmd(
+        &mut q,
+        r#"{"execute":"block-export-del","arguments":{"id":"m"}}"#,
+    );
+    cmd(
+        &mut q,
+        r#"{"execute":"block-dirty-bitmap-enable","arguments":{"node":"src","name":"b0"}}"#,
+    );
+    // 3. The incremental backup, into an image backed by the full one.
+    ok(&run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &full, "-F", "qcow2", &inc,
+        ],
+    ));
+    cmd(
+        &mut q,
+        &format!(
+            r#"{{"execute":"blockdev-add","arguments":{{"driver":"qcow2","node-name":"inc","file":{{"driver":"file","filename":"{inc}"}}}}}}"#
+        ),
+    );
+    cmd(
+        &mut q,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"i","device":"src","target":"inc","sync":"incremental","bitmap":"b0"}}"#,
+    );
+    wait_no_jobs(&mut q);
+    let r = cmd(
+        &mut q,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    );
+    let src_node = r["return"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "src"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(src_node["dirty-bitmaps"][0]["count"], 0, "{src_node}");
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0));
+    // The incremental image holds only the changed clusters.
+    let map = ok(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", &inc],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&map).expect("map json");
+    let own: u64 = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(own, 196608, "{map}");
+    // 4. Restore: full + incremental is the source.
+    let cmp = run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "qcow2", &src, &inc],
+    );
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    for img in [&src, &full, &inc] {
+        ok(&run("qemu-img", &["check", img]));
+    }
+}

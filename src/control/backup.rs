@@ -7,8 +7,9 @@ use serde_json::{json, Map, Value};
 
 use super::mirror::JOB_USER;
 use super::{arg_str, ControlMsg, ControlState};
+use crate::block::bitmap::DirtyBitmap;
 use crate::block::copier::{Copier, DEFAULT_CHUNK};
-use crate::block::dirty::Check;
+use crate::block::dirty::{Check, NamedBitmap};
 use crate::block::node::Node;
 use crate::block::perm::Perm;
 use crate::jobs::backup::{self, Backup, CbwHook, ViewReadHook, WORKERS};
@@ -64,9 +65,68 @@ fn perf(args: &Map<String, Value>) -> Result<PerfOpts, String> {
     })
 }
 
-/// QEMU's checks of the sync mode against the bitmap options. A bitmap
-/// that passes them is refused: rsd's backup cannot use one yet.
-fn check_bitmap_args(args: &Map<String, Value>, source: &Node) -> Result<(), String> {
+/// A backup's bitmap and what happens to it at the end (bitmap-mode).
+pub struct BackupBitmap {
+    pub bitmap: Arc<NamedBitmap>,
+    /// on-success, never or always.
+    pub mode: String,
+    /// The bitmap's bits when the job started; from then on the bitmap
+    /// records only new writes (QEMU's successor).
+    pub before: Vec<u64>,
+}
+
+impl BackupBitmap {
+    /// The job ended (`ok`: successfully): QEMU's bitmap-mode. The
+    /// bitmap keeps the writes since the start; on-success (on success)
+    /// and always drop what the job copied, never and a failed
+    /// on-success take the old bits back, and a failed always takes
+    /// back what was not copied (`left`).
+    pub fn finish(&self, ok: bool, left: &DirtyBitmap) {
+        let b = &self.bitmap;
+        match (self.mode.as_str(), ok) {
+            ("on-success", true) | ("always", true) => {}
+            ("always", false) => {
+                for (off, len) in runs(left) {
+                    b.bits.set(off, len);
+                }
+            }
+            _ => {
+                let g = b.bits.granularity();
+                for (i, w) in self.before.iter().enumerate() {
+                    let mut w = *w;
+                    while w != 0 {
+                        let bit = w.trailing_zeros() as u64;
+                        b.bits.set((i as u64 * 64 + bit) * g, g);
+                        w &= w - 1;
+                    }
+                }
+            }
+        }
+        b.set_busy(false);
+    }
+}
+
+/// The dirty runs of a bitmap, from its start to its end once
+/// (`next_run` wraps around to the start).
+fn runs(b: &DirtyBitmap) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some((off, len)) = b.next_run(at, 1 << 30) {
+        if off < at {
+            break;
+        }
+        out.push((off, len));
+        at = off + len;
+    }
+    out
+}
+
+/// QEMU's checks of the sync mode against the bitmap options; the
+/// bitmap to use and its mode, if one is given.
+fn check_bitmap_args(
+    args: &Map<String, Value>,
+    source: &Node,
+) -> Result<Option<(Arc<NamedBitmap>, String)>, String> {
     let sync = arg_str(args, "sync");
     let bitmap = args.get("bitmap").and_then(Value::as_str);
     let mode = args.get("bitmap-mode").and_then(Value::as_str);
@@ -84,7 +144,7 @@ fn check_bitmap_args(args: &Map<String, Value>, source: &Node) -> Result<(), Str
         if mode.is_some() {
             return Err("Cannot specify bitmap sync mode without a bitmap".into());
         }
-        return Ok(());
+        return Ok(None);
     };
     let Some(b) = source.bitmaps.find(name) else {
         return Err(format!("Bitmap '{name}' could not be found"));
@@ -110,8 +170,7 @@ fn check_bitmap_args(args: &Map<String, Value>, source: &Node) -> Result<(), Str
             "Bitmap sync mode '{mode}' has no meaningful effect when combined with sync mode '{sync}'"
         ));
     }
-    // Bitmap-driven backups are another issue (differences entry).
-    Err("rsd cannot run a backup with a bitmap yet".into())
+    Ok(Some((b, mode.to_string())))
 }
 
 impl ControlState {
@@ -230,7 +289,7 @@ impl ControlState {
             return Err(not_found(device));
         };
         let perf = perf(args);
-        check_bitmap_args(args, &source).map_err(QmpError::generic)?;
+        let bitmap = check_bitmap_args(args, &source).map_err(QmpError::generic)?;
         if Arc::ptr_eq(&source, &target) {
             return err("Source and target cannot be the same".into());
         }
@@ -323,6 +382,14 @@ impl ControlState {
         copier.discard_source = discard_source;
         let sync = arg_str(args, "sync");
         match sync {
+            // What the bitmap marks.
+            "bitmap" | "incremental" => {
+                if let Some((b, _)) = &bitmap {
+                    for (off, len) in runs(&b.bits) {
+                        copier.todo.set(off, len);
+                    }
+                }
+            }
             // Only what the top layer allocates; the rest of the target
             // is left as it is.
             "top" => {
@@ -336,6 +403,18 @@ impl ControlState {
             _ => copier.todo.set_all(),
         }
         let copier = Arc::new(copier);
+        // The bitmap records only new writes from here on; its old bits
+        // come back at the end as bitmap-mode says.
+        let bitmap = bitmap.map(|(b, mode)| {
+            let before = b.bits.words();
+            b.bits.clear_all();
+            b.set_busy(true);
+            BackupBitmap {
+                bitmap: b,
+                mode,
+                before,
+            }
+        });
         // From here on the source's old contents are kept.
         let hook = format!("backup/{job_id}");
         let mut hooks = vec![(source.clone(), hook.clone())];
@@ -364,7 +443,11 @@ impl ControlState {
             implicit_target,
         };
         let control = self.myself.clone();
-        let on_end: crate::jobs::OnEnd = Box::new(move |_ok| {
+        let left = b.copier.todo.clone();
+        let on_end: crate::jobs::OnEnd = Box::new(move |ok| {
+            if let Some(bm) = &bitmap {
+                bm.finish(ok, &left);
+            }
             let _ = control.cast(ControlMsg::BackupEnded(Box::new(end)));
         });
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);

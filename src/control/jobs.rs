@@ -162,6 +162,14 @@ impl ControlState {
         Value::Array(list)
     }
 
+    /// The ids of the jobs there are now.
+    pub(super) fn job_ids(&self) -> Vec<String> {
+        self.jobs
+            .lock()
+            .map(|j| j.iter().map(|s| s.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
     pub(super) async fn job_verb(&mut self, id: &str, verb: Verb) -> QmpResult<Value> {
         let Some(sh) = self.job(id) else {
             return Err(QmpError::generic("Job not found"));
