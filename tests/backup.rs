@@ -813,31 +813,78 @@ fn copy_before_write_timeout_follows_on_cbw_error() {
     }
 }
 
-/// A bitmap for copy-before-write passes QSD's checks and is refused
-/// for now (differences entry 47).
+/// copy-before-write with a `bitmap` (fleecing for an incremental
+/// backup): only what the bitmap marks is kept and readable through
+/// snapshot-access, as in QSD.
 #[test]
-fn copy_before_write_with_a_bitmap_is_refused_for_now() {
-    let dir = TempDir::new();
-    fleecing_images(&dir);
-    let (mut d, mut q) = fleecing_daemon(
-        Which::Rsd,
-        &dir,
-        &[
-            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"file","filename":"$D/tmp.qcow2"}}}"#,
-            r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"src","name":"b0"}}"#,
-        ],
-    );
-    let r = q.cmd(
-        r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"c","file":"src","target":"tmp","bitmap":{"node":"src","name":"b0"}}}"#,
-    );
-    assert_eq!(
-        r["error"]["desc"], "rsd's copy-before-write cannot use a bitmap yet",
-        "{r}"
-    );
-    let r = q.cmd(r#"{"execute":"query-jobs"}"#);
-    assert_eq!(r["return"], serde_json::json!([]), "{r}");
-    q.send(br#"{"execute":"quit"}"#);
-    assert_eq!(d.wait_exit(20), Some(0));
+fn copy_before_write_with_a_bitmap_matches_qsd() {
+    let mut outs = Vec::new();
+    for which in Which::all() {
+        let dir = TempDir::new();
+        fleecing_images(&dir);
+        let (mut d, mut q) = fleecing_daemon(
+            which,
+            &dir,
+            &[
+                r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"src","name":"b0"}}"#,
+                r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"live","node-name":"src","name":"live","writable":true}}"#,
+            ],
+        );
+        let url = |e: &str| format!("nbd+unix:///{e}?socket={}", dir.s("n.sock"));
+        // The bitmap marks 1M..1M+64k.
+        ok(&run(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x22 1M 64k", &url("live")],
+        ));
+        for s in [
+            r#"{"execute":"block-export-del","arguments":{"id":"live"}}"#,
+            r#"{"execute":"block-dirty-bitmap-disable","arguments":{"node":"src","name":"b0"}}"#,
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tmp","file":{"driver":"file","filename":"$D/tmp.qcow2"},"backing":null}}"#,
+            r#"{"execute":"blockdev-add","arguments":{"driver":"copy-before-write","node-name":"cbw","file":"src","target":"tmp","bitmap":{"node":"src","name":"b0"}}}"#,
+            r#"{"execute":"blockdev-add","arguments":{"driver":"snapshot-access","node-name":"acc","file":"cbw"}}"#,
+            r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"w","node-name":"cbw","name":"w","writable":true}}"#,
+            r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"acc","node-name":"acc","name":"acc"}}"#,
+        ] {
+            let r = q.cmd(&s.replace("$D", &dir.0.display().to_string()));
+            assert!(r.get("return").is_some(), "{which:?}: {s}: {r}");
+        }
+        // The guest overwrites the marked range and another one.
+        ok(&run(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x33 1M 128k", &url("w")],
+        ));
+        let out = run(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x22 1M 64k",
+                "-c",
+                "read 2M 64k",
+                "-c",
+                "read -P 0x11 1088k 64k",
+                &url("acc"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.contains("ops/sec"))
+            .map(String::from)
+            .collect();
+        outs.push(lines);
+        q.send(br#"{"execute":"quit"}"#);
+        assert_eq!(d.wait_exit(20), Some(0));
+    }
+    let rsd = &outs[0];
+    assert!(rsd[0].starts_with("read 65536/65536"), "{rsd:#?}");
+    assert!(rsd.iter().any(|l| l.contains("read failed")), "{rsd:#?}");
+    if outs.len() == 2 {
+        assert_eq!(outs[0], outs[1], "rsd, then QSD");
+    }
 }
 
 /// Backups driven by a bitmap (sync=bitmap with bitmap-mode never,

@@ -143,19 +143,23 @@ impl Driver for Cbw {
     }
 }
 
-/// The options checked once the children are open, as QEMU does.
-fn check_options(ctx: &OpenCtx<'_>, opts: &Map<String, Value>) -> Result<(), String> {
+/// The options checked once the children are open, as QEMU does; the
+/// `bitmap`, if given.
+fn check_options(
+    ctx: &OpenCtx<'_>,
+    opts: &Map<String, Value>,
+) -> Result<Option<Arc<crate::block::dirty::NamedBitmap>>, String> {
+    let mut bitmap = None;
     if let Some(b) = opts.get("bitmap").and_then(Value::as_object) {
         let node = b.get("node").and_then(Value::as_str).unwrap_or_default();
         let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
         let Some(e) = ctx.entry(node) else {
             return Err(format!("Node '{node}' not found"));
         };
-        if e.node.bitmaps.find(name).is_none() {
+        let Some(found) = e.node.bitmaps.find(name) else {
             return Err(format!("Dirty bitmap '{name}' not found"));
-        }
-        // Copying only what a bitmap marks is another issue.
-        return Err("rsd's copy-before-write cannot use a bitmap yet".into());
+        };
+        bitmap = Some(found);
     }
     let min_cluster = opt_u64(opts, "min-cluster-size").unwrap_or(0);
     if min_cluster != 0 && !min_cluster.is_power_of_two() {
@@ -166,7 +170,7 @@ fn check_options(ctx: &OpenCtx<'_>, opts: &Map<String, Value>) -> Result<(), Str
     if min_cluster > 64 << 20 {
         return Err("rsd limits min-cluster-size to 64 MiB".into());
     }
-    Ok(())
+    Ok(bitmap)
 }
 
 pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
@@ -178,11 +182,14 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
             return Err(e);
         }
     };
-    if let Err(e) = check_options(ctx, opts) {
-        ctx.drop_inline(&target);
-        ctx.drop_inline(&file);
-        return Err(e);
-    }
+    let bitmap = match check_options(ctx, opts) {
+        Ok(b) => b,
+        Err(e) => {
+            ctx.drop_inline(&target);
+            ctx.drop_inline(&file);
+            return Err(e);
+        }
+    };
     let min_cluster = opt_u64(opts, "min-cluster-size").unwrap_or(0);
     let source = ctx.node(&file)?;
     let target_node = ctx.node(&target)?;
@@ -192,7 +199,28 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
         .map_or(65536, |c| c.clamp(65536, 1 << 20))
         .max(min_cluster);
     let copier = Copier::new(&source, target_node, cluster, DEFAULT_CHUNK);
-    copier.todo.set_all();
+    match &bitmap {
+        // Only what the bitmap marks (as it is now) is copied, and only
+        // that is readable through snapshot-access, as in QEMU.
+        Some(b) => {
+            copier.gone.set_all();
+            let mut at = 0;
+            while let Some((off, len)) = b.bits.next_run(at, 1 << 30) {
+                if off < at {
+                    break;
+                }
+                // Whole clusters, as the copier tracks them.
+                let (start, end) = (
+                    off / cluster * cluster,
+                    (off + len).div_ceil(cluster) * cluster,
+                );
+                copier.todo.set(start, end - start);
+                copier.gone.clear(start, end - start);
+                at = off + len;
+            }
+        }
+        None => copier.todo.set_all(),
+    }
     let timeout = opt_u64(opts, "cbw-timeout")
         .filter(|t| *t > 0)
         .map(Duration::from_secs);
