@@ -126,6 +126,84 @@ pub fn prepare_remove(
     Ok((n, b))
 }
 
+/// What a bitmap command changed, so that a transaction can take it back.
+pub enum Changed {
+    /// A bitmap added to a node.
+    Added(Arc<Node>, String),
+    /// A bitmap's bits before a clear or merge.
+    Bits(Arc<NamedBitmap>, Vec<u64>),
+    /// A bitmap's recording state before enable or disable.
+    Enabled(Arc<NamedBitmap>, bool),
+}
+
+impl Changed {
+    /// Takes the change back.
+    pub fn undo(self) {
+        match self {
+            Changed::Added(n, name) => {
+                n.remove_bitmap(&name);
+            }
+            Changed::Bits(b, words) => b.bits.restore_words(&words),
+            Changed::Enabled(b, on) => b.set_enabled(on),
+        }
+    }
+}
+
+/// block-dirty-bitmap-add, -clear, -enable, -disable and -merge, with
+/// QEMU's checks: done at once (remove has its own path: a stored
+/// bitmap leaves the image first).
+pub fn change(g: &Graph, cmd: &str, args: &Map<String, Value>) -> Result<Changed, String> {
+    let node = arg_str(args, "node");
+    let name = arg_str(args, "name");
+    match cmd {
+        "block-dirty-bitmap-add" => {
+            let a = AddArgs {
+                node,
+                name,
+                granularity: args.get("granularity").and_then(Value::as_u64),
+                persistent: args.get("persistent").and_then(Value::as_bool) == Some(true),
+                disabled: args.get("disabled").and_then(Value::as_bool) == Some(true),
+            };
+            let (n, b) = prepare_add(g, &a)?;
+            n.add_bitmap(b);
+            Ok(Changed::Added(n, name.to_string()))
+        }
+        "block-dirty-bitmap-clear" => {
+            let (_, b) = lookup(g, node, name)?;
+            b.check(Check::Default)?;
+            let before = b.bits.words();
+            b.bits.clear_all();
+            Ok(Changed::Bits(b, before))
+        }
+        "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
+            let (_, b) = lookup(g, node, name)?;
+            b.check(Check::AllowRo)?;
+            let before = b.enabled();
+            b.set_enabled(cmd.ends_with("enable"));
+            Ok(Changed::Enabled(b, before))
+        }
+        "block-dirty-bitmap-merge" => {
+            let (n, target) = lookup(g, node, arg_str(args, "target"))?;
+            target.check(Check::Default)?;
+            let mut sources = Vec::new();
+            for r in args
+                .get("bitmaps")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let s = lookup_ref(g, &n, r)?;
+                dirty::check_merge_source(&target, &s)?;
+                sources.push(s);
+            }
+            let before = target.bits.words();
+            dirty::merge(&target, &sources)?;
+            Ok(Changed::Bits(target, before))
+        }
+        _ => Err(format!("The command {cmd} has not been found")),
+    }
+}
+
 impl ControlState {
     pub(super) async fn bitmap_command(
         &mut self,
@@ -162,59 +240,11 @@ impl ControlState {
     }
 
     fn bitmap_op(&mut self, cmd: &str, args: &Map<String, Value>) -> Result<Value, String> {
-        let node = arg_str(args, "node");
-        let name = arg_str(args, "name");
-        let g = &self.block;
-        match cmd {
-            "block-dirty-bitmap-add" => {
-                let a = AddArgs {
-                    node,
-                    name,
-                    granularity: args.get("granularity").and_then(Value::as_u64),
-                    persistent: args
-                        .get("persistent")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false),
-                    disabled: args
-                        .get("disabled")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false),
-                };
-                let (n, b) = prepare_add(g, &a)?;
-                n.add_bitmap(b);
-            }
-            "block-dirty-bitmap-clear" => {
-                let (_, b) = lookup(g, node, name)?;
-                b.check(Check::Default)?;
-                b.bits.clear_all();
-            }
-            "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
-                let (_, b) = lookup(g, node, name)?;
-                b.check(Check::AllowRo)?;
-                b.set_enabled(cmd.ends_with("enable"));
-            }
-            "block-dirty-bitmap-merge" => {
-                let (n, target) = lookup(g, node, arg_str(args, "target"))?;
-                target.check(Check::Default)?;
-                let mut sources = Vec::new();
-                for r in args
-                    .get("bitmaps")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let s = lookup_ref(g, &n, r)?;
-                    dirty::check_merge_source(&target, &s)?;
-                    sources.push(s);
-                }
-                dirty::merge(&target, &sources)?;
-            }
-            "x-debug-block-dirty-bitmap-sha256" => {
-                let (_, b) = lookup(g, node, name)?;
-                return Ok(json!({"sha256": b.bits.sha256_hex()}));
-            }
-            _ => return Err(format!("The command {cmd} has not been found")),
+        if cmd == "x-debug-block-dirty-bitmap-sha256" {
+            let (_, b) = lookup(&self.block, arg_str(args, "node"), arg_str(args, "name"))?;
+            return Ok(json!({"sha256": b.bits.sha256_hex()}));
         }
+        change(&self.block, cmd, args)?;
         Ok(json!({}))
     }
 }

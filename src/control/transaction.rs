@@ -8,14 +8,10 @@
 //! prepared: the switch is the one step rsd cannot take back (the base is
 //! closed and reopened read-only), so nothing may fail after it
 //! (differences entry 43).
-use std::sync::Arc;
-
 use serde_json::{json, Map, Value};
 
-use super::bitmaps::{lookup, lookup_ref, prepare_add, prepare_remove, AddArgs};
+use super::bitmaps::{change, prepare_remove, Changed};
 use super::{arg_str, ControlState};
-use crate::block::dirty::{self, Check, NamedBitmap};
-use crate::block::node::Node;
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
@@ -30,12 +26,8 @@ enum Undo {
         device: String,
         name: String,
     },
-    /// A bitmap added: it goes again.
-    BitmapAdded(Arc<Node>, String),
-    /// A bitmap's bits before a clear or merge.
-    BitmapBits(Arc<NamedBitmap>, Vec<u64>),
-    /// A bitmap's recording state before enable or disable.
-    BitmapEnabled(Arc<NamedBitmap>, bool),
+    /// A bitmap command's change.
+    Bitmap(Changed),
     /// A backup job started: cancelled again.
     Job(String),
 }
@@ -157,68 +149,20 @@ impl ControlState {
         undo: &mut Vec<Undo>,
         commit: &mut Vec<Commit>,
     ) -> Result<(), String> {
-        let node = arg_str(data, "node");
-        let name = arg_str(data, "name");
-        let g = &self.block;
-        match kind {
-            "block-dirty-bitmap-add" => {
-                let a = AddArgs {
-                    node,
-                    name,
-                    granularity: data.get("granularity").and_then(Value::as_u64),
-                    persistent: data.get("persistent").and_then(Value::as_bool) == Some(true),
-                    disabled: data.get("disabled").and_then(Value::as_bool) == Some(true),
-                };
-                let (n, b) = prepare_add(g, &a)?;
-                n.add_bitmap(b);
-                undo.push(Undo::BitmapAdded(n, name.to_string()));
-            }
-            "block-dirty-bitmap-remove" => {
-                prepare_remove(g, node, name)?;
-                commit.push(Commit::BitmapRemove(node.to_string(), name.to_string()));
-            }
-            "block-dirty-bitmap-clear" => {
-                let (_, b) = lookup(g, node, name)?;
-                b.check(Check::Default)?;
-                undo.push(Undo::BitmapBits(b.clone(), b.bits.words()));
-                b.bits.clear_all();
-            }
-            "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
-                let (_, b) = lookup(g, node, name)?;
-                b.check(Check::AllowRo)?;
-                undo.push(Undo::BitmapEnabled(b.clone(), b.enabled()));
-                b.set_enabled(kind.ends_with("enable"));
-            }
-            "block-dirty-bitmap-merge" => {
-                let (n, target) = lookup(g, node, arg_str(data, "target"))?;
-                target.check(Check::Default)?;
-                let mut sources = Vec::new();
-                for r in data
-                    .get("bitmaps")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let s = lookup_ref(g, &n, r)?;
-                    dirty::check_merge_source(&target, &s)?;
-                    sources.push(s);
-                }
-                undo.push(Undo::BitmapBits(target.clone(), target.bits.words()));
-                dirty::merge(&target, &sources)?;
-            }
-            other => return Err(format!("rsd cannot run '{other}' in a transaction yet")),
+        if kind == "block-dirty-bitmap-remove" {
+            let (node, name) = (arg_str(data, "node"), arg_str(data, "name"));
+            prepare_remove(&self.block, node, name)?;
+            commit.push(Commit::BitmapRemove(node.to_string(), name.to_string()));
+            return Ok(());
         }
+        undo.push(Undo::Bitmap(change(&self.block, kind, data)?));
         Ok(())
     }
 
     async fn roll_back(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             match u {
-                Undo::BitmapAdded(n, name) => {
-                    n.remove_bitmap(&name);
-                }
-                Undo::BitmapBits(b, words) => b.bits.restore_words(&words),
-                Undo::BitmapEnabled(b, on) => b.set_enabled(on),
+                Undo::Bitmap(c) => c.undo(),
                 Undo::Job(id) => {
                     let _ = self.job_verb(&id, crate::jobs::Verb::Cancel).await;
                 }

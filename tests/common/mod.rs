@@ -302,7 +302,7 @@ pub fn mask(line: &str, dir: &TempDir) -> String {
 }
 
 /// Replaces the digits after each `key` with N.
-fn mask_digits_after(line: &str, key: &str) -> String {
+pub fn mask_digits_after(line: &str, key: &str) -> String {
     let mut out = String::new();
     let mut rest = line;
     while let Some(p) = rest.find(key) {
