@@ -60,6 +60,28 @@ fn writer(sock: std::path::PathBuf, stop: Arc<AtomicUsize>, acked: Arc<AtomicUsi
     i
 }
 
+/// Starts `writer` on a thread and waits (up to 20 s) until it has 20
+/// writes acknowledged: (stop flag, acknowledged count, the thread).
+fn start_writer(
+    sock: std::path::PathBuf,
+) -> (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    std::thread::JoinHandle<u64>,
+) {
+    let (stop, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let w = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || writer(sock, stop, acked))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.load(Ordering::SeqCst) < 20 {
+        assert!(std::time::Instant::now() < deadline, "writer stalled");
+        std::thread::yield_now();
+    }
+    (stop, acked, w)
+}
+
 /// Reads `image` (with its backing chain) into memory with qemu-img.
 fn contents(dir: &TempDir, image: &str) -> Vec<u8> {
     let out = dir.s("flat.raw");
@@ -101,16 +123,8 @@ fn snapshot_sync_under_live_writes_loses_nothing() {
     ]));
     let mut d = Daemon::spawn(Which::Rsd, &a);
     let mut q = Qmp::ready(&dir.path("q.sock"));
-    let (stop, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let w = {
-        let (sock, stop, acked) = (dir.path("n.sock"), stop.clone(), acked.clone());
-        std::thread::spawn(move || writer(sock, stop, acked))
-    };
+    let (stop, acked, w) = start_writer(dir.path("n.sock"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while acked.load(Ordering::SeqCst) < 20 {
-        assert!(std::time::Instant::now() < deadline, "writer stalled");
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let ov = dir.s("ov.qcow2");
     let before = acked.load(Ordering::SeqCst) as u64;
     let r = q.cmd(&format!(
@@ -949,16 +963,8 @@ fn internal_snapshot_under_live_writes_loses_nothing() {
     ]));
     let mut d = Daemon::spawn(Which::Rsd, &a);
     let mut q = Qmp::ready(&dir.path("q.sock"));
-    let (stop, acked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let w = {
-        let (sock, stop, acked) = (dir.path("n.sock"), stop.clone(), acked.clone());
-        std::thread::spawn(move || writer(sock, stop, acked))
-    };
+    let (stop, acked, w) = start_writer(dir.path("n.sock"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while acked.load(Ordering::SeqCst) < 20 {
-        assert!(std::time::Instant::now() < deadline, "writer stalled");
-        std::thread::yield_now();
-    }
     let before = acked.load(Ordering::SeqCst) as u64;
     let r = q.cmd(r#"{"execute":"blockdev-snapshot-internal-sync","arguments":{"device":"base","name":"s1"}}"#);
     assert_eq!(r, serde_json::json!({"return": {}}));
