@@ -606,7 +606,11 @@ fn block_commands_are_exposed() {
         assert!(s.command(c).is_some(), "{c} is exposed");
     }
     let mut all = Vec::new();
-    for text in [include_str!("schema.json"), include_str!("block.json")] {
+    for text in [
+        include_str!("schema.json"),
+        include_str!("block.json"),
+        include_str!("jobs.json"),
+    ] {
         let v: Value = serde_json::from_str(text).expect("valid JSON");
         all.extend(v.as_array().expect("a list").clone());
     }
