@@ -1,12 +1,18 @@
 //! Rate limiting of block jobs (`speed`).
 use std::time::{Duration, Instant};
 
-/// Spaces the copies to `speed` bytes per second, as QEMU's mirror
-/// does: it issues up to a buffer's worth of copies at once and then
-/// owes the time they take at that speed (a paced job is not ready
-/// while it owes time, as QEMU sleeps it off before looking again).
+/// A timer fires up to a millisecond late (and a wait is padded by one
+/// so it never ends early); up to this much time earned beyond the debt
+/// is kept, so the lateness does not slow a job with small bursts.
+const SLACK: f64 = 0.003;
+
+/// Spaces the copies to `speed` bytes per second: a job issues up to
+/// `burst` bytes at once and then owes the time they take at that speed
+/// (a paced job is not ready while it owes time, as QEMU sleeps it off
+/// before looking again).
 pub struct Pace {
-    /// Bytes sent beyond what the speed allowed so far (<= 0: none).
+    /// Bytes sent beyond what the speed allowed so far (< 0), or the
+    /// little a late timer earned over it (> 0, at most `SLACK` worth).
     credit: f64,
     burst: f64,
     at: Instant,
@@ -27,7 +33,7 @@ impl Pace {
             self.credit = 0.0;
         } else {
             let earned = now.duration_since(self.at).as_secs_f64() * speed as f64;
-            self.credit = (self.credit + earned).min(0.0);
+            self.credit = (self.credit + earned).min(SLACK * speed as f64);
         }
         self.at = now;
     }
