@@ -111,7 +111,7 @@ fn parse_args() -> Result<Opts, Error> {
     if o.socket.as_os_str().is_empty() {
         return Err("--socket is required".into());
     }
-    if o.queues == 0 || o.depth == 0 || o.bs == 0 || o.bs % 512 != 0 {
+    if o.queues == 0 || o.depth == 0 || o.bs == 0 || !o.bs.is_multiple_of(512) {
         return Err("--queues, --depth and --bs must be positive (--bs in sectors)".into());
     }
     // Three descriptors a request; the ring holds at most 1024.
@@ -225,7 +225,11 @@ fn ga(a: u64) -> GuestAddress {
 /// never change, only the header's contents do.
 fn write_chain(mem: &GuestMemoryMmap, q: &Queue, slot: usize, sh: &Shared) -> Result<(), Error> {
     let head = 3 * slot as u64;
-    let data_flags = if sh.rw.writes() { 0 } else { VIRTQ_DESC_F_WRITE };
+    let data_flags = if sh.rw.writes() {
+        0
+    } else {
+        VIRTQ_DESC_F_WRITE
+    };
     let descs = [
         (q.lay.hdr(slot), 16u32, VIRTQ_DESC_F_NEXT),
         (
@@ -307,7 +311,7 @@ fn run_queue(sh: &Shared, q: &Queue, seed: u64) -> Result<(), Error> {
             last_used = last_used.wrapping_add(1);
             inflight -= 1;
             let slot = (id / 3) as usize;
-            if id % 3 != 0 || slot >= q.depth {
+            if !id.is_multiple_of(3) || slot >= q.depth {
                 return Err(format!("the server returned descriptor {id}").into());
             }
             let status: u8 = mem.read_obj(ga(lay.hdr(slot) + 16))?;
@@ -367,7 +371,8 @@ fn cpu_seconds(pid: u32) -> Result<f64, Error> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(')').ok_or("bad /proc stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).ok_or("stat")?.parse::<u64>()? + f.get(12).ok_or("stat")?.parse::<u64>()?;
+    let ticks: u64 =
+        f.get(11).ok_or("stat")?.parse::<u64>()? + f.get(12).ok_or("stat")?.parse::<u64>()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 / hz)
@@ -413,7 +418,10 @@ fn run() -> Result<(), Error> {
     let capacity = {
         let buf = [0u8; 8];
         let (_, data) = fe.get_config(0, 8, VhostUserConfigFlags::WRITABLE, &buf)?;
-        let b: [u8; 8] = data.get(0..8).and_then(|s| s.try_into().ok()).ok_or("config")?;
+        let b: [u8; 8] = data
+            .get(0..8)
+            .and_then(|s| s.try_into().ok())
+            .ok_or("config")?;
         u64::from_le_bytes(b) * 512
     };
     let span = o.size.unwrap_or(capacity).min(capacity);
@@ -430,7 +438,10 @@ fn run() -> Result<(), Error> {
         lays.push(l);
     }
     let size = at - MEM_BASE;
-    let memfd = nix::sys::memfd::memfd_create(c"vhost-bench", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
+    let memfd = nix::sys::memfd::memfd_create(
+        c"vhost-bench",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )?;
     let file = File::from(memfd);
     file.set_len(size)?;
     let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(

@@ -46,7 +46,10 @@ fn kit() -> Option<PathBuf> {
         eprintln!("skipped: no guest kit (the packages could not be downloaded):\n{stderr}");
         return None;
     }
-    panic!("the guest kit could not be built ({}):\n{stderr}", out.status);
+    panic!(
+        "the guest kit could not be built ({}):\n{stderr}",
+        out.status
+    );
 }
 
 /// A pattern no two sectors of which are alike.
@@ -81,7 +84,16 @@ fn make_image(dir: &TempDir, name: &str) -> String {
     let image = dir.s(&format!("{name}.qcow2"));
     ok(&run(
         "qemu-img",
-        &["convert", "-q", "-f", "raw", "-O", "qcow2", &raw.display().to_string(), &image],
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &raw.display().to_string(),
+            &image,
+        ],
     ));
     let _ = std::fs::remove_file(&raw);
     image
@@ -111,10 +123,7 @@ fn serve(which: Which, dir: &TempDir, image: &str, sock: &str) -> (Daemon, Qmp) 
 /// passed. Returns the serial console's text.
 fn boot(kit: &Path, sock: &str, steps: &[String]) -> String {
     let started = Instant::now();
-    let append = format!(
-        "console=ttyS0 quiet panic=-1 rsdguest={}",
-        steps.join(",")
-    );
+    let append = format!("console=ttyS0 quiet panic=-1 rsdguest={}", steps.join(","));
     let out = Command::new("timeout")
         .arg(BOOT_SECS.to_string())
         .arg(kit.join("qemu"))
@@ -142,11 +151,16 @@ fn boot(kit: &Path, sock: &str, steps: &[String]) -> String {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "the guest did not power off: {report}");
+    assert!(
+        out.status.success(),
+        "the guest did not power off: {report}"
+    );
     assert!(!console.contains("RSD-FAIL"), "a step failed: {report}");
     for step in steps {
         assert!(
-            console.lines().any(|l| l.trim_end() == format!("RSD-OK {step}")),
+            console
+                .lines()
+                .any(|l| l.trim_end() == format!("RSD-OK {step}")),
             "step {step} did not pass: {report}"
         );
     }
@@ -229,7 +243,10 @@ fn linux_guest_reads_writes_flushes_discards_and_reconnects() {
     // The guest's flush and discard reached the node.
     let st = node_stats(&mut q, "disk");
     assert!(st["flush_operations"].as_u64() >= Some(1), "no flush: {st}");
-    assert!(st["unmap_operations"].as_u64() >= Some(1), "no discard: {st}");
+    assert!(
+        st["unmap_operations"].as_u64() >= Some(1),
+        "no discard: {st}"
+    );
     assert!(st["wr_bytes"].as_u64() >= Some(HOST_LEN), "writes: {st}");
 
     // Deleted and added again on the same socket: the next guest boots.
@@ -257,8 +274,14 @@ fn linux_guest_reads_writes_flushes_discards_and_reconnects() {
     ok(&run("qemu-img", &["check", "-q", &image]));
     let data = raw_contents(&dir, &image);
     let at = |off: u64, len: u64| &data[off as usize..(off + len) as usize];
-    assert!(at(COPY_AT, HOST_LEN) == host.as_slice(), "the guest's write");
-    assert!(at(HOST_AT, HOST_LEN) == host.as_slice(), "the host's pattern");
+    assert!(
+        at(COPY_AT, HOST_LEN) == host.as_slice(),
+        "the guest's write"
+    );
+    assert!(
+        at(HOST_AT, HOST_LEN) == host.as_slice(),
+        "the host's pattern"
+    );
     assert!(at(DISCARD_AT, DISCARD_LEN).iter().all(|&b| b == 0));
     assert!(at(0, HOST_AT).iter().all(|&b| b == 0));
     let map: Value = serde_json::from_str(&ok(&run(
@@ -291,7 +314,9 @@ fn linux_guest_reads_writes_flushes_discards_and_reconnects() {
         quit(Which::Qsd, &mut qd, &mut qq);
         ok(&run(
             "qemu-img",
-            &["compare", "-q", "-f", "qcow2", "-F", "qcow2", &image, &qimage],
+            &[
+                "compare", "-q", "-f", "qcow2", "-F", "qcow2", &image, &qimage,
+            ],
         ));
     }
 }
