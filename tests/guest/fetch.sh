@@ -21,7 +21,11 @@ mkdir -p "$kit"
 kit=$(cd "$kit" && pwd)
 
 stamp=$(cat "$0" "$here/init" | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$kit/ready" 2>/dev/null)" = "$stamp" ]; then
+# Done when the kit is this script's and QEMU still finds its libraries.
+ready() {
+    [ "$(cat "$kit/ready" 2>/dev/null)" = "$stamp" ] && "$kit/qemu" -version >/dev/null 2>&1
+}
+if ready; then
     echo "$kit"
     exit 0
 fi
@@ -29,7 +33,7 @@ fi
 # One builder at a time (tests in several worktrees share the kit).
 exec 9>"$kit/lock"
 flock 9
-if [ "$(cat "$kit/ready" 2>/dev/null)" = "$stamp" ]; then
+if ready; then
     echo "$kit"
     exit 0
 fi
