@@ -12,6 +12,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $PACKAGES
     fi
 fi
+# The real-guest test's kit (QEMU, SeaBIOS, a kernel and busybox unpacked
+# from Debian's packages, and its initramfs): built once, then reused.
+# The test builds it too; a failure here shows up there, with its reason.
+bash tests/guest/fetch.sh >/dev/null || echo "warning: the guest kit could not be built" >&2
 cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

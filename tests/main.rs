@@ -24,4 +24,5 @@ mod snapshot;
 mod stream;
 mod supervision;
 mod transports;
+mod vhost_guest;
 mod vhost_user;
