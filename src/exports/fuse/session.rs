@@ -128,6 +128,7 @@ pub async fn run(dev: File, fs: Fs) -> std::io::Result<()> {
     loop {
         // ERROR too: a disconnected /dev/fuse polls as EPOLLERR only.
         let mut ready = dev.ready(Interest::READABLE | Interest::ERROR).await?;
+        let mut drained = false;
         for _ in 0..BATCH {
             let n = match ready.try_io(|d| d.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => n,
@@ -138,15 +139,21 @@ pub async fn run(dev: File, fs: Fs) -> std::io::Result<()> {
                     Some(libc::ENOENT) | Some(libc::EINTR) => continue,
                     _ => return Err(e),
                 },
-                // Nothing more for now: wait for the reactor.
-                Err(_) => break,
+                // Nothing more for now: the tasks run while the loop
+                // waits for the reactor.
+                Err(_) => {
+                    drained = true;
+                    break;
+                }
             };
             if !dispatch(&dev, &fs, &mut buf, n) {
                 return Ok(());
             }
         }
-        // Let the requests' tasks run before reading more.
-        tokio::task::yield_now().await;
+        if !drained {
+            // A full batch: let its tasks run before reading more.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
