@@ -96,14 +96,15 @@ fn listener_from_fd(text: &str) -> Result<(Listener, Option<PathBuf>, String), S
     match addr.family() {
         Some(AddressFamily::Unix) => {
             let std_l = std::os::unix::net::UnixListener::from(owned);
-            let path = addr
-                .as_unix_addr()
-                .and_then(|u| u.path())
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
+            let bound = addr.as_unix_addr().and_then(|u| u.path());
+            let path = bound.map(|p| p.display().to_string()).unwrap_or_default();
             std_l.set_nonblocking(true).map_err(|e| os_msg(&e))?;
             let l = UnixListener::from_std(std_l).map_err(|e| os_msg(&e))?;
-            Ok((Listener::Unix(l), None, format!("unix:{path}")))
+            // As QEMU does when it closes a listening socket, whoever
+            // made it: the path it is bound to goes too, so a launcher
+            // that passes a fresh socket each run can bind it again.
+            let unlink = bound.map(std::path::Path::to_path_buf);
+            Ok((Listener::Unix(l), unlink, format!("unix:{path}")))
         }
         Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => {
             let std_l = std::net::TcpListener::from(owned);

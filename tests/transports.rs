@@ -178,3 +178,55 @@ fn wait_on_holds_startup_until_a_client_connects() {
         );
     }
 }
+
+/// A listening UNIX socket the child inherits (cloexec cleared).
+fn inheritable_listener(path: &std::path::Path) -> std::os::unix::net::UnixListener {
+    let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+    nix::fcntl::fcntl(
+        l.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .expect("clear cloexec");
+    l
+}
+
+/// The QSD manual's launcher binds the sockets itself and passes their
+/// descriptors. QSD unlinks the paths of a monitor chardev's and a
+/// vhost-user-blk export's sockets when it closes them, so the launcher
+/// can run again; so must rsd.
+#[test]
+fn fd_passing_launcher_runs_twice() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        for round in 0..2 {
+            let mon = inheritable_listener(&dir.path("qmp.sock"));
+            let vu = inheritable_listener(&dir.path("vu.sock"));
+            let a = args(&[
+                "--chardev",
+                &format!("socket,id=m,fd={},server=on,wait=off", mon.as_raw_fd()),
+                "--monitor",
+                "chardev=m",
+                "--blockdev",
+                "null-co,node-name=n",
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str={}",
+                    vu.as_raw_fd()
+                ),
+            ]);
+            let mut d = Daemon::spawn(which, &a);
+            drop((mon, vu));
+            let mut q = Qmp::ready(&dir.path("qmp.sock"));
+            let r = q.cmd(r#"{"execute":"query-block-exports"}"#);
+            assert_eq!(r["return"][0]["id"], "e", "{which:?} round {round}: {r}");
+            q.send(b"{\"execute\":\"quit\"}\n");
+            assert_eq!(d.wait_exit(10), Some(0), "{which:?} round {round}");
+            for s in ["qmp.sock", "vu.sock"] {
+                assert!(
+                    !dir.path(s).exists(),
+                    "{which:?} round {round}: {s} left behind"
+                );
+            }
+        }
+    }
+}
