@@ -327,6 +327,14 @@ impl Validator<'_> {
                             )))
                         }
                     }
+                } else {
+                    // A variant rsd does not implement (an object type or
+                    // driver it lacks): its members are not checked, so
+                    // the command says what is missing rather than
+                    // calling the user's properties unexpected.
+                    for (k, v) in obj {
+                        out.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
                 }
             }
             _ => {
