@@ -1624,3 +1624,108 @@ fn multi_conn_follows_max_connections_as_in_qsd() {
         }
     }
 }
+
+/// One bad client per case: what it sends after reading the greeting
+/// (None: it closes at once), and whether it then waits for the server
+/// to hang up (the handshake time limit) rather than closing itself.
+fn bad_handshakes() -> Vec<(Vec<u8>, bool)> {
+    let opt = |o: u32, data: &[u8]| {
+        let mut b = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
+        b.extend_from_slice(&o.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        b
+    };
+    let fixed = 3u32.to_be_bytes().to_vec();
+    let with = |head: &[u8], tail: Vec<u8>| [head.to_vec(), tail].concat();
+    vec![
+        (b"xxxxxxxxxxxxxxxx".to_vec(), false),
+        (Vec::new(), false),
+        (with(&fixed, opt(1, b"nosuch")), false),
+        (with(&fixed, b"x".repeat(16)), false),
+        (with(&fixed, opt(2, b"")), false),
+        (with(&fixed, opt(7, b"")[..12].to_vec()), false),
+        (with(&fixed, opt(7, b"ab")[..16].to_vec()), false),
+        (
+            with(&fixed, opt(7, &vec![0; 64 << 20])[..16].to_vec()),
+            false,
+        ),
+        (with(&fixed, opt(1, &[b'a'; 5000])), false),
+        (with(&0u32.to_be_bytes(), opt(7, b"")), false),
+        (fixed.clone(), true),
+    ]
+}
+
+/// Clients that fail the handshake are named on stderr in QSD's words,
+/// one line each; one that leaves quietly (before its flags, or with
+/// NBD_OPT_ABORT) is not; the handshake time limit ends a client as if
+/// it had left at that point.
+#[test]
+fn failed_handshakes_are_reported_as_qsd_does() {
+    let want = [
+        "option negotiation failed: Bad length received",
+        "option negotiation failed: Bad magic received",
+        "option negotiation failed: Failed to read opts magic: Unexpected end-of-file before all data were read",
+        "option negotiation failed: Failed to read option length: Unexpected end-of-file before all data were read",
+        "option negotiation failed: Unexpected end-of-file before all data were read",
+        "option negotiation failed: Unknown client flags 0x78787878 received",
+        "option negotiation failed: Unsupported option 7 (go)",
+        "option negotiation failed: export not found",
+        "option negotiation failed: len (67108864) is larger than max len (33554432)",
+    ];
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let mut a = monitor_args(&dir.s("q.sock"));
+        a.extend(args(&[
+            "--nbd-server",
+            &format!(
+                "addr.type=unix,addr.path={},handshake-max-seconds=1",
+                dir.s("n.sock")
+            ),
+            "--blockdev",
+            "null-co,node-name=n",
+            "--export",
+            "nbd,id=e,node-name=n",
+        ]));
+        let mut d = Daemon::spawn(which, &a);
+        let err = d.child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                l2.lock().expect("lines").push(l);
+            }
+        });
+        let _q = Qmp::ready(&dir.path("q.sock"));
+        for (send, wait_for_hangup) in bad_handshakes() {
+            let mut s = UnixStream::connect(dir.path("n.sock")).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut greeting = [0u8; 18];
+            s.read_exact(&mut greeting).expect("greeting");
+            let _ = s.write_all(&send);
+            if wait_for_hangup {
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            let mut got: Vec<String> = lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .map(|l| l.split_once(": ").map_or(l.clone(), |(_, m)| m.to_string()))
+                .collect();
+            got.sort();
+            if got.len() >= want.len() || std::time::Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut want = want.to_vec();
+        want.sort();
+        assert_eq!(got, want, "{which:?}");
+    }
+}

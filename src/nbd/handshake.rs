@@ -26,11 +26,17 @@ pub const CTX_DEPTH: u32 = 2;
 pub const CTX_BITMAP: u32 = 3;
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
+/// Why a handshake ended without a session: QEMU's words, which the
+/// server prints as `option negotiation failed: ...` (as QSD does), or
+/// None for a client that left quietly (before sending its flags, with
+/// NBD_OPT_ABORT, or while the server was writing to it).
+pub type Failure = Option<String>;
+
 /// The handshake: greeting, client flags and option haggling, up to the
-/// export the client chose (None when it left or chose none). It reads
-/// exactly what the client sent for it, so the stream can then move to
-/// the thread that serves transmission.
-pub async fn handshake<R, W>(rd: &mut R, wr: &mut W, exports: &Exports) -> Option<Session>
+/// export the client chose. It reads exactly what the client sent for
+/// it, so the stream can then move to the thread that serves
+/// transmission.
+pub async fn handshake<R, W>(rd: &mut R, wr: &mut W, exports: &Exports) -> Result<Session, Failure>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -39,10 +45,44 @@ where
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    wr.write_all(&hello).await.ok()?;
-    let client_flags = rd.read_u32().await.ok()?;
-    let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
-    negotiate(rd, wr, exports, no_zeroes).await.ok().flatten()
+    wr.write_all(&hello).await.map_err(|_| None)?;
+    let client_flags = rd.read_u32().await.map_err(|_| None)?;
+    let known = u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    if client_flags & !known != 0 {
+        let unknown = client_flags & !known;
+        return Err(Some(format!("Unknown client flags {unknown:#x} received")));
+    }
+    let flags = ClientFlags {
+        fixed: client_flags & u32::from(FLAG_FIXED_NEWSTYLE) != 0,
+        no_zeroes: client_flags & u32::from(FLAG_NO_ZEROES) != 0,
+    };
+    negotiate(rd, wr, exports, flags).await
+}
+
+struct ClientFlags {
+    /// Fixed newstyle: an option the server does not serve gets an
+    /// error reply; otherwise it ends the connection.
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// A read failure in QEMU's words: `what` names the field being read
+/// (None for an option's payload, which QEMU does not name).
+fn read_failed(what: Option<&str>, e: &std::io::Error) -> Failure {
+    let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "Unexpected end-of-file before all data were read".to_string()
+    } else {
+        format!("Unable to read from socket: {}", crate::util::os_msg(e))
+    };
+    Some(match what {
+        Some(w) => format!("Failed to read {w}: {why}"),
+        None => why,
+    })
+}
+
+/// A write failure: the client is gone, nothing to say.
+fn gone(_: std::io::Error) -> Failure {
+    None
 }
 
 /// What option haggling settled.
@@ -62,14 +102,14 @@ async fn opt_reply(
     opt: u32,
     kind: u32,
     data: &[u8],
-) -> std::io::Result<()> {
+) -> Result<(), Failure> {
     let mut b = Vec::with_capacity(20 + data.len());
     b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&opt.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&(data.len() as u32).to_be_bytes());
     b.extend_from_slice(data);
-    wr.write_all(&b).await
+    wr.write_all(&b).await.map_err(gone)
 }
 
 fn transmission_flags(e: &Export, extended: bool) -> u16 {
@@ -124,7 +164,7 @@ async fn named_export<T>(
     opt: u32,
     exports: &Exports,
     parsed: Option<(String, T)>,
-) -> std::io::Result<Option<(Arc<Export>, String, T)>> {
+) -> Result<Option<(Arc<Export>, String, T)>, Failure> {
     let Some((name, rest)) = parsed else {
         opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
         return Ok(None);
@@ -174,25 +214,42 @@ async fn negotiate(
     rd: &mut (impl AsyncRead + Unpin),
     wr: &mut (impl AsyncWrite + Unpin),
     exports: &Exports,
-    no_zeroes: bool,
-) -> std::io::Result<Option<Session>> {
+    client: ClientFlags,
+) -> Result<Session, Failure> {
     let mut structured = false;
     let mut extended = false;
     let mut contexts: Vec<u32> = Vec::new();
     let mut ctx_export: Option<String> = None;
     loop {
-        if rd.read_u64().await? != IHAVEOPT {
-            return Ok(None);
+        let magic = rd
+            .read_u64()
+            .await
+            .map_err(|e| read_failed(Some("opts magic"), &e))?;
+        if magic != IHAVEOPT {
+            return Err(Some("Bad magic received".into()));
         }
-        let opt = rd.read_u32().await?;
-        let len = rd.read_u32().await?;
+        let opt = rd
+            .read_u32()
+            .await
+            .map_err(|e| read_failed(Some("option"), &e))?;
+        let len = rd
+            .read_u32()
+            .await
+            .map_err(|e| read_failed(Some("option length"), &e))?;
         if len > MAX_OPTION_LEN {
-            return Ok(None);
+            return Err(Some(format!(
+                "len ({len}) is larger than max len ({MAX_OPTION_LEN})"
+            )));
+        }
+        if !client.fixed && opt != OPT_EXPORT_NAME {
+            return Err(Some(unsupported(opt)));
         }
         if len > KEPT_OPTION_LEN {
-            drain(rd, u64::from(len)).await?;
+            drain(rd, u64::from(len))
+                .await
+                .map_err(|e| read_failed(None, &e))?;
             if opt == OPT_EXPORT_NAME {
-                return Ok(None);
+                return Err(Some("Bad length received".into()));
             }
             let kind = match opt {
                 OPT_ABORT
@@ -214,27 +271,31 @@ async fn negotiate(
             continue;
         }
         let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data).await?;
+        rd.read_exact(&mut data)
+            .await
+            .map_err(|e| read_failed(None, &e))?;
         match opt {
-            OPT_EXPORT_NAME if data.len() > MAX_NAME_LEN => return Ok(None),
+            OPT_EXPORT_NAME if data.len() > MAX_NAME_LEN => {
+                return Err(Some("Bad length received".into()))
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some((export, node)) = exports
                     .find(&name)
                     .and_then(|e| e.node.get().map(|n| (e, n)))
                 else {
-                    return Ok(None);
+                    return Err(Some("export not found".into()));
                 };
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&node.size().to_be_bytes());
                 b.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
-                if !no_zeroes {
+                if !client.no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
-                let client = export.attach();
-                wr.write_all(&b).await?;
-                return Ok(Some(Session {
-                    _client: client,
+                let attached = export.attach();
+                wr.write_all(&b).await.map_err(gone)?;
+                return Ok(Session {
+                    _client: attached,
                     export,
                     structured,
                     extended,
@@ -243,11 +304,11 @@ async fn negotiate(
                     } else {
                         vec![]
                     },
-                }));
+                });
             }
             OPT_ABORT => {
                 let _ = opt_reply(wr, opt, REP_ACK, &[]).await;
-                return Ok(None);
+                return Err(None);
             }
             OPT_LIST => {
                 if len != 0 {
@@ -320,11 +381,11 @@ async fn negotiate(
                 d.extend_from_slice(&node.size().to_be_bytes());
                 d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 opt_reply(wr, opt, REP_INFO, &d).await?;
-                let client = (opt == OPT_GO).then(|| export.attach());
+                let attached = (opt == OPT_GO).then(|| export.attach());
                 opt_reply(wr, opt, REP_ACK, &[]).await?;
-                if let Some(client) = client {
-                    return Ok(Some(Session {
-                        _client: client,
+                if let Some(attached) = attached {
+                    return Ok(Session {
+                        _client: attached,
                         contexts: if ctx_export.as_deref() == Some(&name) {
                             contexts
                         } else {
@@ -333,7 +394,7 @@ async fn negotiate(
                         export,
                         structured,
                         extended,
-                    }));
+                    });
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -387,8 +448,17 @@ async fn negotiate(
 /// QEMU's words for an option it does not serve.
 fn unsupported(opt: u32) -> String {
     let name = match opt {
+        1 => "export name",
+        2 => "abort",
+        3 => "list",
         4 => "peek export",
         5 => "starttls",
+        6 => "info",
+        7 => "go",
+        8 => "structured reply",
+        9 => "list meta context",
+        10 => "set meta context",
+        11 => "extended headers",
         _ => "<unknown>",
     };
     format!("Unsupported option {opt} ({name})")

@@ -92,8 +92,16 @@ async fn accept(listener: &Listener) -> std::io::Result<Client> {
 
 /// Runs the handshake on the daemon's runtime, bounded by
 /// `handshake-max-seconds` (0: no bound). A client that has not chosen an
-/// export costs one descriptor and no thread.
+/// export costs one descriptor and no thread. Why a client failed is
+/// printed on stderr in QSD's words; at the time limit the socket is
+/// shut down, as QEMU does, so the handshake ends as for a client that
+/// left at that point.
 async fn shake(client: &mut Client, exports: &Exports, max_secs: u32) -> Option<Session> {
+    use std::os::fd::AsRawFd;
+    let fd = match client {
+        Client::Unix(s) => s.as_raw_fd(),
+        Client::Tcp(s) => s.as_raw_fd(),
+    };
     let work = async {
         match client {
             Client::Unix(s) => {
@@ -106,16 +114,29 @@ async fn shake(client: &mut Client, exports: &Exports, max_secs: u32) -> Option<
             }
         }
     };
-    if max_secs == 0 {
-        return work.await;
-    }
-    let limit = std::time::Duration::from_secs(u64::from(max_secs));
-    match tokio::time::timeout(limit, work).await {
-        Ok(session) => session,
-        Err(_) => {
-            tracing::trace!(target: "nbd_handshake", "client dropped: handshake took over {max_secs} s");
+    tokio::pin!(work);
+    let limit = async {
+        match max_secs {
+            0 => std::future::pending().await,
+            n => tokio::time::sleep(std::time::Duration::from_secs(u64::from(n))).await,
+        }
+    };
+    let outcome = tokio::select! {
+        r = &mut work => r,
+        _ = limit => {
+            tracing::trace!(target: "nbd_handshake", "handshake took over {max_secs} s: shutting the socket down");
+            // The descriptor is the client's, open while `client` is.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+            work.await
+        }
+    };
+    match outcome {
+        Ok(session) => Some(session),
+        Err(Some(why)) => {
+            eprintln!("rsd: option negotiation failed: {why}");
             None
         }
+        Err(None) => None,
     }
 }
 
