@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use super::jobs::{JobSpec, Launch};
 use super::mirror::JOB_USER;
 use super::{arg_str, ControlMsg, ControlState};
 use crate::block::bitmap::DirtyBitmap;
@@ -174,7 +175,11 @@ fn check_bitmap_args(
 }
 
 impl ControlState {
-    pub(super) async fn blockdev_backup(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+    pub(super) async fn blockdev_backup(
+        &mut self,
+        args: &Map<String, Value>,
+        launch: &Launch,
+    ) -> QmpResult<Value> {
         let device = arg_str(args, "device").to_string();
         if self.block.find(&device).is_none() {
             return Err(not_found(&device));
@@ -183,7 +188,8 @@ impl ControlState {
         if self.block.find(&target).is_none() {
             return Err(not_found(&target));
         }
-        self.start_backup(args, &device, &target, None).await
+        self.start_backup(args, &device, &target, None, launch)
+            .await
     }
 
     /// drive-backup: the target image is created (mode absolute-paths,
@@ -191,7 +197,11 @@ impl ControlState {
     /// itself for sync=none) or opened (existing), as an implicit node
     /// with discard and detect-zeroes set to unmap, then backed up to
     /// like blockdev-backup; it goes when the job has ended.
-    pub(super) async fn drive_backup(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+    pub(super) async fn drive_backup(
+        &mut self,
+        args: &Map<String, Value>,
+        launch: &Launch,
+    ) -> QmpResult<Value> {
         let device = arg_str(args, "device").to_string();
         let Some(src) = self.block.find(&device) else {
             return Err(not_found(&device));
@@ -266,7 +276,7 @@ impl ControlState {
         let mut args = args.clone();
         args.insert("sync".into(), json!(sync));
         let r = self
-            .start_backup(&args, &device, &target, Some(target.clone()))
+            .start_backup(&args, &device, &target, Some(target.clone()), launch)
             .await;
         if r.is_err() {
             self.block.release_unused(&target);
@@ -280,6 +290,7 @@ impl ControlState {
         device: &str,
         target_name: &str,
         implicit_target: Option<String>,
+        launch: &Launch,
     ) -> QmpResult<Value> {
         let err = |m: String| Err(QmpError::generic(m));
         let (Some(source), Some(target)) = (
@@ -451,16 +462,14 @@ impl ControlState {
             let _ = control.cast(ControlMsg::BackupEnded(Box::new(end)));
         });
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
-        self.start_job(
-            &job_id,
-            "backup",
-            flag("auto-finalize"),
-            flag("auto-dismiss"),
-            Some((false, speed)),
-            backup::start(b),
-            on_end,
-        )
-        .await?;
+        let spec = JobSpec {
+            kind: "backup",
+            auto_finalize: flag("auto-finalize"),
+            auto_dismiss: flag("auto-dismiss"),
+            block: Some((false, speed)),
+        };
+        self.launch_job(&job_id, spec, backup::start(b), on_end, launch)
+            .await?;
         Ok(json!({}))
     }
 

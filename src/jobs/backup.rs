@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 use super::pace::Pace;
-use super::{ErrorAction, JobFuture, OnError, Shared, Start, Status};
+use super::{ErrorAction, JobFuture, OnError, Shared, Start};
 use crate::block::copier::Copier;
 use crate::block::driver::IoFuture;
 use crate::block::error::BlockError;
@@ -91,10 +91,7 @@ pub fn start(b: Backup) -> Start {
         Box::pin(async move {
             // QEMU drains the source while it inserts its filter, which
             // pauses the new job once (before the command replies).
-            if sh.status() == Status::Running {
-                sh.set(Status::Paused);
-                sh.set(Status::Running);
-            }
+            sh.start_drained();
             let total = if b.background {
                 b.copier.todo.dirty_bytes().min(b.size)
             } else {

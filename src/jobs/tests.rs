@@ -43,13 +43,7 @@ async fn rig(auto_finalize: bool, auto_dismiss: bool, result: Result<(), String>
         })
     });
     let jobs: Jobs = Arc::new(Mutex::new(vec![shared.clone()]));
-    let args = Arc::new(JobArgs {
-        shared: shared.clone(),
-        start: Mutex::new(Some(start)),
-        jobs,
-        replied: None,
-        on_end: Mutex::new(None),
-    });
+    let args = JobArgs::new(shared.clone(), start, jobs, None, Box::new(|_| {}), None);
     let (actor, _) = Actor::spawn(None, JobActor, args).await.expect("spawn");
     ractor::call!(actor, JobMsg::Start).expect("start");
     Rig {
