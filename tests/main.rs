@@ -23,5 +23,6 @@ mod quickstart;
 mod snapshot;
 mod stream;
 mod supervision;
+mod transaction;
 mod transports;
 mod vhost_user;

@@ -10,7 +10,7 @@ use super::mirror::JOB_USER;
 use super::{arg_str, ControlMsg, ControlState};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::copier::{Copier, DEFAULT_CHUNK};
-use crate::block::dirty::{Check, NamedBitmap};
+use crate::block::dirty::{Check, NamedBitmap, NodeBitmaps};
 use crate::block::node::Node;
 use crate::block::perm::Perm;
 use crate::jobs::backup::{self, Backup, CbwHook, ViewReadHook, WORKERS};
@@ -74,6 +74,11 @@ pub struct BackupBitmap {
     /// The bitmap's bits when the job started; from then on the bitmap
     /// records only new writes (QEMU's successor).
     pub before: Vec<u64>,
+    /// The source's bitmaps, and the one first among them when the job
+    /// started: QEMU puts the successor there, and a synced bitmap is
+    /// the successor under the old name, so it takes that place.
+    pub list: Arc<NodeBitmaps>,
+    pub first: String,
 }
 
 impl BackupBitmap {
@@ -85,11 +90,12 @@ impl BackupBitmap {
     pub fn finish(&self, ok: bool, left: &DirtyBitmap) {
         let b = &self.bitmap;
         match (self.mode.as_str(), ok) {
-            ("on-success", true) | ("always", true) => {}
+            ("on-success", true) | ("always", true) => self.list.move_before(&b.name, &self.first),
             ("always", false) => {
                 for (off, len) in runs(left) {
                     b.bits.set(off, len);
                 }
+                self.list.move_before(&b.name, &self.first);
             }
             _ => {
                 let g = b.bits.granularity();
@@ -420,10 +426,17 @@ impl ControlState {
             let before = b.bits.words();
             b.bits.clear_all();
             b.set_busy(true);
+            let first = source
+                .bitmaps
+                .all()
+                .first()
+                .map_or_else(|| b.name.clone(), |f| f.name.clone());
             BackupBitmap {
                 bitmap: b,
                 mode,
                 before,
+                list: source.bitmaps.clone(),
+                first,
             }
         });
         // From here on the source's old contents are kept.
