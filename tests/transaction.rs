@@ -250,8 +250,10 @@ fn a_failed_or_cancelled_member_cancels_the_group_as_in_qsd() {
 /// Grouped backups with auto-finalize off wait in pending
 /// (BLOCK_JOB_PENDING for each, newest first); job-finalize of either
 /// concludes both, and the incremental backup's bitmap is synced (only
-/// the new writes are left). A second group is cancelled in pending:
-/// its incremental bitmap keeps what it marked, as in QSD.
+/// the new writes are left). In a second group the full backup is
+/// cancelled in pending: the incremental one, though its own work
+/// succeeded, is cancelled with it and its bitmap keeps what it marked,
+/// as in QSD.
 #[test]
 fn grouped_manual_finalize_and_bitmaps_as_in_qsd() {
     let manual = r#","auto-finalize":false,"auto-dismiss":false"#;
@@ -295,7 +297,7 @@ fn grouped_manual_finalize_and_bitmaps_as_in_qsd() {
         r#"until "waiting", "id": "k1""#,
         r#"{"execute":"block-job-set-speed","arguments":{"device":"k2","speed":0}}"#,
         r#"until "type": "backup", "id": "k1"}"#,
-        r#"{"execute":"job-cancel","arguments":{"id":"k1"}}"#,
+        r#"{"execute":"job-cancel","arguments":{"id":"k2"}}"#,
         r#"{"execute":"query-jobs"}"#,
         B0_SHA,
         r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
