@@ -932,3 +932,94 @@ fn bitmap_backups_match_qsd() {
     assert!(text.contains(r#""count":196608"#), "{text}");
     assert!(text.contains(r#""count":0"#), "{text}");
 }
+
+/// A query-named-block-nodes reply reduced to each node's dirty
+/// bitmaps (the rest of a blkdebug node's listing is not the point
+/// here); other lines as they are.
+fn bitmaps_only(line: &str) -> String {
+    // The transcript masks sizes as a bare N.
+    let json = line.replace(":N,", ":\"N\",").replace(":N}", ":\"N\"}");
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else {
+        return line.to_string();
+    };
+    let Some(nodes) = v["return"].as_array().filter(|a| {
+        a.first()
+            .is_some_and(|n| n.get("node-name").is_some() && n.get("drv").is_some())
+    }) else {
+        return line.to_string();
+    };
+    let kept: Vec<serde_json::Value> = nodes
+        .iter()
+        .filter(|n| n.get("dirty-bitmaps").is_some())
+        .map(|n| serde_json::json!({"node-name": n["node-name"], "dirty-bitmaps": n["dirty-bitmaps"]}))
+        .collect();
+    serde_json::json!({ "nodes": kept }).to_string()
+}
+
+/// bitmap-mode=always after a failed backup: the bitmap drops what the
+/// job copied before the error and keeps what it did not copy; with
+/// on-success it keeps everything; a synced bitmap takes the place of
+/// QEMU's successor in the node's list. Counts, order and sha256 as
+/// QSD's. The source fails reads of its 3 MiB sector, so of the dirty
+/// 1M+64k and 3M+128k only the first is copied.
+#[test]
+fn bitmap_mode_always_after_a_failed_backup_matches_qsd() {
+    let setup = |d: &TempDir| {
+        ok(&run(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &d.s("src.raw"), "4M"],
+        ));
+        for t in ["t1.qcow2", "t2.qcow2"] {
+            ok(&run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", &d.s(t), "4M"],
+            ));
+        }
+    };
+    let sha = |b: &str| {
+        format!(
+            r#"{{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{{"node":"src","name":"{b}"}}}}"#
+        )
+    };
+    let (sha0, sha1) = (sha("b0"), sha("b1"));
+    let steps = [
+        r#"{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"src","file":{"driver":"blkdebug","image":{"driver":"file","filename":"$D/src.raw"},"inject-error":[{"event":"read_aio","errno":5,"sector":6144}]}}}"#,
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"t1","file":{"driver":"file","filename":"$D/t1.qcow2"}}}"#,
+        r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"t2","file":{"driver":"file","filename":"$D/t2.qcow2"}}}"#,
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"$D/n.sock"}}}}"#,
+        r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"src","writable":true}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"src","name":"b0"}}"#,
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"src","name":"b1"}}"#,
+        "sh qemu-io -f raw -c 'write -q -P 0x22 1M 64k' -c 'write -q -P 0x33 3M 128k' nbd+unix:///src?socket=$D/n.sock",
+        &sha0,
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"j1","device":"src","target":"t1","sync":"bitmap","bitmap":"b0","bitmap-mode":"always"}}"#,
+        "until \"null\"",
+        r#"{"execute":"blockdev-backup","arguments":{"job-id":"j2","device":"src","target":"t2","sync":"bitmap","bitmap":"b1","bitmap-mode":"on-success"}}"#,
+        "until \"null\"",
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        &sha0,
+        &sha1,
+    ];
+    let norm = |t: Vec<String>| -> Vec<String> { t.iter().map(|l| bitmaps_only(l)).collect() };
+    let all: Vec<Vec<String>> = Which::all()
+        .into_iter()
+        .map(|w| norm(crate::jobs::transcript(w, &setup, &steps)))
+        .collect();
+    if all.len() == 2 {
+        assert_eq!(all[0], all[1], "rsd: {:#?}\nqsd: {:#?}", all[0], all[1]);
+    }
+    let text = all[0].join("\n");
+    assert_eq!(count(&all[0], "Input/output error"), 2, "{text}");
+    assert!(
+        text.contains(r#"{"name":"b0","recording":true,"persistent":false,"busy":false,"granularity":65536,"count":131072},{"name":"b1""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""name":"b1","recording":true,"persistent":false,"busy":false,"granularity":65536,"count":196608}"#), "{text}");
+    let shas: Vec<&String> = all[0]
+        .iter()
+        .filter(|l| l.starts_with(r#"{"return":{"sha256""#))
+        .collect();
+    assert_eq!(shas.len(), 3, "{text}");
+    assert_ne!(shas[0], shas[1], "b0 dropped what was copied");
+    assert_eq!(shas[0], shas[2], "b1 kept everything");
+}

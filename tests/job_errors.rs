@@ -160,7 +160,7 @@ fn same_but_timing(steps: &[&str]) {
     assert_eq!(rsd, qsd, "rsd: {rsd:#?}\nqsd: {qsd:#?}");
 }
 
-fn mask_offsets(line: &str) -> String {
+pub fn mask_offsets(line: &str) -> String {
     let key = "\"offset\":";
     let mut out = String::new();
     let mut rest = line;

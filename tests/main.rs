@@ -23,6 +23,7 @@ mod quickstart;
 mod snapshot;
 mod stream;
 mod supervision;
+mod transaction;
 mod transports;
 mod vhost_guest;
 mod vhost_user;

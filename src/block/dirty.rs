@@ -186,6 +186,25 @@ impl NodeBitmaps {
         Some(gone)
     }
 
+    /// Moves bitmap `name` to just before bitmap `before` (to the front
+    /// when `before` is gone).
+    pub fn move_before(&self, name: &str, before: &str) {
+        if name == before {
+            return;
+        }
+        let Ok(mut l) = self.list.write() else {
+            return;
+        };
+        let Some(at) = l.iter().position(|b| b.name == name) else {
+            return;
+        };
+        let mut v = l.to_vec();
+        let b = v.remove(at);
+        let to = v.iter().position(|x| x.name == before).unwrap_or(0);
+        v.insert(to, b);
+        *l = Arc::new(v);
+    }
+
     /// Follows a resize of the node.
     pub fn resize(&self, size: u64) {
         for b in self.all() {

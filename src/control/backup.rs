@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use super::jobs::{JobSpec, Launch};
 use super::mirror::JOB_USER;
 use super::{arg_str, ControlMsg, ControlState};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::copier::{Copier, DEFAULT_CHUNK};
-use crate::block::dirty::{Check, NamedBitmap};
+use crate::block::dirty::{Check, NamedBitmap, NodeBitmaps};
 use crate::block::node::Node;
 use crate::block::perm::Perm;
 use crate::jobs::backup::{self, Backup, CbwHook, ViewReadHook, WORKERS};
@@ -73,6 +74,11 @@ pub struct BackupBitmap {
     /// The bitmap's bits when the job started; from then on the bitmap
     /// records only new writes (QEMU's successor).
     pub before: Vec<u64>,
+    /// The source's bitmaps, and the one first among them when the job
+    /// started: QEMU puts the successor there, and a synced bitmap is
+    /// the successor under the old name, so it takes that place.
+    pub list: Arc<NodeBitmaps>,
+    pub first: String,
 }
 
 impl BackupBitmap {
@@ -84,11 +90,12 @@ impl BackupBitmap {
     pub fn finish(&self, ok: bool, left: &DirtyBitmap) {
         let b = &self.bitmap;
         match (self.mode.as_str(), ok) {
-            ("on-success", true) | ("always", true) => {}
+            ("on-success", true) | ("always", true) => self.list.move_before(&b.name, &self.first),
             ("always", false) => {
                 for (off, len) in runs(left) {
                     b.bits.set(off, len);
                 }
+                self.list.move_before(&b.name, &self.first);
             }
             _ => {
                 let g = b.bits.granularity();
@@ -174,7 +181,11 @@ fn check_bitmap_args(
 }
 
 impl ControlState {
-    pub(super) async fn blockdev_backup(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+    pub(super) async fn blockdev_backup(
+        &mut self,
+        args: &Map<String, Value>,
+        launch: &Launch,
+    ) -> QmpResult<Value> {
         let device = arg_str(args, "device").to_string();
         if self.block.find(&device).is_none() {
             return Err(not_found(&device));
@@ -183,7 +194,8 @@ impl ControlState {
         if self.block.find(&target).is_none() {
             return Err(not_found(&target));
         }
-        self.start_backup(args, &device, &target, None).await
+        self.start_backup(args, &device, &target, None, launch)
+            .await
     }
 
     /// drive-backup: the target image is created (mode absolute-paths,
@@ -191,7 +203,11 @@ impl ControlState {
     /// itself for sync=none) or opened (existing), as an implicit node
     /// with discard and detect-zeroes set to unmap, then backed up to
     /// like blockdev-backup; it goes when the job has ended.
-    pub(super) async fn drive_backup(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+    pub(super) async fn drive_backup(
+        &mut self,
+        args: &Map<String, Value>,
+        launch: &Launch,
+    ) -> QmpResult<Value> {
         let device = arg_str(args, "device").to_string();
         let Some(src) = self.block.find(&device) else {
             return Err(not_found(&device));
@@ -266,7 +282,7 @@ impl ControlState {
         let mut args = args.clone();
         args.insert("sync".into(), json!(sync));
         let r = self
-            .start_backup(&args, &device, &target, Some(target.clone()))
+            .start_backup(&args, &device, &target, Some(target.clone()), launch)
             .await;
         if r.is_err() {
             self.block.release_unused(&target);
@@ -280,6 +296,7 @@ impl ControlState {
         device: &str,
         target_name: &str,
         implicit_target: Option<String>,
+        launch: &Launch,
     ) -> QmpResult<Value> {
         let err = |m: String| Err(QmpError::generic(m));
         let (Some(source), Some(target)) = (
@@ -409,10 +426,17 @@ impl ControlState {
             let before = b.bits.words();
             b.bits.clear_all();
             b.set_busy(true);
+            let first = source
+                .bitmaps
+                .all()
+                .first()
+                .map_or_else(|| b.name.clone(), |f| f.name.clone());
             BackupBitmap {
                 bitmap: b,
                 mode,
                 before,
+                list: source.bitmaps.clone(),
+                first,
             }
         });
         // From here on the source's old contents are kept.
@@ -451,16 +475,14 @@ impl ControlState {
             let _ = control.cast(ControlMsg::BackupEnded(Box::new(end)));
         });
         let flag = |k: &str| args.get(k).and_then(Value::as_bool).unwrap_or(true);
-        self.start_job(
-            &job_id,
-            "backup",
-            flag("auto-finalize"),
-            flag("auto-dismiss"),
-            Some((false, speed)),
-            backup::start(b),
-            on_end,
-        )
-        .await?;
+        let spec = JobSpec {
+            kind: "backup",
+            auto_finalize: flag("auto-finalize"),
+            auto_dismiss: flag("auto-dismiss"),
+            block: Some((false, speed)),
+        };
+        self.launch_job(&job_id, spec, backup::start(b), on_end, launch)
+            .await?;
         Ok(json!({}))
     }
 

@@ -9,9 +9,28 @@ use serde_json::{json, Map, Value};
 
 use super::{arg_str, ControlMsg, ControlState};
 use crate::jobs::create::{self, Targets};
+use crate::jobs::group::Group;
 use crate::jobs::{self, JobActor, JobArgs, JobMsg, Shared, Status, Verb};
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
+
+/// What kind of job to create.
+pub(super) struct JobSpec {
+    pub kind: &'static str,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+    /// (completable, speed) for a block job.
+    pub block: Option<(bool, u64)>,
+}
+
+/// How a command's job starts.
+pub(super) enum Launch {
+    /// At once, by the command itself.
+    Now,
+    /// Created only: a transaction starts it at commit, in the group
+    /// when it is grouped.
+    Held(Option<Arc<Group>>),
+}
 
 impl ControlState {
     pub(super) fn job(&self, id: &str) -> Option<Arc<Shared>> {
@@ -108,6 +127,63 @@ impl ControlState {
         start: jobs::Start,
         on_end: crate::jobs::OnEnd,
     ) -> QmpResult<()> {
+        let spec = JobSpec {
+            kind,
+            auto_finalize,
+            auto_dismiss,
+            block,
+        };
+        self.create_job(id, spec, start, on_end, None).await?;
+        self.begin_job(id).await;
+        Ok(())
+    }
+
+    /// Creates a job and starts it as `launch` says.
+    pub(super) async fn launch_job(
+        &mut self,
+        id: &str,
+        spec: JobSpec,
+        start: jobs::Start,
+        on_end: crate::jobs::OnEnd,
+        launch: &Launch,
+    ) -> QmpResult<()> {
+        match launch {
+            Launch::Now => {
+                self.create_job(id, spec, start, on_end, None).await?;
+                self.begin_job(id).await;
+            }
+            Launch::Held(group) => {
+                self.create_job(id, spec, start, on_end, group.clone())
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a job created by `create_job`.
+    pub(super) async fn begin_job(&self, id: &str) {
+        if let Some(a) = job_actor(id) {
+            let _ = ractor::call!(a, JobMsg::Start);
+        }
+    }
+
+    /// Creates a job (`created`) without starting it: a transaction
+    /// creates its jobs as it prepares and starts them at commit, each in
+    /// `group` when it is grouped.
+    pub(super) async fn create_job(
+        &mut self,
+        id: &str,
+        spec: JobSpec,
+        start: jobs::Start,
+        on_end: crate::jobs::OnEnd,
+        group: Option<Arc<Group>>,
+    ) -> QmpResult<()> {
+        let JobSpec {
+            kind,
+            auto_finalize,
+            auto_dismiss,
+            block,
+        } = spec;
         if let Err(e) = jobs::check_id(id) {
             on_end(false);
             return Err(QmpError::generic(e));
@@ -136,19 +212,24 @@ impl ControlState {
         if let Ok(mut j) = self.jobs.lock() {
             j.insert(0, shared.clone());
         }
-        let args = Arc::new(JobArgs {
+        let args = JobArgs::new(
             shared,
-            start: std::sync::Mutex::new(Some(start)),
-            jobs: self.jobs.clone(),
-            replied: Some(self.ctx.replied.subscribe()),
-            on_end: std::sync::Mutex::new(Some(on_end)),
-        });
+            start,
+            self.jobs.clone(),
+            Some(self.ctx.replied.subscribe()),
+            on_end,
+            group.clone(),
+        );
+        let member = args.clone();
         let spec = ChildSpec::actor(jobs::registry_name(id), Restart::Temporary, JobActor, args);
         actors::supervisor::start_child(&self.ctx.supervisor, spec)
             .await
             .map_err(QmpError::generic)?;
+        if let Some(g) = &group {
+            g.add(member);
+        }
         if let Some(a) = job_actor(id) {
-            let _ = ractor::call!(a, JobMsg::Start);
+            let _ = ractor::call!(a, JobMsg::Create);
         }
         Ok(())
     }

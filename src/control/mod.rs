@@ -349,8 +349,8 @@ impl ControlState {
             | "block-job-change" => self.block_job_command(name, &args).await,
             "blockdev-mirror" => self.blockdev_mirror(&args).await,
             "block-stream" => self.block_stream(&args).await,
-            "blockdev-backup" => self.blockdev_backup(&args).await,
-            "drive-backup" => self.drive_backup(&args).await,
+            "blockdev-backup" => self.blockdev_backup(&args, &jobs::Launch::Now).await,
+            "drive-backup" => self.drive_backup(&args, &jobs::Launch::Now).await,
             "block-set-write-threshold" => self.set_write_threshold(&args),
             "block-dirty-bitmap-add"
             | "block-dirty-bitmap-remove"

@@ -8,16 +8,22 @@
 //! prepared: the switch is the one step rsd cannot take back (the base is
 //! closed and reopened read-only), so nothing may fail after it
 //! (differences entry 43).
+//!
+//! A backup action creates its job at prepare and starts it at commit,
+//! newest first, inside the transaction's drain (each new job pauses
+//! once, and all run again once every one has started), as QEMU does.
+//! With `completion-mode: grouped` the jobs form a group that ends
+//! together (jobs/group.rs).
 use serde_json::{json, Map, Value};
 
 use super::bitmaps::{change, prepare_remove, Changed};
+use super::jobs::Launch;
 use super::{arg_str, ControlState};
+use crate::jobs::group::Group;
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
-/// Actions that take completion-mode=grouped (the job actions). rsd
-/// starts each backup of a transaction at once and ends each on its own:
-/// grouped is refused for now (`rsd cannot complete jobs as a group yet`).
+/// Actions that take completion-mode=grouped (the job actions).
 const GROUPED: [&str; 2] = ["blockdev-backup", "drive-backup"];
 
 /// How to take a prepared action back.
@@ -28,7 +34,7 @@ enum Undo {
     },
     /// A bitmap command's change.
     Bitmap(Changed),
-    /// A backup job started: cancelled again.
+    /// A backup job created: cancelled again (and started at commit).
     Job(String),
 }
 
@@ -64,15 +70,26 @@ impl ControlState {
                 )));
             }
         }
+        let launch = Launch::Held((mode == "grouped").then(Group::new));
         let mut undo = Vec::new();
         let mut commit = Vec::new();
         for a in &actions {
             let data = a["data"].as_object().cloned().unwrap_or_default();
-            if let Err(e) = self.prepare(&kind(a), &data, &mut undo, &mut commit).await {
+            if let Err(e) = self
+                .prepare(&kind(a), &data, &launch, &mut undo, &mut commit)
+                .await
+            {
                 self.roll_back(undo).await;
                 return Err(e);
             }
         }
+        let jobs: Vec<String> = undo
+            .iter()
+            .filter_map(|u| match u {
+                Undo::Job(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
         for c in commit {
             let r = match c {
                 Commit::Snapshot(data) => self.blockdev_snapshot(&data).await,
@@ -85,16 +102,34 @@ impl ControlState {
             };
             if let Err(e) = r {
                 tracing::warn!(error = %e.desc, "transaction: a snapshot switch failed at commit");
+                for id in jobs.iter().rev() {
+                    let _ = self.job_verb(id, crate::jobs::Verb::Cancel).await;
+                }
                 return Err(e);
             }
         }
+        self.start_held_jobs(&jobs).await;
         Ok(json!({}))
+    }
+
+    /// Starts the transaction's jobs newest first, each held paused by
+    /// the drain, then lets them all run, newest first.
+    async fn start_held_jobs(&mut self, ids: &[String]) {
+        let held: Vec<_> = ids.iter().rev().filter_map(|id| self.job(id)).collect();
+        for sh in &held {
+            sh.hold();
+            self.begin_job(&sh.id).await;
+        }
+        for sh in &held {
+            sh.release();
+        }
     }
 
     async fn prepare(
         &mut self,
         kind: &str,
         data: &Map<String, Value>,
+        launch: &Launch,
         undo: &mut Vec<Undo>,
         commit: &mut Vec<Commit>,
     ) -> QmpResult<()> {
@@ -111,9 +146,9 @@ impl ControlState {
             "blockdev-backup" | "drive-backup" => {
                 let before: Vec<String> = self.job_ids();
                 let r = if kind == "blockdev-backup" {
-                    self.blockdev_backup(data).await
+                    self.blockdev_backup(data, launch).await
                 } else {
-                    self.drive_backup(data).await
+                    self.drive_backup(data, launch).await
                 };
                 r?;
                 if let Some(id) = self.job_ids().into_iter().find(|j| !before.contains(j)) {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 use super::pace::Pace;
-use super::{ErrorAction, JobFuture, OnError, Shared, Start, Status};
+use super::{ErrorAction, JobFuture, OnError, Shared, Start};
 use crate::block::copier::Copier;
 use crate::block::driver::IoFuture;
 use crate::block::error::BlockError;
@@ -91,10 +91,7 @@ pub fn start(b: Backup) -> Start {
         Box::pin(async move {
             // QEMU drains the source while it inserts its filter, which
             // pauses the new job once (before the command replies).
-            if sh.status() == Status::Running {
-                sh.set(Status::Paused);
-                sh.set(Status::Running);
-            }
+            sh.start_drained();
             let total = if b.background {
                 b.copier.todo.dirty_bytes().min(b.size)
             } else {
@@ -134,12 +131,32 @@ async fn until_cancelled(sh: Arc<Shared>, b: Backup) -> Result<(), String> {
 }
 
 async fn run(sh: Arc<Shared>, b: Backup, total: u64) -> Result<(), String> {
+    let mut copies: JoinSet<Done> = JoinSet::new();
+    let r = copy_all(&sh, &b, total, &mut copies).await;
+    // The copies in flight finish even when the job fails or is
+    // cancelled, as QEMU's block-copy waits for its tasks: what they
+    // copied counts (a bitmap-mode=always bitmap drops it).
+    while copies.join_next().await.is_some() {}
+    let c = &b.copier;
+    sh.set_busy(false);
+    sh.set_progress(c.done.load(Ordering::Relaxed).min(total), total);
+    r?;
+    sh.set_progress(total, total);
+    c.target.flush().await.map_err(|e| strerror(&e))
+}
+
+/// The background copy, `workers` chunks in flight at once.
+async fn copy_all(
+    sh: &Shared,
+    b: &Backup,
+    total: u64,
+    copies: &mut JoinSet<Done>,
+) -> Result<(), String> {
     let c = &b.copier;
     // No burst: a chunk goes, and the next once its time is paid, as
     // QSD's backup does (it copies one chunk, then sleeps).
     let mut pace = Pace::new(1);
     let mut cursor = 0;
-    let mut copies: JoinSet<Done> = JoinSet::new();
     let mut inflight: Vec<u64> = Vec::new();
     let workers = b.workers.max(1);
     loop {
@@ -211,9 +228,7 @@ async fn run(sh: Arc<Shared>, b: Backup, total: u64) -> Result<(), String> {
             }
         }
     }
-    sh.set_busy(false);
-    sh.set_progress(total, total);
-    c.target.flush().await.map_err(|e| strerror(&e))
+    Ok(())
 }
 
 use super::walk::strerror;

@@ -9,6 +9,8 @@
 pub mod backup;
 pub mod commit;
 pub mod create;
+mod end;
+pub mod group;
 pub mod mirror;
 pub mod pace;
 pub mod state;
@@ -20,7 +22,7 @@ pub mod walk;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::{json, Map, Value};
@@ -56,6 +58,8 @@ struct Flags {
     complete: bool,
     /// The last I/O error stopped the job (io-status "failed").
     io_failed: bool,
+    /// It has run (QEMU announces the end only of a job that started).
+    started: bool,
 }
 
 /// BlockdevOnError: what a block job does on an I/O error.
@@ -135,6 +139,9 @@ pub struct Shared {
     /// The job's work only waits for its cancel (a sync=none backup): a
     /// cancel ends the job before its reply, as QEMU's idle job does.
     pub ends_on_cancel: std::sync::atomic::AtomicBool,
+    /// A transaction holds the job's node drained until every action is
+    /// committed (see `start_drained`).
+    held: std::sync::atomic::AtomicBool,
 }
 
 /// Jobs drive long block work through the block layer's progress trait.
@@ -199,6 +206,7 @@ impl Shared {
                 soft_cancelled: false,
                 complete: false,
                 io_failed: false,
+                started: false,
             }),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -208,6 +216,7 @@ impl Shared {
             gate: AtomicU64::new(0),
             block,
             ends_on_cancel: std::sync::atomic::AtomicBool::new(false),
+            held: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -229,6 +238,7 @@ impl Shared {
             let ok = f.status.can_become(to);
             if ok {
                 f.status = to;
+                f.started |= to == Status::Running;
             }
             ok
         });
@@ -244,6 +254,36 @@ impl Shared {
 
     pub fn cancelled(&self) -> bool {
         self.flags(|f| f.cancelled)
+    }
+
+    /// The job has run (it was not cancelled while only created).
+    pub fn started(&self) -> bool {
+        self.flags(|f| f.started)
+    }
+
+    /// QEMU drains a new job's node while it starts, which pauses the
+    /// job once before the command replies: running -> paused -> running.
+    /// A transaction keeps the drain until every action is committed, so
+    /// a held job stays paused until `release`.
+    pub fn start_drained(&self) {
+        if self.status() == Status::Running {
+            self.set(Status::Paused);
+            if !self.held.load(Ordering::Acquire) {
+                self.set(Status::Running);
+            }
+        }
+    }
+
+    /// A transaction will start this job inside its drain.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::Release);
+    }
+
+    /// The transaction's drain ends: a held job runs again.
+    pub fn release(&self) {
+        if self.held.swap(false, Ordering::AcqRel) && self.status() == Status::Paused {
+            self.set(Status::Running);
+        }
     }
 
     /// The job should finish its work now: job-complete, or a soft
@@ -474,6 +514,8 @@ impl Shared {
 }
 
 pub enum JobMsg {
+    /// The job is created (`created`), to be started by `Start`.
+    Create(RpcReplyPort<()>),
     /// Run the start part; reply when it is done (before the command's
     /// reply).
     Start(RpcReplyPort<()>),
@@ -496,10 +538,37 @@ pub struct JobArgs {
     pub jobs: Jobs,
     /// Replies queued so far (see `Shared::gate`); None in unit tests.
     pub replied: Option<tokio::sync::watch::Receiver<u64>>,
-    /// Runs once the work is over, told whether it succeeded: gives back
+    /// Runs once the job ends, told whether it succeeded: gives back
     /// what the job held (its users of block nodes) and makes its graph
-    /// changes.
+    /// changes. A job alone runs it when its work is over, a job of a
+    /// group when the group concludes.
     pub on_end: Mutex<Option<OnEnd>>,
+    /// The transaction group the job belongs to (completion-mode
+    /// grouped).
+    pub group: Option<Arc<group::Group>>,
+    /// The job's actor, set as it starts (dismiss stops it).
+    pub actor: OnceLock<ActorRef<JobMsg>>,
+}
+
+impl JobArgs {
+    pub fn new(
+        shared: Arc<Shared>,
+        start: Start,
+        jobs: Jobs,
+        replied: Option<tokio::sync::watch::Receiver<u64>>,
+        on_end: OnEnd,
+        group: Option<Arc<group::Group>>,
+    ) -> Arc<JobArgs> {
+        Arc::new(JobArgs {
+            shared,
+            start: Mutex::new(Some(start)),
+            jobs,
+            replied,
+            on_end: Mutex::new(Some(on_end)),
+            group,
+            actor: OnceLock::new(),
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -523,71 +592,7 @@ fn panic_text(e: tokio::task::JoinError) -> String {
 }
 
 impl JobActor {
-    /// The end of a job: success goes waiting -> pending (-> concluded),
-    /// failure or cancel aborting -> concluded with the error. Block
-    /// jobs announce it as QEMU does (BLOCK_JOB_PENDING without
-    /// auto-finalize; BLOCK_JOB_COMPLETED, or BLOCK_JOB_CANCELLED for a
-    /// job cancelled for good).
-    fn finish(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, result: Result<(), String>) {
-        let sh = &a.shared;
-        let cancelled = sh.cancelled();
-        if let Some(end) = a.on_end.lock().ok().and_then(|mut e| e.take()) {
-            end(result.is_ok() && !cancelled);
-        }
-        let result = if cancelled {
-            Err(CANCELED.to_string())
-        } else {
-            result
-        };
-        sh.set_busy(false);
-        match result {
-            Ok(()) => {
-                sh.set(Status::Waiting);
-                sh.set(Status::Pending);
-                if !sh.auto_finalize {
-                    if sh.block.is_some() {
-                        let mut d = Map::new();
-                        d.insert("type".into(), json!(sh.kind));
-                        d.insert("id".into(), json!(sh.id));
-                        (sh.events)("BLOCK_JOB_PENDING", d);
-                    }
-                } else {
-                    self.conclude(myself, a);
-                }
-            }
-            Err(e) => {
-                let msg = crate::qapi::error::without_hints(&e).to_string();
-                sh.flags(|f| f.error = Some(msg.clone()));
-                sh.set(Status::Aborting);
-                if cancelled {
-                    sh.block_event("BLOCK_JOB_CANCELLED", None);
-                } else {
-                    sh.block_event("BLOCK_JOB_COMPLETED", Some(&msg));
-                }
-                self.conclude(myself, a);
-            }
-        }
-    }
-
-    fn conclude(&self, myself: &ActorRef<JobMsg>, a: &JobArgs) {
-        if a.shared.status() == Status::Pending {
-            a.shared.block_event("BLOCK_JOB_COMPLETED", None);
-        }
-        a.shared.set(Status::Concluded);
-        if a.shared.auto_dismiss {
-            self.dismiss(myself, a);
-        }
-    }
-
-    fn dismiss(&self, myself: &ActorRef<JobMsg>, a: &JobArgs) {
-        a.shared.set(Status::Null);
-        if let Ok(mut j) = a.jobs.lock() {
-            j.retain(|s| !Arc::ptr_eq(s, &a.shared));
-        }
-        myself.stop(None);
-    }
-
-    fn verb(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, verb: Verb) -> Result<(), String> {
+    fn verb(&self, a: &JobArgs, verb: Verb) -> Result<(), String> {
         let sh = &a.shared;
         let status = sh.status();
         let refused = || state::refused(&sh.id, status, verb);
@@ -626,19 +631,13 @@ impl JobActor {
                 sh.wake.notify_waiters();
                 Ok(())
             }
-            Verb::Cancel => self.cancel(myself, a, true),
-            Verb::Finalize => {
-                if !status.accepts(verb) {
-                    return Err(refused());
-                }
-                self.conclude(myself, a);
-                Ok(())
-            }
+            Verb::Cancel => a.cancel(true),
+            Verb::Finalize => a.finalize(),
             Verb::Dismiss => {
                 if !status.accepts(verb) {
                     return Err(refused());
                 }
-                self.dismiss(myself, a);
+                a.dismiss();
                 Ok(())
             }
             Verb::Complete => {
@@ -673,39 +672,6 @@ impl JobActor {
                 ))
             }
         }
-    }
-
-    /// A cancel: `force` false on a ready job that can complete lets it
-    /// finish without its final switch; otherwise the job aborts. Either
-    /// way a user pause is lifted.
-    fn cancel(&self, myself: &ActorRef<JobMsg>, a: &JobArgs, force: bool) -> Result<(), String> {
-        let sh = &a.shared;
-        let status = sh.status();
-        if !status.accepts(Verb::Cancel) {
-            return Err(state::refused(&sh.id, status, Verb::Cancel));
-        }
-        let completable = sh.block.as_ref().is_some_and(|b| b.completable);
-        let soft = !force && completable && matches!(status, Status::Ready | Status::Standby);
-        sh.flags(|f| {
-            if soft {
-                f.soft_cancelled = true;
-            } else {
-                f.cancelled = true;
-            }
-            f.user_paused = false;
-        });
-        if sh.block.is_some() {
-            sh.resume_now();
-        }
-        sh.wake.notify_waiters();
-        let idle = sh.ends_on_cancel.load(Ordering::Acquire)
-            && matches!(status, Status::Running | Status::Paused);
-        if status == Status::Pending || idle {
-            // Waiting for job-finalize, or for nothing but the cancel:
-            // cancel ends it now (an idle job's work stops on its own).
-            self.finish(myself, a, Err(CANCELED.into()));
-        }
-        Ok(())
     }
 
     fn set_speed(&self, a: &JobArgs, speed: i64) -> Result<(), String> {
@@ -756,9 +722,10 @@ impl Actor for JobActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<JobMsg>,
+        myself: ActorRef<JobMsg>,
         args: Arc<JobArgs>,
     ) -> Result<Arc<JobArgs>, ActorProcessingErr> {
+        let _ = args.actor.set(myself);
         Ok(args)
     }
 
@@ -769,9 +736,20 @@ impl Actor for JobActor {
         a: &mut Arc<JobArgs>,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            JobMsg::Create(reply) => {
+                a.shared.set(Status::Created);
+                let _ = reply.send(());
+            }
             JobMsg::Start(reply) => {
                 let sh = a.shared.clone();
-                sh.set(Status::Created);
+                if sh.status() == Status::Undefined {
+                    sh.set(Status::Created);
+                }
+                // Cancelled before it started: it has ended already.
+                if sh.status() != Status::Created {
+                    let _ = reply.send(());
+                    return Ok(());
+                }
                 sh.set(Status::Running);
                 let start = a.start.lock().ok().and_then(|mut s| s.take());
                 let first = match start {
@@ -791,15 +769,15 @@ impl Actor for JobActor {
                             let _ = me.cast(JobMsg::Finished(r));
                         });
                     }
-                    Err(e) => self.finish(&myself, a, Err(e)),
+                    Err(e) => a.finish(Err(e)),
                 }
                 let _ = reply.send(());
             }
             JobMsg::Verb(verb, reply) => {
-                let _ = reply.send(self.verb(&myself, a, verb));
+                let _ = reply.send(self.verb(a, verb));
             }
             JobMsg::Cancel(force, reply) => {
-                let _ = reply.send(self.cancel(&myself, a, force));
+                let _ = reply.send(a.cancel(force));
             }
             JobMsg::SetSpeed(speed, reply) => {
                 let _ = reply.send(self.set_speed(a, speed));
@@ -810,7 +788,7 @@ impl Actor for JobActor {
             JobMsg::Finished(r) => {
                 // A cancel may have ended the job already.
                 if !matches!(a.shared.status(), Status::Concluded | Status::Null) {
-                    self.finish(&myself, a, r)
+                    a.finish(r)
                 }
             }
             JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),

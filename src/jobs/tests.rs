@@ -8,24 +8,49 @@ use ractor::{Actor, ActorRef};
 
 use super::*;
 
+/// Events as "id status" (JOB_STATUS_CHANGE) or "id EVENT" (the
+/// BLOCK_JOB_* ones), in order.
+type Log = Arc<Mutex<Vec<String>>>;
+
 struct Rig {
     actor: ActorRef<JobMsg>,
     shared: Arc<Shared>,
-    events: Arc<Mutex<Vec<String>>>,
+    events: Log,
     go: Arc<tokio::sync::Notify>,
 }
 
 /// A job that loops over pause points until `go` is notified, then ends
 /// with `result`.
 async fn rig(auto_finalize: bool, auto_dismiss: bool, result: Result<(), String>) -> Rig {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let ev = events.clone();
-    let sink: crate::events::EventSink = Arc::new(move |_, d| {
-        if let Some(s) = d.get("status").and_then(|v| v.as_str()) {
-            ev.lock().expect("events").push(s.to_string());
-        }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let flags = (auto_finalize, auto_dismiss);
+    rig_in("j", flags, result, None, log).await
+}
+
+/// The same, as job `id` of `group`, logging to `log`.
+async fn rig_in(
+    id: &str,
+    (auto_finalize, auto_dismiss): (bool, bool),
+    result: Result<(), String>,
+    group: Option<Arc<group::Group>>,
+    log: Log,
+) -> Rig {
+    let ev = log.clone();
+    let sink: crate::events::EventSink = Arc::new(move |name, d| {
+        let who = d
+            .get("id")
+            .or_else(|| d.get("device"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let what = d
+            .get("status")
+            .and_then(|v| v.as_str())
+            .unwrap_or(name)
+            .to_string();
+        ev.lock().expect("events").push(format!("{who} {what}"));
     });
-    let shared = Shared::new("j", "backup", auto_finalize, auto_dismiss, sink);
+    let shared = Shared::new_block(id, "backup", auto_finalize, auto_dismiss, sink, false, 0);
     let go = Arc::new(tokio::sync::Notify::new());
     let g = go.clone();
     let start: Start = Box::new(move |sh: Arc<Shared>| {
@@ -43,19 +68,25 @@ async fn rig(auto_finalize: bool, auto_dismiss: bool, result: Result<(), String>
         })
     });
     let jobs: Jobs = Arc::new(Mutex::new(vec![shared.clone()]));
-    let args = Arc::new(JobArgs {
-        shared: shared.clone(),
-        start: Mutex::new(Some(start)),
+    let args = JobArgs::new(
+        shared.clone(),
+        start,
         jobs,
-        replied: None,
-        on_end: Mutex::new(None),
-    });
-    let (actor, _) = Actor::spawn(None, JobActor, args).await.expect("spawn");
+        None,
+        Box::new(|_| {}),
+        group.clone(),
+    );
+    let (actor, _) = Actor::spawn(None, JobActor, args.clone())
+        .await
+        .expect("spawn");
+    if let Some(g) = &group {
+        g.add(args);
+    }
     ractor::call!(actor, JobMsg::Start).expect("start");
     Rig {
         actor,
         shared,
-        events,
+        events: log,
         go,
     }
 }
@@ -73,8 +104,17 @@ impl Rig {
         }
         panic!("never reached {s:?}; at {:?}", self.shared.status());
     }
+    /// This job's state changes.
     fn events(&self) -> Vec<String> {
-        self.events.lock().expect("events").clone()
+        let me = format!("{} ", self.shared.id);
+        self.events
+            .lock()
+            .expect("events")
+            .iter()
+            .filter_map(|e| e.strip_prefix(&me))
+            .filter(|s| s.chars().all(|c| c.is_ascii_lowercase()))
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -188,5 +228,127 @@ async fn cancel_in_pending_and_failure_with_auto_dismiss() {
     assert_eq!(
         f.events(),
         ["created", "running", "aborting", "concluded", "null"]
+    );
+}
+
+/// Two jobs of a group: the first done waits for the other; then both go
+/// to pending and conclude, newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_concludes_together() {
+    let g = group::Group::new();
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let a = rig_in("a", (true, true), Ok(()), Some(g.clone()), log.clone()).await;
+    let b = rig_in("b", (true, true), Ok(()), Some(g.clone()), log.clone()).await;
+    a.go.notify_one();
+    a.until(Status::Waiting).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(a.shared.status(), Status::Waiting);
+    b.go.notify_one();
+    a.until(Status::Null).await;
+    b.until(Status::Null).await;
+    let all = log.lock().expect("log").clone();
+    let at = all
+        .iter()
+        .position(|e| e == "a waiting")
+        .expect("a waiting");
+    assert_eq!(
+        all[at..],
+        [
+            "a waiting",
+            "b waiting",
+            "b pending",
+            "a pending",
+            "b BLOCK_JOB_COMPLETED",
+            "b concluded",
+            "b null",
+            "a BLOCK_JOB_COMPLETED",
+            "a concluded",
+            "a null"
+        ]
+    );
+}
+
+/// With auto-finalize off on one job, both wait in pending; finalizing
+/// either concludes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_finalize_of_one_member_finalizes_the_group() {
+    let g = group::Group::new();
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let a = rig_in("a", (false, false), Ok(()), Some(g.clone()), log.clone()).await;
+    let b = rig_in("b", (true, false), Ok(()), Some(g.clone()), log.clone()).await;
+    a.go.notify_one();
+    b.go.notify_one();
+    a.until(Status::Pending).await;
+    b.until(Status::Pending).await;
+    assert!(log
+        .lock()
+        .expect("log")
+        .contains(&"a BLOCK_JOB_PENDING".to_string()));
+    assert!(!log
+        .lock()
+        .expect("log")
+        .contains(&"b BLOCK_JOB_PENDING".to_string()));
+    assert_eq!(b.verb(Verb::Finalize).await, Ok(()));
+    assert_eq!(a.shared.status(), Status::Concluded);
+    assert_eq!(b.shared.status(), Status::Concluded);
+}
+
+/// A member that fails cancels the other, which is still running; the
+/// failed one concludes with its error, the other as cancelled; a member
+/// already waiting goes to aborting only as it concludes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_cancels_the_group() {
+    let g = group::Group::new();
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let err = Err("Input/output error".to_string());
+    let a = rig_in("a", (true, true), err, Some(g.clone()), log.clone()).await;
+    let b = rig_in("b", (true, false), Ok(()), Some(g.clone()), log.clone()).await;
+    a.go.notify_one();
+    b.until(Status::Concluded).await;
+    assert_eq!(b.shared.info()["error"], "Operation canceled");
+    let all = log.lock().expect("log").clone();
+    let at = all
+        .iter()
+        .position(|e| e == "a aborting")
+        .expect("a aborting");
+    assert_eq!(
+        all[at..],
+        [
+            "a aborting",
+            "b aborting",
+            "b BLOCK_JOB_CANCELLED",
+            "b concluded",
+            "a BLOCK_JOB_COMPLETED",
+            "a concluded",
+            "a null"
+        ]
+    );
+
+    let g = group::Group::new();
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let c = rig_in("c", (true, true), Ok(()), Some(g.clone()), log.clone()).await;
+    let d = rig_in("d", (true, true), Ok(()), Some(g.clone()), log.clone()).await;
+    c.go.notify_one();
+    c.until(Status::Waiting).await;
+    assert_eq!(d.verb(Verb::Cancel).await, Ok(()));
+    c.until(Status::Null).await;
+    d.until(Status::Null).await;
+    let all = log.lock().expect("log").clone();
+    let at = all
+        .iter()
+        .position(|e| e == "d aborting")
+        .expect("d aborting");
+    assert_eq!(
+        all[at..],
+        [
+            "d aborting",
+            "d BLOCK_JOB_CANCELLED",
+            "d concluded",
+            "d null",
+            "c aborting",
+            "c BLOCK_JOB_CANCELLED",
+            "c concluded",
+            "c null"
+        ]
     );
 }
