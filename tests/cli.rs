@@ -304,3 +304,63 @@ fn file_chardev_input_must_exist_as_in_qsd() {
         q.send(br#"{"execute":"quit"}"#);
     }
 }
+
+/// `-T help` lists exactly the trace points the sources emit (every
+/// `target: "NAME"` in src/, actors/ and observability/), and `-T
+/// file=F` writes the matching events to F.
+#[test]
+fn trace_help_lists_every_trace_point_and_file_gets_events() {
+    fn scan(dir: &std::path::Path, found: &mut std::collections::BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                scan(&p, found);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).expect("source");
+                for part in text.split("target: \"").skip(1) {
+                    if let Some((name, _)) = part.split_once('"') {
+                        found.insert(name.to_string());
+                    }
+                }
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut emitted = std::collections::BTreeSet::new();
+    for d in ["src", "actors/src", "observability/src"] {
+        scan(&root.join(d), &mut emitted);
+    }
+    let out = run_to_end(Which::Rsd, &["-T", "help"], 5);
+    let listed: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(listed, emitted);
+
+    let dir = TempDir::new();
+    let trace = dir.s("trace.log");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&["-T", &format!("enable=nbd_*,file={trace}")]));
+    a.extend(args(&[
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    for _ in 0..2 {
+        let _ = std::os::unix::net::UnixStream::connect(dir.path("n.sock")).expect("connect");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let count = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .matches("nbd_accept")
+            .count()
+    };
+    while count() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(count(), 2);
+    q.send(b"{\"execute\":\"quit\"}\n");
+    assert_eq!(d.wait_exit(10), Some(0));
+}

@@ -1688,15 +1688,7 @@ fn failed_handshakes_are_reported_as_qsd_does() {
             "nbd,id=e,node-name=n",
         ]));
         let mut d = Daemon::spawn(which, &a);
-        let err = d.child.stderr.take().expect("stderr");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                l2.lock().expect("lines").push(l);
-            }
-        });
+        let lines = stderr_lines(&mut d);
         let _q = Qmp::ready(&dir.path("q.sock"));
         for (send, wait_for_hangup) in bad_handshakes() {
             let mut s = UnixStream::connect(dir.path("n.sock")).expect("connect");
@@ -1728,4 +1720,80 @@ fn failed_handshakes_are_reported_as_qsd_does() {
         want.sort();
         assert_eq!(got, want, "{which:?}");
     }
+}
+
+/// A request the node fails is printed once per connection (with the
+/// export, the operation, the offset and the error), the total when the
+/// client leaves; the client stays connected and later requests work.
+#[test]
+fn failed_requests_are_reported_once_per_connection() {
+    let dir = TempDir::new();
+    let img = dir.path("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+        "--blockdev",
+        &format!(
+            "driver=blkdebug,node-name=b,image.driver=file,image.filename={},inject-error.0.event=read_aio,inject-error.0.errno=5",
+            img.display()
+        ),
+        "--blockdev",
+        "raw,node-name=r,file=b",
+        "--export",
+        "nbd,id=e,node-name=r,writable=on",
+    ]));
+    let mut d = Daemon::spawn(Which::Rsd, &a);
+    let lines = stderr_lines(&mut d);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    let url = format!("nbd+unix:///r?socket={}", dir.s("n.sock"));
+    let o = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read 0 4k",
+            "-c",
+            "read 4k 4k",
+            "-c",
+            "read 8k 4k",
+            "-c",
+            "write -P 7 0 4k",
+            &url,
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.matches("read failed: Input/output error").count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains("wrote 4096/4096 bytes at offset 0"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines.lock().expect("lines").len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    q.send(b"{\"execute\":\"quit\"}\n");
+    assert_eq!(d.wait_exit(10), Some(0));
+    assert_eq!(
+        lines.lock().expect("lines").join("\n"),
+        "rsd: NBD export 'r': read at offset 0 failed: Input/output error\n\
+         rsd: NBD export 'r': a client left after 3 failed requests"
+    );
+}
+
+/// The daemon's stderr lines as they come, read by a thread of their own.
+fn stderr_lines(d: &mut Daemon) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let err = d.child.stderr.take().expect("stderr");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            l2.lock().expect("lines").push(l);
+        }
+    });
+    lines
 }

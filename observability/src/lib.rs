@@ -12,6 +12,8 @@ use tracing_subscriber::prelude::*;
 /// The trace-point groups rsd emits; `-T help` lists them.
 pub const TRACE_POINTS: &[&str] = &[
     "chardev_accept",
+    "nbd_accept",
+    "nbd_handshake",
     "monitor_session_close",
     "monitor_session_open",
     "qmp_command",
@@ -44,23 +46,39 @@ fn point_name(meta: &Metadata<'_>) -> String {
     meta.target().replace("::", "_")
 }
 
+/// The trace file, shared by every event (`&File` writes are atomic
+/// appends of each formatted event).
+struct SharedFile(Arc<std::fs::File>);
+impl std::io::Write for SharedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Installs the global subscriber. Safe to call once; later calls are ignored.
 pub fn init(opts: &[TraceOpt]) {
     let patterns: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
         opts.iter().flat_map(|o| o.patterns.clone()).collect(),
     ));
     let file = opts.iter().rev().find_map(|o| o.file.clone());
+    // The trace file is opened once; events append to it (QEMU keeps
+    // it open too). One that cannot be opened sends them to stderr.
+    let file = file.and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| eprintln!("rsd: -T file={path}: {e}; tracing to stderr"))
+            .ok()
+    });
     let writer: Box<dyn Fn() -> Box<dyn std::io::Write> + Send + Sync> = match file {
-        Some(path) => Box::new(move || {
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-            {
-                Ok(f) => Box::new(f) as Box<dyn std::io::Write>,
-                Err(_) => Box::new(std::io::stderr()),
-            }
-        }),
+        Some(f) => {
+            let f = Arc::new(f);
+            Box::new(move || Box::new(SharedFile(f.clone())) as Box<dyn std::io::Write>)
+        }
         None => Box::new(|| Box::new(std::io::stderr()) as Box<dyn std::io::Write>),
     };
     let fmt = tracing_subscriber::fmt::layer()

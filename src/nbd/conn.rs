@@ -149,6 +149,13 @@ pub async fn transmission(
     let mut w = wr.lock().await;
     let _ = w.write_all(&out).await;
     let _ = w.shutdown().await;
+    let failed = s.node_errors.load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 1 {
+        eprintln!(
+            "rsd: NBD export '{}': a client left after {failed} failed requests",
+            s.export.name
+        );
+    }
 }
 
 async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
@@ -229,8 +236,32 @@ async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
     };
     match result {
         Ok(()) => ok_reply(s, r.cookie, r.offset),
-        Err(e) => error_reply(s, r.cookie, r.offset, e.nbd_error()),
+        Err(e) => error_reply(s, r.cookie, r.offset, node_failed(s, r.kind, r.offset, &e)),
     }
+}
+
+/// A request the node failed: the client gets the errno; the operator
+/// sees the first failure of each connection on stderr (QSD prints one
+/// when it drops a client over a failed read) and how many there were
+/// when the client leaves, never a line per request.
+fn node_failed(s: &Session, kind: u16, offset: u64, e: &crate::block::error::BlockError) -> u32 {
+    use std::sync::atomic::Ordering;
+    if s.node_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+        let what = match kind {
+            CMD_READ => "read",
+            CMD_WRITE => "write",
+            CMD_FLUSH => "flush",
+            CMD_TRIM => "discard",
+            CMD_WRITE_ZEROES => "write zeroes",
+            CMD_BLOCK_STATUS => "block status",
+            _ => "request",
+        };
+        eprintln!(
+            "rsd: NBD export '{}': {what} at offset {offset} failed: {}",
+            s.export.name, e.msg
+        );
+    }
+    e.nbd_error()
 }
 
 async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
@@ -277,7 +308,7 @@ async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
     b[..head.len()].copy_from_slice(&head);
     match node.read(r.offset, &mut b[head.len()..need]).await {
         Ok(()) => Reply { buf: b, len: need },
-        Err(e) => error_reply(s, r.cookie, r.offset, e.nbd_error()),
+        Err(e) => error_reply(s, r.cookie, r.offset, node_failed(s, r.kind, r.offset, &e)),
     }
 }
 
@@ -342,7 +373,9 @@ async fn block_status(s: &Session, node: &Node, r: &Request) -> Reply {
                 extents.push(e);
                 off += e.len;
             }
-            Err(e) => return error_reply(s, r.cookie, r.offset, e.nbd_error()),
+            Err(e) => {
+                return error_reply(s, r.cookie, r.offset, node_failed(s, r.kind, r.offset, &e))
+            }
         }
         if one {
             break;

@@ -95,6 +95,9 @@ pub struct Session {
     /// Counts this client on its export, from before the handshake's
     /// last reply (so a client that finished haggling is always "in use").
     pub(super) _client: super::export::ClientGuard,
+    /// Requests the node failed (the first is printed, the total when
+    /// the client leaves).
+    pub(super) node_errors: std::sync::atomic::AtomicU64,
 }
 
 async fn opt_reply(
@@ -296,6 +299,7 @@ async fn negotiate(
                 wr.write_all(&b).await.map_err(gone)?;
                 return Ok(Session {
                     _client: attached,
+                    node_errors: Default::default(),
                     export,
                     structured,
                     extended,
@@ -386,6 +390,7 @@ async fn negotiate(
                 if let Some(attached) = attached {
                     return Ok(Session {
                         _client: attached,
+                        node_errors: Default::default(),
                         contexts: if ctx_export.as_deref() == Some(&name) {
                             contexts
                         } else {
