@@ -532,6 +532,9 @@ fn every_request_type_answers_as_qsd_and_lands_in_the_image() {
     let c60 = cfg.0.as_ref().expect("config of 60 bytes");
     assert_eq!(&c60[0..8], &SECTORS.to_le_bytes(), "capacity");
     assert_eq!(features[0].0, 0x1_7500_7e46, "rsd's feature bits");
+    assert!(features[0]
+        .1
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
     // The data, through qemu-io.
     for (cmd, what) in [
         ("read -P 0x5a 0 4096", "before the write"),
@@ -550,8 +553,11 @@ fn every_request_type_answers_as_qsd_and_lands_in_the_image() {
         }
         assert_eq!(configs[0], configs[1], "config space");
         assert_eq!(features[0].0, features[1].0, "feature bits");
+        // In-flight tracking is the one protocol feature QSD lacks.
         assert!(
-            features[1].1.contains(features[0].1),
+            features[1]
+                .1
+                .contains(features[0].1 - VhostUserProtocolFeatures::INFLIGHT_SHMFD),
             "protocol features beyond QSD's: {:?} vs {:?}",
             features[0].1,
             features[1].1
@@ -802,14 +808,54 @@ fn delete_and_quit_drain_requests_in_flight() {
     }
 }
 
+/// A message the device sent on the backend channel: code, flags, size.
+type BackendMsg = (u32, u32, u32);
+
+/// Plays the frontend's side of the backend channel on a thread: reads
+/// each message, acknowledges it when it asks for a reply (as QEMU
+/// does, or QSD would wait), and hands it over.
+fn backend_channel(rx: std::os::unix::net::UnixStream) -> std::sync::mpsc::Receiver<BackendMsg> {
+    use std::io::{Read, Write};
+    let (tx, got) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rx = rx;
+        loop {
+            let mut hdr = [0u8; 12];
+            if rx.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+            let (code, flags, size) = (word(0), word(4), word(8));
+            let mut body = vec![0u8; size.min(4096) as usize];
+            if rx.read_exact(&mut body).is_err() {
+                return;
+            }
+            if flags & 8 != 0 {
+                // A reply: the same code, REPLY set, a u64 0 (success).
+                let mut reply = code.to_le_bytes().to_vec();
+                reply.extend_from_slice(&(1u32 | 4).to_le_bytes());
+                reply.extend_from_slice(&8u32.to_le_bytes());
+                reply.extend_from_slice(&0u64.to_le_bytes());
+                if rx.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+            if tx.send((code, flags, size)).is_err() {
+                return;
+            }
+        }
+    });
+    got
+}
+
 /// block_resize on an exported node: the node may be resized under a
-/// frontend, which then reads the new capacity and can use it, as from
-/// QSD. QSD also sends the frontend a config-change message; rsd does not
-/// yet (the vhost-user-backend crate gives no way to send one;
-/// differences entry 48), so only QSD's message is checked.
+/// frontend, which gets VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the
+/// backend channel (without need_reply, REPLY_ACK negotiated or not), reads
+/// the new capacity and can use it, as from QSD. A resize with no
+/// frontend connected (QSD dies of it) or with one that gave no channel
+/// just changes the capacity.
 #[test]
-fn resize_shows_the_new_capacity() {
-    use std::io::Read;
+fn resize_sends_config_change_and_shows_the_new_capacity() {
     let dir = TempDir::new();
     let mut seen = Vec::new();
     for which in Which::all() {
@@ -820,33 +866,45 @@ fn resize_shows_the_new_capacity() {
         ));
         let sock = dir.s(&format!("{}-vu.sock", which.prog()));
         let (_d, mut q) = start(which, &dir, &image, &sock, ",writable=on");
-        let mut g =
-            Guest::connect_with(Path::new(&sock), 1, VhostUserProtocolFeatures::BACKEND_REQ);
-        let (tx, mut rx) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let resize = |q: &mut Qmp, size: u64| {
+            let r = q.cmd(&format!(
+                r#"{{"execute": "block_resize", "arguments": {{"node-name": "file", "size": {size}}}}}"#
+            ));
+            assert_eq!(r["return"], serde_json::json!({}), "{which:?}: {r}");
+        };
+        if which == Which::Rsd {
+            // No frontend yet; then one without a backend channel.
+            resize(&mut q, 5 << 20);
+            let mut g = Guest::connect(Path::new(&sock), 1);
+            resize(&mut q, 6 << 20);
+            let cfg = g.config(60).expect("config");
+            assert_eq!(&cfg[0..8], &((6u64 << 20) / 512).to_le_bytes());
+            resize(&mut q, 4 << 20);
+        }
+        let mut g = Guest::connect_with(
+            Path::new(&sock),
+            1,
+            VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK,
+        );
+        let (tx, rx) = std::os::unix::net::UnixStream::pair().expect("pair");
         g.fe.set_backend_request_fd(&tx).expect("backend fd");
-        // A message with a reply: the device has the channel after it.
+        let messages = backend_channel(rx);
         let before = g.config(60).expect("config");
         assert_eq!(&before[0..8], &((4u64 << 20) / 512).to_le_bytes());
-        let r = q.cmd(
-            r#"{"execute": "block_resize", "arguments": {"node-name": "file", "size": 8388608}}"#,
-        );
-        assert_eq!(r["return"], serde_json::json!({}), "{which:?}");
-        if which == Which::Qsd {
-            rx.set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            let mut hdr = [0u8; 12];
-            rx.read_exact(&mut hdr).expect("config change message");
-            // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG
-            assert_eq!(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]), 2);
-        }
+        resize(&mut q, 8 << 20);
+        let msg = messages
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a config-change message");
         let cfg = g.config(60).expect("config");
         let capacity = u64::from_le_bytes(cfg[0..8].try_into().expect("8 bytes"));
         // The new end can be read.
         let r = g_read(&mut g, (4 << 20) / 512, 4096);
         let got = g.submit(0, vec![r]);
-        seen.push((capacity, got[0].status));
+        seen.push((msg, capacity, got[0].status));
     }
-    assert_eq!(seen[0], ((8 << 20) / 512, Some(0)));
+    // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, version 1, no need_reply,
+    // no payload.
+    assert_eq!(seen[0], ((2, 1, 0), (8 << 20) / 512, Some(0)));
     if seen.len() == 2 {
         assert_eq!(seen[0], seen[1]);
     }

@@ -69,7 +69,6 @@ struct Ring {
 struct State {
     owned: bool,
     acked_features: u64,
-    acked_protocol: u64,
     mappings: Vec<Mapping>,
     rings: Vec<Ring>,
     inflight: Option<Arc<Region>>,
@@ -116,8 +115,7 @@ impl Device {
     }
 
     /// Tells the frontend that the config space changed (a resize), if
-    /// it gave a backend channel. Blocks until the frontend acknowledges
-    /// (with REPLY_ACK): call it from a thread that may wait.
+    /// it gave a backend channel.
     pub fn config_changed(&self) {
         if let Err(e) = self.channel.config_changed() {
             tracing::debug!("vhost-user-blk: config change message: {e}");
@@ -252,7 +250,6 @@ impl VhostUserBackendReqHandler for Device {
         }
         st.owned = false;
         st.acked_features = 0;
-        st.acked_protocol = 0;
         Ok(())
     }
 
@@ -394,8 +391,8 @@ impl VhostUserBackendReqHandler for Device {
         Ok(config::protocol_features())
     }
 
-    fn set_protocol_features(&self, features: u64) -> VuResult<()> {
-        self.state()?.acked_protocol = features;
+    /// The crate checks each message against the acknowledged bits.
+    fn set_protocol_features(&self, _features: u64) -> VuResult<()> {
         Ok(())
     }
 
@@ -427,9 +424,8 @@ impl VhostUserBackendReqHandler for Device {
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
+        self.channel.accept();
         if let Ok(mut st) = self.st.lock() {
-            let ack = st.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
-            self.channel.accept(ack);
             st.backend = Some(backend);
         }
     }

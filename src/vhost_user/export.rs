@@ -87,8 +87,8 @@ impl VhostUserBlkExport {
     }
 
     /// Tells the connected frontend, if any, that the config space
-    /// changed. On a thread of its own: with REPLY_ACK the message
-    /// waits for the frontend's answer, which must not hold the caller.
+    /// changed. On a thread of its own: a frontend slow to read its
+    /// backend channel must not hold the caller (the control actor).
     pub fn config_changed(&self) {
         let device = self.device.lock().ok().and_then(|d| d.clone());
         if let Some(d) = device {
