@@ -7,7 +7,11 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use std::os::fd::AsRawFd;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -70,6 +74,9 @@ struct Guest {
     next: u64,
     features: u64,
     protocol: VhostUserProtocolFeatures,
+    /// The inflight region the device gave (INFLIGHT_SHMFD acked), kept
+    /// across reconnects as QEMU keeps it.
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
@@ -108,12 +115,24 @@ impl Guest {
             next: DATA,
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
+            inflight: None,
         };
-        g.setup(extra);
+        g.setup(extra, false);
         g
     }
 
-    fn setup(&mut self, extra: VhostUserProtocolFeatures) {
+    /// Connects again after the device went away (a new process, or
+    /// the export deleted and added), as QEMU does: the rings are left
+    /// as they are and start from the used index (the device cannot be
+    /// asked where it stopped), the inflight region is handed back.
+    fn reconnect(&mut self, sock: &Path, extra: VhostUserProtocolFeatures) {
+        self.fe = connect_retry(sock, self.queues as u64);
+        self.kicks.clear();
+        self._calls.clear();
+        self.setup(extra, true);
+    }
+
+    fn setup(&mut self, extra: VhostUserProtocolFeatures, resume: bool) {
         // GET_FEATURES first: the crate checks its cached bits later.
         self.features = self.fe.get_features().expect("get features");
         self.fe.set_owner().expect("set owner");
@@ -135,12 +154,24 @@ impl Guest {
             .expect("region");
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
         self.fe.set_mem_table(&[info]).expect("set mem table");
+        if extra.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if self.inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, self.queues as u16, QSIZE);
+                self.inflight = Some(self.fe.get_inflight_fd(&ask).expect("get inflight fd"));
+            }
+            let (info, file) = self.inflight.as_ref().expect("inflight region");
+            self.fe
+                .set_inflight_fd(info, file.as_raw_fd())
+                .expect("set inflight fd");
+        }
         for q in 0..self.queues {
             let base = RINGS + q as u64 * 0x10000;
-            // Zero the rings (a reconnect reuses the memory).
-            self.mem
-                .write_slice(&[0u8; 0x3000], GuestAddress(base))
-                .expect("zero rings");
+            // Zero the rings (a new frontend reuses the memory).
+            if !resume {
+                self.mem
+                    .write_slice(&[0u8; 0x3000], GuestAddress(base))
+                    .expect("zero rings");
+            }
             self.fe.set_vring_num(q, QSIZE).expect("vring num");
             // SET_VRING_ADDR takes the frontend's own addresses.
             let cfg = VringConfigData {
@@ -153,7 +184,8 @@ impl Guest {
                 log_addr: None,
             };
             self.fe.set_vring_addr(q, &cfg).expect("vring addr");
-            self.fe.set_vring_base(q, 0).expect("vring base");
+            let start = if resume { self.used_idx(q) } else { 0 };
+            self.fe.set_vring_base(q, start).expect("vring base");
             let call = EventFd::new(0).expect("eventfd");
             let kick = EventFd::new(0).expect("eventfd");
             self.fe.set_vring_call(q, &call).expect("vring call");
@@ -299,7 +331,14 @@ impl Guest {
     /// Waits for the requests posted and reads their answers.
     fn answers(&mut self, q: usize, heads: &[u16], reqs: &[Req]) -> Vec<Answer> {
         let used = self.wait_used(q, heads.len());
-        let answers = heads
+        let answers = self.answers_from(heads, reqs, &used);
+        self.next = DATA;
+        answers
+    }
+
+    /// The answers of the requests, from the used entries given.
+    fn answers_from(&self, heads: &[u16], reqs: &[Req], used: &[(u32, u32)]) -> Vec<Answer> {
+        heads
             .iter()
             .zip(reqs)
             .map(|(head, r)| {
@@ -327,9 +366,7 @@ impl Guest {
                     data,
                 }
             })
-            .collect();
-        self.next = DATA;
-        answers
+            .collect()
     }
 
     /// Makes chains the test wrote itself available and waits for them.
@@ -1201,4 +1238,181 @@ fn export_actor_restart_keeps_serving() {
     );
     let r = q.cmd(r#"{"execute": "query-block-exports"}"#);
     assert_eq!(r["return"][0]["id"], "vu");
+}
+
+/// A helper process, ended with the test (even a failing one).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until the process has ended (a SIGKILL gives no exit code).
+fn wait_gone(d: &mut Daemon) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.child.try_wait().ok().flatten().is_none() {
+        assert!(Instant::now() < end, "the daemon did not die");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Checks a batch that was in flight across a device restart: its used
+/// entries are exactly its heads, each once; the next request, posted
+/// after the restart, is the next entry; and once it is done, nothing
+/// is left running on the node (a request run twice would be), as a
+/// safe block-export-del shows. Returns the batch's answers.
+fn completed_once(g: &mut Guest, q: &mut Qmp, heads: &[u16], reqs: &[Req]) -> Vec<Answer> {
+    let used = g.wait_used(0, reqs.len());
+    let mut ids: Vec<u32> = used.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    let mut want: Vec<u32> = heads.iter().map(|h| u32::from(*h)).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "each request completed once: {used:?}");
+    let answers = g.answers_from(heads, reqs, &used);
+    // A marker, in descriptors no request of the batch used.
+    let marker = vec![g.req(T_GET_ID, 0, &[], &[20])];
+    let head = g.post_from(0, &marker, 100);
+    let next = g.wait_used(0, 1);
+    assert_eq!(next[0].0, u32::from(head[0]), "the marker, not a repeat");
+    let r = q.cmd(r#"{"execute": "block-export-del", "arguments": {"id": "vu"}}"#);
+    assert_eq!(
+        r["return"],
+        serde_json::json!({}),
+        "something still runs: {r}"
+    );
+    assert_eq!(
+        g.used_idx(0),
+        g.used_seen[0],
+        "a request completed again after the marker"
+    );
+    answers
+}
+
+/// In-flight tracking across a new rsd process: requests taken by the
+/// device are held (the NBD server behind its node is stopped) when rsd
+/// is killed; a new rsd on the same socket gets the inflight region
+/// back from the reconnecting frontend and runs exactly those requests
+/// again: each completes once, the reads return the data, the writes
+/// are in the image; a request completed before the kill is not
+/// repeated.
+#[test]
+fn inflight_requests_complete_once_after_sigkill() {
+    let dir = TempDir::new();
+    let image = dir.s("disk.img");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &image, "4M"],
+    ));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 64k", &image],
+    ));
+    let nbd_sock = dir.s("nbd.sock");
+    let nbd = KillOnDrop(
+        std::process::Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "disk", "-k", &nbd_sock])
+            .args(["--persistent", "-e", "4", &image])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    assert!(crate::common::wait_for_path(Path::new(&nbd_sock), 10));
+    let sock = dir.s("vu.sock");
+    let rsd = |n: u32| {
+        let mon = dir.s(&format!("qmp{n}.sock"));
+        let mut a = monitor_args(&mon);
+        a.extend(args(&[
+            "--blockdev",
+            &format!("driver=nbd,node-name=disk,server.type=unix,server.path={nbd_sock},export=disk"),
+            "--export",
+            &format!("type=vhost-user-blk,id=vu,node-name=disk,writable=on,addr.type=unix,addr.path={sock}"),
+        ]));
+        let d = Daemon::spawn(Which::Rsd, &a);
+        (d, Qmp::ready(Path::new(&mon)))
+    };
+    let stop_nbd = |sig: nix::sys::signal::Signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(nbd.0.id() as i32), sig).expect("signal");
+    };
+    let (mut d1, _q1) = rsd(1);
+    let track = VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    let mut g = Guest::connect_with(Path::new(&sock), 1, track);
+    let r = g_read(&mut g, 0, 4096);
+    assert_eq!(g.submit(0, vec![r])[0].data, vec![0x11; 4096]);
+
+    stop_nbd(nix::sys::signal::Signal::SIGSTOP);
+    let (w1, w2) = (pattern(0x21, 8192), pattern(0x22, 4096));
+    // GET_ID first: it needs no I/O, so once it is in the used ring the
+    // device has taken (and marked) the whole batch.
+    let mut reqs = vec![g.req(T_GET_ID, 0, &[], &[20])];
+    reqs.push(g.req(T_OUT, 128, &[&w1], &[]));
+    reqs.push(g_read(&mut g, 0, 4096));
+    reqs.push(g.req(T_OUT, 256, &[&w2[..2048], &w2[2048..]], &[]));
+    reqs.push(g_read(&mut g, 16, 8192));
+    reqs.push(g.req(T_FLUSH, 0, &[], &[]));
+    let heads = g.post(0, &reqs);
+    let end = Instant::now() + Duration::from_secs(10);
+    while g.used_idx(0) == g.used_seen[0] {
+        assert!(Instant::now() < end, "GET_ID never completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        g.used_idx(0),
+        g.used_seen[0].wrapping_add(1),
+        "the rest is held"
+    );
+    d1.signal(nix::libc::SIGKILL);
+    wait_gone(&mut d1);
+    stop_nbd(nix::sys::signal::Signal::SIGCONT);
+
+    let (_d2, mut q2) = rsd(2);
+    g.reconnect(Path::new(&sock), track);
+    let got = completed_once(&mut g, &mut q2, &heads, &reqs);
+    assert!(got.iter().all(|a| a.status == Some(0)), "{got:?}");
+    assert_eq!(got[2].data, vec![0x11; 4096]);
+    assert_eq!(got[4].data, vec![0x11; 8192]);
+    let data = std::fs::read(&image).expect("image");
+    assert_eq!(&data[128 * 512..128 * 512 + 8192], &w1[..]);
+    assert_eq!(&data[256 * 512..256 * 512 + 4096], &w2[..]);
+}
+
+/// In-flight tracking across block-export-del and add: the delete
+/// drains the requests in flight (they complete), so the new export,
+/// given the same region back, runs nothing again.
+#[test]
+fn inflight_region_after_export_del_and_add_repeats_nothing() {
+    let dir = TempDir::new();
+    let sock = dir.s("vu.sock");
+    let mon = dir.s("qmp.sock");
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--blockdev",
+        "driver=null-co,node-name=slow,size=1048576,read-zeroes=on,latency-ns=300000000",
+        "--export",
+        &format!("type=vhost-user-blk,id=vu,node-name=slow,addr.type=unix,addr.path={sock}"),
+    ]));
+    let _d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(Path::new(&mon));
+    let track = VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    let mut g = Guest::connect_with(Path::new(&sock), 1, track);
+    let mut reqs = vec![g.req(T_GET_ID, 0, &[], &[20])];
+    reqs.extend((0..4).map(|i| g_read(&mut g, i * 8, 4096)));
+    let heads = g.post(0, &reqs);
+    let end = Instant::now() + Duration::from_secs(10);
+    while g.used_idx(0) == 0 {
+        assert!(Instant::now() < end, "GET_ID never completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(g.used_idx(0), 1, "the reads are still in flight");
+    let r = q.cmd(r#"{"execute": "block-export-del", "arguments": {"id": "vu", "mode": "hard"}}"#);
+    assert_eq!(r["return"], serde_json::json!({}));
+    let add = format!(
+        r#"{{"execute": "block-export-add", "arguments": {{"type": "vhost-user-blk", "id": "vu", "node-name": "slow", "addr": {{"type": "unix", "path": "{sock}"}}}}}}"#
+    );
+    assert_eq!(q.cmd(&add)["return"], serde_json::json!({}));
+    g.reconnect(Path::new(&sock), track);
+    let got = completed_once(&mut g, &mut q, &heads, &reqs);
+    assert!(got.iter().all(|a| a.status == Some(0)), "{got:?}");
 }

@@ -28,27 +28,29 @@ const SEND_WAIT: Duration = Duration::from_secs(5);
 /// (None for any other message, or at the end of the connection).
 pub fn peek_backend_fd(sock: &UnixStream) -> Option<OwnedFd> {
     let mut hdr = [0u8; 12];
-    let mut iov = [IoSliceMut::new(&mut hdr)];
-    let mut space = nix::cmsg_space!([RawFd; 8]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_WAITALL,
-    )
-    .ok()?;
     let mut fds = Vec::new();
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
+    let got = {
+        let mut iov = [IoSliceMut::new(&mut hdr)];
+        let mut space = nix::cmsg_space!([RawFd; 8]);
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_WAITALL,
+        )
+        .ok()?;
+        for c in msg.cmsgs().into_iter().flatten() {
             if let ControlMessageOwned::ScmRights(list) = c {
                 // SAFETY: the kernel installed these descriptors for us
                 // with this receive; nothing else owns them.
-                fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    list.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
-    }
-    let got = msg.bytes;
-    drop(iov);
+        msg.bytes
+    };
     if got < hdr.len() {
         return None;
     }

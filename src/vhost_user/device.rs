@@ -12,10 +12,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserSingleMemoryRegion,
-    VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
     Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandler,
@@ -106,7 +106,9 @@ impl Device {
     }
 
     fn state(&self) -> VuResult<MutexGuard<'_, State>> {
-        self.st.lock().map_err(|_| internal("device state poisoned"))
+        self.st
+            .lock()
+            .map_err(|_| internal("device state poisoned"))
     }
 
     /// The socket peeked from a SET_BACKEND_REQ_FD about to be handled.
@@ -229,8 +231,11 @@ fn ring_of(st: &mut State, index: u32) -> VuResult<&mut Ring> {
 }
 
 fn guest_region(region: &VhostUserMemoryRegion, file: File) -> VuResult<GuestRegionMmap> {
-    GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))
-        .ok_or(VuError::InvalidParam)
+    GuestRegionMmap::new(
+        region.mmap_region(file)?,
+        GuestAddress(region.guest_phys_addr),
+    )
+    .ok_or(VuError::InvalidParam)
 }
 
 impl VhostUserBackendReqHandler for Device {
@@ -406,7 +411,12 @@ impl VhostUserBackendReqHandler for Device {
         self.refresh(&mut st, index as usize)
     }
 
-    fn get_config(&self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+    fn get_config(
+        &self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
         Ok(self.shared.config().read(offset, size))
     }
 
@@ -460,8 +470,8 @@ impl VhostUserBackendReqHandler for Device {
         if msg.num_queues > MAX_QUEUES {
             return Err(VuError::InvalidParam);
         }
-        let region = Region::open(file, msg.mmap_offset, msg.mmap_size, msg.num_queues)
-            .map_err(internal)?;
+        let region =
+            Region::open(file, msg.mmap_offset, msg.mmap_size, msg.num_queues).map_err(internal)?;
         self.state()?.inflight = Some(Arc::new(region));
         Ok(())
     }

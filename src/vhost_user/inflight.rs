@@ -82,7 +82,9 @@ impl Region {
         let len = nix::sys::stat::fstat(file.as_raw_fd())
             .map_err(|e| e.desc().to_string())?
             .st_size;
-        let end = offset.checked_add(size).ok_or("inflight region overflows")?;
+        let end = offset
+            .checked_add(size)
+            .ok_or("inflight region overflows")?;
         if u64::try_from(len).unwrap_or(0) < end {
             return Err("inflight region past the end of its file".into());
         }

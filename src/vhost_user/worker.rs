@@ -24,7 +24,9 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
 
 use super::inflight::{QueueLog, Recovery};
 use super::request::{self, Desc};
@@ -228,7 +230,13 @@ impl Served {
         }
     }
 
-    fn spawn(&self, running: &mut Running, mem: &Arc<GuestMemoryMmap>, head: u16, descs: Vec<Desc>) {
+    fn spawn(
+        &self,
+        running: &mut Running,
+        mem: &Arc<GuestMemoryMmap>,
+        head: u16,
+        descs: Vec<Desc>,
+    ) {
         let (shared, mem) = (self.shared.clone(), mem.clone());
         running.spawn(async move {
             let used = request::run(&shared, &mem, &descs).await;
