@@ -57,13 +57,19 @@ impl Region {
         }
         let stride = queue_stride(queue_size);
         let size = stride * usize::from(num_queues);
-        let fd = nix::sys::memfd::memfd_create(
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(
             c"rsd-vhost-inflight",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
         )
         .map_err(|e| e.desc().to_string())?;
         let file = File::from(fd);
         file.set_len(size as u64).map_err(|e| e.to_string())?;
+        // Its size is fixed for good: no one holding it (the frontend, a
+        // later device) can shrink it under a mapping.
+        let seals = SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+        fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| e.desc().to_string())?;
         let region = Region::map(&file, 0, size as u64, num_queues)?;
         for q in 0..num_queues {
             region.put_u16(region.base(q) + OFF_DESC_NUM, queue_size);
