@@ -372,7 +372,7 @@ fn grouped_refusals_and_roll_back_match_qsd() {
 
 /// A grouped transaction that fails after creating two jobs takes both
 /// back and replies with the error. (QSD 10.0.2 hangs here, waiting
-/// for a job that never started: differences entry 49.)
+/// for a job that never started: differences entry 50.)
 #[test]
 fn a_failed_grouped_transaction_takes_all_its_jobs_back() {
     let dir = TempDir::new();

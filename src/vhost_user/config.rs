@@ -62,9 +62,11 @@ pub fn features(writable: bool) -> u64 {
 
 /// The protocol features rsd offers: QSD's, less the ones that need
 /// what rsd does not do (dirty logging for migration, postcopy page
-/// faults, host notifiers): differences entry 48.
+/// faults, host notifiers): differences entry 48; and in-flight
+/// tracking, which QSD does not offer.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::CONFIG

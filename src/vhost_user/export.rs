@@ -1,22 +1,22 @@
 //! A vhost-user-blk export: its listening socket and the loop that
 //! serves one frontend at a time on it. Each connection gets a fresh
-//! device (the vhost-user-backend crate keeps a connection's state, such
-//! as its owner and its rings, in the daemon), so the next frontend
-//! starts from a clean device. Dropping a connection's daemon joins its
-//! queue threads, which finish the requests they hold: that is the drain
-//! block-export-del and quit wait for.
+//! device, so the next frontend starts from a clean one; its messages
+//! are handled on the accept loop's thread (the `vhost` crate's
+//! `BackendReqHandler` reads them and calls the device). When the
+//! connection ends, its rings stop, each after finishing the requests it
+//! holds: that is the drain block-export-del and quit wait for.
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::{BackendReqHandler, Listener};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::channel;
 use super::device::Device;
 use super::Shared;
 use crate::block::child::Child;
@@ -35,7 +35,7 @@ pub struct VhostUserBlkExport {
     stop: EventFd,
     closing: AtomicBool,
     /// The connected frontend's connection, to cut it on close.
-    conn: Mutex<Option<ShutdownHandle>>,
+    conn: Mutex<Option<UnixStream>>,
     /// The device of the connected frontend (for config changes).
     device: Mutex<Option<Arc<Device>>>,
     clients: AtomicUsize,
@@ -87,8 +87,8 @@ impl VhostUserBlkExport {
     }
 
     /// Tells the connected frontend, if any, that the config space
-    /// changed. On a thread of its own: with REPLY_ACK the message
-    /// waits for the frontend's answer, which must not hold the caller.
+    /// changed. On a thread of its own: a frontend slow to read its
+    /// backend channel must not hold the caller (the control actor).
     pub fn config_changed(&self) {
         let device = self.device.lock().ok().and_then(|d| d.clone());
         if let Some(d) = device {
@@ -170,39 +170,51 @@ impl VhostUserBlkExport {
 
     /// Serves one frontend until it goes (or the export closes).
     fn serve_one(self: &Arc<Self>, listener: &mut Listener) -> Result<(), String> {
-        let device = Device::new(self.shared.clone());
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon =
-            VhostUserDaemon::new(format!("vhost-user/{}", self.id), device.clone(), mem)
-                .map_err(|e| e.to_string())?;
         // A frontend that vanished between poll and accept: next one.
         // Pausing, so a failing accept (out of descriptors) cannot spin.
-        if let Err(e) = daemon.start(listener) {
-            tracing::debug!("vhost-user-blk export '{}': accept: {e}", self.id);
-            std::thread::sleep(Duration::from_millis(20));
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!("vhost-user-blk export '{}': accept: {e}", self.id);
+                std::thread::sleep(Duration::from_millis(20));
+                return Ok(());
+            }
+        };
+        let (Ok(cut), Ok(peek)) = (stream.try_clone(), stream.try_clone()) else {
             return Ok(());
-        }
+        };
+        let device = Device::new(self.shared.clone());
+        let mut handler = BackendReqHandler::from_stream(stream, device.clone());
         self.clients.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut c) = self.conn.lock() {
-            *c = daemon.shutdown_handle();
+            *c = Some(cut);
         }
         if let Ok(mut d) = self.device.lock() {
-            *d = Some(device);
+            *d = Some(device.clone());
         }
         if self.closing.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
+            let _ = peek.shutdown(std::net::Shutdown::Both);
         }
-        if let Err(e) = daemon.wait() {
-            tracing::debug!("vhost-user-blk export '{}': frontend gone: {e}", self.id);
+        loop {
+            if let Some(fd) = channel::peek_backend_fd(&peek) {
+                device.stash_backend_fd(fd);
+            }
+            if let Err(e) = handler.handle_request() {
+                tracing::debug!("vhost-user-blk export '{}': frontend gone: {e}", self.id);
+                break;
+            }
         }
+        let _ = peek.shutdown(std::net::Shutdown::Both);
         if let Ok(mut c) = self.conn.lock() {
             *c = None;
         }
         if let Ok(mut d) = self.device.lock() {
             *d = None;
         }
-        // Joins the queue threads: their requests are done after this.
-        drop(daemon);
+        // Stops the rings: their requests are done after this.
+        device.shutdown();
+        drop(handler);
         if self.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }
@@ -232,8 +244,10 @@ impl BlockExport for VhostUserBlkExport {
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let _ = self.stop.write(1);
-        if let Some(h) = self.conn.lock().ok().and_then(|c| c.clone()) {
-            h.shutdown();
+        if let Ok(c) = self.conn.lock() {
+            if let Some(conn) = c.as_ref() {
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+            }
         }
         // The socket goes with the export, as QSD removes it.
         if let Some(p) = &self.path {

@@ -1,26 +1,25 @@
 //! The vhost-user-blk export: a node offered to a VM's virtio-blk
-//! device over a vhost-user socket, built on the rust-vmm crates
-//! (vhost-user-backend for the protocol, virtio-queue for the rings,
-//! vm-memory for guest memory).
+//! device over a vhost-user socket, built on the rust-vmm crates (the
+//! `vhost` crate for the protocol, virtio-queue for the rings, vm-memory
+//! for guest memory).
 //!
 //! - `config.rs`: the feature bits and config space, as QSD offers them.
 //! - `request.rs`: one virtio-blk request, run in guest memory in place.
-//! - `device.rs`: the backend one frontend connection talks to, and the
-//!   queues' worker threads.
+//! - `device.rs`: rsd's answer to each message of one frontend
+//!   connection (memory, rings, config, the inflight region).
+//! - `worker.rs`: a started ring's thread, which runs its requests.
+//! - `inflight.rs`: in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD),
+//!   so a restarted device completes what the previous one had taken.
+//! - `channel.rs`: the backend request channel (config-change messages).
 //! - `export.rs`: the export (`BlockExport`), its socket and its accept
 //!   loop, one frontend at a time.
-//!
-//! Not here yet: in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
-//! issue 15 point 4). Its entry points are `Device::protocol_features`
-//! (offer the bit) and the crate's `get_inflight_fd`/`set_inflight_fd`
-//! (which the vhost-user-backend crate answers "unsupported" today, so
-//! it needs the lower `vhost` crate's request handler or a patch), and
-//! `Device::serve_available`/`complete`, where a request would be
-//! marked in flight and done.
+pub mod channel;
 pub mod config;
 pub mod device;
 pub mod export;
+pub mod inflight;
 pub mod request;
+pub mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,345 @@
+//! A started queue's worker: a thread of its own with a single-threaded
+//! tokio runtime. It takes the requests a kick finds, runs them together
+//! on that runtime with guest memory read and written in place, and puts
+//! each one in the used ring as soon as it is done, with no hand-off to
+//! another thread. While requests are in flight it still watches the
+//! kick eventfd, so a slow request never holds back the ones behind it.
+//!
+//! With an inflight region, each request is marked when taken and
+//! unmarked once in the used ring; a worker starting on a region that a
+//! previous device used first runs again the requests still marked.
+//!
+//! Stopping (GET_VRING_BASE, a disable, the connection's end) stops
+//! taking requests and waits for those in flight, then hands the queue
+//! back: that is the drain of block-export-del and quit.
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
+
+use super::inflight::{QueueLog, Recovery};
+use super::request::{self, Desc};
+use super::Shared;
+
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The call eventfd, which the frontend may change while the queue runs.
+pub type Call = Arc<Mutex<Option<File>>>;
+
+/// What a worker needs to start.
+pub struct Start {
+    pub index: u16,
+    pub shared: Arc<Shared>,
+    pub mem: Memory,
+    pub queue: Queue,
+    pub kick: OwnedFd,
+    pub call: Call,
+    pub log: Option<QueueLog>,
+}
+
+/// A running worker, as the connection holds it.
+pub struct Worker {
+    stop: Arc<Notify>,
+    stopping: Arc<AtomicBool>,
+    thread: JoinHandle<Queue>,
+}
+
+impl Worker {
+    pub fn spawn(s: Start) -> std::io::Result<Worker> {
+        let stop = Arc::new(Notify::new());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let name = format!("vhost-user/q{}", s.index);
+        let (stop2, stopping2) = (stop.clone(), stopping.clone());
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(s, stop2, stopping2))?;
+        Ok(Worker {
+            stop,
+            stopping,
+            thread,
+        })
+    }
+
+    /// Stops taking requests, waits for those in flight, and gives the
+    /// queue back (None if the thread panicked).
+    pub fn stop(self) -> Option<Queue> {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_one();
+        self.thread.join().ok()
+    }
+}
+
+fn run(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
+    let Start {
+        index,
+        shared,
+        mem,
+        queue,
+        kick,
+        call,
+        log,
+    } = s;
+    let mut q = Served {
+        shared,
+        mem,
+        queue,
+        call,
+        log,
+        event_idx: false,
+    };
+    q.event_idx = q.queue.event_idx_enabled();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!("vhost-user queue {index}: no runtime: {e}");
+            return q.queue;
+        }
+    };
+    rt.block_on(q.serve(kick, stop, stopping));
+    q.queue
+}
+
+/// A queue being served: its ring, its memory and its inflight log.
+struct Served {
+    shared: Arc<Shared>,
+    mem: Memory,
+    queue: Queue,
+    call: Call,
+    log: Option<QueueLog>,
+    event_idx: bool,
+}
+
+type Running = JoinSet<(u16, u32)>;
+
+impl Served {
+    async fn serve(&mut self, kick: OwnedFd, stop: Arc<Notify>, stopping: Arc<AtomicBool>) {
+        let _ = nix::fcntl::fcntl(
+            kick.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        // SAFETY: the worker owns this duplicate of the kick descriptor;
+        // it stays open and the same while the AsyncFd holds it.
+        let kick = unsafe { AsyncFd::register_with_interest(kick, Interest::READABLE) }.ok();
+        let mut running = Running::new();
+        self.recover(&mut running);
+        loop {
+            let halted = stopping.load(Ordering::SeqCst);
+            if !halted {
+                self.take_available(&mut running);
+            } else if running.is_empty() {
+                return;
+            }
+            tokio::select! {
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    self.finish(done);
+                    // Whatever else is done goes in with it, one signal.
+                    while let Some(done) = running.try_join_next() {
+                        self.finish(done);
+                    }
+                    self.signal();
+                }
+                _ = stop.notified(), if !halted => {}
+                ready = readable(kick.as_ref()), if !halted => {
+                    if let Ok(fd) = ready {
+                        clear_kick(fd);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs again what a previous device left in flight (oldest first),
+    /// and starts the avail ring after the last request it took.
+    fn recover(&mut self, running: &mut Running) {
+        let mem = self.mem.memory().into_inner();
+        // The used ring goes on from where it is (the frontend's view).
+        let Ok(used) = self.queue.used_idx(&*mem, Ordering::Acquire) else {
+            return;
+        };
+        let used = used.0;
+        self.queue.set_next_used(used);
+        let Some(log) = self.log.as_mut() else { return };
+        let Recovery::Resubmit { heads, next_avail } = log.start(used) else {
+            return;
+        };
+        if !heads.is_empty() {
+            tracing::debug!("vhost-user: resubmitting {} requests", heads.len());
+        }
+        self.queue.set_next_avail(next_avail);
+        for head in heads {
+            match chain_at(&mem, &self.queue, head) {
+                Some(descs) => self.spawn(running, &mem, head, descs),
+                // The chain no longer reads: give the buffer back empty.
+                None => {
+                    running.spawn(async move { (head, 0) });
+                }
+            }
+        }
+    }
+
+    /// Starts every request the ring holds (with event-idx: until no
+    /// request came while notifications were off).
+    fn take_available(&mut self, running: &mut Running) {
+        let mem = self.mem.memory().into_inner();
+        loop {
+            if self.event_idx {
+                let _ = self.queue.disable_notification(&*mem);
+            }
+            let mut taken = Vec::new();
+            if let Ok(iter) = self.queue.iter(&*mem) {
+                for chain in iter {
+                    let head = chain.head_index();
+                    if let Some(log) = self.log.as_mut() {
+                        log.taken(head);
+                    }
+                    let descs = chain
+                        .map(|d| Desc {
+                            addr: d.addr().0,
+                            len: d.len(),
+                            writable: d.is_write_only(),
+                        })
+                        .collect();
+                    taken.push((head, descs));
+                }
+            }
+            // A ring index the frontend made up gives nothing to serve.
+            for (head, descs) in taken {
+                self.spawn(running, &mem, head, descs);
+            }
+            if !self.event_idx {
+                return;
+            }
+            match self.queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        running: &mut Running,
+        mem: &Arc<GuestMemoryMmap>,
+        head: u16,
+        descs: Vec<Desc>,
+    ) {
+        let (shared, mem) = (self.shared.clone(), mem.clone());
+        running.spawn(async move {
+            let used = request::run(&shared, &mem, &descs).await;
+            (head, used)
+        });
+    }
+
+    /// Puts a finished request in the used ring, its inflight mark
+    /// cleared around it as the spec orders.
+    fn finish(&mut self, done: Result<(u16, u32), tokio::task::JoinError>) {
+        let Ok((head, used)) = done else {
+            tracing::warn!("vhost-user: a request's task failed");
+            return;
+        };
+        let mem = self.mem.memory();
+        if let Some(log) = self.log.as_mut() {
+            log.completing(head);
+        }
+        if self.queue.add_used(&*mem, head, used).is_err() {
+            return;
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.completed(head, self.queue.next_used());
+        }
+    }
+
+    /// Tells the frontend about new used entries, if it wants to hear.
+    fn signal(&mut self) {
+        let mem = self.mem.memory();
+        if !self.queue.needs_notification(&*mem).unwrap_or(true) {
+            return;
+        }
+        if let Ok(call) = self.call.lock() {
+            if let Some(mut f) = call.as_ref() {
+                let _ = f.write(&1u64.to_ne_bytes());
+            }
+        }
+    }
+}
+
+async fn readable(kick: Option<&AsyncFd<OwnedFd>>) -> std::io::Result<&AsyncFd<OwnedFd>> {
+    match kick {
+        Some(k) => k.readable().await.map(|mut g| {
+            g.clear_ready();
+            k
+        }),
+        // No kick descriptor to watch: only completions and stop wake us.
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the kick counter back to 0 (it is non-blocking).
+fn clear_kick(fd: &AsyncFd<OwnedFd>) {
+    let mut buf = [0u8; 8];
+    let _ = nix::unistd::read(fd.get_ref().as_raw_fd(), &mut buf);
+}
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// The chain starting at `head`, read again from the descriptor table
+/// (a resubmitted request: its avail ring entry may be gone), with the
+/// checks virtio-queue makes: bounded length, indexes inside the table,
+/// no indirect table inside an indirect table.
+fn chain_at(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> Option<Vec<Desc>> {
+    let mut table = GuestAddress(queue.desc_table());
+    let mut size = queue.size();
+    let mut ttl = size;
+    let mut next = head;
+    let mut indirect = false;
+    let mut descs = Vec::new();
+    while ttl > 0 && next < size {
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, table.checked_add(16 * u64::from(next))?)
+            .ok()?;
+        let addr = u64::from_le_bytes(raw[0..8].try_into().ok()?);
+        let len = u32::from_le_bytes(raw[8..12].try_into().ok()?);
+        let flags = u16::from_le_bytes(raw[12..14].try_into().ok()?);
+        let link = u16::from_le_bytes(raw[14..16].try_into().ok()?);
+        if flags & DESC_F_INDIRECT != 0 {
+            if indirect || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+                return None;
+            }
+            table = GuestAddress(addr);
+            size = u16::try_from(len / 16).ok()?;
+            ttl = size;
+            next = 0;
+            indirect = true;
+            continue;
+        }
+        descs.push(Desc {
+            addr,
+            len,
+            writable: flags & DESC_F_WRITE != 0,
+        });
+        if flags & DESC_F_NEXT == 0 {
+            return Some(descs);
+        }
+        next = link;
+        ttl -= 1;
+    }
+    // Ran out of table or length: what was read is the chain, as
+    // virtio-queue's iterator ends it.
+    (!descs.is_empty()).then_some(descs)
+}
