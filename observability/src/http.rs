@@ -162,7 +162,8 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, ep: &
         Err(0) => return,
         Err(code) => (Response::text(code, format!("{}\n", reason(code))), false),
     };
-    let mut out = format!(
+    let mut out =
+        format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
         r.code,
         reason(r.code),
@@ -170,7 +171,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, ep: &
         r.body.len(),
         if r.code == 405 { "Allow: GET, HEAD\r\n" } else { "" },
     )
-    .into_bytes();
+        .into_bytes();
     if !head_only {
         out.extend_from_slice(r.body.as_bytes());
     }
@@ -243,15 +244,24 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(r.contains("Content-Length: 4\r\n") && r.ends_with("\r\n\r\nm 1\n"));
         let r = exchange(b"GET /healthz HTTP/1.0\n\n").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("ok\n"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("ok\n"),
+            "{r}"
+        );
         let r = exchange(b"GET /readyz HTTP/1.1\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 503 ") && r.ends_with("starting\n"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 503 ") && r.ends_with("starting\n"),
+            "{r}"
+        );
         let r = exchange(b"GET /other HTTP/1.1\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
         let r = exchange(b"POST /metrics HTTP/1.1\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 405 ") && r.contains("Allow: GET, HEAD"));
         let r = exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(r.contains("Content-Length: 4\r\n") && r.ends_with("\r\n\r\n"), "{r}");
+        assert!(
+            r.contains("Content-Length: 4\r\n") && r.ends_with("\r\n\r\n"),
+            "{r}"
+        );
         let r = exchange(b"nonsense\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
     }
