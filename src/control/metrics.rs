@@ -28,11 +28,7 @@ impl ControlState {
             .and_then(Value::as_object)
             .unwrap_or(&empty);
         let (listener, path, _) = crate::sockets::listen(arg_str(addr, "type"), addr).await?;
-        let server = Arc::new(MetricsServer {
-            listener,
-            path,
-            metrics: self.ctx.metrics.clone(),
-        });
+        let server = Arc::new(MetricsServer::new(listener, path, self.ctx.metrics.clone()));
         let spec = ChildSpec::actor(
             REGISTRY_NAME,
             Restart::Permanent,
@@ -45,11 +41,12 @@ impl ControlState {
     }
 
     pub(super) async fn metrics_server_stop(&mut self) -> QmpResult<Value> {
-        if self.metrics_server.is_none() {
+        let Some(server) = self.metrics_server.take() else {
             return Err(QmpError::generic("Metrics server not running"));
-        }
+        };
         actors::supervisor::stop_child_by_id(&self.ctx.supervisor, REGISTRY_NAME).await;
-        self.metrics_server = None;
+        // Gone when the command returns, whoever still holds the server.
+        server.unlink();
         Ok(json!({}))
     }
 }

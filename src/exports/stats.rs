@@ -50,7 +50,8 @@ const OPS: usize = Op::ALL.len();
 pub struct ExportStats {
     connected: AtomicU64,
     connections: AtomicU64,
-    /// vhost-user-blk: frontends that came after the first one.
+    /// Clients that came after the first one (for vhost-user-blk, a
+    /// frontend coming back).
     reconnects: AtomicU64,
     requests: [AtomicU64; OPS],
     /// Data moved by reads and writes (payload bytes).

@@ -25,7 +25,7 @@ pub const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("rsd_export_info", "A block export, its type and the node it serves now; always 1.", &["export", "type", "node"]),
     ("rsd_export_clients", "Clients connected to an export now (NBD connections, a vhost-user frontend, the kernel for FUSE).", &["export", "type"]),
     ("rsd_export_connections_total", "Clients that connected to an export.", &["export", "type"]),
-    ("rsd_export_reconnects_total", "vhost-user-blk frontends that connected after the first one.", &["export", "type"]),
+    ("rsd_export_reconnects_total", "Clients that connected to an export after its first one (a vhost-user-blk frontend coming back).", &["export", "type"]),
     ("rsd_export_requests_total", "Requests clients sent to an export, by operation.", &["export", "type", "op"]),
     ("rsd_export_bytes_total", "Payload bytes an export's clients read and wrote.", &["export", "type", "op"]),
     ("rsd_export_request_errors_total", "Requests an export answered with an error, by operation.", &["export", "type", "op"]),
@@ -138,9 +138,7 @@ impl Collector {
             let l = [("export", id), ("type", kind)];
             clients.add(&l, s.connected as f64);
             conns.add(&l, s.connections as f64);
-            if kind == "vhost-user-blk" {
-                reconnects.add(&l, s.reconnects as f64);
-            }
+            reconnects.add(&l, s.reconnects as f64);
             for (op, n, b, err) in s.ops {
                 let l = [("export", id), ("type", kind), ("op", op.as_str())];
                 reqs.add(&l, n as f64);

@@ -96,6 +96,17 @@ pub struct Metrics {
 /// How long /healthz waits for the control actor.
 const CONTROL_PING: Duration = Duration::from_secs(2);
 
+/// The kinds of supervised actors (see ARCHITECTURE.md's actor tree).
+pub const ACTOR_KINDS: [&str; 7] = [
+    "chardev",
+    "monitor",
+    "node",
+    "nbd-server",
+    "export",
+    "job",
+    "metrics-server",
+];
+
 /// The kind of a supervised child: its id up to the first `/`
 /// (`monitor/c1` is a monitor, `nbd-server` the NBD server).
 pub fn actor_kind(child: &str) -> &str {
@@ -136,6 +147,12 @@ impl Metrics {
         let (Ok(restarts), Ok(escalations), Ok(build)) = (restarts, escalations, build) else {
             unreachable!("static metric options are valid");
         };
+        // Every kind from the start at 0, so rate() and alerts see the
+        // first restart as a change.
+        for kind in ACTOR_KINDS {
+            restarts.with_label_values(&[kind]);
+            escalations.with_label_values(&[kind]);
+        }
         let (ma, mi, mc) = crate::context::QEMU_COMPAT;
         build
             .with_label_values(&[crate::context::RSD_VERSION, &format!("{ma}.{mi}.{mc}")])

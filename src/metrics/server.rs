@@ -22,16 +22,42 @@ const MAX_CLIENTS: usize = 32;
 /// An opened listener and what it serves; shared with restarts.
 pub struct MetricsServer {
     pub listener: Listener,
-    /// Unlinked when the server stops.
-    pub path: Option<PathBuf>,
+    /// The UNIX socket's path and its inode, to unlink it when the
+    /// server stops, unless another socket has taken the path by then.
+    socket: Option<(PathBuf, (u64, u64))>,
     pub metrics: Arc<Metrics>,
+}
+
+fn inode(p: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl MetricsServer {
+    pub fn new(listener: Listener, path: Option<PathBuf>, metrics: Arc<Metrics>) -> MetricsServer {
+        let socket = path.and_then(|p| inode(&p).map(|i| (p, i)));
+        MetricsServer {
+            listener,
+            socket,
+            metrics,
+        }
+    }
+
+    /// Removes the socket file if it is still this server's.
+    pub fn unlink(&self) {
+        if let Some((p, ino)) = &self.socket {
+            if inode(p) == Some(*ino) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
 }
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
-        }
+        self.unlink();
     }
 }
 
