@@ -3,9 +3,10 @@
 # runs every test. Run as root (CI does) or with the packages present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Debian packages the tests use (qemu-utils with qemu-storage-daemon is on
-# the machine already and must not be reinstalled from Debian's archive).
-PACKAGES="libnbd-bin"
+# Debian packages the tests use (prometheus and curl for tests/metrics.rs;
+# qemu-utils with qemu-storage-daemon is on the machine already and must
+# not be reinstalled from Debian's archive).
+PACKAGES="libnbd-bin prometheus curl"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq || echo "warning: apt-get update failed" >&2
     if [ -n "$PACKAGES" ]; then

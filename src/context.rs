@@ -29,6 +29,9 @@ pub struct Ctx {
     /// backlog, as with QSD, whose main loop starts after the options),
     /// so a client never sees the server before its exports.
     pub started: watch::Sender<bool>,
+    /// The metrics registry and what it reads (served only when a
+    /// metrics server is started).
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Ctx {

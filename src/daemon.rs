@@ -14,6 +14,7 @@ use crate::cli::options::{self, ChardevCli, ObjectCli};
 use crate::context::Ctx;
 use crate::control::{ControlActor, ControlMsg};
 use crate::events::EventBus;
+use crate::metrics::{Metrics, Phase};
 use crate::qapi::Schema;
 
 /// How start-up ended when it did not reach the serving state.
@@ -41,12 +42,22 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     // monitor, chardev or the NBD server) takes the daemon down cleanly:
     // a daemon missing part of its control plane cannot be steered.
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let metrics = Metrics::new();
+    let (m1, m2) = (metrics.clone(), metrics.clone());
     let supervisor = match Actor::spawn(
         Some("root".into()),
         Supervisor {
             on_escalate: Arc::new(move |child, reason| {
+                m1.escalated(child);
+                if child == crate::metrics::server::REGISTRY_NAME {
+                    // Metrics are not part of the control or data plane:
+                    // losing them must not stop the storage.
+                    eprintln!("rsd: the metrics server kept failing and was stopped ({reason})");
+                    return;
+                }
                 let _ = failed_tx.send((child.to_string(), reason.to_string()));
             }),
+            on_restart: Some(Arc::new(move |child| m2.restarted(child))),
         },
         (),
     )
@@ -66,6 +77,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         replied: tokio::sync::watch::channel(0).0,
         test_hooks,
         started: tokio::sync::watch::channel(false).0,
+        metrics: metrics.clone(),
     });
     let (control, mut control_ended) =
         match Actor::spawn(Some("control".into()), ControlActor, ctx.clone()).await {
@@ -75,6 +87,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
                 return 1;
             }
         };
+    metrics.set_control(control.clone());
 
     let mut pidfile = None;
     let started = apply_all(&ctx, &control, &opts).await.and_then(|()| {
@@ -87,6 +100,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         Ok(())
     });
     if let Err(exit) = started {
+        metrics.set_phase(Phase::Stopping);
         stop(&ctx, &control, &supervisor).await;
         return match exit {
             Exit::Print(text) => {
@@ -107,6 +121,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
         d.finish();
     }
     ctx.started.send_replace(true);
+    metrics.set_phase(Phase::Serving);
     let code = tokio::select! {
         sig = signals.recv() => {
             tracing::info!(signal = sig, "shutting down");
@@ -133,6 +148,7 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
             1
         }
     };
+    metrics.set_phase(Phase::Stopping);
     stop(&ctx, &control, &supervisor).await;
     drop(pidfile);
     code
@@ -216,6 +232,10 @@ async fn apply(
         Arg::Export(text) => {
             let opts = options::export(&ctx.schema, text).map_err(Exit::Fail)?;
             call_err(ractor::call!(control, ControlMsg::ExportCli, opts))
+        }
+        Arg::MetricsServer(text) => {
+            let opts = options::metrics_server(&ctx.schema, text).map_err(Exit::Fail)?;
+            call_err(ractor::call!(control, ControlMsg::MetricsServerCli, opts))
         }
     }
 }

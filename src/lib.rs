@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod events;
 pub mod exports;
 pub mod jobs;
+pub mod metrics;
 pub mod nbd;
 pub mod numbers;
 pub mod objects;

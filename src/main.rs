@@ -24,6 +24,10 @@ rsd: a storage daemon that is a drop-in for qemu-storage-daemon
                          start-up has finished
   --export [type=]nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on|off]
                          export a block node (the block-export-add schema)
+  --metrics-server addr.type=inet,addr.host=<host>,addr.port=<port>
+  --metrics-server addr.type=unix,addr.path=<path>
+                         serve Prometheus metrics (/metrics) and health
+                         checks (/healthz, /readyz) over HTTP (rsd only)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP on a character device
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>

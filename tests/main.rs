@@ -13,6 +13,7 @@ mod fuse;
 mod job_errors;
 mod job_speed;
 mod jobs;
+mod metrics;
 mod mirror;
 mod nbd;
 mod nbd_client;

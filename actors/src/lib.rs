@@ -7,4 +7,6 @@ pub mod pidfile;
 pub mod signals;
 pub mod supervisor;
 
-pub use supervisor::{ChildSpec, ChildStatus, Restart, StartFn, Supervisor, SupervisorMsg};
+pub use supervisor::{
+    ChildSpec, ChildStatus, Restart, RestartFn, StartFn, Supervisor, SupervisorMsg,
+};

@@ -109,8 +109,12 @@ pub struct SupervisorState {
 /// Called with (child id, reason) when a child exceeded its restart intensity.
 pub type EscalateFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// Called with the child id after each restart (for metrics).
+pub type RestartFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 pub struct Supervisor {
     pub on_escalate: EscalateFn,
+    pub on_restart: Option<RestartFn>,
 }
 
 impl Supervisor {
@@ -121,6 +125,7 @@ impl Supervisor {
         failed: bool,
         reason: String,
         on_escalate: &EscalateFn,
+        on_restart: Option<&RestartFn>,
     ) {
         let Some(pos) = state
             .children
@@ -161,6 +166,9 @@ impl Supervisor {
             Ok(cell) => {
                 child.cell = cell;
                 child.restarts += 1;
+                if let Some(f) = on_restart {
+                    f(&id);
+                }
             }
             Err(e) => {
                 tracing::error!(child = %id, error = %e, "restart failed; removing child");
@@ -259,6 +267,7 @@ impl Actor for Supervisor {
                     true,
                     err.to_string(),
                     &self.on_escalate,
+                    self.on_restart.as_ref(),
                 )
                 .await;
             }
@@ -270,6 +279,7 @@ impl Actor for Supervisor {
                     false,
                     reason.unwrap_or_else(|| "stopped".into()),
                     &self.on_escalate,
+                    self.on_restart.as_ref(),
                 )
                 .await;
             }
@@ -382,6 +392,7 @@ mod tests {
                 on_escalate: Arc::new(move |_, _| {
                     e2.fetch_add(1, Ordering::SeqCst);
                 }),
+                on_restart: None,
             },
             (),
         )

@@ -3,6 +3,14 @@
 //! target's last path segment or span/event name matches a pattern. Without
 //! patterns only warnings and errors are printed, to stderr. RSD_LOG (an
 //! EnvFilter directive) overrides everything, for developers.
+//!
+//! `metrics` holds the Prometheus primitives (the data path's latency
+//! histogram, metric-family builders, the text encoding) and `http` the
+//! responder of the metrics listener (/metrics, /healthz, /readyz).
+//! OpenTelemetry traces will live beside them (their own module).
+pub mod http;
+pub mod metrics;
+
 use std::sync::{Arc, Mutex};
 
 use tracing::Metadata;

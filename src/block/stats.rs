@@ -1,5 +1,6 @@
-//! Per-node I/O counters for query-blockstats, updated lock-free on the
-//! data path.
+//! Per-node I/O counters, updated lock-free on the data path. Both
+//! query-blockstats and the Prometheus collector (src/metrics) read
+//! these same atomics.
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
@@ -10,6 +11,9 @@ pub struct Counter {
     pub failed: AtomicU64,
     pub invalid: AtomicU64,
     pub total_ns: AtomicU64,
+    /// Every completed request's latency (succeeded or failed: its sum
+    /// is `total_ns`).
+    pub latency: observability::metrics::Histogram,
 }
 
 impl Counter {
@@ -20,8 +24,9 @@ impl Counter {
         } else {
             self.failed.fetch_add(1, Relaxed);
         }
-        self.total_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        let ns = started.elapsed().as_nanos() as u64;
+        self.total_ns.fetch_add(ns, Relaxed);
+        self.latency.observe_ns(ns);
     }
 }
 

@@ -17,6 +17,8 @@ pub enum Arg {
     Daemonize,
     NbdServer(String),
     Export(String),
+    /// rsd's `--metrics-server` (beyond QSD).
+    MetricsServer(String),
     /// A positional argument (an error when processed).
     Positional(String),
 }
@@ -33,6 +35,7 @@ impl Arg {
             Arg::Pidfile(v) => format!("--pidfile {v}"),
             Arg::NbdServer(v) => format!("--nbd-server {v}"),
             Arg::Export(v) => format!("--export {v}"),
+            Arg::MetricsServer(v) => format!("--metrics-server {v}"),
             Arg::Positional(v) => v.clone(),
             Arg::Help => "--help".into(),
             Arg::Version => "--version".into(),
@@ -55,6 +58,11 @@ const LONG: &[(&str, bool)] = &[
     ("version", false),
 ];
 
+/// rsd's own options. An abbreviation matches them only when it matches
+/// none of QSD's, so QSD's abbreviations (`--m` for `--monitor`) keep
+/// their meaning.
+const EXTENSIONS: &[(&str, bool)] = &[("metrics-server", true)];
+
 fn make(name: &str, value: Option<String>) -> Arg {
     let v = value.unwrap_or_default();
     match name {
@@ -62,6 +70,7 @@ fn make(name: &str, value: Option<String>) -> Arg {
         "chardev" => Arg::Chardev(v),
         "daemonize" => Arg::Daemonize,
         "export" => Arg::Export(v),
+        "metrics-server" => Arg::MetricsServer(v),
         "help" => Arg::Help,
         "monitor" => Arg::Monitor(v),
         "nbd-server" => Arg::NbdServer(v),
@@ -89,8 +98,14 @@ pub fn scan(argv: &[String]) -> Result<Vec<Arg>, String> {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (body, None),
             };
-            let exact = LONG.iter().find(|(n, _)| *n == name);
-            let matches: Vec<_> = LONG.iter().filter(|(n, _)| n.starts_with(name)).collect();
+            let exact = LONG.iter().chain(EXTENSIONS).find(|(n, _)| *n == name);
+            let mut matches: Vec<_> = LONG.iter().filter(|(n, _)| n.starts_with(name)).collect();
+            if matches.is_empty() {
+                matches = EXTENSIONS
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(name))
+                    .collect();
+            }
             let (full, takes) = match (exact, matches.as_slice()) {
                 (Some(e), _) => *e,
                 (None, [one]) => **one,
@@ -193,6 +208,13 @@ mod tests {
         );
         assert_eq!(s(&["-hV"]), Ok(vec![Arg::Help, Arg::Version]));
         assert_eq!(s(&["--ver"]), Ok(vec![Arg::Version]));
+        // QSD's abbreviations keep their meaning beside rsd's options.
+        assert_eq!(s(&["--m", "x"]), Ok(vec![Arg::Monitor("x".into())]));
+        assert_eq!(s(&["--me=y"]), Ok(vec![Arg::MetricsServer("y".into())]));
+        assert_eq!(
+            s(&["--metrics-server", "z"]),
+            Ok(vec![Arg::MetricsServer("z".into())])
+        );
         assert_eq!(
             s(&["--daemonize=x"]),
             Err("option '--daemonize' doesn't allow an argument".into())

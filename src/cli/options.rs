@@ -234,6 +234,11 @@ pub fn nbd_server(schema: &Schema, text: &str) -> Result<Map<String, Value>, Str
     keyval_or_json(schema, text, None, "NbdServerOptions").map(|(m, _)| m)
 }
 
+/// `--metrics-server`: validated MetricsServerOptions (rsd's own).
+pub fn metrics_server(schema: &Schema, text: &str) -> Result<Map<String, Value>, String> {
+    keyval_or_json(schema, text, None, "__org.rsd_MetricsServerOptions").map(|(m, _)| m)
+}
+
 /// `-T/--trace`: `[enable=]PATTERN[,events=FILE][,file=FILE]`. Returns
 /// None for `help`.
 pub fn trace(text: &str) -> Result<Option<observability::TraceOpt>, String> {

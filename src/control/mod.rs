@@ -9,6 +9,7 @@ mod chardevs;
 mod commit;
 mod exports;
 mod jobs;
+mod metrics;
 mod mirror;
 mod nbd;
 mod qom;
@@ -71,6 +72,10 @@ pub enum ControlMsg {
     MirrorEnded(Box<mirror::MirrorEnd>),
     /// The exit path run before the supervisor stops everything.
     Shutdown(RpcReplyPort<()>),
+    /// `--metrics-server`: like __org.rsd_metrics-server-start.
+    MetricsServerCli(Map<String, Value>, RpcReplyPort<Result<(), String>>),
+    /// /healthz: the control actor answers.
+    Ping(RpcReplyPort<()>),
 }
 
 pub struct ChardevEntry {
@@ -94,6 +99,8 @@ pub struct ControlState {
     seq: u64,
     nbd: Option<Arc<crate::nbd::server::Server>>,
     exports: crate::exports::Registry,
+    /// The metrics listener, when one runs.
+    metrics_server: Option<Arc<crate::metrics::server::MetricsServer>>,
 }
 
 pub struct ControlActor;
@@ -112,15 +119,18 @@ impl Actor for ControlActor {
         let c = ctx.clone();
         block.events = Some(Arc::new(move |name, data| c.events.emit(name, Some(data))));
         Ok(ControlState {
-            ctx,
             myself,
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
             block,
-            jobs: Default::default(),
+            // Shared with the metrics collector, which reads them at
+            // scrape time.
+            jobs: ctx.metrics.sources.jobs.clone(),
+            exports: ctx.metrics.sources.exports.clone(),
             seq: 0,
             nbd: None,
-            exports: Default::default(),
+            metrics_server: None,
+            ctx,
         })
     }
 
@@ -182,9 +192,27 @@ impl Actor for ControlActor {
                 for (_, c) in &st.chardevs {
                     c.backend.cleanup();
                 }
+                // The metrics server keeps answering (readyz: 503) until
+                // the supervisor stops it last; its socket goes with it.
+                st.metrics_server = None;
+                let _ = reply.send(());
+            }
+            ControlMsg::MetricsServerCli(args, reply) => {
+                let _ = reply.send(st.metrics_server_start(&args).await);
+            }
+            ControlMsg::Ping(reply) => {
                 let _ = reply.send(());
             }
         }
+        // Every graph change happens in a handler: the collector sees
+        // the nodes as they are after each one.
+        st.ctx.metrics.publish_nodes(
+            st.block
+                .in_name_order()
+                .into_iter()
+                .map(|e| e.node.clone())
+                .collect(),
+        );
         Ok(())
     }
 }
@@ -212,12 +240,19 @@ impl ControlState {
                 // QSD's exit path runs before the reply: exports go
                 // first, then the jobs are cancelled (after the drain's
                 // pause of each block job).
+                ctx.metrics.set_phase(crate::metrics::Phase::Stopping);
                 self.delete_exports(None).await;
                 self.cancel_all_jobs().await;
                 Ok(json!({}))
             }
             "nbd-server-start" => self.nbd_server_start_legacy(&args).await,
             "nbd-server-stop" => self.nbd_server_stop().await,
+            "__org.rsd_metrics-server-start" => self
+                .metrics_server_start(&args)
+                .await
+                .map(|()| json!({}))
+                .map_err(QmpError::generic),
+            "__org.rsd_metrics-server-stop" => self.metrics_server_stop().await,
             "block-export-add" => self
                 .block_export_add(&args, true)
                 .await

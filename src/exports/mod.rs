@@ -3,6 +3,7 @@
 //! keyed by export id, and the actor that owns each export.
 pub mod actor;
 pub mod fuse;
+pub mod stats;
 
 use std::any::Any;
 use std::future::Future;
@@ -34,6 +35,14 @@ pub trait BlockExport: Send + Sync + 'static {
     /// export closes (a protocol server's loop). Exports whose clients
     /// another component serves (NBD's server) wait for the close.
     fn serve(self: Arc<Self>) -> BoxFuture<'static, ()>;
+    /// The export's counters (clients, requests, bytes, errors), which
+    /// the metrics collector reads.
+    fn stats(&self) -> &Arc<stats::ExportStats>;
+    /// Whether the export serves now (for /readyz): its protocol's loop
+    /// runs. An NBD export serves while the NBD server does.
+    fn serving(&self) -> bool {
+        true
+    }
     /// For a protocol's own lookups (NBD finds its exports by name).
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }

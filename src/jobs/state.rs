@@ -106,11 +106,9 @@ pub fn refused(id: &str, status: Status, verb: Verb) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ALL: [Status; 11] = [
+impl Status {
+    /// Every state, in QAPI's order.
+    pub const ALL: [Status; 11] = [
         Status::Undefined,
         Status::Created,
         Status::Running,
@@ -123,6 +121,13 @@ mod tests {
         Status::Concluded,
         Status::Null,
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [Status; 11] = Status::ALL;
 
     #[test]
     fn verb_table_matches_qemu() {

@@ -13,12 +13,18 @@ use super::proto::*;
 pub(super) struct Reply {
     pub(super) buf: Vec<u8>,
     pub(super) len: usize,
+    /// An error reply (counted as such on the export).
+    pub(super) error: bool,
 }
 
 impl From<Vec<u8>> for Reply {
     fn from(buf: Vec<u8>) -> Reply {
         let len = buf.len();
-        Reply { buf, len }
+        Reply {
+            buf,
+            len,
+            error: false,
+        }
     }
 }
 
@@ -234,8 +240,14 @@ pub(super) fn chunk_header(
 }
 
 pub(super) fn error_reply(s: &Session, cookie: u64, offset: u64, error: u32) -> Reply {
+    let mut r: Reply = error_bytes(s, cookie, offset, error).into();
+    r.error = true;
+    r
+}
+
+fn error_bytes(s: &Session, cookie: u64, offset: u64, error: u32) -> Vec<u8> {
     if !s.structured {
-        return simple_reply(cookie, error, 0).into();
+        return simple_reply(cookie, error, 0);
     }
     let mut b = Vec::with_capacity(26);
     chunk_header(
@@ -249,7 +261,7 @@ pub(super) fn error_reply(s: &Session, cookie: u64, offset: u64, error: u32) -> 
     );
     b.extend_from_slice(&error.to_be_bytes());
     b.extend_from_slice(&0u16.to_be_bytes());
-    b.into()
+    b
 }
 
 pub(super) fn ok_reply(s: &Session, cookie: u64, offset: u64) -> Reply {

@@ -12,6 +12,7 @@ use super::proto::*;
 use crate::block::cancel::Cancel;
 use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::node::Node;
+use crate::exports::stats::Op as ExportOp;
 
 /// Requests in flight per connection; the reader waits beyond this.
 const MAX_IN_FLIGHT: usize = 64;
@@ -158,7 +159,28 @@ pub async fn transmission(
     }
 }
 
+/// Runs one request and counts it on the export.
 async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
+    let op = match r.kind {
+        CMD_READ => ExportOp::Read,
+        CMD_WRITE => ExportOp::Write,
+        CMD_FLUSH => ExportOp::Flush,
+        CMD_TRIM => ExportOp::Discard,
+        CMD_WRITE_ZEROES => ExportOp::WriteZeroes,
+        CMD_BLOCK_STATUS => ExportOp::BlockStatus,
+        _ => ExportOp::Other,
+    };
+    let moved = if matches!(op, ExportOp::Read | ExportOp::Write) {
+        r.len
+    } else {
+        0
+    };
+    let reply = run(s, r, payload).await;
+    s.export.stats.request(op, moved, !reply.error);
+    reply
+}
+
+async fn run(s: &Session, r: Request, payload: &[u8]) -> Reply {
     // Counted on the export's edge: a graph change (a snapshot) waits
     // for it, and the next request goes to the new node.
     let Some(node) = s.export.node.enter().await else {
@@ -307,7 +329,11 @@ async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
     }
     b[..head.len()].copy_from_slice(&head);
     match node.read(r.offset, &mut b[head.len()..need]).await {
-        Ok(()) => Reply { buf: b, len: need },
+        Ok(()) => Reply {
+            buf: b,
+            len: need,
+            error: false,
+        },
         Err(e) => error_reply(s, r.cookie, r.offset, node_failed(s, r.kind, r.offset, &e)),
     }
 }

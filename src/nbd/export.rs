@@ -7,6 +7,7 @@ use tokio::sync::watch;
 
 use crate::block::child::Child;
 use crate::block::dirty::NamedBitmap;
+use crate::exports::stats::{Connection, ExportStats};
 use crate::exports::{BlockExport, BoxFuture, Registry};
 
 pub struct Export {
@@ -28,6 +29,7 @@ pub struct Export {
     /// The graph user holding this export's permissions.
     pub user: u64,
     clients: AtomicUsize,
+    pub stats: Arc<ExportStats>,
     /// Woken when the last client leaves.
     idle: tokio::sync::Notify,
     /// Set to true to drop every connection (block-export-del mode=hard).
@@ -66,6 +68,7 @@ impl Export {
             multi_conn: c.multi_conn,
             user: c.user,
             clients: AtomicUsize::new(0),
+            stats: Default::default(),
             idle: tokio::sync::Notify::new(),
             closing: watch::channel(false).0,
         })
@@ -100,7 +103,7 @@ impl Export {
     /// Counts a connection for as long as the guard lives.
     pub fn attach(self: &Arc<Self>) -> ClientGuard {
         self.clients.fetch_add(1, Ordering::SeqCst);
-        ClientGuard(self.clone())
+        ClientGuard(self.clone(), self.stats.connect())
     }
 }
 
@@ -114,7 +117,7 @@ impl Drop for Export {
     }
 }
 
-pub struct ClientGuard(Arc<Export>);
+pub struct ClientGuard(Arc<Export>, #[allow(dead_code)] Connection);
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
@@ -152,6 +155,9 @@ impl BlockExport for Export {
             let mut closing = self.closing();
             let _ = closing.wait_for(|c| *c).await;
         })
+    }
+    fn stats(&self) -> &Arc<ExportStats> {
+        &self.stats
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self

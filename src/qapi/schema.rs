@@ -66,6 +66,9 @@ const SCHEMA_FILES: &[&str] = &[
     include_str!("schema.json"),
     include_str!("block.json"),
     include_str!("jobs.json"),
+    // rsd's own commands, named by QAPI's rule for downstream
+    // extensions (`__org.rsd_`).
+    include_str!("metrics.json"),
 ];
 const BUILTINS: &[(&str, &str)] = &[
     ("str", "string"),

@@ -73,6 +73,7 @@ impl VhostUserBlkExport {
                 num_queues: c.num_queues,
                 write_cache: AtomicBool::new(!c.writethrough),
                 wce: 0.into(),
+                stats: Default::default(),
             }),
             listener: Mutex::new(Some(Listener::from(c.listener))),
             path: c.path,
@@ -187,6 +188,7 @@ impl VhostUserBlkExport {
         let device = Device::new(self.shared.clone());
         let mut handler = BackendReqHandler::from_stream(stream, device.clone());
         self.clients.fetch_add(1, Ordering::SeqCst);
+        let counted = self.shared.stats.connect();
         if let Ok(mut c) = self.conn.lock() {
             *c = Some(cut);
         }
@@ -215,6 +217,7 @@ impl VhostUserBlkExport {
         // Stops the rings: their requests are done after this.
         device.shutdown();
         drop(handler);
+        drop(counted);
         if self.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
         }
@@ -285,6 +288,19 @@ impl BlockExport for VhostUserBlkExport {
                 tracing::warn!("vhost-user-blk export '{}': {why}", self.id);
             }
         })
+    }
+    fn stats(&self) -> &Arc<crate::exports::stats::ExportStats> {
+        &self.shared.stats
+    }
+    /// Serving while the accept loop runs.
+    fn serving(&self) -> bool {
+        !self.closing.load(Ordering::SeqCst)
+            && self
+                .worker
+                .lock()
+                .ok()
+                .and_then(|w| w.as_ref().map(|rx| rx.borrow().is_none()))
+                .unwrap_or(false)
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self

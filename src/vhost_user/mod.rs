@@ -38,6 +38,8 @@ pub struct Shared {
     pub write_cache: AtomicBool,
     /// The wce byte of the config space (QSD starts it at 0).
     pub wce: AtomicU8,
+    /// The export's counters (requests by type, frontends).
+    pub stats: Arc<crate::exports::stats::ExportStats>,
 }
 
 impl Shared {

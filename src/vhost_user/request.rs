@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::config::{MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_BITS};
 use super::Shared;
 use crate::block::driver::{WriteFlags, ZeroFlags};
+use crate::exports::stats::Op as ExportOp;
 
 /// Request types (virtio spec 5.2.6).
 pub const T_IN: u32 = 0;
@@ -80,8 +81,15 @@ pub async fn run(dev: &Shared, mem: &GuestMemoryMmap, descs: &[Desc]) -> u32 {
         return 0;
     };
     let status = match split(mem, descs) {
-        Some(p) => execute(dev, mem, &p).await,
-        None => S_IOERR,
+        Some(p) => {
+            let status = execute(dev, mem, &p).await;
+            count(dev, &p, status);
+            status
+        }
+        None => {
+            dev.stats.request(ExportOp::Other, 0, false);
+            S_IOERR
+        }
     };
     if mem.write_obj(status, GuestAddress(status_at)).is_err() {
         return 0;
@@ -160,6 +168,19 @@ async fn execute(dev: &Shared, mem: &GuestMemoryMmap, p: &Parts) -> u8 {
         t @ (T_DISCARD | T_WRITE_ZEROES) => discard_or_zero(dev, mem, p, t).await,
         _ => S_UNSUPP,
     }
+}
+
+/// Counts a request on the export (payload bytes for reads and writes).
+fn count(dev: &Shared, p: &Parts, status: u8) {
+    let (op, bytes) = match p.kind & !T_BARRIER {
+        T_IN => (ExportOp::Read, total(&p.inn)),
+        T_OUT => (ExportOp::Write, total(&p.out)),
+        T_FLUSH => (ExportOp::Flush, 0),
+        T_DISCARD => (ExportOp::Discard, 0),
+        T_WRITE_ZEROES => (ExportOp::WriteZeroes, 0),
+        _ => (ExportOp::Other, 0),
+    };
+    dev.stats.request(op, bytes, status == S_OK);
 }
 
 fn ok(good: bool) -> u8 {

@@ -16,6 +16,7 @@ use crate::block::actor::NodeMsg;
 use crate::block::child::Child;
 use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
+use crate::exports::stats::{ExportStats, Op as ExportOp};
 
 /// Reads up to this size get a buffer of their own; larger ones one
 /// from the pool.
@@ -36,6 +37,7 @@ pub struct Fs {
     pub allow_other: bool,
     pub attrs: Mutex<Attrs>,
     pub pool: Arc<Pool>,
+    pub stats: Arc<ExportStats>,
 }
 
 /// A write's data: `len` bytes at `at` in `buf` (the request as read,
@@ -93,6 +95,29 @@ impl Fs {
     /// Answers one decoded request (INIT, DESTROY and write data are the
     /// session's).
     pub async fn serve(&self, op: Op, data: Option<WriteData>) -> Reply {
+        let (kind, moved) = match &op {
+            Op::NoReply | Op::Destroy | Op::Init { .. } => return self.answer(op, data).await,
+            Op::Read { size, .. } => (ExportOp::Read, u64::from(*size)),
+            Op::Write { .. } => (ExportOp::Write, data.as_ref().map_or(0, |d| d.len as u64)),
+            Op::Fsync | Op::Flush => (ExportOp::Flush, 0),
+            Op::Fallocate { mode, .. } if *mode as i32 & libc::FALLOC_FL_PUNCH_HOLE != 0 => {
+                (ExportOp::Discard, 0)
+            }
+            Op::Fallocate { .. } => (ExportOp::WriteZeroes, 0),
+            Op::Lseek { .. } => (ExportOp::BlockStatus, 0),
+            _ => (ExportOp::Other, 0),
+        };
+        let reply = self.answer(op, data).await;
+        let moved = match &reply {
+            Reply::Data { len, .. } => *len as u64,
+            _ => moved,
+        };
+        self.stats
+            .request(kind, moved, !matches!(reply, Reply::Err(_)));
+        reply
+    }
+
+    async fn answer(&self, op: Op, data: Option<WriteData>) -> Reply {
         match op {
             Op::Lookup => Reply::Err(libc::ENOENT),
             Op::GetAttr => body(self.stat().await),

@@ -13,6 +13,7 @@ use nix::libc;
 
 use super::{BlockExport, BoxFuture};
 use crate::block::child::Child;
+use crate::exports::stats::ExportStats;
 
 mod abi;
 mod fs;
@@ -63,6 +64,7 @@ struct FsShared {
     writable: bool,
     growable: bool,
     mode: u32,
+    stats: Arc<ExportStats>,
 }
 
 impl FsShared {
@@ -78,6 +80,7 @@ impl FsShared {
                 gid: nix::unistd::getgid().as_raw(),
             }),
             pool: Arc::new(Pool::new(REQUEST_BUF, KEEP_BUFS)),
+            stats: self.stats.clone(),
         }
     }
 }
@@ -116,6 +119,8 @@ async fn start_session(
                 for a in tries {
                     if let Ok(dev) = session::mount(&mountpoint, a) {
                         let _ = ready_tx.send(Ok(a));
+                        // The kernel is the export's one client while mounted.
+                        let _counted = cfg.stats.connect();
                         if let Err(e) = session::run(dev, cfg.fs(a)).await {
                             tracing::debug!(mountpoint, error = %e, "FUSE session ended");
                         }
@@ -163,6 +168,7 @@ impl FuseExport {
             writable: c.writable,
             growable: c.growable,
             mode,
+            stats: Default::default(),
         });
         let (_, ended) =
             start_session(cfg.clone(), c.mountpoint.clone(), c.allow_other, &c.id).await?;
@@ -247,6 +253,13 @@ impl BlockExport for FuseExport {
                 std::future::pending::<()>().await;
             }
         })
+    }
+    fn stats(&self) -> &Arc<ExportStats> {
+        &self.cfg.stats
+    }
+    /// Serving while mounted.
+    fn serving(&self) -> bool {
+        !self.gone.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
