@@ -122,13 +122,19 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
     }
     ctx.started.send_replace(true);
     metrics.set_phase(Phase::Serving);
+    tracing::info!(
+        target: "daemon_start",
+        version = crate::context::RSD_VERSION,
+        pid = std::process::id(),
+        "rsd started"
+    );
     let code = tokio::select! {
         sig = signals.recv() => {
-            tracing::info!(signal = sig, "shutting down");
+            tracing::info!(target: "daemon_stop", signal = sig, "shutting down");
             0
         }
         _ = shutdown_rx.wait_for(|quit| *quit) => {
-            tracing::info!("quit requested");
+            tracing::info!(target: "daemon_stop", "quit requested");
             0
         }
         Some((component, reason)) = failed_rx.recv() => {

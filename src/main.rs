@@ -110,8 +110,7 @@ fn main() {
             _ => {}
         }
     }
-    observability::init(&traces);
-    // Fork before the runtime creates any thread.
+    // Fork before the runtime (or the trace exporter) creates any thread.
     let daemon = if daemonize {
         match actors::daemonize::start() {
             Ok(d) => Some(d),
@@ -123,6 +122,7 @@ fn main() {
     } else {
         None
     };
+    observability::init(&traces);
     // Deep stacks: a client may send JSON nested 1024 levels deep, and
     // dropping or cloning such a value recurses.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -145,5 +145,7 @@ fn main() {
         daemon,
     ));
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    // Buffered spans go out before the process does.
+    observability::traces::shutdown();
     std::process::exit(code);
 }

@@ -102,6 +102,25 @@ fn out_of_range(offset: u64, len: u64, size: u64) -> bool {
 }
 
 impl Node {
+    /// Counts a completed request; one slower than RSD_SLOW_REQUEST_MS
+    /// becomes a span while traces are on (off, the threshold is
+    /// u64::MAX and this is one relaxed load).
+    #[inline]
+    fn finished(
+        &self,
+        counter: &Counter,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        started: Instant,
+        ok: bool,
+    ) {
+        let ns = counter.done(len, started, ok);
+        if ns > observability::traces::slow_ns() {
+            observability::traces::slow_request(&self.name, op, offset, len, ns, ok);
+        }
+    }
+
     /// The checks every request makes: read-only nodes refuse changes,
     /// and the range must lie inside the node (counted as invalid if not).
     fn check(
@@ -322,7 +341,7 @@ impl Node {
                 };
                 self.run(req, || self.driver.read(offset, buf)).await
             };
-            self.stats.rd.done(len, t, r.is_ok());
+            self.finished(&self.stats.rd, "read", offset, len, t, r.is_ok());
             self.stats.touch();
             r
         })
@@ -356,7 +375,7 @@ impl Node {
                 self.run(req, || self.driver.write(offset, buf, flags))
                     .await
             };
-            self.stats.wr.done(len, t, r.is_ok());
+            self.finished(&self.stats.wr, "write", offset, len, t, r.is_ok());
             if r.is_ok() {
                 self.stats.note_write_end(offset + len);
             }
@@ -378,7 +397,7 @@ impl Node {
                 };
                 self.run(req, || self.driver.flush()).await
             };
-            self.stats.flush.done(0, t, r.is_ok());
+            self.finished(&self.stats.flush, "flush", 0, 0, t, r.is_ok());
             r
         })
     }
@@ -409,7 +428,7 @@ impl Node {
             } else {
                 Ok(())
             };
-            self.stats.unmap.done(len, t, r.is_ok());
+            self.finished(&self.stats.unmap, "discard", offset, len, t, r.is_ok());
             r
         })
     }
@@ -430,7 +449,7 @@ impl Node {
             let r = self
                 .run(req, || self.driver.write_zeroes(offset, len, flags))
                 .await;
-            self.stats.wr.done(len, t, r.is_ok());
+            self.finished(&self.stats.wr, "write_zeroes", offset, len, t, r.is_ok());
             if r.is_ok() {
                 self.stats.note_write_end(offset + len);
             }

@@ -17,7 +17,8 @@ pub struct Counter {
 }
 
 impl Counter {
-    pub fn done(&self, bytes: u64, started: Instant, ok: bool) {
+    /// Counts a completed request; returns how long it took (ns).
+    pub fn done(&self, bytes: u64, started: Instant, ok: bool) -> u64 {
         if ok {
             self.ops.fetch_add(1, Relaxed);
             self.bytes.fetch_add(bytes, Relaxed);
@@ -27,6 +28,7 @@ impl Counter {
         let ns = started.elapsed().as_nanos() as u64;
         self.total_ns.fetch_add(ns, Relaxed);
         self.latency.observe_ns(ns);
+        ns
     }
 }
 

@@ -162,6 +162,13 @@ impl ControlState {
             self.block.remove_user(user);
             return Err(e);
         }
+        tracing::info!(
+            target: "export_add",
+            id = %export.id(),
+            export_type = kind,
+            node = %arg_str(args, "node-name"),
+            "export added"
+        );
         self.exports.add(export);
         Ok(())
     }
@@ -192,6 +199,7 @@ impl ControlState {
             crate::exports::shut_down(export.as_ref()).await;
         }
         self.block.remove_user(export.user());
+        tracing::info!(target: "export_del", id = %export.id(), "export deleted");
         let mut data = Map::new();
         data.insert("id".into(), json!(export.id()));
         self.ctx.events.emit("BLOCK_EXPORT_DELETED", Some(data));

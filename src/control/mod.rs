@@ -25,6 +25,7 @@ use std::sync::Arc;
 use actors::{ChildSpec, Restart};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
 use crate::chardev::Backend;
 use crate::context::Ctx;
@@ -43,6 +44,7 @@ pub enum ControlMsg {
     Execute(
         String,
         Map<String, Value>,
+        tracing::Span,
         RpcReplyPort<(QmpResult<Value>, u64)>,
     ),
     /// `--chardev`: like chardev-add, with the command line's id rules;
@@ -146,9 +148,10 @@ impl Actor for ControlActor {
                     st.block.remove_user(id);
                 }
             }
-            ControlMsg::Execute(name, args, reply) => {
+            ControlMsg::Execute(name, args, span, reply) => {
                 st.seq += 1;
-                let r = st.execute(&name, args).await;
+                // Inside the command's span: a job it creates is a child.
+                let r = st.execute(&name, args).instrument(span).await;
                 let _ = reply.send((r, st.seq));
             }
             ControlMsg::AddChardevCli(id, backend, prefix, reply) => {
@@ -443,10 +446,10 @@ impl ControlState {
         }
         entry.has_monitor = true;
         let control = self.myself.clone();
-        let dispatch: crate::qmp::Dispatch = Arc::new(move |name, args| {
+        let dispatch: crate::qmp::Dispatch = Arc::new(move |name, args, span| {
             let control = control.clone();
             Box::pin(async move {
-                match ractor::call!(control, ControlMsg::Execute, name, args) {
+                match ractor::call!(control, ControlMsg::Execute, name, args, span) {
                     Ok(r) => r,
                     Err(e) => (Err(QmpError::generic(format!("internal error: {e}"))), 0),
                 }

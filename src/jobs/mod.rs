@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
 use crate::events::EventSink;
 pub use state::{Status, Verb};
@@ -142,6 +143,9 @@ pub struct Shared {
     /// A transaction holds the job's node drained until every action is
     /// committed (see `start_drained`).
     held: std::sync::atomic::AtomicBool,
+    /// The job's span while traces are on, from its creation (a child of
+    /// the command that created it) until it concludes.
+    span: Mutex<Option<tracing::Span>>,
 }
 
 /// Jobs drive long block work through the block layer's progress trait.
@@ -217,7 +221,19 @@ impl Shared {
             block,
             ends_on_cancel: std::sync::atomic::AtomicBool::new(false),
             held: std::sync::atomic::AtomicBool::new(false),
+            span: Mutex::new(job_span(id, kind)),
         })
+    }
+
+    /// The job's span (a disabled one once it has ended or while traces
+    /// are off): its work runs inside it, so slow requests it makes are
+    /// its children.
+    pub fn span(&self) -> tracing::Span {
+        self.span
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .unwrap_or_else(tracing::Span::none)
     }
 
     fn flags<R>(&self, f: impl FnOnce(&mut Flags) -> R) -> R {
@@ -246,10 +262,36 @@ impl Shared {
             tracing::warn!(job = %self.id, to = to.as_str(), "job transition refused");
             return;
         }
+        self.traced(to);
         let mut d = Map::new();
         d.insert("id".into(), json!(self.id));
         d.insert("status".into(), json!(to.as_str()));
         (self.events)("JOB_STATUS_CHANGE", d);
+    }
+
+    /// The operator's log line for a transition, which is also the
+    /// event on the job's span; the span ends when the job concludes,
+    /// with the error if it failed.
+    fn traced(&self, to: Status) {
+        let span = self.span();
+        tracing::info!(
+            target: "job_status_change",
+            parent: &span,
+            job = %self.id,
+            job_type = self.kind,
+            status = to.as_str(),
+            "job status change"
+        );
+        if to == Status::Concluded {
+            if let Some(e) = self.flags(|f| f.error.clone()) {
+                span.record("job.error", e.as_str());
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.as_str());
+            }
+            if let Ok(mut s) = self.span.lock() {
+                s.take();
+            }
+        }
     }
 
     pub fn cancelled(&self) -> bool {
@@ -754,7 +796,9 @@ impl Actor for JobActor {
                 let start = a.start.lock().ok().and_then(|mut s| s.take());
                 let first = match start {
                     // Its own task, so a panic is a failed job, not a lost one.
-                    Some(start) => tokio::spawn(start(sh.clone())).await.map_err(panic_text),
+                    Some(start) => tokio::spawn(start(sh.clone()).instrument(sh.span()))
+                        .await
+                        .map_err(panic_text),
                     None => Err("internal error: job started twice".into()),
                 };
                 match first.and_then(|r| r) {
@@ -763,7 +807,10 @@ impl Actor for JobActor {
                         let (replied, sh) = (a.replied.clone(), a.shared.clone());
                         tokio::spawn(async move {
                             after_reply(&replied, &sh).await;
-                            let r = tokio::spawn(rest).await.map_err(panic_text).and_then(|r| r);
+                            let r = tokio::spawn(rest.instrument(sh.span()))
+                                .await
+                                .map_err(panic_text)
+                                .and_then(|r| r);
                             // Its end follows the reply of a cancel too.
                             after_reply(&replied, &sh).await;
                             let _ = me.cast(JobMsg::Finished(r));
@@ -806,6 +853,23 @@ async fn after_reply(replied: &Option<tokio::sync::watch::Receiver<u64>>, sh: &S
         let wait = r.wait_for(|v| *v >= seq);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wait).await;
     }
+}
+
+/// A new job's span, a child of the current one (the command creating
+/// the job); none while traces are off.
+fn job_span(id: &str, kind: &str) -> Option<tracing::Span> {
+    if !observability::traces::enabled() {
+        return None;
+    }
+    Some(tracing::info_span!(
+        "job",
+        otel.name = %format_args!("job {kind}"),
+        job.id = %id,
+        job.type = %kind,
+        job.error = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    ))
 }
 
 /// QEMU's rule for job ids: a letter, then letters, digits, '-', '.', '_'.

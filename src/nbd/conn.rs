@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::codec::*;
 use super::handshake::{Session, CTX_BASE, CTX_BITMAP, CTX_DEPTH};
@@ -87,7 +88,11 @@ pub async fn transmission(
             // A large write is copied on another thread while this one
             // reads the next payload from the socket: both cores work.
             let rt = tokio::runtime::Handle::current();
-            let job = tokio::task::spawn_blocking(move || rt.block_on(fut));
+            let span = conn_span(&s);
+            let job = tokio::task::spawn_blocking(move || {
+                let _in = span.enter();
+                rt.block_on(fut)
+            });
             let s3 = s.clone();
             fut = Box::pin(async move {
                 match job.await {
@@ -119,14 +124,15 @@ pub async fn transmission(
             }
             std::task::Poll::Pending => {
                 let (wr, pool, gone) = (wr.clone(), pool.clone(), gone.clone());
-                tokio::spawn(async move {
+                let task = async move {
                     let reply = fut.await;
                     if wr.lock().await.write_all(reply.bytes()).await.is_err() {
                         gone.cancel();
                     }
                     pool.give(reply.buf);
                     drop(permit);
-                });
+                };
+                tokio::spawn(task.instrument(conn_span(&s)));
             }
         }
         // Batch replies while the next request is already buffered (one
@@ -150,6 +156,14 @@ pub async fn transmission(
     let mut w = wr.lock().await;
     let _ = w.write_all(&out).await;
     let _ = w.shutdown().await;
+    if let Some(t) = &s.trace {
+        t.finish();
+    }
+    tracing::info!(
+        target: "nbd_client_disconnect",
+        export = %s.export.name,
+        "NBD client disconnected"
+    );
     let failed = s.node_errors.load(std::sync::atomic::Ordering::Relaxed);
     if failed > 1 {
         eprintln!(
@@ -157,6 +171,14 @@ pub async fn transmission(
             s.export.name
         );
     }
+}
+
+/// The connection's span, for requests that run elsewhere (a disabled
+/// one, free to clone and enter, while traces are off).
+fn conn_span(s: &Session) -> tracing::Span {
+    s.trace
+        .as_ref()
+        .map_or_else(tracing::Span::none, |t| t.span.clone())
 }
 
 /// Runs one request and counts it on the export.
@@ -177,6 +199,9 @@ async fn handle(s: &Session, r: Request, payload: &[u8]) -> Reply {
     };
     let reply = run(s, r, payload).await;
     s.export.stats.request(op, moved, !reply.error);
+    if let Some(t) = &s.trace {
+        t.count(op, moved);
+    }
     reply
 }
 

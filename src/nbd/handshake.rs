@@ -98,6 +98,8 @@ pub struct Session {
     /// Requests the node failed (the first is printed, the total when
     /// the client leaves).
     pub(super) node_errors: std::sync::atomic::AtomicU64,
+    /// The connection's span and byte counts, while traces are on.
+    pub(super) trace: Option<super::trace::ConnTrace>,
 }
 
 async fn opt_reply(
@@ -300,6 +302,7 @@ async fn negotiate(
                 return Ok(Session {
                     _client: attached,
                     node_errors: Default::default(),
+                    trace: None,
                     export,
                     structured,
                     extended,
@@ -391,6 +394,7 @@ async fn negotiate(
                     return Ok(Session {
                         _client: attached,
                         node_errors: Default::default(),
+                        trace: None,
                         contexts: if ctx_export.as_deref() == Some(&name) {
                             contexts
                         } else {

@@ -6,3 +6,4 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod spin;
+pub mod trace;

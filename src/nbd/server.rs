@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
@@ -75,17 +76,21 @@ fn widen_send_buffer(s: &tokio::net::UnixStream) {
     }
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<Client> {
+/// A client and its address, for the log and the connection's span.
+async fn accept(listener: &Listener) -> std::io::Result<(Client, String)> {
     match listener {
         Listener::Unix(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, addr) = l.accept().await?;
             widen_send_buffer(&s);
-            Ok(Client::Unix(s))
+            let peer = addr
+                .as_pathname()
+                .map_or_else(|| "unix".to_string(), |p| p.display().to_string());
+            Ok((Client::Unix(s), peer))
         }
         Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, addr) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok(Client::Tcp(s))
+            Ok((Client::Tcp(s), addr.to_string()))
         }
     }
 }
@@ -96,7 +101,12 @@ async fn accept(listener: &Listener) -> std::io::Result<Client> {
 /// printed on stderr in QSD's words; at the time limit the socket is
 /// shut down, as QEMU does, so the handshake ends as for a client that
 /// left at that point.
-async fn shake(client: &mut Client, exports: &Exports, max_secs: u32) -> Option<Session> {
+async fn shake(
+    client: &mut Client,
+    exports: &Exports,
+    max_secs: u32,
+    conn_span: &tracing::Span,
+) -> Option<Session> {
     use std::os::fd::AsRawFd;
     let fd = match client {
         Client::Unix(s) => s.as_raw_fd(),
@@ -114,6 +124,8 @@ async fn shake(client: &mut Client, exports: &Exports, max_secs: u32) -> Option<
             }
         }
     };
+    let span = super::trace::handshake_span(conn_span);
+    let work = work.instrument(span.clone());
     tokio::pin!(work);
     let limit = async {
         match max_secs {
@@ -134,6 +146,8 @@ async fn shake(client: &mut Client, exports: &Exports, max_secs: u32) -> Option<
         Ok(session) => Some(session),
         Err(Some(why)) => {
             eprintln!("rsd: option negotiation failed: {why}");
+            super::trace::failed(&span, &why);
+            super::trace::failed(conn_span, &why);
             None
         }
         Err(None) => None,
@@ -188,7 +202,13 @@ fn serve_on_own_thread(
                 if let Ok((r, w)) = halves {
                     let r = super::spin::SpinReader::new(r, fd);
                     let may_spin = r.allow();
-                    transmission(Box::pin(r), w, session, may_spin).await;
+                    let span = session
+                        .trace
+                        .as_ref()
+                        .map_or_else(tracing::Span::none, |t| t.span.clone());
+                    transmission(Box::pin(r), w, session, may_spin)
+                        .instrument(span)
+                        .await;
                 }
             });
         })
@@ -235,15 +255,31 @@ async fn accept_loop(server: Arc<Server>) {
             }
         };
         match accept(&server.listener).await {
-            Ok(mut client) => {
-                tracing::trace!(target: "nbd_accept", "client accepted");
+            Ok((mut client, peer)) => {
+                tracing::trace!(target: "nbd_accept", client = %peer, "client accepted");
                 let (server, no_threads) = (server.clone(), no_threads.clone());
                 tokio::spawn(async move {
-                    let Some(session) =
-                        shake(&mut client, &server.exports, server.handshake_max_seconds).await
+                    let span = super::trace::connection_span(&peer);
+                    let max = server.handshake_max_seconds;
+                    let Some(mut session) = shake(&mut client, &server.exports, max, &span).await
                     else {
                         return;
                     };
+                    tracing::info!(
+                        target: "nbd_client_connect",
+                        parent: &span,
+                        export = %session.export.name,
+                        client = %peer,
+                        "NBD client connected"
+                    );
+                    if !span.is_none() {
+                        session.trace = Some(super::trace::ConnTrace::new(
+                            span,
+                            &session.export.name,
+                            session.structured,
+                            session.extended,
+                        ));
+                    }
                     if let Err(e) = serve_on_own_thread(client, session, permit) {
                         no_threads.warn(format_args!("cannot serve a client: {e}"));
                     }

@@ -8,10 +8,13 @@ use serde_json::{Map, Value};
 
 /// Runs a validated command and gives its result and the sequence number
 /// of its reply (monitors depend on this handle, not on who runs it).
+/// The span is the command's (disabled while traces are off): the work
+/// runs inside it, so a job the command creates is its child.
 pub type Dispatch = std::sync::Arc<
     dyn Fn(
             String,
             Map<String, Value>,
+            tracing::Span,
         ) -> std::pin::Pin<
             Box<
                 dyn std::future::Future<Output = (Result<Value, crate::qapi::QmpError>, u64)>

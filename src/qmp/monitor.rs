@@ -6,6 +6,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::frame;
 use super::json::JsonStreamer;
@@ -95,6 +96,39 @@ impl Actor for MonitorActor {
     }
 }
 
+/// A command's span while traces are on (else a disabled one, which
+/// costs nothing): the command and its id, a child of the client's
+/// `traceparent` if it sent one. Never the arguments, which may hold
+/// secrets. The error description stays out too, for the same reason:
+/// the class says what kind of failure it was.
+fn command_span(
+    chardev: &str,
+    name: &str,
+    id: Option<&Value>,
+    traceparent: Option<String>,
+) -> tracing::Span {
+    if !observability::traces::enabled() {
+        return tracing::Span::none();
+    }
+    let id = id.map(|v| crate::qmp::json::to_qmp_string(v, false));
+    let span = tracing::info_span!(
+        "qmp command",
+        otel.name = %format_args!("qmp {name}"),
+        otel.kind = "server",
+        rpc.system = "qmp",
+        qmp.command = %name,
+        qmp.id = id.as_deref(),
+        qmp.monitor = %chardev,
+        qmp.error_class = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    if let Some(tp) = traceparent {
+        observability::traces::set_remote_parent(&span, &tp);
+    }
+    span
+}
+
 /// One QMP client from greeting to disconnect.
 async fn run_session(conn: Conn, cfg: &MonitorConfig) {
     let Conn {
@@ -108,7 +142,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
     let gone = move || crate::chardev::backend::hung_up(fd);
     let ctx = cfg.ctx.clone();
     let pretty = cfg.pretty;
-    tracing::trace!(target: "monitor_session_open", chardev = %cfg.chardev);
+    tracing::info!(target: "monitor_session_open", chardev = %cfg.chardev, "QMP client connected");
     let (out, writer) = Outbox::new(write);
     // As QSD, whose main loop (and so every monitor) starts after the
     // command line: a client that connects early gets its greeting then.
@@ -144,7 +178,12 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
                     out.send(frame(&v, pretty));
                     subscription = Some(ctx.events.subscribe(pretty, out.clone()));
                 }
-                Action::Execute { name, args, id } => {
+                Action::Execute {
+                    name,
+                    args,
+                    id,
+                    traceparent,
+                } => {
                     // A client that has gone takes its queued commands
                     // with it (as QSD drops a closed monitor's queue).
                     if gone() {
@@ -152,7 +191,16 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
                     }
                     tracing::trace!(target: "qmp_command", chardev = %cfg.chardev, command = %name);
                     quit = name == "quit";
-                    let (result, seq) = (cfg.dispatch)(name, args).await;
+                    let span = command_span(&cfg.chardev, &name, id.as_ref(), traceparent);
+                    let (result, seq) = (cfg.dispatch)(name, args, span.clone())
+                        .instrument(span.clone())
+                        .await;
+                    if let Err(e) = &result {
+                        span.record("qmp.error_class", e.class.as_str());
+                        span.record("otel.status_code", "ERROR");
+                        span.record("otel.status_description", e.class.as_str());
+                    }
+                    drop(span);
                     let v = match result {
                         Ok(ret) => reply_ok(ret, id),
                         Err(e) => reply_err(&e, id),
@@ -172,7 +220,7 @@ async fn run_session(conn: Conn, cfg: &MonitorConfig) {
             }
         }
     }
-    tracing::trace!(target: "monitor_session_close", chardev = %cfg.chardev);
+    tracing::info!(target: "monitor_session_close", chardev = %cfg.chardev, "QMP client gone");
     drop(subscription);
     drop(out);
     // Let the writer drain what is queued (the quit reply) before going on.

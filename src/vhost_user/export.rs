@@ -189,6 +189,7 @@ impl VhostUserBlkExport {
         let mut handler = BackendReqHandler::from_stream(stream, device.clone());
         self.clients.fetch_add(1, Ordering::SeqCst);
         let counted = self.shared.stats.connect();
+        tracing::info!(target: "vhost_user_connect", export = %self.id, "vhost-user-blk frontend connected");
         if let Ok(mut c) = self.conn.lock() {
             *c = Some(cut);
         }
@@ -203,7 +204,12 @@ impl VhostUserBlkExport {
                 device.stash_backend_fd(fd);
             }
             if let Err(e) = handler.handle_request() {
-                tracing::debug!("vhost-user-blk export '{}': frontend gone: {e}", self.id);
+                tracing::info!(
+                    target: "vhost_user_disconnect",
+                    export = %self.id,
+                    reason = %e,
+                    "vhost-user-blk frontend gone"
+                );
                 break;
             }
         }
