@@ -41,6 +41,14 @@ rsd: a storage daemon that is a drop-in for qemu-storage-daemon
 
 Options are applied from left to right. rsd speaks QMP as
 qemu-storage-daemon 10.0 does; see README.md.
+
+Environment (rsd only; see README.md):
+  OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, ...
+                         send OpenTelemetry traces (OTLP, http/protobuf)
+  RSD_SLOW_REQUEST_MS    node requests slower than this become spans
+                         (default 100)
+  RSD_LOG                a tracing filter for the log (e.g. info)
+  RSD_LOG_FORMAT         text (default) or json (one object per line)
 "
     .to_string()
 }
