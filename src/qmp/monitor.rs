@@ -96,6 +96,9 @@ impl Actor for MonitorActor {
     }
 }
 
+/// How much of a request's id a command's span keeps.
+const MAX_TRACED_ID: usize = 256;
+
 /// A command's span while traces are on (else a disabled one, which
 /// costs nothing): the command and its id, a child of the client's
 /// `traceparent` if it sent one. Never the arguments, which may hold
@@ -110,7 +113,19 @@ fn command_span(
     if !observability::traces::enabled() {
         return tracing::Span::none();
     }
-    let id = id.map(|v| crate::qmp::json::to_qmp_string(v, false));
+    // The id is the client's JSON, of any size: a span keeps its start.
+    let id = id.map(|v| {
+        let mut t = crate::qmp::json::to_qmp_string(v, false);
+        if t.len() > MAX_TRACED_ID {
+            let mut cut = MAX_TRACED_ID;
+            while !t.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            t.truncate(cut);
+            t.push_str("...");
+        }
+        t
+    });
     let span = tracing::info_span!(
         "qmp command",
         otel.name = %format_args!("qmp {name}"),
