@@ -130,7 +130,14 @@ fn image_serves_qmp_and_nbd_and_stops_cleanly() {
     std::fs::create_dir_all(&images).expect("images dir");
     ok(&run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", &dir.s("images/disk.qcow2"), "64M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &dir.s("images/disk.qcow2"),
+            "64M",
+        ],
     ));
 
     let name = unique("run");
@@ -187,7 +194,10 @@ fn image_serves_qmp_and_nbd_and_stops_cleanly() {
     // Write a pattern through NBD from the host, then read it back.
     let pattern = dir.path("pattern.raw");
     pattern_file(&pattern, 64 << 20);
-    let uri = format!("nbd+unix:///disk?socket={}", run_dir.join("nbd.sock").display());
+    let uri = format!(
+        "nbd+unix:///disk?socket={}",
+        run_dir.join("nbd.sock").display()
+    );
     let pattern_s = pattern.display().to_string();
     ok(&run(
         "qemu-img",
@@ -209,7 +219,13 @@ fn image_serves_qmp_and_nbd_and_stops_cleanly() {
         "rsd exits 0 on SIGTERM; its output:\n{logs}"
     );
     assert!(took < Duration::from_secs(9), "stopped in {took:?}: {logs}");
-    assert_eq!(q.line(), "", "the QMP session is closed");
+    let events = events_to_eof(&mut q);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "BLOCK_EXPORT_DELETED" && e["data"]["id"] == "disk"),
+        "the export was stopped before the monitor: {events:?}"
+    );
     for sock in ["qmp.sock", "nbd.sock"] {
         assert!(
             !run_dir.join(sock).exists(),
@@ -226,6 +242,21 @@ fn image_serves_qmp_and_nbd_and_stops_cleanly() {
     ok(&run("qemu-img", &["check", "-q", &disk]));
 }
 
+/// What the monitor still sends as the daemon stops: events only, then
+/// the end of the session.
+fn events_to_eof(q: &mut Qmp) -> Vec<serde_json::Value> {
+    let mut events = vec![];
+    loop {
+        let l = q.line();
+        if l.is_empty() {
+            return events;
+        }
+        let v: serde_json::Value = serde_json::from_str(&l).expect("JSON");
+        assert!(v.get("event").is_some(), "only events after a stop: {l}");
+        events.push(v);
+    }
+}
+
 /// A free TCP port on the host (the pod uses the host's network).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -239,8 +270,10 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: rsd\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: rsd\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split(' ').nth(1)?.parse().ok()
@@ -271,6 +304,23 @@ fn playable_manifest(pod: &str, run_dir: &Path, images: &Path, port: u16) -> Str
         out.push('\n');
     }
     out
+}
+
+/// The httpGet probes of a manifest: (probe, path, port), in order.
+fn http_probes(manifest: &str) -> Vec<(String, String, u16)> {
+    let mut probes: Vec<(String, String, u16)> = vec![];
+    for line in manifest.lines().map(str::trim) {
+        if let Some(name) = line.strip_suffix("Probe:") {
+            probes.push((format!("{name}Probe"), String::new(), 0));
+        } else if let Some(last) = probes.last_mut() {
+            if let Some(path) = line.strip_prefix("path: ").filter(|_| last.1.is_empty()) {
+                last.1 = path.to_string();
+            } else if let Some(port) = line.strip_prefix("port: ").filter(|_| last.2 == 0) {
+                last.2 = port.parse().expect("probe port");
+            }
+        }
+    }
+    probes
 }
 
 #[test]
@@ -318,17 +368,32 @@ fn kube_play_of_the_manifest_passes_its_probes() {
     let pod_name = format!("{pod}-pod-0");
     let container = format!("{pod_name}-rsd");
 
-    // The probes' endpoints, as the kubelet would call them.
-    let until = Instant::now() + Duration::from_secs(60);
-    while http_status(port, "/readyz") != Some(200) {
-        assert!(
-            Instant::now() < until,
-            "/readyz never passed; pod logs:\n{}",
-            text(&podman(&["logs", &container]))
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    // The manifest's probes, called as the kubelet calls them (podman
+    // turns the liveness probe into a curl inside the container, which
+    // an image without curl cannot run).
+    let probes = http_probes(&manifest);
+    let names: Vec<&str> = probes.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["livenessProbe", "readinessProbe"], "{manifest}");
+    for (probe, path, probe_port) in &probes {
+        assert_eq!(*probe_port, port, "{probe} asks the metrics port");
+        let until = Instant::now() + Duration::from_secs(60);
+        while http_status(port, path) != Some(200) {
+            assert!(
+                Instant::now() < until,
+                "{probe} on {path} never passed; pod logs:\n{}",
+                text(&podman(&["logs", &container]))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    assert_eq!(http_status(port, "/healthz"), Some(200));
+    assert_eq!(
+        probes.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(),
+        ["/healthz", "/readyz"]
+    );
+    // Prometheus finds the same port through the annotations.
+    assert!(manifest.contains(&format!("prometheus.io/port: \"{port}\"")));
+    assert!(manifest.contains("prometheus.io/path: /metrics"));
+    assert_eq!(http_status(port, "/metrics"), Some(200));
     // The hostPath directories hold the sockets a controller uses.
     let mut q = Qmp::ready(&run_dir.join("qmp.sock"));
     let r = q.cmd(r#"{"execute":"query-block-exports"}"#);
@@ -346,7 +411,7 @@ fn kube_play_of_the_manifest_passes_its_probes() {
         "0",
         "rsd exits 0 on SIGTERM; its output:\n{logs}"
     );
-    assert_eq!(q.line(), "", "the QMP session is closed");
+    events_to_eof(&mut q);
     for sock in ["qmp.sock", "nbd.sock"] {
         assert!(!run_dir.join(sock).exists(), "{sock} is removed at exit");
     }
@@ -381,8 +446,7 @@ impl Controller<'_> {
     }
     /// A command that must succeed.
     fn ok(&mut self, text: &str) -> serde_json::Value {
-        self.call(text)
-            .unwrap_or_else(|e| panic!("{text}: {e}"))
+        self.call(text).unwrap_or_else(|e| panic!("{text}: {e}"))
     }
     /// Waits (60 s at most) for an event whose data holds `field: value`.
     fn event(&mut self, name: &str, field: &str, value: &str) {
@@ -424,7 +488,10 @@ fn guide_volume_lifecycle(q: &mut Qmp, run_dir: &Path, images: &Path) {
     c.ok(r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"pvc-1","file":"pvc-1-file"}}"#);
     c.ok(r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"pvc-1","node-name":"pvc-1","writable":true}}"#);
 
-    let uri = format!("nbd+unix:///pvc-1?socket={}", run_dir.join("nbd.sock").display());
+    let uri = format!(
+        "nbd+unix:///pvc-1?socket={}",
+        run_dir.join("nbd.sock").display()
+    );
     let info = ok(&run("qemu-img", &["info", "-f", "raw", &uri]));
     assert!(info.contains("virtual size: 10 GiB"), "{info}");
 
