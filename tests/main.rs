@@ -6,6 +6,7 @@ mod backup;
 mod bitmaps;
 
 mod commit;
+mod container;
 
 mod block;
 mod cli;
