@@ -428,8 +428,14 @@ impl ControlState {
     }
 
     fn object_del(&mut self, id: &str) -> QmpResult<()> {
-        match self.objects.remove(id) {
-            Some(_) => Ok(()),
+        match self.objects.get(id) {
+            Some(o) if o.in_use() => Err(QmpError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            ))),
+            Some(_) => {
+                self.objects.remove(id);
+                Ok(())
+            }
             None => Err(QmpError::generic(format!("object '{id}' not found"))),
         }
     }
