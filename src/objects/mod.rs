@@ -122,9 +122,11 @@ impl Object {
         }
     }
 
-    /// QEMU's can_be_deleted: a throttle group is not while nodes use it.
-    pub fn in_use(&self) -> bool {
-        matches!(self, Object::ThrottleGroup(g) if g.in_use())
+    pub fn throttle_group(&self) -> Option<&Arc<ThrottleGroup>> {
+        match self {
+            Object::ThrottleGroup(g) => Some(g),
+            _ => None,
+        }
     }
 
     /// qom-list of this object: (name, type) pairs.

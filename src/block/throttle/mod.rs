@@ -123,9 +123,6 @@ impl Driver for Throttle {
             .get()
             .is_some_and(|n| n.driver.known_zero(offset, len))
     }
-    fn has_image_info(&self) -> bool {
-        false
-    }
     fn is_filter(&self) -> bool {
         true
     }
