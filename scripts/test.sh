@@ -3,10 +3,11 @@
 # runs every test. Run as root (CI does) or with the packages present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Debian packages the tests use (prometheus and curl for tests/metrics.rs;
+# Debian packages the tests use (prometheus and curl for tests/metrics.rs,
+# fio for tests/throttle.rs;
 # qemu-utils with qemu-storage-daemon is on the machine already and must
 # not be reinstalled from Debian's archive).
-PACKAGES="libnbd-bin prometheus curl"
+PACKAGES="libnbd-bin prometheus curl fio"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq || echo "warning: apt-get update failed" >&2
     if [ -n "$PACKAGES" ]; then

@@ -37,6 +37,12 @@ impl Throttle {
         self.member().group().clone()
     }
 
+    /// The group's name and this member's counters (for metrics).
+    pub fn stats(&self) -> (String, Arc<MemberStats>) {
+        let m = self.member();
+        (m.group().name.clone(), m.stats().clone())
+    }
+
     /// Moves the node to `group` (blockdev-reopen); the caller drains it.
     pub fn set_group(&self, group: &Arc<ThrottleGroup>, node: &str) {
         if Arc::ptr_eq(self.member().group(), group) {
