@@ -67,7 +67,11 @@ fn throttle_group_objects_match_qsd() {
         r#"{"execute":"object-del","arguments":{"id":"tg0"}}"#,
     ];
     let out = same_on_both(&|_| {}, &[], &steps).expect("both started");
-    assert!(out[0].contains("cannot be used at the same time"), "{}", out[0]);
+    assert!(
+        out[0].contains("cannot be used at the same time"),
+        "{}",
+        out[0]
+    );
     assert!(out[15].contains("\"return\""), "{}", out[15]);
     assert!(out[17].contains("\"iops-total\": 7"), "{}", out[17]);
 }
@@ -142,9 +146,17 @@ fn throttle_nodes_and_reopen_match_qsd() {
         r#"{"execute":"object-del","arguments":{"id":"tg0"}}"#,
     ];
     let out = same_on_both(&setup_image, &[], &steps).expect("both started");
-    assert!(out[7].contains("is in use, can not be deleted"), "{}", out[7]);
+    assert!(
+        out[7].contains("is in use, can not be deleted"),
+        "{}",
+        out[7]
+    );
     assert!(out[21] == "{\"return\": {}}\r\n", "{}", out[21]);
-    assert!(out[22].contains("\\\"driver\\\": \\\"raw\\\", \\\"file\\\": {\\\"throttle-group\\\""), "{}", out[22]);
+    assert!(
+        out[22].contains("\\\"driver\\\": \\\"raw\\\", \\\"file\\\": {\\\"throttle-group\\\""),
+        "{}",
+        out[22]
+    );
     assert!(out[29] == "{\"return\": {}}\r\n", "{}", out[29]);
 }
 
@@ -173,12 +185,25 @@ impl Served {
             // Data, so reads are not answered as holes.
             let o = run(
                 "qemu-img",
-                &["create", "-q", "-f", "raw", &img.display().to_string(), "64M"],
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "raw",
+                    &img.display().to_string(),
+                    "64M",
+                ],
             );
             ok(&o);
             let io = run(
                 "qemu-io",
-                &["-f", "raw", "-c", "write -P 0x5a 0 64M", &img.display().to_string()],
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0x5a 0 64M",
+                    &img.display().to_string(),
+                ],
             );
             ok(&io);
             a.extend(args(&[
@@ -262,9 +287,15 @@ fn fio(uris: &[String], rw: &str, bs: &str, secs: u32, ramp: u32, extra: &[&str]
     for (i, u) in uris.iter().enumerate() {
         cmd.arg(format!("--name=j{i}")).arg(format!("--uri={u}"));
     }
-    let out = cmd.output().expect("fio is installed (scripts/test.sh installs it)");
+    let out = cmd
+        .output()
+        .expect("fio is installed (scripts/test.sh installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "fio: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let at = text.find('{').expect("fio json");
     let v: Value = serde_json::from_str(&text[at..]).expect("fio json");
     v["jobs"].as_array().cloned().unwrap_or_default()
@@ -276,7 +307,11 @@ fn side(job: &Value, dir: &str, what: &str) -> f64 {
 
 fn within(got: f64, want: f64, tol: f64, what: &str) {
     let err = (got - want).abs() / want;
-    assert!(err <= tol, "{what}: {got:.1} vs limit {want} ({:.1}%)", err * 100.0);
+    assert!(
+        err <= tol,
+        "{what}: {got:.1} vs limit {want} ({:.1}%)",
+        err * 100.0
+    );
 }
 
 #[test]
@@ -375,11 +410,9 @@ fn a_new_limit_holds_within_a_second() {
     });
     // fio's log counts from its first request: so does this clock.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !s
-        .metrics()
-        .lines()
-        .any(|l| l.starts_with("rsd_node_requests_total{node=\"t0\",op=\"read\"}") && !l.ends_with(" 0"))
-    {
+    while !s.metrics().lines().any(|l| {
+        l.starts_with("rsd_node_requests_total{node=\"t0\",op=\"read\"}") && !l.ends_with(" 0")
+    }) {
         assert!(Instant::now() < deadline, "fio never started");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -400,7 +433,10 @@ fn a_new_limit_holds_within_a_second() {
         .filter(|(t, _)| *t >= changed_at + 1000 + 500)
         .map(|x| x.1)
         .collect();
-    assert!(!before.is_empty() && !after.is_empty(), "{w:?} at {changed_at}");
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "{w:?} at {changed_at}"
+    );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     within(mean(&before), 200.0, 0.1, "before");
     within(mean(&after), 1000.0, 0.05, "a second after qom-set");
@@ -411,7 +447,10 @@ fn two_nodes_in_one_group_share_it_evenly() {
     let s = Served::start(Which::Rsd, 2, "limits.iops-total=400");
     let jobs = fio(&[s.uri(0), s.uri(1)], "randread", "4k", 3, 1, &[]);
     assert_eq!(jobs.len(), 2);
-    let (a, b) = (side(&jobs[0], "read", "iops"), side(&jobs[1], "read", "iops"));
+    let (a, b) = (
+        side(&jobs[0], "read", "iops"),
+        side(&jobs[1], "read", "iops"),
+    );
     within(a, 200.0, 0.1, "t0");
     within(b, 200.0, 0.1, "t1");
     within(a + b, 400.0, 0.05, "the group");
@@ -422,7 +461,8 @@ fn queued_writes(s: &Served) -> Child {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
     for i in 0..8 {
-        cmd.arg("-c").arg(format!("aio_write -P 0xab {} 4k", i * 4096));
+        cmd.arg("-c")
+            .arg(format!("aio_write -P 0xab {} 4k", i * 4096));
     }
     cmd.arg("-c").arg("aio_flush").arg(s.uri(0));
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
@@ -453,19 +493,28 @@ fn queued_requests_are_drained_on_export_deletion_and_quit() {
             s.qmp.send(br#"{"execute":"quit"}"#);
             assert!(s.daemon.wait_exit(10).is_some(), "rsd did not exit");
         } else {
-            let r = s.qmp.cmd(r#"{"execute":"block-export-del","arguments":{"id":"t0","mode":"hard"}}"#);
+            let r = s
+                .qmp
+                .cmd(r#"{"execute":"block-export-del","arguments":{"id":"t0","mode":"hard"}}"#);
             assert_eq!(r, json!({"return": {}}));
             loop {
                 let r = s.qmp.cmd(r#"{"execute":"query-block-exports"}"#);
                 if r["return"].as_array().is_some_and(|a| a.is_empty()) {
                     break;
                 }
-                assert!(t0.elapsed() < Duration::from_secs(10), "{how}: export stayed");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "{how}: export stayed"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
         // At 1 IOPS the queue would take 7 s; drained, it goes at once.
-        assert!(t0.elapsed() < Duration::from_secs(3), "{how}: {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "{how}: {:?}",
+            t0.elapsed()
+        );
         let _ = io.wait();
         if how != "quit" {
             s.qmp.send(br#"{"execute":"quit"}"#);

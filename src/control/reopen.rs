@@ -317,7 +317,8 @@ impl ControlState {
         for p in &plans {
             if let (Some(g), Some(t)) = (&p.group, p.node.driver.throttle()) {
                 t.set_group(g, &p.name);
-                self.block.set_option(&p.name, "throttle-group", json!(g.name));
+                self.block
+                    .set_option(&p.name, "throttle-group", json!(g.name));
             }
         }
         let _ = self.block.refresh_perms();

@@ -99,7 +99,10 @@ impl Config {
             || conflict(bt, br, bw, |l| l.max)
             || conflict(ot, or, ow, |l| l.max)
         {
-            return Err("bps/iops/max total values and read/write values cannot be used at the same time".into());
+            return Err(
+                "bps/iops/max total values and read/write values cannot be used at the same time"
+                    .into(),
+            );
         }
         if self.op_size != 0 && b(ot).avg == 0 && b(or).avg == 0 && b(ow).avg == 0 {
             return Err("iops size requires an iops value to be set".into());
@@ -233,7 +236,12 @@ impl State {
             1.0
         };
         let [bt, ot, bd, od] = buckets_of(dir);
-        for (b, amount) in [(bt, bytes as f64), (bd, bytes as f64), (ot, units), (od, units)] {
+        for (b, amount) in [
+            (bt, bytes as f64),
+            (bd, bytes as f64),
+            (ot, units),
+            (od, units),
+        ] {
             let i = b as usize;
             self.level[i] += amount;
             if self.cfg.buckets[i].burst_length > 1 {
@@ -357,14 +365,20 @@ mod tests {
     fn checks_match_qemu_messages_in_order() {
         let mut c = cfg(Bucket::BpsTotal, 100, 0, 1);
         c.get_mut(Bucket::BpsRead).avg = 5;
-        assert!(c.check().unwrap_err().contains("cannot be used at the same time"));
+        assert!(c
+            .check()
+            .unwrap_err()
+            .contains("cannot be used at the same time"));
         let c = cfg(Bucket::BpsTotal, 0, 100, 1);
         assert_eq!(
             c.check().unwrap_err(),
             "bps_max/iops_max require corresponding bps/iops values"
         );
         let c = cfg(Bucket::BpsTotal, 100, 0, 5);
-        assert_eq!(c.check().unwrap_err(), "burst length set without burst rate");
+        assert_eq!(
+            c.check().unwrap_err(),
+            "burst length set without burst rate"
+        );
         let c = cfg(Bucket::BpsTotal, 100, 50, 1);
         assert_eq!(
             c.check().unwrap_err(),
@@ -382,8 +396,10 @@ mod tests {
             c.check().unwrap_err(),
             "burst length too high for this burst rate"
         );
-        let mut c = Config::default();
-        c.op_size = 4096;
+        let c = Config {
+            op_size: 4096,
+            ..Default::default()
+        };
         assert_eq!(
             c.check().unwrap_err(),
             "iops size requires an iops value to be set"

@@ -610,7 +610,11 @@ mod tests {
         for t in tasks {
             t.await.expect("request");
         }
-        assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
         m.drain_end();
         assert_eq!(m.stats().queued.load(Ordering::Relaxed), 0);
     }

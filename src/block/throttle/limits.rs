@@ -18,22 +18,40 @@ enum Field {
 const PROPS: &[(&str, Option<(Bucket, Field)>)] = &[
     ("iops-total", Some((Bucket::OpsTotal, Field::Avg))),
     ("iops-total-max", Some((Bucket::OpsTotal, Field::Max))),
-    ("iops-total-max-length", Some((Bucket::OpsTotal, Field::Length))),
+    (
+        "iops-total-max-length",
+        Some((Bucket::OpsTotal, Field::Length)),
+    ),
     ("iops-read", Some((Bucket::OpsRead, Field::Avg))),
     ("iops-read-max", Some((Bucket::OpsRead, Field::Max))),
-    ("iops-read-max-length", Some((Bucket::OpsRead, Field::Length))),
+    (
+        "iops-read-max-length",
+        Some((Bucket::OpsRead, Field::Length)),
+    ),
     ("iops-write", Some((Bucket::OpsWrite, Field::Avg))),
     ("iops-write-max", Some((Bucket::OpsWrite, Field::Max))),
-    ("iops-write-max-length", Some((Bucket::OpsWrite, Field::Length))),
+    (
+        "iops-write-max-length",
+        Some((Bucket::OpsWrite, Field::Length)),
+    ),
     ("bps-total", Some((Bucket::BpsTotal, Field::Avg))),
     ("bps-total-max", Some((Bucket::BpsTotal, Field::Max))),
-    ("bps-total-max-length", Some((Bucket::BpsTotal, Field::Length))),
+    (
+        "bps-total-max-length",
+        Some((Bucket::BpsTotal, Field::Length)),
+    ),
     ("bps-read", Some((Bucket::BpsRead, Field::Avg))),
     ("bps-read-max", Some((Bucket::BpsRead, Field::Max))),
-    ("bps-read-max-length", Some((Bucket::BpsRead, Field::Length))),
+    (
+        "bps-read-max-length",
+        Some((Bucket::BpsRead, Field::Length)),
+    ),
     ("bps-write", Some((Bucket::BpsWrite, Field::Avg))),
     ("bps-write-max", Some((Bucket::BpsWrite, Field::Max))),
-    ("bps-write-max-length", Some((Bucket::BpsWrite, Field::Length))),
+    (
+        "bps-write-max-length",
+        Some((Bucket::BpsWrite, Field::Length)),
+    ),
     ("iops-size", None),
 ];
 
@@ -217,7 +235,11 @@ mod tests {
     #[test]
     fn limits_merge_over_the_current_config_and_check() {
         let mut cfg = Config::default();
-        apply_limits(&mut cfg, &obj(json!({"iops-total": 7, "iops-total-max": 8}))).expect("ok");
+        apply_limits(
+            &mut cfg,
+            &obj(json!({"iops-total": 7, "iops-total-max": 8})),
+        )
+        .expect("ok");
         let before = cfg;
         let e = apply_limits(&mut cfg, &obj(json!({"iops-total": 9}))).unwrap_err();
         assert_eq!(e, "bps_max/iops_max cannot be lower than bps/iops");
@@ -225,7 +247,9 @@ mod tests {
         assert_eq!(before.get(Bucket::OpsTotal).avg, 7);
         let e = apply_limits(
             &mut Config::default(),
-            &obj(json!({"bps-total": 1, "bps-total-max": 2, "bps-total-max-length": 4294967296u64})),
+            &obj(
+                json!({"bps-total": 1, "bps-total-max": 2, "bps-total-max-length": 4294967296u64}),
+            ),
         )
         .unwrap_err();
         assert_eq!(

@@ -147,7 +147,10 @@ impl Driver for Throttle {
 }
 
 /// The group `opts` names, with QEMU's messages.
-pub fn find_group(ctx: &OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Arc<ThrottleGroup>, String> {
+pub fn find_group(
+    ctx: &OpenCtx<'_>,
+    opts: &Map<String, Value>,
+) -> Result<Arc<ThrottleGroup>, String> {
     let Some(name) = opt_str(opts, "throttle-group") else {
         return Err("Parameter 'throttle-group' is missing".into());
     };
