@@ -25,6 +25,7 @@ mod quickstart;
 mod snapshot;
 mod stream;
 mod supervision;
+mod throttle;
 mod transaction;
 mod transports;
 mod vhost_guest;
