@@ -11,7 +11,10 @@ dir=${RSD_DIR:-$here/rsd-example}
 mkdir -p "$dir"
 bin=${RSD_BIN:-}
 if [ -z "$bin" ]; then
-    (cd "$here" && cargo build --release --quiet)
+    if [ ! -x "$here/target/release/rsd" ]; then
+        echo "rsd: building the release binary (cargo build --release); the first build takes a few minutes" >&2
+    fi
+    (cd "$here" && cargo build --release --bin rsd)
     bin=$here/target/release/rsd
 fi
 [ -e "$dir/disk.img" ] || truncate -s 64M "$dir/disk.img"

@@ -3,10 +3,11 @@
 # runs every test. Run as root (CI does) or with the packages present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Debian packages the tests use (prometheus and curl for tests/metrics.rs;
+# Debian packages the tests use (prometheus and curl for tests/metrics.rs,
+# podman and runc for tests/container.rs; fio for tests/throttle.rs;
 # qemu-utils with qemu-storage-daemon is on the machine already and must
 # not be reinstalled from Debian's archive).
-PACKAGES="libnbd-bin prometheus curl"
+PACKAGES="libnbd-bin prometheus curl podman runc fio"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq || echo "warning: apt-get update failed" >&2
     if [ -n "$PACKAGES" ]; then
@@ -18,6 +19,14 @@ fi
 # The test builds it too; a failure here shows up there, with its reason.
 bash tests/guest/fetch.sh >/dev/null || echo "warning: the guest kit could not be built" >&2
 cargo build --workspace --all-targets
+# The container test's image (a static release rsd, minutes the first
+# time): built here, before the tests run, so that the build does not
+# compete with timed tests for the cores. The test builds it too; a
+# failure here shows up there, with its reason.
+if command -v podman >/dev/null; then
+    bash scripts/container-image.sh localhost/rsd:test >/dev/null ||
+        echo "warning: the container image could not be built" >&2
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

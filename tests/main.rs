@@ -6,6 +6,7 @@ mod backup;
 mod bitmaps;
 
 mod commit;
+mod container;
 
 mod block;
 mod cli;
@@ -24,6 +25,7 @@ mod quickstart;
 mod snapshot;
 mod stream;
 mod supervision;
+mod throttle;
 mod traces;
 mod transaction;
 mod transports;

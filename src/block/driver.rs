@@ -227,4 +227,13 @@ pub trait Driver: Send + Sync + 'static {
     fn copier(&self) -> Option<std::sync::Arc<super::copier::Copier>> {
         None
     }
+    /// A drained section begins on this node (QEMU's bdrv_drain_begin):
+    /// a throttle filter lifts its limits so its queued requests go.
+    fn drain_begin(&self) {}
+    /// The drained section ends.
+    fn drain_end(&self) {}
+    /// The throttle filter behind this driver, if it is one.
+    fn throttle(&self) -> Option<&super::throttle::Throttle> {
+        None
+    }
 }

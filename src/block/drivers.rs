@@ -67,6 +67,10 @@ static REGISTRY: &[DriverSpec] = &[
         open: super::cbw::open_snapshot_access,
     },
     DriverSpec {
+        names: &["throttle"],
+        open: super::throttle::open_node,
+    },
+    DriverSpec {
         names: &["nbd"],
         open: super::nbd_client::open_node,
     },

@@ -31,6 +31,7 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod threshold;
+pub mod throttle;
 pub mod uring;
 #[cfg(test)]
 mod uring_tests;

@@ -224,6 +224,9 @@ impl Node {
     pub async fn drained(&self) {
         let d = &self.drain;
         d.waiters.fetch_add(1, Ordering::SeqCst);
+        // A throttle filter's queued requests go now rather than at its
+        // limits' pace (QEMU's drain_begin lifts them).
+        let _section = self.drain_section();
         loop {
             let idle = d.idle.notified();
             if d.inflight.load(Ordering::SeqCst) == 0 {
@@ -232,6 +235,30 @@ impl Node {
             idle.await;
         }
         d.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A drained section on this node and the filters and raw windows
+    /// below it (the edges a request goes down): throttle filters among
+    /// them lift their limits until the section is dropped.
+    pub fn drain_section(&self) -> DrainSection<'_> {
+        let mut nodes: Vec<Arc<Node>> = Vec::new();
+        self.driver.drain_begin();
+        let mut next = ["file", "image"]
+            .iter()
+            .find_map(|r| self.driver.child_slot(r))
+            .and_then(|c| c.get());
+        while let Some(n) = next {
+            if nodes.len() > 64 || nodes.iter().any(|x| Arc::ptr_eq(x, &n)) {
+                break;
+            }
+            n.driver.drain_begin();
+            next = ["file", "image"]
+                .iter()
+                .find_map(|r| n.driver.child_slot(r))
+                .and_then(|c| c.get());
+            nodes.push(n);
+        }
+        DrainSection { top: self, nodes }
     }
 
     fn enter(&self) -> InFlight<'_> {
@@ -485,5 +512,20 @@ impl Node {
 
     pub fn allocated_size(&self) -> Option<u64> {
         self.driver.allocated_size()
+    }
+}
+
+/// See `Node::drain_section`.
+pub struct DrainSection<'a> {
+    top: &'a Node,
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Drop for DrainSection<'_> {
+    fn drop(&mut self) {
+        self.top.driver.drain_end();
+        for n in &self.nodes {
+            n.driver.drain_end();
+        }
     }
 }

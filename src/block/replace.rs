@@ -283,6 +283,71 @@ impl Graph {
     }
 }
 
+impl Graph {
+    /// Points `parent`'s `file` edge at `file` in the graph's records
+    /// (blockdev-reopen swapping a filter's or raw's child), and gives
+    /// the parent its new identity: `file` in its json, and the child's
+    /// plain filename if the parent had one from its old child.
+    pub fn set_file_edge(&mut self, parent: &str, file: &str) {
+        let (fjson, fplain) = match self.find(file) {
+            Some(f) => (f.json.clone(), f.plain_filename.clone()),
+            None => return,
+        };
+        let old_plain = self
+            .find(parent)
+            .and_then(|e| e.children.iter().find(|c| c.role == "file"))
+            .and_then(|c| self.find(&c.child))
+            .and_then(|c| c.plain_filename.clone());
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == parent) {
+            for c in e.children.iter_mut().filter(|c| c.role == "file") {
+                c.child = file.to_string();
+            }
+            if let Some(j) = e.json.as_object_mut() {
+                j.insert("file".into(), fjson);
+            }
+            if e.plain_filename.is_some() && e.plain_filename == old_plain {
+                e.plain_filename = fplain.clone();
+            } else if e.plain_filename.is_none() && e.node.driver.name() == "raw" {
+                // raw without a window shows its file's plain name.
+                if e.json.get("offset").is_none() && e.json.get("size").is_none() {
+                    e.plain_filename = fplain.clone();
+                }
+            }
+        }
+        self.sort_children_first();
+    }
+
+    /// Records a changed option (blockdev-reopen) in the node's options
+    /// and its json identity.
+    pub fn set_option(&mut self, name: &str, key: &str, v: serde_json::Value) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.name == name) {
+            e.options.insert(key.to_string(), v.clone());
+            if let Some(j) = e.json.as_object_mut() {
+                j.insert(key.to_string(), v);
+            }
+        }
+    }
+
+    /// Whether `name` is `from` or below it.
+    pub fn reaches(&self, from: &str, name: &str) -> bool {
+        let mut todo = vec![from.to_string()];
+        let mut seen: Vec<String> = Vec::new();
+        while let Some(n) = todo.pop() {
+            if n == name {
+                return true;
+            }
+            if seen.contains(&n) {
+                continue;
+            }
+            if let Some(e) = self.find(&n) {
+                todo.extend(e.children.iter().map(|c| c.child.clone()));
+            }
+            seen.push(n);
+        }
+        false
+    }
+}
+
 /// A drained node: its parents' edges are quiesced (no new request
 /// reaches it) and nothing is in flight on it, until this is dropped.
 pub struct Drained {

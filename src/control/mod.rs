@@ -431,8 +431,26 @@ impl ControlState {
     }
 
     fn object_del(&mut self, id: &str) -> QmpResult<()> {
-        match self.objects.remove(id) {
-            Some(_) => Ok(()),
+        // QEMU's can_be_deleted: a throttle group is not while a node of
+        // the graph is its member.
+        let in_use = |o: &Object| {
+            o.throttle_group().is_some_and(|g| {
+                self.block.entries.iter().any(|e| {
+                    e.node
+                        .driver
+                        .throttle()
+                        .is_some_and(|t| Arc::ptr_eq(&t.group(), g))
+                })
+            })
+        };
+        match self.objects.get(id) {
+            Some(o) if in_use(o) => Err(QmpError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            ))),
+            Some(_) => {
+                self.objects.remove(id);
+                Ok(())
+            }
             None => Err(QmpError::generic(format!("object '{id}' not found"))),
         }
     }

@@ -1,6 +1,9 @@
 //! blockdev-reopen: new options for open nodes, as QSD allows them:
 //! read-only on and off (the image's descriptor and locks follow),
-//! discard, detect-zeroes and the backing node (another, or none). Every
+//! discard, detect-zeroes, the backing node (another, or none), the
+//! `file` child of a node that holds it on a re-pointable edge (raw and
+//! the throttle filter: inserting or removing a filter) and a throttle
+//! node's group. Every
 //! listed node is checked before any changes, and a failure while
 //! applying puts back what was changed: all or nothing.
 use std::sync::Arc;
@@ -9,6 +12,8 @@ use serde_json::{json, Map, Value};
 
 use super::ControlState;
 use crate::block::node::{DetectZeroes, Node};
+use crate::block::throttle::ThrottleGroup;
+use crate::objects::Object;
 use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
@@ -21,6 +26,7 @@ const CHANGEABLE: &[&str] = &[
     "detect-zeroes",
     "backing",
     "file",
+    "throttle-group",
     "cache",
     "auto-read-only",
     "l2-cache-size",
@@ -47,6 +53,10 @@ struct Plan {
     children: Vec<Arc<Node>>,
     /// Some(new backing node name or none) for a node that has one.
     backing: Option<Option<String>>,
+    /// A new `file` child, for a node whose file edge can be re-pointed.
+    file: Option<String>,
+    /// A throttle node's new group.
+    group: Option<Arc<ThrottleGroup>>,
 }
 
 fn changed(opt: &str) -> QmpError {
@@ -100,16 +110,33 @@ impl ControlState {
                 return Err(changed(k));
             }
         }
-        // The file child: the same node, by name or by its options.
+        // The file child: the same node, by name or by its options, or
+        // another node where the driver's edge can be re-pointed.
         let file = e.children.iter().find(|c| c.role == "file");
+        let mut new_file = None;
         match (o.get("file"), file) {
             (Some(Value::String(r)), Some(f)) if *r != f.child => {
-                if self.block.find(r).is_none() {
+                let Some(target) = self.block.find(r) else {
                     return Err(QmpError::generic(format!(
                         "Cannot find device='' nor node-name='{r}'"
                     )));
+                };
+                if e.node.driver.child_slot("file").is_none() {
+                    return Err(changed("file"));
                 }
-                return Err(changed("file"));
+                if self.block.reaches(r, name) {
+                    return Err(QmpError::generic(format!(
+                        "Making '{r}' a file child of '{name}' would create a cycle"
+                    )));
+                }
+                let old_size = self.block.find(&f.child).map(|c| c.node.size());
+                if old_size != Some(target.node.size()) {
+                    // rsd's drivers size themselves at open.
+                    return Err(QmpError::generic(format!(
+                        "rsd can only swap '{name}''s file for a node of the same size"
+                    )));
+                }
+                new_file = Some(r.clone());
             }
             (Some(Value::Object(fo)), Some(f)) => {
                 let cur = self.block.find(&f.child).map(|c| &c.options);
@@ -143,10 +170,22 @@ impl ControlState {
                 "Read-only block node '{name}' cannot support read-write users"
             )));
         }
+        let group = match (e.node.driver.throttle(), o.get("throttle-group")) {
+            (Some(_), Some(Value::String(g))) => match self.objects.get(g) {
+                Some(Object::ThrottleGroup(tg)) => Some(tg.clone()),
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "Throttle group '{g}' does not exist"
+                    )))
+                }
+            },
+            _ => None,
+        };
         let children = e
             .children
             .iter()
             .filter(|c| c.role == "file" || c.role == "data-file")
+            .filter(|c| new_file.is_none() || c.role != "file")
             .filter_map(|c| self.block.find(&c.child).map(|x| x.node.clone()))
             .collect();
         Ok(Plan {
@@ -157,6 +196,8 @@ impl ControlState {
             detect_zeroes,
             children,
             backing,
+            file: new_file,
+            group,
         })
     }
 
@@ -269,9 +310,69 @@ impl ControlState {
             }
             self.block.refresh_backing_identity(&p.name);
         }
+        if let Err(e) = self.swap_files(&plans).await {
+            drop(drained);
+            return Err(e);
+        }
+        for p in &plans {
+            if let (Some(g), Some(t)) = (&p.group, p.node.driver.throttle()) {
+                t.set_group(g, &p.name);
+                self.block
+                    .set_option(&p.name, "throttle-group", json!(g.name));
+            }
+        }
         let _ = self.block.refresh_perms();
         drop(drained);
         Ok(json!({}))
+    }
+
+    /// Re-points the `file` edges the plans change (the node is drained),
+    /// checking permissions over the new graph; all are put back if they
+    /// conflict.
+    async fn swap_files(&mut self, plans: &[Plan]) -> QmpResult<()> {
+        let mut undo: Vec<(String, String)> = Vec::new();
+        for p in plans {
+            let (Some(new), Some(slot)) = (&p.file, p.node.driver.child_slot("file")) else {
+                continue;
+            };
+            let Some(node) = self.block.find(new).map(|e| e.node.clone()) else {
+                continue;
+            };
+            let Some(old) = self
+                .block
+                .find(&p.name)
+                .and_then(|e| e.children.iter().find(|c| c.role == "file"))
+                .map(|c| c.child.clone())
+            else {
+                continue;
+            };
+            {
+                let _q = slot.quiesce().await;
+                slot.set(Some(node));
+            }
+            self.block.set_file_edge(&p.name, new);
+            undo.push((p.name.clone(), old));
+        }
+        if let Err(e) = self.block.refresh_perms() {
+            for (parent, old) in undo.into_iter().rev() {
+                let node = self.block.find(&old).map(|e| e.node.clone());
+                let slot = self
+                    .block
+                    .find(&parent)
+                    .and_then(|e| e.node.driver.child_slot("file"));
+                if let (Some(n), Some(slot)) = (node, slot) {
+                    let _q = slot.quiesce().await;
+                    slot.set(Some(n));
+                }
+                self.block.set_file_edge(&parent, &old);
+            }
+            let _ = self.block.refresh_perms();
+            return Err(QmpError::hinted(e));
+        }
+        for (_, old) in undo {
+            self.block.release_unused(&old);
+        }
+        Ok(())
     }
 
     /// Switches a node and its file children to read-only where the

@@ -87,8 +87,13 @@ impl Registry {
 pub async fn shut_down(export: &dyn BlockExport) {
     let limit = Duration::from_secs(5);
     export.close();
+    // Requests a throttle filter holds back go now, at full speed: they
+    // finish instead of being dropped or outliving the wait below.
+    let node = export.node().get();
+    let section = node.as_ref().map(|n| n.drain_section());
     export.no_clients(limit).await;
     let held = tokio::time::timeout(limit, export.node().quiesce()).await;
     export.node().set(None);
     drop(held);
+    drop(section);
 }

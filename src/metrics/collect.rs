@@ -29,6 +29,9 @@ pub const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("rsd_export_requests_total", "Requests clients sent to an export, by operation.", &["export", "type", "op"]),
     ("rsd_export_bytes_total", "Payload bytes an export's clients read and wrote.", &["export", "type", "op"]),
     ("rsd_export_request_errors_total", "Requests an export answered with an error, by operation.", &["export", "type", "op"]),
+    ("rsd_throttle_throttled_requests_total", "Requests a throttle node's group made wait, per member node.", &["group", "node"]),
+    ("rsd_throttle_throttled_seconds_total", "Time requests waited in a throttle group, per member node.", &["group", "node"]),
+    ("rsd_throttle_queued_requests", "Requests waiting in a throttle group now, per member node.", &["group", "node"]),
     ("rsd_job_state", "A job's state (QAPI JobStatus): 1 for the current one, 0 for the others.", &["job", "type", "state"]),
     ("rsd_job_progress_done_bytes", "A job's progress so far (query-jobs' current-progress; bytes for block jobs).", &["job", "type"]),
     ("rsd_job_progress_total_bytes", "A job's estimated total work (query-jobs' total-progress).", &["job", "type"]),
@@ -122,6 +125,24 @@ impl Collector {
         out.extend([info, reqs, bytes, errors, latency, inflight, highest].map(Family::finish));
     }
 
+    /// Throttle groups' members: the throttle nodes that exist now.
+    fn throttles(&self, out: &mut Vec<MetricFamily>) {
+        let mut throttled = counter("rsd_throttle_throttled_requests_total");
+        let mut seconds = counter("rsd_throttle_throttled_seconds_total");
+        let mut queued = gauge("rsd_throttle_queued_requests");
+        for n in self.sources.nodes() {
+            let Some(t) = n.driver.throttle() else {
+                continue;
+            };
+            let (group, st) = t.stats();
+            let l = [("group", group.as_str()), ("node", n.name.as_str())];
+            throttled.add(&l, st.throttled.load(Relaxed) as f64);
+            seconds.add(&l, st.throttled_ns.load(Relaxed) as f64 / 1e9);
+            queued.add(&l, st.queued.load(Relaxed) as f64);
+        }
+        out.extend([throttled, seconds, queued].map(Family::finish));
+    }
+
     fn exports(&self, out: &mut Vec<MetricFamily>) {
         let mut info = gauge("rsd_export_info");
         let mut clients = gauge("rsd_export_clients");
@@ -196,6 +217,7 @@ impl PromCollector for Collector {
         ready.add(&[], f64::from(u8::from(self.sources.readiness().ok)));
         out.push(ready.finish());
         self.nodes(&mut out);
+        self.throttles(&mut out);
         self.exports(&mut out);
         self.jobs(&mut out);
         out

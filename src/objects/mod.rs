@@ -1,9 +1,12 @@
-//! User-creatable objects (`--object`, object-add): secrets and iothreads.
-//! They are plain data owned by the control actor; nothing here does I/O
-//! after creation.
+//! User-creatable objects (`--object`, object-add): secrets, iothreads
+//! and throttle groups. They are owned by the control actor; a throttle
+//! group is shared with the throttle nodes that are its members.
 pub mod secret;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::block::throttle::{algorithm::Config, limits, ThrottleGroup};
 
 use serde_json::{json, Map, Value};
 
@@ -49,6 +52,7 @@ pub fn help_properties(qom_type: &str) -> Option<&'static [&'static str]> {
             "thread-pool-max=<int>",
             "thread-pool-min=<int>",
         ]),
+        "throttle-group" => Some(limits::HELP),
         _ => None,
     }
 }
@@ -106,6 +110,7 @@ pub enum Object {
         qom_type: &'static str,
         el: EventLoop,
     },
+    ThrottleGroup(Arc<ThrottleGroup>),
 }
 
 impl Object {
@@ -113,6 +118,14 @@ impl Object {
         match self {
             Object::Secret(_) => "secret",
             Object::EventLoop { qom_type, .. } => qom_type,
+            Object::ThrottleGroup(_) => "throttle-group",
+        }
+    }
+
+    pub fn throttle_group(&self) -> Option<&Arc<ThrottleGroup>> {
+        match self {
+            Object::ThrottleGroup(g) => Some(g),
+            _ => None,
         }
     }
 
@@ -146,6 +159,11 @@ impl Object {
                     }
                 }
             }
+            Object::ThrottleGroup(_) => {
+                for (n, t) in limits::QOM_PROPERTIES {
+                    out.push((n.to_string(), t.to_string()));
+                }
+            }
         }
         out
     }
@@ -175,6 +193,21 @@ impl Object {
                 let n = value.as_i64().ok_or_else(|| type_err("integer"))?;
                 el.set(prop, n)
             }
+            Object::ThrottleGroup(g) => match prop {
+                // All limits change together, checked as a whole.
+                "limits" => {
+                    let m = limits::check_shape(value)?;
+                    let mut cfg = g.config();
+                    limits::apply_limits(&mut cfg, m)?;
+                    g.set_config(cfg);
+                    Ok(())
+                }
+                // QEMU refuses before it reads the value.
+                p if limits::get_legacy(&Config::default(), p).is_some() => {
+                    Err("Property cannot be set after initialization".into())
+                }
+                _ => Err(format!("Property 'throttle-group.{prop}' not found")),
+            },
         }
     }
 
@@ -183,6 +216,8 @@ impl Object {
             (_, "type") => Some(json!(self.qom_type())),
             (Object::Secret(s), p) => s.get(p),
             (Object::EventLoop { el, .. }, p) => el.props.get(p).map(|v| json!(v)),
+            (Object::ThrottleGroup(g), "limits") => Some(limits::to_json(&g.config())),
+            (Object::ThrottleGroup(g), p) => limits::get_legacy(&g.config(), p),
         }
     }
 }
@@ -209,8 +244,27 @@ pub fn create(
             qom_type: "main-loop",
             el: EventLoop::new(qom_type, &props)?,
         }),
+        "throttle-group" => {
+            let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+            throttle_config(&props).map(|cfg| Object::ThrottleGroup(ThrottleGroup::new(id, cfg)))
+        }
         other => Err(format!("invalid object type: {other}")),
     }
+}
+
+/// A throttle group's configuration from object-add's properties, set
+/// in QEMU's order (the properties' QDict order), then checked whole.
+fn throttle_config(props: &Map<String, Value>) -> Result<Config, String> {
+    let mut cfg = Config::default();
+    for k in crate::qmp::json::qdict_order(props.keys().map(String::as_str)) {
+        match (k, props.get(k)) {
+            ("limits", Some(Value::Object(m))) => limits::apply_limits(&mut cfg, m)?,
+            (p, Some(v)) => limits::set_legacy(&mut cfg, p, v.as_i64().unwrap_or(0))?,
+            _ => {}
+        }
+    }
+    cfg.check()?;
+    Ok(cfg)
 }
 
 /// QEMU's identifier rule for object and chardev ids.

@@ -30,7 +30,7 @@ pub enum Action {
 }
 
 /// The request member that carries a W3C `traceparent` (rsd only, named
-/// by QAPI's rule for downstream extensions; differences entry 53). It
+/// by QAPI's rule for downstream extensions; differences entry 54). It
 /// is accepted whether or not traces are on, so a client never needs to
 /// know.
 pub const TRACEPARENT: &str = "__org.rsd_traceparent";

@@ -121,8 +121,11 @@ async fn start_session(
                         let _ = ready_tx.send(Ok(a));
                         // The kernel is the export's one client while mounted.
                         let _counted = cfg.stats.connect();
+                        // An unmount ends the session cleanly; anything
+                        // else leaves the file unserved, which the
+                        // operator must hear about.
                         if let Err(e) = session::run(dev, cfg.fs(a)).await {
-                            tracing::debug!(mountpoint, error = %e, "FUSE session ended");
+                            eprintln!("rsd: FUSE export on {mountpoint}: the session failed: {e}");
                         }
                         return;
                     }

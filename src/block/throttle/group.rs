@@ -1,0 +1,657 @@
+//! A throttle group (`--object throttle-group`): one set of limits that
+//! every member node shares, scheduled as QEMU schedules its groups.
+//!
+//! Per direction (reads; writes), a request that must wait is queued on
+//! its member, and at most one timer in the group is armed at a time,
+//! for the member holding the token. When a request goes, it passes the
+//! token round robin to the next member with queued requests (its own
+//! queued requests first, as QEMU prefers the current member), so
+//! members with queued requests take turns and share the limits fairly.
+//! Each member's queue is woken in order (FIFO).
+//!
+//! A drained member (export deletion, shutdown, reopen) has its limits
+//! lifted: its queued requests go at once, never dropped.
+//!
+//! Timers run on one thread of their own, so a member's timer survives
+//! the end of whichever client thread armed it.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::algorithm::{Config, Direction, State};
+
+/// Nanoseconds on the monotonic clock the groups share.
+fn now_ns() -> i64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().duration_since(epoch).as_nanos() as i64
+}
+
+/// The runtime the groups' timers run on (a thread of its own).
+fn timers() -> &'static tokio::runtime::Handle {
+    static RT: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+    RT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("throttle-timers".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("rsd: throttle timers: {e}");
+                        return;
+                    }
+                };
+                let _ = tx.send(rt.handle().clone());
+                rt.block_on(std::future::pending::<()>());
+            });
+        match spawned.ok().and_then(|_| rx.recv().ok()) {
+            Some(h) => h,
+            // Without a thread of their own, timers run on the caller's
+            // runtime (they then end with it).
+            None => tokio::runtime::Handle::current(),
+        }
+    })
+}
+
+/// What a member has been through, for metrics (read without the lock).
+#[derive(Default, Debug)]
+pub struct MemberStats {
+    /// Requests that had to wait.
+    pub throttled: AtomicU64,
+    /// Total time requests waited, in nanoseconds.
+    pub throttled_ns: AtomicU64,
+    /// Requests waiting now.
+    pub queued: AtomicU64,
+}
+
+/// One member's place in the group.
+struct Slot {
+    id: u64,
+    node: String,
+    /// Requests queued per direction (counted until they run).
+    pending: [usize; 2],
+    queue: [VecDeque<(u64, oneshot::Sender<()>)>; 2],
+    /// The armed timer per direction (its generation).
+    timer: [Option<u64>; 2],
+    /// Drains under way: limits do not apply meanwhile.
+    disabled: usize,
+    stats: Arc<MemberStats>,
+}
+
+struct Inner {
+    state: State,
+    /// Members, newest first (QEMU inserts at the head).
+    slots: Vec<Slot>,
+    /// The member whose turn it is, per direction.
+    tokens: [Option<u64>; 2],
+    any_timer_armed: [bool; 2],
+    next_id: u64,
+}
+
+pub struct ThrottleGroup {
+    pub name: String,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for ThrottleGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThrottleGroup")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Inner {
+    fn slot(&mut self, id: u64) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.id == id)
+    }
+    fn pending(&self, id: u64, dir: Direction) -> usize {
+        self.slots
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(0, |s| s.pending[dir as usize])
+    }
+    fn disabled(&self, id: u64) -> bool {
+        self.slots.iter().any(|s| s.id == id && s.disabled > 0)
+    }
+    /// The member after `id` in the list, wrapping around.
+    fn next_member(&self, id: u64) -> u64 {
+        let at = self.slots.iter().position(|s| s.id == id);
+        match at {
+            Some(i) => self.slots[(i + 1) % self.slots.len()].id,
+            None => self.slots.first().map_or(id, |s| s.id),
+        }
+    }
+
+    /// The next member with queued requests after the current token, or
+    /// `id` itself when none has any (QEMU's next_throttle_token).
+    fn next_token(&self, id: u64, dir: Direction) -> u64 {
+        if self.pending(id, dir) > 0 && self.disabled(id) {
+            return id;
+        }
+        let start = self.tokens[dir as usize].unwrap_or(id);
+        let mut token = self.next_member(start);
+        while token != start && self.pending(token, dir) == 0 {
+            token = self.next_member(token);
+        }
+        if token == start && self.pending(token, dir) == 0 {
+            token = id;
+        }
+        token
+    }
+
+    /// Wakes the oldest queued request of `id`; false if none.
+    fn wake_front(&mut self, id: u64, dir: Direction) -> bool {
+        let Some(s) = self.slot(id) else {
+            return false;
+        };
+        match s.queue[dir as usize].pop_front() {
+            Some((_, tx)) => {
+                let _ = tx.send(());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl ThrottleGroup {
+    pub fn new(name: &str, cfg: Config) -> Arc<ThrottleGroup> {
+        Arc::new(ThrottleGroup {
+            name: name.to_string(),
+            inner: Mutex::new(Inner {
+                state: State::new(cfg, now_ns()),
+                slots: Vec::new(),
+                tokens: [None, None],
+                any_timer_armed: [false, false],
+                next_id: 1,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic under the lock leaves plain data: go on with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> Config {
+        *self.lock().state.config()
+    }
+
+    /// New limits, at once: the buckets start empty (as in QEMU) and
+    /// armed timers fire now, so a wait computed under the old limits
+    /// does not outlive them (as QEMU's block_set_io_throttle does).
+    pub fn set_config(self: &Arc<Self>, cfg: Config) {
+        let mut g = self.lock();
+        g.state = State::new(cfg, now_ns());
+        let armed: Vec<(u64, Direction)> = g
+            .slots
+            .iter()
+            .flat_map(|s| {
+                [Direction::Read, Direction::Write]
+                    .into_iter()
+                    .filter(|d| s.timer[*d as usize].is_some())
+                    .map(move |d| (s.id, d))
+            })
+            .collect();
+        for (id, dir) in armed {
+            self.fire(&mut g, id, dir);
+        }
+    }
+
+    /// Node names of the members, newest first.
+    pub fn member_nodes(&self) -> Vec<String> {
+        self.lock().slots.iter().map(|s| s.node.clone()).collect()
+    }
+
+    pub fn in_use(&self) -> bool {
+        !self.lock().slots.is_empty()
+    }
+
+    /// Each member's node and counters.
+    pub fn member_stats(&self) -> Vec<(String, Arc<MemberStats>)> {
+        self.lock()
+            .slots
+            .iter()
+            .map(|s| (s.node.clone(), s.stats.clone()))
+            .collect()
+    }
+
+    /// Joins the group for `node`; leaving is dropping the Member.
+    pub fn register(self: &Arc<Self>, node: &str) -> Member {
+        let mut g = self.lock();
+        let id = g.next_id;
+        g.next_id += 1;
+        for t in g.tokens.iter_mut() {
+            if t.is_none() {
+                *t = Some(id);
+            }
+        }
+        let stats = Arc::new(MemberStats::default());
+        g.slots.insert(
+            0,
+            Slot {
+                id,
+                node: node.to_string(),
+                pending: [0, 0],
+                queue: [VecDeque::new(), VecDeque::new()],
+                timer: [None, None],
+                disabled: 0,
+                stats: stats.clone(),
+            },
+        );
+        Member {
+            group: self.clone(),
+            id,
+            stats,
+        }
+    }
+
+    fn unregister(self: &Arc<Self>, id: u64) {
+        let mut g = self.lock();
+        for dir in [Direction::Read, Direction::Write] {
+            let d = dir as usize;
+            if g.tokens[d] == Some(id) {
+                let next = g.next_member(id);
+                g.tokens[d] = (next != id).then_some(next);
+            }
+            // A timer of the leaving member: the next member carries on.
+            let armed = g.slot(id).is_some_and(|s| s.timer[d].is_some());
+            if armed {
+                if let Some(s) = g.slot(id) {
+                    s.timer[d] = None;
+                }
+                g.any_timer_armed[d] = false;
+            }
+            // Nothing should wait here after a drain; if anything does,
+            // it goes rather than hang.
+            while g.wake_front(id, dir) {}
+        }
+        g.slots.retain(|s| s.id != id);
+        if !g.slots.is_empty() {
+            for dir in [Direction::Read, Direction::Write] {
+                if let Some(t) = g.tokens[dir as usize] {
+                    self.schedule_next(&mut g, t, dir);
+                }
+            }
+        }
+    }
+
+    /// Arms `id`'s timer for `dir` to fire `wait` ns from now.
+    fn arm(self: &Arc<Self>, g: &mut Inner, id: u64, dir: Direction, wait: i64) {
+        static GEN: AtomicU64 = AtomicU64::new(1);
+        let gen = GEN.fetch_add(1, Ordering::Relaxed);
+        let Some(s) = g.slot(id) else {
+            return;
+        };
+        s.timer[dir as usize] = Some(gen);
+        let group = self.clone();
+        let delay = Duration::from_nanos(wait.max(0) as u64);
+        timers().spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            group.timer_fired(id, dir, gen);
+        });
+    }
+
+    fn timer_fired(self: &Arc<Self>, id: u64, dir: Direction, gen: u64) {
+        let mut g = self.lock();
+        let current = g.slot(id).and_then(|s| s.timer[dir as usize]);
+        if current != Some(gen) {
+            // Cancelled or replaced.
+            return;
+        }
+        self.fire(&mut g, id, dir);
+    }
+
+    /// The timer's work (now, whether or not it was due): clear it and
+    /// run the member's next queued request, or pass the turn on.
+    fn fire(self: &Arc<Self>, g: &mut Inner, id: u64, dir: Direction) {
+        if let Some(s) = g.slot(id) {
+            s.timer[dir as usize] = None;
+        }
+        g.any_timer_armed[dir as usize] = false;
+        self.restart_queue(g, id, dir);
+    }
+
+    fn restart_queue(self: &Arc<Self>, g: &mut Inner, id: u64, dir: Direction) {
+        if !g.wake_front(id, dir) {
+            self.schedule_next(g, id, dir);
+        }
+    }
+
+    /// Whether the token holder's next request must wait; arms its timer
+    /// if it must and none is armed in the group.
+    fn schedule_timer(self: &Arc<Self>, g: &mut Inner, token: u64, dir: Direction) -> bool {
+        let d = dir as usize;
+        if g.disabled(token) {
+            return false;
+        }
+        if g.any_timer_armed[d] {
+            return true;
+        }
+        let wait = g.state.wait(dir, now_ns());
+        if wait <= 0 {
+            return false;
+        }
+        let pending_timer = g.slot(token).is_some_and(|s| s.timer[d].is_some());
+        if !pending_timer {
+            self.arm(g, token, dir, wait);
+        }
+        g.tokens[d] = Some(token);
+        g.any_timer_armed[d] = true;
+        true
+    }
+
+    /// After a request of `id` went: start the next queued one, round
+    /// robin, now or when the limits allow.
+    fn schedule_next(self: &Arc<Self>, g: &mut Inner, id: u64, dir: Direction) {
+        let d = dir as usize;
+        let mut token = g.next_token(id, dir);
+        if g.pending(token, dir) == 0 {
+            return;
+        }
+        if !self.schedule_timer(g, token, dir) {
+            if g.wake_front(id, dir) {
+                token = id;
+            } else {
+                self.arm(g, token, dir, 0);
+                g.any_timer_armed[d] = true;
+            }
+            g.tokens[d] = Some(token);
+        }
+    }
+
+    /// Lifts `id`'s limits until `drain_end`: its queued requests go now.
+    fn drain_begin(self: &Arc<Self>, id: u64) {
+        let mut g = self.lock();
+        let Some(s) = g.slot(id) else {
+            return;
+        };
+        s.disabled += 1;
+        if s.disabled > 1 {
+            return;
+        }
+        for dir in [Direction::Read, Direction::Write] {
+            let armed = g.slot(id).is_some_and(|s| s.timer[dir as usize].is_some());
+            if armed {
+                self.fire(&mut g, id, dir);
+            } else {
+                self.restart_queue(&mut g, id, dir);
+            }
+        }
+    }
+
+    fn drain_end(&self, id: u64) {
+        let mut g = self.lock();
+        if let Some(s) = g.slot(id) {
+            s.disabled = s.disabled.saturating_sub(1);
+        }
+    }
+}
+
+/// A node's membership; dropping it leaves the group.
+pub struct Member {
+    group: Arc<ThrottleGroup>,
+    id: u64,
+    stats: Arc<MemberStats>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("group", &self.group.name)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.group.unregister(self.id);
+    }
+}
+
+/// A queued request; if its future is dropped while queued, it leaves
+/// the queue, and if it had already been woken, passes its turn on.
+struct Waiting<'a> {
+    member: &'a Member,
+    dir: Direction,
+    ticket: u64,
+    done: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let group = &self.member.group;
+        let mut g = group.lock();
+        let id = self.member.id;
+        let d = self.dir as usize;
+        let mut was_queued = false;
+        if let Some(s) = g.slot(id) {
+            let before = s.queue[d].len();
+            s.queue[d].retain(|(t, _)| *t != self.ticket);
+            was_queued = s.queue[d].len() != before;
+            s.pending[d] = s.pending[d].saturating_sub(1);
+        }
+        self.member.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        if !was_queued {
+            group.schedule_next(&mut g, id, self.dir);
+        }
+    }
+}
+
+impl Member {
+    pub fn group(&self) -> &Arc<ThrottleGroup> {
+        &self.group
+    }
+
+    pub fn stats(&self) -> &Arc<MemberStats> {
+        &self.stats
+    }
+
+    /// Waits until a request of `bytes` in `dir` may go, then counts it
+    /// (QEMU's throttle_group_co_io_limits_intercept).
+    pub async fn intercept(&self, bytes: u64, dir: Direction) {
+        let d = dir as usize;
+        let group = &self.group;
+        let rx = {
+            let mut g = group.lock();
+            let token = g.next_token(self.id, dir);
+            let must_wait = group.schedule_timer(&mut g, token, dir);
+            let queued = g.pending(self.id, dir) > 0;
+            if must_wait || queued {
+                static TICKET: AtomicU64 = AtomicU64::new(1);
+                let ticket = TICKET.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                match g.slot(self.id) {
+                    Some(s) => {
+                        s.pending[d] += 1;
+                        s.queue[d].push_back((ticket, tx));
+                        Some((ticket, rx))
+                    }
+                    None => None,
+                }
+            } else {
+                None
+            }
+        };
+        if let Some((ticket, rx)) = rx {
+            let started = Instant::now();
+            self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            let mut w = Waiting {
+                member: self,
+                dir,
+                ticket,
+                done: false,
+            };
+            let _ = rx.await;
+            w.done = true;
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .throttled_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let mut g = group.lock();
+            if let Some(s) = g.slot(self.id) {
+                s.pending[d] = s.pending[d].saturating_sub(1);
+            }
+            g.state.account(dir, bytes);
+            group.schedule_next(&mut g, self.id, dir);
+            return;
+        }
+        let mut g = group.lock();
+        g.state.account(dir, bytes);
+        group.schedule_next(&mut g, self.id, dir);
+    }
+
+    /// Starts a drained section: limits lifted, queued requests go.
+    pub fn drain_begin(&self) {
+        self.group.drain_begin(self.id);
+    }
+
+    pub fn drain_end(&self) {
+        self.group.drain_end(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::algorithm::{Bucket, Limit};
+    use super::*;
+
+    fn iops(n: u64) -> Config {
+        let mut c = Config::default();
+        *c.get_mut(Bucket::OpsTotal) = Limit {
+            avg: n,
+            max: 0,
+            burst_length: 1,
+        };
+        c
+    }
+
+    /// `n` requests at a time through `m` until `until`; returns how
+    /// many went.
+    async fn load(m: Arc<Member>, depth: usize, until: Instant) -> u64 {
+        let done = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..depth {
+            let (m, done) = (m.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    m.intercept(4096, Direction::Read).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        done.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_member_gets_the_limit() {
+        let g = ThrottleGroup::new("g", iops(200));
+        let m = Arc::new(g.register("a"));
+        let until = Instant::now() + Duration::from_secs(2);
+        let n = load(m.clone(), 8, until).await;
+        // 2 s at 200/s plus the initial tenth of a second's worth.
+        assert!((390..=430).contains(&n), "{n}");
+        assert!(m.stats().throttled.load(Ordering::Relaxed) > 300);
+        assert_eq!(m.stats().queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_members_share_fairly() {
+        let g = ThrottleGroup::new("g", iops(300));
+        let a = Arc::new(g.register("a"));
+        let b = Arc::new(g.register("b"));
+        assert_eq!(g.member_nodes(), ["b", "a"]);
+        let until = Instant::now() + Duration::from_secs(2);
+        // a sends twice as many at once as b: turns keep them even.
+        let (na, nb) = tokio::join!(load(a.clone(), 16, until), load(b.clone(), 4, until));
+        let total = na + nb;
+        assert!((570..=660).contains(&total), "{na} + {nb}");
+        let share = na as f64 / total as f64;
+        assert!((0.45..=0.55).contains(&share), "{na} vs {nb}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_lets_queued_requests_go_at_once() {
+        let g = ThrottleGroup::new("g", iops(1));
+        let m = Arc::new(g.register("a"));
+        // The first goes (the bucket holds a little), the rest queue.
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let m = m.clone();
+            tasks.push(tokio::spawn(async move {
+                m.intercept(4096, Direction::Write).await;
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while m.stats().queued.load(Ordering::Relaxed) < 4 {
+            assert!(Instant::now() < deadline, "requests never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t0 = Instant::now();
+        m.drain_begin();
+        for t in tasks {
+            t.await.expect("request");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        m.drain_end();
+        assert_eq!(m.stats().queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_limits_apply_at_once_and_leaving_frees_the_group() {
+        let g = ThrottleGroup::new("g", iops(1));
+        let m = Arc::new(g.register("a"));
+        m.intercept(1, Direction::Read).await;
+        let m2 = m.clone();
+        let waiting = tokio::spawn(async move { m2.intercept(1, Direction::Read).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        g.set_config(iops(1000));
+        tokio::time::timeout(Duration::from_millis(500), waiting)
+            .await
+            .expect("the new limit applied at once")
+            .expect("task");
+        assert!(g.in_use());
+        drop(m);
+        assert!(!g.in_use());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_waiter_passes_its_turn_on() {
+        let g = ThrottleGroup::new("g", iops(5));
+        let m = Arc::new(g.register("a"));
+        m.intercept(1, Direction::Read).await;
+        let m2 = m.clone();
+        let first = tokio::spawn(async move { m2.intercept(1, Direction::Read).await });
+        let m3 = m.clone();
+        let second = tokio::spawn(async move { m3.intercept(1, Direction::Read).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.abort();
+        tokio::time::timeout(Duration::from_secs(2), second)
+            .await
+            .expect("the second request still went")
+            .expect("task");
+    }
+}
