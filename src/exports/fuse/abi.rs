@@ -406,24 +406,30 @@ mod tests {
                 size: 512
             })
         );
-        let mut body = Out::default()
-            .u64(0)
-            .u64(8192)
-            .u32(3)
-            .u32(0)
-            .u64(0)
-            .u32(0)
-            .u32(0)
-            .0;
-        body.extend_from_slice(b"abc");
         assert_eq!(
-            decode_all(&request(opcode::WRITE, 1, &body)),
+            decode_all(&request(opcode::WRITE, 1, &write_body(8192, 3, b"abc"))),
             Ok(Op::Write {
                 offset: 8192,
                 at: 80,
                 len: 3
             })
         );
+    }
+
+    /// A WRITE's arguments (fh, offset, size, write flags, lock owner,
+    /// flags, padding) followed by `data`.
+    fn write_body(offset: u64, size: u32, data: &[u8]) -> Vec<u8> {
+        let mut body = Out::default()
+            .u64(0)
+            .u64(offset)
+            .u32(size)
+            .u32(0)
+            .u64(0)
+            .u32(0)
+            .u32(0)
+            .0;
+        body.extend_from_slice(data);
+        body
     }
 
     #[test]
@@ -444,18 +450,8 @@ mod tests {
             );
         }
         // A write whose size is not the data it carries.
-        let mut body = Out::default()
-            .u64(0)
-            .u64(0)
-            .u32(10)
-            .u32(0)
-            .u64(0)
-            .u32(0)
-            .u32(0)
-            .0;
-        body.extend_from_slice(b"abc");
         assert_eq!(
-            decode_all(&request(opcode::WRITE, 1, &body)),
+            decode_all(&request(opcode::WRITE, 1, &write_body(0, 10, b"abc"))),
             Err(libc::EINVAL)
         );
         // A header whose length is not what was read.
