@@ -6,23 +6,8 @@ use crate::common::*;
 use crate::jobs::{count, same_transcripts};
 
 fn images(d: &TempDir) {
-    for n in ["src", "bk"] {
-        ok(&run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                &d.s(&format!("{n}.qcow2")),
-                "16M",
-            ],
-        ));
-    }
-    ok(&run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x11 0 4M", &d.s("src.qcow2")],
-    ));
+    make_image(&d.s("src.qcow2"), "qcow2", "16M", Some((0x11, "4M")));
+    make_image(&d.s("bk.qcow2"), "qcow2", "16M", None);
 }
 
 #[test]

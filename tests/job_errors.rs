@@ -108,18 +108,8 @@ fn on_source_error_stop_pauses_the_backup_until_cancelled() {
 }
 
 fn error_setup(dir: &TempDir) {
-    ok(&run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", &dir.s("src.raw"), "4M"],
-    ));
-    ok(&run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &dir.s("tgt.qcow2"), "4M"],
-    ));
-    ok(&run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x11 0 1M", &dir.s("src.raw")],
-    ));
+    make_image(&dir.s("src.raw"), "raw", "4M", Some((0x11, "1M")));
+    make_image(&dir.s("tgt.qcow2"), "qcow2", "4M", None);
 }
 
 /// A raw source over blkdebug: QEMU's raw driver raises `read_aio` on

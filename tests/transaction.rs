@@ -7,39 +7,13 @@ use crate::common::*;
 use crate::jobs::{count, transcript};
 
 fn images(d: &TempDir) {
-    for n in ["src", "t1", "t2"] {
-        ok(&run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                &d.s(&format!("{n}.qcow2")),
-                "4M",
-            ],
-        ));
+    make_image(&d.s("src.qcow2"), "qcow2", "4M", Some((0x11, "4M")));
+    for n in ["t1", "t2"] {
+        make_image(&d.s(&format!("{n}.qcow2")), "qcow2", "4M", None);
     }
-    ok(&run(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -q -P 0x11 0 4M",
-            &d.s("src.qcow2"),
-        ],
-    ));
     // A raw image whose reads fail through blkdebug (every 1M is data,
     // so no chunk is skipped as zeroes).
-    ok(&run(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", &d.s("bad.raw"), "4M"],
-    ));
-    ok(&run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -q -P 0x22 0 4M", &d.s("bad.raw")],
-    ));
+    make_image(&d.s("bad.raw"), "raw", "4M", Some((0x22, "4M")));
 }
 
 const NODES: [&str; 3] = [

@@ -292,6 +292,16 @@ pub fn qemu_img_create(path: &Path, size: &str) {
     assert!(st.success());
 }
 
+/// An image of `fmt` made by qemu-img, its first `filled` bytes (a
+/// qemu-io length such as "4M"; None: none) written with `pattern`.
+pub fn make_image(path: &str, fmt: &str, size: &str, fill: Option<(u8, &str)>) {
+    ok(&run("qemu-img", &["create", "-q", "-f", fmt, path, size]));
+    if let Some((pattern, filled)) = fill {
+        let cmd = format!("write -q -P {pattern:#x} 0 {filled}");
+        ok(&run("qemu-io", &["-f", fmt, "-c", &cmd, path]));
+    }
+}
+
 /// Masks what legitimately differs between runs: the temp dir, the
 /// random digits of automatic node names, and host allocation
 /// ("actual-size", which depends on where the filesystem puts blocks).
