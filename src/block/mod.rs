@@ -13,6 +13,7 @@ pub mod drivers;
 pub mod error;
 pub mod file;
 pub mod graph;
+pub mod iopool;
 #[cfg(test)]
 mod hook_tests;
 pub mod hooks;
