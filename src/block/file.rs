@@ -384,14 +384,16 @@ impl FileDriver {
             if rmw {
                 // Read-modify-write of the partial blocks at the edges.
                 // SAFETY: `bounce` lives until after the call.
-                unsafe { self.io_in_place(SendPtr(bounce.ptr()), bounce.len(), start, false, 0) }.await?;
+                unsafe { self.io_in_place(SendPtr(bounce.ptr()), bounce.len(), start, false, 0) }
+                    .await?;
             }
             if let IoBuf::Write(b) = &io {
                 bounce.as_mut_slice()[skip..skip + len].copy_from_slice(&b[done..]);
             }
         }
         // SAFETY: as above.
-        unsafe { self.io_in_place(SendPtr(bounce.ptr()), bounce.len(), start, write, extra) }.await?;
+        unsafe { self.io_in_place(SendPtr(bounce.ptr()), bounce.len(), start, write, extra) }
+            .await?;
         if let IoBuf::Read(b) = io {
             b[done..].copy_from_slice(&bounce.as_slice()[skip..skip + len]);
         }

@@ -39,14 +39,14 @@ struct State {
     workers: usize,
 }
 
-#[derive(Default)]
 struct Pool {
     state: Mutex<State>,
+    max_workers: usize,
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(Pool::default)
+    POOL.get_or_init(|| Pool::new(MAX_WORKERS))
 }
 
 /// A poisoned lock only means a job panicked elsewhere: the data (a
@@ -56,6 +56,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Pool {
+    fn new(max_workers: usize) -> Pool {
+        Pool {
+            state: Mutex::new(State::default()),
+            max_workers,
+        }
+    }
+
     fn submit(&'static self, work: Work) {
         let mut st = lock(&self.state);
         if let Some(w) = st.idle.pop() {
@@ -64,7 +71,7 @@ impl Pool {
             w.thread.unpark();
             return;
         }
-        if st.workers >= MAX_WORKERS {
+        if st.workers >= self.max_workers {
             st.queue.push_back(work);
             return;
         }
@@ -101,16 +108,17 @@ impl Pool {
         });
         loop {
             let mut st = lock(&self.state);
-            let job = match st.queue.pop_front() {
+            let queued = st.queue.pop_front();
+            if queued.is_none() {
+                st.idle.push(me.clone());
+            }
+            drop(st);
+            let job = match queued {
                 Some(j) => j,
-                None => {
-                    st.idle.push(me.clone());
-                    drop(st);
-                    match self.wait_for_job(&me) {
-                        Some(j) => j,
-                        None => return,
-                    }
-                }
+                None => match self.wait_for_job(&me) {
+                    Some(j) => j,
+                    None => return,
+                },
             };
             job();
         }
@@ -160,39 +168,45 @@ pub struct Job<R> {
 
 /// Runs `f` on a pool thread.
 pub fn run<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Job<R> {
-    let slot = Arc::new(Mutex::new(Slot {
-        result: None,
-        waker: None,
-        started: false,
-        finished: false,
-        cancelled: false,
-        waiter: None,
-    }));
-    let s = slot.clone();
-    pool().submit(Box::new(move || {
-        {
-            let mut g = lock(&s);
-            if g.cancelled {
-                return;
+    pool().run(f)
+}
+
+impl Pool {
+    fn run<R: Send + 'static>(&'static self, f: impl FnOnce() -> R + Send + 'static) -> Job<R> {
+        let slot = Arc::new(Mutex::new(Slot {
+            result: None,
+            waker: None,
+            started: false,
+            finished: false,
+            cancelled: false,
+            waiter: None,
+        }));
+        let s = slot.clone();
+        self.submit(Box::new(move || {
+            {
+                let mut g = lock(&s);
+                if g.cancelled {
+                    return;
+                }
+                g.started = true;
             }
-            g.started = true;
-        }
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .map_err(|_| std::io::Error::other("an I/O thread's job panicked"));
-        let (waker, waiter) = {
-            let mut g = lock(&s);
-            g.result = Some(r);
-            g.finished = true;
-            (g.waker.take(), g.waiter.take())
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-        if let Some(t) = waiter {
-            t.unpark();
-        }
-    }));
-    Job { slot }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+                .map_err(|_| std::io::Error::other("an I/O thread's job panicked"));
+            let (waker, waiter) = {
+                let mut g = lock(&s);
+                g.result = Some(r);
+                g.finished = true;
+                (g.waker.take(), g.waiter.take())
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+            if let Some(t) = waiter {
+                t.unpark();
+            }
+        }));
+        Job { slot }
+    }
 }
 
 impl<R> std::future::Future for Job<R> {
@@ -252,6 +266,28 @@ unsafe impl Send for SendPtr {}
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Condvar;
+
+    /// A pool of its own, so tests that fill one do not slow others.
+    fn own_pool(max: usize) -> &'static Pool {
+        Box::leak(Box::new(Pool::new(max)))
+    }
+
+    /// Waits until `n` callers are in, for at most 10 s; false on time out.
+    struct Meet(Mutex<usize>, Condvar, usize);
+    impl Meet {
+        fn wait(&self) -> bool {
+            let mut g = lock(&self.0);
+            *g += 1;
+            self.1.notify_all();
+            let (g, t) = self
+                .1
+                .wait_timeout_while(g, Duration::from_secs(10), |c| *c < self.2)
+                .unwrap_or_else(|e| e.into_inner());
+            drop(g);
+            !t.timed_out()
+        }
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn jobs_run_and_return_their_results() {
@@ -264,92 +300,76 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn many_blocking_jobs_run_at_once() {
-        // 32 jobs that each wait for all the others: only a pool that
-        // runs them concurrently finishes.
-        let barrier = Arc::new(std::sync::Barrier::new(32));
-        let jobs: Vec<_> = (0..32)
+    async fn a_panicking_job_is_an_error_and_its_worker_lives_on() {
+        let p = own_pool(1);
+        assert!(p.run(|| panic!("boom")).await.is_err());
+        assert_eq!(p.run(|| 7).await.expect("job"), 7);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn up_to_the_limit_of_jobs_run_at_once_and_the_rest_queue() {
+        let p = own_pool(8);
+        // 8 jobs that each wait for all 8: only a pool that runs them
+        // concurrently gets them all in.
+        let meet = Arc::new(Meet(Mutex::new(0), Condvar::new(), 8));
+        let jobs: Vec<_> = (0..8)
             .map(|_| {
-                let b = barrier.clone();
-                run(move || {
-                    b.wait();
-                })
+                let m = meet.clone();
+                p.run(move || m.wait())
             })
             .collect();
-        let all = async {
-            for j in jobs {
-                j.await.expect("job");
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), all)
-            .await
-            .expect("jobs ran one after another");
+        // Queued behind them, and run once they are done.
+        let later: Vec<_> = (0..20).map(|i| p.run(move || i)).collect();
+        for j in jobs {
+            assert!(j.await.expect("job"), "the jobs did not run at once");
+        }
+        let mut sum = 0;
+        for j in later {
+            sum += j.await.expect("job");
+        }
+        assert_eq!(sum, (0..20).sum::<i32>());
+        assert!(lock(&p.state).workers <= 8);
     }
 
     #[test]
     fn a_dropped_job_that_started_is_waited_for() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
+        let p = own_pool(2);
         let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let done = Arc::new(AtomicUsize::new(0));
         let d2 = done.clone();
-        let job = run(move || {
+        let job = p.run(move || {
             let _ = started_tx.send(());
-            let _ = go_rx.recv_timeout(Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
             d2.store(1, Ordering::SeqCst);
         });
         started_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("job started");
-        let _ = go_tx.send(());
-        rt.block_on(async {
-            drop(job);
-        });
+        drop(job);
         assert_eq!(done.load(Ordering::SeqCst), 1, "drop returned early");
     }
 
     #[test]
     fn a_dropped_job_that_has_not_started_never_runs() {
-        // Fill every worker, so the next job stays queued.
+        let p = own_pool(1);
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let go_rx = Arc::new(Mutex::new(go_rx));
-        let busy: Vec<_> = (0..MAX_WORKERS)
-            .map(|_| {
-                let rx = go_rx.clone();
-                run(move || {
-                    let _ = lock(&rx).recv_timeout(Duration::from_secs(10));
-                })
-            })
-            .collect();
+        let busy = p.run(move || {
+            let _ = go_rx.recv_timeout(Duration::from_secs(10));
+        });
         let ran = Arc::new(AtomicUsize::new(0));
         let r2 = ran.clone();
-        let queued = run(move || {
+        let queued = p.run(move || {
             r2.store(1, Ordering::SeqCst);
         });
-        // Whether it started already or not, drop is safe; if it had not
-        // started it must never run.
-        let started = lock(&queued.slot).started;
+        assert!(!lock(&queued.slot).started);
         drop(queued);
-        for _ in 0..MAX_WORKERS {
-            let _ = go_tx.send(());
-        }
+        let _ = go_tx.send(());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        rt.block_on(async {
-            for j in busy {
-                j.await.expect("job");
-            }
-        });
-        // Let a worker reach the cancelled job.
-        let done = run(|| ());
-        rt.block_on(done).expect("job");
-        std::thread::sleep(Duration::from_millis(20));
-        if !started {
-            assert_eq!(ran.load(Ordering::SeqCst), 0, "a cancelled job ran");
-        }
+        rt.block_on(busy).expect("job");
+        // The one worker reaches the cancelled job before this one.
+        rt.block_on(p.run(|| ())).expect("job");
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "a cancelled job ran");
     }
 }

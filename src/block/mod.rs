@@ -13,10 +13,10 @@ pub mod drivers;
 pub mod error;
 pub mod file;
 pub mod graph;
-pub mod iopool;
 #[cfg(test)]
 mod hook_tests;
 pub mod hooks;
+pub mod iopool;
 pub mod lock;
 pub mod mirror_top;
 pub mod nbd_client;
