@@ -342,13 +342,19 @@ impl FileDriver {
             IoBuf::Write(b) => (b.as_ptr() as *mut u8, b.len(), true),
         };
         let mut done = 0;
-        if !self.direct && self.memory_backed {
+        // A large read is done on another thread even when it would not
+        // wait (tmpfs, a page-cache hit): copying it is the work, and
+        // several then run on several cores where inline they would
+        // take turns on this one. (Writes to one file take its inode
+        // lock: in parallel they only contend.)
+        let inline = write || total < PARALLEL_READ;
+        if !self.direct && self.memory_backed && inline {
             // tmpfs/ramfs: the data is in memory, the call never waits
             // for a device, and these filesystems refuse RWF_NOWAIT.
             return rw_sync(self.fd(), ptr, total, offset, write, extra);
         }
         let nowait = &self.nowait[write as usize];
-        if !self.direct && nowait.load(Ordering::Relaxed) {
+        if !self.direct && !self.memory_backed && inline && nowait.load(Ordering::Relaxed) {
             match rw_loop(self.fd(), ptr, total, offset, write, extra, true)? {
                 Nowait::Done => return Ok(()),
                 Nowait::Partial(n) => done = n,
@@ -378,6 +384,8 @@ impl FileDriver {
             return unsafe { self.io_in_place(at, len, off, write, extra) }.await;
         }
         // Through an aligned copy of the window around the request.
+        #[cfg(test)]
+        BOUNCES.with(|c| c.set(c.get() + 1));
         let mut bounce = AlignedBuf::take((end - start) as usize);
         let skip = (off - start) as usize;
         if write {
@@ -764,6 +772,16 @@ impl Driver for FileDriver {
         empty
     }
 }
+
+#[cfg(test)]
+thread_local! {
+    /// Requests this thread sent through a bounce buffer (for tests).
+    pub static BOUNCES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Reads this large are done on another thread even when they would not
+/// wait (a page-cache hit, tmpfs): copying them is the work.
+const PARALLEL_READ: usize = 256 << 10;
 
 /// O_DIRECT needs offset, length and memory aligned to this.
 const DIRECT_ALIGN: usize = 4096;

@@ -168,7 +168,15 @@ pub struct Job<R> {
 
 /// Runs `f` on a pool thread.
 pub fn run<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Job<R> {
+    #[cfg(test)]
+    SUBMITTED.with(|c| c.set(c.get() + 1));
     pool().run(f)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Jobs this thread gave the pool (tests check which path ran).
+    pub static SUBMITTED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 impl Pool {
