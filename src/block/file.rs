@@ -342,19 +342,16 @@ impl FileDriver {
             IoBuf::Write(b) => (b.as_ptr() as *mut u8, b.len(), true),
         };
         let mut done = 0;
-        // A large read is done on another thread even when it would not
-        // wait (tmpfs, a page-cache hit): copying it is the work, and
-        // several then run on several cores where inline they would
-        // take turns on this one. (Writes to one file take its inode
-        // lock: in parallel they only contend.)
-        let inline = write || total < PARALLEL_READ;
+        // A large read this thread lets go (see `copy_large_reads_elsewhere`)
+        // skips the inline paths.
+        let inline = write || total < PARALLEL_READ || !LARGE_READS_ELSEWHERE.with(|c| c.get());
         if !self.direct && self.memory_backed && inline {
             // tmpfs/ramfs: the data is in memory, the call never waits
             // for a device, and these filesystems refuse RWF_NOWAIT.
             return rw_sync(self.fd(), ptr, total, offset, write, extra);
         }
         let nowait = &self.nowait[write as usize];
-        if !self.direct && !self.memory_backed && inline && nowait.load(Ordering::Relaxed) {
+        if !self.direct && inline && nowait.load(Ordering::Relaxed) {
             match rw_loop(self.fd(), ptr, total, offset, write, extra, true)? {
                 Nowait::Done => return Ok(()),
                 Nowait::Partial(n) => done = n,
@@ -779,9 +776,24 @@ thread_local! {
     pub static BOUNCES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Reads this large are done on another thread even when they would not
-/// wait (a page-cache hit, tmpfs): copying them is the work.
+/// Reads this large may leave a thread that lets them go, even when they
+/// would not wait (tmpfs, a page-cache hit): copying them is the work.
 const PARALLEL_READ: usize = 256 << 10;
+
+thread_local! {
+    static LARGE_READS_ELSEWHERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From now on, large reads made on this thread are done on the I/O
+/// pool even when they would be memory copies, so several run on several
+/// cores where inline they would take turns on this one. For a front
+/// end whose threads hand the data straight to its client (vhost-user
+/// guest memory); NBD and FUSE send the data on from the thread that
+/// read it, and a copy made on another core costs them more than it
+/// gains (docs/benchmarks.md).
+pub fn copy_large_reads_elsewhere() {
+    LARGE_READS_ELSEWHERE.with(|c| c.set(true));
+}
 
 /// O_DIRECT needs offset, length and memory aligned to this.
 const DIRECT_ALIGN: usize = 4096;

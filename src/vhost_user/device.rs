@@ -198,6 +198,8 @@ thread_local! {
 fn with_runtime<T>(f: impl FnOnce(&tokio::runtime::Runtime) -> T) -> io::Result<T> {
     RUNTIME.with(|cell| {
         let rt = cell.get_or_init(|| {
+            // Reads land in guest memory: a large one may copy elsewhere.
+            crate::block::file::copy_large_reads_elsewhere();
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
