@@ -470,8 +470,14 @@ impl FileDriver {
         // SAFETY: as above.
         let p = SendPtr(unsafe { ptr.get().add(done) });
         let (rest, at) = (len - done, off + done as u64);
-        super::iopool::run(move || rw_sync(file.as_raw_fd(), p.get(), rest, at, write, extra))
-            .await?
+        // SAFETY: the caller keeps the memory for this future's life, and
+        // the `Job` lives inside it.
+        unsafe {
+            super::iopool::run_lending(move || {
+                rw_sync(file.as_raw_fd(), p.get(), rest, at, write, extra)
+            })
+        }
+        .await?
     }
 
     /// A request without data (fsync, fallocate) on this thread's

@@ -9,9 +9,10 @@
 //! calls per 4 KiB request at queue depth 32, and more CPU per request
 //! than QSD (docs/benchmarks.md).
 //!
-//! A job may work on memory its caller only borrows (guest memory, a
-//! caller's buffer): a `Job` that is dropped before its work has ended
-//! waits for it, so the memory outlives the syscall.
+//! A job may work on memory its caller only lends it (guest memory, a
+//! caller's buffer; `run_lending`): its `Job`, dropped before the work
+//! has ended, waits for it, so the memory outlives the syscall. Other
+//! jobs (flush, fallocate) finish on their own.
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
@@ -164,13 +165,29 @@ struct Slot<R> {
 /// panicked).
 pub struct Job<R> {
     slot: Arc<Mutex<Slot<R>>>,
+    /// Dropped while the job runs: wait for it (it uses lent memory).
+    wait_on_drop: bool,
 }
 
-/// Runs `f` on a pool thread.
+/// Runs `f` on a pool thread. Dropping the `Job` leaves a job that
+/// has started to finish on its own.
 pub fn run<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Job<R> {
     #[cfg(test)]
     SUBMITTED.with(|c| c.set(c.get() + 1));
     pool().run(f)
+}
+
+/// Runs `f`, which uses memory its caller lends it (through `SendPtr`),
+/// on a pool thread. Dropping the `Job` while `f` runs waits for it.
+///
+/// # Safety
+/// The lent memory must stay valid (and, where `f` writes it, unused
+/// otherwise) while the `Job` lives, and the `Job` must not be leaked
+/// (`mem::forget`): its drop is what waits.
+pub unsafe fn run_lending<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Job<R> {
+    let mut job = run(f);
+    job.wait_on_drop = true;
+    job
 }
 
 #[cfg(test)]
@@ -213,7 +230,10 @@ impl Pool {
                 t.unpark();
             }
         }));
-        Job { slot }
+        Job {
+            slot,
+            wait_on_drop: false,
+        }
     }
 }
 
@@ -234,8 +254,8 @@ impl<R> std::future::Future for Job<R> {
 }
 
 impl<R> Drop for Job<R> {
-    /// A job that has started may be using memory its caller lent it:
-    /// wait until it is done. One that has not started never will.
+    /// A job that has not started never will. One that has started and
+    /// uses memory its caller lent it is waited for.
     fn drop(&mut self) {
         let mut g = lock(&self.slot);
         if g.finished {
@@ -243,6 +263,9 @@ impl<R> Drop for Job<R> {
         }
         if !g.started {
             g.cancelled = true;
+            return;
+        }
+        if !self.wait_on_drop {
             return;
         }
         g.waiter = Some(std::thread::current());
@@ -345,16 +368,35 @@ mod tests {
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let done = Arc::new(AtomicUsize::new(0));
         let d2 = done.clone();
-        let job = p.run(move || {
+        let mut job = p.run(move || {
             let _ = started_tx.send(());
             std::thread::sleep(Duration::from_millis(100));
             d2.store(1, Ordering::SeqCst);
         });
+        job.wait_on_drop = true;
         started_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("job started");
         drop(job);
         assert_eq!(done.load(Ordering::SeqCst), 1, "drop returned early");
+    }
+
+    #[test]
+    fn a_dropped_job_that_lends_nothing_is_not_waited_for() {
+        let p = own_pool(2);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let job = p.run(move || {
+            let _ = started_tx.send(());
+            let _ = go_rx.recv_timeout(Duration::from_secs(10));
+        });
+        started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("job started");
+        let t0 = std::time::Instant::now();
+        drop(job);
+        assert!(t0.elapsed() < Duration::from_secs(5), "drop waited");
+        let _ = go_tx.send(());
     }
 
     #[test]
