@@ -6,10 +6,12 @@
 //! tmpfs) the request completes with no thread hand-off. When the kernel
 //! would block, and always with O_DIRECT (cache.direct=on), the request
 //! goes to the calling thread's io_uring (src/block/uring.rs), or to
-//! tokio's blocking pool without io_uring or with aio=threads, with an
-//! owned aligned copy of the buffer, so a dropped request can never
-//! leave the kernel writing into freed memory. bench/fileio and
-//! bench/disk.py measured this: see docs/benchmarks.md.
+//! the I/O pool (src/block/iopool.rs) without io_uring or with
+//! aio=threads. Either works on the caller's memory in place (O_DIRECT
+//! requests that are not aligned go through an aligned copy); a request
+//! dropped while the kernel or a pool thread still uses that memory
+//! waits for it in its drop. bench/fileio, bench/disk.py and
+//! bench/vhost.py measured this: see docs/benchmarks.md.
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -23,6 +25,7 @@ use serde_json::{Map, Value};
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
 use super::drivers::{opt_str, OpenCtx, Opened};
 use super::error::{BlockError, BlockResult};
+use super::iopool::SendPtr;
 use super::lock;
 use super::perm::Perm;
 use super::serial::Tracker;
@@ -225,16 +228,9 @@ fn open_error(path: &str, e: &std::io::Error) -> String {
     format!("Could not open '{path}': {}", os_err(e))
 }
 
-/// Runs blocking work on tokio's blocking pool (or right here when there
-/// is no runtime, e.g. in a plain thread).
+/// Runs blocking work (flush, fallocate, resize) on the I/O pool.
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> std::io::Result<R> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) => h
-            .spawn_blocking(f)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string())),
-        Err(_) => Ok(f()),
-    }
+    super::iopool::run(f).await
 }
 
 fn last_err() -> std::io::Error {
@@ -316,24 +312,6 @@ fn rw_loop(
     Ok(Nowait::Done)
 }
 
-/// The blocking counterpart, on an owned buffer.
-fn rw_blocking(
-    file: &File,
-    buf: &mut [u8],
-    off: u64,
-    write: bool,
-    extra: i32,
-) -> std::io::Result<()> {
-    rw_sync(
-        file.as_raw_fd(),
-        buf.as_mut_ptr(),
-        buf.len(),
-        off,
-        write,
-        extra,
-    )
-}
-
 /// Reads or writes all of `len` bytes, blocking.
 fn rw_sync(
     fd: RawFd,
@@ -354,7 +332,9 @@ enum IoBuf<'a> {
 
 impl FileDriver {
     /// Reads or writes at `offset`: inline when the page cache allows,
-    /// else on the blocking pool with an aligned copy.
+    /// else on this thread's io_uring or the I/O pool, in the caller's
+    /// memory (through an aligned bounce buffer only for O_DIRECT
+    /// requests that are not aligned).
     async fn rw(&self, offset: u64, mut io: IoBuf<'_>, extra: i32) -> std::io::Result<()> {
         let (ptr, total, write) = match &mut io {
             IoBuf::Read(b) => (b.as_mut_ptr(), b.len(), false),
@@ -362,13 +342,16 @@ impl FileDriver {
             IoBuf::Write(b) => (b.as_ptr() as *mut u8, b.len(), true),
         };
         let mut done = 0;
-        if !self.direct && self.memory_backed {
+        // A large read this thread lets go (see `copy_large_reads_elsewhere`)
+        // skips the inline paths.
+        let inline = write || total < PARALLEL_READ || !LARGE_READS_ELSEWHERE.with(|c| c.get());
+        if !self.direct && self.memory_backed && inline {
             // tmpfs/ramfs: the data is in memory, the call never waits
             // for a device, and these filesystems refuse RWF_NOWAIT.
             return rw_sync(self.fd(), ptr, total, offset, write, extra);
         }
         let nowait = &self.nowait[write as usize];
-        if !self.direct && nowait.load(Ordering::Relaxed) {
+        if !self.direct && inline && nowait.load(Ordering::Relaxed) {
             match rw_loop(self.fd(), ptr, total, offset, write, extra, true)? {
                 Nowait::Done => return Ok(()),
                 Nowait::Partial(n) => done = n,
@@ -380,34 +363,46 @@ impl FileDriver {
         }
         let off = offset + done as u64;
         let len = total - done;
-        // O_DIRECT needs aligned offsets, lengths and memory: work on the
-        // aligned window around the request.
-        let a = if self.direct { DIRECT_ALIGN as u64 } else { 1 };
+        // SAFETY: done <= total keeps the pointer inside the buffer.
+        let at = SendPtr(unsafe { ptr.add(done) });
+        if !self.direct {
+            // SAFETY: the caller's buffer is borrowed for this whole call.
+            return unsafe { self.io_in_place(at, len, off, write, extra) }.await;
+        }
+        // O_DIRECT needs aligned offsets, lengths and memory.
+        let a = DIRECT_ALIGN as u64;
         let start = off / a * a;
         let end = (off + len as u64).div_ceil(a) * a;
-        let rmw = write && (start != off || end != off + len as u64);
-        let _tracked = if self.direct {
-            Some(self.serial.enter(start, end, rmw).await)
-        } else {
-            None
-        };
-        // Every byte is read or written over before it is used.
-        let mut owned = AlignedBuf::take((end - start) as usize);
+        let aligned = start == off && end == off + len as u64;
+        let rmw = write && !aligned;
+        let _tracked = self.serial.enter(start, end, rmw).await;
+        if aligned && (at.get() as usize).is_multiple_of(DIRECT_ALIGN) {
+            // SAFETY: as above.
+            return unsafe { self.io_in_place(at, len, off, write, extra) }.await;
+        }
+        // Through an aligned copy of the window around the request.
+        #[cfg(test)]
+        BOUNCES.with(|c| c.set(c.get() + 1));
+        let mut bounce = AlignedBuf::take((end - start) as usize);
         let skip = (off - start) as usize;
         if write {
             if rmw {
                 // Read-modify-write of the partial blocks at the edges.
-                owned = self.io_owned(owned, start, false, 0).await?;
+                // SAFETY: `bounce` lives until after the call.
+                unsafe { self.io_in_place(SendPtr(bounce.ptr()), bounce.len(), start, false, 0) }
+                    .await?;
             }
             if let IoBuf::Write(b) = &io {
-                owned.as_mut_slice()[skip..skip + len].copy_from_slice(&b[done..]);
+                bounce.as_mut_slice()[skip..skip + len].copy_from_slice(&b[done..]);
             }
         }
-        let owned = self.io_owned(owned, start, write, extra).await?;
+        // SAFETY: as above.
+        unsafe { self.io_in_place(SendPtr(bounce.ptr()), bounce.len(), start, write, extra) }
+            .await?;
         if let IoBuf::Read(b) = io {
-            b[done..].copy_from_slice(&owned.as_slice()[skip..skip + len]);
+            b[done..].copy_from_slice(&bounce.as_slice()[skip..skip + len]);
         }
-        owned.give();
+        bounce.give();
         if write && end > off + len as u64 {
             // The aligned write may have extended the file past the data.
             let want = self.size.load(Ordering::Acquire).max(off + len as u64);
@@ -426,38 +421,41 @@ impl FileDriver {
         }
     }
 
-    /// Reads or writes all of an owned buffer at `off`, on this thread's
-    /// io_uring or else on the blocking pool; gives the buffer back.
-    /// Reads past the end of the file fill with zeroes.
-    async fn io_owned(
+    /// Reads or writes all of `len` bytes at `ptr` at `off`, on this
+    /// thread's io_uring or else on the I/O pool. Reads past the end of
+    /// the file fill with zeroes.
+    ///
+    /// # Safety
+    /// The memory must stay valid (and, for a read, not be used
+    /// otherwise) while the returned future lives, and the future must
+    /// not be leaked: dropped early, it waits until the kernel is done
+    /// with the memory.
+    async unsafe fn io_in_place(
         &self,
-        mut buf: AlignedBuf,
+        ptr: SendPtr,
+        len: usize,
         off: u64,
         write: bool,
         extra: i32,
-    ) -> std::io::Result<AlignedBuf> {
-        let len = buf.len();
+    ) -> std::io::Result<()> {
         let mut done = 0usize;
         if let Some(ring) = self.ring() {
             while done < len {
-                let op = match ring.rw(&self.file, buf, done..len, off + done as u64, write, extra)
-                {
-                    Ok(op) => op,
-                    Err(b) => {
-                        // The ring is full: the rest goes to the pool.
-                        buf = b;
-                        break;
-                    }
+                // SAFETY: done < len keeps the pointer inside the memory,
+                // which the caller keeps as long as this future.
+                let p = unsafe { ptr.get().add(done) };
+                let Some(op) = (unsafe {
+                    ring.rw(&self.file, p, len - done, off + done as u64, write, extra)
+                }) else {
+                    // The ring is full: the rest goes to the pool.
+                    break;
                 };
-                let (res, keep) = op.await;
-                buf = keep
-                    .buf
-                    .ok_or_else(|| std::io::Error::other("io_uring lost a buffer"))?;
-                match res {
+                match op.await {
                     0 if write => return Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
                     0 => {
-                        buf.as_mut_slice()[done..].fill(0);
-                        return Ok(buf);
+                        // SAFETY: [done, len) is inside the (read) memory.
+                        unsafe { std::ptr::write_bytes(ptr.get().add(done), 0, len - done) };
+                        return Ok(());
                     }
                     n if n > 0 => done += n as usize,
                     e if e == -libc::EINTR || e == -libc::EAGAIN => {}
@@ -465,23 +463,21 @@ impl FileDriver {
                 }
             }
             if done == len {
-                return Ok(buf);
+                return Ok(());
             }
         }
         let file = self.file.clone();
-        let (buf, r) = blocking(move || {
-            let mut o = buf;
-            let r = rw_blocking(
-                &file,
-                &mut o.as_mut_slice()[done..],
-                off + done as u64,
-                write,
-                extra,
-            );
-            (o, r)
-        })
-        .await?;
-        r.map(|()| buf)
+        // SAFETY: as above.
+        let p = SendPtr(unsafe { ptr.get().add(done) });
+        let (rest, at) = (len - done, off + done as u64);
+        // SAFETY: the caller keeps the memory for this future's life, and
+        // the `Job` lives inside it.
+        unsafe {
+            super::iopool::run_lending(move || {
+                rw_sync(file.as_raw_fd(), p.get(), rest, at, write, extra)
+            })
+        }
+        .await?
     }
 
     /// A request without data (fsync, fallocate) on this thread's
@@ -491,7 +487,7 @@ impl FileDriver {
         submit: impl FnOnce(&Arc<super::uring::Ring>) -> Option<super::uring::Op>,
     ) -> Option<std::io::Result<()>> {
         let op = submit(&self.ring()?)?;
-        let (res, _) = op.await;
+        let res = op.await;
         Some(if res < 0 {
             Err(std::io::Error::from_raw_os_error(-res))
         } else {
@@ -778,6 +774,31 @@ impl Driver for FileDriver {
         }
         empty
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Requests this thread sent through a bounce buffer (for tests).
+    pub static BOUNCES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Reads this large may leave a thread that lets them go, even when they
+/// would not wait (tmpfs, a page-cache hit): copying them is the work.
+const PARALLEL_READ: usize = 256 << 10;
+
+thread_local! {
+    static LARGE_READS_ELSEWHERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From now on, large reads made on this thread are done on the I/O
+/// pool even when they would be memory copies, so several run on several
+/// cores where inline they would take turns on this one. For a front
+/// end whose threads hand the data straight to its client (vhost-user
+/// guest memory); NBD and FUSE send the data on from the thread that
+/// read it, and a copy made on another core costs them more than it
+/// gains (docs/benchmarks.md).
+pub fn copy_large_reads_elsewhere() {
+    LARGE_READS_ELSEWHERE.with(|c| c.set(true));
 }
 
 /// O_DIRECT needs offset, length and memory aligned to this.

@@ -16,6 +16,7 @@ pub mod graph;
 #[cfg(test)]
 mod hook_tests;
 pub mod hooks;
+pub mod iopool;
 pub mod lock;
 pub mod mirror_top;
 pub mod nbd_client;

@@ -257,6 +257,80 @@ async fn overlapping_unaligned_direct_writes_all_land() {
     }
 }
 
+/// Aligned O_DIRECT requests work on the caller's memory (no bounce
+/// copy); unaligned memory still goes through one. On the default
+/// engine both take the I/O pool. Current-thread runtime: the counters
+/// are this thread's.
+#[tokio::test(flavor = "current_thread")]
+async fn aligned_direct_requests_use_the_callers_memory() {
+    use super::file::{AlignedBuf, BOUNCES};
+    use super::iopool::SUBMITTED;
+    let t = Tmp::new("inplace", 1 << 20, "/var/tmp");
+    let d = match FileDriver::open(&FileOptions {
+        direct: true,
+        locking: false,
+        ..file_opts(&t.s())
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipping: O_DIRECT not supported here: {e}");
+            return;
+        }
+    };
+    use super::driver::Driver;
+    let count = || (BOUNCES.with(|c| c.get()), SUBMITTED.with(|c| c.get()));
+    let mut buf = AlignedBuf::new(64 << 10);
+    buf.as_mut_slice().fill(0x5a);
+    let before = count();
+    d.write(128 << 10, buf.as_slice(), WriteFlags::default())
+        .await
+        .expect("write");
+    buf.as_mut_slice().fill(0);
+    d.read(128 << 10, buf.as_mut_slice()).await.expect("read");
+    let after = count();
+    assert!(buf.as_slice().iter().all(|x| *x == 0x5a));
+    assert_eq!(after.0, before.0, "an aligned request was bounced");
+    assert_eq!(after.1, before.1 + 2, "the requests did not take the pool");
+    // The same request from memory that is not aligned: bounced.
+    let mut v = vec![0u8; (64 << 10) + 1];
+    d.read(128 << 10, &mut v[1..]).await.expect("read");
+    assert!(v[1..].iter().all(|x| *x == 0x5a));
+    assert_eq!(
+        count().0,
+        after.0 + 1,
+        "an unaligned buffer was not bounced"
+    );
+    let f = t.bytes();
+    assert!(f[128 << 10..192 << 10].iter().all(|x| *x == 0x5a));
+    assert_eq!(f[(128 << 10) - 1], pattern((128 << 10) - 1));
+    assert_eq!(f[192 << 10], pattern(192 << 10));
+}
+
+/// On tmpfs every request is done inline, large ones too (a front end
+/// that wants large copies on another core moves the request there).
+#[tokio::test(flavor = "current_thread")]
+async fn tmpfs_requests_stay_on_the_thread() {
+    use super::iopool::SUBMITTED;
+    let t = Tmp::new("large", 4 << 20, "/dev/shm");
+    let n = file_node(&t.s(), CommonOptions::default());
+    let jobs = || SUBMITTED.with(|c| c.get());
+    let j0 = jobs();
+    let mut big = vec![0u8; 1 << 20];
+    n.read(1 << 20, &mut big).await.expect("read");
+    assert!(big
+        .iter()
+        .enumerate()
+        .all(|(i, x)| *x == pattern((1 << 20) + i)));
+    n.write(0, &[7; 1 << 20], WriteFlags::default())
+        .await
+        .expect("write");
+    let mut small = vec![0u8; 4096];
+    n.read(4096, &mut small).await.expect("read");
+    assert!(small.iter().all(|x| *x == 7));
+    assert_eq!(jobs(), j0, "a tmpfs request left the thread");
+    assert!(t.bytes()[..1 << 20].iter().all(|x| *x == 7));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_window_maps_onto_the_child() {
     let t = Tmp::new("raw", 1 << 20, "/tmp");

@@ -8,10 +8,10 @@
 //! queue itself right after submitting and whenever it is polled, so what
 //! the kernel completes inline (a page-cache hit) needs no wake-up.
 //!
-//! The kernel may write into a request's buffer until its completion
-//! arrives, even if the request's future is dropped: every buffer, and the
-//! file, stays in the ring's in-flight table until then, and a ring that
-//! goes away first waits for all its requests.
+//! Requests work on their callers' memory in place (guest memory, a
+//! caller's buffer). The kernel may use it until the completion arrives,
+//! so a request's future that is dropped before then (a cancelled
+//! request) waits for the completion in its drop.
 use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -24,26 +24,16 @@ use io_uring::{opcode, types, IoUring};
 use nix::libc;
 use tokio::io::unix::AsyncFd;
 
-use super::file::AlignedBuf;
-
 /// Submission queue entries per ring (the completion queue has twice as
 /// many). An NBD connection has at most 64 requests in flight.
 const ENTRIES: u32 = 128;
 
-/// What the kernel may still use: kept until the completion arrives.
-pub struct Keep {
-    pub buf: Option<AlignedBuf>,
-    _file: Arc<File>,
-}
-
 enum Slot {
     Free,
     /// Submitted; the future waits.
-    Waiting(Option<Waker>, Keep),
+    Waiting(Option<Waker>),
     /// Completed, the future has not looked yet.
-    Done(i32, Keep),
-    /// The future was dropped: free the slot at the completion.
-    Abandoned(Keep),
+    Done(i32),
 }
 
 struct Inner {
@@ -180,31 +170,18 @@ impl Inner {
     #[must_use]
     fn drain(&mut self) -> Vec<Waker> {
         let mut woken = Vec::new();
-        let Inner { ring, slots, free } = self;
+        let Inner { ring, slots, .. } = self;
         for cqe in ring.completion() {
             let i = cqe.user_data() as usize;
             let Some(slot) = slots.get_mut(i) else {
                 continue;
             };
-            match std::mem::replace(slot, Slot::Free) {
-                Slot::Waiting(w, keep) => {
-                    *slot = Slot::Done(cqe.result(), keep);
-                    woken.extend(w);
-                }
-                Slot::Abandoned(keep) => {
-                    drop(keep);
-                    free.push(i as u32);
-                }
-                other => *slot = other,
+            if let Slot::Waiting(w) = slot {
+                woken.extend(w.take());
+                *slot = Slot::Done(cqe.result());
             }
         }
         woken
-    }
-
-    fn in_flight(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| matches!(s, Slot::Waiting(..) | Slot::Abandoned(_)))
     }
 }
 
@@ -240,32 +217,31 @@ impl Ring {
         }))
     }
 
-    /// Submits one entry (built with the slot's user data); the entry's
-    /// memory and file are in `keep`. Gives `keep` back when the ring
-    /// cannot take it (full, or the kernel refused to submit).
-    fn submit(self: &Arc<Self>, entry: io_uring::squeue::Entry, keep: Keep) -> Result<Op, Keep> {
-        let Ok(mut inner) = self.inner.lock() else {
-            return Err(keep);
-        };
+    /// Submits one entry (built with the slot's user data), whose
+    /// memory and file the caller keeps until the `Op` is done or
+    /// dropped. None when the ring cannot take it (full, or the kernel
+    /// refused to submit).
+    fn submit(self: &Arc<Self>, entry: io_uring::squeue::Entry, file: &Arc<File>) -> Option<Op> {
+        let mut inner = self.inner.lock().ok()?;
         let i = match inner.free.pop() {
             Some(i) => i as usize,
             None if inner.slots.len() < (2 * ENTRIES) as usize => {
                 inner.slots.push(Slot::Free);
                 inner.slots.len() - 1
             }
-            None => return Err(keep),
+            None => return None,
         };
         let entry = entry.user_data(i as u64);
-        // SAFETY: the entry's memory and file are kept alive in the slot
-        // until its completion has been reaped.
+        // SAFETY: the entry's memory and file outlive its completion: the
+        // Op holds the file, and waits for the completion if dropped.
         let pushed = unsafe { inner.ring.submission().push(&entry) }.is_ok()
             || (inner.ring.submit().is_ok()
                 && unsafe { inner.ring.submission().push(&entry) }.is_ok());
         if !pushed {
             inner.free.push(i as u32);
-            return Err(keep);
+            return None;
         }
-        inner.slots[i] = Slot::Waiting(None, keep);
+        inner.slots[i] = Slot::Waiting(None);
         #[cfg(test)]
         SUBMITTED.fetch_add(1, Ordering::Relaxed);
         // On an error other than EINTR (EAGAIN: the kernel is short of
@@ -276,46 +252,44 @@ impl Ring {
         let woken = inner.drain();
         drop(inner);
         wake(woken);
-        Ok(Op {
+        Some(Op {
             ring: self.clone(),
             slot: i,
             done: false,
+            _file: file.clone(),
         })
     }
 
-    /// Reads or writes the bytes of `buf` in `part` at file offset `off`.
-    pub fn rw(
+    /// Reads or writes `len` bytes at `ptr` at file offset `off` (the
+    /// kernel may do less: the result is the byte count).
+    ///
+    /// # Safety
+    /// The memory must stay valid, and not be used otherwise for a read,
+    /// until the `Op` has completed or been dropped; the `Op` must not be
+    /// leaked (`mem::forget`), since its drop is what waits.
+    pub unsafe fn rw(
         self: &Arc<Self>,
         file: &Arc<File>,
-        buf: AlignedBuf,
-        part: std::ops::Range<usize>,
+        ptr: *mut u8,
+        len: usize,
         off: u64,
         write: bool,
         rw_flags: i32,
-    ) -> Result<Op, AlignedBuf> {
-        let at = part.start.min(buf.len());
-        let len = part.end.clamp(at, buf.len()) - at;
+    ) -> Option<Op> {
         let len = len.min(u32::MAX as usize) as u32;
-        // SAFETY: at + len stays inside buf (clamped above).
-        let p = unsafe { buf.ptr().add(at) };
         let fd = types::Fd(file.as_raw_fd());
         let entry = if write {
-            opcode::Write::new(fd, p, len)
+            opcode::Write::new(fd, ptr, len)
                 .offset(off)
                 .rw_flags(rw_flags)
                 .build()
         } else {
-            opcode::Read::new(fd, p, len)
+            opcode::Read::new(fd, ptr, len)
                 .offset(off)
                 .rw_flags(rw_flags)
                 .build()
         };
-        let keep = Keep {
-            buf: Some(buf),
-            _file: file.clone(),
-        };
-        self.submit(entry, keep)
-            .map_err(|k| k.buf.unwrap_or_else(|| AlignedBuf::new(0)))
+        self.submit(entry, file)
     }
 
     /// fdatasync (or fsync).
@@ -324,11 +298,7 @@ impl Ring {
         if datasync {
             e = e.flags(types::FsyncFlags::DATASYNC);
         }
-        let keep = Keep {
-            buf: None,
-            _file: file.clone(),
-        };
-        self.submit(e.build(), keep).ok()
+        self.submit(e.build(), file)
     }
 
     pub fn fallocate(
@@ -342,51 +312,24 @@ impl Ring {
             .offset(off)
             .mode(mode)
             .build();
-        let keep = Keep {
-            buf: None,
-            _file: file.clone(),
-        };
-        self.submit(e, keep).ok()
-    }
-}
-
-impl Drop for Ring {
-    /// The kernel may still use the memory of requests in flight
-    /// (abandoned ones): wait for their completions before it is freed.
-    fn drop(&mut self) {
-        let Ok(inner) = self.inner.get_mut() else {
-            return;
-        };
-        while inner.in_flight() {
-            match inner.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(_) => {
-                    // Cannot wait: leak the memory rather than free it
-                    // under the kernel.
-                    for s in inner.slots.drain(..) {
-                        std::mem::forget(s);
-                    }
-                    return;
-                }
-            }
-            wake(inner.drain());
-        }
+        self.submit(e, file)
     }
 }
 
 /// One submitted request: resolves to the kernel's result (a byte count
-/// or a negative errno) and what it kept.
+/// or a negative errno).
 pub struct Op {
     ring: Arc<Ring>,
     slot: usize,
     done: bool,
+    /// The kernel uses the file until the completion.
+    _file: Arc<File>,
 }
 
 impl std::future::Future for Op {
-    type Output = (i32, Keep);
+    type Output = i32;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, Keep)> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
         let this = self.get_mut();
         let Ok(mut inner) = this.ring.inner.lock() else {
             return Poll::Pending;
@@ -397,24 +340,21 @@ impl std::future::Future for Op {
         } else {
             Vec::new()
         };
-        let r = match std::mem::replace(&mut inner.slots[i], Slot::Free) {
-            Slot::Done(res, keep) => {
+        let r = match &mut inner.slots[i] {
+            Slot::Done(res) => {
+                let res = *res;
+                inner.slots[i] = Slot::Free;
                 inner.free.push(i as u32);
                 this.done = true;
-                Poll::Ready((res, keep))
+                Poll::Ready(res)
             }
-            Slot::Waiting(w, keep) => {
-                let w = match w {
-                    Some(w) if w.will_wake(cx.waker()) => w,
-                    _ => cx.waker().clone(),
-                };
-                inner.slots[i] = Slot::Waiting(Some(w), keep);
+            Slot::Waiting(w) => {
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
                 Poll::Pending
             }
-            other => {
-                inner.slots[i] = other;
-                Poll::Pending
-            }
+            Slot::Free => Poll::Pending,
         };
         drop(inner);
         wake(woken);
@@ -423,21 +363,30 @@ impl std::future::Future for Op {
 }
 
 impl Drop for Op {
+    /// The kernel may still be using the request's memory: a request
+    /// dropped in flight waits here for its completion.
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        let Ok(mut inner) = self.ring.inner.lock() else {
-            return;
+        let mut inner = match self.ring.inner.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
         };
         let i = self.slot;
-        match std::mem::replace(&mut inner.slots[i], Slot::Free) {
-            Slot::Waiting(_, keep) => inner.slots[i] = Slot::Abandoned(keep),
-            Slot::Done(_, keep) => {
-                drop(keep);
-                inner.free.push(i as u32);
+        let mut woken = Vec::new();
+        while matches!(inner.slots[i], Slot::Waiting(_)) {
+            if let Err(e) = inner.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    // Cannot wait in the kernel: look again shortly.
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
-            other => inner.slots[i] = other,
+            woken.extend(inner.drain());
         }
+        inner.slots[i] = Slot::Free;
+        inner.free.push(i as u32);
+        drop(inner);
+        wake(woken);
     }
 }

@@ -2,7 +2,7 @@
 //! O_DIRECT, and requests dropped while the kernel holds their buffers.
 use std::fs::File;
 use std::future::Future;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,11 +148,11 @@ fn pipe() -> (Arc<File>, File) {
     (Arc::new(File::from(r)), File::from(w))
 }
 
-/// A request dropped while the kernel still holds its buffer: the buffer
-/// stays alive until the completion, the completion lands there and not
-/// in memory reused since, and the next requests and the file are fine.
+/// A request dropped while the kernel still holds its memory waits for
+/// the completion in its drop: the data lands in the memory while it is
+/// still the request's, and the ring and the file driver go on working.
 #[tokio::test]
-async fn dropped_request_keeps_its_buffer_until_completion() {
+async fn dropped_request_waits_for_its_completion() {
     if skip() {
         return;
     }
@@ -161,9 +161,10 @@ async fn dropped_request_keeps_its_buffer_until_completion() {
         return;
     };
     let (rd, mut wr) = pipe();
-    let op = ring
-        .rw(&rd, AlignedBuf::new(65536), 0..65536, 0, false, 0)
-        .unwrap_or_else(|_| panic!("submit"));
+    let mut buf = AlignedBuf::new(65536);
+    // SAFETY: `buf` outlives the op, which is dropped (and so waited
+    // for) below, never leaked.
+    let op = unsafe { ring.rw(&rd, buf.ptr(), 65536, 0, false, 0) }.expect("submit");
     let mut op = Box::pin(op);
     // Polled once, then dropped in flight (as a cancelled request).
     assert!(
@@ -172,35 +173,33 @@ async fn dropped_request_keeps_its_buffer_until_completion() {
             .is_err(),
         "a pipe read with no writer data completed"
     );
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        std::io::Write::write_all(&mut wr, &[0x99; 65536]).expect("pipe write");
+        wr
+    });
+    let t0 = std::time::Instant::now();
     drop(op);
-    // Memory freed now would be reused by these allocations.
-    let fill: Vec<Vec<u8>> = (0..64).map(|_| vec![0xee; 65536]).collect();
-    // The file driver keeps working meanwhile on the same ring.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(150),
+        "the drop returned while the kernel held the memory"
+    );
+    assert!(
+        buf.as_mut_slice().iter().all(|x| *x == 0x99),
+        "the completion did not land in the request's memory"
+    );
+    let _wr = writer.join().expect("writer");
+    // The file driver keeps working on the same ring.
     let t = Tmp::new("after-cancel", 1 << 20);
     let Some(d) = t.open(false) else { return };
     d.write(0, &[0x42; 65536], WriteFlags::default())
         .await
         .expect("write after a cancelled request");
-    // Now the kernel completes the abandoned read.
-    std::io::Write::write_all(&mut wr, &[0x99; 65536]).expect("pipe write");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        fill.iter().all(|v| v.iter().all(|x| *x == 0xee)),
-        "the kernel wrote into memory reused after the request was dropped"
-    );
     let mut b = vec![0u8; 65536];
     d.read(0, &mut b).await.expect("read");
     assert!(b.iter().all(|x| *x == 0x42));
     assert!(t.bytes()[..65536].iter().all(|x| *x == 0x42));
     assert_eq!(t.bytes()[65536], pattern(65536));
-    // The pipe's data went to the abandoned read, not to a later one.
-    let mut probe = [0u8; 1];
-    // SAFETY: non-blocking read of one byte into a local buffer.
-    let n = unsafe {
-        libc::fcntl(rd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-        libc::read(rd.as_raw_fd(), probe.as_mut_ptr().cast(), 1)
-    };
-    assert!(n < 0, "the abandoned read did not consume the pipe's data");
 }
 
 /// Many O_DIRECT writes, half of them dropped after their first poll:
@@ -246,47 +245,47 @@ async fn cancelled_direct_writes_leave_whole_blocks() {
     }
 }
 
-/// A ring whose thread ends with a request in flight waits for its
-/// completion before the memory goes.
+/// A runtime that ends with a request in flight (its task dropped)
+/// waits for the completion before its thread goes on.
 #[test]
-fn ring_outliving_its_runtime_waits_for_requests() {
+fn runtime_ending_with_a_request_in_flight_waits_for_it() {
     if skip() {
         return;
     }
     let (rd, mut wr) = pipe();
-    let (tx, rx) = std::sync::mpsc::channel();
     let th = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
+        let mut buf = AlignedBuf::new(4096);
+        let ptr = buf.ptr();
         rt.block_on(async {
             let Some(ring) = uring::local() else {
                 return;
             };
-            let op = ring
-                .rw(&rd, AlignedBuf::new(4096), 0..4096, 0, false, 0)
-                .unwrap_or_else(|_| panic!("submit"));
+            // SAFETY: `buf` outlives the runtime, whose drop drops (and
+            // so waits for) the op.
+            let op = unsafe { ring.rw(&rd, ptr, 4096, 0, false, 0) }.expect("submit");
             // Never polled to completion: dropped with the runtime.
             tokio::spawn(op);
             tokio::task::yield_now().await;
         });
         drop(rt);
-        let _ = tx.send(());
-        // The thread-local ring is dropped as the thread exits.
+        buf.as_mut_slice().iter().all(|x| *x == 1)
     });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("runtime ended");
-    // The thread's locals (its ring) go after its closure returned:
-    // only join() sees them gone.
     let (jtx, jrx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = jtx.send(th.join().is_ok());
+        let _ = jtx.send(th.join());
     });
     assert!(
         jrx.recv_timeout(Duration::from_millis(100)).is_err(),
-        "the ring went away with a read in flight"
+        "the runtime ended with a read in flight"
     );
     std::io::Write::write_all(&mut wr, &[1; 4096]).expect("pipe write");
-    assert_eq!(jrx.recv_timeout(Duration::from_secs(5)), Ok(true));
+    let landed = jrx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("thread ended")
+        .expect("thread");
+    assert!(landed, "the read's data is not in its memory");
 }

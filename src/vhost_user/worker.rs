@@ -99,6 +99,8 @@ fn run(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
         event_idx: false,
     };
     q.event_idx = q.queue.event_idx_enabled();
+    // Reads land in guest memory: a large one may copy on another core.
+    crate::block::file::copy_large_reads_elsewhere();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
