@@ -10,12 +10,14 @@
 //! - `worker.rs`: a started ring's thread, which runs its requests.
 //! - `inflight.rs`: in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD),
 //!   so a restarted device completes what the previous one had taken.
+//! - `dirty.rs`: dirty-page logging for live migration (LOG_SHMFD).
 //! - `channel.rs`: the backend request channel (config-change messages).
 //! - `export.rs`: the export (`BlockExport`), its socket and its accept
 //!   loop, one frontend at a time.
 pub mod channel;
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod export;
 pub mod inflight;
 pub mod request;

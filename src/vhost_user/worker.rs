@@ -28,6 +28,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
 
+use super::dirty::{self, DirtyLog};
 use super::inflight::{QueueLog, Recovery};
 use super::request::{self, Desc};
 use super::Shared;
@@ -46,6 +47,8 @@ pub struct Start {
     pub kick: OwnedFd,
     pub call: Call,
     pub log: Option<QueueLog>,
+    /// Dirty-page logging (live migration).
+    pub dirty: dirty::Switch,
 }
 
 /// A running worker, as the connection holds it.
@@ -89,6 +92,7 @@ fn run(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
         kick,
         call,
         log,
+        dirty,
     } = s;
     let mut q = Served {
         shared,
@@ -96,6 +100,7 @@ fn run(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
         queue,
         call,
         log,
+        dirty,
         event_idx: false,
     };
     q.event_idx = q.queue.event_idx_enabled();
@@ -122,10 +127,14 @@ struct Served {
     queue: Queue,
     call: Call,
     log: Option<QueueLog>,
+    dirty: dirty::Switch,
     event_idx: bool,
 }
 
-type Running = JoinSet<(u16, u32)>;
+/// A finished request: its head, the bytes it wrote, its descriptors
+/// (whose writable ones the dirty log marks).
+type Done = (u16, u32, Vec<Desc>);
+type Running = JoinSet<Done>;
 
 impl Served {
     async fn serve(&mut self, kick: OwnedFd, stop: Arc<Notify>, stopping: Arc<AtomicBool>) {
@@ -147,10 +156,16 @@ impl Served {
             }
             tokio::select! {
                 Some(done) = running.join_next(), if !running.is_empty() => {
-                    self.finish(done);
+                    let log = self.dirty.current();
+                    self.finish(done, log.as_deref());
                     // Whatever else is done goes in with it, one signal.
                     while let Some(done) = running.try_join_next() {
-                        self.finish(done);
+                        self.finish(done, log.as_deref());
+                    }
+                    if let Some(log) = &log {
+                        // flags, idx, the ring and avail_event.
+                        let len = 6 + 8 * u64::from(self.queue.size());
+                        log.mark(self.queue.used_ring(), len);
                     }
                     self.signal();
                 }
@@ -187,7 +202,7 @@ impl Served {
                 Some(descs) => self.spawn(running, &mem, head, descs),
                 // The chain no longer reads: give the buffer back empty.
                 None => {
-                    running.spawn(async move { (head, 0) });
+                    running.spawn(async move { (head, 0, Vec::new()) });
                 }
             }
         }
@@ -242,17 +257,22 @@ impl Served {
         let (shared, mem) = (self.shared.clone(), mem.clone());
         running.spawn(async move {
             let used = request::run(&shared, &mem, &descs).await;
-            (head, used)
+            (head, used, descs)
         });
     }
 
     /// Puts a finished request in the used ring, its inflight mark
     /// cleared around it as the spec orders.
-    fn finish(&mut self, done: Result<(u16, u32), tokio::task::JoinError>) {
-        let Ok((head, used)) = done else {
+    fn finish(&mut self, done: Result<Done, tokio::task::JoinError>, log: Option<&DirtyLog>) {
+        let Ok((head, used, descs)) = done else {
             tracing::warn!("vhost-user: a request's task failed");
             return;
         };
+        if let Some(log) = log {
+            for d in descs.iter().filter(|d| d.writable) {
+                log.mark(d.addr, u64::from(d.len));
+            }
+        }
         let mem = self.mem.memory();
         if let Some(log) = self.log.as_mut() {
             log.completing(head);
