@@ -286,4 +286,39 @@ mod tests {
         // Waits inside the window leave it as it is.
         assert_eq!(next_window(w, Duration::from_micros(1), OWN), w);
     }
+
+    #[test]
+    fn an_iothreads_parameters_bound_the_window() {
+        let t = Tuning {
+            max: Duration::from_micros(100),
+            grow: 4,
+            shrink: 0,
+        };
+        let w = next_window(START_WINDOW, Duration::from_micros(30), t);
+        assert_eq!(w, Duration::from_micros(40), "poll-grow multiplies");
+        let w = next_window(w, Duration::from_micros(90), t);
+        assert_eq!(w, t.max, "never beyond poll-max-ns");
+        assert_eq!(
+            next_window(w, Duration::from_millis(1), t),
+            Duration::ZERO,
+            "poll-shrink=0 closes the window at once"
+        );
+        let off = Tuning {
+            max: Duration::ZERO,
+            ..t
+        };
+        assert_eq!(next_window(MAX_WINDOW, Duration::from_micros(1), off), Duration::ZERO);
+        assert_eq!(next_window(Duration::ZERO, Duration::from_micros(1), off), Duration::ZERO);
+    }
+
+    #[test]
+    fn qom_set_reaches_a_connection_between_waits() {
+        let rt = runtime();
+        let (r, _peer) = pair(&rt);
+        let p = Arc::new(PollParams::new(20_000, 0, 0));
+        let r = r.with_params(p.clone());
+        assert_eq!(r.tuning().max, Duration::from_micros(20));
+        p.set("poll-max-ns", 0);
+        assert_eq!(r.tuning().max, Duration::ZERO, "poll-max-ns=0: no polling");
+    }
 }
