@@ -96,7 +96,7 @@ impl Drop for ServingGuard {
 pub struct IoThread {
     pub id: String,
     /// The thread's kernel id (what /proc/PID/task lists), for
-    /// x-rsd-query-iothreads and CPU pinning.
+    /// __org.rsd_query-iothreads and CPU pinning.
     pub thread_id: i32,
     pub poll: Arc<PollParams>,
     jobs: Mutex<Option<mpsc::UnboundedSender<Job>>>,

@@ -337,3 +337,29 @@ fn two_exports_on_two_iothreads_use_two_cores() {
         assert!(best > 1.0, "the two iothreads used {best:.2} cores");
     }
 }
+
+/// Beyond QSD (which has no query-iothreads): each iothread with its
+/// thread's real kernel id and its polling parameters.
+#[test]
+fn rsd_query_iothreads_names_the_real_threads() {
+    let dir = TempDir::new();
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&["--object", "iothread,id=io0,poll-max-ns=1000"]));
+    let d = Daemon::spawn(Which::Rsd, &a);
+    let mut q = Qmp::ready(&dir.path("q.sock"));
+    q.cmd(r#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"io1"}}"#);
+    q.cmd(r#"{"execute":"qom-set","arguments":{"path":"io1","property":"poll-grow","value":3}}"#);
+    let r = q.cmd(r#"{"execute":"__org.rsd_query-iothreads"}"#);
+    let list = r["return"].as_array().expect("a list").clone();
+    assert_eq!(list.len(), 2, "{r}");
+    let pid = d.child.id();
+    for (info, (id, max, grow)) in list.iter().zip([("io0", 1000, 0), ("io1", 32768, 3)]) {
+        assert_eq!(info["id"], id);
+        assert_eq!(info["poll-max-ns"], max);
+        assert_eq!(info["poll-grow"], grow);
+        assert_eq!(info["poll-shrink"], 0);
+        assert_eq!(info["aio-max-batch"], 0);
+        let tid = info["thread-id"].as_u64().expect("thread-id") as u32;
+        assert_eq!(thread_ids(pid, &format!("iothread/{id}")), vec![tid]);
+    }
+}

@@ -128,6 +128,28 @@ impl ControlState {
         Ok(json!({}))
     }
 
+    /// __org.rsd_query-iothreads: QEMU's query-iothreads (which QSD does
+    /// not have), with each thread's real kernel id, for pinning.
+    pub(super) fn query_iothreads(&self) -> Value {
+        let prop = |o: &crate::objects::Object, p: &str| o.get(p).unwrap_or(json!(0));
+        Value::Array(
+            self.objects
+                .iter()
+                .filter_map(|(id, o)| {
+                    let t = o.iothread()?;
+                    Some(json!({
+                        "id": id,
+                        "thread-id": t.thread_id,
+                        "poll-max-ns": prop(o, "poll-max-ns"),
+                        "poll-grow": prop(o, "poll-grow"),
+                        "poll-shrink": prop(o, "poll-shrink"),
+                        "aio-max-batch": prop(o, "aio-max-batch"),
+                    }))
+                })
+                .collect(),
+        )
+    }
+
     /// Whether a node or an export is in the iothread (object-del then
     /// refuses it, where QSD lets it go and then crashes: differences
     /// entry 55).

@@ -340,6 +340,7 @@ impl ControlState {
             }
             "x-blockdev-change" => self.x_blockdev_change(&args),
             "x-blockdev-set-iothread" => self.x_blockdev_set_iothread(&args),
+            "__org.rsd_query-iothreads" => Ok(self.query_iothreads()),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(

@@ -307,8 +307,14 @@ mod tests {
             max: Duration::ZERO,
             ..t
         };
-        assert_eq!(next_window(MAX_WINDOW, Duration::from_micros(1), off), Duration::ZERO);
-        assert_eq!(next_window(Duration::ZERO, Duration::from_micros(1), off), Duration::ZERO);
+        assert_eq!(
+            next_window(MAX_WINDOW, Duration::from_micros(1), off),
+            Duration::ZERO
+        );
+        assert_eq!(
+            next_window(Duration::ZERO, Duration::from_micros(1), off),
+            Duration::ZERO
+        );
     }
 
     #[test]
