@@ -1591,3 +1591,65 @@ fn dirty_pages_are_logged_while_log_all_is_on_as_in_qsd() {
         assert_eq!(rsd, qsd, "dirty pages: rsd vs QSD");
     }
 }
+
+/// The names of the daemon's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// With `iothread`, every queue of the export runs on the iothread's
+/// thread (QSD's export AioContext); without it, each queue has a thread
+/// of its own.
+#[test]
+fn queues_run_on_the_export_iothread() {
+    let dir = TempDir::new();
+    let image = dir.s("disk.img");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &image, "4M"],
+    ));
+    for iothread in [true, false] {
+        let sock = dir.s(&format!("vu-{iothread}.sock"));
+        let mon = dir.s(&format!("q-{iothread}.sock"));
+        let mut a = monitor_args(&mon);
+        let extra = if iothread { ",iothread=io0" } else { "" };
+        a.extend(args(&[
+            "--object",
+            "iothread,id=io0",
+            "--blockdev",
+            &format!("driver=file,node-name=file,filename={image}"),
+            "--export",
+            &format!("type=vhost-user-blk,id=vu,node-name=file,addr.type=unix,addr.path={sock},writable=on,num-queues=2{extra}"),
+        ]));
+        let d = Daemon::spawn(Which::Rsd, &a);
+        let _q = Qmp::ready(Path::new(&mon));
+        let mut g = Guest::connect(Path::new(&sock), 2);
+        let b = pattern(9, 8192);
+        let w = g.req(T_OUT, 0, &[&b], &[]);
+        let got = g.submit(1, vec![w]);
+        assert_eq!(got[0].status, Some(0));
+        let r = g_read(&mut g, 0, 8192);
+        let got = g.submit(0, vec![r]);
+        assert_eq!(got[0].data, b, "queue 0 reads what queue 1 wrote");
+        // Both rings run now.
+        let names = thread_names(d.child.id());
+        let queue_threads = names
+            .iter()
+            .filter(|n| n.starts_with("vhost-user/q"))
+            .count();
+        assert!(names.iter().any(|n| n == "iothread/io0"), "{names:?}");
+        if iothread {
+            assert_eq!(queue_threads, 0, "no queue thread: {names:?}");
+        } else {
+            assert_eq!(queue_threads, 2, "a thread per queue: {names:?}");
+        }
+        drop(g);
+    }
+}
