@@ -95,6 +95,9 @@ pub struct ControlState {
     /// Chardevs in creation order.
     chardevs: Vec<(String, ChardevEntry)>,
     objects: BTreeMap<String, Object>,
+    /// Every object id, with the authz objects, for the NBD server to
+    /// look tls-authz up when a client connects.
+    authz: Arc<crate::objects::authz::AuthzIndex>,
     block: crate::block::graph::Graph,
     jobs: crate::jobs::Jobs,
     /// The number of the command being run.
@@ -124,6 +127,7 @@ impl Actor for ControlActor {
             myself,
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
+            authz: Default::default(),
             block,
             // Shared with the metrics collector, which reads them at
             // scrape time.
@@ -426,6 +430,7 @@ impl ControlState {
             _ => None,
         };
         let obj = objects::create(args, &lookup)?;
+        self.authz.insert(&id, obj.authz().cloned());
         self.objects.insert(id, obj);
         Ok(())
     }
@@ -449,6 +454,7 @@ impl ControlState {
             ))),
             Some(_) => {
                 self.objects.remove(id);
+                self.authz.remove(id);
                 Ok(())
             }
             None => Err(QmpError::generic(format!("object '{id}' not found"))),
