@@ -109,8 +109,12 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
 }
 
 /// One option reply: (type, data).
-async fn option_reply<S: AsyncRead + Unpin>(r: &mut S, tls: bool) -> Result<(u32, Vec<u8>), String> {
-    let rerr = |e: std::io::Error| format!("Failed to read option reply: {}", io_text(&e, true, tls));
+async fn option_reply<S: AsyncRead + Unpin>(
+    r: &mut S,
+    tls: bool,
+) -> Result<(u32, Vec<u8>), String> {
+    let rerr =
+        |e: std::io::Error| format!("Failed to read option reply: {}", io_text(&e, true, tls));
     if r.read_u64().await.map_err(rerr)? != REPLY_MAGIC {
         return Err("Unexpected option reply magic".into());
     }
@@ -135,7 +139,9 @@ async fn handshake(
 ) -> Result<(Reader, Writer, u64, u16), String> {
     let io =
         |e: std::io::Error| format!("Failed to read initial magic: {}", crate::util::os_msg(&e));
-    if sock.read_u64().await.map_err(io)? != NBDMAGIC || sock.read_u64().await.map_err(io)? != IHAVEOPT {
+    if sock.read_u64().await.map_err(io)? != NBDMAGIC
+        || sock.read_u64().await.map_err(io)? != IHAVEOPT
+    {
         return Err("Server does not support fixed newstyle negotiation".into());
     }
     let hs = sock.read_u16().await.map_err(io)?;
@@ -173,13 +179,9 @@ async fn handshake(
         }
         (k, _) => return Err(format!("Unexpected option reply type {k}")),
     }
-    let mut t = crate::tls::session::connect(
-        &tls.config,
-        tls.verify_peer,
-        tls.hostname.as_deref(),
-        sock,
-    )
-    .await?;
+    let mut t =
+        crate::tls::session::connect(&tls.config, tls.verify_peer, tls.hostname.as_deref(), sock)
+            .await?;
     let (size, tflags) = go(&mut t, export, true).await?;
     let (r, w) = tokio::io::split(t);
     Ok((Box::new(r), Box::new(w), size, tflags))

@@ -13,8 +13,8 @@ use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
 use super::handshake::{handshake, Session};
 use super::link::{Link, Sock, StdSock};
-use crate::tls::session::ServerTls;
 use crate::sockets::Listener;
+use crate::tls::session::ServerTls;
 use crate::util::{watched, Watched};
 
 pub const REGISTRY_NAME: &str = "nbd-server";

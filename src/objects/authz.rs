@@ -48,7 +48,12 @@ pub struct List {
 impl List {
     /// From validated AuthZListProperties.
     fn from_props(props: &Map<String, Value>) -> List {
-        let policy = Policy::parse(props.get("policy").and_then(Value::as_str).unwrap_or("deny"));
+        let policy = Policy::parse(
+            props
+                .get("policy")
+                .and_then(Value::as_str)
+                .unwrap_or("deny"),
+        );
         List {
             policy,
             rules: props
@@ -156,13 +161,18 @@ impl ListFile {
             };
             format!("Unable to read '{path}': {what} \u{201C}{path}\u{201D}: {why}")
         })?;
-        let v: Value = serde_json::from_slice(&text).map_err(|e| format!("JSON parse error, {e}"))?;
+        let v: Value =
+            serde_json::from_slice(&text).map_err(|e| format!("JSON parse error, {e}"))?;
         let Value::Object(m) = v else {
             return Err(format!("File '{path}' must contain a JSON object"));
         };
         let schema = crate::qapi::Schema::rsd(false);
         let m = schema
-            .validate_args("AuthZListProperties", &m, crate::qapi::validate::Input::Json)
+            .validate_args(
+                "AuthZListProperties",
+                &m,
+                crate::qapi::validate::Input::Json,
+            )
             .map_err(|e| e.desc)?;
         Ok(List::from_props(&m))
     }
@@ -222,7 +232,10 @@ impl Authz {
                     return Err("filename not provided".into());
                 };
                 let list = ListFile::load(filename)?;
-                let refresh = props.get("refresh").and_then(Value::as_bool).unwrap_or(true);
+                let refresh = props
+                    .get("refresh")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
                 if refresh && !filename.contains('/') {
                     return Err("Filename must be an absolute path".into());
                 }
@@ -282,7 +295,11 @@ impl Authz {
                 m.insert(prop.to_string(), value.clone());
                 let schema = crate::qapi::Schema::rsd(false);
                 let m = schema
-                    .validate_args("AuthZListProperties", &m, crate::qapi::validate::Input::Json)
+                    .validate_args(
+                        "AuthZListProperties",
+                        &m,
+                        crate::qapi::validate::Input::Json,
+                    )
                     .map_err(|e| e.desc)?;
                 let new = List::from_props(&m);
                 if let Ok(mut l) = l.lock() {
@@ -295,10 +312,9 @@ impl Authz {
                 Ok(())
             }
             // Read at creation only, as QEMU uses them.
-            (Kind::ListFile(_), "filename") => value
-                .as_str()
-                .map(|_| ())
-                .ok_or_else(|| type_err("string")),
+            (Kind::ListFile(_), "filename") => {
+                value.as_str().map(|_| ()).ok_or_else(|| type_err("string"))
+            }
             (Kind::ListFile(_), "refresh") => value
                 .as_bool()
                 .map(|_| ())
@@ -347,7 +363,10 @@ mod tests {
     fn glob_is_glibs_simple_pattern() {
         assert!(glob_match("CN=*", "CN=client1"));
         assert!(glob_match("O=Test Org,CN=client?", "O=Test Org,CN=client1"));
-        assert!(!glob_match("O=Test Org,CN=client?", "O=Test Org,CN=client12"));
+        assert!(!glob_match(
+            "O=Test Org,CN=client?",
+            "O=Test Org,CN=client12"
+        ));
         assert!(glob_match("*a*b*", "xxaxxbxx"));
         assert!(!glob_match("*a*b", "xxaxxbxx"));
         assert!(glob_match("", ""));

@@ -178,7 +178,12 @@ impl TlsCreds {
                 &ca,
             )?)
         } else {
-            Loaded::Client(super::session::client_config(roots, verify_peer, identity, &ca)?)
+            Loaded::Client(super::session::client_config(
+                roots,
+                verify_peer,
+                identity,
+                &ca,
+            )?)
         };
         Ok(TlsCreds {
             endpoint,
@@ -192,7 +197,11 @@ impl TlsCreds {
         let s = |k: &str| json!(self.props.get(k).and_then(Value::as_str).unwrap_or(""));
         let b = |k: &str, d: bool| json!(self.props.get(k).and_then(Value::as_bool).unwrap_or(d));
         Some(match prop {
-            "endpoint" => json!(self.props.get("endpoint").and_then(Value::as_str).unwrap_or("client")),
+            "endpoint" => json!(self
+                .props
+                .get("endpoint")
+                .and_then(Value::as_str)
+                .unwrap_or("client")),
             "dir" | "priority" | "passwordid" => s(prop),
             "verify-peer" => b(prop, true),
             "sanity-check" => b(prop, true),

@@ -262,7 +262,10 @@ fn string_value(t: &Tlv<'_>) -> Option<String> {
         0x1c => Some(
             t.body
                 .chunks_exact(4)
-                .map(|c| char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]])).unwrap_or('\u{fffd}'))
+                .map(|c| {
+                    char::from_u32(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .unwrap_or('\u{fffd}')
+                })
                 .collect(),
         ),
         _ => None,

@@ -41,7 +41,12 @@ fn check_times(c: &CertFacts, file: &str, is_server: bool, is_ca: bool) -> Resul
     Ok(())
 }
 
-fn check_constraints(c: &CertFacts, file: &str, is_server: bool, is_ca: bool) -> Result<(), String> {
+fn check_constraints(
+    c: &CertFacts,
+    file: &str,
+    is_server: bool,
+    is_ca: bool,
+) -> Result<(), String> {
     match (c.ca, is_ca) {
         (Some(true), false) => Err(format!(
             "The certificate {file} basic constraints show a CA, but we need one for a {}",
@@ -90,7 +95,11 @@ fn check_purpose(c: &CertFacts, file: &str, is_server: bool) -> Result<(), Strin
         return Ok(());
     };
     let has = |p: &str| purposes.iter().any(|x| x == p || x == der::KP_ANY);
-    let wanted = if is_server { der::KP_SERVER } else { der::KP_CLIENT };
+    let wanted = if is_server {
+        der::KP_SERVER
+    } else {
+        der::KP_CLIENT
+    };
     if *critical && !has(wanted) {
         return Err(format!(
             "Certificate {file} purpose does not allow use with a TLS {}",
@@ -108,7 +117,9 @@ fn check_pair(
     ca_file: &str,
     is_server: bool,
 ) -> Result<(), String> {
-    let fail = |why: &str| format!("Our own certificate {file} failed validation against {ca_file}: {why}");
+    let fail = |why: &str| {
+        format!("Our own certificate {file} failed validation against {ca_file}: {why}")
+    };
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
         // A CA webpki cannot take as an anchor is as good as none.
@@ -120,7 +131,8 @@ fn check_pair(
     let provider = super::provider();
     let algs = provider.signature_verification_algorithms;
     let result = if is_server {
-        let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| fail(&super::session::cert_reason(&e)))?;
+        let parsed = rustls::server::ParsedCertificate::try_from(cert)
+            .map_err(|e| fail(&super::session::cert_reason(&e)))?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
@@ -129,10 +141,12 @@ fn check_pair(
             algs.all,
         )
     } else {
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
-                .build()
-                .map_err(|e| fail(&e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| fail(&e.to_string()))?;
         verifier
             .verify_client_cert(cert, &[], UnixTime::now())
             .map(|_| ())
@@ -147,7 +161,12 @@ pub fn check(is_server: bool, ca_file: &str, cert_file: Option<&str>) -> Result<
         let text = std::fs::read(f)
             .map_err(|e| format!("Cannot load CA cert list {f}: {}", crate::util::os_msg(&e)))?;
         let first = pem::certs(&text)
-            .map_err(|why| format!("Unable to import {} certificate {f}: {why}", role(is_server)))?
+            .map_err(|why| {
+                format!(
+                    "Unable to import {} certificate {f}: {why}",
+                    role(is_server)
+                )
+            })?
             .into_iter()
             .next();
         let Some(der) = first else {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -28,7 +30,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn cert_reason(e: &rustls::Error) -> String {
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer => "The certificate hasn't got a known issuer",
+            // GnuTLS says so too when a CA of the issuer's name did not
+            // sign it.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                "The certificate hasn't got a known issuer"
+            }
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 "The certificate has expired"
             }
@@ -57,7 +63,8 @@ fn is_name_mismatch(e: &rustls::Error) -> bool {
 
 /// The rustls error inside an I/O error from tokio-rustls, if any.
 fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// A failed handshake in QEMU's words: certificate problems as its
@@ -108,14 +115,16 @@ pub fn server_config(
         // A client certificate is asked for but not required during the
         // handshake, as QEMU does; its absence is refused after it, with
         // QEMU's message.
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .with_crls(crls)
-                .only_check_end_entity_revocation()
-                .allow_unknown_revocation_status()
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("Cannot load CA certificate '{ca_file}': {e}"))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("Cannot load CA certificate '{ca_file}': {e}"))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
@@ -215,7 +224,10 @@ pub struct ServerTls {
 }
 
 /// The server side of a handshake, then QEMU's checks of the client.
-pub async fn accept<IO>(tls: &ServerTls, io: IO) -> Result<tokio_rustls::server::TlsStream<IO>, String>
+pub async fn accept<IO>(
+    tls: &ServerTls,
+    io: IO,
+) -> Result<tokio_rustls::server::TlsStream<IO>, String>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
