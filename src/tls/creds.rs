@@ -152,13 +152,15 @@ impl TlsCreds {
                 .map_err(|e| format!("Cannot load CA certificate '{ca}': {e}"))?;
         }
         let password = s("passwordid");
-        if let Some(id) = password {
-            if !secret_exists(id) {
-                return Err(format!("No secret with id '{id}'"));
-            }
-        }
         let identity = match (cert.as_deref(), key.as_deref()) {
-            (Some(c), Some(k)) => Some(cert_and_key(c, k, password.is_some())?),
+            (Some(c), Some(k)) => {
+                // As QEMU: the password's secret is looked up only when
+                // there is a key to use it on.
+                if let Some(id) = password.filter(|id| !secret_exists(id)) {
+                    return Err(format!("No secret with id '{id}'"));
+                }
+                Some(cert_and_key(c, k, password.is_some())?)
+            }
             _ => None,
         };
         let crls = match crl {

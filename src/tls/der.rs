@@ -326,8 +326,11 @@ pub fn subject_text(cert_der: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// A Name with one RDN per (oid body, tag, value).
-    fn name(rdns: &[&[(&[u8], u8, &[u8])]]) -> Vec<u8> {
+    /// One attribute: (OID body, value tag, value).
+    type Ava<'a> = (&'a [u8], u8, &'a [u8]);
+
+    /// A Name with one RDN per slice of attributes.
+    fn name(rdns: &[&[Ava<'_>]]) -> Vec<u8> {
         fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
             let mut v = vec![tag, body.len() as u8];
             v.extend_from_slice(body);
