@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages the tests use (prometheus and curl for tests/metrics.rs,
 # podman and runc for tests/container.rs; fio for tests/throttle.rs;
+# openssl makes tests/tls.rs's certificates;
 # qemu-utils with qemu-storage-daemon is on the machine already and must
 # not be reinstalled from Debian's archive).
-PACKAGES="libnbd-bin prometheus curl podman runc fio"
+PACKAGES="libnbd-bin prometheus curl podman runc fio openssl"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq || echo "warning: apt-get update failed" >&2
     if [ -n "$PACKAGES" ]; then

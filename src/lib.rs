@@ -16,5 +16,6 @@ pub mod objects;
 pub mod qapi;
 pub mod qmp;
 pub mod sockets;
+pub mod tls;
 pub mod util;
 pub mod vhost_user;

@@ -27,6 +27,7 @@ mod snapshot;
 mod stream;
 mod supervision;
 mod throttle;
+mod tls;
 mod traces;
 mod transaction;
 mod transports;

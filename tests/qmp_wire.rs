@@ -612,14 +612,14 @@ fn qom_partial_paths_match_qsd() {
 #[test]
 fn missing_object_types_are_named_whatever_their_properties() {
     let steps: Vec<&[u8]> = vec![
-        br#"{"execute":"object-add","arguments":{"qom-type":"authz-simple","id":"t","identity":"x"}}"#,
-        br#"{"execute":"object-add","arguments":{"qom-type":"tls-creds-x509","id":"t2","dir":"/tmp","endpoint":"server"}}"#,
+        br#"{"execute":"object-add","arguments":{"qom-type":"authz-pam","id":"t","service":"x"}}"#,
+        br#"{"execute":"object-add","arguments":{"qom-type":"pr-manager-helper","id":"t2","path":"/tmp/x"}}"#,
         br#"{"execute":"object-add","arguments":{"qom-type":"iothread","id":"i","dir":"/tmp"}}"#,
     ];
     let t = transcript(Which::Rsd, true, 0, &steps);
     let lacks = [
-        (2, "invalid object type: authz-simple"),
-        (3, "invalid object type: tls-creds-x509"),
+        (2, "invalid object type: authz-pam"),
+        (3, "invalid object type: pr-manager-helper"),
         (4, "Parameter 'dir' is unexpected"),
     ];
     for (i, want) in lacks {
@@ -627,12 +627,12 @@ fn missing_object_types_are_named_whatever_their_properties() {
     }
     let o = run_to_end(
         Which::Rsd,
-        &["--object", "authz-simple,id=t,identity=x"],
+        &["--object", "pr-manager-helper,id=t,path=/tmp/x"],
         10,
     );
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
-        "rsd: --object authz-simple,id=t,identity=x: invalid object type: authz-simple\n"
+        "rsd: --object pr-manager-helper,id=t,path=/tmp/x: invalid object type: pr-manager-helper\n"
     );
 }

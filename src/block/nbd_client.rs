@@ -2,7 +2,8 @@
 //! export (rsd's own, QSD's, qemu-nbd's), so a mirror or backup can
 //! target another host.
 //!
-//! One connection, fixed newstyle, NBD_OPT_GO, simple replies. Requests
+//! One connection, fixed newstyle, NBD_OPT_GO, simple replies; with
+//! `tls-creds`, NBD_OPT_STARTTLS first and the rest over TLS. Requests
 //! are pipelined: each writes its request under the writer's lock and
 //! waits for its reply, which a reader task hands over by cookie. When
 //! the connection breaks, the requests in flight fail with EIO and the
@@ -24,6 +25,7 @@ use tokio::sync::{oneshot, Mutex};
 use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
 use super::drivers::{OpenCtx, Opened};
 use super::error::{BlockError, BlockResult};
+use crate::nbd::link::Sock;
 use crate::nbd::proto::*;
 
 #[derive(Clone, Debug)]
@@ -50,8 +52,17 @@ struct Conn {
     dead: std::sync::atomic::AtomicBool,
 }
 
+/// The client's TLS: from a client-endpoint tls-creds-x509 object.
+struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    verify_peer: bool,
+    /// tls-hostname, or the host connected to; None for a UNIX socket.
+    hostname: Option<String>,
+}
+
 pub struct NbdClient {
     addr: Addr,
+    tls: Option<ClientTls>,
     export: String,
     size: u64,
     flags: u16,
@@ -65,63 +76,132 @@ fn eio(msg: impl Into<String>) -> BlockError {
     BlockError::new(nix::libc::EIO, msg)
 }
 
-async fn connect(addr: &Addr) -> std::io::Result<(Reader, Writer)> {
+async fn connect(addr: &Addr) -> std::io::Result<Sock> {
     match addr {
-        Addr::Unix(p) => {
-            let s = tokio::net::UnixStream::connect(p).await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
-        }
+        Addr::Unix(p) => Ok(Sock::Unix(tokio::net::UnixStream::connect(p).await?)),
         Addr::Inet(h, p) => {
             let s = tokio::net::TcpStream::connect(format!("{h}:{p}")).await?;
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            Ok(Sock::Tcp(s))
         }
     }
 }
 
-/// The handshake up to transmission: (export size, transmission flags).
-async fn handshake(r: &mut Reader, w: &mut Writer, export: &str) -> Result<(u64, u16), String> {
+/// An I/O failure in QEMU's words, on a TLS channel or a socket.
+fn io_text(e: &std::io::Error, reading: bool, tls: bool) -> String {
+    if tls {
+        crate::tls::session::io_failure(e, reading)
+    } else if reading {
+        format!("Unable to read from socket: {}", crate::util::os_msg(e))
+    } else {
+        format!("Unable to write to socket: {}", crate::util::os_msg(e))
+    }
+}
+
+/// One option request.
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend(IHAVEOPT.to_be_bytes());
+    b.extend(opt.to_be_bytes());
+    b.extend((data.len() as u32).to_be_bytes());
+    b.extend(data);
+    b
+}
+
+/// One option reply: (type, data).
+async fn option_reply<S: AsyncRead + Unpin>(
+    r: &mut S,
+    tls: bool,
+) -> Result<(u32, Vec<u8>), String> {
+    let rerr =
+        |e: std::io::Error| format!("Failed to read option reply: {}", io_text(&e, true, tls));
+    if r.read_u64().await.map_err(rerr)? != REPLY_MAGIC {
+        return Err("Unexpected option reply magic".into());
+    }
+    let _opt = r.read_u32().await.map_err(rerr)?;
+    let kind = r.read_u32().await.map_err(rerr)?;
+    let len = r.read_u32().await.map_err(rerr)?;
+    if len > 1 << 20 {
+        return Err("Option reply too long".into());
+    }
+    let mut data = vec![0u8; len as usize];
+    r.read_exact(&mut data).await.map_err(rerr)?;
+    Ok((kind, data))
+}
+
+/// The greeting, the client's flags and, with TLS, STARTTLS and the TLS
+/// handshake; then GO. Gives the connection's halves, the export's size
+/// and its transmission flags.
+async fn handshake(
+    mut sock: Sock,
+    export: &str,
+    tls: Option<&ClientTls>,
+) -> Result<(Reader, Writer, u64, u16), String> {
     let io =
         |e: std::io::Error| format!("Failed to read initial magic: {}", crate::util::os_msg(&e));
-    if r.read_u64().await.map_err(io)? != NBDMAGIC || r.read_u64().await.map_err(io)? != IHAVEOPT {
+    if sock.read_u64().await.map_err(io)? != NBDMAGIC
+        || sock.read_u64().await.map_err(io)? != IHAVEOPT
+    {
         return Err("Server does not support fixed newstyle negotiation".into());
     }
-    let hs = r.read_u16().await.map_err(io)?;
+    let hs = sock.read_u16().await.map_err(io)?;
     if hs & FLAG_FIXED_NEWSTYLE == 0 {
         return Err("Server does not support fixed newstyle negotiation".into());
     }
     let zeroes = hs & FLAG_NO_ZEROES;
+    let flags = (u32::from(FLAG_FIXED_NEWSTYLE) | u32::from(zeroes)).to_be_bytes();
     let werr = |e: std::io::Error| format!("Failed to send option: {}", crate::util::os_msg(&e));
-    let mut opt = Vec::new();
-    opt.extend(IHAVEOPT.to_be_bytes());
-    opt.extend(OPT_GO.to_be_bytes());
-    opt.extend(((4 + export.len() + 2) as u32).to_be_bytes());
-    opt.extend((export.len() as u32).to_be_bytes());
-    opt.extend(export.as_bytes());
-    opt.extend(0u16.to_be_bytes());
-    let mut first = (u32::from(FLAG_FIXED_NEWSTYLE) | u32::from(zeroes))
-        .to_be_bytes()
-        .to_vec();
-    first.extend(opt);
-    w.write_all(&first).await.map_err(werr)?;
-    w.flush().await.map_err(werr)?;
+    let Some(tls) = tls else {
+        sock.write_all(&flags).await.map_err(werr)?;
+        let (size, tflags) = go(&mut sock, export, false).await?;
+        // A socket's own halves: no lock between reader and writer.
+        let (r, w): (Reader, Writer) = match sock {
+            Sock::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Sock::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Sock::Detached => return Err("Connection closed".into()),
+        };
+        return Ok((r, w, size, tflags));
+    };
+    let mut first = flags.to_vec();
+    first.extend(option(OPT_STARTTLS, &[]));
+    sock.write_all(&first).await.map_err(werr)?;
+    match option_reply(&mut sock, false).await? {
+        (REP_ACK, _) => {}
+        (REP_ERR_POLICY, _) => return Err("Denied by server for option 5 (starttls)".into()),
+        (k, _) if k & (1 << 31) != 0 => {
+            return Err("Server rejected request to start TLS".into());
+        }
+        (k, _) => return Err(format!("Unexpected option reply type {k}")),
+    }
+    let mut t =
+        crate::tls::session::connect(&tls.config, tls.verify_peer, tls.hostname.as_deref(), sock)
+            .await?;
+    let (size, tflags) = go(&mut t, export, true).await?;
+    let (r, w) = tokio::io::split(t);
+    Ok((Box::new(r), Box::new(w), size, tflags))
+}
+
+/// NBD_OPT_GO for `export`: (export size, transmission flags).
+async fn go<S>(s: &mut S, export: &str, tls: bool) -> Result<(u64, u16), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let werr = |e: std::io::Error| format!("Failed to send option: {}", io_text(&e, false, tls));
+    let mut data = Vec::with_capacity(6 + export.len());
+    data.extend((export.len() as u32).to_be_bytes());
+    data.extend(export.as_bytes());
+    data.extend(0u16.to_be_bytes());
+    s.write_all(&option(OPT_GO, &data)).await.map_err(werr)?;
+    s.flush().await.map_err(werr)?;
     let mut info = None;
     loop {
-        let rerr =
-            |e: std::io::Error| format!("Failed to read option reply: {}", crate::util::os_msg(&e));
-        if r.read_u64().await.map_err(rerr)? != REPLY_MAGIC {
-            return Err("Unexpected option reply magic".into());
-        }
-        let _opt = r.read_u32().await.map_err(rerr)?;
-        let kind = r.read_u32().await.map_err(rerr)?;
-        let len = r.read_u32().await.map_err(rerr)?;
-        if len > 1 << 20 {
-            return Err("Option reply too long".into());
-        }
-        let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data).await.map_err(rerr)?;
+        let (kind, data) = option_reply(s, tls).await?;
         match kind {
             REP_ACK => break,
             REP_INFO if data.len() >= 12 && data[..2] == INFO_EXPORT.to_be_bytes() => {
@@ -130,6 +210,9 @@ async fn handshake(r: &mut Reader, w: &mut Writer, export: &str) -> Result<(u64,
                 info = Some((size, flags));
             }
             REP_INFO => {}
+            REP_ERR_TLS_REQD => {
+                return Err("TLS negotiation required before option 7 (go)".into());
+            }
             k if k & (1 << 31) != 0 => {
                 let text = String::from_utf8_lossy(&data).to_string();
                 return Err(if text.is_empty() {
@@ -194,14 +277,14 @@ impl NbdClient {
     /// Connects and negotiates: the connection, the export's size and
     /// its transmission flags.
     async fn open_conn(&self) -> Result<(Arc<Conn>, u64, u16), String> {
-        let (mut r, mut w) = connect(&self.addr).await.map_err(|e| {
+        let sock = connect(&self.addr).await.map_err(|e| {
             format!(
                 "Failed to connect to '{}': {}",
                 self.addr_text(),
                 crate::util::os_msg(&e)
             )
         })?;
-        let (size, flags) = handshake(&mut r, &mut w, &self.export).await?;
+        let (r, w, size, flags) = handshake(sock, &self.export, self.tls.as_ref()).await?;
         let conn = Arc::new(Conn {
             writer: Mutex::new(w),
             pending: StdMutex::new(HashMap::new()),
@@ -421,6 +504,38 @@ impl Driver for NbdClient {
     }
 }
 
+/// `tls-creds` (a client-endpoint tls-creds-x509 object) and
+/// `tls-hostname` (by default the host connected to), checked as QEMU
+/// checks them when the node opens.
+fn client_tls(
+    ctx: &OpenCtx<'_>,
+    opts: &Map<String, Value>,
+    addr: &Addr,
+) -> Result<Option<ClientTls>, String> {
+    let Some(id) = opts.get("tls-creds").and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    let creds = match ctx.object(id) {
+        None => return Err(format!("No TLS credentials with id '{id}'")),
+        Some(o) => o
+            .tls_creds()
+            .ok_or_else(|| format!("Object with id '{id}' is not TLS credentials"))?,
+    };
+    let crate::tls::Loaded::Client(config) = &creds.loaded else {
+        return Err("Expected TLS credentials for a client endpoint".into());
+    };
+    let hostname = match (opts.get("tls-hostname").and_then(Value::as_str), addr) {
+        (Some(h), _) => Some(h.to_string()),
+        (None, Addr::Inet(h, _)) => Some(h.clone()),
+        (None, Addr::Unix(_)) => None,
+    };
+    Ok(Some(ClientTls {
+        config: config.clone(),
+        verify_peer: creds.verify_peer,
+        hostname,
+    }))
+}
+
 /// The registry's open function (BlockdevOptionsNbd).
 pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Opened, String> {
     let server = opts
@@ -454,9 +569,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
         }
         None => return Err("Parameter 'server.type' is missing".into()),
     };
-    if opts.contains_key("tls-creds") {
-        return Err("rsd's nbd driver does not support TLS yet".into());
-    }
+    let tls = client_tls(ctx, opts, &addr)?;
     let export = opts
         .get("export")
         .and_then(Value::as_str)
@@ -474,6 +587,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     let rt = Handle::try_current().map_err(|_| "no runtime for the NBD connection".to_string())?;
     let mut client = NbdClient {
         addr: addr.clone(),
+        tls,
         export: export.clone(),
         size: 0,
         flags: 0,

@@ -96,6 +96,9 @@ pub struct ControlState {
     /// Chardevs in creation order.
     chardevs: Vec<(String, ChardevEntry)>,
     objects: BTreeMap<String, Object>,
+    /// Every object id, with the authz objects, for the NBD server to
+    /// look tls-authz up when a client connects.
+    authz: Arc<crate::objects::authz::AuthzIndex>,
     block: crate::block::graph::Graph,
     jobs: crate::jobs::Jobs,
     /// The number of the command being run.
@@ -125,6 +128,7 @@ impl Actor for ControlActor {
             myself,
             chardevs: Vec::new(),
             objects: BTreeMap::new(),
+            authz: Default::default(),
             block,
             // Shared with the metrics collector, which reads them at
             // scrape time.
@@ -429,6 +433,7 @@ impl ControlState {
             _ => None,
         };
         let obj = objects::create(args, &lookup)?;
+        self.authz.insert(&id, obj.authz().cloned());
         self.objects.insert(id, obj);
         Ok(())
     }
@@ -455,6 +460,7 @@ impl ControlState {
                 if let Some(t) = self.objects.remove(id).as_ref().and_then(Object::iothread) {
                     t.stop();
                 }
+                self.authz.remove(id);
                 Ok(())
             }
             None => Err(QmpError::generic(format!("object '{id}' not found"))),

@@ -52,9 +52,6 @@ impl ControlState {
         if self.nbd.is_some() {
             return Err("NBD server already running".into());
         }
-        if let Some(creds) = opts.get("tls-creds").and_then(Value::as_str) {
-            return Err(format!("No TLS credentials with id '{creds}'"));
-        }
         let empty = Map::new();
         let addr = opts
             .get("addr")
@@ -62,6 +59,17 @@ impl ControlState {
             .unwrap_or(&empty);
         let atype = arg_str(addr, "type");
         let (listener, path, _) = crate::sockets::listen(atype, addr).await?;
+        // As QEMU: the socket first, then the credentials.
+        let tls = match self.nbd_server_tls(opts) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(listener);
+                if let Some(p) = &path {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        };
         let server = Arc::new(Server {
             listener,
             path,
@@ -75,6 +83,7 @@ impl ControlState {
                 .and_then(Value::as_u64)
                 .map_or(DEFAULT_HANDSHAKE_MAX_SECONDS, |n| n as u32),
             started: self.ctx.started.subscribe(),
+            tls,
         });
         let spec = ChildSpec::actor(
             REGISTRY_NAME,
@@ -85,6 +94,36 @@ impl ControlState {
         actors::supervisor::start_child(&self.ctx.supervisor, spec).await?;
         self.nbd = Some(server);
         Ok(())
+    }
+
+    /// The server's TLS from `tls-creds` (server credentials) and
+    /// `tls-authz` (an id looked up at each client, as QEMU does: it
+    /// need not exist yet).
+    fn nbd_server_tls(
+        &self,
+        opts: &Map<String, Value>,
+    ) -> Result<Option<Arc<crate::tls::session::ServerTls>>, String> {
+        let Some(id) = opts.get("tls-creds").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        let creds = match self.objects.get(id) {
+            None => return Err(format!("No TLS credentials with id '{id}'")),
+            Some(o) => o
+                .tls_creds()
+                .ok_or_else(|| format!("Object with id '{id}' is not TLS credentials"))?,
+        };
+        let crate::tls::Loaded::Server(config) = &creds.loaded else {
+            return Err("Expected TLS credentials for a server endpoint".into());
+        };
+        Ok(Some(Arc::new(crate::tls::session::ServerTls {
+            config: config.clone(),
+            verify_peer: creds.verify_peer,
+            authz: opts
+                .get("tls-authz")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            index: self.authz.clone(),
+        })))
     }
 
     pub(super) async fn nbd_server_stop(&mut self) -> QmpResult<Value> {

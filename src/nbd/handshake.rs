@@ -1,16 +1,19 @@
 //! The NBD handshake: the fixed-newstyle greeting and option haggling
-//! (GO, INFO, LIST, STRUCTURED_REPLY, EXTENDED_HEADERS,
+//! (STARTTLS, GO, INFO, LIST, STRUCTURED_REPLY, EXTENDED_HEADERS,
 //! LIST/SET_META_CONTEXT, ABORT, EXPORT_NAME), up to the export the
-//! client chose. It owns the whole stream while it runs (ready for
-//! STARTTLS) and reads exactly what the client sent, so the socket can
-//! move to the thread that serves transmission.
+//! client chose. It owns the whole connection while it runs (STARTTLS
+//! replaces the socket with a TLS session over it) and reads exactly
+//! what the client sent, so the connection can move to the thread that
+//! serves transmission.
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codec::drain;
 use super::export::{Export, Exports};
+use super::link::Link;
 use super::proto::*;
+use crate::tls::session::ServerTls;
 
 /// Option payloads beyond this end the connection (QEMU's limit).
 const MAX_OPTION_LEN: u32 = 32 << 20;
@@ -34,19 +37,20 @@ pub type Failure = Option<String>;
 
 /// The handshake: greeting, client flags and option haggling, up to the
 /// export the client chose. It reads exactly what the client sent for
-/// it, so the stream can then move to the thread that serves
-/// transmission.
-pub async fn handshake<R, W>(rd: &mut R, wr: &mut W, exports: &Exports) -> Result<Session, Failure>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+/// it, so the connection can then move to the thread that serves
+/// transmission. With `tls`, the client must upgrade with STARTTLS
+/// before anything else.
+pub async fn handshake(
+    io: &mut Link,
+    exports: &Exports,
+    tls: Option<&ServerTls>,
+) -> Result<Session, Failure> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    wr.write_all(&hello).await.map_err(|_| None)?;
-    let client_flags = rd.read_u32().await.map_err(|_| None)?;
+    io.write_all(&hello).await.map_err(|_| None)?;
+    let client_flags = io.read_u32().await.map_err(|_| None)?;
     let known = u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
     if client_flags & !known != 0 {
         let unknown = client_flags & !known;
@@ -56,7 +60,7 @@ where
         fixed: client_flags & u32::from(FLAG_FIXED_NEWSTYLE) != 0,
         no_zeroes: client_flags & u32::from(FLAG_NO_ZEROES) != 0,
     };
-    negotiate(rd, wr, exports, flags).await
+    negotiate(io, exports, flags, tls).await
 }
 
 struct ClientFlags {
@@ -68,8 +72,10 @@ struct ClientFlags {
 
 /// A read failure in QEMU's words: `what` names the field being read
 /// (None for an option's payload, which QEMU does not name).
-fn read_failed(what: Option<&str>, e: &std::io::Error) -> Failure {
-    let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+fn read_failed(what: Option<&str>, e: &std::io::Error, tls: bool) -> Failure {
+    let why = if tls {
+        crate::tls::session::io_failure(e, true)
+    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
         "Unexpected end-of-file before all data were read".to_string()
     } else {
         format!("Unable to read from socket: {}", crate::util::os_msg(e))
@@ -114,7 +120,9 @@ async fn opt_reply(
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&(data.len() as u32).to_be_bytes());
     b.extend_from_slice(data);
-    wr.write_all(&b).await.map_err(gone)
+    wr.write_all(&b).await.map_err(gone)?;
+    // A TLS session holds records until flushed; a socket has none.
+    wr.flush().await.map_err(gone)
 }
 
 fn transmission_flags(e: &Export, extended: bool) -> u16 {
@@ -215,44 +223,92 @@ fn match_contexts(e: &Export, query: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The options a TLS server takes before STARTTLS: STARTTLS itself,
+/// and an error (ERR_TLS_REQD, or the end for EXPORT_NAME) for any
+/// other, as QEMU does. Ok(true) when the session is now TLS.
+async fn before_tls(
+    io: &mut Link,
+    tls: &ServerTls,
+    client: &ClientFlags,
+    opt: u32,
+    len: u32,
+) -> Result<bool, Failure> {
+    if !client.fixed {
+        return Err(Some(format!("Unsupported option {opt:#x}")));
+    }
+    match opt {
+        OPT_STARTTLS if len != 0 => {
+            let msg = "option 'starttls' has unexpected length";
+            drain(io, u64::from(len))
+                .await
+                .map_err(|e| read_failed(None, &e, false))?;
+            opt_reply(io, opt, REP_ERR_INVALID, msg.as_bytes()).await?;
+            Err(Some(msg.into()))
+        }
+        OPT_STARTTLS => {
+            opt_reply(io, opt, REP_ACK, &[]).await?;
+            io.start_tls(tls).await.map_err(Some)?;
+            Ok(true)
+        }
+        OPT_EXPORT_NAME => Err(Some(format!("Option {opt:#x} not permitted before TLS"))),
+        _ => {
+            drain(io, u64::from(len))
+                .await
+                .map_err(|e| read_failed(None, &e, false))?;
+            let msg = format!("Option {opt:#x} not permitted before TLS");
+            let sent = opt_reply(io, opt, REP_ERR_TLS_REQD, msg.as_bytes()).await;
+            if opt == OPT_ABORT {
+                // The client may hang up before reading the error.
+                return Err(None);
+            }
+            sent.map(|()| false)
+        }
+    }
+}
+
 async fn negotiate(
-    rd: &mut (impl AsyncRead + Unpin),
-    wr: &mut (impl AsyncWrite + Unpin),
+    io: &mut Link,
     exports: &Exports,
     client: ClientFlags,
+    tls: Option<&ServerTls>,
 ) -> Result<Session, Failure> {
     let mut structured = false;
     let mut extended = false;
     let mut contexts: Vec<u32> = Vec::new();
     let mut ctx_export: Option<String> = None;
     loop {
-        let magic = rd
+        let tls_now = io.is_tls();
+        let magic = io
             .read_u64()
             .await
-            .map_err(|e| read_failed(Some("opts magic"), &e))?;
+            .map_err(|e| read_failed(Some("opts magic"), &e, tls_now))?;
         if magic != IHAVEOPT {
             return Err(Some("Bad magic received".into()));
         }
-        let opt = rd
+        let opt = io
             .read_u32()
             .await
-            .map_err(|e| read_failed(Some("option"), &e))?;
-        let len = rd
+            .map_err(|e| read_failed(Some("option"), &e, tls_now))?;
+        let len = io
             .read_u32()
             .await
-            .map_err(|e| read_failed(Some("option length"), &e))?;
+            .map_err(|e| read_failed(Some("option length"), &e, tls_now))?;
         if len > MAX_OPTION_LEN {
             return Err(Some(format!(
                 "len ({len}) is larger than max len ({MAX_OPTION_LEN})"
             )));
         }
+        if let Some(tls) = tls.filter(|_| !io.is_tls()) {
+            before_tls(io, tls, &client, opt, len).await?;
+            continue;
+        }
         if !client.fixed && opt != OPT_EXPORT_NAME {
             return Err(Some(unsupported(opt)));
         }
         if len > KEPT_OPTION_LEN {
-            drain(rd, u64::from(len))
+            drain(io, u64::from(len))
                 .await
-                .map_err(|e| read_failed(None, &e))?;
+                .map_err(|e| read_failed(None, &e, tls_now))?;
             if opt == OPT_EXPORT_NAME {
                 return Err(Some("Bad length received".into()));
             }
@@ -272,13 +328,13 @@ async fn negotiate(
             } else {
                 String::new()
             };
-            opt_reply(wr, opt, kind, msg.as_bytes()).await?;
+            opt_reply(io, opt, kind, msg.as_bytes()).await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data)
+        io.read_exact(&mut data)
             .await
-            .map_err(|e| read_failed(None, &e))?;
+            .map_err(|e| read_failed(None, &e, tls_now))?;
         match opt {
             OPT_EXPORT_NAME if data.len() > MAX_NAME_LEN => {
                 return Err(Some("Bad length received".into()))
@@ -298,7 +354,8 @@ async fn negotiate(
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 let attached = export.attach();
-                wr.write_all(&b).await.map_err(gone)?;
+                io.write_all(&b).await.map_err(gone)?;
+                io.flush().await.map_err(gone)?;
                 return Ok(Session {
                     _client: attached,
                     node_errors: Default::default(),
@@ -314,12 +371,22 @@ async fn negotiate(
                 });
             }
             OPT_ABORT => {
-                let _ = opt_reply(wr, opt, REP_ACK, &[]).await;
+                let _ = opt_reply(io, opt, REP_ACK, &[]).await;
                 return Err(None);
+            }
+            OPT_STARTTLS => {
+                let (kind, msg) = if len != 0 {
+                    (REP_ERR_INVALID, "option 'starttls' has unexpected length")
+                } else if io.is_tls() {
+                    (REP_ERR_INVALID, "TLS already enabled")
+                } else {
+                    (REP_ERR_POLICY, "TLS not configured")
+                };
+                opt_reply(io, opt, kind, msg.as_bytes()).await?;
             }
             OPT_LIST => {
                 if len != 0 {
-                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    opt_reply(io, opt, REP_ERR_INVALID, &[]).await?;
                     continue;
                 }
                 for e in exports.list() {
@@ -329,26 +396,26 @@ async fn negotiate(
                     if let Some(desc) = &e.description {
                         d.extend_from_slice(desc.as_bytes());
                     }
-                    opt_reply(wr, opt, REP_SERVER, &d).await?;
+                    opt_reply(io, opt, REP_SERVER, &d).await?;
                 }
-                opt_reply(wr, opt, REP_ACK, &[]).await?;
+                opt_reply(io, opt, REP_ACK, &[]).await?;
             }
             OPT_EXTENDED_HEADERS => {
                 if len != 0 {
-                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    opt_reply(io, opt, REP_ERR_INVALID, &[]).await?;
                     continue;
                 }
                 extended = true;
                 structured = true;
-                opt_reply(wr, opt, REP_ACK, &[]).await?;
+                opt_reply(io, opt, REP_ACK, &[]).await?;
             }
             OPT_STRUCTURED_REPLY => {
                 if len != 0 {
-                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    opt_reply(io, opt, REP_ERR_INVALID, &[]).await?;
                     continue;
                 }
                 structured = true;
-                opt_reply(wr, opt, REP_ACK, &[]).await?;
+                opt_reply(io, opt, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
                 let mut p = Payload(&data);
@@ -358,24 +425,24 @@ async fn negotiate(
                     let reqs: Option<Vec<u16>> = (0..n).map(|_| p.u16()).collect();
                     p.0.is_empty().then_some((name, reqs?))
                 })();
-                let Some((export, name, reqs)) = named_export(wr, opt, exports, parsed).await?
+                let Some((export, name, reqs)) = named_export(io, opt, exports, parsed).await?
                 else {
                     continue;
                 };
                 if reqs.contains(&INFO_NAME) {
                     let mut d = INFO_NAME.to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
-                    opt_reply(wr, opt, REP_INFO, &d).await?;
+                    opt_reply(io, opt, REP_INFO, &d).await?;
                 }
                 if reqs.contains(&INFO_DESCRIPTION) {
                     if let Some(desc) = &export.description {
                         let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
                         d.extend_from_slice(desc.as_bytes());
-                        opt_reply(wr, opt, REP_INFO, &d).await?;
+                        opt_reply(io, opt, REP_INFO, &d).await?;
                     }
                 }
                 let Some(node) = export.node.get() else {
-                    opt_reply(wr, opt, REP_ERR_UNKNOWN, &[]).await?;
+                    opt_reply(io, opt, REP_ERR_UNKNOWN, &[]).await?;
                     continue;
                 };
                 let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -383,13 +450,13 @@ async fn negotiate(
                 d.extend_from_slice(&min.to_be_bytes());
                 d.extend_from_slice(&4096u32.max(min).to_be_bytes());
                 d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                opt_reply(wr, opt, REP_INFO, &d).await?;
+                opt_reply(io, opt, REP_INFO, &d).await?;
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&node.size().to_be_bytes());
                 d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
-                opt_reply(wr, opt, REP_INFO, &d).await?;
+                opt_reply(io, opt, REP_INFO, &d).await?;
                 let attached = (opt == OPT_GO).then(|| export.attach());
-                opt_reply(wr, opt, REP_ACK, &[]).await?;
+                opt_reply(io, opt, REP_ACK, &[]).await?;
                 if let Some(attached) = attached {
                     return Ok(Session {
                         _client: attached,
@@ -409,7 +476,7 @@ async fn negotiate(
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = opt == OPT_SET_META_CONTEXT;
                 if set && !structured {
-                    opt_reply(wr, opt, REP_ERR_INVALID, &[]).await?;
+                    opt_reply(io, opt, REP_ERR_INVALID, &[]).await?;
                     continue;
                 }
                 let mut p = Payload(&data);
@@ -419,7 +486,7 @@ async fn negotiate(
                     let qs: Option<Vec<String>> = (0..n).map(|_| p.string()).collect();
                     p.0.is_empty().then_some((name, qs?))
                 })();
-                let Some((export, name, queries)) = named_export(wr, opt, exports, parsed).await?
+                let Some((export, name, queries)) = named_export(io, opt, exports, parsed).await?
                 else {
                     continue;
                 };
@@ -439,16 +506,16 @@ async fn negotiate(
                 for (id, cname) in &found {
                     let mut d = id.to_be_bytes().to_vec();
                     d.extend_from_slice(cname.as_bytes());
-                    opt_reply(wr, opt, REP_META_CONTEXT, &d).await?;
+                    opt_reply(io, opt, REP_META_CONTEXT, &d).await?;
                 }
                 if set {
                     contexts = found.iter().map(|(id, _)| *id).collect();
                     ctx_export = Some(name);
                 }
-                opt_reply(wr, opt, REP_ACK, &[]).await?;
+                opt_reply(io, opt, REP_ACK, &[]).await?;
             }
             _ => {
-                opt_reply(wr, opt, REP_ERR_UNSUP, unsupported(opt).as_bytes()).await?;
+                opt_reply(io, opt, REP_ERR_UNSUP, unsupported(opt).as_bytes()).await?;
             }
         }
     }

@@ -3,7 +3,6 @@
 //! the daemon's runtime within `handshake-max-seconds` (default 10), then
 //! serves the client's transmission on a thread of its own, or on the
 //! export's iothread.
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,8 +13,10 @@ use tracing::Instrument;
 use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
 use super::handshake::{handshake, Session};
+use super::link::{Link, Sock, StdSock, TlsSock};
 use crate::iothread::PollParams;
 use crate::sockets::Listener;
+use crate::tls::session::ServerTls;
 use crate::util::{watched, Watched};
 
 pub const REGISTRY_NAME: &str = "nbd-server";
@@ -33,6 +34,8 @@ pub struct Server {
     pub handshake_max_seconds: u32,
     /// Clients are accepted once this is true (the daemon has started).
     pub started: tokio::sync::watch::Receiver<bool>,
+    /// With tls-creds: clients must upgrade with STARTTLS.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl Drop for Server {
@@ -58,12 +61,6 @@ pub struct ServerState {
 #[derive(Clone)]
 pub struct ServerActor;
 
-/// An accepted client.
-enum Client {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-}
-
 /// Lets a UNIX socket hold several large replies (the default holds
 /// about 200 KiB): a 1 MiB read is then sent in one go instead of in
 /// steps paced by the client's reads, each a wake-up on both sides
@@ -79,7 +76,7 @@ fn widen_send_buffer(s: &tokio::net::UnixStream) {
 }
 
 /// A client and its address, for the log and the connection's span.
-async fn accept(listener: &Listener) -> std::io::Result<(Client, String)> {
+async fn accept(listener: &Listener) -> std::io::Result<(Sock, String)> {
     match listener {
         Listener::Unix(l) => {
             let (s, addr) = l.accept().await?;
@@ -87,12 +84,12 @@ async fn accept(listener: &Listener) -> std::io::Result<(Client, String)> {
             let peer = addr
                 .as_pathname()
                 .map_or_else(|| "unix".to_string(), |p| p.display().to_string());
-            Ok((Client::Unix(s), peer))
+            Ok((Sock::Unix(s), peer))
         }
         Listener::Tcp(l) => {
             let (s, addr) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((Client::Tcp(s), addr.to_string()))
+            Ok((Sock::Tcp(s), addr.to_string()))
         }
     }
 }
@@ -104,28 +101,14 @@ async fn accept(listener: &Listener) -> std::io::Result<(Client, String)> {
 /// shut down, as QEMU does, so the handshake ends as for a client that
 /// left at that point.
 async fn shake(
-    client: &mut Client,
+    client: &mut Link,
     exports: &Exports,
+    tls: Option<&ServerTls>,
     max_secs: u32,
     conn_span: &tracing::Span,
 ) -> Option<Session> {
-    use std::os::fd::AsRawFd;
-    let fd = match client {
-        Client::Unix(s) => s.as_raw_fd(),
-        Client::Tcp(s) => s.as_raw_fd(),
-    };
-    let work = async {
-        match client {
-            Client::Unix(s) => {
-                let (mut r, mut w) = s.split();
-                handshake(&mut r, &mut w, exports).await
-            }
-            Client::Tcp(s) => {
-                let (mut r, mut w) = s.split();
-                handshake(&mut r, &mut w, exports).await
-            }
-        }
-    };
+    let fd = client.fd();
+    let work = handshake(client, exports, tls);
     let span = super::trace::handshake_span(conn_span);
     let work = work.instrument(span.clone());
     tokio::pin!(work);
@@ -140,7 +123,9 @@ async fn shake(
         _ = limit => {
             tracing::trace!(target: "nbd_handshake", "handshake took over {max_secs} s: shutting the socket down");
             // The descriptor is the client's, open while `client` is.
-            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+            if let Some(fd) = fd {
+                let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+            }
             work.await
         }
     };
@@ -156,56 +141,61 @@ async fn shake(
     }
 }
 
-/// A client detached from the accepting runtime's reactor, for the
-/// reactor of the thread that serves it.
-enum Std {
-    Unix(std::os::unix::net::UnixStream),
-    Tcp(std::net::TcpStream),
-}
+/// A client on its way to the thread that serves it: the socket,
+/// detached from the accepting runtime's reactor, and after STARTTLS the
+/// TLS session, which keeps its state and lends its socket meanwhile.
+type Moving = (StdSock, Option<Box<TlsSock>>);
 
-impl Std {
-    fn detach(client: Client) -> std::io::Result<Std> {
-        Ok(match client {
-            Client::Unix(s) => Std::Unix(s.into_std()?),
-            Client::Tcp(s) => Std::Tcp(s.into_std()?),
-        })
-    }
+fn detach(client: Link) -> std::io::Result<Moving> {
+    Ok(match client {
+        Link::Plain(s) => (s.into_std()?, None),
+        Link::Tls(mut t) => {
+            let sock = std::mem::replace(t.get_mut().0, Sock::Detached);
+            (sock.into_std()?, Some(t))
+        }
+    })
 }
 
 /// The client's transmission phase, on the runtime of the thread that
-/// polls it (registered with that thread's reactor). On an iothread,
-/// the socket is polled within the iothread's polling parameters.
-async fn serve(client: Std, session: Session, iothread: Option<Arc<PollParams>>) {
-    let fd = match &client {
-        Std::Unix(s) => s.as_raw_fd(),
-        Std::Tcp(s) => s.as_raw_fd(),
-    };
-    let halves: std::io::Result<(Reader, Writer)> = match client {
-        Std::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
-            let (r, w) = s.into_split();
-            (Box::pin(r) as _, Box::pin(w) as _)
-        }),
-        Std::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
-            let (r, w) = s.into_split();
-            (Box::pin(r) as _, Box::pin(w) as _)
-        }),
-    };
-    let Ok((r, w)) = halves else {
-        return;
-    };
-    let mut r = super::spin::SpinReader::new(r, fd);
-    let _serving = iothread.as_ref().map(|p| p.serving());
-    if let Some(p) = iothread {
-        r = r.with_params(p);
-    }
-    let may_spin = r.allow();
+/// polls it (registered with that thread's reactor). On an iothread, a
+/// plain socket is polled within the iothread's polling parameters.
+async fn serve(moving: Moving, session: Session, iothread: Option<Arc<PollParams>>) {
     let span = session
         .trace
         .as_ref()
         .map_or_else(tracing::Span::none, |t| t.span.clone());
-    transmission(Box::pin(r), w, session, may_spin)
-        .instrument(span)
-        .await;
+    let _serving = iothread.as_ref().map(|p| p.serving());
+    let (std_sock, tls) = moving;
+    match tls {
+        None => {
+            let fd = std_sock.fd();
+            let Ok((r, w)) = plain_halves(std_sock) else {
+                return;
+            };
+            let mut r = super::spin::SpinReader::new(r, fd);
+            if let Some(p) = iothread {
+                r = r.with_params(p);
+            }
+            let may_spin = r.allow();
+            transmission(Box::pin(r), w, session, may_spin)
+                .instrument(span)
+                .await;
+        }
+        Some(mut t) => {
+            let Ok(sock) = Sock::from_std(std_sock) else {
+                return;
+            };
+            *t.get_mut().0 = sock;
+            // No spinning: the socket's bytes are records to decrypt,
+            // not requests.
+            let (r, w) = tokio::io::split(*t);
+            let w = crate::tls::session::FlushingWriter::new(w);
+            let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            transmission(Box::pin(r), Box::pin(w), session, never)
+                .instrument(span)
+                .await;
+        }
+    }
 }
 
 /// Serves a client's transmission phase where its export serves: on the
@@ -215,16 +205,16 @@ async fn serve(client: Std, session: Session, iothread: Option<Arc<PollParams>>)
 /// threads (as nbdkit's thread per connection, and measurably faster at
 /// queue depth 1).
 fn serve_where_placed(
-    client: Client,
+    client: Link,
     session: Session,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> std::io::Result<()> {
-    let client = Std::detach(client)?;
+    let moving = detach(client)?;
     if let Some(io) = session.export.placement.current() {
         let poll = io.poll.clone();
         let served = io.spawn_with(move || async move {
             let _permit = permit;
-            serve(client, session, Some(poll)).await;
+            serve(moving, session, Some(poll)).await;
         });
         return if served {
             Ok(())
@@ -246,9 +236,23 @@ fn serve_where_placed(
             else {
                 return;
             };
-            rt.block_on(serve(client, session, None));
+            rt.block_on(serve(moving, session, None));
         })
         .map(|_| ())
+}
+
+/// A plain socket's halves, on the current runtime.
+fn plain_halves(s: StdSock) -> std::io::Result<(Reader, Writer)> {
+    match s {
+        StdSock::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+            let (r, w) = s.into_split();
+            (Box::pin(r) as _, Box::pin(w) as _)
+        }),
+        StdSock::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+            let (r, w) = s.into_split();
+            (Box::pin(r) as _, Box::pin(w) as _)
+        }),
+    }
 }
 
 /// Says once per server that a limit was reached, so an operator sees
@@ -291,13 +295,16 @@ async fn accept_loop(server: Arc<Server>) {
             }
         };
         match accept(&server.listener).await {
-            Ok((mut client, peer)) => {
+            Ok((sock, peer)) => {
+                let mut client = Link::Plain(sock);
                 tracing::trace!(target: "nbd_accept", client = %peer, "client accepted");
                 let (server, no_threads) = (server.clone(), no_threads.clone());
                 tokio::spawn(async move {
                     let span = super::trace::connection_span(&peer);
                     let max = server.handshake_max_seconds;
-                    let Some(mut session) = shake(&mut client, &server.exports, max, &span).await
+                    let tls = server.tls.as_deref();
+                    let Some(mut session) =
+                        shake(&mut client, &server.exports, tls, max, &span).await
                     else {
                         return;
                     };

@@ -1,6 +1,9 @@
-//! User-creatable objects (`--object`, object-add): secrets, iothreads
-//! and throttle groups. They are owned by the control actor; a throttle
-//! group is shared with the throttle nodes that are its members.
+//! User-creatable objects (`--object`, object-add): secrets, iothreads,
+//! throttle groups, TLS credentials and authorization objects. They are
+//! owned by the control actor; a throttle group is shared with the
+//! throttle nodes that are its members, an authz object with the NBD
+//! server (through `authz::AuthzIndex`).
+pub mod authz;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -8,6 +11,8 @@ use std::sync::Arc;
 
 use crate::block::throttle::{algorithm::Config, limits, ThrottleGroup};
 use crate::iothread::{IoThread, PollParams};
+use crate::tls::TlsCreds;
+use authz::Authz;
 
 use serde_json::{json, Map, Value};
 
@@ -54,6 +59,17 @@ pub fn help_properties(qom_type: &str) -> Option<&'static [&'static str]> {
             "thread-pool-min=<int>",
         ]),
         "throttle-group" => Some(limits::HELP),
+        "tls-creds-x509" => Some(&[
+            "dir=<string>",
+            "endpoint=<QCryptoTLSCredsEndpoint>",
+            "passwordid=<string>",
+            "priority=<string>",
+            "sanity-check=<bool>",
+            "verify-peer=<bool>",
+        ]),
+        "authz-simple" => Some(&["identity=<string>"]),
+        "authz-list" => Some(&["policy=<QAuthZListPolicy>", "rules=<QAuthZListRule>"]),
+        "authz-list-file" => Some(&["filename=<string>", "refresh=<bool>"]),
         _ => None,
     }
 }
@@ -114,6 +130,8 @@ pub enum Object {
         thread: Option<Arc<IoThread>>,
     },
     ThrottleGroup(Arc<ThrottleGroup>),
+    TlsCreds(TlsCreds),
+    Authz(Arc<Authz>),
 }
 
 impl Object {
@@ -122,6 +140,22 @@ impl Object {
             Object::Secret(_) => "secret",
             Object::EventLoop { qom_type, .. } => qom_type,
             Object::ThrottleGroup(_) => "throttle-group",
+            Object::TlsCreds(_) => "tls-creds-x509",
+            Object::Authz(a) => a.qom_type(),
+        }
+    }
+
+    pub fn tls_creds(&self) -> Option<&TlsCreds> {
+        match self {
+            Object::TlsCreds(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn authz(&self) -> Option<&Arc<Authz>> {
+        match self {
+            Object::Authz(a) => Some(a),
+            _ => None,
         }
     }
 
@@ -171,6 +205,16 @@ impl Object {
             }
             Object::ThrottleGroup(_) => {
                 for (n, t) in limits::QOM_PROPERTIES {
+                    out.push((n.to_string(), t.to_string()));
+                }
+            }
+            Object::TlsCreds(_) => {
+                for (n, t) in crate::tls::creds::QOM_PROPERTIES {
+                    out.push((n.to_string(), t.to_string()));
+                }
+            }
+            Object::Authz(a) => {
+                for (n, t) in a.properties() {
                     out.push((n.to_string(), t.to_string()));
                 }
             }
@@ -227,6 +271,8 @@ impl Object {
                 }
                 _ => Err(format!("Property 'throttle-group.{prop}' not found")),
             },
+            Object::TlsCreds(c) => c.set(prop, value),
+            Object::Authz(a) => a.set(prop, value),
         }
     }
 
@@ -237,6 +283,8 @@ impl Object {
             (Object::EventLoop { el, .. }, p) => el.props.get(p).map(|v| json!(v)),
             (Object::ThrottleGroup(g), "limits") => Some(limits::to_json(&g.config())),
             (Object::ThrottleGroup(g), p) => limits::get_legacy(&g.config(), p),
+            (Object::TlsCreds(c), p) => c.get(p),
+            (Object::Authz(a), p) => a.get(p),
         }
     }
 }
@@ -275,6 +323,26 @@ pub fn create(
         "throttle-group" => {
             let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
             throttle_config(&props).map(|cfg| Object::ThrottleGroup(ThrottleGroup::new(id, cfg)))
+        }
+        "tls-creds-x509" => {
+            TlsCreds::load(&props, &|id| lookup_secret(id).is_some()).map(Object::TlsCreds)
+        }
+        // rustls has neither pre-shared keys nor anonymous TLS.
+        "tls-creds-psk" | "tls-creds-anon" => Err(format!(
+            "rsd does not support '{qom_type}': its TLS (rustls) has no {}; use tls-creds-x509",
+            if qom_type == "tls-creds-psk" {
+                "pre-shared keys"
+            } else {
+                "anonymous credentials"
+            }
+        )),
+        "authz-simple" | "authz-list" => {
+            Authz::create(qom_type, &props).map(|a| Object::Authz(Arc::new(a)))
+        }
+        // QAPI's name for the type QOM calls authz-list-file (QSD 10.0.2
+        // can create it under neither name).
+        "authz-listfile" => {
+            Authz::create("authz-list-file", &props).map(|a| Object::Authz(Arc::new(a)))
         }
         other => Err(format!("invalid object type: {other}")),
     }
