@@ -205,6 +205,11 @@ impl<'g> OpenCtx<'g> {
 /// A child edge as a driver declares it; the graph computes its
 /// permissions.
 pub fn edge(role: &'static str, child: &str) -> Edge {
+    named_edge(std::borrow::Cow::Borrowed(role), child)
+}
+
+/// An edge whose role is named at run time (a quorum's "children.N").
+pub fn named_edge(role: std::borrow::Cow<'static, str>, child: &str) -> Edge {
     Edge {
         role,
         child: child.to_string(),
