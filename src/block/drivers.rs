@@ -74,6 +74,14 @@ static REGISTRY: &[DriverSpec] = &[
         names: &["nbd"],
         open: super::nbd_client::open_node,
     },
+    DriverSpec {
+        names: &["compress"],
+        open: super::compress::open_node,
+    },
+    DriverSpec {
+        names: &["quorum"],
+        open: super::quorum::open_node,
+    },
 ];
 
 pub fn lookup(driver: &str) -> Option<&'static DriverSpec> {

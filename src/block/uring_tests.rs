@@ -76,7 +76,7 @@ async fn buffered_requests_through_the_ring() {
     d.write(4095, &[0xa5; 10000], WriteFlags::default())
         .await
         .expect("write");
-    d.write(200_000, &[0x3c; 512], WriteFlags { fua: true })
+    d.write(200_000, &[0x3c; 512], WriteFlags { fua: true, ..Default::default() })
         .await
         .expect("fua write");
     // Past the end: the file grows.

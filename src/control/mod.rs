@@ -5,6 +5,7 @@ mod backup;
 mod bitmaps;
 mod block;
 mod block_jobs;
+mod blockdev_change;
 mod chardevs;
 mod commit;
 mod exports;
@@ -337,7 +338,7 @@ impl ControlState {
             "blockdev-snapshot-delete-internal-sync" => {
                 self.blockdev_snapshot_delete_internal_sync(&args).await
             }
-            "x-blockdev-change" => self.x_blockdev_change(&args),
+            "x-blockdev-change" => self.x_blockdev_change(&args).await,
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
