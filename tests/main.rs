@@ -6,6 +6,7 @@ mod backup;
 mod bitmaps;
 
 mod commit;
+mod compress;
 mod container;
 
 mod block;
@@ -22,6 +23,7 @@ mod process;
 mod qcow2;
 mod qmp_wire;
 mod quickstart;
+mod quorum;
 mod snapshot;
 mod stream;
 mod supervision;

@@ -9,7 +9,10 @@ use crate::qapi::error::QmpResult;
 use crate::qapi::QmpError;
 
 impl ControlState {
-    pub(super) async fn x_blockdev_change(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+    pub(super) async fn x_blockdev_change(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> QmpResult<Value> {
         let parent = arg_str(args, "parent");
         let (child, node) = (
             args.get("child").and_then(Value::as_str),

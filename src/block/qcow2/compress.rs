@@ -72,10 +72,8 @@ pub fn compress(kind: u8, src: &[u8], max: usize) -> BlockResult<Option<Vec<u8>>
             }
         }
         1 => {
-            let out = ruzstd::encoding::compress_to_vec(
-                src,
-                ruzstd::encoding::CompressionLevel::Fastest,
-            );
+            let out =
+                ruzstd::encoding::compress_to_vec(src, ruzstd::encoding::CompressionLevel::Fastest);
             Ok((out.len() <= max).then_some(out))
         }
         _ => Err(bad("unknown compression type")),

@@ -158,7 +158,11 @@ fn refresh_json(g: &mut Graph, parent: &str, q: &Quorum) {
         .roles()
         .iter()
         .filter_map(|r| p.children.iter().find(|c| c.role == *r))
-        .map(|c| g.find(&c.child).map(|e| e.json.clone()).unwrap_or(Value::Null))
+        .map(|c| {
+            g.find(&c.child)
+                .map(|e| e.json.clone())
+                .unwrap_or(Value::Null)
+        })
         .collect();
     if let Some(e) = g.entries.iter_mut().find(|e| e.name == parent) {
         if let Some(j) = e.json.as_object_mut() {

@@ -371,7 +371,8 @@ impl Driver for Quorum {
                         .await
                 }) as Pin<Box<dyn Future<Output = BlockResult<()>> + Send>>
             };
-            self.write_all(offset, buf.len() as u64, op, flags.fua).await
+            self.write_all(offset, buf.len() as u64, op, flags.fua)
+                .await
         })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
@@ -383,7 +384,10 @@ impl Driver for Quorum {
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let child_flags = ZeroFlags { fua: false, ..flags };
+            let child_flags = ZeroFlags {
+                fua: false,
+                ..flags
+            };
             let op = move |edge: Arc<Child>| {
                 Box::pin(async move {
                     enter(&edge)
@@ -537,7 +541,11 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
             );
         }
         size = Some(node.size());
-        jsons.push(ctx.entry(name).map(|e| e.json.clone()).unwrap_or(Value::Null));
+        jsons.push(
+            ctx.entry(name)
+                .map(|e| e.json.clone())
+                .unwrap_or(Value::Null),
+        );
         list.push(Member {
             role: role.clone(),
             edge: Child::new(node),
@@ -546,7 +554,12 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     let mut j = Map::new();
     j.insert("children".into(), Value::Array(jsons));
     j.insert("driver".into(), json!("quorum"));
-    for k in ["vote-threshold", "blkverify", "rewrite-corrupted", "read-pattern"] {
+    for k in [
+        "vote-threshold",
+        "blkverify",
+        "rewrite-corrupted",
+        "read-pattern",
+    ] {
         if let Some(v) = opts.get(k) {
             j.insert(k.into(), v.clone());
         }

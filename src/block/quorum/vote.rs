@@ -18,7 +18,10 @@ struct Version {
 fn versions<T>(items: &[(usize, T)], same: impl Fn(&T, &T) -> bool) -> Vec<Version> {
     let mut found: Vec<(usize, Version)> = Vec::new();
     for (i, (idx, v)) in items.iter().enumerate() {
-        match found.iter_mut().find(|(first, _)| same(&items[*first].1, v)) {
+        match found
+            .iter_mut()
+            .find(|(first, _)| same(&items[*first].1, v))
+        {
             Some((_, ver)) => ver.voters.push(*idx),
             None => found.push((i, Version { voters: vec![*idx] })),
         }
