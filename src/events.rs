@@ -3,7 +3,7 @@
 //! every subscriber's output synchronously, so an event raised while a
 //! command runs reaches the client before that command's reply.
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
@@ -24,7 +24,9 @@ struct Subscriber {
 #[derive(Default)]
 pub struct EventBus {
     next_id: AtomicU64,
-    subs: Mutex<Vec<Subscriber>>,
+    subs: Arc<Mutex<Vec<Subscriber>>>,
+    /// QEMU's rate limits (a few events go out at most once a second).
+    rate: crate::event_rate::EventRate,
 }
 
 /// Unsubscribes when dropped.
@@ -84,17 +86,29 @@ impl EventBus {
         }
         tracing::trace!(target: "qmp_event", event);
         let v = Value::Object(obj);
-        let (mut compact, mut pretty) = (None, None);
-        let Ok(mut subs) = self.subs.lock() else {
-            return;
-        };
-        subs.retain(|s| {
-            let text = if s.pretty {
-                pretty.get_or_insert_with(|| frame(&v, true)).clone()
-            } else {
-                compact.get_or_insert_with(|| frame(&v, false)).clone()
-            };
-            s.out.send(text)
-        });
+        let subs = self.subs.clone();
+        let data = v.get("data").and_then(Value::as_object);
+        if self
+            .rate
+            .admit(event, data, &v, move |later| deliver(&subs, later))
+        {
+            deliver(&self.subs, &v);
+        }
     }
+}
+
+/// Queues the event on every subscriber, serialized once per layout.
+fn deliver(subs: &Mutex<Vec<Subscriber>>, v: &Value) {
+    let (mut compact, mut pretty) = (None, None);
+    let Ok(mut subs) = subs.lock() else {
+        return;
+    };
+    subs.retain(|s| {
+        let text = if s.pretty {
+            pretty.get_or_insert_with(|| frame(v, true)).clone()
+        } else {
+            compact.get_or_insert_with(|| frame(v, false)).clone()
+        };
+        s.out.send(text)
+    });
 }

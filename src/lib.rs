@@ -5,6 +5,7 @@ pub mod cli;
 pub mod context;
 pub mod control;
 pub mod daemon;
+pub mod event_rate;
 pub mod events;
 pub mod exports;
 pub mod iothread;

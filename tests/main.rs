@@ -6,6 +6,7 @@ mod backup;
 mod bitmaps;
 
 mod commit;
+mod compress;
 mod container;
 
 mod block;
@@ -23,6 +24,7 @@ mod process;
 mod qcow2;
 mod qmp_wire;
 mod quickstart;
+mod quorum;
 mod snapshot;
 mod stream;
 mod supervision;

@@ -40,6 +40,9 @@ pub struct Copier {
     /// Discard a cluster in the source once it is copied (backup's
     /// discard-source).
     pub discard_source: bool,
+    /// Write the copied data as compressed clusters (backup's `compress`;
+    /// runs known to be zero are still written as zeroes, as in QEMU).
+    pub compress: bool,
     /// The view is no longer whole (a copy failed and the filter let the
     /// guest write through): its errno, 0 while whole.
     broken: AtomicI32,
@@ -59,6 +62,7 @@ impl Copier {
             copied: tokio::sync::Notify::new(),
             chunk: chunk.max(cluster),
             discard_source: false,
+            compress: false,
             broken: AtomicI32::new(0),
         }
     }
@@ -120,7 +124,11 @@ impl Copier {
                     .write_zeroes(run, len, ZeroFlags::default())
                     .await
             } else {
-                self.target.write(run, &buf, WriteFlags::default()).await
+                let flags = WriteFlags {
+                    compressed: self.compress,
+                    ..Default::default()
+                };
+                self.target.write(run, &buf, flags).await
             };
             w.map_err(|e| ("write", e))?;
             self.todo.clear(run, len);

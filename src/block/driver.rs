@@ -32,6 +32,10 @@ impl Default for Limits {
 pub struct WriteFlags {
     /// Force unit access: the data is stable when the call returns.
     pub fua: bool,
+    /// Write whole clusters compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED:
+    /// the compress filter and backup's `compress`). Only drivers whose
+    /// `can_compress` says so act on it; filters pass it down.
+    pub compressed: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -234,6 +238,16 @@ pub trait Driver: Send + Sync + 'static {
     fn drain_end(&self) {}
     /// The throttle filter behind this driver, if it is one.
     fn throttle(&self) -> Option<&super::throttle::Throttle> {
+        None
+    }
+    /// The driver writes compressed clusters (QEMU's
+    /// block_driver_can_compress): only qcow2.
+    fn can_compress(&self) -> bool {
+        false
+    }
+    /// The quorum driver behind this node, if it is one
+    /// (x-blockdev-change adds and removes its children).
+    fn quorum(&self) -> Option<&super::quorum::Quorum> {
         None
     }
 }

@@ -74,6 +74,14 @@ static REGISTRY: &[DriverSpec] = &[
         names: &["nbd"],
         open: super::nbd_client::open_node,
     },
+    DriverSpec {
+        names: &["compress"],
+        open: super::compress::open_node,
+    },
+    DriverSpec {
+        names: &["quorum"],
+        open: super::quorum::open_node,
+    },
 ];
 
 pub fn lookup(driver: &str) -> Option<&'static DriverSpec> {
@@ -205,6 +213,11 @@ impl<'g> OpenCtx<'g> {
 /// A child edge as a driver declares it; the graph computes its
 /// permissions.
 pub fn edge(role: &'static str, child: &str) -> Edge {
+    named_edge(std::borrow::Cow::Borrowed(role), child)
+}
+
+/// An edge whose role is named at run time (a quorum's "children.N").
+pub fn named_edge(role: std::borrow::Cow<'static, str>, child: &str) -> Edge {
     Edge {
         role,
         child: child.to_string(),

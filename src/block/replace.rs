@@ -65,7 +65,7 @@ impl Graph {
             }
             let slot = self
                 .find(parent)
-                .and_then(|p| p.node.driver.child_slot(edge.role));
+                .and_then(|p| p.node.driver.child_slot(&edge.role));
             match slot {
                 Some(h) => out.push(h),
                 None => {
@@ -272,7 +272,7 @@ impl Graph {
             e.children.retain(|c| c.role != "backing");
             if let Some(b) = backing {
                 e.children.push(super::graph::Edge {
-                    role: "backing",
+                    role: "backing".into(),
                     child: b.to_string(),
                     perm: super::perm::Perm::NONE,
                     shared: super::perm::Perm::ALL,
@@ -375,7 +375,7 @@ impl Graph {
             for (parent, edge) in self.parents(&n) {
                 match self
                     .find(parent)
-                    .and_then(|p| p.node.driver.child_slot(edge.role))
+                    .and_then(|p| p.node.driver.child_slot(&edge.role))
                 {
                     Some(slot) => edges.push(slot),
                     None => todo.push(parent.to_string()),

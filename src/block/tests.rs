@@ -74,9 +74,16 @@ async fn read_write_flush_in(dir: &str) {
     let mut buf = vec![0u8; 4096];
     n.read(8192, &mut buf).await.expect("read");
     assert!(buf.iter().enumerate().all(|(i, b)| *b == pattern(8192 + i)));
-    n.write(100, &[0xab; 1000], WriteFlags { fua: true })
-        .await
-        .expect("write");
+    n.write(
+        100,
+        &[0xab; 1000],
+        WriteFlags {
+            fua: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("write");
     n.flush().await.expect("flush");
     let data = t.bytes();
     assert!(data[100..1100].iter().all(|b| *b == 0xab));

@@ -76,9 +76,16 @@ async fn buffered_requests_through_the_ring() {
     d.write(4095, &[0xa5; 10000], WriteFlags::default())
         .await
         .expect("write");
-    d.write(200_000, &[0x3c; 512], WriteFlags { fua: true })
-        .await
-        .expect("fua write");
+    d.write(
+        200_000,
+        &[0x3c; 512],
+        WriteFlags {
+            fua: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("fua write");
     // Past the end: the file grows.
     d.write((1 << 20) + 100, &[7; 100], WriteFlags::default())
         .await

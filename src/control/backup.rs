@@ -310,8 +310,9 @@ impl ControlState {
         if Arc::ptr_eq(&source, &target) {
             return err("Source and target cannot be the same".into());
         }
-        if args.get("compress").and_then(Value::as_bool) == Some(true) {
-            // rsd writes no compressed clusters yet (differences entry).
+        let compress = args.get("compress").and_then(Value::as_bool) == Some(true);
+        if compress && !target.driver.can_compress() {
+            // QEMU names the target's device, which a node has none of.
             return err("Compression is not supported for this drive ".into());
         }
         // The source stays free for more backups (QEMU's job sits on its
@@ -397,6 +398,7 @@ impl ControlState {
         };
         let mut copier = Copier::new(&source, target.clone(), cluster, chunk.max(cluster));
         copier.discard_source = discard_source;
+        copier.compress = compress;
         let sync = arg_str(args, "sync");
         match sync {
             // What the bitmap marks.

@@ -5,6 +5,7 @@ mod backup;
 mod bitmaps;
 mod block;
 mod block_jobs;
+mod blockdev_change;
 mod chardevs;
 mod commit;
 mod exports;
@@ -342,7 +343,7 @@ impl ControlState {
             "blockdev-snapshot-delete-internal-sync" => {
                 self.blockdev_snapshot_delete_internal_sync(&args).await
             }
-            "x-blockdev-change" => self.x_blockdev_change(&args),
+            "x-blockdev-change" => self.x_blockdev_change(&args).await,
             "x-blockdev-set-iothread" => self.x_blockdev_set_iothread(&args),
             "__org.rsd_query-iothreads" => Ok(self.query_iothreads()),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,

@@ -211,47 +211,6 @@ impl ControlState {
 }
 
 impl ControlState {
-    /// x-blockdev-change, which QEMU implements for quorum only: for the
-    /// drivers rsd has, the errors QSD gives, in its order.
-    pub(super) fn x_blockdev_change(&self, args: &Map<String, Value>) -> QmpResult<Value> {
-        let parent = arg_str(args, "parent");
-        let (child, node) = (
-            args.get("child").and_then(Value::as_str),
-            args.get("node").and_then(Value::as_str),
-        );
-        let Some(p) = self.block.find(parent) else {
-            return Err(not_found(parent, parent));
-        };
-        if child.is_some() && node.is_some() {
-            return Err(QmpError::generic(
-                "The parameters child and node are in conflict",
-            ));
-        }
-        match (child, node) {
-            (Some(c), _) => {
-                if !p.children.iter().any(|e| e.role == c) {
-                    return Err(QmpError::generic(format!(
-                        "Node '{parent}' does not have child '{c}'"
-                    )));
-                }
-                Err(QmpError::generic(format!(
-                    "The node {parent} does not support removing a child"
-                )))
-            }
-            (None, Some(n)) => {
-                if self.block.find(n).is_none() {
-                    return Err(QmpError::generic(format!("Node '{n}' not found")));
-                }
-                Err(QmpError::generic(format!(
-                    "The node {parent} does not support adding a child"
-                )))
-            }
-            (None, None) => Err(QmpError::generic("Either child or node must be specified")),
-        }
-    }
-}
-
-impl ControlState {
     /// The backing node of `name`, if it has one.
     fn backing_of(&self, name: &str) -> Option<String> {
         self.block

@@ -246,7 +246,17 @@ async fn run(s: &Session, r: Request, payload: &[u8]) -> Reply {
     let fua = r.flags & CMD_FLAG_FUA != 0 || s.export.writethrough;
     let result = match r.kind {
         CMD_BLOCK_STATUS => return block_status(s, node, &r).await,
-        CMD_WRITE => node.write(r.offset, payload, WriteFlags { fua }).await,
+        CMD_WRITE => {
+            node.write(
+                r.offset,
+                payload,
+                WriteFlags {
+                    fua,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
         CMD_FLUSH => node.flush().await,
         CMD_TRIM => {
             let r2 = node.discard(r.offset, r.len).await;

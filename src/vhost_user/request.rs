@@ -266,6 +266,7 @@ async fn write(dev: &Shared, mem: &GuestMemoryMmap, p: &Parts) -> u8 {
     }
     let flags = WriteFlags {
         fua: !dev.write_cache.load(Ordering::Relaxed),
+        ..Default::default()
     };
     let mut off = p.sector << SECTOR_BITS;
     for s in &p.out {

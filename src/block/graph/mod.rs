@@ -29,7 +29,9 @@ pub struct User {
 
 #[derive(Clone, Debug)]
 pub struct Edge {
-    pub role: &'static str,
+    /// "file", "backing", or a name made at run time (a quorum's
+    /// "children.N").
+    pub role: std::borrow::Cow<'static, str>,
     pub child: String,
     pub perm: Perm,
     pub shared: Perm,

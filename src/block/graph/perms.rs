@@ -89,7 +89,7 @@ impl Graph {
             }
             cum[i] = (perm, shared);
             for (e, c) in edges[i].iter_mut().zip(&self.entries[i].children) {
-                let (cp, mut cs) = node.driver.child_perms(c.role, perm, shared);
+                let (cp, mut cs) = node.driver.child_perms(&c.role, perm, shared);
                 if node.opts.force_share {
                     cs = Perm::ALL;
                 }

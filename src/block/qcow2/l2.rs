@@ -327,6 +327,15 @@ pub struct Compressed {
     pub len: u64,
 }
 
+/// The L2 entry of a compressed cluster whose `len` bytes start at host
+/// offset `offset`: the offset, and the sectors it runs into after the
+/// first (docs/interop/qcow2.txt; compressed entries never have COPIED).
+pub fn compressed_entry(offset: u64, len: u64, cluster_bits: u32) -> u64 {
+    let shift = 62 - (cluster_bits - 8);
+    let more = ((offset + len - 1) >> 9) - (offset >> 9);
+    COMPRESSED | (more << shift) | offset
+}
+
 pub fn compressed(entry: u64, cluster_bits: u32) -> Compressed {
     let shift = 62 - (cluster_bits - 8);
     let offset = entry & ((1u64 << shift) - 1);

@@ -27,6 +27,7 @@
 mod attach;
 pub mod bitmaps;
 pub mod compress;
+mod compressed_write;
 pub mod create;
 pub mod header;
 mod internal;
@@ -455,7 +456,13 @@ impl Driver for Qcow2 {
         self.boundary(self.read_runs(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        if flags.compressed {
+            return self.boundary(self.write_compressed(offset, buf, flags));
+        }
         self.boundary(self.write_impl(offset, buf, flags))
+    }
+    fn can_compress(&self) -> bool {
+        true
     }
     fn flush(&self) -> IoFuture<'_, ()> {
         self.boundary(self.flush_all())
@@ -502,7 +509,7 @@ impl Driver for Qcow2 {
                 let mut g = offset;
                 while g < offset + len {
                     let n = ((offset + len - g) as usize).min(zeros.len());
-                    self.write_impl(g, &zeros[..n], WriteFlags { fua: false })
+                    self.write_impl(g, &zeros[..n], WriteFlags::default())
                         .await?;
                     g += n as u64;
                 }

@@ -42,6 +42,9 @@ pub struct Refcounts {
     /// Clusters at or past this index are free and beyond every
     /// allocation so far (file end at open, then grown).
     pub end: u64,
+    /// Where the next compressed cluster's bytes go (0: a new host
+    /// cluster), packed after the previous one as QEMU packs them.
+    free_byte: u64,
 }
 
 /// One cached refcount block; `dirty` is the byte range that differs
@@ -118,6 +121,7 @@ impl Refcounts {
             data_unsynced: false,
             dirty_bit: false,
             free_hint: 0,
+            free_byte: 0,
         })
     }
 
@@ -470,8 +474,46 @@ impl Refcounts {
         self.set_range(cluster, 1, new).await?;
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster);
+            // A freed cluster may be handed out whole: compressed bytes
+            // never go after what was there.
+            if self.free_byte >> self.cluster_bits == cluster {
+                self.free_byte = 0;
+            }
         }
         Ok(new)
+    }
+
+    /// Room for `size` bytes of a compressed cluster (QEMU's
+    /// qcow2_alloc_bytes): right after the previous compressed cluster
+    /// while it fits in its host cluster, or runs on into a new cluster
+    /// allocated just after it; else at the start of a new cluster. Every
+    /// host cluster the bytes touch gets one more reference. Returns the
+    /// host offset.
+    pub async fn alloc_bytes(&mut self, size: u64) -> BlockResult<u64> {
+        let cs = self.cs();
+        debug_assert!(size > 0 && size <= cs);
+        let mut at = self.free_byte;
+        if at != 0 && self.get(at >> self.cluster_bits).await? >= self.max() {
+            at = 0;
+        }
+        let room = if at == 0 { 0 } else { cs - (at & (cs - 1)) };
+        if at != 0 && room >= size {
+            self.change(at >> self.cluster_bits, 1).await?;
+        } else {
+            // A new cluster, with its one reference.
+            let new = self.alloc(1).await?;
+            if at != 0 && at.next_multiple_of(cs) == new {
+                // Contiguous: the bytes start in the old cluster's tail.
+                self.change(at >> self.cluster_bits, 1).await?;
+            } else {
+                at = new;
+            }
+        }
+        self.free_byte = at + size;
+        if self.free_byte & (cs - 1) == 0 {
+            self.free_byte = 0;
+        }
+        Ok(at)
     }
 
     /// Refuses to hand out clusters that hold metadata: with a hostile
