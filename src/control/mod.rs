@@ -13,6 +13,7 @@ mod metrics;
 mod mirror;
 mod nbd;
 mod qom;
+mod qom_types;
 mod reopen;
 mod snapshot;
 mod stream;
@@ -298,6 +299,10 @@ impl ControlState {
             }
             "chardev-add" => self.chardev_add(&args).await,
             "chardev-remove" => self.chardev_remove(arg_str(&args, "id")).await,
+            "chardev-change" => self.chardev_change(&args).await,
+            "chardev-send-break" => self.chardev_send_break(arg_str(&args, "id")),
+            "ringbuf-write" => self.ringbuf_write(&args),
+            "ringbuf-read" => self.ringbuf_read(&args),
             "query-chardev" => self.query_chardev().await,
             "query-chardev-backends" => Ok(Value::Array(
                 crate::chardev::BACKEND_NAMES
@@ -316,6 +321,8 @@ impl ControlState {
                 self.qom_get(arg_str(&args, "path"), arg_str(&args, "property"))
                     .await
             }
+            "qom-list-types" => Ok(qom_types::list_types(&args)),
+            "qom-list-properties" => qom_types::list_properties(arg_str(&args, "typename")),
             "qom-set" => self
                 .qom_set(
                     arg_str(&args, "path"),
