@@ -1,6 +1,7 @@
 //! The control actor: QSD's single dispatcher. It runs commands one at a
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
+mod active;
 mod backup;
 mod bitmaps;
 mod block;
@@ -346,6 +347,9 @@ impl ControlState {
             }
             "x-blockdev-change" => self.x_blockdev_change(&args),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
+            "blockdev-set-active" => self.blockdev_set_active(&args).await,
+            "x-blockdev-set-iothread" => self.x_blockdev_set_iothread(&args),
+            "x-blockdev-amend" => self.x_blockdev_amend(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
                 args.get("flat").and_then(Value::as_bool).unwrap_or(false),
