@@ -27,7 +27,7 @@ impl ControlState {
                 }
             }
         };
-        r.map(|()| json!({})).map_err(QmpError::generic)
+        r.map(|()| json!({})).map_err(QmpError::hinted)
     }
 
     /// rsd has no AioContexts to move a node to (its requests run on the

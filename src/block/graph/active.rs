@@ -3,6 +3,7 @@
 //! caches back, refuses changes and keeps only a reader's lock on its
 //! files; activating it takes its locks again.
 use super::Graph;
+use crate::block::perm::Perm;
 
 impl Graph {
     fn has_active_parent(&self, name: &str) -> bool {
@@ -43,9 +44,14 @@ impl Graph {
             if !e.node.is_active() || self.has_active_parent(&name) {
                 continue;
             }
-            // Its users must be able to do without it (exports that
-            // allow inactive nodes); QEMU's blk_root_inactivate.
-            if e.users.iter().any(|u| !u.allow_inactive) {
+            // Its users must be able to do without it: exports that
+            // allow inactive nodes, and users that do not write (QEMU's
+            // blk_can_inactivate).
+            let writer = Perm::WRITE.union(Perm::WRITE_UNCHANGED);
+            if e.users
+                .iter()
+                .any(|u| !u.allow_inactive && u.perm.intersect(writer) != Perm::NONE)
+            {
                 return Err("Operation not permitted".into());
             }
             let node = e.node.clone();
