@@ -57,7 +57,12 @@ pub async fn run(opts: Options, daemon: Option<Daemon>) -> i32 {
                 }
                 let _ = failed_tx.send((child.to_string(), reason.to_string()));
             }),
-            on_restart: Some(Arc::new(move |child| m2.restarted(child))),
+            on_restart: Some(Arc::new(move |child, reason| {
+                // Always said: a restart means something failed, even
+                // though the daemon goes on serving.
+                eprintln!("rsd: {child} failed and was restarted ({reason})");
+                m2.restarted(child);
+            })),
         },
         (),
     )

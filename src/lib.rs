@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod exports;
+pub mod iothread;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;

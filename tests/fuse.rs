@@ -573,3 +573,49 @@ fn fuse_concurrent_requests_keep_their_data() {
     );
     ok(&run("qemu-img", &["check", "-q", &img]));
 }
+
+/// With `iothread`, the FUSE session runs on the iothread's thread
+/// instead of a thread of its own, and serves the file the same.
+#[test]
+fn fuse_session_runs_on_the_export_iothread() {
+    if fuse_missing() {
+        return;
+    }
+    let dir = TempDir::new();
+    let img = image(&dir);
+    for iothread in [true, false] {
+        let mp = dir.s(&format!("mnt-{iothread}"));
+        std::fs::write(&mp, b"").expect("mountpoint");
+        let sock = dir.s(&format!("q-{iothread}.sock"));
+        let mut a = monitor_args(&sock);
+        let extra = if iothread { ",iothread=io0" } else { "" };
+        a.extend(args(&[
+            "--object",
+            "iothread,id=io0",
+            "--blockdev",
+            &format!("driver=qcow2,node-name=disk,file.driver=file,file.filename={img}"),
+            "--export",
+            &format!("type=fuse,id=e,node-name=disk,mountpoint={mp}{extra}"),
+        ]));
+        let mut d = Daemon::spawn(Which::Rsd, &a);
+        let mut q = Qmp::ready(std::path::Path::new(&sock));
+        wait_mount(&mp, true);
+        let data = std::fs::read(&mp).expect("read the export");
+        assert!(data[..1 << 20].iter().all(|b| *b == 0x5a), "{iothread}");
+        assert!(data[2 << 20..(2 << 20) + 65536].iter().all(|b| *b == 0x33));
+        let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.child.id()))
+            .expect("tasks")
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect();
+        let own = names.iter().any(|n| n == "fuse/e");
+        assert_eq!(own, !iothread, "{names:?}");
+        assert_eq!(
+            q.cmd(r#"{"execute": "quit"}"#)["return"],
+            serde_json::json!({})
+        );
+        assert!(d.wait_exit(10).is_some());
+        wait_mount(&mp, false);
+    }
+}

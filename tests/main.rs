@@ -11,6 +11,7 @@ mod container;
 mod block;
 mod cli;
 mod fuse;
+mod iothreads;
 mod job_errors;
 mod job_speed;
 mod jobs;

@@ -29,7 +29,7 @@ fn two_monitor_args(dir: &TempDir) -> Vec<String> {
 #[test]
 fn crashed_monitor_is_restarted_while_qmp_keeps_answering() {
     let dir = TempDir::new();
-    let _d = two_monitors(&dir);
+    let mut d = two_monitors(&dir);
     let mut a = Qmp::ready(&dir.path("a.sock"));
     let mut b = Qmp::ready(&dir.path("b.sock"));
     assert_eq!(
@@ -66,6 +66,22 @@ fn crashed_monitor_is_restarted_while_qmp_keeps_answering() {
     );
     let r = a.cmd(r#"{"execute":"x-rsd-test-crash","arguments":{"id":"nope"}}"#);
     assert_eq!(r["error"]["desc"], "no actor named 'nope'");
+    // Each restart was said once on stderr, in rsd's words.
+    a.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(10), Some(0));
+    let err = d.stderr_text();
+    for who in ["monitor", "chardev"] {
+        let said =
+            format!("rsd: {who}/c2 failed and was restarted (test hook: {who} crash requested)");
+        assert_eq!(err.matches(&said).count(), 1, "{who}: {err}");
+    }
+    // The monitor on the crashed chardev lost its session and was
+    // restarted too; nothing else was said.
+    assert!(
+        err.lines()
+            .all(|l| l.starts_with("rsd: ") && l.contains(" failed and was restarted (")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -109,8 +109,9 @@ pub struct SupervisorState {
 /// Called with (child id, reason) when a child exceeded its restart intensity.
 pub type EscalateFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
-/// Called with the child id after each restart (for metrics).
-pub type RestartFn = Arc<dyn Fn(&str) + Send + Sync>;
+/// Called with (child id, reason) after each restart (the operator's
+/// line on stderr, metrics).
+pub type RestartFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 pub struct Supervisor {
     pub on_escalate: EscalateFn,
@@ -156,22 +157,22 @@ impl Supervisor {
             }
         }
         if child.recent_failures.len() > child.spec.max_restarts {
-            tracing::error!(child = %id, "restart intensity exceeded; removing child");
+            tracing::info!(target: "supervisor_child_escalate", child = %id, %reason);
             state.children.remove(pos);
             on_escalate(&id, &reason);
             return;
         }
-        tracing::warn!(target: "supervisor_child_restart", child = %id, %reason);
+        tracing::info!(target: "supervisor_child_restart", child = %id, %reason);
         match (child.spec.start)(myself.get_cell()).await {
             Ok(cell) => {
                 child.cell = cell;
                 child.restarts += 1;
                 if let Some(f) = on_restart {
-                    f(&id);
+                    f(&id, &reason);
                 }
             }
             Err(e) => {
-                tracing::error!(child = %id, error = %e, "restart failed; removing child");
+                tracing::info!(target: "supervisor_child_escalate", child = %id, error = %e);
                 state.children.remove(pos);
                 on_escalate(&id, &e);
             }

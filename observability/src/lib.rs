@@ -42,6 +42,7 @@ pub const TRACE_POINTS: &[&str] = &[
     "nbd_handshake",
     "qmp_command",
     "qmp_event",
+    "supervisor_child_escalate",
     "supervisor_child_removed",
     "supervisor_child_restart",
     "vhost_user_connect",

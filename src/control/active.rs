@@ -1,4 +1,4 @@
-//! blockdev-set-active, x-blockdev-set-iothread and x-blockdev-amend.
+//! blockdev-set-active and x-blockdev-amend.
 use serde_json::{json, Map, Value};
 
 use super::{arg_str, ControlState};
@@ -28,34 +28,6 @@ impl ControlState {
             }
         };
         r.map(|()| json!({})).map_err(QmpError::hinted)
-    }
-
-    /// rsd has no AioContexts to move a node to (its requests run on the
-    /// threads of whoever makes them), so the command checks what QSD
-    /// checks and changes nothing.
-    pub(super) fn x_blockdev_set_iothread(&self, args: &Map<String, Value>) -> QmpResult<Value> {
-        let name = arg_str(args, "node-name");
-        let Some(e) = self.block.find(name) else {
-            return Err(QmpError::generic(format!(
-                "Failed to find node with node-name='{name}'"
-            )));
-        };
-        let force = args.get("force").and_then(Value::as_bool) == Some(true);
-        if !force && !e.users.is_empty() {
-            return Err(QmpError::generic(format!(
-                "Node {name} is associated with a BlockBackend and could be in use (use force=true to override this check)"
-            )));
-        }
-        if let Some(io) = args.get("iothread").and_then(Value::as_str) {
-            let found = self
-                .objects
-                .get(io)
-                .is_some_and(|o| o.qom_type() == "iothread");
-            if !found {
-                return Err(QmpError::generic(format!("Cannot find iothread {io}")));
-            }
-        }
-        Ok(json!({}))
     }
 
     /// x-blockdev-amend: qcow2's only amendable options are its

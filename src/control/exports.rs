@@ -27,6 +27,8 @@ pub(super) struct ExportCommon {
     pub edge: Arc<Child>,
     /// The graph user holding the export's permissions.
     pub user: u64,
+    /// Where the export serves (docs/iothreads.md).
+    pub placement: Arc<crate::iothread::Placement>,
 }
 
 /// The FUSE export's own options (QEMU's fuse_export_create).
@@ -47,6 +49,7 @@ async fn fuse_export_create(
         allow_other,
         edge: c.edge.clone(),
         user: c.user,
+        placement: c.placement.clone(),
     })
     .await?;
     Ok(e)
@@ -76,17 +79,6 @@ impl ControlState {
             return Err(format!("Cannot find device='' nor node-name='{node_name}'"));
         };
         let node = entry.node.clone();
-        // Validated as QEMU does. Each export type says what an iothread
-        // means for it (differences entry 36 for NBD).
-        if let Some(io) = args.get("iothread").and_then(Value::as_str) {
-            let found = self
-                .objects
-                .get(io)
-                .is_some_and(|o| o.qom_type() == "iothread");
-            if !found {
-                return Err(format!("iothread \"{io}\" not found"));
-            }
-        }
         // QEMU activates the node of an export that does not allow an
         // inactive one, before its other checks (an error there leaves
         // the node active).
@@ -105,6 +97,9 @@ impl ControlState {
         if writable && node.read_only() {
             return Err("Cannot export read-only node as writable".into());
         }
+        // The node may move to the export's iothread now (QEMU does not
+        // move it back if a later check fails).
+        let placement = self.export_placement(&node_name, args)?;
         let mut perm = if writable {
             Perm::CONSISTENT_READ.union(Perm::WRITE)
         } else {
@@ -151,6 +146,7 @@ impl ControlState {
             writable,
             edge,
             user,
+            placement,
         };
         let created = match kind {
             "nbd" => self.nbd_export_create(&common, args),

@@ -9,6 +9,7 @@ mod block_jobs;
 mod chardevs;
 mod commit;
 mod exports;
+mod iothreads;
 mod jobs;
 mod metrics;
 mod mirror;
@@ -346,6 +347,7 @@ impl ControlState {
                 self.blockdev_snapshot_delete_internal_sync(&args).await
             }
             "x-blockdev-change" => self.x_blockdev_change(&args),
+            "__org.rsd_query-iothreads" => Ok(self.query_iothreads()),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "blockdev-set-active" => self.blockdev_set_active(&args).await,
             "x-blockdev-set-iothread" => self.x_blockdev_set_iothread(&args),
@@ -443,7 +445,8 @@ impl ControlState {
 
     fn object_del(&mut self, id: &str) -> QmpResult<()> {
         // QEMU's can_be_deleted: a throttle group is not while a node of
-        // the graph is its member.
+        // the graph is its member. Nor, in rsd, an iothread that a node
+        // or an export is in.
         let in_use = |o: &Object| {
             o.throttle_group().is_some_and(|g| {
                 self.block.entries.iter().any(|e| {
@@ -455,11 +458,13 @@ impl ControlState {
             })
         };
         match self.objects.get(id) {
-            Some(o) if in_use(o) => Err(QmpError::generic(format!(
-                "object '{id}' is in use, can not be deleted"
-            ))),
+            Some(o) if in_use(o) || (o.iothread().is_some() && self.iothread_in_use(id)) => Err(
+                QmpError::generic(format!("object '{id}' is in use, can not be deleted")),
+            ),
             Some(_) => {
-                self.objects.remove(id);
+                if let Some(t) = self.objects.remove(id).as_ref().and_then(Object::iothread) {
+                    t.stop();
+                }
                 Ok(())
             }
             None => Err(QmpError::generic(format!("object '{id}' not found"))),

@@ -135,6 +135,7 @@ impl ControlState {
             bitmaps,
             multi_conn: server.max_connections != 1,
             user: c.user,
+            placement: c.placement.clone(),
         }))
     }
 

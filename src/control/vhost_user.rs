@@ -73,6 +73,7 @@ impl ControlState {
             num_queues: num_queues as u16,
             listener,
             path: path.clone(),
+            placement: c.placement.clone(),
         });
         if export.is_err() {
             if let Some(p) = &path {

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::block::child::Child;
+use crate::iothread::Placement;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -24,6 +25,9 @@ pub trait BlockExport: Send + Sync + 'static {
     fn node(&self) -> &Arc<Child>;
     /// The graph user holding the export's permissions.
     fn user(&self) -> u64;
+    /// The iothread the export serves on (docs/iothreads.md), which
+    /// follows its node unless the export is fixed there.
+    fn placement(&self) -> &Arc<Placement>;
     /// What a safe block-export-del refuses to cut: connected clients
     /// for NBD, requests in flight for vhost-user-blk (as QSD counts).
     fn clients(&self) -> usize;

@@ -9,6 +9,7 @@ use crate::block::child::Child;
 use crate::block::dirty::NamedBitmap;
 use crate::exports::stats::{Connection, ExportStats};
 use crate::exports::{BlockExport, BoxFuture, Registry};
+use crate::iothread::Placement;
 
 pub struct Export {
     pub id: String,
@@ -28,6 +29,8 @@ pub struct Export {
     pub multi_conn: bool,
     /// The graph user holding this export's permissions.
     pub user: u64,
+    /// Where new clients are served (an iothread, or a thread each).
+    pub placement: Arc<Placement>,
     clients: AtomicUsize,
     pub stats: Arc<ExportStats>,
     /// Woken when the last client leaves.
@@ -49,6 +52,7 @@ pub struct ExportConfig {
     pub multi_conn: bool,
     /// The graph user holding the export's permissions.
     pub user: u64,
+    pub placement: Arc<Placement>,
 }
 
 impl Export {
@@ -67,6 +71,7 @@ impl Export {
             bitmaps: c.bitmaps,
             multi_conn: c.multi_conn,
             user: c.user,
+            placement: c.placement,
             clients: AtomicUsize::new(0),
             stats: Default::default(),
             idle: tokio::sync::Notify::new(),
@@ -139,6 +144,9 @@ impl BlockExport for Export {
     }
     fn user(&self) -> u64 {
         self.user
+    }
+    fn placement(&self) -> &Arc<Placement> {
+        &self.placement
     }
     fn clients(&self) -> usize {
         Export::clients(self)

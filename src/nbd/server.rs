@@ -1,7 +1,8 @@
 //! The NBD server actor: accepts clients on its listening socket (at most
 //! `max-connections` at once, QEMU's default 100), runs each handshake on
 //! the daemon's runtime within `handshake-max-seconds` (default 10), then
-//! serves the client's transmission on a thread of its own.
+//! serves the client's transmission on a thread of its own, or on the
+//! export's iothread.
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tracing::Instrument;
 use super::conn::{transmission, Reader, Writer};
 use super::export::Exports;
 use super::handshake::{handshake, Session};
+use crate::iothread::PollParams;
 use crate::sockets::Listener;
 use crate::util::{watched, Watched};
 
@@ -154,25 +156,85 @@ async fn shake(
     }
 }
 
-/// Serves a client's transmission phase on a thread of its own with a
+/// A client detached from the accepting runtime's reactor, for the
+/// reactor of the thread that serves it.
+enum Std {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Std {
+    fn detach(client: Client) -> std::io::Result<Std> {
+        Ok(match client {
+            Client::Unix(s) => Std::Unix(s.into_std()?),
+            Client::Tcp(s) => Std::Tcp(s.into_std()?),
+        })
+    }
+}
+
+/// The client's transmission phase, on the runtime of the thread that
+/// polls it (registered with that thread's reactor). On an iothread,
+/// the socket is polled within the iothread's polling parameters.
+async fn serve(client: Std, session: Session, iothread: Option<Arc<PollParams>>) {
+    let fd = match &client {
+        Std::Unix(s) => s.as_raw_fd(),
+        Std::Tcp(s) => s.as_raw_fd(),
+    };
+    let halves: std::io::Result<(Reader, Writer)> = match client {
+        Std::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+            let (r, w) = s.into_split();
+            (Box::pin(r) as _, Box::pin(w) as _)
+        }),
+        Std::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+            let (r, w) = s.into_split();
+            (Box::pin(r) as _, Box::pin(w) as _)
+        }),
+    };
+    let Ok((r, w)) = halves else {
+        return;
+    };
+    let mut r = super::spin::SpinReader::new(r, fd);
+    let _serving = iothread.as_ref().map(|p| p.serving());
+    if let Some(p) = iothread {
+        r = r.with_params(p);
+    }
+    let may_spin = r.allow();
+    let span = session
+        .trace
+        .as_ref()
+        .map_or_else(tracing::Span::none, |t| t.span.clone());
+    transmission(Box::pin(r), w, session, may_spin)
+        .instrument(span)
+        .await;
+}
+
+/// Serves a client's transmission phase where its export serves: on the
+/// export's iothread, or by default on a thread of its own with a
 /// single-threaded runtime: the thread sleeps in its own epoll and wakes
 /// straight into the connection, with no hand-off between worker
 /// threads (as nbdkit's thread per connection, and measurably faster at
 /// queue depth 1).
-fn serve_on_own_thread(
+fn serve_where_placed(
     client: Client,
     session: Session,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> std::io::Result<()> {
-    // Detached from the accepting runtime's reactor, for the thread's own.
-    enum Std {
-        Unix(std::os::unix::net::UnixStream),
-        Tcp(std::net::TcpStream),
+    let client = Std::detach(client)?;
+    if let Some(io) = session.export.placement.current() {
+        let poll = io.poll.clone();
+        let served = io.spawn_with(move || async move {
+            let _permit = permit;
+            serve(client, session, Some(poll)).await;
+        });
+        return if served {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "iothread {} has stopped",
+                io.id
+            )))
+        };
     }
-    let client = match client {
-        Client::Unix(s) => Std::Unix(s.into_std()?),
-        Client::Tcp(s) => Std::Tcp(s.into_std()?),
-    };
     std::thread::Builder::new()
         .name("nbd-client".into())
         .stack_size(8 << 20)
@@ -184,33 +246,7 @@ fn serve_on_own_thread(
             else {
                 return;
             };
-            rt.block_on(async move {
-                let fd = match &client {
-                    Std::Unix(s) => s.as_raw_fd(),
-                    Std::Tcp(s) => s.as_raw_fd(),
-                };
-                let halves: std::io::Result<(Reader, Writer)> = match client {
-                    Std::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
-                        let (r, w) = s.into_split();
-                        (Box::pin(r) as _, Box::pin(w) as _)
-                    }),
-                    Std::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
-                        let (r, w) = s.into_split();
-                        (Box::pin(r) as _, Box::pin(w) as _)
-                    }),
-                };
-                if let Ok((r, w)) = halves {
-                    let r = super::spin::SpinReader::new(r, fd);
-                    let may_spin = r.allow();
-                    let span = session
-                        .trace
-                        .as_ref()
-                        .map_or_else(tracing::Span::none, |t| t.span.clone());
-                    transmission(Box::pin(r), w, session, may_spin)
-                        .instrument(span)
-                        .await;
-                }
-            });
+            rt.block_on(serve(client, session, None));
         })
         .map(|_| ())
 }
@@ -280,7 +316,7 @@ async fn accept_loop(server: Arc<Server>) {
                             session.extended,
                         ));
                     }
-                    if let Err(e) = serve_on_own_thread(client, session, permit) {
+                    if let Err(e) = serve_where_placed(client, session, permit) {
                         no_threads.warn(format_args!("cannot serve a client: {e}"));
                     }
                 });

@@ -16,6 +16,11 @@
 //! no CPU. Polling happens only when nothing else is in flight on the
 //! connection (the owner says so through [`SpinReader::allow`]), so it
 //! never delays a request being served.
+//!
+//! A connection served on an IOThread takes its limits from the
+//! iothread's poll-max-ns, poll-grow and poll-shrink (QEMU's adaptive
+//! polling parameters, read before each wait so qom-set acts at once),
+//! and polls only while it is the thread's one connection.
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recv, MsgFlags};
 use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::iothread::PollParams;
 
 /// The longest poll; a client slower than this is left to wake rsd.
 const MAX_WINDOW: Duration = Duration::from_micros(50);
@@ -41,7 +48,25 @@ pub struct SpinReader {
     window: Duration,
     /// When the current wait for data began.
     waiting_since: Option<Instant>,
+    /// The iothread's polling parameters (None: rsd's own).
+    params: Option<Arc<PollParams>>,
 }
+
+/// How far the window may open and how fast it moves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Tuning {
+    max: Duration,
+    grow: u32,
+    /// 0: a wait too long for the window closes it at once (QEMU's
+    /// poll-shrink=0).
+    shrink: u32,
+}
+
+const OWN: Tuning = Tuning {
+    max: MAX_WINDOW,
+    grow: 2,
+    shrink: 2,
+};
 
 impl SpinReader {
     /// `fd` must be the descriptor `inner` reads from.
@@ -52,6 +77,25 @@ impl SpinReader {
             allowed: Arc::new(AtomicBool::new(false)),
             window: MAX_WINDOW,
             waiting_since: None,
+            params: None,
+        }
+    }
+
+    /// Polls within an iothread's parameters instead of rsd's own.
+    pub fn with_params(mut self, params: Arc<PollParams>) -> SpinReader {
+        self.window = params.max_window();
+        self.params = Some(params);
+        self
+    }
+
+    fn tuning(&self) -> Tuning {
+        match &self.params {
+            None => OWN,
+            Some(p) => Tuning {
+                max: p.max_window(),
+                grow: p.grow_factor(),
+                shrink: p.shrink_factor(),
+            },
         }
     }
 
@@ -62,7 +106,13 @@ impl SpinReader {
 
     /// Polls the socket until data comes or the window (counted from
     /// the start of the wait) closes; tries at least once.
-    fn spin(&self, buf: &mut ReadBuf<'_>, since: Instant) -> Option<std::io::Result<()>> {
+    fn spin(
+        &self,
+        buf: &mut ReadBuf<'_>,
+        since: Instant,
+        max: Duration,
+    ) -> Option<std::io::Result<()>> {
+        let window = self.window.min(max);
         loop {
             let unfilled = buf.initialize_unfilled();
             match recv(self.fd, unfilled, MsgFlags::MSG_DONTWAIT) {
@@ -73,7 +123,7 @@ impl SpinReader {
                 Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Some(Err(e.into())),
             }
-            if since.elapsed() >= self.window {
+            if since.elapsed() >= window {
                 return None;
             }
             // Yield rather than spin: if the client shares this CPU, it
@@ -85,14 +135,16 @@ impl SpinReader {
 }
 
 /// The window after a wait that lasted `waited`.
-fn next_window(window: Duration, waited: Duration) -> Duration {
+fn next_window(window: Duration, waited: Duration, t: Tuning) -> Duration {
     if waited <= window {
-        window
-    } else if waited <= MAX_WINDOW {
+        window.min(t.max)
+    } else if waited <= t.max {
         // A longer poll would have caught it.
-        (window * 2).clamp(START_WINDOW, MAX_WINDOW)
-    } else if window >= START_WINDOW {
-        window / 2
+        window
+            .saturating_mul(t.grow)
+            .clamp(START_WINDOW.min(t.max), t.max)
+    } else if window >= START_WINDOW && t.shrink > 0 {
+        window / t.shrink
     } else {
         Duration::ZERO
     }
@@ -109,17 +161,18 @@ impl AsyncRead for SpinReader {
         let mut result = this.inner.as_mut().poll_read(cx, buf);
         // Only waits that may poll are measured: the handshake's round
         // trips say nothing about how soon requests follow replies.
+        let tuning = this.tuning();
         if result.is_pending() && this.allowed.load(Ordering::Relaxed) {
             let since = *this.waiting_since.get_or_insert_with(Instant::now);
             // The reactor has the waker already; data found here just
             // makes its later wake-up a spurious one.
-            if let Some(r) = this.spin(buf, since) {
+            if let Some(r) = this.spin(buf, since, tuning.max) {
                 result = Poll::Ready(r);
             }
         }
         if result.is_ready() && buf.filled().len() > before {
             if let Some(since) = this.waiting_since.take() {
-                this.window = next_window(this.window, since.elapsed());
+                this.window = next_window(this.window, since.elapsed(), tuning);
             }
         }
         result
@@ -220,17 +273,58 @@ mod tests {
     fn window_shrinks_to_nothing_for_a_slow_client_and_regrows() {
         let mut w = MAX_WINDOW;
         for _ in 0..10 {
-            w = next_window(w, Duration::from_millis(5));
+            w = next_window(w, Duration::from_millis(5), OWN);
         }
         assert_eq!(w, Duration::ZERO, "an idle client costs no polling");
-        w = next_window(w, Duration::from_micros(30));
+        w = next_window(w, Duration::from_micros(30), OWN);
         assert_eq!(w, START_WINDOW);
-        w = next_window(w, Duration::from_micros(30));
-        w = next_window(w, Duration::from_micros(30));
+        w = next_window(w, Duration::from_micros(30), OWN);
+        w = next_window(w, Duration::from_micros(30), OWN);
         assert_eq!(w, Duration::from_micros(40));
-        w = next_window(w, Duration::from_micros(45));
+        w = next_window(w, Duration::from_micros(45), OWN);
         assert_eq!(w, MAX_WINDOW, "never beyond the cap");
         // Waits inside the window leave it as it is.
-        assert_eq!(next_window(w, Duration::from_micros(1)), w);
+        assert_eq!(next_window(w, Duration::from_micros(1), OWN), w);
+    }
+
+    #[test]
+    fn an_iothreads_parameters_bound_the_window() {
+        let t = Tuning {
+            max: Duration::from_micros(100),
+            grow: 4,
+            shrink: 0,
+        };
+        let w = next_window(START_WINDOW, Duration::from_micros(30), t);
+        assert_eq!(w, Duration::from_micros(40), "poll-grow multiplies");
+        let w = next_window(w, Duration::from_micros(90), t);
+        assert_eq!(w, t.max, "never beyond poll-max-ns");
+        assert_eq!(
+            next_window(w, Duration::from_millis(1), t),
+            Duration::ZERO,
+            "poll-shrink=0 closes the window at once"
+        );
+        let off = Tuning {
+            max: Duration::ZERO,
+            ..t
+        };
+        assert_eq!(
+            next_window(MAX_WINDOW, Duration::from_micros(1), off),
+            Duration::ZERO
+        );
+        assert_eq!(
+            next_window(Duration::ZERO, Duration::from_micros(1), off),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn qom_set_reaches_a_connection_between_waits() {
+        let rt = runtime();
+        let (r, _peer) = pair(&rt);
+        let p = Arc::new(PollParams::new(20_000, 0, 0));
+        let r = r.with_params(p.clone());
+        assert_eq!(r.tuning().max, Duration::from_micros(20));
+        p.set("poll-max-ns", 0);
+        assert_eq!(r.tuning().max, Duration::ZERO, "poll-max-ns=0: no polling");
     }
 }

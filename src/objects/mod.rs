@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::block::throttle::{algorithm::Config, limits, ThrottleGroup};
+use crate::iothread::{IoThread, PollParams};
 
 use serde_json::{json, Map, Value};
 
@@ -109,6 +110,8 @@ pub enum Object {
     EventLoop {
         qom_type: &'static str,
         el: EventLoop,
+        /// An iothread's thread (None for main-loop).
+        thread: Option<Arc<IoThread>>,
     },
     ThrottleGroup(Arc<ThrottleGroup>),
 }
@@ -119,6 +122,13 @@ impl Object {
             Object::Secret(_) => "secret",
             Object::EventLoop { qom_type, .. } => qom_type,
             Object::ThrottleGroup(_) => "throttle-group",
+        }
+    }
+
+    pub fn iothread(&self) -> Option<&Arc<IoThread>> {
+        match self {
+            Object::EventLoop { thread, .. } => thread.as_ref(),
+            _ => None,
         }
     }
 
@@ -186,12 +196,21 @@ impl Object {
                 "format" => Err(format!("Property 'secret.{prop}' is not writable")),
                 _ => Err(format!("Property 'secret.{prop}' not found")),
             },
-            Object::EventLoop { qom_type, el } => {
+            Object::EventLoop {
+                qom_type,
+                el,
+                thread,
+            } => {
                 if !el.props.contains_key(prop) {
                     return Err(format!("Property '{qom_type}.{prop}' not found"));
                 }
                 let n = value.as_i64().ok_or_else(|| type_err("integer"))?;
-                el.set(prop, n)
+                el.set(prop, n)?;
+                // The polling parameters act at once, as in QEMU.
+                if let Some(t) = thread {
+                    t.poll.set(prop, n.unsigned_abs());
+                }
+                Ok(())
             }
             Object::ThrottleGroup(g) => match prop {
                 // All limits change together, checked as a whole.
@@ -236,13 +255,22 @@ pub fn create(
     props.remove("id");
     match qom_type {
         "secret" => Secret::load(&props, lookup_secret).map(Object::Secret),
-        "iothread" => Ok(Object::EventLoop {
-            qom_type: "iothread",
-            el: EventLoop::new(qom_type, &props)?,
-        }),
+        "iothread" => {
+            let el = EventLoop::new(qom_type, &props)?;
+            let prop = |n: &str| el.props.get(n).copied().unwrap_or(0).unsigned_abs();
+            let poll = PollParams::new(prop("poll-max-ns"), prop("poll-grow"), prop("poll-shrink"));
+            let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+            let thread = IoThread::start(id, poll)?;
+            Ok(Object::EventLoop {
+                qom_type: "iothread",
+                el,
+                thread: Some(thread),
+            })
+        }
         "main-loop" => Ok(Object::EventLoop {
             qom_type: "main-loop",
             el: EventLoop::new(qom_type, &props)?,
+            thread: None,
         }),
         "throttle-group" => {
             let id = args.get("id").and_then(Value::as_str).unwrap_or_default();

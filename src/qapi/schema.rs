@@ -69,6 +69,7 @@ const SCHEMA_FILES: &[&str] = &[
     // rsd's own commands, named by QAPI's rule for downstream
     // extensions (`__org.rsd_`).
     include_str!("metrics.json"),
+    include_str!("iothreads.json"),
 ];
 const BUILTINS: &[(&str, &str)] = &[
     ("str", "string"),

@@ -61,11 +61,12 @@ pub fn features(writable: bool) -> u64 {
 }
 
 /// The protocol features rsd offers: QSD's, less the ones that need
-/// what rsd does not do (dirty logging for migration, postcopy page
-/// faults, host notifiers): differences entry 48; and in-flight
-/// tracking, which QSD does not offer.
+/// what rsd does not do (postcopy page faults, host notifiers):
+/// differences entry 48; and in-flight tracking, which QSD does not
+/// offer.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::BACKEND_REQ

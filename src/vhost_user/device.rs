@@ -29,6 +29,7 @@ use vm_memory::{
 
 use super::channel::Channel;
 use super::config::{self, CONFIG_WCE_OFFSET};
+use super::dirty::{self, DirtyLog};
 use super::inflight::{self, QueueLog, Region};
 pub use super::worker::Memory;
 use super::worker::{Call, Start, Worker};
@@ -72,6 +73,8 @@ struct State {
     mappings: Vec<Mapping>,
     rings: Vec<Ring>,
     inflight: Option<Arc<Region>>,
+    /// The dirty-page bitmap of SET_LOG_BASE (marked while LOG_ALL is acked).
+    log_base: Option<Arc<DirtyLog>>,
     /// The crate's handle of the backend channel (kept so it stays open).
     backend: Option<Backend>,
 }
@@ -81,6 +84,8 @@ pub struct Device {
     mem: Memory,
     st: Mutex<State>,
     channel: Channel,
+    /// What the workers mark: the log while logging is on.
+    dirty: dirty::Switch,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -102,7 +107,14 @@ impl Device {
                 ..State::default()
             }),
             channel: Channel::default(),
+            dirty: dirty::Switch::default(),
         })
+    }
+
+    /// Logging is on while LOG_ALL is acked and a log base is given.
+    fn update_logging(&self, st: &State) {
+        let on = st.acked_features & config::F_LOG_ALL != 0;
+        self.dirty.set(st.log_base.clone().filter(|_| on));
     }
 
     fn state(&self) -> VuResult<MutexGuard<'_, State>> {
@@ -190,6 +202,7 @@ impl Device {
             kick,
             call: ring.call.clone(),
             log,
+            dirty: self.dirty.clone(),
         })
         .map_err(VuError::ReqHandlerError)?;
         ring.worker = Some(worker);
@@ -278,6 +291,7 @@ impl VhostUserBackendReqHandler for Device {
         }
         let mut st = self.state()?;
         st.acked_features = features;
+        self.update_logging(&st);
         // Without protocol features, rings start enabled.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             for ring in st.rings.iter_mut() {
@@ -529,7 +543,12 @@ impl VhostUserBackendReqHandler for Device {
         Err(invalid("no shared memory regions"))
     }
 
-    fn set_log_base(&self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(invalid("no dirty logging"))
+    fn set_log_base(&self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset)
+            .map_err(VuError::ReqHandlerError)?;
+        let mut st = self.state()?;
+        st.log_base = Some(Arc::new(map));
+        self.update_logging(&st);
+        Ok(())
     }
 }

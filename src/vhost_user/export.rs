@@ -55,6 +55,7 @@ pub struct VhostUserBlkConfig {
     pub num_queues: u16,
     pub listener: std::os::unix::net::UnixListener,
     pub path: Option<PathBuf>,
+    pub placement: Arc<crate::iothread::Placement>,
 }
 
 impl VhostUserBlkExport {
@@ -74,6 +75,7 @@ impl VhostUserBlkExport {
                 write_cache: AtomicBool::new(!c.writethrough),
                 wce: 0.into(),
                 stats: Default::default(),
+                placement: c.placement,
             }),
             listener: Mutex::new(Some(Listener::from(c.listener))),
             path: c.path,
@@ -243,6 +245,9 @@ impl BlockExport for VhostUserBlkExport {
     }
     fn user(&self) -> u64 {
         self.user
+    }
+    fn placement(&self) -> &Arc<crate::iothread::Placement> {
+        &self.shared.placement
     }
     /// QSD counts a vhost-user-blk export in use only while requests
     /// are in flight, not for a connected frontend: a safe delete drops

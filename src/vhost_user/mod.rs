@@ -7,15 +7,18 @@
 //! - `request.rs`: one virtio-blk request, run in guest memory in place.
 //! - `device.rs`: rsd's answer to each message of one frontend
 //!   connection (memory, rings, config, the inflight region).
-//! - `worker.rs`: a started ring's thread, which runs its requests.
+//! - `worker.rs`: a started ring's worker (a thread of its own, or a
+//!   task on the export's iothread), which runs its requests.
 //! - `inflight.rs`: in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD),
 //!   so a restarted device completes what the previous one had taken.
+//! - `dirty.rs`: dirty-page logging for live migration (LOG_SHMFD).
 //! - `channel.rs`: the backend request channel (config-change messages).
 //! - `export.rs`: the export (`BlockExport`), its socket and its accept
 //!   loop, one frontend at a time.
 pub mod channel;
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod export;
 pub mod inflight;
 pub mod request;
@@ -40,6 +43,9 @@ pub struct Shared {
     pub wce: AtomicU8,
     /// The export's counters (requests by type, frontends).
     pub stats: Arc<crate::exports::stats::ExportStats>,
+    /// Where a ring starting now runs: all rings on the export's
+    /// iothread, or by default each on a thread of its own.
+    pub placement: Arc<crate::iothread::Placement>,
 }
 
 impl Shared {

@@ -1,5 +1,7 @@
 //! A started queue's worker: a thread of its own with a single-threaded
-//! tokio runtime. It takes the requests a kick finds, runs them together
+//! tokio runtime, or, for an export on an iothread, a task on the
+//! iothread's runtime (all the export's queues then share that thread,
+//! as QSD serves them in the export's AioContext). It takes the requests a kick finds, runs them together
 //! on that runtime with guest memory read and written in place, and puts
 //! each one in the used ring as soon as it is done, with no hand-off to
 //! another thread. While requests are in flight it still watches the
@@ -28,6 +30,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
 
+use super::dirty::{self, DirtyLog};
 use super::inflight::{QueueLog, Recovery};
 use super::request::{self, Desc};
 use super::Shared;
@@ -46,60 +49,74 @@ pub struct Start {
     pub kick: OwnedFd,
     pub call: Call,
     pub log: Option<QueueLog>,
+    /// Dirty-page logging (live migration).
+    pub dirty: dirty::Switch,
 }
 
 /// A running worker, as the connection holds it.
 pub struct Worker {
     stop: Arc<Notify>,
     stopping: Arc<AtomicBool>,
-    thread: JoinHandle<Queue>,
+    done: Done,
+}
+
+/// Where the queue comes back from when the worker ends.
+enum Done {
+    Thread(JoinHandle<Queue>),
+    Task(std::sync::mpsc::Receiver<Queue>),
 }
 
 impl Worker {
     pub fn spawn(s: Start) -> std::io::Result<Worker> {
         let stop = Arc::new(Notify::new());
         let stopping = Arc::new(AtomicBool::new(false));
-        let name = format!("vhost-user/q{}", s.index);
         let (stop2, stopping2) = (stop.clone(), stopping.clone());
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || run(s, stop2, stopping2))?;
+        let done = match s.shared.placement.current() {
+            Some(io) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let started = io.spawn_with(move || async move {
+                    let _ = tx.send(serve(s, stop2, stopping2).await);
+                });
+                if !started {
+                    return Err(std::io::Error::other(format!(
+                        "iothread {} has stopped",
+                        io.id
+                    )));
+                }
+                Done::Task(rx)
+            }
+            None => {
+                let name = format!("vhost-user/q{}", s.index);
+                Done::Thread(
+                    std::thread::Builder::new()
+                        .name(name)
+                        .spawn(move || run(s, stop2, stopping2))?,
+                )
+            }
+        };
         Ok(Worker {
             stop,
             stopping,
-            thread,
+            done,
         })
     }
 
     /// Stops taking requests, waits for those in flight, and gives the
-    /// queue back (None if the thread panicked).
+    /// queue back (None if the worker panicked or its iothread ended).
     pub fn stop(self) -> Option<Queue> {
         self.stopping.store(true, Ordering::SeqCst);
         self.stop.notify_one();
-        self.thread.join().ok()
+        match self.done {
+            Done::Thread(t) => t.join().ok(),
+            Done::Task(rx) => rx.recv().ok(),
+        }
     }
 }
 
+/// A worker on a thread of its own.
 fn run(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
-    let Start {
-        index,
-        shared,
-        mem,
-        queue,
-        kick,
-        call,
-        log,
-    } = s;
-    let mut q = Served {
-        shared,
-        mem,
-        queue,
-        call,
-        log,
-        event_idx: false,
-    };
-    q.event_idx = q.queue.event_idx_enabled();
     // Reads land in guest memory: a large one may copy on another core.
+    // (Not on an iothread, whose NBD clients keep their reads inline.)
     crate::block::file::copy_large_reads_elsewhere();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -107,11 +124,37 @@ fn run(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::warn!("vhost-user queue {index}: no runtime: {e}");
-            return q.queue;
+            tracing::warn!("vhost-user queue {}: no runtime: {e}", s.index);
+            return s.queue;
         }
     };
-    rt.block_on(q.serve(kick, stop, stopping));
+    rt.block_on(serve(s, stop, stopping))
+}
+
+/// Serves the queue on the runtime that polls this future, until told
+/// to stop; gives the queue back.
+async fn serve(s: Start, stop: Arc<Notify>, stopping: Arc<AtomicBool>) -> Queue {
+    let Start {
+        index: _,
+        shared,
+        mem,
+        queue,
+        kick,
+        call,
+        log,
+        dirty,
+    } = s;
+    let mut q = Served {
+        shared,
+        mem,
+        queue,
+        call,
+        log,
+        dirty,
+        event_idx: false,
+    };
+    q.event_idx = q.queue.event_idx_enabled();
+    q.serve(kick, stop, stopping).await;
     q.queue
 }
 
@@ -122,10 +165,14 @@ struct Served {
     queue: Queue,
     call: Call,
     log: Option<QueueLog>,
+    dirty: dirty::Switch,
     event_idx: bool,
 }
 
-type Running = JoinSet<(u16, u32)>;
+/// A finished request: its head, the bytes it wrote, its descriptors
+/// (whose writable ones the dirty log marks).
+type Finished = (u16, u32, Vec<Desc>);
+type Running = JoinSet<Finished>;
 
 impl Served {
     async fn serve(&mut self, kick: OwnedFd, stop: Arc<Notify>, stopping: Arc<AtomicBool>) {
@@ -147,10 +194,16 @@ impl Served {
             }
             tokio::select! {
                 Some(done) = running.join_next(), if !running.is_empty() => {
-                    self.finish(done);
+                    let log = self.dirty.current();
+                    self.finish(done, log.as_deref());
                     // Whatever else is done goes in with it, one signal.
                     while let Some(done) = running.try_join_next() {
-                        self.finish(done);
+                        self.finish(done, log.as_deref());
+                    }
+                    if let Some(log) = &log {
+                        // flags, idx, the ring and avail_event.
+                        let len = 6 + 8 * u64::from(self.queue.size());
+                        log.mark(self.queue.used_ring(), len);
                     }
                     self.signal();
                 }
@@ -187,7 +240,7 @@ impl Served {
                 Some(descs) => self.spawn(running, &mem, head, descs),
                 // The chain no longer reads: give the buffer back empty.
                 None => {
-                    running.spawn(async move { (head, 0) });
+                    running.spawn(async move { (head, 0, Vec::new()) });
                 }
             }
         }
@@ -242,17 +295,22 @@ impl Served {
         let (shared, mem) = (self.shared.clone(), mem.clone());
         running.spawn(async move {
             let used = request::run(&shared, &mem, &descs).await;
-            (head, used)
+            (head, used, descs)
         });
     }
 
     /// Puts a finished request in the used ring, its inflight mark
     /// cleared around it as the spec orders.
-    fn finish(&mut self, done: Result<(u16, u32), tokio::task::JoinError>) {
-        let Ok((head, used)) = done else {
+    fn finish(&mut self, done: Result<Finished, tokio::task::JoinError>, log: Option<&DirtyLog>) {
+        let Ok((head, used, descs)) = done else {
             tracing::warn!("vhost-user: a request's task failed");
             return;
         };
+        if let Some(log) = log {
+            for d in descs.iter().filter(|d| d.writable) {
+                log.mark(d.addr, u64::from(d.len));
+            }
+        }
         let mem = self.mem.memory();
         if let Some(log) = self.log.as_mut() {
             log.completing(head);

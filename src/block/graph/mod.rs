@@ -60,6 +60,10 @@ pub struct Entry {
     /// Cumulative permissions currently applied.
     pub perm: Perm,
     pub shared: Perm,
+    /// The iothread the node belongs to (QEMU's AioContext; None: the
+    /// main loop). Connected nodes share one; the exports that follow
+    /// their node serve there (docs/iothreads.md).
+    pub iothread: Option<String>,
 }
 
 #[derive(Default)]
@@ -238,6 +242,47 @@ impl Graph {
             .iter()
             .find(|c| c.role == role)
             .and_then(|c| self.find(&c.child))
+    }
+
+    /// The iothread a node opened above `children` joins: theirs, as
+    /// QEMU moves a new parent into its child's AioContext.
+    pub(in crate::block) fn iothread_of_children(&self, children: &[Edge]) -> Option<String> {
+        children
+            .iter()
+            .find_map(|c| self.find(&c.child).and_then(|e| e.iothread.clone()))
+    }
+
+    /// Every node connected to `name` through edges, either way (the
+    /// nodes that share its iothread), `name` first.
+    pub fn connected(&self, name: &str) -> Vec<String> {
+        let mut seen = vec![name.to_string()];
+        let mut i = 0;
+        while let Some(n) = seen.get(i).cloned() {
+            i += 1;
+            let mut next: Vec<String> = self
+                .parents(&n)
+                .into_iter()
+                .map(|(p, _)| p.to_string())
+                .collect();
+            if let Some(e) = self.find(&n) {
+                next.extend(e.children.iter().map(|c| c.child.clone()));
+            }
+            for m in next {
+                if !seen.contains(&m) {
+                    seen.push(m);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Puts every node in `names` in `iothread`.
+    pub fn set_iothread(&mut self, names: &[String], iothread: Option<&str>) {
+        for e in &mut self.entries {
+            if names.contains(&e.name) {
+                e.iothread = iothread.map(str::to_string);
+            }
+        }
     }
 
     /// The filename QEMU shows: the plain one, or `json:{...}` options.

@@ -103,6 +103,7 @@ impl Graph {
         let (common, named) = (ctx.common, ctx.named);
         let (name, seq) = named.unwrap_or_default();
         let node = Node::new(name.clone(), opened.driver, common);
+        let iothread = self.iothread_of_children(&opened.children);
         self.entries.push(Entry {
             seq,
             name: name.clone(),
@@ -115,6 +116,7 @@ impl Graph {
             plain_filename: opened.plain,
             perm: Perm::NONE,
             shared: Perm::ALL,
+            iothread,
         });
         Ok(name)
     }
@@ -199,18 +201,21 @@ impl Graph {
             ..CommonOptions::default()
         };
         let node = Node::new(name.clone(), driver, common);
+        let children = vec![drivers::edge(role, child)];
+        let iothread = self.iothread_of_children(&children);
         self.entries.push(Entry {
             seq,
             name: name.clone(),
             node,
             monitor_owned: false,
-            children: vec![drivers::edge(role, child)],
+            children,
             users: Vec::new(),
             json,
             options: Map::new(),
             plain_filename: plain,
             perm: Perm::NONE,
             shared: Perm::ALL,
+            iothread,
         });
         Ok(name)
     }

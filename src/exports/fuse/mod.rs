@@ -14,6 +14,7 @@ use nix::libc;
 use super::{BlockExport, BoxFuture};
 use crate::block::child::Child;
 use crate::exports::stats::ExportStats;
+use crate::iothread::Placement;
 
 mod abi;
 mod fs;
@@ -43,6 +44,7 @@ pub struct FuseConfig {
     pub allow_other: Option<bool>,
     pub edge: Arc<Child>,
     pub user: u64,
+    pub placement: Arc<Placement>,
 }
 
 pub struct FuseExport {
@@ -50,6 +52,8 @@ pub struct FuseExport {
     pub mountpoint: String,
     edge: Arc<Child>,
     user: u64,
+    /// A session (re)mounted on an iothread runs there.
+    placement: Arc<Placement>,
     cfg: Arc<FsShared>,
     /// Resolves when the session's thread ends (taken by `serve`).
     ended: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
@@ -85,56 +89,65 @@ impl FsShared {
     }
 }
 
-/// Mounts and serves the session on a thread of its own with a
-/// single-threaded runtime, as each NBD client is served: a request's
-/// task, its node I/O and its reply stay on that thread. `allow_other`
-/// None is QEMU's auto (with it if the mount takes it). Returns whether
-/// allow_other is on and a receiver that resolves when the session ends.
+/// Mounts and serves the session on the export's iothread, or on a
+/// thread of its own with a single-threaded runtime, as each NBD client
+/// is served: a request's task, its node I/O and its reply stay on that
+/// thread. `allow_other` None is QEMU's auto (with it if the mount takes
+/// it). Returns whether allow_other is on and a receiver that resolves
+/// when the session ends.
 async fn start_session(
     cfg: Arc<FsShared>,
     mountpoint: String,
     allow_other: Option<bool>,
     id: &str,
+    placement: &Placement,
 ) -> Result<(bool, tokio::sync::oneshot::Receiver<()>), String> {
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<bool, String>>();
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("fuse/{id}"))
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
+    let session = async move {
+        let tries: Vec<bool> = match allow_other {
+            None => vec![true, false],
+            Some(a) => vec![a],
+        };
+        for a in tries {
+            if let Ok(dev) = session::mount(&mountpoint, a) {
+                let _ = ready_tx.send(Ok(a));
+                // The kernel is the export's one client while mounted.
+                let _counted = cfg.stats.connect();
+                // An unmount ends the session cleanly; anything
+                // else leaves the file unserved, which the
+                // operator must hear about.
+                if let Err(e) = session::run(dev, cfg.fs(a)).await {
+                    eprintln!("rsd: FUSE export on {mountpoint}: the session failed: {e}");
                 }
-            };
-            rt.block_on(async move {
-                let tries: Vec<bool> = match allow_other {
-                    None => vec![true, false],
-                    Some(a) => vec![a],
-                };
-                for a in tries {
-                    if let Ok(dev) = session::mount(&mountpoint, a) {
-                        let _ = ready_tx.send(Ok(a));
-                        // The kernel is the export's one client while mounted.
-                        let _counted = cfg.stats.connect();
-                        // An unmount ends the session cleanly; anything
-                        // else leaves the file unserved, which the
-                        // operator must hear about.
-                        if let Err(e) = session::run(dev, cfg.fs(a)).await {
-                            eprintln!("rsd: FUSE export on {mountpoint}: the session failed: {e}");
-                        }
-                        return;
-                    }
+                let _ = end_tx.send(());
+                return;
+            }
+        }
+        let _ = ready_tx.send(Err("Failed to mount FUSE session to export".into()));
+        let _ = end_tx.send(());
+    };
+    if let Some(io) = placement.current() {
+        if !io.spawn_with(move || session) {
+            return Err(format!("iothread {} has stopped", io.id));
+        }
+    } else {
+        let name = format!("fuse/{id}");
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                // Without a runtime the session is dropped, and so is
+                // its ready sender: the mount is reported failed.
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(session),
+                    Err(e) => eprintln!("rsd: {name}: no runtime: {e}"),
                 }
-                let _ = ready_tx.send(Err("Failed to mount FUSE session to export".into()));
-            });
-            let _ = end_tx.send(());
-        })
-        .map_err(|e| format!("Failed to start the FUSE thread: {e}"))?;
+            })
+            .map_err(|e| format!("Failed to start the FUSE thread: {e}"))?;
+    }
     let allow = ready_rx
         .await
         .map_err(|_| "Failed to mount FUSE session to export".to_string())??;
@@ -173,13 +186,20 @@ impl FuseExport {
             mode,
             stats: Default::default(),
         });
-        let (_, ended) =
-            start_session(cfg.clone(), c.mountpoint.clone(), c.allow_other, &c.id).await?;
+        let (_, ended) = start_session(
+            cfg.clone(),
+            c.mountpoint.clone(),
+            c.allow_other,
+            &c.id,
+            &c.placement,
+        )
+        .await?;
         Ok(Arc::new(FuseExport {
             id: c.id,
             mountpoint: c.mountpoint,
             edge: c.edge,
             user: c.user,
+            placement: c.placement,
             cfg,
             ended: Mutex::new(Some(ended)),
             closed: AtomicBool::new(false),
@@ -208,6 +228,9 @@ impl BlockExport for FuseExport {
     fn user(&self) -> u64 {
         self.user
     }
+    fn placement(&self) -> &Arc<Placement> {
+        &self.placement
+    }
     fn clients(&self) -> usize {
         // The kernel is the one client; open files do not hold the export.
         0
@@ -234,8 +257,14 @@ impl BlockExport for FuseExport {
                 // mount again where it was.
                 None if !self.closed.load(Ordering::Acquire) => {
                     self.unmount();
-                    match start_session(self.cfg.clone(), self.mountpoint.clone(), None, &self.id)
-                        .await
+                    match start_session(
+                        self.cfg.clone(),
+                        self.mountpoint.clone(),
+                        None,
+                        &self.id,
+                        &self.placement,
+                    )
+                    .await
                     {
                         Ok((_, e)) => Some(e),
                         Err(e) => {
