@@ -203,9 +203,9 @@ fn query_commands_lists_every_qsd_command() {
             .collect()
     };
     let rsd = set(Which::Rsd);
-    let own: Vec<&String> = rsd.iter().filter(|c| c.starts_with("__org.rsd_")).collect();
-    assert_eq!(own.len(), 2, "{own:?}");
-    assert_eq!(rsd.len(), 76 + 2);
+    let own = rsd.iter().filter(|c| c.starts_with("__org.rsd_")).count();
+    assert!(own >= 2, "{rsd:?}");
+    assert_eq!(rsd.len(), 76 + own);
     if Which::all().contains(&Which::Qsd) {
         let qsd = set(Which::Qsd);
         assert_eq!(qsd.len(), 76);
