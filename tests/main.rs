@@ -22,6 +22,7 @@ mod nbd;
 mod nbd_client;
 mod process;
 mod qcow2;
+mod qmp_rest;
 mod qmp_wire;
 mod quickstart;
 mod quorum;

@@ -231,6 +231,12 @@ pub trait Driver: Send + Sync + 'static {
     fn copier(&self) -> Option<std::sync::Arc<super::copier::Copier>> {
         None
     }
+    /// The node is active again after blockdev-set-active inactivated
+    /// it: another process may have changed the image meanwhile, so a
+    /// driver that caches metadata reads it again.
+    fn invalidate_cache(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// A drained section begins on this node (QEMU's bdrv_drain_begin):
     /// a throttle filter lifts its limits so its queued requests go.
     fn drain_begin(&self) {}

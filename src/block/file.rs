@@ -755,6 +755,21 @@ impl Driver for FileDriver {
         })
     }
 
+    /// Another process may have grown or shrunk the file while the node
+    /// was inactive.
+    fn invalidate_cache(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if !self.block_device {
+                let meta = self
+                    .file
+                    .metadata()
+                    .map_err(|e| BlockError::io(&e, "Could not stat the file"))?;
+                self.size.store(meta.len(), Ordering::Release);
+            }
+            Ok(())
+        })
+    }
+
     fn allocated_size(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
     }

@@ -87,6 +87,10 @@ struct Live {
     discard_unmap: AtomicBool,
     /// DetectZeroes as 0 off, 1 on, 2 unmap.
     detect_zeroes: AtomicU8,
+    /// blockdev-set-active: an inactive node has handed its image to
+    /// another process (migration): it refuses changes and holds only
+    /// the locks of a reader.
+    inactive: AtomicBool,
 }
 
 fn dz_code(d: DetectZeroes) -> u8 {
@@ -134,6 +138,9 @@ impl Node {
         if changes && self.read_only() {
             return Err(BlockError::perm("Block node is read-only"));
         }
+        if changes && !self.is_active() {
+            return Err(BlockError::perm("Operation not permitted"));
+        }
         // Writes may go past the end: a format grows its file that way
         // (QEMU's node layer allows it too; exports check their own size).
         let grows = changes && what != "discard" && self.driver.grows_on_write();
@@ -157,6 +164,7 @@ impl Node {
             read_only: AtomicBool::new(opts.read_only),
             discard_unmap: AtomicBool::new(opts.discard_unmap),
             detect_zeroes: AtomicU8::new(dz_code(opts.detect_zeroes)),
+            inactive: AtomicBool::new(false),
         };
         let loaded = driver.take_bitmaps();
         let node = Arc::new(Node {
@@ -211,6 +219,15 @@ impl Node {
             self.hooks.remove(super::dirty::HOOK);
         }
         b
+    }
+
+    /// False once blockdev-set-active inactivated the node.
+    pub fn is_active(&self) -> bool {
+        !self.live.inactive.load(Ordering::Acquire)
+    }
+
+    pub fn set_active(&self, active: bool) {
+        self.live.inactive.store(!active, Ordering::Release);
     }
 
     /// Requests in flight on this node now.

@@ -60,7 +60,8 @@ pub enum Backend {
     Stdio(Mutex<Option<Conn>>),
     Null,
     File(std::fs::File),
-    Ringbuf,
+    /// A ringbuf chardev; the name is its kind ("ringbuf" or "memory").
+    Ringbuf(super::ringbuf::Ringbuf, &'static str),
 }
 
 impl Backend {
@@ -77,7 +78,7 @@ impl Backend {
             Backend::Stdio(_) => "stdio".into(),
             Backend::Null => "null".into(),
             Backend::File(_) => "file".into(),
-            Backend::Ringbuf => "ringbuf".into(),
+            Backend::Ringbuf(_, kind) => (*kind).into(),
         }
     }
 
@@ -177,11 +178,18 @@ pub async fn open(backend: &Map<String, Value>, notice: WaitNotice<'_>) -> Resul
             Ok(Backend::File(file))
         }
         "ringbuf" | "memory" => {
-            let size = data.get("size").and_then(Value::as_i64).unwrap_or(65536);
-            if size <= 0 || (size & (size - 1)) != 0 {
-                return Err("size of ringbuf chardev must be power of two".into());
-            }
-            Ok(Backend::Ringbuf)
+            // A negative size is a huge one, as in QEMU (and not a power
+            // of two).
+            let size = data
+                .get("size")
+                .and_then(|v| v.as_u64().or_else(|| v.as_i64().map(|i| i as u64)))
+                .unwrap_or(super::ringbuf::DEFAULT_SIZE);
+            let kind = if kind == "memory" {
+                "memory"
+            } else {
+                "ringbuf"
+            };
+            Ok(Backend::Ringbuf(super::ringbuf::Ringbuf::new(size)?, kind))
         }
         other => Err(format!("'{other}' is not a valid char driver name")),
     }

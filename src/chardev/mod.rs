@@ -7,6 +7,7 @@
 //! serves it can be restarted without reopening it.
 pub mod actor;
 pub mod backend;
+pub mod ringbuf;
 
 pub use actor::{ChardevActor, ChardevMsg};
 pub use backend::{open, Backend, Conn};

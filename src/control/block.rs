@@ -232,7 +232,7 @@ impl ControlState {
             at = b;
         }
         let mut info = json!({
-            "iops_rd": 0, "detect_zeroes": node.detect_zeroes().as_str(), "active": true,
+            "iops_rd": 0, "detect_zeroes": node.detect_zeroes().as_str(), "active": node.is_active(),
             "image": image, "iops_wr": 0, "ro": node.read_only(), "node-name": e.name,
             "backing_file_depth": depth, "drv": drv, "backing_file": Value::Null, "iops": 0, "bps_wr": 0, "write_threshold": node.write_threshold.load(std::sync::atomic::Ordering::Acquire),
             "encrypted": false, "bps": 0, "bps_rd": 0,

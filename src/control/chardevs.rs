@@ -163,3 +163,71 @@ impl ControlState {
         Some(props)
     }
 }
+
+/// ringbuf-write, ringbuf-read, chardev-send-break and chardev-change.
+impl ControlState {
+    fn ringbuf(&self, device: &str) -> QmpResult<&chardev::ringbuf::Ringbuf> {
+        match self.chardevs.iter().find(|(i, _)| i == device) {
+            None => Err(QmpError::generic(format!("Device '{device}' not found"))),
+            Some((_, e)) => match e.backend.as_ref() {
+                Backend::Ringbuf(r, _) => Ok(r),
+                _ => Err(QmpError::generic(format!(
+                    "{device} is not a ringbuf device"
+                ))),
+            },
+        }
+    }
+
+    pub(super) fn ringbuf_write(&self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let ring = self.ringbuf(arg_str(args, "device"))?;
+        let data = arg_str(args, "data");
+        let bytes = if arg_str(args, "format") == "base64" {
+            chardev::ringbuf::base64_decode(data).map_err(QmpError::generic)?
+        } else {
+            chardev::ringbuf::utf8_bytes(data)
+        };
+        ring.write(&bytes);
+        Ok(json!({}))
+    }
+
+    pub(super) fn ringbuf_read(&self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let ring = self.ringbuf(arg_str(args, "device"))?;
+        let size = args.get("size").and_then(Value::as_i64).unwrap_or(0);
+        if size <= 0 {
+            return Err(QmpError::generic("size must be greater than zero"));
+        }
+        let bytes = ring.read(size as u64);
+        Ok(Value::String(if arg_str(args, "format") == "base64" {
+            chardev::ringbuf::base64_encode(&bytes)
+        } else {
+            chardev::ringbuf::utf8_text(&bytes)
+        }))
+    }
+
+    /// A break means something only to a telnet socket's peer, which rsd
+    /// does not speak; QSD answers every chardev the same way.
+    pub(super) fn chardev_send_break(&self, id: &str) -> QmpResult<Value> {
+        if self.has_chardev(id) {
+            Ok(json!({}))
+        } else {
+            Err(QmpError::generic(format!("Chardev '{id}' not found")))
+        }
+    }
+
+    /// QSD's chardev-change: a chardev without a frontend is removed and
+    /// added again with the new backend (a failure leaves it removed, as
+    /// in QSD); a monitor cannot follow a swap.
+    pub(super) async fn chardev_change(&mut self, args: &Map<String, Value>) -> QmpResult<Value> {
+        let id = arg_str(args, "id");
+        let Some((_, entry)) = self.chardevs.iter().find(|(i, _)| i == id) else {
+            return Err(QmpError::generic(format!("Chardev '{id}' does not exist")));
+        };
+        if entry.has_monitor {
+            return Err(QmpError::generic(
+                "Chardev user does not support chardev hotswap",
+            ));
+        }
+        self.chardev_remove(id).await?;
+        self.chardev_add(args).await
+    }
+}

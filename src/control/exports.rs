@@ -79,6 +79,17 @@ impl ControlState {
             return Err(format!("Cannot find device='' nor node-name='{node_name}'"));
         };
         let node = entry.node.clone();
+        // QEMU activates the node of an export that does not allow an
+        // inactive one, before its other checks (an error there leaves
+        // the node active).
+        let allow_inactive = args.get("allow-inactive").and_then(Value::as_bool) == Some(true);
+        if allow_inactive {
+            if kind != "nbd" {
+                return Err("Export type does not support inactive exports".into());
+            }
+        } else {
+            let _ = self.block.activate(&node_name).await;
+        }
         let writable = args
             .get("writable")
             .and_then(Value::as_bool)
@@ -126,6 +137,9 @@ impl ControlState {
             shared,
             Some(edge.clone()),
         )?;
+        if allow_inactive {
+            self.block.set_user_allow_inactive(user);
+        }
         let common = ExportCommon {
             id,
             node_name,

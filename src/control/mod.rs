@@ -1,6 +1,7 @@
 //! The control actor: QSD's single dispatcher. It runs commands one at a
 //! time, owns the registries (chardevs, monitors, objects) and starts and
 //! stops the supervised actors that do the work.
+mod active;
 mod backup;
 mod bitmaps;
 mod block;
@@ -15,6 +16,7 @@ mod metrics;
 mod mirror;
 mod nbd;
 mod qom;
+mod qom_types;
 mod reopen;
 mod snapshot;
 mod stream;
@@ -304,6 +306,10 @@ impl ControlState {
             }
             "chardev-add" => self.chardev_add(&args).await,
             "chardev-remove" => self.chardev_remove(arg_str(&args, "id")).await,
+            "chardev-change" => self.chardev_change(&args).await,
+            "chardev-send-break" => self.chardev_send_break(arg_str(&args, "id")),
+            "ringbuf-write" => self.ringbuf_write(&args),
+            "ringbuf-read" => self.ringbuf_read(&args),
             "query-chardev" => self.query_chardev().await,
             "query-chardev-backends" => Ok(Value::Array(
                 crate::chardev::BACKEND_NAMES
@@ -322,6 +328,8 @@ impl ControlState {
                 self.qom_get(arg_str(&args, "path"), arg_str(&args, "property"))
                     .await
             }
+            "qom-list-types" => Ok(qom_types::list_types(&args)),
+            "qom-list-properties" => qom_types::list_properties(arg_str(&args, "typename")),
             "qom-set" => self
                 .qom_set(
                     arg_str(&args, "path"),
@@ -347,6 +355,8 @@ impl ControlState {
             "x-blockdev-set-iothread" => self.x_blockdev_set_iothread(&args),
             "__org.rsd_query-iothreads" => Ok(self.query_iothreads()),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
+            "blockdev-set-active" => self.blockdev_set_active(&args).await,
+            "x-blockdev-amend" => self.x_blockdev_amend(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
                 args.get("flat").and_then(Value::as_bool).unwrap_or(false),

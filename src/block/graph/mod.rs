@@ -2,6 +2,7 @@
 //! (exports, jobs) on top, with QEMU's naming and deletion rules.
 //! Opening nodes is in `open.rs` (through the driver registry), and
 //! permissions and image locks in `perms.rs`.
+mod active;
 mod open;
 mod perms;
 
@@ -25,6 +26,9 @@ pub struct User {
     /// The edge the user does I/O through, re-pointed when its node is
     /// replaced (None: the user holds the node itself and pins it).
     pub handle: Option<Arc<Child>>,
+    /// An export with allow-inactive: it stays while the node is
+    /// inactive, holding no permissions then.
+    pub allow_inactive: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -209,6 +213,7 @@ impl Graph {
                 perm,
                 shared,
                 handle,
+                allow_inactive: false,
             },
         );
         if let Err(e) = self.refresh_perms() {

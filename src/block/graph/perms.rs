@@ -41,14 +41,22 @@ impl Graph {
         for i in (0..n).rev() {
             let name = self.entries[i].name.clone();
             // (description, perm, shared) of every parent, newest first.
+            // The users of an inactive node hold nothing (QEMU's
+            // blk_root_inactivate).
+            let active = self.entries[i].node.is_active();
             let mut holders: Vec<(String, Perm, Perm)> = self.entries[i]
                 .users
                 .iter()
                 .map(|u| {
+                    let (p, sh) = if active {
+                        (u.perm, u.shared)
+                    } else {
+                        (Perm::NONE, Perm::ALL)
+                    };
                     (
                         format!("{} (uses node '{name}' as 'root' child)", u.desc),
-                        u.perm,
-                        u.shared,
+                        p,
+                        sh,
                     )
                 })
                 .collect();
@@ -89,8 +97,14 @@ impl Graph {
             }
             cum[i] = (perm, shared);
             for (e, c) in edges[i].iter_mut().zip(&self.entries[i].children) {
-                let (cp, mut cs) = node.driver.child_perms(&c.role, perm, shared);
+                let (mut cp, mut cs) = node.driver.child_perms(&c.role, perm, shared);
                 if node.opts.force_share {
+                    cs = Perm::ALL;
+                }
+                // An inactive node only reads its children and lets
+                // another process have them.
+                if !active {
+                    cp = cp.intersect(Perm::CONSISTENT_READ);
                     cs = Perm::ALL;
                 }
                 *e = (cp, cs);

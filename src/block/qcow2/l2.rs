@@ -293,6 +293,15 @@ impl Cache {
             while g.map.len() > self.capacity && Self::evict_one(&mut g) {}
         }
     }
+    /// Drops every table (the image was changed by another process; the
+    /// caller wrote the dirty ones back first).
+    pub fn clear(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.map.clear();
+            g.order.clear();
+            g.dirty = 0;
+        }
+    }
     /// A table no longer in use (freed): its changes do not matter.
     pub fn remove(&self, offset: u64) {
         if let Ok(mut g) = self.inner.lock() {

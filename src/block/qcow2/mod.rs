@@ -35,6 +35,7 @@ pub mod l2;
 mod map;
 pub mod overlap;
 pub mod refcount;
+mod reload;
 mod repair;
 mod snapshot;
 mod write;
@@ -469,6 +470,9 @@ impl Driver for Qcow2 {
     }
     fn close(&self) -> IoFuture<'_, ()> {
         self.boundary(self.close_image())
+    }
+    fn invalidate_cache(&self) -> IoFuture<'_, ()> {
+        self.boundary(self.reload())
     }
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.boundary(async move {

@@ -162,6 +162,9 @@ impl Refcounts {
     }
 
     /// refcount-cache-size, in blocks (at least QEMU's minimum).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
     pub fn set_capacity(&mut self, blocks: usize) {
         self.capacity = blocks.max(MIN_CACHED_BLOCKS);
     }
