@@ -116,6 +116,10 @@ fn reply(line: &str) -> serde_json::Value {
 }
 
 const RSD_TYPES: &[&str] = &[
+    "authz",
+    "authz-list",
+    "authz-list-file",
+    "authz-simple",
     "chardev",
     "chardev-fd",
     "chardev-file",
@@ -133,6 +137,8 @@ const RSD_TYPES: &[&str] = &[
     "secret",
     "secret_common",
     "throttle-group",
+    "tls-creds",
+    "tls-creds-x509",
     "user-creatable",
 ];
 
@@ -149,6 +155,8 @@ fn qom_list_types_and_properties_match_qsd() {
         r#"{"implements":"interface","abstract":true}"#,
         r#"{"implements":"event-loop-base","abstract":true}"#,
         r#"{"implements":"chardev-ringbuf"}"#,
+        r#"{"implements":"authz"}"#,
+        r#"{"implements":"tls-creds","abstract":true}"#,
         r#"{"implements":"nope"}"#,
     ]
     .iter()

@@ -1,7 +1,8 @@
 //! qom-list-types and qom-list-properties over the QOM types rsd has:
 //! the object and container types, its chardev types and its
-//! user-creatable objects. QSD's other types (TLS credentials, authz,
-//! its I/O channels, ...) are absent, as rsd does not have them.
+//! user-creatable objects (TLS credentials and authz included). QSD's
+//! other types (tls-creds-psk and -anon, its I/O channels, ...) are
+//! absent, as rsd does not have them.
 use serde_json::{json, Map, Value};
 
 use crate::qapi::error::QmpResult;
@@ -19,6 +20,13 @@ struct QomType {
 }
 
 const TYPE: (&str, &str) = ("type", "string");
+const TLS_CREDS: &[(&str, &str)] = &[
+    TYPE,
+    ("endpoint", "QCryptoTLSCredsEndpoint"),
+    ("dir", "string"),
+    ("verify-peer", "bool"),
+    ("priority", "string"),
+];
 const EVENT_LOOP: &[(&str, &str)] = &[
     TYPE,
     ("thread-pool-min", "int"),
@@ -52,6 +60,15 @@ const fn t(
 static TYPES: &[QomType] = &[
     QomType {
         interface: Some("user-creatable"),
+        ..t(
+            "authz-simple",
+            Some("authz"),
+            false,
+            &[TYPE, ("identity", "string")],
+        )
+    },
+    QomType {
+        interface: Some("user-creatable"),
         ..t("secret_common", Some("object"), true, SECRET_COMMON)
     },
     t("container", Some("object"), false, &[TYPE]),
@@ -83,9 +100,35 @@ static TYPES: &[QomType] = &[
             ("data", "string"),
         ],
     ),
+    // The concrete TLS and authz types declare user-creatable, not
+    // their abstract parents (which then do not cast to it).
+    t("authz", Some("object"), true, &[TYPE]),
+    t("tls-creds", Some("object"), true, TLS_CREDS),
     t("main-loop", Some("event-loop-base"), false, EVENT_LOOP),
+    QomType {
+        interface: Some("user-creatable"),
+        ..t(
+            "authz-list-file",
+            Some("authz"),
+            false,
+            &[TYPE, ("filename", "string"), ("refresh", "bool")],
+        )
+    },
     t("chardev-null", Some("chardev"), false, &[TYPE]),
     t("chardev-ringbuf", Some("chardev"), false, &[TYPE]),
+    QomType {
+        interface: Some("user-creatable"),
+        ..t(
+            "authz-list",
+            Some("authz"),
+            false,
+            &[
+                TYPE,
+                ("policy", "QAuthZListPolicy"),
+                ("rules", "QAuthZListRule"),
+            ],
+        )
+    },
     QomType {
         interface: Some("user-creatable"),
         ..t("event-loop-base", Some("object"), true, EVENT_LOOP)
@@ -102,6 +145,23 @@ static TYPES: &[QomType] = &[
     t("chardev-stdio", Some("chardev-fd"), false, &[TYPE]),
     t("chardev-memory", Some("chardev-ringbuf"), false, &[TYPE]),
     t("object", None, true, &[TYPE]),
+    QomType {
+        interface: Some("user-creatable"),
+        ..t(
+            "tls-creds-x509",
+            Some("tls-creds"),
+            false,
+            &[
+                TYPE,
+                ("endpoint", "QCryptoTLSCredsEndpoint"),
+                ("dir", "string"),
+                ("verify-peer", "bool"),
+                ("priority", "string"),
+                ("sanity-check", "bool"),
+                ("passwordid", "string"),
+            ],
+        )
+    },
     t("chardev-file", Some("chardev-fd"), false, &[TYPE]),
     QomType {
         interface: Some("user-creatable"),
