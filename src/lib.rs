@@ -4,7 +4,6 @@ pub mod chardev;
 pub mod cli;
 pub mod context;
 pub mod control;
-pub mod crypto;
 pub mod daemon;
 pub mod events;
 pub mod exports;

@@ -95,7 +95,32 @@ impl ControlState {
             }
             None => None,
         };
-        let targets = Targets { file, data_file };
+        let header = match opts.get("header") {
+            Some(h) => {
+                let node = self.target(Some(h));
+                Some(hold(self, node))
+            }
+            None => None,
+        };
+        // The secrets the job will need, looked up now: the job cannot
+        // reach the object registry.
+        let mut ids = Vec::new();
+        for o in [Some(&opts), opts.get("encrypt").and_then(Value::as_object)]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = o.get("key-secret").and_then(Value::as_str) {
+                ids.push(id.to_string());
+            }
+        }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let secrets = crate::objects::Secrets::collect(&self.objects, &ids);
+        let targets = Targets {
+            file,
+            data_file,
+            header,
+            secrets,
+        };
         let control = self.myself.clone();
         let on_end: crate::jobs::OnEnd = Box::new(move |_ok| {
             if !users.is_empty() {

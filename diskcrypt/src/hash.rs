@@ -87,8 +87,10 @@ impl HashAlg {
     }
 
     /// PBKDF2 iterations this machine runs in one second for these
-    /// lengths (QEMU's qcrypto_pbkdf2_count_iters: doubling the count
-    /// until a run takes at least half a second of this thread's CPU).
+    /// lengths, measured in this thread's CPU time (as QEMU's
+    /// qcrypto_pbkdf2_count_iters), from a run of at least a quarter
+    /// second: the count grows tenfold while runs are very short, then
+    /// straight to the size that should take 300 ms.
     pub fn pbkdf2_iters_per_second(self, key_len: usize, salt_len: usize, out_len: usize) -> u64 {
         let key = vec![0u8; key_len];
         let salt = vec![0u8; salt_len];
@@ -98,10 +100,15 @@ impl HashAlg {
             let start = thread_cpu_ns();
             self.pbkdf2(&key, &salt, iters, &mut out);
             let ns = thread_cpu_ns().saturating_sub(start);
-            if ns >= 500_000_000 || iters >= 1 << 31 {
+            if ns >= 250_000_000 || iters >= 1 << 31 {
                 return (u64::from(iters) * 1_000_000_000) / ns.max(1);
             }
-            iters = iters.saturating_mul(2);
+            let next = if ns < 25_000_000 {
+                u64::from(iters) * 10
+            } else {
+                u64::from(iters) * 300_000_000 / ns
+            };
+            iters = next.clamp(u64::from(iters) + 1, 1 << 31) as u32;
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Disk encryption as QEMU's crypto layer does it: hashes and PBKDF2,
+//! Disk encryption as QEMU's crypto layer does it (rsd's own crate, so
+//! that debug builds optimize it): hashes and PBKDF2,
 //! block ciphers in sector modes, IV generators, the LUKS1 format
 //! (`luks.rs`) and qcow's legacy AES (`qcow_aes.rs`). Keys never leave
 //! these types: nothing here implements Debug on key material.

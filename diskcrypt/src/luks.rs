@@ -65,6 +65,7 @@ pub struct Params {
 }
 
 /// Key bytes that are wiped when dropped.
+#[derive(Clone)]
 pub struct Key(pub Vec<u8>);
 impl Drop for Key {
     fn drop(&mut self) {
@@ -319,7 +320,7 @@ impl Header {
             return Err(format!(
                 "PBKDF iterations {iters} larger than {}: {}",
                 u32::MAX,
-                crate::util::os_msg(&std::io::Error::from_raw_os_error(nix::libc::ERANGE))
+                erange()
             ));
         }
         let iters = iters.max(MIN_ITERS) as u32;
@@ -389,12 +390,21 @@ impl Header {
     }
 }
 
+/// ERANGE's text, as QEMU appends it to these messages.
+fn erange() -> String {
+    let t = std::io::Error::from_raw_os_error(nix::libc::ERANGE).to_string();
+    match t.rfind(" (os error ") {
+        Some(p) => t[..p].to_string(),
+        None => t,
+    }
+}
+
 /// Iterations for `iter_time_ms` at `per_sec` (QEMU's overflow check).
 fn scale_iters(per_sec: u64, iter_time_ms: u64) -> Result<u64, String> {
     if iter_time_ms > 0 && per_sec > u64::MAX / iter_time_ms {
         return Err(format!(
             "PBKDF iterations {per_sec} too large to scale: {}",
-            crate::util::os_msg(&std::io::Error::from_raw_os_error(nix::libc::ERANGE))
+            erange()
         ));
     }
     Ok(per_sec * iter_time_ms / 1000)
@@ -415,6 +425,7 @@ impl Params {
 }
 
 /// What blockdev-create's LUKS options ask for (QEMU's defaults filled).
+#[derive(Clone, Copy)]
 pub struct CreateOpts {
     pub cipher: CipherAlg,
     pub mode: Mode,
@@ -466,7 +477,7 @@ pub fn create(o: &CreateOpts, password: &[u8]) -> Result<(Header, Vec<u8>, Key),
         return Err(format!(
             "PBKDF iterations {iters} larger than {}: {}",
             u32::MAX,
-            crate::util::os_msg(&std::io::Error::from_raw_os_error(nix::libc::ERANGE))
+            erange()
         ));
     }
     let split_sectors = material_sectors(key_bytes as u32, STRIPES);
