@@ -238,6 +238,14 @@ pub trait Driver: Send + Sync + 'static {
     fn encrypted(&self) -> bool {
         false
     }
+    /// The id of the secret an encrypted image was opened with.
+    fn key_secret(&self) -> Option<String> {
+        None
+    }
+    /// The driver has x-blockdev-amend.
+    fn can_amend(&self) -> bool {
+        false
+    }
     /// x-blockdev-amend with the options of the driver's branch;
     /// `secrets` holds the secrets they name.
     fn amend<'a>(

@@ -351,6 +351,7 @@ impl ControlState {
                     .unwrap_or(false),
             )),
             "blockdev-create" => self.blockdev_create(&args).await,
+            "x-blockdev-amend" => self.blockdev_amend(&args).await,
             "query-jobs" => Ok(self.query_jobs()),
             "job-pause" => {
                 self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Pause)

@@ -209,6 +209,12 @@ impl Driver for Luks {
         self.read_only.store(read_only, Ordering::Relaxed);
         Ok(())
     }
+    fn can_amend(&self) -> bool {
+        true
+    }
+    fn key_secret(&self) -> Option<String> {
+        Some(self.secret_id.clone())
+    }
     fn amend<'a>(
         &'a self,
         opts: &'a Map<String, Value>,
