@@ -14,6 +14,7 @@ mod fuse;
 mod job_errors;
 mod job_speed;
 mod jobs;
+mod luks;
 mod metrics;
 mod mirror;
 mod nbd;

@@ -46,7 +46,10 @@ pub fn merge(hash: HashAlg, material: &[u8], key_len: usize, stripes: usize) -> 
         xor_into(&mut d, s);
         diffuse(hash, &mut d);
     }
-    xor_into(&mut d, &material[key_len * (stripes - 1)..key_len * stripes]);
+    xor_into(
+        &mut d,
+        &material[key_len * (stripes - 1)..key_len * stripes],
+    );
     d
 }
 

@@ -123,7 +123,10 @@ pub trait SectorCipher: Send + Sync {
 }
 
 /// What every cipher the modes run on provides.
-pub trait Blocks: BlockEncrypt + BlockDecrypt + BlockCipher + Clone + Send + Sync + 'static {}
+pub trait Blocks:
+    BlockEncrypt + BlockDecrypt + BlockCipher + Clone + Send + Sync + 'static
+{
+}
 impl<T: BlockEncrypt + BlockDecrypt + BlockCipher + Clone + Send + Sync + 'static> Blocks for T {}
 
 fn enc_all<C: BlockEncrypt>(c: &C, data: &mut [u8]) {
@@ -228,7 +231,8 @@ impl<C: Blocks> Xts<C> {
         let mut t = [0u8; 16];
         let k = iv.len().min(16);
         t[..k].copy_from_slice(&iv[..k]);
-        self.tweak.encrypt_block(GenericArray::from_mut_slice(&mut t));
+        self.tweak
+            .encrypt_block(GenericArray::from_mut_slice(&mut t));
         let n = data.len() / 16 * 16;
         let mut tweaks = vec![0u8; n];
         for chunk in tweaks.chunks_exact_mut(16) {
@@ -307,10 +311,7 @@ mod tests {
         let c = new(CipherAlg::Aes128, Mode::Xts, &[0u8; 32]).expect("xts");
         let mut d = [0u8; 32];
         c.encrypt(&[0u8; 16], &mut d);
-        assert_eq!(
-            &d[..8],
-            &[0x91, 0x7c, 0xf6, 0x9e, 0xbd, 0x68, 0xb2, 0xec]
-        );
+        assert_eq!(&d[..8], &[0x91, 0x7c, 0xf6, 0x9e, 0xbd, 0x68, 0xb2, 0xec]);
         c.decrypt(&[0u8; 16], &mut d);
         assert_eq!(d, [0u8; 32]);
     }

@@ -99,8 +99,9 @@ fn material_sectors(key_bytes: u32, stripes: u32) -> u64 {
 }
 
 impl Header {
-    /// Parses and checks a header (QEMU's messages).
-    pub fn parse(b: &[u8]) -> Result<Header, String> {
+    /// Parses and checks a header (QEMU's messages). A detached header
+    /// has no payload after its key slots (its payload offset is 0).
+    pub fn parse(b: &[u8], detached: bool) -> Result<Header, String> {
         if b.len() < HEADER_LEN || b[..6] != MAGIC {
             return Err("Volume is not in LUKS format".into());
         }
@@ -140,12 +141,12 @@ impl Header {
             uuid,
             slots,
         };
-        h.check()?;
+        h.check(detached)?;
         Ok(h)
     }
 
     /// The key slots' sanity, as QEMU checks them on open.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self, detached: bool) -> Result<(), String> {
         let area = |s: &Slot| {
             let start = u64::from(s.key_offset);
             (start, start + material_sectors(self.key_bytes, s.stripes))
@@ -155,12 +156,10 @@ impl Header {
                 return Err(format!("Keyslot {i} is corrupted (stripes == 0)"));
             }
             if s.active != SLOT_DISABLED && s.active != SLOT_ENABLED {
-                return Err(format!(
-                    "Keyslot {i} state (active/disable) is corrupted"
-                ));
+                return Err(format!("Keyslot {i} state (active/disable) is corrupted"));
             }
             let (a0, a1) = area(s);
-            if a1 > u64::from(self.payload_offset) {
+            if !detached && a1 > u64::from(self.payload_offset) {
                 return Err(format!(
                     "Keyslot {i} is overlapping with the encrypted payload"
                 ));
@@ -223,12 +222,13 @@ impl Header {
         } else {
             self.key_bytes
         };
-        let cipher = CipherAlg::from_family(&self.cipher_name, per_key as usize).ok_or_else(|| {
-            format!(
-                "Algorithm {} with key size {per_key} bytes not supported",
-                self.cipher_name
-            )
-        })?;
+        let cipher =
+            CipherAlg::from_family(&self.cipher_name, per_key as usize).ok_or_else(|| {
+                format!(
+                    "Algorithm {} with key size {per_key} bytes not supported",
+                    self.cipher_name
+                )
+            })?;
         let hash = hash_named(&self.hash_spec)?;
         let ivgen = IvGenAlg::from_name(ivgen_name)
             .ok_or_else(|| format!("IV generator {ivgen_name} not supported"))?;
@@ -252,12 +252,25 @@ impl Header {
         u64::from(self.payload_offset) * SECTOR
     }
 
+    /// The end of the last key slot's area: what a header needs.
+    pub fn area_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| {
+                (u64::from(s.key_offset) + material_sectors(self.key_bytes, s.stripes)) * SECTOR
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Where slot `i`'s key material lies: (byte offset, length).
     pub fn material_range(&self, i: usize) -> Result<(u64, usize), String> {
         let s = &self.slots[i];
         let len = u64::from(self.key_bytes) * u64::from(s.stripes);
         if len > MAX_MATERIAL {
-            return Err(format!("Keyslot {i} has too much key material ({len} bytes)"));
+            return Err(format!(
+                "Keyslot {i} has too much key material ({len} bytes)"
+            ));
         }
         Ok((u64::from(s.key_offset) * SECTOR, len as usize))
     }
@@ -438,13 +451,17 @@ pub struct CreateOpts {
 /// A new header with slot 0 holding a fresh master key behind
 /// `password`. Returns the header, slot 0's key material and the master
 /// key (for the caller's payload cipher).
+/// A detached header's payload starts at 0 of its data file; the
+/// header node still holds the whole key slot area (`area_bytes`).
 pub fn create(o: &CreateOpts, password: &[u8]) -> Result<(Header, Vec<u8>, Key), String> {
     let mode_spec = match o.ivgen_hash {
         Some(h) => format!("{}-{}:{}", o.mode.name(), o.ivgen.name(), h.name()),
         None => format!("{}-{}", o.mode.name(), o.ivgen.name()),
     };
     if mode_spec.len() >= 32 {
-        return Err(format!("Cipher mode '{mode_spec}' is too long for LUKS header"));
+        return Err(format!(
+            "Cipher mode '{mode_spec}' is too long for LUKS header"
+        ));
     }
     let ivgen_cipher = if o.ivgen == IvGenAlg::Essiv {
         ivgen::essiv_cipher(o.cipher, o.ivgen_hash.unwrap_or(HashAlg::Sha256))?
@@ -553,11 +570,14 @@ mod tests {
             iter_time_ms: 1,
         };
         let (h, material, master) = create(&o, b"pw").expect("create");
-        let h2 = Header::parse(&h.to_bytes()).expect("parse");
+        let h2 = Header::parse(&h.to_bytes(), false).expect("parse");
         let p = h2.params().expect("params");
         assert_eq!(h2.payload_offset, 4040);
         let got = h2.try_slot(&p, 0, b"pw", &material).expect("try");
         assert_eq!(got.map(|k| k.0.clone()), Some(master.0.clone()));
-        assert!(h2.try_slot(&p, 0, b"nope", &material).expect("try").is_none());
+        assert!(h2
+            .try_slot(&p, 0, b"nope", &material)
+            .expect("try")
+            .is_none());
     }
 }

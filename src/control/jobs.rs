@@ -155,14 +155,18 @@ impl ControlState {
             .block
             .find(name)
             .map(|e| e.node.clone())
-            .ok_or_else(|| QmpError::generic(format!("Cannot find device='' nor node-name='{name}'")))?;
+            .ok_or_else(|| {
+                QmpError::generic(format!("Cannot find device='' nor node-name='{name}'"))
+            })?;
         if opts.get("driver").and_then(Value::as_str) != Some(node.driver.name()) {
             return Err(QmpError::generic(
                 "x-blockdev-amend doesn't support changing the block driver",
             ));
         }
         if !node.driver.can_amend() {
-            return Err(QmpError::generic("Driver does not support x-blockdev-amend"));
+            return Err(QmpError::generic(
+                "Driver does not support x-blockdev-amend",
+            ));
         }
         // The secrets the options name, looked up now (the job cannot
         // reach the object registry): the LUKS ones, inside qcow2's

@@ -304,10 +304,7 @@ pub fn secret_utf8(
 pub struct Secrets(std::collections::BTreeMap<String, Result<diskcrypt::luks::Key, String>>);
 
 impl Secrets {
-    pub fn collect(
-        objects: &std::collections::BTreeMap<String, Object>,
-        ids: &[&str],
-    ) -> Secrets {
+    pub fn collect(objects: &std::collections::BTreeMap<String, Object>, ids: &[&str]) -> Secrets {
         Secrets(
             ids.iter()
                 .map(|id| (id.to_string(), secret_utf8(objects, id)))

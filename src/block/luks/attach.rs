@@ -37,9 +37,9 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
         node: header_node.unwrap_or_else(|| file_node.clone()),
         base: 0,
     };
-    let (hdr, params, crypto) = wait(region.unlock(&password.0)).map_err(|e| e.msg)?;
-    // A detached header leaves the whole file to the payload.
-    let payload = if detached { 0 } else { hdr.payload_bytes() };
+    let (hdr, params, crypto) = wait(region.unlock(&password.0, detached)).map_err(|e| e.msg)?;
+    // A detached header says 0: the whole file is payload.
+    let payload = hdr.payload_bytes();
     let size = Luks::payload_size(file_node.size(), payload);
     let drv = Luks {
         file: file_node,
@@ -58,7 +58,9 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     j.insert("driver".into(), json!("luks"));
     j.insert(
         "file".into(),
-        ctx.entry(&file).map(|e| e.json.clone()).unwrap_or(Value::Null),
+        ctx.entry(&file)
+            .map(|e| e.json.clone())
+            .unwrap_or(Value::Null),
     );
     let mut edges = vec![edge("file", &file)];
     if let Some(h) = &header {

@@ -9,12 +9,12 @@ use super::volume::Region;
 use crate::block::driver::ZeroFlags;
 use crate::block::node::Node;
 use crate::block::progress::Targets;
+use crate::objects::Secrets;
 use diskcrypt::cipher::{CipherAlg, Mode};
 use diskcrypt::hash::HashAlg;
 use diskcrypt::ivgen::IvGenAlg;
 use diskcrypt::luks::{self, CreateOpts, Header, Key};
 use diskcrypt::SectorCrypto;
-use crate::objects::Secrets;
 
 fn s<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     m.get(k).and_then(Value::as_str)
@@ -29,14 +29,17 @@ pub fn options(
     prefix: &str,
 ) -> Result<(CreateOpts, Key), String> {
     let Some(id) = s(o, "key-secret") else {
-        return Err(format!("Parameter '{prefix}key-secret' is required for cipher"));
+        return Err(format!(
+            "Parameter '{prefix}key-secret' is required for cipher"
+        ));
     };
     let password = secrets.get(id)?;
     let cipher_name = s(o, "cipher-alg").unwrap_or("aes-256");
     let cipher = CipherAlg::from_name(cipher_name)
         .ok_or_else(|| format!("Algorithm '{cipher_name}' not supported"))?;
     let mode = Mode::from_name(s(o, "cipher-mode").unwrap_or("xts")).unwrap_or(Mode::Xts);
-    let ivgen = IvGenAlg::from_name(s(o, "ivgen-alg").unwrap_or("plain64")).unwrap_or(IvGenAlg::Plain64);
+    let ivgen =
+        IvGenAlg::from_name(s(o, "ivgen-alg").unwrap_or("plain64")).unwrap_or(IvGenAlg::Plain64);
     let named_hash = |k: &str| s(o, k).and_then(HashAlg::from_name);
     let ivgen_hash = match named_hash("ivgen-hash-alg") {
         Some(h) => Some(h),
@@ -104,10 +107,11 @@ pub async fn format_volume(
     o: &CreateOpts,
     password: &Key,
 ) -> Result<(Header, SectorCrypto), String> {
-    let (h, material, c) = super::volume::new_header(o, password).await?;
+    let (mut h, material, c) = super::volume::new_header(o, password).await?;
     let payload = h.payload_bytes();
     if detached {
-        grow(&region.node, payload, "off").await?;
+        h.payload_offset = 0;
+        grow(&region.node, h.area_bytes(), "off").await?;
         if let Some(f) = data {
             grow(f, size, prealloc).await?;
         }
@@ -118,23 +122,34 @@ pub async fn format_volume(
     Ok((h, c))
 }
 
-/// blockdev-create for luks: everything after the command's reply.
-pub async fn create(o: &Map<String, Value>, targets: Targets) -> Result<(), String> {
-    let prealloc = match s(o, "preallocation").unwrap_or("off") {
+fn prealloc(o: &Map<String, Value>) -> &str {
+    match s(o, "preallocation").unwrap_or("off") {
         "metadata" => "off",
         p => p,
-    };
+    }
+}
+
+/// The checks QEMU makes before the job first yields (so their errors
+/// come before the command's reply).
+pub fn check(o: &Map<String, Value>) -> Result<(), String> {
     let has_file = o.contains_key("file");
-    let header = targets.header.transpose()?;
-    if header.is_none() && !has_file {
+    if !o.contains_key("header") && !has_file {
         return Err("Either the parameter 'header' or 'file' must be specified".into());
     }
-    if prealloc != "off" && !has_file {
+    if prealloc(o) != "off" && !has_file {
         return Err(
             "Parameter 'preallocation' requires 'file' to be specified for formatting LUKS disk"
                 .into(),
         );
     }
+    Ok(())
+}
+
+/// blockdev-create for luks: everything after the command's reply.
+pub async fn create(o: &Map<String, Value>, targets: Targets) -> Result<(), String> {
+    let prealloc = prealloc(o);
+    let has_file = o.contains_key("file");
+    let header = targets.header.transpose()?;
     let file = if has_file { Some(targets.file?) } else { None };
     let size = o.get("size").and_then(Value::as_i64).unwrap_or(0).max(0) as u64;
     let (opts, password) = options(o, &targets.secrets, "")?;
@@ -142,17 +157,30 @@ pub async fn create(o: &Map<String, Value>, targets: Targets) -> Result<(), Stri
     let node = match (&header, &file) {
         (Some(h), _) => h.clone(),
         (None, Some(f)) => f.clone(),
-        (None, None) => return Err("Either the parameter 'header' or 'file' must be specified".into()),
+        (None, None) => {
+            return Err("Either the parameter 'header' or 'file' must be specified".into())
+        }
     };
     let region = Region { node, base: 0 };
-    format_volume(&region, file.as_ref(), detached, size, prealloc, &opts, &password).await?;
+    format_volume(
+        &region,
+        file.as_ref(),
+        detached,
+        size,
+        prealloc,
+        &opts,
+        &password,
+    )
+    .await?;
     region
         .node
         .flush()
         .await
         .map_err(|e| format!("Could not flush: {}", e.msg))?;
     if let (true, Some(f)) = (detached, &file) {
-        f.flush().await.map_err(|e| format!("Could not flush: {}", e.msg))?;
+        f.flush()
+            .await
+            .map_err(|e| format!("Could not flush: {}", e.msg))?;
     }
     Ok(())
 }

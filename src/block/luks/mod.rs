@@ -16,9 +16,9 @@ use super::driver::{Driver, Extent, IoFuture, Limits, WriteFlags, ZeroFlags};
 use super::error::{BlockError, BlockResult};
 use super::node::Node;
 use super::perm::Perm;
+pub use attach::open_node;
 use diskcrypt::luks::{Header, Params};
 use diskcrypt::{SectorCrypto, SECTOR};
-pub use attach::open_node;
 use volume::Region;
 
 /// Bounce buffers for writes are at most this large (QEMU's
@@ -114,7 +114,14 @@ impl Luks {
         let mut h = self.header.lock().await;
         let r = self
             .region
-            .amend(&mut h, &self.params, o, secrets, Some(&self.secret_id), force)
+            .amend(
+                &mut h,
+                &self.params,
+                o,
+                secrets,
+                Some(&self.secret_id),
+                force,
+            )
             .await;
         self.region.node.flush().await.map_err(|e| e.msg)?;
         r

@@ -30,13 +30,13 @@ impl Region {
     }
 
     /// The header, parsed and checked.
-    pub async fn header(&self) -> BlockResult<Header> {
+    pub async fn header(&self, detached: bool) -> BlockResult<Header> {
         if self.node.size() < self.base + luks::HEADER_LEN as u64 {
             return Err(BlockError::inval("Volume is not in LUKS format"));
         }
         let mut b = vec![0u8; luks::HEADER_LEN];
         self.read(0, &mut b).await?;
-        Header::parse(&b).map_err(BlockError::inval)
+        Header::parse(&b, detached).map_err(BlockError::inval)
     }
 
     /// The master key from the first slot `password` opens, or None.
@@ -69,8 +69,12 @@ impl Region {
     }
 
     /// Opens the volume: the payload's cipher and the header.
-    pub async fn unlock(&self, password: &[u8]) -> BlockResult<(Header, Params, SectorCrypto)> {
-        let h = self.header().await?;
+    pub async fn unlock(
+        &self,
+        password: &[u8],
+        detached: bool,
+    ) -> BlockResult<(Header, Params, SectorCrypto)> {
+        let h = self.header(detached).await?;
         let p = h.params().map_err(BlockError::unsupported)?;
         let master = self.find_key(&h, &p, password).await?;
         let c = p.crypto(&master.0).map_err(BlockError::unsupported)?;
@@ -167,7 +171,12 @@ impl Region {
                     }
                     let k = k as usize;
                     if let Some(pw) = &old {
-                        if self.try_slot(h, p, k, &pw.0).await.map_err(|e| e.msg)?.is_none() {
+                        if self
+                            .try_slot(h, p, k, &pw.0)
+                            .await
+                            .map_err(|e| e.msg)?
+                            .is_none()
+                        {
                             return Err(format!(
                                 "Given keyslot {k} doesn't contain the given old password for erase operation"
                             ));
@@ -184,13 +193,18 @@ impl Region {
                     erase.push(k);
                 } else if let Some(pw) = &old {
                     for i in 0..luks::NUM_SLOTS {
-                        if self.try_slot(h, p, i, &pw.0).await.map_err(|e| e.msg)?.is_some() {
+                        if self
+                            .try_slot(h, p, i, &pw.0)
+                            .await
+                            .map_err(|e| e.msg)?
+                            .is_some()
+                        {
                             erase.push(i);
                         }
                     }
                     if erase.is_empty() {
                         return Err(
-                            "No keyslots match given (old) password for erase operation".into(),
+                            "No keyslots match given (old) password for erase operation".into()
                         );
                     }
                     if !force && erase.len() == h.active_slots() {
