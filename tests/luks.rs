@@ -187,14 +187,13 @@ fn every_cipher_qemu_img_offers_reads_in_rsd() {
         extra.extend(["--export", e]);
     }
     let (d, q) = start_rsd(&dir, &extra);
-    for i in 0..combos.len() {
+    for (i, combo) in combos.iter().enumerate() {
         let url = format!("nbd+unix:///l{i}?socket={}", dir.s("nbd.sock"));
         let cmd = format!("read -P {} 4096 65536", 0x40 + i);
         let o = ok(&run("qemu-io", &["-r", "-f", "raw", "-c", &cmd, &url]));
         assert!(
             !o.contains("fail") && !o.contains("Pattern"),
-            "{}: {o}",
-            combos[i]
+            "{combo}: {o}"
         );
     }
     quit(d, q);

@@ -45,7 +45,7 @@ pub struct Luks {
 }
 
 fn aligned(offset: u64, len: u64) -> bool {
-    offset % SECTOR == 0 && len % SECTOR == 0
+    offset.is_multiple_of(SECTOR) && len.is_multiple_of(SECTOR)
 }
 
 impl Luks {
