@@ -16,6 +16,7 @@ mod iothreads;
 mod job_errors;
 mod job_speed;
 mod jobs;
+mod luks;
 mod metrics;
 mod mirror;
 mod nbd;

@@ -9,6 +9,8 @@ use super::error::BlockResult;
 use super::perm::Perm;
 
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = BlockResult<T>> + Send + 'a>>;
+/// x-blockdev-amend's work on a driver; the error is the job's.
+pub type AmendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// Request limits a caller must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,6 +244,33 @@ pub trait Driver: Send + Sync + 'static {
     fn drain_begin(&self) {}
     /// The drained section ends.
     fn drain_end(&self) {}
+    /// The image is encrypted (query output's `encrypted`).
+    fn encrypted(&self) -> bool {
+        false
+    }
+    /// The id of the secret an encrypted image was opened with.
+    fn key_secret(&self) -> Option<String> {
+        None
+    }
+    /// The driver has x-blockdev-amend.
+    fn can_amend(&self) -> bool {
+        false
+    }
+    /// x-blockdev-amend with the options of the driver's branch;
+    /// `secrets` holds the secrets they name.
+    fn amend<'a>(
+        &'a self,
+        _opts: &'a serde_json::Map<String, serde_json::Value>,
+        _secrets: &'a crate::objects::Secrets,
+        _force: bool,
+    ) -> AmendFuture<'a> {
+        let name = self.name();
+        Box::pin(async move {
+            Err(format!(
+                "Block driver '{name}' does not support option amendment"
+            ))
+        })
+    }
     /// The throttle filter behind this driver, if it is one.
     fn throttle(&self) -> Option<&super::throttle::Throttle> {
         None

@@ -51,6 +51,10 @@ static REGISTRY: &[DriverSpec] = &[
         open: super::qcow2::open_node,
     },
     DriverSpec {
+        names: &["luks"],
+        open: super::luks::open_node,
+    },
+    DriverSpec {
         names: &["null-co", "null-aio"],
         open: super::null::open_node,
     },
@@ -202,6 +206,11 @@ impl<'g> OpenCtx<'g> {
 
     pub fn object(&self, id: &str) -> Option<&Object> {
         self.objects.get(id)
+    }
+
+    /// A secret as a password, with QEMU's messages.
+    pub fn secret(&self, id: &str) -> Result<diskcrypt::luks::Key, String> {
+        crate::objects::secret_utf8(self.objects, id)
     }
 
     /// Where drivers raise QMP events (BLOCK_IMAGE_CORRUPTED).

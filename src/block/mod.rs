@@ -19,6 +19,7 @@ mod hook_tests;
 pub mod hooks;
 pub mod iopool;
 pub mod lock;
+pub mod luks;
 pub mod mirror_top;
 pub mod nbd_client;
 pub mod node;

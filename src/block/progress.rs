@@ -20,4 +20,8 @@ pub struct Targets {
     pub file: Result<Arc<Node>, String>,
     /// The data file's node and the filename the image will name.
     pub data_file: Option<Result<(Arc<Node>, String), String>>,
+    /// A LUKS volume's detached header node.
+    pub header: Option<Result<Arc<Node>, String>>,
+    /// The secrets the options name (key-secret, encrypt.key-secret).
+    pub secrets: crate::objects::Secrets,
 }

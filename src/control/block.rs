@@ -191,6 +191,9 @@ impl ControlState {
             }
             image.insert("dirty-flag".into(), json!(false));
         }
+        if node.driver.encrypted() {
+            image.insert("encrypted".into(), json!(true));
+        }
         if node.driver.is_filter() && !flat {
             if let Some(b) = self.filtered(e) {
                 image.insert(
@@ -235,7 +238,7 @@ impl ControlState {
             "iops_rd": 0, "detect_zeroes": node.detect_zeroes().as_str(), "active": node.is_active(),
             "image": image, "iops_wr": 0, "ro": node.read_only(), "node-name": e.name,
             "backing_file_depth": depth, "drv": drv, "backing_file": Value::Null, "iops": 0, "bps_wr": 0, "write_threshold": node.write_threshold.load(std::sync::atomic::Ordering::Acquire),
-            "encrypted": false, "bps": 0, "bps_rd": 0,
+            "encrypted": node.driver.encrypted(), "bps": 0, "bps_rd": 0,
             "cache": {"no-flush": node.opts.cache_no_flush, "direct": node.opts.cache_direct, "writeback": true},
             "file": filename,
         });

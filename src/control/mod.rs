@@ -356,7 +356,6 @@ impl ControlState {
             "__org.rsd_query-iothreads" => Ok(self.query_iothreads()),
             "blockdev-reopen" => self.blockdev_reopen(&args).await,
             "blockdev-set-active" => self.blockdev_set_active(&args).await,
-            "x-blockdev-amend" => self.x_blockdev_amend(&args).await,
             "change-backing-file" => self.change_backing_file(&args).await,
             "query-named-block-nodes" => Ok(self.query_named_block_nodes(
                 args.get("flat").and_then(Value::as_bool).unwrap_or(false),
@@ -369,6 +368,7 @@ impl ControlState {
                     .unwrap_or(false),
             )),
             "blockdev-create" => self.blockdev_create(&args).await,
+            "x-blockdev-amend" => self.blockdev_amend(&args).await,
             "query-jobs" => Ok(self.query_jobs()),
             "job-pause" => {
                 self.job_verb(arg_str(&args, "id"), crate::jobs::Verb::Pause)

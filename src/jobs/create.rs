@@ -34,6 +34,12 @@ pub fn start(opts: Map<String, Value>, targets: Targets) -> Start {
                     });
                     Ok(rest)
                 }
+                "luks" => crate::block::luks::create::check(&opts).map(|()| {
+                    let rest: JobFuture = Box::pin(async move {
+                        crate::block::luks::create::create(&opts, targets).await
+                    });
+                    rest
+                }),
                 other => {
                     // After the first yield in QEMU: an error of the job.
                     let msg = match &targets.file {

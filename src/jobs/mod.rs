@@ -802,9 +802,16 @@ impl Actor for JobActor {
                     None => Err("internal error: job started twice".into()),
                 };
                 match first.and_then(|r| r) {
-                    // An amend job does all its work in its start: it
-                    // ends within the command, as QEMU's does.
-                    Ok(_) if sh.kind == "amend" => a.finish(Ok(())),
+                    // An amend job ends within the command, as QEMU's
+                    // does (its work, key derivation included, holds
+                    // QEMU's main loop too).
+                    Ok(rest) if sh.kind == "amend" => {
+                        let r = tokio::spawn(rest.instrument(sh.span()))
+                            .await
+                            .map_err(panic_text)
+                            .and_then(|r| r);
+                        a.finish(r)
+                    }
                     Ok(rest) => {
                         let me = myself.clone();
                         let (replied, sh) = (a.replied.clone(), a.shared.clone());

@@ -374,3 +374,44 @@ pub fn check_id(id: &str) -> Result<(), String> {
         Err("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.".into())
     }
 }
+
+/// A secret's value as a password (QEMU's qcrypto_secret_lookup_as_utf8):
+/// valid UTF-8, up to its first NUL byte, with QEMU's messages.
+pub fn secret_utf8(
+    objects: &std::collections::BTreeMap<String, Object>,
+    id: &str,
+) -> Result<diskcrypt::luks::Key, String> {
+    let value = match objects.get(id) {
+        None => return Err(format!("No secret with id '{id}'")),
+        Some(Object::Secret(s)) => &s.value,
+        Some(_) => return Err(format!("Object with id '{id}' is not a secret")),
+    };
+    if std::str::from_utf8(value).is_err() {
+        return Err(format!("Data from secret {id} is not valid UTF-8"));
+    }
+    let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+    Ok(diskcrypt::luks::Key(value[..end].to_vec()))
+}
+
+/// The secrets a command names, looked up when it is issued (as QEMU's
+/// job would find them), for work that runs later without the object
+/// registry.
+#[derive(Default)]
+pub struct Secrets(std::collections::BTreeMap<String, Result<diskcrypt::luks::Key, String>>);
+
+impl Secrets {
+    pub fn collect(objects: &std::collections::BTreeMap<String, Object>, ids: &[&str]) -> Secrets {
+        Secrets(
+            ids.iter()
+                .map(|id| (id.to_string(), secret_utf8(objects, id)))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, id: &str) -> Result<diskcrypt::luks::Key, String> {
+        self.0
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("No secret with id '{id}'")))
+    }
+}
