@@ -708,6 +708,41 @@ fn export_del_safe_refuses_while_a_client_is_connected() {
     assert_eq!(t[4], ["{\"return\": []}\r\n"]);
 }
 
+/// A client that has hung up is gone: block-export-del right after it
+/// closed its socket goes through (rsd waits for the connection's end
+/// instead of losing a race with it), while one still connected keeps
+/// the export in use.
+#[test]
+fn export_del_right_after_a_client_left_goes_through() {
+    let mut s = serve(Which::Rsd, "", false);
+    let mut q = Qmp::ready(&s.dir.path("q.sock"));
+    let add = r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"fmt","writable":true}}"#;
+    let del = r#"{"execute":"block-export-del","arguments":{"id":"e"}}"#;
+    for round in 0..20 {
+        if round > 0 {
+            let r = q.cmd(add);
+            assert!(r.get("return").is_some(), "round {round}: {r}");
+        }
+        let (c, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+        if round == 0 {
+            let r = q.cmd(del);
+            assert_eq!(r["error"]["desc"], "export 'e' still in use", "{r}");
+        }
+        drop(c);
+        let r = q.cmd(del);
+        assert!(r.get("return").is_some(), "round {round}: {r}");
+        let r = q.cmd(r#"{"execute":"query-block-exports"}"#);
+        assert!(
+            r["return"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|e| e["id"] != "e")),
+            "{r}"
+        );
+    }
+    drop(q);
+    s.quit();
+}
+
 #[test]
 fn junk_from_clients_never_disturbs_the_daemon() {
     let mut s = serve(Which::Rsd, "", false);

@@ -188,7 +188,15 @@ impl ControlState {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
         if !hard && export.clients() > 0 {
-            return Err(QmpError::generic(format!("export '{id}' still in use")));
+            // Clients that have hung up are gone for the user (qemu-img
+            // has exited); wait for their connections to end instead of
+            // losing a race with their teardown.
+            if export.clients_staying() == 0 {
+                export.no_clients(std::time::Duration::from_secs(5)).await;
+            }
+            if export.clients() > 0 {
+                return Err(QmpError::generic(format!("export '{id}' still in use")));
+            }
         }
         self.delete_export(&export).await;
         Ok(json!({}))

@@ -31,6 +31,11 @@ pub trait BlockExport: Send + Sync + 'static {
     /// What a safe block-export-del refuses to cut: connected clients
     /// for NBD, requests in flight for vhost-user-blk (as QSD counts).
     fn clients(&self) -> usize;
+    /// Clients that are not on their way out (a client whose socket is
+    /// closed is leaving); all of them where the export cannot tell.
+    fn clients_staying(&self) -> usize {
+        self.clients()
+    }
     /// Stops serving and drops the connected clients.
     fn close(&self);
     /// Waits until no client remains, at most `limit`.

@@ -1,7 +1,8 @@
 //! An NBD export: a node served under a name, and the live state its
 //! connections share (client count, the hard-delete signal).
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -32,6 +33,10 @@ pub struct Export {
     /// Where new clients are served (an iothread, or a thread each).
     pub placement: Arc<Placement>,
     clients: AtomicUsize,
+    /// A duplicate of each attached client's socket, to see whether its
+    /// peer has hung up (a client leaving, not yet torn down).
+    peers: Mutex<Vec<(u64, OwnedFd)>>,
+    next_peer: AtomicU64,
     pub stats: Arc<ExportStats>,
     /// Woken when the last client leaves.
     idle: tokio::sync::Notify,
@@ -73,6 +78,8 @@ impl Export {
             user: c.user,
             placement: c.placement,
             clients: AtomicUsize::new(0),
+            peers: Mutex::new(Vec::new()),
+            next_peer: AtomicU64::new(0),
             stats: Default::default(),
             idle: tokio::sync::Notify::new(),
             closing: watch::channel(false).0,
@@ -106,9 +113,33 @@ impl Export {
     }
 
     /// Counts a connection for as long as the guard lives.
-    pub fn attach(self: &Arc<Self>) -> ClientGuard {
+    pub fn attach(self: &Arc<Self>, socket: Option<RawFd>) -> ClientGuard {
         self.clients.fetch_add(1, Ordering::SeqCst);
-        ClientGuard(self.clone(), self.stats.connect())
+        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's socket is open for this call.
+        let dup = socket.and_then(|fd| {
+            unsafe { BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .ok()
+        });
+        if let Some(fd) = dup {
+            if let Ok(mut p) = self.peers.lock() {
+                p.push((id, fd));
+            }
+        }
+        ClientGuard(self.clone(), self.stats.connect(), id)
+    }
+
+    /// Clients that are not leaving: those whose peer has not hung up.
+    /// A client that closed its socket (qemu-img that has just exited)
+    /// still counts in `clients` until its connection has been torn
+    /// down, which block-export-del waits for rather than refusing.
+    pub fn clients_staying(&self) -> usize {
+        let Ok(peers) = self.peers.lock() else {
+            return self.clients();
+        };
+        let leaving = peers.iter().filter(|(_, fd)| hung_up(fd.as_fd())).count();
+        self.clients().saturating_sub(leaving)
     }
 }
 
@@ -122,10 +153,26 @@ impl Drop for Export {
     }
 }
 
-pub struct ClientGuard(Arc<Export>, #[allow(dead_code)] Connection);
+pub struct ClientGuard(Arc<Export>, #[allow(dead_code)] Connection, u64);
+
+/// The socket's peer has closed it (or shut down its writing side).
+fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = nix::libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: nix::libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { nix::libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (nix::libc::POLLRDHUP | nix::libc::POLLHUP | nix::libc::POLLERR) != 0
+}
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
+        if let Ok(mut p) = self.0.peers.lock() {
+            p.retain(|(id, _)| *id != self.2);
+        }
         if self.0.clients.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -150,6 +197,9 @@ impl BlockExport for Export {
     }
     fn clients(&self) -> usize {
         Export::clients(self)
+    }
+    fn clients_staying(&self) -> usize {
+        Export::clients_staying(self)
     }
     fn close(&self) {
         self.close_all();

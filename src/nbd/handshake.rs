@@ -353,7 +353,7 @@ async fn negotiate(
                 if !client.no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
-                let attached = export.attach();
+                let attached = export.attach(io.fd());
                 io.write_all(&b).await.map_err(gone)?;
                 io.flush().await.map_err(gone)?;
                 return Ok(Session {
@@ -455,7 +455,7 @@ async fn negotiate(
                 d.extend_from_slice(&node.size().to_be_bytes());
                 d.extend_from_slice(&transmission_flags(&export, extended).to_be_bytes());
                 opt_reply(io, opt, REP_INFO, &d).await?;
-                let attached = (opt == OPT_GO).then(|| export.attach());
+                let attached = (opt == OPT_GO).then(|| export.attach(io.fd()));
                 opt_reply(io, opt, REP_ACK, &[]).await?;
                 if let Some(attached) = attached {
                     return Ok(Session {
