@@ -268,3 +268,58 @@ impl Qcow2 {
         Ok(())
     }
 }
+
+impl Image {
+    /// blockdev-create's `encrypt` (QCryptoBlockCreateOptions) on the
+    /// new image, after its L1 table, as QEMU sets it up: LUKS gets a
+    /// header in clusters of its own, which the crypto header extension
+    /// names; qcow (legacy AES) only checks its secret.
+    pub(super) async fn set_up_encryption(
+        &self,
+        enc: &Map<String, Value>,
+        secrets: &crate::objects::Secrets,
+    ) -> Result<(), String> {
+        let (method, ext) = if enc.get("format").and_then(Value::as_str) == Some("luks") {
+            let (o, pw) = crate::block::luks::create::options(enc, secrets, "encrypt.")?;
+            let (h, material, _) = crate::block::luks::volume::new_header(&o, &pw).await?;
+            let len = h.payload_bytes();
+            let cs = self.cs();
+            let n = len.div_ceil(cs);
+            let mut meta = self.meta.lock().await;
+            let off = meta.alloc(n).await.map_err(|e| e.msg)?;
+            let e = |e: BlockError| format!("Could not write encryption header: {}", e.msg);
+            self.file
+                .write_zeroes(off, n * cs, ZeroFlags::default())
+                .await
+                .map_err(e)?;
+            let region = Region {
+                node: self.file.clone(),
+                base: off,
+            };
+            region.write_new(&h, &material).await?;
+            meta.write_dirty().await.map_err(e)?;
+            (CRYPT_LUKS, Some((off, len)))
+        } else {
+            let Some(id) = enc.get("key-secret").and_then(Value::as_str) else {
+                return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
+            };
+            secrets.get(id)?;
+            (CRYPT_AES, None)
+        };
+        let h = self.header();
+        let mut first = vec![0u8; h.cluster_size() as usize];
+        let e = |e: BlockError| format!("Could not update qcow2 header: {}", e.msg);
+        self.file.read(0, &mut first).await.map_err(e)?;
+        let new = super::header::with_crypto(&first, &h, method, ext)?;
+        self.file.flush().await.map_err(e)?;
+        self.file
+            .write(0, &new, WriteFlags::default())
+            .await
+            .map_err(e)?;
+        if let Ok(mut hh) = self.header.lock() {
+            hh.crypt_method = method;
+            hh.crypto_ext = ext;
+        }
+        Ok(())
+    }
+}

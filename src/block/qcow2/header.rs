@@ -56,6 +56,8 @@ impl BitmapsExt {
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// crypt_method: none, legacy AES, LUKS.
 pub const CRYPT_AES: u32 = 1;
+/// Where crypt_method is in the header.
+const OFF_CRYPT: usize = 32;
 pub const CRYPT_LUKS: u32 = 2;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -407,6 +409,35 @@ pub fn with_bitmaps(b: &[u8], h: &Header, ext: Option<BitmapsExt>) -> Result<Vec
     let name = h.backing_file.clone().unwrap_or_default();
     assemble(b, h, h.backing_format.as_deref(), exts, &name)
         .map_err(|()| "Could not update the header: header too large".into())
+}
+
+/// The first cluster `b` of a new image made encrypted: crypt_method
+/// `method` and, for LUKS, the crypto header extension (where QEMU puts
+/// it: after the data file's, before the feature table).
+pub fn with_crypto(
+    b: &[u8],
+    h: &Header,
+    method: u32,
+    ext: Option<(u64, u64)>,
+) -> Result<Vec<u8>, String> {
+    let mut exts: Vec<(u32, Vec<u8>)> = extensions(b, h)
+        .into_iter()
+        .filter(|(k, _)| *k != EXT_BACKING_FORMAT && *k != EXT_CRYPTO)
+        .collect();
+    if let Some((off, len)) = ext {
+        let at = exts
+            .iter()
+            .position(|(k, _)| *k != EXT_DATA_FILE)
+            .unwrap_or(exts.len());
+        let mut data = off.to_be_bytes().to_vec();
+        data.extend_from_slice(&len.to_be_bytes());
+        exts.insert(at, (EXT_CRYPTO, data));
+    }
+    let name = h.backing_file.clone().unwrap_or_default();
+    let mut out = assemble(b, h, h.backing_format.as_deref(), exts, &name)
+        .map_err(|()| "Could not update qcow2 header: header too large".to_string())?;
+    out[OFF_CRYPT..OFF_CRYPT + 4].copy_from_slice(&method.to_be_bytes());
+    Ok(out)
 }
 
 /// The header extensions of the first cluster `b`, in order.
