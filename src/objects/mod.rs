@@ -46,6 +46,12 @@ pub fn help_properties(qom_type: &str) -> Option<&'static [&'static str]> {
             "iv=<string>",
             "keyid=<string>",
         ]),
+        "secret_keyring" => Some(&[
+            "format=<QCryptoSecretFormat>",
+            "iv=<string>",
+            "keyid=<string>",
+            "serial=<int32_t>",
+        ]),
         "iothread" => Some(&[
             "aio-max-batch=<int>",
             "poll-grow=<int>",
