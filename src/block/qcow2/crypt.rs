@@ -52,7 +52,10 @@ pub fn options(
             "Header reported '{want}' encryption format but options specify '{f}'"
         ));
     }
-    let Some(id) = enc.and_then(|e| e.get("key-secret")).and_then(Value::as_str) else {
+    let Some(id) = enc
+        .and_then(|e| e.get("key-secret"))
+        .and_then(Value::as_str)
+    else {
         return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
     };
     Ok(Some(Password {
@@ -96,8 +99,7 @@ impl Crypt {
                 secret_id: pw.id.clone(),
             });
         }
-        let Some((base, _)) = h.crypto_ext.filter(|(_, l)| *l >= luks::HEADER_LEN as u64)
-        else {
+        let Some((base, _)) = h.crypto_ext.filter(|(_, l)| *l >= luks::HEADER_LEN as u64) else {
             return Err(BlockError::inval(
                 "Request for data outside of extension header",
             ));

@@ -330,8 +330,7 @@ impl Image {
         let mut runs: Vec<(u64, u64, Src)> = Vec::new();
         for a in allocs {
             let (host, guest, src) = self.content(buf, a).await?;
-            if let (Some((h0, _, Src::Guest(s0, e0))), Src::Guest(s, e)) = (runs.last_mut(), &src)
-            {
+            if let (Some((h0, _, Src::Guest(s0, e0))), Src::Guest(s, e)) = (runs.last_mut(), &src) {
                 if *h0 + (*e0 - *s0) as u64 == host && *e0 == *s {
                     *e0 = *e;
                     continue;
