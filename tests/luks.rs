@@ -9,10 +9,10 @@ use crate::common::*;
 use crate::jobs::same_transcripts;
 
 /// Passwords distinctive enough to grep for.
-const PW: &str = "pw-Kq7ZrT2x";
-const NEW_PW: &str = "new-Wm4VbN8c";
+pub(crate) const PW: &str = "pw-Kq7ZrT2x";
+pub(crate) const NEW_PW: &str = "new-Wm4VbN8c";
 
-fn secret_obj(id: &str, pw: &str) -> String {
+pub(crate) fn secret_obj(id: &str, pw: &str) -> String {
     format!("secret,id={id},data={pw}")
 }
 
@@ -54,7 +54,7 @@ fn make_luks(path: &str, size: &str, extra: &str) {
 }
 
 /// rsd with the secret and a monitor, started and ready.
-fn start_rsd(dir: &TempDir, extra: &[&str]) -> (Daemon, Qmp) {
+pub(crate) fn start_rsd(dir: &TempDir, extra: &[&str]) -> (Daemon, Qmp) {
     let mut a = monitor_args(&dir.s("q.sock"));
     a.extend(args(&["--object", &secret_obj("s", PW)]));
     a.extend(args(extra));
@@ -68,7 +68,7 @@ fn start_rsd(dir: &TempDir, extra: &[&str]) -> (Daemon, Qmp) {
     (d, q)
 }
 
-fn quit(mut d: Daemon, mut q: Qmp) -> String {
+pub(crate) fn quit(mut d: Daemon, mut q: Qmp) -> String {
     q.send(br#"{"execute":"quit"}"#);
     assert_eq!(d.wait_exit(30), Some(0));
     d.stderr_text()
@@ -200,7 +200,7 @@ fn every_cipher_qemu_img_offers_reads_in_rsd() {
 }
 
 /// Waits for every job, then says whether `id` ended without an error.
-fn job_ok(q: &mut Qmp, id: &str) -> Result<(), String> {
+pub(crate) fn job_ok(q: &mut Qmp, id: &str) -> Result<(), String> {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let r = q.cmd(r#"{"execute":"query-jobs"}"#);
@@ -223,7 +223,7 @@ fn job_ok(q: &mut Qmp, id: &str) -> Result<(), String> {
     }
 }
 
-fn empty(path: &Path) {
+pub(crate) fn empty(path: &Path) {
     std::fs::write(path, b"").expect("touch");
 }
 

@@ -23,6 +23,7 @@ mod nbd;
 mod nbd_client;
 mod process;
 mod qcow2;
+mod qcow2_crypt;
 mod qmp_rest;
 mod qmp_wire;
 mod quickstart;

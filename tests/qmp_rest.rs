@@ -136,6 +136,7 @@ const RSD_TYPES: &[&str] = &[
     "object",
     "secret",
     "secret_common",
+    "secret_keyring",
     "throttle-group",
     "tls-creds",
     "tls-creds-x509",

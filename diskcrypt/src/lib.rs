@@ -1,7 +1,8 @@
 //! Disk encryption as QEMU's crypto layer does it (rsd's own crate, so
 //! that debug builds optimize it): hashes and PBKDF2,
 //! block ciphers in sector modes, IV generators, the LUKS1 format
-//! (`luks.rs`) and qcow's legacy AES (`qcow_aes.rs`). Keys never leave
+//! (`luks.rs`); qcow2's legacy AES is built from these parts in the
+//! daemon's qcow2 driver. Keys never leave
 //! these types: nothing here implements Debug on key material.
 pub mod afsplit;
 pub mod cipher;

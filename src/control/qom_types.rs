@@ -163,6 +163,18 @@ static TYPES: &[QomType] = &[
         )
     },
     t("chardev-file", Some("chardev-fd"), false, &[TYPE]),
+    t(
+        "secret_keyring",
+        Some("secret_common"),
+        false,
+        &[
+            TYPE,
+            ("iv", "string"),
+            ("keyid", "string"),
+            ("format", "QCryptoSecretFormat"),
+            ("serial", "int32_t"),
+        ],
+    ),
     QomType {
         interface: Some("user-creatable"),
         ..t(

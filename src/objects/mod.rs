@@ -4,6 +4,7 @@
 //! throttle nodes that are its members, an authz object with the NBD
 //! server (through `authz::AuthzIndex`).
 pub mod authz;
+mod keyring;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -44,6 +45,12 @@ pub fn help_properties(qom_type: &str) -> Option<&'static [&'static str]> {
             "format=<QCryptoSecretFormat>",
             "iv=<string>",
             "keyid=<string>",
+        ]),
+        "secret_keyring" => Some(&[
+            "format=<QCryptoSecretFormat>",
+            "iv=<string>",
+            "keyid=<string>",
+            "serial=<int32_t>",
         ]),
         "iothread" => Some(&[
             "aio-max-batch=<int>",
@@ -137,6 +144,7 @@ pub enum Object {
 impl Object {
     pub fn qom_type(&self) -> &'static str {
         match self {
+            Object::Secret(s) if s.serial.is_some() => "secret_keyring",
             Object::Secret(_) => "secret",
             Object::EventLoop { qom_type, .. } => qom_type,
             Object::ThrottleGroup(_) => "throttle-group",
@@ -178,6 +186,16 @@ impl Object {
         // In the order QSD lists them (its property table's hash order).
         let mut out = vec![("type".to_string(), "string".to_string())];
         match self {
+            Object::Secret(s) if s.serial.is_some() => {
+                for (n, t) in [
+                    ("iv", "string"),
+                    ("keyid", "string"),
+                    ("format", "QCryptoSecretFormat"),
+                    ("serial", "int32_t"),
+                ] {
+                    out.push((n.into(), t.into()));
+                }
+            }
             Object::Secret(_) => {
                 for (n, t) in [
                     ("iv", "string"),
@@ -231,6 +249,20 @@ impl Object {
                 "Property '{}.type' is not writable",
                 self.qom_type()
             )),
+            Object::Secret(s) if s.serial.is_some() => match prop {
+                "keyid" | "iv" => {
+                    let v = value.as_str().ok_or_else(|| type_err("string"))?;
+                    s.set_prop(prop, v);
+                    Ok(())
+                }
+                "serial" => {
+                    let n = value.as_i64().ok_or_else(|| type_err("integer"))?;
+                    s.serial = Some(n as i32);
+                    Ok(())
+                }
+                "format" => Err(format!("Property 'secret_keyring.{prop}' is not writable")),
+                _ => Err(format!("Property 'secret_keyring.{prop}' not found")),
+            },
             Object::Secret(s) => match prop {
                 "data" | "file" | "keyid" | "iv" => {
                     let v = value.as_str().ok_or_else(|| type_err("string"))?;
@@ -303,6 +335,7 @@ pub fn create(
     props.remove("id");
     match qom_type {
         "secret" => Secret::load(&props, lookup_secret).map(Object::Secret),
+        "secret_keyring" => Secret::load_keyring(&props, lookup_secret).map(Object::Secret),
         "iothread" => {
             let el = EventLoop::new(qom_type, &props)?;
             let prop = |n: &str| el.props.get(n).copied().unwrap_or(0).unsigned_abs();

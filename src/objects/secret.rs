@@ -7,6 +7,8 @@ use serde_json::{json, Map, Value};
 pub struct Secret {
     pub value: Vec<u8>,
     props: Map<String, Value>,
+    /// A `secret_keyring`: the key's serial number.
+    pub serial: Option<i32>,
 }
 
 /// Lenient base64 as QEMU's (GLib) decoder: the alphabet is checked,
@@ -47,13 +49,36 @@ impl Secret {
         lookup: &dyn Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<Secret, String> {
         let s = |k: &str| props.get(k).and_then(Value::as_str);
-        let base64 = s("format") == Some("base64");
         let input: Vec<u8> = match (s("data"), s("file")) {
             (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
             (Some(d), None) => d.as_bytes().to_vec(),
             (None, Some(f)) => read_file(f)?,
             (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
         };
+        Secret::decode(props, input, lookup)
+    }
+
+    /// A `secret_keyring`: the kernel key `serial`'s payload.
+    pub fn load_keyring(
+        props: &Map<String, Value>,
+        lookup: &dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Secret, String> {
+        let serial = props.get("serial").and_then(Value::as_i64).unwrap_or(0) as i32;
+        let input = super::keyring::read(serial)?;
+        let mut sec = Secret::decode(props, input, lookup)?;
+        sec.serial = Some(serial);
+        Ok(sec)
+    }
+
+    /// The value from its input: base64 or raw, decrypted with the
+    /// `keyid` secret when there is one (QEMU's secret_common).
+    fn decode(
+        props: &Map<String, Value>,
+        input: Vec<u8>,
+        lookup: &dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Secret, String> {
+        let s = |k: &str| props.get(k).and_then(Value::as_str);
+        let base64 = s("format") == Some("base64");
         let value = match s("keyid") {
             Some(keyid) => {
                 let key = lookup(keyid).ok_or_else(|| format!("No secret with id '{keyid}'"))?;
@@ -92,12 +117,15 @@ impl Secret {
         Ok(Secret {
             value,
             props: props.clone(),
+            serial: None,
         })
     }
 
     pub fn get(&self, prop: &str) -> Option<Value> {
         match prop {
             "format" => Some(self.props.get("format").cloned().unwrap_or(json!("raw"))),
+            "serial" => self.serial.map(|n| json!(n)),
+            "data" | "file" if self.serial.is_some() => None,
             "keyid" | "iv" | "data" | "file" => {
                 Some(self.props.get(prop).cloned().unwrap_or(json!("")))
             }

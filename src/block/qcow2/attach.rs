@@ -21,6 +21,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     let file_json = file_entry.map(|e| e.json.clone()).unwrap_or(Value::Null);
     let file_plain = file_entry.and_then(|e| e.plain_filename.clone());
     let header = wait(read_header(&file_node)).map_err(|e| e.msg)?;
+    let password = super::crypt::options(&header, opts, &|id| ctx.secret(id))?;
     let mut edges = vec![edge("file", &file)];
     // Names in the header are relative to the image's directory.
     let dir = file_plain
@@ -90,6 +91,12 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     }
     let data_node = data.as_deref().map(|d| ctx.node(d)).transpose()?;
     let backing_node = backing.as_deref().map(|bk| ctx.node(bk)).transpose()?;
+    let crypt = match &password {
+        Some(pw) => Some(std::sync::Arc::new(
+            wait(super::crypt::Crypt::open(&file_node, &header, pw)).map_err(|e| e.msg)?,
+        )),
+        None => None,
+    };
     let q_opts = Qcow2Options {
         node_name,
         events: ctx.events(),
@@ -103,6 +110,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
         // QEMU's default: on when the node itself unmaps.
         pass_discard: b(opts, "pass-discard-request")
             .unwrap_or(s(opts, "discard") == Some("unmap")),
+        crypt,
     };
     let drv = wait(Qcow2::open(
         file_node,
@@ -116,6 +124,11 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
     let mut j = Map::new();
     j.insert("driver".into(), json!("qcow2"));
     j.insert("file".into(), file_json);
+    // The key secret is part of the node's identity (QEMU's filename
+    // becomes json:{...}); the format is not.
+    if let Some(pw) = &password {
+        j.insert("encrypt.key-secret".into(), json!(pw.id));
+    }
     // A backing node other than the one the header names is part of
     // the node's identity, so its filename becomes json:{...} (QEMU's
     // "backing overridden"); so is an explicit "backing": null.
@@ -137,6 +150,7 @@ pub fn open_node(ctx: &mut OpenCtx<'_>, opts: &Map<String, Value>) -> Result<Ope
         }
         _ => file_plain,
     };
+    let plain = plain.filter(|_| password.is_none());
     Ok(Opened {
         driver: Box::new(drv),
         json: Value::Object(j),

@@ -84,7 +84,7 @@ impl Image {
         let mut inflight = InFlight::new(self);
         inflight.add(ci);
         drop(meta);
-        let r = self.write_data(host, z, WriteFlags::default()).await;
+        let r = self.write_host(host, z, WriteFlags::default()).await;
         let mut meta = self.meta.lock().await;
         if let Err(e) = r {
             for c in self.held_clusters(entry) {

@@ -116,9 +116,6 @@ fn plan(o: &Map<String, Value>, has_data_file: bool) -> Result<Plan, String> {
             "Non-zlib compression type is only supported with compatibility level 1.1 and above {V3}"
         ));
     }
-    if o.contains_key("encrypt") {
-        return Err("rsd cannot create encrypted qcow2 images yet".into());
-    }
     Ok(Plan {
         size: size as u64,
         v3,
@@ -268,6 +265,9 @@ pub async fn create(
         q.preallocate(&p.prealloc, sh)
             .await
             .map_err(|e| format!("Could not resize image: {}", e.msg))?;
+    }
+    if let Some(enc) = o.get("encrypt").and_then(Value::as_object) {
+        q.set_up_encryption(enc, &targets.secrets).await?;
     }
     q.close()
         .await

@@ -53,7 +53,12 @@ impl BitmapsExt {
         b
     }
 }
-const EXT_CRYPTO: u32 = 0x0537_be77;
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// crypt_method: none, legacy AES, LUKS.
+pub const CRYPT_AES: u32 = 1;
+/// Where crypt_method is in the header.
+const OFF_CRYPT: usize = 32;
+pub const CRYPT_LUKS: u32 = 2;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -88,6 +93,9 @@ pub struct Header {
     /// that knows bitmaps wrote the image last (QEMU ignores it
     /// otherwise: the bitmaps are then lost, their clusters leaked).
     pub bitmaps: Option<BitmapsExt>,
+    /// The full-disk-encryption extension: where the LUKS header lives
+    /// in the file, and its length.
+    pub crypto_ext: Option<(u64, u64)>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -208,11 +216,6 @@ impl Header {
                 h.crypt_method
             )));
         }
-        if h.crypt_method != 0 {
-            return Err(BlockError::unsupported(
-                "qcow2: encrypted images are not supported by rsd yet",
-            ));
-        }
         let aligned = |o: u64| o.is_multiple_of(cs);
         if u64::from(h.refcount_table_clusters) * cs > (8 << 20) {
             return Err(bad("Reference count table too large"));
@@ -284,7 +287,25 @@ impl Header {
                     self.has_bitmaps = true;
                     self.bitmaps = self.parse_bitmaps_ext(data)?;
                 }
-                EXT_CRYPTO => {}
+                EXT_CRYPTO => {
+                    if self.crypt_method != CRYPT_LUKS {
+                        return Err(bad(
+                            "CRYPTO header extension only expected with LUKS encryption method",
+                        ));
+                    }
+                    if len != 16 {
+                        return Err(bad(format!(
+                            "CRYPTO header extension size {len}, but expected size 16"
+                        )));
+                    }
+                    let (off, n) = (be64(data, 0), be64(data, 8));
+                    if !off.is_multiple_of(cs as u64) {
+                        return Err(bad(format!(
+                            "Encryption header offset '{off}' is not a multiple of cluster size '{cs}'"
+                        )));
+                    }
+                    self.crypto_ext = Some((off, n));
+                }
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
                         let name = e[2..].split(|c| *c == 0).next().unwrap_or(&[]);
@@ -388,6 +409,35 @@ pub fn with_bitmaps(b: &[u8], h: &Header, ext: Option<BitmapsExt>) -> Result<Vec
     let name = h.backing_file.clone().unwrap_or_default();
     assemble(b, h, h.backing_format.as_deref(), exts, &name)
         .map_err(|()| "Could not update the header: header too large".into())
+}
+
+/// The first cluster `b` of a new image made encrypted: crypt_method
+/// `method` and, for LUKS, the crypto header extension (where QEMU puts
+/// it: after the data file's, before the feature table).
+pub fn with_crypto(
+    b: &[u8],
+    h: &Header,
+    method: u32,
+    ext: Option<(u64, u64)>,
+) -> Result<Vec<u8>, String> {
+    let mut exts: Vec<(u32, Vec<u8>)> = extensions(b, h)
+        .into_iter()
+        .filter(|(k, _)| *k != EXT_BACKING_FORMAT && *k != EXT_CRYPTO)
+        .collect();
+    if let Some((off, len)) = ext {
+        let at = exts
+            .iter()
+            .position(|(k, _)| *k != EXT_DATA_FILE)
+            .unwrap_or(exts.len());
+        let mut data = off.to_be_bytes().to_vec();
+        data.extend_from_slice(&len.to_be_bytes());
+        exts.insert(at, (EXT_CRYPTO, data));
+    }
+    let name = h.backing_file.clone().unwrap_or_default();
+    let mut out = assemble(b, h, h.backing_format.as_deref(), exts, &name)
+        .map_err(|()| "Could not update qcow2 header: header too large".to_string())?;
+    out[OFF_CRYPT..OFF_CRYPT + 4].copy_from_slice(&method.to_be_bytes());
+    Ok(out)
 }
 
 /// The header extensions of the first cluster `b`, in order.

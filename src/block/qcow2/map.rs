@@ -191,6 +191,16 @@ impl Image {
         Ok(())
     }
 
+    /// Guest data (at guest offset `g`) from host offset `h`, decrypted
+    /// in an encrypted image (whole sectors there: see `Qcow2::read`).
+    pub(super) async fn read_data(&self, h: u64, g: u64, dst: &mut [u8]) -> BlockResult<()> {
+        self.data.read(h, dst).await?;
+        if let Some(c) = &self.crypt {
+            c.decrypt(h, g, dst);
+        }
+        Ok(())
+    }
+
     /// A compressed cluster's content.
     pub(super) async fn decompress(&self, e: u64) -> BlockResult<Vec<u8>> {
         let c = l2::compressed(e, self.bits);
@@ -214,7 +224,7 @@ impl Image {
             let at = (g - offset) as usize;
             let dst = &mut buf[at..at + n as usize];
             match m {
-                Map::Data(h) => self.data.read(h, dst).await?,
+                Map::Data(h) => self.read_data(h, g, dst).await?,
                 Map::Zero => dst.fill(0),
                 Map::Unalloc => self.read_backing(g, dst).await?,
                 Map::Compressed(e) => {
@@ -236,7 +246,7 @@ impl Image {
             let (m, n) = self.classify(e, bm, pos, self.cs() - pos)?;
             let dst = &mut c[pos as usize..(pos + n) as usize];
             match m {
-                Map::Data(h) => self.data.read(h, dst).await?,
+                Map::Data(h) => self.read_data(h, base + pos, dst).await?,
                 Map::Zero => {}
                 Map::Unalloc => self.read_backing(base + pos, dst).await?,
                 Map::Compressed(e) => dst

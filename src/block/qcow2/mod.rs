@@ -29,6 +29,7 @@ pub mod bitmaps;
 pub mod compress;
 mod compressed_write;
 pub mod create;
+pub mod crypt;
 pub mod header;
 mod internal;
 pub mod l2;
@@ -86,6 +87,8 @@ pub struct Qcow2Options {
     /// pass-discard-request: clusters freed by guest discards and
     /// unmapping zeroes are discarded in the file too.
     pub pass_discard: bool,
+    /// The unlocked encryption of an encrypted image.
+    pub crypt: Option<Arc<crypt::Crypt>>,
 }
 
 /// The driver: the image's state, shared with its cache-clean timer.
@@ -154,6 +157,11 @@ pub struct Image {
     loaded: std::sync::Mutex<Vec<crate::block::dirty::NamedBitmap>>,
     /// The internal snapshot table as it is on disk.
     snaps: std::sync::Mutex<Vec<snapshot::Entry>>,
+    /// An encrypted image's cipher (data in whole 512-byte sectors).
+    crypt: Option<Arc<crypt::Crypt>>,
+    /// Encrypted images: writes of whole sectors hold it shared, a
+    /// read-modify-write of a partial sector alone.
+    rmw: tokio::sync::RwLock<()>,
 }
 
 /// One piece of a request: the L2 entry of its cluster, what its first
@@ -215,6 +223,11 @@ impl Qcow2 {
             return Err(BlockError::new(
                 nix::libc::EACCES,
                 "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        if h.crypt_method != 0 && opts.crypt.is_none() {
+            return Err(BlockError::inval(
+                "Parameter 'encrypt.key-secret' is required for cipher",
             ));
         }
         if h.has_data_file() && data.is_none() {
@@ -333,6 +346,8 @@ impl Qcow2 {
             bitmap_dir: std::sync::Mutex::new(loaded.dir),
             loaded: std::sync::Mutex::new(loaded.bitmaps),
             snaps: std::sync::Mutex::new(snaps.entries),
+            crypt: opts.crypt.clone(),
+            rmw: tokio::sync::RwLock::new(()),
         });
         if stale_bitmaps {
             img.set_bitmaps_ext(None).await?;
@@ -440,6 +455,63 @@ pub fn metadata_perms(read_only: bool) -> (Perm, Perm) {
     (perm, Perm::ALL.without(Perm::WRITE).without(Perm::RESIZE))
 }
 
+impl Qcow2 {
+    /// write-zeroes: zero clusters (or subclusters) where whole ones are
+    /// covered in a v3 image, zeroes written as data around them.
+    async fn zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        let unit = 1u64 << self.sc_bits;
+        let size = self.size();
+        let start = offset.next_multiple_of(unit).min(offset + len);
+        let mut end = (offset + len) & !(unit - 1);
+        if offset + len == size {
+            end = offset + len; // the image's last, partial unit
+        }
+        let end = end.max(start);
+        // v2 has no zero flag: zeroes are written as data.
+        let meta_ok = self.header().version >= 3;
+        if !meta_ok || (start == end) {
+            if flags.no_fallback {
+                return Err(BlockError::unsupported("write zeroes needs a data write"));
+            }
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut g = offset;
+            while g < offset + len {
+                let n = ((offset + len - g) as usize).min(zeros.len());
+                self.write_impl(g, &zeros[..n], WriteFlags::default())
+                    .await?;
+                g += n as u64;
+            }
+        } else {
+            if flags.no_fallback && (start > offset || end < offset + len) {
+                return Err(BlockError::unsupported("write zeroes needs a data write"));
+            }
+            let zeros = vec![0u8; unit as usize];
+            if start > offset {
+                self.write_impl(
+                    offset,
+                    &zeros[..(start - offset) as usize],
+                    WriteFlags::default(),
+                )
+                .await?;
+            }
+            self.zero_clusters(start, end - start, flags.may_unmap, false, false)
+                .await?;
+            if offset + len > end {
+                self.write_impl(
+                    end,
+                    &zeros[..(offset + len - end) as usize],
+                    WriteFlags::default(),
+                )
+                .await?;
+            }
+        }
+        if flags.fua {
+            self.flush_all().await?;
+        }
+        Ok(())
+    }
+}
+
 impl Driver for Qcow2 {
     fn name(&self) -> &'static str {
         "qcow2"
@@ -449,18 +521,19 @@ impl Driver for Qcow2 {
     }
     fn limits(&self) -> Limits {
         Limits {
-            request_alignment: 1,
+            // Encrypted data is whole sectors, as in QEMU.
+            request_alignment: if self.crypt.is_some() { 512 } else { 1 },
             max_transfer: 32 << 20,
         }
     }
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        self.boundary(self.read_runs(offset, buf))
+        self.boundary(self.read_any(offset, buf))
     }
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         if flags.compressed {
             return self.boundary(self.write_compressed(offset, buf, flags));
         }
-        self.boundary(self.write_impl(offset, buf, flags))
+        self.boundary(self.write_any(offset, buf, flags))
     }
     fn can_compress(&self) -> bool {
         true
@@ -495,56 +568,10 @@ impl Driver for Qcow2 {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         self.boundary(async move {
             self.check_usable()?;
-            let unit = 1u64 << self.sc_bits;
-            let size = self.size();
-            let start = offset.next_multiple_of(unit).min(offset + len);
-            let mut end = (offset + len) & !(unit - 1);
-            if offset + len == size {
-                end = offset + len; // the image's last, partial unit
+            if self.crypt.is_some() {
+                return self.write_zeroes_encrypted(offset, len, flags).await;
             }
-            let end = end.max(start);
-            // v2 has no zero flag: zeroes are written as data.
-            let meta_ok = self.header().version >= 3;
-            if !meta_ok || (start == end) {
-                if flags.no_fallback {
-                    return Err(BlockError::unsupported("write zeroes needs a data write"));
-                }
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut g = offset;
-                while g < offset + len {
-                    let n = ((offset + len - g) as usize).min(zeros.len());
-                    self.write_impl(g, &zeros[..n], WriteFlags::default())
-                        .await?;
-                    g += n as u64;
-                }
-            } else {
-                if flags.no_fallback && (start > offset || end < offset + len) {
-                    return Err(BlockError::unsupported("write zeroes needs a data write"));
-                }
-                let zeros = vec![0u8; unit as usize];
-                if start > offset {
-                    self.write_impl(
-                        offset,
-                        &zeros[..(start - offset) as usize],
-                        WriteFlags::default(),
-                    )
-                    .await?;
-                }
-                self.zero_clusters(start, end - start, flags.may_unmap, false, false)
-                    .await?;
-                if offset + len > end {
-                    self.write_impl(
-                        end,
-                        &zeros[..(offset + len - end) as usize],
-                        WriteFlags::default(),
-                    )
-                    .await?;
-                }
-            }
-            if flags.fua {
-                self.flush_all().await?;
-            }
-            Ok(())
+            self.zeroes(offset, len, flags).await
         })
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
@@ -811,6 +838,23 @@ impl Driver for Qcow2 {
             Ok(())
         })
     }
+    fn encrypted(&self) -> bool {
+        self.crypt.is_some()
+    }
+    fn can_amend(&self) -> bool {
+        self.crypt.is_some()
+    }
+    fn key_secret(&self) -> Option<String> {
+        self.crypt.as_ref().map(|c| c.secret_id.clone())
+    }
+    fn amend<'a>(
+        &'a self,
+        opts: &'a serde_json::Map<String, Value>,
+        secrets: &'a crate::objects::Secrets,
+        force: bool,
+    ) -> super::driver::AmendFuture<'a> {
+        Box::pin(self.img.amend_crypt(opts, secrets, force))
+    }
     fn backing_file(&self) -> Option<(String, Option<String>, String)> {
         let h = self.header();
         let name = h.backing_file?;
@@ -868,6 +912,9 @@ pub fn format_specific(q: &Qcow2) -> Value {
         data.insert("compat".into(), json!("0.10"));
         data.insert("compression-type".into(), json!("zlib"));
         data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+    }
+    if let Some(e) = q.crypt.as_ref().and_then(|c| c.info()) {
+        data.insert("encrypt".into(), e);
     }
     json!({"type": "qcow2", "data": Value::Object(data)})
 }

@@ -109,9 +109,36 @@ impl Image {
         Box::pin(async move { self.fatal(f.await).await })
     }
 
-    /// Writes guest data at a host offset, unless that would overwrite
-    /// metadata.
+    /// Writes guest data (at guest offset `guest`) at a host offset,
+    /// encrypted in an encrypted image (whole sectors there), at most
+    /// 1 MiB at a time through a bounce buffer.
     pub(super) async fn write_data(
+        &self,
+        host: u64,
+        guest: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> BlockResult<()> {
+        let Some(c) = &self.crypt else {
+            return self.write_host(host, buf, flags).await;
+        };
+        const BOUNCE: usize = 1 << 20;
+        let mut bounce = vec![0u8; buf.len().min(BOUNCE)];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(BOUNCE);
+            let b = &mut bounce[..n];
+            b.copy_from_slice(&buf[done..done + n]);
+            c.encrypt(host + done as u64, guest + done as u64, b);
+            self.write_host(host + done as u64, b, flags).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes bytes as they are at a host offset, unless that would
+    /// overwrite metadata.
+    pub(super) async fn write_host(
         &self,
         host: u64,
         buf: &[u8],
@@ -176,7 +203,7 @@ impl Image {
                 let wf = if flush { WriteFlags::default() } else { flags };
                 for (g, n, h) in runs {
                     let at = (g - offset) as usize;
-                    self.write_data(h, &buf[at..at + n as usize], wf).await?;
+                    self.write_data(h, g, &buf[at..at + n as usize], wf).await?;
                 }
                 drop(guard);
                 if flush {
@@ -300,29 +327,31 @@ impl Image {
     /// from its buffer where they need nothing around them (contiguous
     /// host runs in one write), copy-on-write content otherwise.
     async fn fill(&self, buf: &[u8], allocs: &[Alloc]) -> BlockResult<()> {
-        let mut runs: Vec<(u64, Src)> = Vec::new();
+        let mut runs: Vec<(u64, u64, Src)> = Vec::new();
         for a in allocs {
-            let (host, src) = self.content(buf, a).await?;
-            if let (Some((h0, Src::Guest(s0, e0))), Src::Guest(s, e)) = (runs.last_mut(), &src) {
+            let (host, guest, src) = self.content(buf, a).await?;
+            if let (Some((h0, _, Src::Guest(s0, e0))), Src::Guest(s, e)) = (runs.last_mut(), &src) {
                 if *h0 + (*e0 - *s0) as u64 == host && *e0 == *s {
                     *e0 = *e;
                     continue;
                 }
             }
-            runs.push((host, src));
+            runs.push((host, guest, src));
         }
-        for (host, src) in &runs {
+        for (host, guest, src) in &runs {
             let bytes = match src {
                 Src::Guest(s, e) => &buf[*s..*e],
                 Src::Owned(v) => &v[..],
             };
-            self.write_data(*host, bytes, WriteFlags::default()).await?;
+            self.write_data(*host, *guest, bytes, WriteFlags::default())
+                .await?;
         }
         Ok(())
     }
 
-    /// What to write for one allocation, and where.
-    async fn content(&self, buf: &[u8], a: &Alloc) -> BlockResult<(u64, Src)> {
+    /// What to write for one allocation, and where: (host offset, guest
+    /// offset, bytes).
+    async fn content(&self, buf: &[u8], a: &Alloc) -> BlockResult<(u64, u64, Src)> {
         let cs = self.cs();
         let ci = a.g >> self.bits;
         let base = ci << self.bits;
@@ -331,18 +360,18 @@ impl Image {
         let data = &buf[a.at..a.at + a.len];
         let guest = Src::Guest(a.at, a.at + a.len);
         if a.len as u64 == cs {
-            return Ok((a.new, guest));
+            return Ok((a.new, a.g, guest));
         }
         if a.fresh && a.plain {
             // The rest of the cluster reads as zeroes as it is.
-            return Ok((a.new + in_off, guest));
+            return Ok((a.new + in_off, a.g, guest));
         }
         let host = a.e & OFFSET_MASK;
         if !self.ext || a.e & COMPRESSED != 0 || host != 0 {
             // The whole cluster moves: old content with the write on top.
             let mut c = self.cluster_content(ci, a.e, a.bm).await?;
             c[in_off as usize..end as usize].copy_from_slice(data);
-            return Ok((a.new, Src::Owned(c)));
+            return Ok((a.new, base, Src::Owned(c)));
         }
         // Only the touched subclusters get data; the rest keep their
         // zero or unallocated state.
@@ -353,7 +382,7 @@ impl Image {
         let s0 = u64::from(first) << self.sc_bits;
         let s1 = (u64::from(last) + 1) << self.sc_bits;
         if s0 == in_off && s1 == end {
-            return Ok((a.new + s0, guest));
+            return Ok((a.new + s0, a.g, guest));
         }
         let mut c = vec![0u8; (s1 - s0) as usize];
         c[(in_off - s0) as usize..(end - s0) as usize].copy_from_slice(data);
@@ -367,7 +396,7 @@ impl Image {
             let at = (end - s0) as usize;
             self.sc_fill(st, base + end, &mut c[at..]).await?;
         }
-        Ok((a.new + s0, Src::Owned(c)))
+        Ok((a.new + s0, base + s0, Src::Owned(c)))
     }
 
     /// Points the L2 entries at the new clusters (in the cache: they
@@ -563,18 +592,19 @@ impl Image {
                     // A preallocated zero cluster becomes data: zero the rest.
                     let mut c = vec![0u8; cs as usize];
                     c[in_off as usize..end as usize].copy_from_slice(data);
-                    self.write_data(host, &c, WriteFlags::default()).await?;
+                    self.write_data(host, base, &c, WriteFlags::default())
+                        .await?;
                     // The zeroes are stable before the entry loses its
                     // zero flag.
                     meta.data_unsynced = true;
                     self.set_entry(&t, t_off, i, host | COPIED, 0).await?;
                     return Ok(None);
                 }
-                self.write_data(host + in_off, data, WriteFlags::default())
+                self.write_data(host + in_off, g, data, WriteFlags::default())
                     .await?;
                 return Ok(None);
             }
-            self.write_data(host + in_off, data, WriteFlags::default())
+            self.write_data(host + in_off, g, data, WriteFlags::default())
                 .await?;
             self.fill_partial_subclusters(bm, base, host, in_off, end)
                 .await?;
@@ -610,6 +640,9 @@ impl Image {
                 (in_off == s0 || zero_fill(sc_first)?) && (end == s1 || zero_fill(sc_last)?);
             (touched | ((bm >> 32) & !touched) << 32, plain)
         };
+        // Encrypted, what a fresh cluster holds around the write does not
+        // decrypt to zeroes: its zeroes are written, encrypted.
+        let plain = plain && self.crypt.is_none();
         let (new, fresh) = if self.external {
             (base, false)
         } else {
@@ -647,7 +680,7 @@ impl Image {
             let mut c = vec![0u8; (in_off - s0) as usize];
             self.sc_fill(Self::sc_state(bm, first)?, base + s0, &mut c)
                 .await?;
-            self.write_data(host + s0, &c, WriteFlags::default())
+            self.write_data(host + s0, base + s0, &c, WriteFlags::default())
                 .await?;
         }
         let s1 = (u64::from(last) + 1) * sc;
@@ -655,7 +688,7 @@ impl Image {
             let mut c = vec![0u8; (s1 - end) as usize];
             self.sc_fill(Self::sc_state(bm, last)?, base + end, &mut c)
                 .await?;
-            self.write_data(host + end, &c, WriteFlags::default())
+            self.write_data(host + end, base + end, &c, WriteFlags::default())
                 .await?;
         }
         Ok(())
