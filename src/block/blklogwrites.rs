@@ -106,9 +106,7 @@ fn open_log(
     }
     let interval = opt_u64(opts, "log-super-update-interval").unwrap_or(4096);
     if interval == 0 {
-        return Err(format!(
-            "Invalid log superblock update interval {interval}"
-        ));
+        return Err(format!("Invalid log superblock update interval {interval}"));
     }
     let mut j = Map::new();
     j.insert("driver".into(), json!("blklogwrites"));
@@ -155,9 +153,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
 /// log-append: the existing log's sector size, where its next entry
 /// goes and how many it has (an empty log is a new one of 512-byte
 /// sectors). The outer error is I/O, the inner one QEMU's message.
-async fn find_log_end(
-    log: &super::node::Node,
-) -> BlockResult<Result<(u64, u64, u64), String>> {
+async fn find_log_end(log: &super::node::Node) -> BlockResult<Result<(u64, u64, u64), String>> {
     let mut sb = [0u8; 28];
     if log.size() > 0 {
         if let Err(e) = log.read(0, &mut sb).await {
@@ -191,9 +187,7 @@ async fn find_log_end(
         }
         let flags = le64(&e, 16);
         if flags & !FLAG_MASK != 0 {
-            return Ok(Err(format!(
-                "Invalid flags 0x{flags:x} in log entry {i}"
-            )));
+            return Ok(Err(format!("Invalid flags 0x{flags:x} in log entry {i}")));
         }
         cur += 1;
         if flags & DISCARD == 0 {
@@ -225,15 +219,8 @@ impl LogWrites {
         let file_result = match op {
             Op::Write(b, _) => f.write(offset, b, WriteFlags::default()).await,
             Op::Zero(len, zf) => {
-                f.write_zeroes(
-                    offset,
-                    len,
-                    ZeroFlags {
-                        fua: false,
-                        ..zf
-                    },
-                )
-                .await
+                f.write_zeroes(offset, len, ZeroFlags { fua: false, ..zf })
+                    .await
             }
             Op::Discard(len) => f.discard(offset, len).await,
             Op::Flush => f.flush().await,
@@ -377,17 +364,33 @@ impl Driver for LogWrites {
             if offset % ss != 0 || len % ss != 0 {
                 let zeroes = vec![0u8; len as usize];
                 return self
-                    .padded_write(offset, &zeroes, WriteFlags { fua: flags.fua, ..WriteFlags::default() })
+                    .padded_write(
+                        offset,
+                        &zeroes,
+                        WriteFlags {
+                            fua: flags.fua,
+                            ..WriteFlags::default()
+                        },
+                    )
                     .await;
             }
             self.change(offset, Op::Zero(len, flags)).await
         })
     }
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Extent> {
-        Box::pin(async move { Self::enter(&self.file).await?.block_status(offset, len).await })
+        Box::pin(async move {
+            Self::enter(&self.file)
+                .await?
+                .block_status(offset, len)
+                .await
+        })
     }
     fn truncate(&self, _size: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Err(BlockError::unsupported("Image format driver does not support resize")) })
+        Box::pin(async {
+            Err(BlockError::unsupported(
+                "Image format driver does not support resize",
+            ))
+        })
     }
     fn allocated_size(&self) -> Option<u64> {
         self.file.get()?.allocated_size()

@@ -47,9 +47,7 @@ pub struct Preallocate {
 fn size_opt(opts: &Map<String, Value>, key: &str, default: u64) -> Result<u64, String> {
     match opts.get(key).and_then(Value::as_i64) {
         None => Ok(default),
-        Some(v) if v < 0 => Err(format!(
-            "Value '{v}' is out of range for parameter '{key}'"
-        )),
+        Some(v) if v < 0 => Err(format!("Value '{v}' is out of range for parameter '{key}'")),
         Some(v) => Ok(v as u64),
     }
 }
@@ -297,7 +295,8 @@ impl Driver for Preallocate {
                 }
             });
         } else if !now && was {
-            super::wait::wait(self.crop()).map_err(|_| "Failed to drop preallocation".to_string())?;
+            super::wait::wait(self.crop())
+                .map_err(|_| "Failed to drop preallocation".to_string())?;
             self.set_ends(|s| *s = Ends::default());
         }
         Ok(())
