@@ -26,7 +26,7 @@ use super::drivers::{edge, opt_bool, opt_u64, OpenCtx, Opened};
 use super::error::{BlockError, BlockResult};
 use super::perm::Perm;
 
-const MAGIC: u64 = 0x6a73_6677_7368_72;
+const MAGIC: u64 = 0x006a_7366_7773_6872;
 const VERSION: u64 = 1;
 const FLUSH: u64 = 1;
 const DISCARD: u64 = 1 << 2;
@@ -244,7 +244,7 @@ impl LogWrites {
             st.cur_sector += len.div_ceil(self.sector);
             log.write_zeroes(at, len, ZeroFlags::default()).await?;
         }
-        if flags & FLUSH != 0 || st.entries % self.interval == 0 {
+        if flags & FLUSH != 0 || st.entries.is_multiple_of(self.interval) {
             let mut sb = vec![0u8; ss];
             sb[..8].copy_from_slice(&MAGIC.to_le_bytes());
             sb[8..16].copy_from_slice(&VERSION.to_le_bytes());
@@ -334,7 +334,7 @@ impl Driver for LogWrites {
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let ss = self.sector;
-            if offset % ss != 0 || (buf.len() as u64) % ss != 0 {
+            if !offset.is_multiple_of(ss) || !(buf.len() as u64).is_multiple_of(ss) {
                 return self.padded_write(offset, buf, flags).await;
             }
             self.change(offset, Op::Write(buf, flags.fua)).await
@@ -361,7 +361,7 @@ impl Driver for LogWrites {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let ss = self.sector;
-            if offset % ss != 0 || len % ss != 0 {
+            if !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
                 let zeroes = vec![0u8; len as usize];
                 return self
                     .padded_write(
