@@ -86,6 +86,22 @@ static REGISTRY: &[DriverSpec] = &[
         names: &["quorum"],
         open: super::quorum::open_node,
     },
+    DriverSpec {
+        names: &["copy-on-read"],
+        open: super::cor::open_node,
+    },
+    DriverSpec {
+        names: &["preallocate"],
+        open: super::preallocate::open_node,
+    },
+    DriverSpec {
+        names: &["blklogwrites"],
+        open: super::blklogwrites::open_node,
+    },
+    DriverSpec {
+        names: &["blkverify"],
+        open: super::blkverify::open_node,
+    },
 ];
 
 pub fn lookup(driver: &str) -> Option<&'static DriverSpec> {
@@ -150,6 +166,11 @@ impl<'g> OpenCtx<'g> {
         read_only: bool,
     ) -> Result<String, String> {
         self.graph.open(self.objects, opts, Some(read_only))
+    }
+
+    /// The node-name the options give, if any.
+    pub fn explicit_name(&self) -> Option<&str> {
+        self.explicit.as_deref()
     }
 
     pub fn entry(&self, name: &str) -> Option<&Entry> {

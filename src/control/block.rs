@@ -155,7 +155,12 @@ impl ControlState {
             e.node
                 .driver
                 .is_filter()
-                .then(|| self.block.child_of(e, "file"))
+                .then(|| {
+                    // blkverify filters its `raw` child.
+                    self.block
+                        .child_of(e, "file")
+                        .or_else(|| self.block.child_of(e, "raw"))
+                })
                 .flatten()
         })
     }
@@ -169,10 +174,13 @@ impl ControlState {
         image.insert("virtual-size".into(), json!(node.size()));
         image.insert("filename".into(), json!(filename));
         image.insert("format".into(), json!(drv));
-        image.insert(
-            "actual-size".into(),
-            json!(node.allocated_size().unwrap_or(0)),
-        );
+        // QEMU has no allocated size for blkverify (two images).
+        if drv != "blkverify" {
+            image.insert(
+                "actual-size".into(),
+                json!(node.allocated_size().unwrap_or(0)),
+            );
+        }
         if node.driver.has_image_info() {
             if matches!(drv, "file" | "host_device" | "host_cdrom") {
                 image.insert(

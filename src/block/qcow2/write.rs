@@ -290,7 +290,9 @@ impl Image {
             return;
         };
         let size = self.file.size();
-        if need <= size {
+        // A preallocate filter below grows the file its own way (and
+        // would take a truncation for data).
+        if need <= size || self.file.driver.name() == "preallocate" {
             return;
         }
         let step = (size / 8).clamp(1 << 20, 64 << 20).next_multiple_of(cs);
