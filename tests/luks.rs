@@ -27,7 +27,7 @@ fn luks_opts(file: &str, header: Option<&str>) -> String {
 
 /// qemu-io on a LUKS image opened with `pw`; fails on any error or
 /// miscompare.
-fn qemu_io_luks(opts: &str, pw: &str, cmds: &[&str]) -> String {
+pub(crate) fn qemu_io_luks(opts: &str, pw: &str, cmds: &[&str]) -> String {
     let obj = secret_obj("s", pw);
     let mut a = vec!["--object", &obj, "--image-opts", opts];
     for c in cmds {

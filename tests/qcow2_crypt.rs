@@ -5,7 +5,7 @@
 //! secrets never reach the logs.
 use crate::common::*;
 use crate::jobs::{count, same_transcripts};
-use crate::luks::{empty, job_ok, quit, secret_obj, start_rsd, NEW_PW, PW};
+use crate::luks::{empty, job_ok, qemu_io_luks, quit, secret_obj, start_rsd, NEW_PW, PW};
 
 /// A legacy AES password longer than the 16 bytes QEMU keeps of it.
 const AES_PW: &str = "aes-Jd5RcX9mLp3QzT";
@@ -17,19 +17,7 @@ fn qcow2_opts(file: &str) -> String {
 /// qemu-io on an encrypted qcow2 image opened with `pw`; fails on any
 /// error or miscompare.
 fn qemu_io_enc(file: &str, pw: &str, cmds: &[&str]) -> String {
-    let obj = secret_obj("s", pw);
-    let opts = qcow2_opts(file);
-    let mut a = vec!["--object", &obj, "--image-opts", &opts];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    let out = ok(&run("qemu-io", &a));
-    assert!(
-        !out.contains("fail") && !out.contains("rror") && !out.contains("Pattern verification"),
-        "qemu-io {file}: {out}"
-    );
-    out
+    qemu_io_luks(&qcow2_opts(file), pw, cmds)
 }
 
 fn make_enc(path: &str, pw: &str, o: &str, size: &str) {
