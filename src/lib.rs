@@ -7,6 +7,8 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod exports;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;

@@ -9,8 +9,10 @@ mod commit;
 mod container;
 
 mod block;
+mod bounds;
 mod cli;
 mod fuse;
+mod fuzz_replay;
 mod job_errors;
 mod job_speed;
 mod jobs;
