@@ -147,6 +147,11 @@ fn nbd_replies_nobody_reads_hold_bounded_memory() {
         );
         wait_idle(pid, 60);
         let peak = status_kib(pid, "VmHWM");
+        eprintln!(
+            "{export}: {} requests taken, RSS {base} KiB, peak {peak} KiB, now {} KiB",
+            sent / 28,
+            status_kib(pid, "VmRSS")
+        );
         // 64 MiB of replies, the O_DIRECT bounce buffers of the two
         // reads in flight, the socket's and the reader's buffers.
         assert!(
@@ -210,6 +215,7 @@ fn a_huge_qmp_request_is_refused_in_bounded_memory() {
         "{replies:?}"
     );
     let peak = status_kib(pid, "VmHWM");
+    eprintln!("RSS {base} KiB, peak {peak} KiB; replies: {replies:?}");
     assert!(
         peak < base + (192 << 10),
         "peak RSS {peak} KiB from {base} KiB for a 136 MiB request"
@@ -243,6 +249,7 @@ fn nbd_clients_past_max_connections_cost_nothing() {
     let pid = d.child.id();
     let (fds0, rss0) = (count_fds(pid), status_kib(pid, "VmRSS"));
     let served: Vec<UnixStream> = (0..4).map(|_| nbd_connect(&sock, "zero")).collect();
+    wait_idle(pid, 30);
     let fds_served = count_fds(pid);
     let waiting: Vec<UnixStream> = (0..100)
         .map(|_| {
@@ -260,16 +267,17 @@ fn nbd_clients_past_max_connections_cost_nothing() {
             "a client past the limit was greeted"
         );
     }
+    let fds = count_fds(pid);
     assert_eq!(
-        count_fds(pid),
-        fds_served,
-        "descriptors for waiting clients"
+        fds, fds_served,
+        "descriptors for waiting clients: {fds_served} then {fds}"
     );
     assert!(
         fds_served <= fds0 + 4 * 6,
         "{fds0} then {fds_served} descriptors"
     );
     let rss = status_kib(pid, "VmRSS");
+    eprintln!("descriptors {fds0}, {fds_served} served, {fds} with 100 waiting; RSS {rss0} then {rss} KiB");
     assert!(rss < rss0 + (16 << 10), "RSS {rss0} then {rss} KiB");
     // One leaves: a waiting client is served.
     drop(served);
