@@ -283,7 +283,9 @@ async fn drive_qcow2(q: &crate::block::qcow2::Qcow2, mut seed: u64, read_only: b
         let _ = q.read(off, &mut buf[..len]).await;
         // Mapping is bounded by the request, as in QEMU: 256 MiB at a
         // time keeps an input from walking a huge disk's whole metadata.
-        let _ = q.block_status(off, (size - off.min(size)).min(256 << 20)).await;
+        let _ = q
+            .block_status(off, (size - off.min(size)).min(256 << 20))
+            .await;
         if read_only {
             continue;
         }
