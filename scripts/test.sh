@@ -28,6 +28,11 @@ if command -v podman >/dev/null; then
     bash scripts/container-image.sh localhost/rsd:test >/dev/null ||
         echo "warning: the container image could not be built" >&2
 fi
+# The fuzz targets run here too, on stable: tests/fuzz_replay.rs replays
+# fuzz/corpus and a few thousand mutated inputs per target through the
+# libFuzzer targets' bodies. libFuzzer itself (cargo-fuzz, nightly, a
+# 2-minute install and a 30-minute instrumented build here) is for long
+# runs by hand: README.md, "Fuzzing".
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod event_rate;
 pub mod events;
 pub mod exports;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod iothread;
 pub mod jobs;
 pub mod metrics;

@@ -619,3 +619,51 @@ fn fuse_session_runs_on_the_export_iothread() {
         wait_mount(&mp, false);
     }
 }
+
+/// Per-client memory (docs/reliability.md): 300 threads each reading
+/// 1 MiB with O_DIRECT from a slow node (each read a request of its own,
+/// which the kernel's background limit does not count): rsd serves 128
+/// at once and leaves the rest queued in the kernel, so it holds at most
+/// 128 reply buffers, not one per thread.
+#[test]
+fn fuse_requests_in_flight_are_bounded() {
+    use std::os::unix::fs::OpenOptionsExt;
+    if fuse_missing() {
+        return;
+    }
+    let dir = TempDir::new();
+    let mp = dir.s("mnt");
+    std::fs::write(&mp, b"").expect("mountpoint");
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(args(&[
+        "--blockdev",
+        "driver=null-co,node-name=slow,size=67108864,read-zeroes=on,latency-ns=300000000",
+        "--export",
+        &format!("type=fuse,id=e,node-name=slow,mountpoint={mp},writable=on"),
+    ]));
+    let d = Daemon::spawn(Which::Rsd, &a);
+    let _q = Qmp::ready(&dir.path("q.sock"));
+    wait_mount(&mp, true);
+    let pid = d.child.id();
+    let base = crate::bounds::status_kib(pid, "VmRSS");
+    std::thread::scope(|s| {
+        for t in 0..300u64 {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_DIRECT)
+                .open(&mp)
+                .expect("O_DIRECT open");
+            s.spawn(move || {
+                let mut b = Aligned::new(1 << 20, 1);
+                assert_eq!(f.read_at(b.buf(), (t % 64) << 20).expect("read"), 1 << 20);
+            });
+        }
+    });
+    let peak = crate::bounds::status_kib(pid, "VmHWM");
+    eprintln!("VmRSS {base} KiB, peak {peak} KiB");
+    assert!(
+        peak < base + (180 << 10),
+        "300 readers made rsd hold {} MiB",
+        (peak - base) >> 10
+    );
+}

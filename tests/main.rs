@@ -11,8 +11,10 @@ mod container;
 mod filters;
 
 mod block;
+mod bounds;
 mod cli;
 mod fuse;
+mod fuzz_replay;
 mod iothreads;
 mod job_errors;
 mod job_speed;

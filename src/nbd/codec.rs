@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Session;
 use super::proto::*;
@@ -70,6 +71,32 @@ pub(super) struct Request {
     pub(super) contexts: Option<Vec<u32>>,
     /// The request's payload was malformed (answered with EINVAL).
     pub(super) invalid: bool,
+    /// Its share of the connection's data budget (see `data_budget`),
+    /// held until its reply is written.
+    pub(super) held: Option<OwnedSemaphorePermit>,
+}
+
+/// The data one connection's requests may hold at once, write payloads
+/// and read replies together: 64 MiB, two requests of the largest size.
+/// Without it a client that pipelines 32 MiB reads and never reads the
+/// replies made rsd hold 64 of them (2 GiB) per connection.
+pub(super) const DATA_BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
+/// The budget's unit (a semaphore permit): 1 KiB.
+const BUDGET_UNIT: u64 = 1 << 10;
+
+/// A connection's data budget, in units.
+pub(super) fn data_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new((DATA_BUDGET / BUDGET_UNIT) as usize))
+}
+
+/// The data a request holds while it runs: a write's payload or a
+/// read's reply (requests too large to run hold nothing).
+fn held_units(kind: u16, len: u64) -> u32 {
+    let bytes = match kind {
+        CMD_READ | CMD_WRITE if len <= MAX_PAYLOAD as u64 => len,
+        _ => 0,
+    };
+    (bytes.div_ceil(BUDGET_UNIT)) as u32
 }
 
 /// Reads and drops `len` bytes of a payload rsd will refuse.
@@ -136,6 +163,7 @@ pub(super) async fn read_request(
     rd: &mut (impl AsyncRead + Unpin),
     extended: bool,
     pool: &BufPool,
+    budget: &Arc<Semaphore>,
 ) -> std::io::Result<Option<Request>> {
     let mut h = [0u8; 32];
     let h = &mut h[..header_len(extended)];
@@ -151,6 +179,18 @@ pub(super) async fn read_request(
         offset,
         len,
     } = parse_header(h, extended)?;
+    // Waits, before reading a payload or running a read, until the
+    // requests before it leave room.
+    let held = match held_units(kind, len) {
+        0 => None,
+        n => Some(
+            budget
+                .clone()
+                .acquire_many_owned(n)
+                .await
+                .map_err(std::io::Error::other)?,
+        ),
+    };
     let mut payload = Vec::new();
     let mut len = len;
     let mut contexts = None;
@@ -200,6 +240,7 @@ pub(super) async fn read_request(
         buf: Vec::new(),
         contexts,
         invalid,
+        held,
     }))
 }
 

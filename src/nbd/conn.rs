@@ -41,6 +41,7 @@ pub async fn transmission(
     let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = data_budget();
     let mut out: Vec<u8> = Vec::new();
     let pool = BufPool::default();
     // Set once the client is known to be gone (EOF or an error without
@@ -60,7 +61,7 @@ pub async fn transmission(
         let idle = slots.available_permits() == MAX_IN_FLIGHT - 1 && out.is_empty();
         may_spin.store(idle, std::sync::atomic::Ordering::Relaxed);
         let req = tokio::select! {
-            r = read_request(&mut rd, s.extended, &pool) => r,
+            r = read_request(&mut rd, s.extended, &pool, &budget) => r,
             _ = closing.wait_for(|c| *c) => break,
         };
         let Ok(Some(mut req)) = req else {
@@ -73,6 +74,8 @@ pub async fn transmission(
         if req.kind == CMD_DISC {
             break;
         }
+        // Released once the reply is written (or copied into `out`).
+        let held = req.held.take();
         let s2 = s.clone();
         let offload = req.kind == CMD_WRITE && req.len >= OFFLOAD_WRITE;
         let (cookie, offset) = (req.cookie, req.offset);
@@ -121,6 +124,7 @@ pub async fn transmission(
                     out.extend_from_slice(reply.bytes());
                 }
                 pool.give(reply.buf);
+                drop(held);
             }
             std::task::Poll::Pending => {
                 let (wr, pool, gone) = (wr.clone(), pool.clone(), gone.clone());
@@ -130,6 +134,7 @@ pub async fn transmission(
                         gone.cancel();
                     }
                     pool.give(reply.buf);
+                    drop(held);
                     drop(permit);
                 };
                 tokio::spawn(task.instrument(conn_span(&s)));

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use nix::libc;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::abi::{self, Header, InitReply, Op};
 use super::fs::{Fs, Reply, WriteData};
@@ -31,6 +32,12 @@ const MAX_BACKGROUND: u16 = 128;
 const COPY_WRITE: usize = 64 << 10;
 /// Requests read before the loop lets the tasks run.
 const BATCH: usize = 64;
+/// Requests served at once; the kernel keeps the rest queued (on the
+/// processes that made them). Each may hold a buffer of up to 1 MiB,
+/// so this bounds the session's memory (docs/reliability.md): the
+/// kernel's background limit alone does not, as each thread doing
+/// direct or synchronous I/O adds a request of its own.
+const MAX_IN_FLIGHT: usize = MAX_BACKGROUND as usize;
 
 /// Opens /dev/fuse and mounts it on `mountpoint` as a regular file with
 /// the options libfuse uses for QEMU: nosuid, nodev, default_permissions,
@@ -125,18 +132,36 @@ pub async fn run(dev: File, fs: Fs) -> std::io::Result<()> {
     let dev = Arc::new(dev);
     let fs = Arc::new(fs);
     let mut buf = fs.pool.take();
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
+        // Wait for a free slot before reading a request.
+        let mut slot = Some(
+            slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?,
+        );
         // ERROR too: a disconnected /dev/fuse polls as EPOLLERR only.
         let mut ready = dev.ready(Interest::READABLE | Interest::ERROR).await?;
         let mut drained = false;
         for _ in 0..BATCH {
+            let Some(permit) = slot
+                .take()
+                .or_else(|| slots.clone().try_acquire_owned().ok())
+            else {
+                break;
+            };
             let n = match ready.try_io(|d| d.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => match e.raw_os_error() {
                     // The connection is gone: the session ends.
                     Some(libc::ENODEV) => return Ok(()),
                     // A request interrupted before it was read.
-                    Some(libc::ENOENT) | Some(libc::EINTR) => continue,
+                    Some(libc::ENOENT) | Some(libc::EINTR) => {
+                        slot = Some(permit);
+                        continue;
+                    }
                     _ => return Err(e),
                 },
                 // Nothing more for now: the tasks run while the loop
@@ -146,12 +171,13 @@ pub async fn run(dev: File, fs: Fs) -> std::io::Result<()> {
                     break;
                 }
             };
-            if !dispatch(&dev, &fs, &mut buf, n) {
+            if !dispatch(&dev, &fs, &mut buf, n, permit) {
                 return Ok(());
             }
         }
         if !drained {
-            // A full batch: let its tasks run before reading more.
+            // A full batch (or every slot busy): let the tasks run
+            // before reading more.
             tokio::task::yield_now().await;
         }
     }
@@ -160,7 +186,13 @@ pub async fn run(dev: File, fs: Fs) -> std::io::Result<()> {
 /// Decodes one request of `n` bytes in `buf` and answers it, inline for
 /// INIT and the malformed, in a task of its own otherwise. False when the
 /// kernel ends the session (DESTROY).
-fn dispatch(dev: &Arc<AsyncFd<File>>, fs: &Arc<Fs>, buf: &mut Vec<u8>, n: usize) -> bool {
+fn dispatch(
+    dev: &Arc<AsyncFd<File>>,
+    fs: &Arc<Fs>,
+    buf: &mut Vec<u8>,
+    n: usize,
+    slot: OwnedSemaphorePermit,
+) -> bool {
     let req = &buf[..n];
     let Some(h) = Header::parse(req) else {
         // Not even a header: nothing to answer to.
@@ -198,6 +230,7 @@ fn dispatch(dev: &Arc<AsyncFd<File>>, fs: &Arc<Fs>, buf: &mut Vec<u8>, n: usize)
     tokio::spawn(async move {
         let reply = fs.serve(op, data).await;
         send(dev.get_ref(), h.unique, reply, &fs);
+        drop(slot);
     });
     true
 }

@@ -1,0 +1,3 @@
+#![no_main]
+// The body is rsd::fuzzing::keyval, which tests/fuzz_replay.rs also runs.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rsd::fuzzing::keyval(data));
