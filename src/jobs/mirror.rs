@@ -199,7 +199,7 @@ async fn run(sh: Arc<Shared>, m: Mirror) -> Result<(), String> {
     let mut in_flight = 0u64;
     let mut copied = 0u64;
     let mut cursor = 0u64;
-    let mut pace = Pace::new(m.buf_size);
+    let mut pace = Pace::spread(m.buf_size, MAX_CHUNK);
     let bufs = Buffers::new(MAX_CHUNK as usize);
     let progress = |copied: u64, in_flight: u64| {
         let remaining = m.dirty.dirty_bytes().min(size) + in_flight;
