@@ -1,0 +1,357 @@
+//! Fault injection (issue 22): blkdebug's `inject-error` fails reads,
+//! writes, write-zeroes, discards and flushes under every export and
+//! every block job, and the NBD client driver loses its server. Each
+//! case checks the documented answer and, where QSD can run the same
+//! case, that QSD gives the same one:
+//! - exports: the request gets the error (NBD: the errno's NBD error;
+//!   vhost-user-blk: VIRTIO_BLK_S_IOERR; FUSE: the errno), nothing of a
+//!   failed write lands, and the same connection serves the next
+//!   request with the right data;
+//! - jobs: each on-error policy's BLOCK_JOB_ERROR, the job's status and
+//!   io-status, and after a stop the resumed job's data;
+//! - nbd driver: past reconnect-delay a request fails with EIO and the
+//!   job's policy applies.
+//!
+//! The tables below are the cases (docs/reliability.md counts them).
+//! Rules use `iotype` with an event QEMU raises before that request (or
+//! `once`), so rsd and QSD fail the same requests (differences entry 41).
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
+/// Every case's image: 2 MiB of 0x11.
+const IMG: u64 = 2 << 20;
+/// Where the failing request goes: the rules name its first sector.
+const BAD: u64 = 1 << 20;
+const BAD_SECTOR: u64 = BAD / 512;
+/// Where the request that must succeed afterwards goes.
+const GOOD: u64 = 512 << 10;
+const LEN: u32 = 64 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Zero,
+    Discard,
+    Flush,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Read, Op::Write, Op::Zero, Op::Discard, Op::Flush];
+
+    /// The rule failing this kind of request at BAD: the iotype and an
+    /// event QEMU raises before it (a discard raises none, so QSD needs
+    /// an earlier write's `write_aio`; a flush needs a write before it
+    /// anyway, or QEMU skips it), with no sector for a flush.
+    fn rule(self, errno: i32) -> String {
+        let (event, iotype) = match self {
+            Op::Read => ("read_aio", "read"),
+            Op::Write => ("write_aio", "write"),
+            Op::Zero => ("pwritev_zero", "write-zeroes"),
+            Op::Discard => ("write_aio", "discard"),
+            Op::Flush => ("flush_to_os", "flush"),
+        };
+        let sector = if self == Op::Flush {
+            String::new()
+        } else {
+            format!(",\"sector\":{BAD_SECTOR}")
+        };
+        format!(r#"{{"event":"{event}","iotype":"{iotype}","errno":{errno}{sector}}}"#)
+    }
+}
+
+/// One export case: the kind of request that fails, and its errno.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    op: Op,
+    errno: i32,
+}
+
+fn export_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for errno in [EIO, ENOSPC] {
+        for op in Op::ALL {
+            v.push(Case { op, errno });
+        }
+    }
+    v
+}
+
+/// `raw` over `blkdebug` over `file` on `img`, named `name`, discards
+/// passed down (QEMU drops them at a node without discard=unmap).
+fn debug_node(name: &str, img: &str, rules: &str) -> String {
+    format!(
+        r#"{{"driver":"raw","node-name":"{name}","discard":"unmap","file":{{"driver":"blkdebug","node-name":"{name}-dbg","discard":"unmap","image":{{"driver":"file","filename":"{img}","discard":"unmap"}},"inject-error":[{rules}]}}}}"#
+    )
+}
+
+fn filled_image(path: &str) {
+    make_image(path, "raw", &IMG.to_string(), Some((0x11, "2M")));
+}
+
+/// A daemon's monitor, once it serves.
+fn start(which: Which, dir: &TempDir, extra: Vec<String>) -> (Daemon, Qmp) {
+    let mut a = monitor_args(&dir.s("q.sock"));
+    a.extend(extra);
+    let d = Daemon::spawn(which, &a);
+    let q = Qmp::ready(&dir.path("q.sock"));
+    (d, q)
+}
+
+/// Quits and waits for the daemon to exit (FUSE mounts go with it).
+fn quit(mut d: Daemon, mut q: Qmp) {
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(30), Some(0), "{:?} did not quit", d.which);
+}
+
+// ---------------------------------------------------------------- NBD
+
+/// A minimal NBD client with simple replies (QSD drops a client whose
+/// read fails when structured replies are on, differences entry 51).
+struct Nbd {
+    s: UnixStream,
+    cookie: u64,
+}
+
+const NBD_READ: u16 = 0;
+const NBD_WRITE: u16 = 1;
+const NBD_FLUSH: u16 = 3;
+const NBD_TRIM: u16 = 4;
+const NBD_WRITE_ZEROES: u16 = 6;
+
+impl Nbd {
+    fn connect(path: &Path, export: &str) -> Nbd {
+        let mut s = UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("hello");
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        // NBD_OPT_GO with the export's name and no info requests.
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        b.extend_from_slice(&7u32.to_be_bytes());
+        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        b.extend_from_slice(&d);
+        s.write_all(&b).expect("go");
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("option reply");
+            let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).expect("option data");
+            if kind == 1 {
+                break;
+            }
+            assert_eq!(kind, 3, "{export}: NBD_REP_INFO or ACK, not {kind:#x}");
+        }
+        Nbd { s, cookie: 1 }
+    }
+
+    /// One request; its NBD error and, for a good read, the data.
+    fn request(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+        self.cookie += 1;
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&self.cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).expect("request");
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("reply");
+        assert_eq!(h[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        assert_eq!(h[8..16], self.cookie.to_be_bytes(), "cookie");
+        let mut data = Vec::new();
+        if err == 0 && kind == NBD_READ {
+            data = vec![0u8; len as usize];
+            self.s.read_exact(&mut data).expect("read data");
+        }
+        (err, data)
+    }
+}
+
+/// What a run of requests gave, one line per request.
+fn summary(what: &str, result: Result<Vec<u8>, String>) -> String {
+    match result {
+        Ok(d) if d.is_empty() => format!("{what}: ok"),
+        Ok(d) => {
+            let first = d[0];
+            let same = d.iter().all(|b| *b == first);
+            format!("{what}: ok, {} bytes of {first:#x}{}", d.len(), if same { "" } else { " and others" })
+        }
+        Err(e) => format!("{what}: {e}"),
+    }
+}
+
+/// The requests every export case makes, as the case's transcript: the
+/// failing request at BAD, the same kind elsewhere, and a read of BAD
+/// (for a failed write, zeroing or discard: the old data is still there).
+/// `io` runs one request; an error is its error code as text.
+fn case_steps(
+    c: Case,
+    io: &mut dyn FnMut(Op, u64, u32, u8) -> Result<Vec<u8>, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if matches!(c.op, Op::Discard | Op::Flush) {
+        out.push(summary("write 0", io(Op::Write, 0, 4096, 0x22)));
+    }
+    out.push(summary(&format!("{:?} at BAD", c.op), io(c.op, BAD, LEN, 0x33)));
+    if c.op != Op::Flush {
+        out.push(summary(&format!("{:?} at GOOD", c.op), io(c.op, GOOD, LEN, 0x44)));
+    }
+    let read_at = if c.op == Op::Read { GOOD + u64::from(LEN) } else { BAD };
+    out.push(summary("read after", io(Op::Read, read_at, LEN, 0)));
+    out
+}
+
+/// What each case must give, whatever the export: the failing request's
+/// error, then success, and the image's old data at BAD.
+fn check_case(c: Case, lines: &[String], err_text: &str) {
+    let text = lines.join("\n");
+    let at_bad = lines
+        .iter()
+        .find(|l| l.contains("at BAD"))
+        .expect("the failing request");
+    assert!(at_bad.ends_with(err_text), "{c:?}: {text}");
+    for l in lines.iter().filter(|l| !l.contains("at BAD")) {
+        assert!(l.contains(": ok"), "{c:?}: {text}");
+    }
+    let last = lines.last().expect("the read after");
+    assert!(
+        last.ends_with(&format!("ok, {LEN} bytes of 0x11")),
+        "{c:?}: {text}"
+    );
+}
+
+fn nbd_io(n: &mut Nbd, op: Op, off: u64, len: u32, fill: u8) -> Result<Vec<u8>, String> {
+    let payload = vec![fill; len as usize];
+    let (err, data) = match op {
+        Op::Read => n.request(NBD_READ, off, len, &[]),
+        Op::Write => n.request(NBD_WRITE, off, len, &payload),
+        Op::Zero => n.request(NBD_WRITE_ZEROES, off, len, &[]),
+        Op::Discard => n.request(NBD_TRIM, off, len, &[]),
+        Op::Flush => n.request(NBD_FLUSH, 0, 0, &[]),
+    };
+    if err == 0 {
+        Ok(data)
+    } else {
+        Err(format!("NBD error {err}"))
+    }
+}
+
+fn nbd_transcripts(which: Which) -> Vec<Vec<String>> {
+    let dir = TempDir::new();
+    let cases = export_cases();
+    let mut a = args(&["--nbd-server", &format!("addr.type=unix,addr.path={}", dir.s("n.sock"))]);
+    for (i, c) in cases.iter().enumerate() {
+        let img = dir.s(&format!("{i}.raw"));
+        filled_image(&img);
+        a.push("--blockdev".into());
+        a.push(debug_node(&format!("n{i}"), &img, &c.op.rule(c.errno)));
+        a.push("--export".into());
+        a.push(format!("type=nbd,id=e{i},node-name=n{i},writable=on"));
+    }
+    let (d, q) = start(which, &dir, a);
+    let mut out = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let mut n = Nbd::connect(&dir.path("n.sock"), &format!("n{i}"));
+        out.push(case_steps(*c, &mut |op, off, len, fill| {
+            nbd_io(&mut n, op, off, len, fill)
+        }));
+    }
+    quit(d, q);
+    out
+}
+
+/// NBD: each kind of request failed with EIO and ENOSPC gets NBD_EIO and
+/// NBD_ENOSPC (the errno values), the connection serves the next request,
+/// and QSD answers every request the same.
+#[test]
+fn nbd_export_answers_injected_errors_as_qsd() {
+    let cases = export_cases();
+    let all: Vec<Vec<Vec<String>>> = Which::all().into_iter().map(nbd_transcripts).collect();
+    for (i, c) in cases.iter().enumerate() {
+        check_case(*c, &all[0][i], &format!("NBD error {}", c.errno));
+        if all.len() == 2 {
+            assert_eq!(all[0][i], all[1][i], "{c:?}: rsd, then QSD");
+        }
+    }
+}
+
+/// The events a rule without `iotype` names, with `once`: which request
+/// of a mixed run each fails (QEMU raises `read_aio`/`write_aio` in the
+/// raw node above blkdebug, `pwritev`/`pwritev_zero` in the block layer
+/// on blkdebug's own writes, `flush_to_os` on a flush of the raw node).
+const EVENTS: [(&str, Op); 5] = [
+    ("read_aio", Op::Read),
+    ("write_aio", Op::Write),
+    ("pwritev", Op::Write),
+    ("pwritev_zero", Op::Zero),
+    ("flush_to_os", Op::Flush),
+];
+
+fn event_transcripts(which: Which) -> Vec<Vec<String>> {
+    let dir = TempDir::new();
+    let mut a = args(&["--nbd-server", &format!("addr.type=unix,addr.path={}", dir.s("n.sock"))]);
+    for (i, (event, _)) in EVENTS.iter().enumerate() {
+        let img = dir.s(&format!("{i}.raw"));
+        filled_image(&img);
+        let rule = format!(r#"{{"event":"{event}","once":true,"errno":{EIO}}}"#);
+        a.push("--blockdev".into());
+        a.push(debug_node(&format!("n{i}"), &img, &rule));
+        a.push("--export".into());
+        a.push(format!("type=nbd,id=e{i},node-name=n{i},writable=on"));
+    }
+    let (d, q) = start(which, &dir, a);
+    let mut out = Vec::new();
+    for i in 0..EVENTS.len() {
+        let mut n = Nbd::connect(&dir.path("n.sock"), &format!("n{i}"));
+        let mut lines = Vec::new();
+        // Each kind twice: `once` fails only the first of its kind.
+        for round in 0..2u64 {
+            let base = round * 512 << 10;
+            for (op, off) in [
+                (Op::Zero, base),
+                (Op::Write, base + 64 * 1024),
+                (Op::Read, base + 128 * 1024),
+                (Op::Flush, 0),
+                (Op::Discard, base + 192 * 1024),
+            ] {
+                let r = nbd_io(&mut n, op, off, LEN, 0x44);
+                lines.push(summary(&format!("{op:?} {off}"), r));
+            }
+        }
+        out.push(lines);
+    }
+    quit(d, q);
+    out
+}
+
+/// Each event fails the first request of its kind, once, and nothing
+/// else, in rsd as in QSD.
+#[test]
+fn blkdebug_events_fail_the_requests_qsd_fails() {
+    let all: Vec<Vec<Vec<String>>> = Which::all().into_iter().map(event_transcripts).collect();
+    for (i, (event, op)) in EVENTS.iter().enumerate() {
+        let lines = &all[0][i];
+        let failed: Vec<&String> = lines.iter().filter(|l| l.contains("error")).collect();
+        assert_eq!(failed.len(), 1, "{event}: {lines:#?}");
+        assert!(failed[0].starts_with(&format!("{op:?} ")), "{event}: {lines:#?}");
+        if all.len() == 2 {
+            assert_eq!(all[0][i], all[1][i], "{event}: rsd, then QSD");
+        }
+    }
+}
