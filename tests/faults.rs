@@ -21,6 +21,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::fuse::Aligned;
+use crate::vhost_user::{Guest, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
+use std::os::unix::fs::OpenOptionsExt;
 
 const EIO: i32 = 5;
 const ENOSPC: i32 = 28;
@@ -352,6 +355,151 @@ fn blkdebug_events_fail_the_requests_qsd_fails() {
         assert!(failed[0].starts_with(&format!("{op:?} ")), "{event}: {lines:#?}");
         if all.len() == 2 {
             assert_eq!(all[0][i], all[1][i], "{event}: rsd, then QSD");
+        }
+    }
+}
+
+// ------------------------------------------------------ vhost-user-blk
+
+fn vhost_io(g: &mut Guest, op: Op, off: u64, len: u32, fill: u8) -> Result<Vec<u8>, String> {
+    let sector = off / 512;
+    let data = vec![fill; len as usize];
+    let seg = |s, n| Guest::discard_seg(s, n, 0);
+    let req = match op {
+        Op::Read => g.req(T_IN, sector, &[], &[len]),
+        Op::Write => g.req(T_OUT, sector, &[&data], &[]),
+        Op::Zero => g.req(T_WRITE_ZEROES, 0, &[&seg(sector, len / 512)], &[]),
+        Op::Discard => g.req(T_DISCARD, 0, &[&seg(sector, len / 512)], &[]),
+        Op::Flush => g.req(T_FLUSH, 0, &[], &[]),
+    };
+    let a = g.submit(0, vec![req]).pop().expect("an answer");
+    match a.status {
+        Some(0) => Ok(a.data),
+        other => Err(format!("status {other:?}")),
+    }
+}
+
+fn vhost_transcripts(which: Which) -> Vec<Vec<String>> {
+    let dir = TempDir::new();
+    let cases = export_cases();
+    let mut a = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let img = dir.s(&format!("{i}.raw"));
+        filled_image(&img);
+        a.push("--blockdev".into());
+        a.push(debug_node(&format!("v{i}"), &img, &c.op.rule(c.errno)));
+        a.push("--export".into());
+        a.push(format!(
+            "type=vhost-user-blk,id=e{i},node-name=v{i},writable=on,addr.type=unix,addr.path={}",
+            dir.s(&format!("v{i}.sock"))
+        ));
+    }
+    let (d, q) = start(which, &dir, a);
+    let mut out = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let mut g = Guest::connect(&dir.path(&format!("v{i}.sock")), 1);
+        out.push(case_steps(*c, &mut |op, off, len, fill| {
+            vhost_io(&mut g, op, off, len, fill)
+        }));
+    }
+    quit(d, q);
+    out
+}
+
+/// vhost-user-blk: every injected error is VIRTIO_BLK_S_IOERR (1) and
+/// the queue serves the next request, as in QSD.
+#[test]
+fn vhost_user_export_answers_injected_errors_as_qsd() {
+    let cases = export_cases();
+    let all: Vec<Vec<Vec<String>>> = Which::all().into_iter().map(vhost_transcripts).collect();
+    for (i, c) in cases.iter().enumerate() {
+        check_case(*c, &all[0][i], "status Some(1)");
+        if all.len() == 2 {
+            assert_eq!(all[0][i], all[1][i], "{c:?}: rsd, then QSD");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- FUSE
+
+fn fuse_io(f: &std::fs::File, op: Op, off: u64, len: u32, fill: u8) -> Result<Vec<u8>, String> {
+    use nix::fcntl::{fallocate, FallocateFlags as F};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut buf = Aligned::new(len as usize, fill);
+    let errno = |e: std::io::Error| format!("errno {}", e.raw_os_error().unwrap_or(0));
+    let keep = F::FALLOC_FL_KEEP_SIZE;
+    let (off_t, len_t) = (off as i64, i64::from(len));
+    match op {
+        Op::Read => {
+            let n = f.read_at(buf.buf(), off).map_err(errno)?;
+            Ok(buf.buf()[..n].to_vec())
+        }
+        Op::Write => f.write_at(buf.buf(), off).map(|_| Vec::new()).map_err(errno),
+        Op::Zero => fallocate(f.as_raw_fd(), F::FALLOC_FL_ZERO_RANGE | keep, off_t, len_t)
+            .map(|_| Vec::new())
+            .map_err(|e| errno(e.into())),
+        Op::Discard => fallocate(f.as_raw_fd(), F::FALLOC_FL_PUNCH_HOLE | keep, off_t, len_t)
+            .map(|_| Vec::new())
+            .map_err(|e| errno(e.into())),
+        Op::Flush => f.sync_all().map(|_| Vec::new()).map_err(errno),
+    }
+}
+
+fn fuse_transcripts(which: Which) -> Vec<Vec<String>> {
+    let dir = TempDir::new();
+    let cases = export_cases();
+    let mut a = Vec::new();
+    let mounts: Vec<String> = (0..cases.len()).map(|i| dir.s(&format!("m{i}"))).collect();
+    for (i, c) in cases.iter().enumerate() {
+        let img = dir.s(&format!("{i}.raw"));
+        filled_image(&img);
+        std::fs::write(&mounts[i], b"").expect("mount point");
+        a.push("--blockdev".into());
+        // A punched hole is a write-zeroes that may unmap, in QSD as in
+        // rsd (FUSE has no discard), so the zeroes' rule fails it.
+        let rule_op = if c.op == Op::Discard { Op::Zero } else { c.op };
+        a.push(debug_node(&format!("f{i}"), &img, &rule_op.rule(c.errno)));
+        a.push("--export".into());
+        a.push(format!(
+            "type=fuse,id=e{i},node-name=f{i},writable=on,mountpoint={}",
+            mounts[i]
+        ));
+    }
+    let (d, q) = start(which, &dir, a);
+    let mut out = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        crate::fuse::wait_mount(&mounts[i], true);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&mounts[i])
+            .expect("open the mount with O_DIRECT");
+        out.push(case_steps(*c, &mut |op, off, len, fill| {
+            fuse_io(&f, op, off, len, fill)
+        }));
+    }
+    quit(d, q);
+    for m in &mounts {
+        crate::fuse::wait_mount(m, false);
+    }
+    out
+}
+
+/// FUSE: the system call fails with the injected errno and the mount
+/// serves the next one, as in QSD.
+#[test]
+fn fuse_export_answers_injected_errors_as_qsd() {
+    if crate::fuse::fuse_missing() {
+        return;
+    }
+    let cases = export_cases();
+    let all: Vec<Vec<Vec<String>>> = Which::all().into_iter().map(fuse_transcripts).collect();
+    for (i, c) in cases.iter().enumerate() {
+        check_case(*c, &all[0][i], &format!("errno {}", c.errno));
+        if all.len() == 2 {
+            assert_eq!(all[0][i], all[1][i], "{c:?}: rsd, then QSD");
         }
     }
 }
