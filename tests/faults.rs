@@ -503,3 +503,377 @@ fn fuse_export_answers_injected_errors_as_qsd() {
         }
     }
 }
+
+// ---------------------------------------------------------------- jobs
+
+/// The block jobs and where their error comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JobKind {
+    /// blockdev-mirror, the source failing a read / the target a write.
+    MirrorSource,
+    MirrorTarget,
+    /// blockdev-backup, likewise.
+    BackupSource,
+    BackupTarget,
+    /// block-stream, the backing node failing a read.
+    Stream,
+    /// block-commit of an intermediate layer, the base failing a write.
+    Commit,
+    /// block-commit of the active layer (a mirror), the base failing a write.
+    ActiveCommit,
+}
+
+impl JobKind {
+    const ALL: [JobKind; 7] = [
+        JobKind::MirrorSource,
+        JobKind::MirrorTarget,
+        JobKind::BackupSource,
+        JobKind::BackupTarget,
+        JobKind::Stream,
+        JobKind::Commit,
+        JobKind::ActiveCommit,
+    ];
+    fn operation(self) -> &'static str {
+        match self {
+            JobKind::MirrorSource | JobKind::BackupSource | JobKind::Stream => "read",
+            _ => "write",
+        }
+    }
+}
+
+/// The policies, each with the errno injected: enospc stops on ENOSPC
+/// and reports anything else.
+const POLICIES: [(&str, i32); 5] = [
+    ("report", EIO),
+    ("ignore", EIO),
+    ("stop", EIO),
+    ("enospc", ENOSPC),
+    ("enospc", EIO),
+];
+
+/// The action a policy takes for an errno.
+fn action(policy: &str, errno: i32) -> &'static str {
+    match (policy, errno) {
+        ("ignore", _) => "ignore",
+        ("stop", _) | ("enospc", ENOSPC) => "stop",
+        _ => "report",
+    }
+}
+
+/// A rule failing one request (`once`) of the job's at BAD.
+fn once_rule(op: &str, errno: i32) -> String {
+    let (event, iotype) = if op == "read" {
+        ("read_aio", "read")
+    } else {
+        ("write_aio", "write")
+    };
+    format!(
+        r#"{{"event":"{event}","iotype":"{iotype}","errno":{errno},"sector":{BAD_SECTOR},"once":true}}"#
+    )
+}
+
+fn raw_node(name: &str, img: &str) -> String {
+    format!(r#"{{"driver":"raw","node-name":"{name}","file":{{"driver":"file","filename":"{img}"}}}}"#)
+}
+
+fn qcow2_node(name: &str, img: &str, backing: &str) -> String {
+    format!(
+        r#"{{"driver":"qcow2","node-name":"{name}","file":{{"driver":"file","filename":"{img}"}},"backing":"{backing}"}}"#
+    )
+}
+
+/// Images and nodes of case `i` of `kind`, and the command starting
+/// its job `j{i}`.
+fn job_setup(kind: JobKind, dir: &TempDir, i: usize, policy: &str, errno: i32) -> (Vec<String>, String) {
+    let f = |n: &str| dir.s(&format!("{n}{i}.{}", if n == "s" || n == "t" || n == "b" { "raw" } else { "qcow2" }));
+    let rule = once_rule(kind.operation(), errno);
+    let id = format!("j{i}");
+    match kind {
+        JobKind::MirrorSource | JobKind::MirrorTarget | JobKind::BackupSource | JobKind::BackupTarget => {
+            filled_image(&f("s"));
+            make_image(&f("t"), "raw", &IMG.to_string(), None);
+            let source_fails = matches!(kind, JobKind::MirrorSource | JobKind::BackupSource);
+            let (src, tgt) = if source_fails {
+                (debug_node(&format!("src{i}"), &f("s"), &rule), raw_node(&format!("tgt{i}"), &f("t")))
+            } else {
+                (raw_node(&format!("src{i}"), &f("s")), debug_node(&format!("tgt{i}"), &f("t"), &rule))
+            };
+            let side = if source_fails { "on-source-error" } else { "on-target-error" };
+            let verb = if matches!(kind, JobKind::MirrorSource | JobKind::MirrorTarget) {
+                "blockdev-mirror"
+            } else {
+                "blockdev-backup"
+            };
+            // QEMU's backup may offload a copy (copy_range), which raises
+            // no read or write event: off, as rsd always reads and writes.
+            let perf = if verb == "blockdev-backup" {
+                r#","x-perf":{"use-copy-range":false}"#
+            } else {
+                ""
+            };
+            let cmd = format!(
+                r#"{{"execute":"{verb}","arguments":{{"job-id":"{id}","device":"src{i}","target":"tgt{i}","sync":"full","{side}":"{policy}"{perf}}}}}"#
+            );
+            (vec![src, tgt], cmd)
+        }
+        JobKind::Stream => {
+            filled_image(&f("b"));
+            let top = f("top");
+            ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &f("b"), &top]));
+            let cmd = format!(
+                r#"{{"execute":"block-stream","arguments":{{"job-id":"{id}","device":"top{i}","on-error":"{policy}"}}}}"#
+            );
+            (
+                vec![debug_node(&format!("base{i}"), &f("b"), &rule), qcow2_node(&format!("top{i}"), &top, &format!("base{i}"))],
+                cmd,
+            )
+        }
+        JobKind::Commit | JobKind::ActiveCommit => {
+            make_image(&f("b"), "raw", &IMG.to_string(), None);
+            let (mid, top) = (f("mid"), f("top"));
+            let mut nodes = vec![debug_node(&format!("base{i}"), &f("b"), &rule)];
+            // The data to commit is 0x22 over all of the layer committed.
+            let layer = if kind == JobKind::Commit { &mid } else { &top };
+            ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &f("b"), layer]));
+            ok(&run("qemu-io", &["-f", "qcow2", "-c", "write -q -P 0x22 0 2M", layer]));
+            let cmd = if kind == JobKind::Commit {
+                ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &top]));
+                nodes.push(qcow2_node(&format!("mid{i}"), &mid, &format!("base{i}")));
+                nodes.push(qcow2_node(&format!("top{i}"), &top, &format!("mid{i}")));
+                format!(
+                    r#"{{"execute":"block-commit","arguments":{{"job-id":"{id}","device":"top{i}","top-node":"mid{i}","base-node":"base{i}","on-error":"{policy}"}}}}"#
+                )
+            } else {
+                nodes.push(qcow2_node(&format!("top{i}"), &top, &format!("base{i}")));
+                format!(
+                    r#"{{"execute":"block-commit","arguments":{{"job-id":"{id}","device":"top{i}","on-error":"{policy}"}}}}"#
+                )
+            };
+            (nodes, cmd)
+        }
+    }
+}
+
+/// After the daemon quit: the data a job that succeeded leaves.
+fn job_data_ok(kind: JobKind, dir: &TempDir, i: usize) -> Result<(), String> {
+    let f = |n: &str, ext: &str| dir.s(&format!("{n}{i}.{ext}"));
+    let out = match kind {
+        JobKind::MirrorSource | JobKind::MirrorTarget | JobKind::BackupSource | JobKind::BackupTarget => run(
+            "qemu-img",
+            &["compare", "-q", "-f", "raw", "-F", "raw", &f("s", "raw"), &f("t", "raw")],
+        ),
+        // The top holds everything, its backing file gone.
+        JobKind::Stream => run(
+            "qemu-io",
+            &[
+                "-c",
+                "read -q -P 0x11 0 2M",
+                &format!(
+                    r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#,
+                    f("top", "qcow2")
+                ),
+            ],
+        ),
+        JobKind::Commit | JobKind::ActiveCommit => run(
+            "qemu-io",
+            &["-f", "raw", "-c", "read -q -P 0x22 0 2M", &f("b", "raw")],
+        ),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && !text.contains("fail") {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// Runs every policy's job of `kind`, one after the other, in one daemon and returns
+/// each job's transcript: its status changes, errors, end, the state a
+/// stopped job is in (query-block-jobs) before it is resumed, and
+/// whether its data is right afterwards. A READY job is completed.
+fn job_transcripts(which: Which, kind: JobKind) -> Vec<Vec<String>> {
+    let dir = TempDir::new();
+    let mut a = Vec::new();
+    let mut cmds = Vec::new();
+    for (i, (policy, errno)) in POLICIES.iter().enumerate() {
+        let (nodes, cmd) = job_setup(kind, &dir, i, policy, *errno);
+        for n in nodes {
+            a.push("--blockdev".into());
+            a.push(n);
+        }
+        cmds.push(cmd);
+    }
+    if std::env::var("FAULTS_DEBUG").is_ok() { eprintln!("{which:?} {a:?} {cmds:?}"); }
+    let (d, mut q) = start(which, &dir, a);
+    let n = POLICIES.len();
+    let mut log: Vec<Vec<String>> = vec![Vec::new(); n];
+    let mut stopped = vec![false; n];
+    let mut gone = vec![false; n];
+    // Replies come in order: what each one answers (None: nothing kept).
+    let mut awaiting: std::collections::VecDeque<Option<usize>> = Default::default();
+    // One job at a time: in QSD a job's start drains the graph, which
+    // can make another job's blkdebug rule miss its request.
+    q.send(cmds[0].as_bytes());
+    awaiting.push_back(None);
+    let job = |v: &serde_json::Value, key: &str| -> Option<usize> {
+        v["data"][key].as_str()?.strip_prefix('j')?.parse().ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while gone.iter().any(|g| !g) {
+        assert!(Instant::now() < deadline, "{which:?} {kind:?}: jobs never ended: {log:#?}");
+        if !q.readable_within(200) {
+            continue;
+        }
+        let l = q.line();
+        assert!(!l.is_empty(), "{which:?}: EOF");
+        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+        if v.get("return").is_some() || v.get("error").is_some() {
+            match awaiting.pop_front().flatten() {
+                Some(i) => {
+                    let jobs = v["return"].as_array().cloned().unwrap_or_default();
+                    let me = jobs.iter().find(|j| j["device"] == format!("j{i}"));
+                    let me = me.cloned().unwrap_or_default();
+                    log[i].push(format!(
+                        "query: status {} io-status {}",
+                        me["status"], me["io-status"]
+                    ));
+                    q.send(format!(r#"{{"execute":"job-resume","arguments":{{"id":"j{i}"}}}}"#).as_bytes());
+                    awaiting.push_back(None);
+                }
+                None => assert!(v.get("error").is_none(), "{which:?} {kind:?}: {v} {log:#?}"),
+            }
+            continue;
+        }
+        let event = v["event"].as_str().unwrap_or_default();
+        match event {
+            "JOB_STATUS_CHANGE" => {
+                let Some(i) = job(&v, "id") else { continue };
+                let status = v["data"]["status"].as_str().unwrap_or_default().to_string();
+                // QSD pauses every job while another's command drains the
+                // graph (paused/running, standby/ready passes): only the
+                // first running and ready are kept; a stop's pause shows in
+                // the query below.
+                let seen = log[i].contains(&status);
+                let transient = matches!(status.as_str(), "paused" | "standby")
+                    || (seen && matches!(status.as_str(), "running" | "ready"));
+                if !transient {
+                    log[i].push(status.clone());
+                }
+                if status == "ready" && !seen {
+                    q.send(format!(r#"{{"execute":"job-complete","arguments":{{"id":"j{i}"}}}}"#).as_bytes());
+                    awaiting.push_back(None);
+                }
+                if status == "paused" && stopped[i] {
+                    stopped[i] = false;
+                    q.send(br#"{"execute":"query-block-jobs"}"#);
+                    awaiting.push_back(Some(i));
+                }
+                if status == "null" {
+                    gone[i] = true;
+                    if let Some(c) = cmds.get(i + 1) {
+                        q.send(c.as_bytes());
+                        awaiting.push_back(None);
+                    }
+                }
+            }
+            "BLOCK_JOB_ERROR" => {
+                let Some(i) = job(&v, "device") else { continue };
+                let d = &v["data"];
+                log[i].push(format!("BLOCK_JOB_ERROR {} {}", d["operation"], d["action"]));
+                stopped[i] |= d["action"] == "stop";
+            }
+            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
+                let Some(i) = job(&v, "device") else { continue };
+                let d = &v["data"];
+                log[i].push(format!("{event} error {}", d["error"]));
+            }
+            _ => {}
+        }
+    }
+    quit(d, q);
+    for (i, l) in log.iter_mut().enumerate() {
+        let data = match job_data_ok(kind, &dir, i) {
+            Ok(()) => "data right".to_string(),
+            Err(_) => "data not copied".to_string(),
+        };
+        l.push(data);
+    }
+    log
+}
+
+/// Checks one job's transcript against its policy: one BLOCK_JOB_ERROR
+/// with the policy's action; report ends the job with the error; stop
+/// leaves it paused with io-status failed (nospace for ENOSPC) until
+/// resumed, and then it ends well with the right data.
+fn check_job(kind: JobKind, policy: &str, errno: i32, log: &[String]) {
+    let text = format!("{kind:?} {policy} errno {errno}: {log:#?}");
+    let act = action(policy, errno);
+    let err_line = format!("BLOCK_JOB_ERROR \"{}\" \"{act}\"", kind.operation());
+    assert_eq!(log.iter().filter(|l| **l == err_line).count(), 1, "{text}");
+    let end = log
+        .iter()
+        .find(|l| l.starts_with("BLOCK_JOB_COMPLETED") || l.starts_with("BLOCK_JOB_CANCELLED"))
+        .expect("an end event");
+    let last = |n: usize| log.iter().rev().nth(n).map(String::as_str);
+    assert_eq!(last(1), Some("null"), "{text}");
+    match act {
+        "report" => {
+            let msg = if errno == ENOSPC { "No space left on device" } else { "Input/output error" };
+            assert!(end.contains(msg), "{text}");
+            assert!(log.contains(&"aborting".to_string()), "{text}");
+        }
+        "stop" => {
+            let io = if errno == ENOSPC { "nospace" } else { "failed" };
+            let query = format!("query: status \"paused\" io-status \"{io}\"");
+            assert!(log.contains(&query), "{text}");
+            assert!(end.ends_with("error null"), "{text}");
+            assert_eq!(last(0), Some("data right"), "{text}");
+        }
+        _ => {}
+    }
+}
+
+fn jobs_as_qsd(kind: JobKind) {
+    let all: Vec<Vec<Vec<String>>> = Which::all().into_iter().map(|w| job_transcripts(w, kind)).collect();
+    for (i, (policy, errno)) in POLICIES.iter().enumerate() {
+        check_job(kind, policy, *errno, &all[0][i]);
+        if all.len() == 2 {
+            assert_eq!(all[0][i], all[1][i], "{kind:?} {policy} errno {errno}: rsd, then QSD");
+        }
+    }
+}
+
+#[test]
+fn mirror_source_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::MirrorSource);
+}
+
+#[test]
+fn mirror_target_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::MirrorTarget);
+}
+
+#[test]
+fn backup_source_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::BackupSource);
+}
+
+#[test]
+fn backup_target_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::BackupTarget);
+}
+
+#[test]
+fn stream_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::Stream);
+}
+
+#[test]
+fn commit_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::Commit);
+}
+
+#[test]
+fn active_commit_errors_follow_each_policy_as_qsd() {
+    jobs_as_qsd(JobKind::ActiveCommit);
+}

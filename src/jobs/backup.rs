@@ -221,9 +221,9 @@ async fn copy_all(
                 };
                 match sh.io_error(op, policy, e.errno) {
                     ErrorAction::Report => return Err(strerror(&e)),
-                    ErrorAction::Ignore => c.todo.clear(off, end - off),
-                    // Copied again after the resume.
-                    ErrorAction::Stop => cursor = cursor.min(off),
+                    // Copied again: at once when ignored (QEMU's backup
+                    // retries the chunk), after the resume when stopped.
+                    ErrorAction::Ignore | ErrorAction::Stop => cursor = cursor.min(off),
                 }
             }
         }
