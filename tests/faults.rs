@@ -193,7 +193,11 @@ fn summary(what: &str, result: Result<Vec<u8>, String>) -> String {
         Ok(d) => {
             let first = d[0];
             let same = d.iter().all(|b| *b == first);
-            format!("{what}: ok, {} bytes of {first:#x}{}", d.len(), if same { "" } else { " and others" })
+            format!(
+                "{what}: ok, {} bytes of {first:#x}{}",
+                d.len(),
+                if same { "" } else { " and others" }
+            )
         }
         Err(e) => format!("{what}: {e}"),
     }
@@ -211,11 +215,21 @@ fn case_steps(
     if matches!(c.op, Op::Discard | Op::Flush) {
         out.push(summary("write 0", io(Op::Write, 0, 4096, 0x22)));
     }
-    out.push(summary(&format!("{:?} at BAD", c.op), io(c.op, BAD, LEN, 0x33)));
+    out.push(summary(
+        &format!("{:?} at BAD", c.op),
+        io(c.op, BAD, LEN, 0x33),
+    ));
     if c.op != Op::Flush {
-        out.push(summary(&format!("{:?} at GOOD", c.op), io(c.op, GOOD, LEN, 0x44)));
+        out.push(summary(
+            &format!("{:?} at GOOD", c.op),
+            io(c.op, GOOD, LEN, 0x44),
+        ));
     }
-    let read_at = if c.op == Op::Read { GOOD + u64::from(LEN) } else { BAD };
+    let read_at = if c.op == Op::Read {
+        GOOD + u64::from(LEN)
+    } else {
+        BAD
+    };
     out.push(summary("read after", io(Op::Read, read_at, LEN, 0)));
     out
 }
@@ -258,7 +272,10 @@ fn nbd_io(n: &mut Nbd, op: Op, off: u64, len: u32, fill: u8) -> Result<Vec<u8>, 
 fn nbd_transcripts(which: Which) -> Vec<Vec<String>> {
     let dir = TempDir::new();
     let cases = export_cases();
-    let mut a = args(&["--nbd-server", &format!("addr.type=unix,addr.path={}", dir.s("n.sock"))]);
+    let mut a = args(&[
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+    ]);
     for (i, c) in cases.iter().enumerate() {
         let img = dir.s(&format!("{i}.raw"));
         filled_image(&img);
@@ -308,7 +325,10 @@ const EVENTS: [(&str, Op); 5] = [
 
 fn event_transcripts(which: Which) -> Vec<Vec<String>> {
     let dir = TempDir::new();
-    let mut a = args(&["--nbd-server", &format!("addr.type=unix,addr.path={}", dir.s("n.sock"))]);
+    let mut a = args(&[
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+    ]);
     for (i, (event, _)) in EVENTS.iter().enumerate() {
         let img = dir.s(&format!("{i}.raw"));
         filled_image(&img);
@@ -325,7 +345,7 @@ fn event_transcripts(which: Which) -> Vec<Vec<String>> {
         let mut lines = Vec::new();
         // Each kind twice: `once` fails only the first of its kind.
         for round in 0..2u64 {
-            let base = round * 512 << 10;
+            let base = round * (512 << 10);
             for (op, off) in [
                 (Op::Zero, base),
                 (Op::Write, base + 64 * 1024),
@@ -352,7 +372,10 @@ fn blkdebug_events_fail_the_requests_qsd_fails() {
         let lines = &all[0][i];
         let failed: Vec<&String> = lines.iter().filter(|l| l.contains("error")).collect();
         assert_eq!(failed.len(), 1, "{event}: {lines:#?}");
-        assert!(failed[0].starts_with(&format!("{op:?} ")), "{event}: {lines:#?}");
+        assert!(
+            failed[0].starts_with(&format!("{op:?} ")),
+            "{event}: {lines:#?}"
+        );
         if all.len() == 2 {
             assert_eq!(all[0][i], all[1][i], "{event}: rsd, then QSD");
         }
@@ -435,7 +458,10 @@ fn fuse_io(f: &std::fs::File, op: Op, off: u64, len: u32, fill: u8) -> Result<Ve
             let n = f.read_at(buf.buf(), off).map_err(errno)?;
             Ok(buf.buf()[..n].to_vec())
         }
-        Op::Write => f.write_at(buf.buf(), off).map(|_| Vec::new()).map_err(errno),
+        Op::Write => f
+            .write_at(buf.buf(), off)
+            .map(|_| Vec::new())
+            .map_err(errno),
         Op::Zero => fallocate(f.as_raw_fd(), F::FALLOC_FL_ZERO_RANGE | keep, off_t, len_t)
             .map(|_| Vec::new())
             .map_err(|e| errno(e.into())),
@@ -524,15 +550,6 @@ enum JobKind {
 }
 
 impl JobKind {
-    const ALL: [JobKind; 7] = [
-        JobKind::MirrorSource,
-        JobKind::MirrorTarget,
-        JobKind::BackupSource,
-        JobKind::BackupTarget,
-        JobKind::Stream,
-        JobKind::Commit,
-        JobKind::ActiveCommit,
-    ];
     fn operation(self) -> &'static str {
         match self {
             JobKind::MirrorSource | JobKind::BackupSource | JobKind::Stream => "read",
@@ -573,7 +590,9 @@ fn once_rule(op: &str, errno: i32) -> String {
 }
 
 fn raw_node(name: &str, img: &str) -> String {
-    format!(r#"{{"driver":"raw","node-name":"{name}","file":{{"driver":"file","filename":"{img}"}}}}"#)
+    format!(
+        r#"{{"driver":"raw","node-name":"{name}","file":{{"driver":"file","filename":"{img}"}}}}"#
+    )
 }
 
 fn qcow2_node(name: &str, img: &str, backing: &str) -> String {
@@ -584,21 +603,49 @@ fn qcow2_node(name: &str, img: &str, backing: &str) -> String {
 
 /// Images and nodes of case `i` of `kind`, and the command starting
 /// its job `j{i}`.
-fn job_setup(kind: JobKind, dir: &TempDir, i: usize, policy: &str, errno: i32) -> (Vec<String>, String) {
-    let f = |n: &str| dir.s(&format!("{n}{i}.{}", if n == "s" || n == "t" || n == "b" { "raw" } else { "qcow2" }));
+fn job_setup(
+    kind: JobKind,
+    dir: &TempDir,
+    i: usize,
+    policy: &str,
+    errno: i32,
+) -> (Vec<String>, String) {
+    let f = |n: &str| {
+        dir.s(&format!(
+            "{n}{i}.{}",
+            if n == "s" || n == "t" || n == "b" {
+                "raw"
+            } else {
+                "qcow2"
+            }
+        ))
+    };
     let rule = once_rule(kind.operation(), errno);
     let id = format!("j{i}");
     match kind {
-        JobKind::MirrorSource | JobKind::MirrorTarget | JobKind::BackupSource | JobKind::BackupTarget => {
+        JobKind::MirrorSource
+        | JobKind::MirrorTarget
+        | JobKind::BackupSource
+        | JobKind::BackupTarget => {
             filled_image(&f("s"));
             make_image(&f("t"), "raw", &IMG.to_string(), None);
             let source_fails = matches!(kind, JobKind::MirrorSource | JobKind::BackupSource);
             let (src, tgt) = if source_fails {
-                (debug_node(&format!("src{i}"), &f("s"), &rule), raw_node(&format!("tgt{i}"), &f("t")))
+                (
+                    debug_node(&format!("src{i}"), &f("s"), &rule),
+                    raw_node(&format!("tgt{i}"), &f("t")),
+                )
             } else {
-                (raw_node(&format!("src{i}"), &f("s")), debug_node(&format!("tgt{i}"), &f("t"), &rule))
+                (
+                    raw_node(&format!("src{i}"), &f("s")),
+                    debug_node(&format!("tgt{i}"), &f("t"), &rule),
+                )
             };
-            let side = if source_fails { "on-source-error" } else { "on-target-error" };
+            let side = if source_fails {
+                "on-source-error"
+            } else {
+                "on-target-error"
+            };
             let verb = if matches!(kind, JobKind::MirrorSource | JobKind::MirrorTarget) {
                 "blockdev-mirror"
             } else {
@@ -619,12 +666,28 @@ fn job_setup(kind: JobKind, dir: &TempDir, i: usize, policy: &str, errno: i32) -
         JobKind::Stream => {
             filled_image(&f("b"));
             let top = f("top");
-            ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &f("b"), &top]));
+            ok(&run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-b",
+                    &f("b"),
+                    &top,
+                ],
+            ));
             let cmd = format!(
                 r#"{{"execute":"block-stream","arguments":{{"job-id":"{id}","device":"top{i}","on-error":"{policy}"}}}}"#
             );
             (
-                vec![debug_node(&format!("base{i}"), &f("b"), &rule), qcow2_node(&format!("top{i}"), &top, &format!("base{i}"))],
+                vec![
+                    debug_node(&format!("base{i}"), &f("b"), &rule),
+                    qcow2_node(&format!("top{i}"), &top, &format!("base{i}")),
+                ],
                 cmd,
             )
         }
@@ -634,10 +697,31 @@ fn job_setup(kind: JobKind, dir: &TempDir, i: usize, policy: &str, errno: i32) -
             let mut nodes = vec![debug_node(&format!("base{i}"), &f("b"), &rule)];
             // The data to commit is 0x22 over all of the layer committed.
             let layer = if kind == JobKind::Commit { &mid } else { &top };
-            ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &f("b"), layer]));
-            ok(&run("qemu-io", &["-f", "qcow2", "-c", "write -q -P 0x22 0 2M", layer]));
+            ok(&run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-b",
+                    &f("b"),
+                    layer,
+                ],
+            ));
+            ok(&run(
+                "qemu-io",
+                &["-f", "qcow2", "-c", "write -q -P 0x22 0 2M", layer],
+            ));
             let cmd = if kind == JobKind::Commit {
-                ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &top]));
+                ok(&run(
+                    "qemu-img",
+                    &[
+                        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &mid, &top,
+                    ],
+                ));
                 nodes.push(qcow2_node(&format!("mid{i}"), &mid, &format!("base{i}")));
                 nodes.push(qcow2_node(&format!("top{i}"), &top, &format!("mid{i}")));
                 format!(
@@ -658,9 +742,21 @@ fn job_setup(kind: JobKind, dir: &TempDir, i: usize, policy: &str, errno: i32) -
 fn job_data_ok(kind: JobKind, dir: &TempDir, i: usize) -> Result<(), String> {
     let f = |n: &str, ext: &str| dir.s(&format!("{n}{i}.{ext}"));
     let out = match kind {
-        JobKind::MirrorSource | JobKind::MirrorTarget | JobKind::BackupSource | JobKind::BackupTarget => run(
+        JobKind::MirrorSource
+        | JobKind::MirrorTarget
+        | JobKind::BackupSource
+        | JobKind::BackupTarget => run(
             "qemu-img",
-            &["compare", "-q", "-f", "raw", "-F", "raw", &f("s", "raw"), &f("t", "raw")],
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &f("s", "raw"),
+                &f("t", "raw"),
+            ],
         ),
         // The top holds everything, its backing file gone.
         JobKind::Stream => run(
@@ -679,7 +775,8 @@ fn job_data_ok(kind: JobKind, dir: &TempDir, i: usize) -> Result<(), String> {
             &["-f", "raw", "-c", "read -q -P 0x22 0 2M", &f("b", "raw")],
         ),
     };
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     if out.status.success() && !text.contains("fail") {
         Ok(())
     } else {
@@ -703,7 +800,6 @@ fn job_transcripts(which: Which, kind: JobKind) -> Vec<Vec<String>> {
         }
         cmds.push(cmd);
     }
-    if std::env::var("FAULTS_DEBUG").is_ok() { eprintln!("{which:?} {a:?} {cmds:?}"); }
     let (d, mut q) = start(which, &dir, a);
     let n = POLICIES.len();
     let mut log: Vec<Vec<String>> = vec![Vec::new(); n];
@@ -720,7 +816,10 @@ fn job_transcripts(which: Which, kind: JobKind) -> Vec<Vec<String>> {
     };
     let deadline = Instant::now() + Duration::from_secs(40);
     while gone.iter().any(|g| !g) {
-        assert!(Instant::now() < deadline, "{which:?} {kind:?}: jobs never ended: {log:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "{which:?} {kind:?}: jobs never ended: {log:#?}"
+        );
         if !q.readable_within(200) {
             continue;
         }
@@ -737,7 +836,10 @@ fn job_transcripts(which: Which, kind: JobKind) -> Vec<Vec<String>> {
                         "query: status {} io-status {}",
                         me["status"], me["io-status"]
                     ));
-                    q.send(format!(r#"{{"execute":"job-resume","arguments":{{"id":"j{i}"}}}}"#).as_bytes());
+                    q.send(
+                        format!(r#"{{"execute":"job-resume","arguments":{{"id":"j{i}"}}}}"#)
+                            .as_bytes(),
+                    );
                     awaiting.push_back(None);
                 }
                 None => assert!(v.get("error").is_none(), "{which:?} {kind:?}: {v} {log:#?}"),
@@ -760,7 +862,10 @@ fn job_transcripts(which: Which, kind: JobKind) -> Vec<Vec<String>> {
                     log[i].push(status.clone());
                 }
                 if status == "ready" && !seen {
-                    q.send(format!(r#"{{"execute":"job-complete","arguments":{{"id":"j{i}"}}}}"#).as_bytes());
+                    q.send(
+                        format!(r#"{{"execute":"job-complete","arguments":{{"id":"j{i}"}}}}"#)
+                            .as_bytes(),
+                    );
                     awaiting.push_back(None);
                 }
                 if status == "paused" && stopped[i] {
@@ -779,7 +884,10 @@ fn job_transcripts(which: Which, kind: JobKind) -> Vec<Vec<String>> {
             "BLOCK_JOB_ERROR" => {
                 let Some(i) = job(&v, "device") else { continue };
                 let d = &v["data"];
-                log[i].push(format!("BLOCK_JOB_ERROR {} {}", d["operation"], d["action"]));
+                log[i].push(format!(
+                    "BLOCK_JOB_ERROR {} {}",
+                    d["operation"], d["action"]
+                ));
                 stopped[i] |= d["action"] == "stop";
             }
             "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
@@ -818,7 +926,11 @@ fn check_job(kind: JobKind, policy: &str, errno: i32, log: &[String]) {
     assert_eq!(last(1), Some("null"), "{text}");
     match act {
         "report" => {
-            let msg = if errno == ENOSPC { "No space left on device" } else { "Input/output error" };
+            let msg = if errno == ENOSPC {
+                "No space left on device"
+            } else {
+                "Input/output error"
+            };
             assert!(end.contains(msg), "{text}");
             assert!(log.contains(&"aborting".to_string()), "{text}");
         }
@@ -834,11 +946,17 @@ fn check_job(kind: JobKind, policy: &str, errno: i32, log: &[String]) {
 }
 
 fn jobs_as_qsd(kind: JobKind) {
-    let all: Vec<Vec<Vec<String>>> = Which::all().into_iter().map(|w| job_transcripts(w, kind)).collect();
+    let all: Vec<Vec<Vec<String>>> = Which::all()
+        .into_iter()
+        .map(|w| job_transcripts(w, kind))
+        .collect();
     for (i, (policy, errno)) in POLICIES.iter().enumerate() {
         check_job(kind, policy, *errno, &all[0][i]);
         if all.len() == 2 {
-            assert_eq!(all[0][i], all[1][i], "{kind:?} {policy} errno {errno}: rsd, then QSD");
+            assert_eq!(
+                all[0][i], all[1][i],
+                "{kind:?} {policy} errno {errno}: rsd, then QSD"
+            );
         }
     }
 }
@@ -876,4 +994,84 @@ fn commit_errors_follow_each_policy_as_qsd() {
 #[test]
 fn active_commit_errors_follow_each_policy_as_qsd() {
     jobs_as_qsd(JobKind::ActiveCommit);
+}
+
+// ------------------------------------------------ nbd driver reconnect
+
+/// qemu-nbd serving `img` as "disk" on `sock`.
+fn nbd_server(img: &str, sock: &str) -> std::process::Child {
+    let child = std::process::Command::new("qemu-nbd")
+        .args(["-f", "raw", "-x", "disk", "-k", sock, "--persistent", img])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    assert!(wait_for_path(Path::new(sock), 10), "qemu-nbd: no socket");
+    child
+}
+
+fn reconnect_transcript(which: Which) -> Vec<String> {
+    let dir = TempDir::new();
+    let img = dir.s("back.raw");
+    filled_image(&img);
+    let back = dir.s("back.sock");
+    let mut server = nbd_server(&img, &back);
+    let a = args(&[
+        "--blockdev",
+        &format!("driver=nbd,node-name=remote,server.type=unix,server.path={back},export=disk,reconnect-delay=1"),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("front.sock")),
+        "--export",
+        "type=nbd,id=e,node-name=remote,writable=on",
+    ]);
+    let (d, q) = start(which, &dir, a);
+    let mut n = Nbd::connect(&dir.path("front.sock"), "remote");
+    let mut out = vec![summary("read", nbd_io(&mut n, Op::Read, 0, LEN, 0))];
+    // The server goes: past reconnect-delay the request fails with EIO.
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_file(&back);
+    let t = Instant::now();
+    out.push(summary(
+        "read, server gone",
+        nbd_io(&mut n, Op::Read, 0, LEN, 0),
+    ));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "{which:?}: waited {:?}",
+        t.elapsed()
+    );
+    // It comes back: the node connects again and the export serves.
+    let mut server = nbd_server(&img, &back);
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = nbd_io(&mut n, Op::Read, GOOD, LEN, 0);
+        if r.is_ok() || Instant::now() > until {
+            out.push(summary("read, server back", r));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    quit(d, q);
+    let _ = server.kill();
+    let _ = server.wait();
+    out
+}
+
+/// An export over the nbd driver whose server goes away: past
+/// reconnect-delay the client's request gets NBD_EIO, the connection
+/// stays, and once the server is back requests succeed, as in QSD.
+/// (Within the delay the request waits and succeeds:
+/// nbd_client::nbd_node_reconnects_within_the_delay.)
+#[test]
+fn nbd_driver_past_reconnect_delay_fails_with_eio_as_qsd() {
+    let all: Vec<Vec<String>> = Which::all().into_iter().map(reconnect_transcript).collect();
+    let want = [
+        format!("read: ok, {LEN} bytes of 0x11"),
+        "read, server gone: NBD error 5".to_string(),
+        format!("read, server back: ok, {LEN} bytes of 0x11"),
+    ];
+    assert_eq!(all[0], want, "rsd");
+    if all.len() == 2 {
+        assert_eq!(all[0], all[1], "rsd, then QSD");
+    }
 }

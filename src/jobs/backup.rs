@@ -208,7 +208,7 @@ async fn copy_all(
         };
         sh.ends_on_cancel.store(false, Ordering::Release);
         if let Some(done) = woken {
-            let (off, end, r) = done.map_err(|e| format!("internal error: {e}"))?;
+            let (off, _end, r) = done.map_err(|e| format!("internal error: {e}"))?;
             inflight.retain(|o| *o != off);
             if copies.is_empty() {
                 sh.set_busy(false);

@@ -461,10 +461,7 @@ impl Shared {
             self.flags(|f| (f.status, f.user_paused, f.io_failed, f.error.clone()));
         let mut m = Map::new();
         m.insert("auto-finalize".into(), json!(self.auto_finalize));
-        m.insert(
-            "io-status".into(),
-            json!(io_failed.unwrap_or("ok")),
-        );
+        m.insert("io-status".into(), json!(io_failed.unwrap_or("ok")));
         m.insert("device".into(), json!(self.id));
         m.insert("auto-dismiss".into(), json!(self.auto_dismiss));
         // A paused job waits at its pause point, between requests of its
