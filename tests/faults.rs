@@ -1075,3 +1075,37 @@ fn nbd_driver_past_reconnect_delay_fails_with_eio_as_qsd() {
         assert_eq!(all[0], all[1], "rsd, then QSD");
     }
 }
+
+/// A rule with a `sector` never fails a flush (a flush covers no
+/// sector in QEMU's blkdebug), in rsd as in QSD.
+#[test]
+fn a_sector_rule_never_fails_a_flush_as_qsd() {
+    for which in Which::all() {
+        let dir = TempDir::new();
+        let img = dir.s("0.raw");
+        filled_image(&img);
+        let rule =
+            format!(r#"{{"event":"flush_to_os","iotype":"flush","errno":{EIO},"sector":0}}"#);
+        let a = vec![
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", dir.s("n.sock")),
+            "--blockdev".into(),
+            debug_node("n0", &img, &rule),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=n0,writable=on".into(),
+        ];
+        let (d, q) = start(which, &dir, a);
+        let mut n = Nbd::connect(&dir.path("n.sock"), "n0");
+        assert_eq!(
+            nbd_io(&mut n, Op::Write, 0, 4096, 0x22),
+            Ok(Vec::new()),
+            "{which:?}"
+        );
+        assert_eq!(
+            nbd_io(&mut n, Op::Flush, 0, 0, 0),
+            Ok(Vec::new()),
+            "{which:?}"
+        );
+        quit(d, q);
+    }
+}
