@@ -13,6 +13,7 @@ mod filters;
 mod block;
 mod bounds;
 mod cli;
+mod faults;
 mod fuse;
 mod fuzz_replay;
 mod iothreads;

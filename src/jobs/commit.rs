@@ -70,6 +70,14 @@ impl Commit {
 
 async fn run(sh: Arc<Shared>, c: Commit) -> Result<(), String> {
     let size = c.top.size();
-    super::walk::chunks(&sh, size, CHUNK, c.on_error, |off, len| c.copy(off, len)).await?;
+    super::walk::chunks(
+        &sh,
+        size,
+        CHUNK,
+        c.on_error,
+        super::walk::Ignored::Retry,
+        |off, len| c.copy(off, len),
+    )
+    .await?;
     c.base.flush().await.map_err(|e| strerror(&e))
 }

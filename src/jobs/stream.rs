@@ -129,6 +129,14 @@ impl Stream {
 
 async fn run(sh: Arc<Shared>, s: Stream) -> Result<(), String> {
     let size = s.top.size();
-    super::walk::chunks(&sh, size, CHUNK, s.on_error, |off, len| s.copy(off, len)).await?;
+    super::walk::chunks(
+        &sh,
+        size,
+        CHUNK,
+        s.on_error,
+        super::walk::Ignored::SkipThenFail,
+        |off, len| s.copy(off, len),
+    )
+    .await?;
     s.top.flush().await.map_err(|e| strerror(&e))
 }
