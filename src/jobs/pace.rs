@@ -20,6 +20,8 @@ pub struct Pace {
     burst: f64,
     /// The smallest burst (`spread`); equal to `burst` otherwise.
     least: f64,
+    /// Whether the job has waited once (the first burst is whole).
+    waited: bool,
     at: Instant,
 }
 
@@ -28,20 +30,25 @@ impl Pace {
         Pace::spread(burst, burst)
     }
 
-    /// Bursts of what 10 ms at the speed allow, between `least` and
-    /// `burst` bytes: a mirror with a 16 MiB buffer at 100 MiB/s would
-    /// otherwise send 16 MiB at once every 160 ms, and a guest write
-    /// behind them waits for all of it.
+    /// After a first whole burst (as QEMU's mirror starts, which shows
+    /// in the offset it reports), bursts of what 10 ms at the speed
+    /// allow, between `least` and `burst` bytes: a mirror with a 16 MiB
+    /// buffer at 100 MiB/s would otherwise send 16 MiB at once every
+    /// 160 ms, and a guest write behind them waits for all of it.
     pub fn spread(burst: u64, least: u64) -> Pace {
         Pace {
             credit: 0.0,
             burst: burst as f64,
             least: (least as f64).min(burst as f64),
+            waited: false,
             at: Instant::now(),
         }
     }
 
     fn burst(&self, speed: u64) -> f64 {
+        if !self.waited {
+            return self.burst;
+        }
         (speed as f64 * BURST_SECS).clamp(self.least, self.burst)
     }
 
@@ -60,7 +67,9 @@ impl Pace {
     pub fn delay(&mut self, speed: u64) -> Option<Duration> {
         self.refill(speed);
         let over = -self.credit - self.burst(speed);
-        (speed > 0 && over >= 0.0).then(|| Duration::from_secs_f64(over / speed as f64 + 0.001))
+        let wait = speed > 0 && over >= 0.0;
+        self.waited |= wait;
+        wait.then(|| Duration::from_secs_f64(over / speed as f64 + 0.001))
     }
 
     /// The time still owed for what was sent, if any.
@@ -85,13 +94,18 @@ mod tests {
     fn a_spread_burst_is_ten_milliseconds_of_the_speed() {
         // 100 MiB/s: about 1 MiB at once, not the 16 MiB buffer.
         let mut p = Pace::spread(16 * MIB, MIB);
+        p.account(15 * MIB);
+        assert_eq!(p.delay(100 * MIB), None, "the first burst is whole");
+        p.account(2 * MIB);
+        assert!(p.delay(100 * MIB).is_some());
+        p.credit = 0.0;
         assert_eq!(p.delay(100 * MIB), None);
         p.account(MIB);
         assert_eq!(p.delay(100 * MIB), None);
         p.account(MIB);
         assert!(p.delay(100 * MIB).is_some());
         // 1 GiB/s: about 10 MiB at once.
-        let mut p = Pace::spread(16 * MIB, MIB);
+        p.credit = 0.0;
         for _ in 0..9 {
             assert_eq!(p.delay(1024 * MIB), None);
             p.account(MIB);
