@@ -423,7 +423,7 @@ impl ControlState {
                 ctx.events.emit("X_RSD_TEST_EVENT", Some(data));
                 Ok(json!({}))
             }
-            "x-rsd-test-crash" => test_crash(arg_str(&args, "id")),
+            "x-rsd-test-crash" => self.test_crash(arg_str(&args, "id")),
             other => Err(QmpError::with_class(
                 crate::qapi::ErrorClass::CommandNotFound,
                 format!("The command {other} has not been found"),
@@ -512,7 +512,9 @@ impl ControlState {
     }
 }
 
-/// Test hook: make a supervised actor fail inside its handler.
+/// Test hook: make a supervised actor fail inside its handler, or a
+/// throttle group's timer fail under the group's lock (groups are not
+/// actors: `throttle-group/<id>`).
 fn test_crash(id: &str) -> QmpResult<Value> {
     if id == "control" {
         // Runs inside the control actor's handler: fail it right here.
@@ -545,6 +547,10 @@ fn test_crash(id: &str) -> QmpResult<Value> {
         ActorRef::<crate::nbd::server::ServerMsg>::from(cell)
             .cast(crate::nbd::server::ServerMsg::Crash)
             .is_ok()
+    } else if id == crate::metrics::server::REGISTRY_NAME {
+        ActorRef::<crate::metrics::server::MetricsServerMsg>::from(cell)
+            .cast(crate::metrics::server::MetricsServerMsg::Crash)
+            .is_ok()
     } else {
         false
     };
@@ -552,5 +558,20 @@ fn test_crash(id: &str) -> QmpResult<Value> {
         Ok(json!({}))
     } else {
         Err(QmpError::generic(format!("cannot crash '{id}'")))
+    }
+}
+
+impl ControlState {
+    fn test_crash(&self, id: &str) -> QmpResult<Value> {
+        let Some(group) = id.strip_prefix("throttle-group/") else {
+            return test_crash(id);
+        };
+        match self.objects.get(group).and_then(Object::throttle_group) {
+            Some(g) => {
+                g.crash_timer();
+                Ok(json!({}))
+            }
+            None => Err(QmpError::generic(format!("no throttle group '{group}'"))),
+        }
     }
 }
