@@ -69,7 +69,13 @@ impl Nbd {
     }
 
     /// One request and its reply; a read's data comes back.
-    fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    fn request(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
         self.cookie += 1;
         let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
         b.extend_from_slice(&0u16.to_be_bytes());
@@ -230,14 +236,14 @@ fn image_bytes(dir: &TempDir, img: &str, fmt: &str) -> Vec<u8> {
 }
 
 /// The daemon's stderr as it comes, read by a thread of its own.
-struct Stderr(Arc<std::sync::Mutex<String>>);
+struct Stderr(Arc<std::sync::Mutex<String>>, Option<JoinHandle<()>>);
 
 impl Stderr {
     fn of(d: &mut Daemon) -> Stderr {
         let mut err = d.child.stderr.take().expect("stderr");
         let text = Arc::new(std::sync::Mutex::new(String::new()));
         let t2 = text.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut b = [0u8; 4096];
             while let Ok(n) = err.read(&mut b) {
                 if n == 0 {
@@ -248,7 +254,14 @@ impl Stderr {
                 }
             }
         });
-        Stderr(text)
+        Stderr(text, Some(reader))
+    }
+    /// All of it, once the daemon has exited.
+    fn all(mut self) -> String {
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
+        self.text()
     }
     fn text(&self) -> String {
         self.0.lock().map(|t| t.clone()).unwrap_or_default()
@@ -308,10 +321,23 @@ fn fuse_usable() -> Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse is missing".into());
     }
-    if !nix::unistd::geteuid().is_root() && run("which", &["fusermount3"]).status.code() != Some(0) {
+    if !nix::unistd::geteuid().is_root() && run("which", &["fusermount3"]).status.code() != Some(0)
+    {
         return Err("neither root nor fusermount3".into());
     }
     Ok(())
+}
+
+/// Detaches a FUSE mount a failed test left behind (a killed daemon
+/// leaves its mount in place).
+struct Unmount(String);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if mounted(&self.0) {
+            let _ = nix::mount::umount2(self.0.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 fn mounted(path: &str) -> bool {
@@ -363,8 +389,10 @@ fn vu_read_is(g: &mut Guest, sector: u64, seed: u64) -> bool {
 fn http_get(sock: &Path, path: &str) -> Option<u16> {
     let mut s = UnixStream::connect(sock).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: rsd\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: rsd\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split(' ').nth(1)?.parse().ok()
@@ -410,13 +438,20 @@ fn recovery_daemon(dir: &TempDir, fuse: bool) -> Vec<String> {
     for name in ["vu.raw", "fu.raw", "t.raw", "spare.raw"] {
         mk(name, "raw", "4M", None);
     }
-    for name in ["ms.qcow2", "mt.qcow2", "bs.qcow2", "bt.qcow2", "sb.qcow2", "cb.qcow2"] {
+    for name in [
+        "ms.qcow2", "mt.qcow2", "bs.qcow2", "bt.qcow2", "sb.qcow2", "cb.qcow2",
+    ] {
         mk(name, "qcow2", "4M", None);
     }
     mk("st.qcow2", "qcow2", "4M", Some("sb.qcow2"));
     mk("cm.qcow2", "qcow2", "4M", Some("cb.qcow2"));
     mk("ct.qcow2", "qcow2", "4M", Some("cm.qcow2"));
-    for (img, p) in [("ms.qcow2", 1), ("bs.qcow2", 2), ("sb.qcow2", 3), ("cm.qcow2", 4)] {
+    for (img, p) in [
+        ("ms.qcow2", 1),
+        ("bs.qcow2", 2),
+        ("sb.qcow2", 3),
+        ("cm.qcow2", 4),
+    ] {
         let cmd = format!("write -P {p} 0 4M");
         ok(&run("qemu-io", &["-f", "qcow2", "-c", &cmd, &dir.s(img)]));
     }
@@ -427,7 +462,8 @@ fn recovery_daemon(dir: &TempDir, fuse: bool) -> Vec<String> {
             dir.s(img)
         )
     };
-    let file = |node: &str, img: &str| format!("driver=file,node-name={node},filename={}", dir.s(img));
+    let file =
+        |node: &str, img: &str| format!("driver=file,node-name={node},filename={}", dir.s(img));
     let mut a = args(&[
         "--chardev",
         &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
@@ -540,6 +576,7 @@ fn every_actor_kind_recovers_under_io() {
         }
     };
     let a = recovery_daemon(&dir, fuse);
+    let _unmount = Unmount(dir.s("fu.mnt"));
     let mut d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
     let stderr = Stderr::of(&mut d);
     let mut q = Qmp::ready(&dir.path("a.sock"));
@@ -575,7 +612,9 @@ fn every_actor_kind_recovers_under_io() {
     poll(30, "mirror ready", || {
         let r = q.cmd(r#"{"execute":"query-jobs"}"#);
         let l = r["return"].as_array().cloned().unwrap_or_default();
-        l.iter().any(|j| j["id"] == "jm" && j["status"] == "ready").then_some(())
+        l.iter()
+            .any(|j| j["id"] == "jm" && j["status"] == "ready")
+            .then_some(())
     });
     let r = q.cmd(r#"{"execute":"query-jobs"}"#);
     for id in ["jb", "js", "jc"] {
@@ -598,7 +637,10 @@ fn every_actor_kind_recovers_under_io() {
         let r = std::panic::catch_unwind(|| Qmp::ready(&dir.path("b.sock")));
         r.ok()
     });
-    assert_eq!(b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"], 10);
+    assert_eq!(
+        b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"],
+        10
+    );
     drop(b);
     bg.advances(5, "monitor");
 
@@ -607,7 +649,10 @@ fn every_actor_kind_recovers_under_io() {
     let mut b = poll(10, "chardev/c2 back", || {
         std::panic::catch_unwind(|| Qmp::ready(&dir.path("b.sock"))).ok()
     });
-    assert_eq!(b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"], 10);
+    assert_eq!(
+        b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"],
+        10
+    );
     drop(b);
     bg.advances(5, "chardev");
 
@@ -622,22 +667,33 @@ fn every_actor_kind_recovers_under_io() {
         let r: Value = serde_json::from_str(&q.line()).expect("reply");
         assert_eq!(r, json!({"return": {}}), "{what} of node/spare");
     }
-    e2.write(64 << 10, &pattern(1001, 64 << 10)).expect("e2 after node crash");
-    assert_eq!(e2.read(0, 64 << 10).expect("e2 read"), pattern(1000, 64 << 10));
+    e2.write(64 << 10, &pattern(1001, 64 << 10))
+        .expect("e2 after node crash");
+    assert_eq!(
+        e2.read(0, 64 << 10).expect("e2 read"),
+        pattern(1000, 64 << 10)
+    );
     bg.advances(5, "node");
 
     // NBD export: its connected client and a new one are served.
     crash(&mut q, "export/e2");
-    e2.write(128 << 10, &pattern(1002, 64 << 10)).expect("e2 after export crash");
+    e2.write(128 << 10, &pattern(1002, 64 << 10))
+        .expect("e2 after export crash");
     let mut e2b = Nbd::connect(&nbd, "e2").expect("a new e2 client");
-    assert_eq!(e2b.read(64 << 10, 64 << 10).expect("read"), pattern(1001, 64 << 10));
+    assert_eq!(
+        e2b.read(64 << 10, 64 << 10).expect("read"),
+        pattern(1001, 64 << 10)
+    );
     drop(e2b);
     bg.advances(5, "NBD export");
 
     // vhost-user-blk export: the frontend connected goes on, a new one
     // is served.
     crash(&mut q, "export/vu");
-    assert!(vu_read_is(&mut g, 0, 2000), "vhost-user data after the crash");
+    assert!(
+        vu_read_is(&mut g, 0, 2000),
+        "vhost-user data after the crash"
+    );
     vu_write_read(&mut g, 128, 2001);
     drop(g);
     let mut g = Guest::connect(&dir.path("vu.sock"), 1);
@@ -650,9 +706,15 @@ fn every_actor_kind_recovers_under_io() {
         let dev = std::fs::metadata(&mp).expect("stat").dev();
         crash(&mut q, "export/fu");
         poll(10, "export/fu restarted", || {
-            stderr.has("export/fu failed and was restarted").then_some(())
+            stderr
+                .has("export/fu failed and was restarted")
+                .then_some(())
         });
-        assert_eq!(std::fs::metadata(&mp).expect("stat").dev(), dev, "mounted anew");
+        assert_eq!(
+            std::fs::metadata(&mp).expect("stat").dev(),
+            dev,
+            "mounted anew"
+        );
         assert!(fuse_read_is(f, 0, 3000), "FUSE data after the crash");
         fuse_write(f, 64 << 10, 3001);
         let f2 = open_direct(&mp);
@@ -662,9 +724,13 @@ fn every_actor_kind_recovers_under_io() {
 
     // NBD server: connections go on; new clients are accepted.
     crash(&mut q, "nbd-server");
-    e2.write(192 << 10, &pattern(1003, 64 << 10)).expect("e2 after server crash");
+    e2.write(192 << 10, &pattern(1003, 64 << 10))
+        .expect("e2 after server crash");
     let mut e2c = Nbd::connect(&nbd, "e2").expect("a client after the server crash");
-    assert_eq!(e2c.read(128 << 10, 64 << 10).expect("read"), pattern(1002, 64 << 10));
+    assert_eq!(
+        e2c.read(128 << 10, 64 << 10).expect("read"),
+        pattern(1002, 64 << 10)
+    );
     e2.flush().expect("flush");
     drop(e2c);
     bg.advances(5, "NBD server");
@@ -683,18 +749,29 @@ fn every_actor_kind_recovers_under_io() {
         crash(&mut q, &format!("job/{id}"));
         let j = concluded(&mut q, id);
         assert!(
-            j["error"].as_str().unwrap_or_default().contains("job crash requested"),
+            j["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("job crash requested"),
             "{id}: {j}"
         );
-        let r = q.cmd(&format!(r#"{{"execute":"job-dismiss","arguments":{{"id":"{id}"}}}}"#));
+        let r = q.cmd(&format!(
+            r#"{{"execute":"job-dismiss","arguments":{{"id":"{id}"}}}}"#
+        ));
         assert_eq!(r, json!({"return": {}}), "{id}");
     }
     let mut drivers = node_drivers(&mut q);
     drivers.sort();
     for filter in ["mirror_top", "copy-before-write", "commit_top"] {
-        assert!(!drivers.iter().any(|d| d == filter), "{filter} left: {drivers:?}");
+        assert!(
+            !drivers.iter().any(|d| d == filter),
+            "{filter} left: {drivers:?}"
+        );
     }
-    assert!(drivers.len() < drivers_before.len(), "{drivers_before:?} -> {drivers:?}");
+    assert!(
+        drivers.len() < drivers_before.len(),
+        "{drivers_before:?} -> {drivers:?}"
+    );
     bg.advances(5, "jobs");
 
     // Metrics server: serves again on the same socket.
@@ -722,9 +799,7 @@ fn every_actor_kind_recovers_under_io() {
 
     q.send(br#"{"execute":"quit"}"#);
     assert_eq!(d.wait_exit(20), Some(0), "quit");
-    std::thread::sleep(Duration::from_millis(100));
-    let err = stderr.text();
-    eprintln!("{err}");
+    let err = stderr.all();
     let mut restarted = vec![
         "monitor/c2",
         "chardev/c2",
@@ -739,7 +814,10 @@ fn every_actor_kind_recovers_under_io() {
         restarted.push("export/fu");
     }
     for id in restarted {
-        assert!(err.contains(&format!("rsd: {id} failed and was restarted (")), "{id}: {err}");
+        assert!(
+            err.contains(&format!("rsd: {id} failed and was restarted (")),
+            "{id}: {err}"
+        );
     }
     assert!(!err.contains("kept failing"), "{err}");
     if fuse {
@@ -756,10 +834,340 @@ fn every_actor_kind_recovers_under_io() {
         assert!(at == pattern(seed, 64 << 10).as_slice(), "e2 block {i}");
     }
     let vu = std::fs::read(dir.path("vu.raw")).expect("vu.raw");
-    assert!(vu[..64 << 10] == pattern(2000, 64 << 10) && vu[64 << 10..128 << 10] == pattern(2001, 64 << 10));
+    assert!(
+        vu[..64 << 10] == pattern(2000, 64 << 10)
+            && vu[64 << 10..128 << 10] == pattern(2001, 64 << 10)
+    );
     if fuse {
         let fu = std::fs::read(dir.path("fu.raw")).expect("fu.raw");
-        assert!(fu[..64 << 10] == pattern(3000, 64 << 10) && fu[64 << 10..128 << 10] == pattern(3001, 64 << 10));
+        assert!(
+            fu[..64 << 10] == pattern(3000, 64 << 10)
+                && fu[64 << 10..128 << 10] == pattern(3001, 64 << 10)
+        );
     }
-    assert_eq!(std::fs::metadata(dir.path("spare.raw")).expect("spare").len(), 8 << 20);
+    assert_eq!(
+        std::fs::metadata(dir.path("spare.raw"))
+            .expect("spare")
+            .len(),
+        8 << 20
+    );
+}
+
+/// What a part does once it fails more often than its restart
+/// intensity allows (5 restarts in 10 s).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Policy {
+    /// The daemon stops: exit code 1, the reason on stderr.
+    StopsDaemon,
+    /// Given up on with a line on stderr; the daemon serves on.
+    Dropped,
+    /// Restarted however often it fails.
+    NeverGivenUp,
+}
+
+/// A small daemon for one kind: monitors c1 (a.sock) and c2 (b.sock),
+/// an NBD export `bg` on qcow2 with a background client, and the part
+/// `id` names on node n2.
+fn escalation(id: &str, policy: Policy) {
+    let dir = TempDir::new();
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &dir.s("bg.qcow2"), "16M"],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &dir.s("n2.raw"), "4M"],
+    ));
+    std::fs::write(dir.path("fu.mnt"), b"").expect("mountpoint");
+    let mut a = args(&[
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
+        "--monitor",
+        "chardev=c1",
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c2", dir.s("b.sock")),
+        "--monitor",
+        "chardev=c2",
+        "--pidfile",
+        &dir.s("pid"),
+        "--blockdev",
+        &format!(
+            "driver=qcow2,node-name=bg,file.driver=file,file.filename={}",
+            dir.s("bg.qcow2")
+        ),
+        "--blockdev",
+        &format!("driver=file,node-name=n2,filename={}", dir.s("n2.raw")),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", dir.s("nbd.sock")),
+        "--export",
+        "type=nbd,id=bg,node-name=bg,writable=on",
+    ]);
+    let extra = match id {
+        "export/e2" => vec![
+            "--export".into(),
+            "type=nbd,id=e2,node-name=n2,writable=on".into(),
+        ],
+        "export/vu" => args(&[
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=vu,node-name=n2,writable=on,addr.type=unix,addr.path={}",
+                dir.s("vu.sock")
+            ),
+        ]),
+        "export/fu" => args(&[
+            "--export",
+            &format!(
+                "type=fuse,id=fu,node-name=n2,writable=on,mountpoint={}",
+                dir.s("fu.mnt")
+            ),
+        ]),
+        // The control actor owns every export: a FUSE mount and a
+        // vhost-user socket must go with it too.
+        "control" => {
+            let mut v = args(&[
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=vu,node-name=n2,writable=on,addr.type=unix,addr.path={}",
+                    dir.s("vu.sock")
+                ),
+            ]);
+            if fuse_usable().is_ok() {
+                v.extend(args(&[
+                    "--export",
+                    &format!(
+                        "type=fuse,id=fu,node-name=n2,mountpoint={}",
+                        dir.s("fu.mnt")
+                    ),
+                ]));
+            }
+            v
+        }
+        "metrics-server" => args(&[
+            "--metrics-server",
+            &format!("addr.type=unix,addr.path={}", dir.s("metrics.sock")),
+        ]),
+        _ => vec![],
+    };
+    a.extend(extra);
+    let _unmount = Unmount(dir.s("fu.mnt"));
+    let mut d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
+    let stderr = Stderr::of(&mut d);
+    let mut q = Qmp::ready(&dir.path("a.sock"));
+    let mut bg = Verifier::start(&dir.path("nbd.sock"), "bg", 64 << 10, 32, 1 << 20);
+    bg.advances(10, "start");
+
+    // Crash the part whenever it is up, until the daemon stops (or, for
+    // a part that does not stop it, it has failed eight times: three
+    // past the intensity), keeping the events.
+    let mut crashes = 0;
+    let mut event = Value::Null;
+    let end = Instant::now() + Duration::from_secs(30);
+    'crashing: while crashes < 8 || policy == Policy::StopsDaemon {
+        assert!(
+            Instant::now() < end,
+            "{id}: neither restarted nor escalated: a hang"
+        );
+        let cmd = format!(r#"{{"execute":"x-rsd-test-crash","arguments":{{"id":"{id}"}}}}"#);
+        if q.stream.write_all(cmd.as_bytes()).is_err() {
+            break;
+        }
+        loop {
+            let l = q.line();
+            if l.is_empty() {
+                break 'crashing;
+            }
+            let v: Value = serde_json::from_str(&l).expect("json");
+            if v["event"] == "X_RSD_COMPONENT_FAILED" {
+                event = v;
+            } else if v.get("event").is_none() {
+                if v.get("return").is_some() {
+                    crashes += 1;
+                } else if policy == Policy::Dropped
+                    && v["error"]["desc"] == format!("no actor named '{id}'")
+                    && stderr.has("kept failing and was stopped")
+                {
+                    break 'crashing;
+                } else {
+                    // Not back yet.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                break;
+            }
+        }
+    }
+    if policy == Policy::StopsDaemon {
+        // What the monitor said before it closed (a failed write above
+        // leaves it unread).
+        loop {
+            let l = q.line();
+            if l.is_empty() {
+                break;
+            }
+            let v: Value = serde_json::from_str(&l).expect("json");
+            if v["event"] == "X_RSD_COMPONENT_FAILED" {
+                event = v;
+            }
+        }
+        assert_eq!(d.wait_exit(20), Some(1), "{id}: the daemon did not stop");
+        let bg = bg.finish();
+        let err = stderr.all();
+        if id != "control" {
+            assert_eq!(event["data"]["component"], id, "{id}: {event} {err}");
+            // Only the part itself failed (a monitor re-attaches to its
+            // restarted chardev without failing).
+            let others = err
+                .lines()
+                .filter(|l| l.contains(" failed and was restarted") && !l.contains(id))
+                .count();
+            assert_eq!(others, 0, "{id}: {err}");
+        }
+        let said = if id == "control" {
+            "rsd: the control actor failed; stopping".to_string()
+        } else {
+            format!("rsd: {id} kept failing and could not be restarted (")
+        };
+        assert!(err.contains(&said), "{id}: {err}");
+        acked_writes_in(&image_bytes(&dir, "bg.qcow2", "qcow2"), &bg, 64 << 10, id);
+        for f in ["a.sock", "b.sock", "nbd.sock", "vu.sock", "pid"] {
+            assert!(!dir.path(f).exists(), "{id}: {f} left behind");
+        }
+        assert!(!mounted(&dir.s("fu.mnt")), "{id}: FUSE mount left");
+        acked_writes_in(&image_bytes(&dir, "bg.qcow2", "qcow2"), &bg, 64 << 10, id);
+        return;
+    }
+    // The daemon goes on: the background client too, and the part is
+    // gone (dropped) or serves (never given up).
+    bg.advances(10, id);
+    match id {
+        "metrics-server" => {
+            assert!(stderr.has("rsd: the metrics server kept failing and was stopped"));
+            assert_eq!(http_get(&dir.path("metrics.sock"), "/metrics"), None);
+        }
+        "node/n2" => {
+            assert_eq!(crashes, 8);
+            let r = q
+                .cmd(r#"{"execute":"block_resize","arguments":{"node-name":"n2","size":8388608}}"#);
+            assert_eq!(r, json!({"return": {}}), "{id}");
+        }
+        _ => {}
+    }
+    let r = q.cmd(r#"{"execute":"query-block-exports"}"#);
+    assert_eq!(r["return"][0]["id"], "bg", "{r}");
+    let bg = bg.finish();
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(20), Some(0), "{id}: quit");
+    assert!(bg.errors.is_empty(), "{id}: {:?}", bg.errors);
+    assert!(
+        bg.max_gap < MAX_GAP,
+        "{id}: the client waited {:?}",
+        bg.max_gap
+    );
+    acked_writes_in(&image_bytes(&dir, "bg.qcow2", "qcow2"), &bg, 64 << 10, id);
+    assert!(!stderr.all().contains("kept failing and could not"), "{id}");
+}
+
+#[test]
+fn escalation_monitor_stops_the_daemon() {
+    escalation("monitor/c2", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_chardev_stops_the_daemon() {
+    escalation("chardev/c2", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_nbd_server_stops_the_daemon() {
+    escalation("nbd-server", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_nbd_export_stops_the_daemon() {
+    escalation("export/e2", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_vhost_user_blk_export_stops_the_daemon() {
+    escalation("export/vu", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_fuse_export_stops_the_daemon() {
+    if let Err(why) = fuse_usable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    escalation("export/fu", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_control_stops_the_daemon() {
+    escalation("control", Policy::StopsDaemon);
+}
+
+#[test]
+fn escalation_metrics_server_is_dropped() {
+    escalation("metrics-server", Policy::Dropped);
+}
+
+#[test]
+fn escalation_node_is_never_given_up() {
+    escalation("node/n2", Policy::NeverGivenUp);
+}
+
+/// A chardev crashed twice in a row: its monitor attaches to the
+/// restarted chardev. It once tried to attach while the chardev was
+/// still down, failed to start and was given up at once, which stopped
+/// the daemon.
+#[test]
+fn a_chardev_crashed_twice_keeps_its_monitor() {
+    let dir = TempDir::new();
+    let a = args(&[
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c1", dir.s("a.sock")),
+        "--monitor",
+        "chardev=c1",
+        "--chardev",
+        &format!("socket,path={},server=on,wait=off,id=c2", dir.s("b.sock")),
+        "--monitor",
+        "chardev=c2",
+    ]);
+    let mut d = Daemon::spawn_env(Which::Rsd, &a, &[("RSD_TEST_HOOKS", "1")]);
+    let stderr = Stderr::of(&mut d);
+    let mut q = Qmp::ready(&dir.path("a.sock"));
+    let crash_when_up = |q: &mut Qmp| {
+        poll(10, "chardev/c2 up", || {
+            let r = q.cmd(r#"{"execute":"x-rsd-test-crash","arguments":{"id":"chardev/c2"}}"#);
+            r.get("return").map(drop)
+        })
+    };
+    for i in 1..=4 {
+        // Each crash as soon as the chardev is back, while its monitor
+        // may still be attaching.
+        crash_when_up(&mut q);
+        poll(10, "chardev/c2 restarted", || {
+            let n = stderr
+                .text()
+                .matches("rsd: chardev/c2 failed and was restarted")
+                .count();
+            (n == i).then_some(())
+        });
+    }
+    let mut b = poll(10, "c2 serves its monitor", || {
+        std::panic::catch_unwind(|| Qmp::ready(&dir.path("b.sock"))).ok()
+    });
+    assert_eq!(
+        b.cmd(r#"{"execute":"query-version"}"#)["return"]["qemu"]["major"],
+        10
+    );
+    q.send(br#"{"execute":"quit"}"#);
+    assert_eq!(d.wait_exit(10), Some(0));
+    let err = stderr.all();
+    assert!(!err.contains("monitor/c2"), "{err}");
+    assert_eq!(
+        err.matches("rsd: chardev/c2 failed and was restarted")
+            .count(),
+        4,
+        "{err}"
+    );
 }
