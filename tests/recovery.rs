@@ -667,6 +667,12 @@ fn every_actor_kind_recovers_under_io() {
         let r: Value = serde_json::from_str(&q.line()).expect("reply");
         assert_eq!(r, json!({"return": {}}), "{what} of node/spare");
     }
+    let r = q.cmd(r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#);
+    let spare = r["return"]
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node-name"] == "spare").cloned())
+        .unwrap_or_default();
+    assert_eq!(spare["image"]["virtual-size"], 8 << 20, "{spare}");
     e2.write(64 << 10, &pattern(1001, 64 << 10))
         .expect("e2 after node crash");
     assert_eq!(
