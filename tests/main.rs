@@ -32,6 +32,7 @@ mod qmp_rest;
 mod qmp_wire;
 mod quickstart;
 mod quorum;
+mod recovery;
 mod snapshot;
 mod stream;
 mod supervision;

@@ -512,6 +512,7 @@ impl Shared {
             // Registered before the flags are read: a resume or cancel
             // that comes in between still wakes it.
             let woken = self.wake.notified();
+            self.crash_point();
             let (cancelled, paused) = self.flags(|f| (f.cancelled, f.user_paused));
             if cancelled {
                 return Err(CANCELED.into());
@@ -851,7 +852,12 @@ impl Actor for JobActor {
                     a.finish(r)
                 }
             }
-            JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),
+            JobMsg::Crash => {
+                // Woken, so an idle job (a ready mirror, a paced or
+                // paused one) fails now rather than at its next chunk.
+                a.shared.crash.store(true, Ordering::Relaxed);
+                a.shared.wake.notify_waiters();
+            }
         }
         Ok(())
     }
