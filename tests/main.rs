@@ -8,6 +8,7 @@ mod bitmaps;
 mod commit;
 mod compress;
 mod container;
+mod crash;
 mod filters;
 
 mod block;
