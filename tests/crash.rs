@@ -105,6 +105,10 @@ impl Ctx {
             }
         })
     }
+    /// A snapshot command is (or is no longer) in flight.
+    pub fn mid_snapshot(&self, on: bool) {
+        self.with_log(|l| l.mid_snapshot = on);
+    }
     pub fn resized(&self, size: u64) {
         let t = self.tick();
         self.with_log(|l| l.resizes.push((t, size)));
@@ -136,6 +140,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[derive(Default)]
 struct Totals {
     leaking: usize,
+    repaired: usize,
     ops: usize,
     flushes: usize,
     resizes: usize,
@@ -196,20 +201,23 @@ fn sigkill_rounds_keep_flushed_writes_and_a_sound_image() {
             .iter()
             .filter(|o| matches!(o.kind, Kind::Write(_)) && o.done.is_some_and(|d| d < mark))
             .count();
-        let (leaks, checked) = verify(img, &log, round);
-        totals.leaking += usize::from(leaks);
+        let (after, checked) = verify(img, &log, round);
+        totals.leaking += usize::from(after == After::Leaking);
+        totals.repaired += usize::from(after == After::Repaired);
         totals.checked_blocks += checked;
     }
     eprintln!(
         "crash: {rounds} rounds in {:.1} s: {} requests, {} flushes completed, {} resizes, \
-         {} writes made durable by a flush, {} blocks checked; {} rounds left leaks, none corrupt",
+         {} writes made durable by a flush, {} blocks checked; {} rounds left leaks, \
+         {} killed mid-snapshot left COPIED flags to repair, none other corrupt",
         start.elapsed().as_secs_f64(),
         totals.ops,
         totals.flushes,
         totals.resizes,
         totals.durable_writes,
         totals.checked_blocks,
-        totals.leaking
+        totals.leaking,
+        totals.repaired
     );
     assert!(totals.durable_writes > 0, "no write was ever flushed");
 }
@@ -241,12 +249,13 @@ fn one_round(
     ]));
     let before = info(&img.path);
     let mut d = Daemon::spawn(Which::Rsd, &a);
-    if !wait_for_path(&qmp, 20) {
-        panic!("round {round}: rsd did not start: {}", d.stderr_text());
-    }
     let mut mon = match monitor::Mon::ready(&qmp) {
         Ok(m) => m,
-        Err(e) => panic!("round {round}: monitor: {e}: {}", d.stderr_text()),
+        Err(e) => {
+            // Its stderr ends only when it does.
+            d.signal(9);
+            panic!("round {round}: monitor: {e}: {}", d.stderr_text())
+        }
     };
     // A bitmap the last kill left in use is inconsistent: it can only go.
     let stale = before["format-specific"]["data"]["bitmaps"]
@@ -309,15 +318,37 @@ fn one_round(
 }
 
 /// Checks the image after a kill and reads it back into `img.blocks`;
-/// returns whether it leaked and how many blocks were checked.
-fn verify(img: &mut Image, log: &Log, round: usize) -> (bool, usize) {
+/// returns what the check found and how many blocks were checked.
+fn verify(img: &mut Image, log: &Log, round: usize) -> (After, usize) {
     let check = run("qemu-img", &["check", &img.path]);
     let text = String::from_utf8_lossy(&check.stdout).into_owned()
         + &String::from_utf8_lossy(&check.stderr);
-    assert!(
-        matches!(check.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
-        "round {round}: qemu-img check: {text}"
-    );
+    let sound = matches!(check.status.code(), Some(0) | Some(3)) && !text.contains("ERROR");
+    // Making or deleting a snapshot changes refcounts and then the
+    // COPIED flags of the active tables, in two writes; a kill between
+    // them leaves flags `qemu-img check` calls errors, in QSD as in rsd
+    // (docs/reliability.md). Only those, and only then, are forgiven,
+    // and repaired as a user would.
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("ERROR")).collect();
+    let copied_only = errors.iter().all(|l| l.starts_with("ERROR OFLAG_COPIED"));
+    let repaired = !sound && log.mid_snapshot && copied_only && check.status.code() == Some(2);
+    if repaired {
+        let fix = run("qemu-img", &["check", "-q", "-r", "all", &img.path]);
+        let again = run("qemu-img", &["check", &img.path]);
+        assert!(
+            fix.status.success() && again.status.success(),
+            "round {round}: repair: {fix:?} {again:?}"
+        );
+    } else if !sound {
+        let keep = std::env::temp_dir().join(format!("rsd-crash-failure-round-{round}.qcow2"));
+        let _ = std::fs::copy(&img.path, &keep);
+        let errors: Vec<&str> = text.lines().filter(|l| !l.starts_with("Leaked")).collect();
+        panic!(
+            "round {round}: qemu-img check (image kept as {}):\n{}",
+            keep.display(),
+            errors.join("\n")
+        );
+    }
     let size = info(&img.path)["virtual-size"].as_u64().unwrap_or(0);
     let need = log.durable_size(img.size);
     assert!(
@@ -374,5 +405,21 @@ fn verify(img: &mut Image, log: &Log, round: usize) -> (bool, usize) {
     }
     img.blocks = next;
     img.size = size;
-    (check.status.code() == Some(3), data.len() / BLOCK as usize)
+    let state = if repaired {
+        After::Repaired
+    } else if check.status.code() == Some(3) {
+        After::Leaking
+    } else {
+        After::Clean
+    };
+    (state, data.len() / BLOCK as usize)
+}
+
+/// What `qemu-img check` found after a kill.
+#[derive(PartialEq)]
+enum After {
+    Clean,
+    Leaking,
+    /// COPIED flags off after a kill mid-snapshot, repaired.
+    Repaired,
 }

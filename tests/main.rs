@@ -33,6 +33,7 @@ mod qmp_wire;
 mod quickstart;
 mod quorum;
 mod snapshot;
+mod soak;
 mod stream;
 mod supervision;
 mod throttle;

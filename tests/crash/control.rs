@@ -59,13 +59,17 @@ fn control_loop(
                 let name = format!("r{round}s{made}");
                 made += 1;
                 let args = json!({"device": "q", "name": name});
+                ctx.mid_snapshot(true);
                 run_cmd(ctx, mon, "blockdev-snapshot-internal-sync", args)?;
+                ctx.mid_snapshot(false);
                 img.snapshots.push(name);
             }
             0 | 1 if !img.snapshots.is_empty() => {
                 let name = img.snapshots.remove(0);
                 let args = json!({"device": "q", "name": name});
+                ctx.mid_snapshot(true);
                 run_cmd(ctx, mon, "blockdev-snapshot-delete-internal-sync", args)?;
+                ctx.mid_snapshot(false);
             }
             2..=4 if !bitmap => {
                 let gran = 4096u64 << rng.below(5);

@@ -125,6 +125,8 @@ pub struct Log {
     pub flushes: Vec<(u64, Option<u64>)>,
     /// (done, new size in bytes) of each block_resize that returned.
     pub resizes: Vec<(u64, u64)>,
+    /// The kill came while a snapshot was being made or deleted.
+    pub mid_snapshot: bool,
 }
 
 impl Log {
@@ -210,6 +212,7 @@ mod tests {
             ],
             flushes: vec![(5, Some(7))],
             resizes: vec![],
+            mid_snapshot: false,
         };
         let start = vec![
             Allowed::exactly(ZERO),

@@ -3,7 +3,7 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -19,7 +19,15 @@ pub type Reply = Result<Value, String>;
 impl Mon {
     /// Connects (the socket exists), reads the greeting and negotiates.
     pub fn ready(path: &Path) -> io::Result<Mon> {
-        let w = UnixStream::connect(path)?;
+        // The socket's file exists a moment before it listens.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let w = loop {
+            match UnixStream::connect(path) {
+                Ok(w) => break w,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
         w.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut m = Mon {
             r: BufReader::new(w.try_clone()?),
