@@ -10,7 +10,10 @@ ranges back and checks each block against what it last wrote, zeroes,
 flushes, and now and then disconnects and connects again. Beside them a
 monitor loop adds a qcow2 node on a spare image, exports it, writes and
 reads it through a short-lived client, adds and removes a dirty bitmap,
-removes the export and the node, over and over.
+removes the export and the node, over and over. With --vhost-queues,
+a vhost-user-blk export on its own qcow2 image is driven all along by
+the vhost-bench example (`--rw verify`: each ring slot writes a block,
+reads it back and compares).
 
 Every few seconds the script samples VmRSS, the descriptors and the
 threads of rsd. At the end the clients disconnect and the script waits
@@ -23,8 +26,10 @@ fds at warm-up end and at the end, fds idle before and after, churn
 cycles.
 
 Usage: python3 bench/soak.py [--rsd PATH] [--duration 600] [--clients 64]
-           [--exports 4] [--warmup SECS] [--sample 5] [--json]
-Needs only python3 and qemu-img.
+           [--exports 4] [--vhost-queues 4] [--vhost-bench PATH]
+           [--warmup SECS] [--sample 5] [--json]
+Needs python3 and qemu-img; vhost-bench is built by
+`cargo build [--release] --example vhost-bench` (--vhost-queues 0 skips it).
 """
 import argparse, json, os, random, shutil, socket, struct, subprocess, sys
 import tempfile, threading, time
@@ -106,7 +111,7 @@ def pattern(owner, block, gen):
     return struct.pack("<IIQ", owner, gen, block) * (BLOCK // 16)
 
 
-def client_loop(cid, path, name, first, blocks, stop_at, reconnect_every, out):
+def client_loop(cid, path, name, first, blocks, stop_at, duration, reconnect_every, out):
     """One client: verified I/O on blocks [first, first+blocks) of export
     `name` until `stop_at`; puts (ops, errors, latencies, messages) on out."""
     rng = random.Random(cid)
@@ -114,6 +119,8 @@ def client_loop(cid, path, name, first, blocks, stop_at, reconnect_every, out):
     lat = []
     ops = errors = reconnects = 0
     msgs = []
+    slowest = (0.0, "", 0.0)  # seconds, request, when (s from the start)
+    start_at = stop_at - duration
     gen = 0
     conn = None
     since = 0
@@ -150,7 +157,11 @@ def client_loop(cid, path, name, first, blocks, stop_at, reconnect_every, out):
                     model[x] = 0
             else:
                 conn.request(CMD_FLUSH)
-            lat.append(time.perf_counter() - t)
+            took = time.perf_counter() - t
+            lat.append(took)
+            if took > slowest[0]:
+                kind = "write" if pick < 0.45 else "read" if pick < 0.85 else "zeroes" if pick < 0.93 else "flush"
+                slowest = (took, kind, round(time.time() - start_at, 1))
             ops += 1
             since += 1
         except (NbdError, OSError) as e:
@@ -161,12 +172,13 @@ def client_loop(cid, path, name, first, blocks, stop_at, reconnect_every, out):
             time.sleep(0.1)
     if conn is not None:
         conn.close()
-    out.put((ops, errors, reconnects, lat, msgs))
+    out.put((ops, errors, reconnects, lat, msgs, slowest))
 
 
-def worker(specs, stop_at, reconnect_every, out):
+def worker(specs, stop_at, duration, reconnect_every, out):
     """One process running several clients as threads."""
-    threads = [threading.Thread(target=client_loop, args=(*s, stop_at, reconnect_every, out)) for s in specs]
+    threads = [threading.Thread(target=client_loop, args=(*s, stop_at, duration, reconnect_every, out))
+               for s in specs]
     for t in threads:
         t.start()
     for t in threads:
@@ -177,7 +189,13 @@ class Qmp:
     def __init__(self, path):
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.s.settimeout(60)
-        self.s.connect(path)
+        # The socket's file exists a moment before it listens.
+        for _ in range(1000):
+            try:
+                self.s.connect(path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                time.sleep(0.02)
         self.f = self.s.makefile("rw")
         self.f.readline()
         self.events = []
@@ -289,6 +307,8 @@ def main():
     ap.add_argument("--warmup", type=float, help="seconds (default: a tenth of --duration, at most 60)")
     ap.add_argument("--sample", type=float, default=5)
     ap.add_argument("--reconnect-every", type=int, default=500, help="requests per connection")
+    ap.add_argument("--vhost-queues", type=int, default=4)
+    ap.add_argument("--vhost-bench", help="default: examples/vhost-bench beside --rsd")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     warmup = a.warmup if a.warmup is not None else min(60, a.duration / 10)
@@ -309,6 +329,21 @@ def run(a, d, warmup):
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, img, str(EXPORT_SIZE)], check=True)
         cmd += ["--blockdev", f"driver={fmt},node-name=n{i},discard=unmap,file.driver=file,file.filename={img}",
                 "--export", f"type=nbd,id=x{i},node-name=n{i},name=e{i},writable=on"]
+    if a.vhost_queues:
+        img = f"{d}/vhost.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(EXPORT_SIZE)], check=True)
+        cmd += ["--blockdev", f"driver=qcow2,node-name=vn,file.driver=file,file.filename={img}",
+                "--export", f"type=vhost-user-blk,id=vh,node-name=vn,writable=on,num-queues={a.vhost_queues},"
+                f"addr.type=unix,addr.path={d}/vhost.sock"]
+        vbench = a.vhost_bench or os.path.join(os.path.dirname(os.path.abspath(a.rsd)), "examples", "vhost-bench")
+        if not os.path.exists(vbench):
+            sys.exit(f"no {vbench}: cargo build --example vhost-bench, or --vhost-queues 0")
+
+    def vhost(secs):
+        return subprocess.Popen([vbench, "--socket", f"{d}/vhost.sock", "--queues", str(a.vhost_queues),
+                                 "--depth", "4", "--rw", "verify", "--runtime", str(secs)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     spares = []
     for i in range(2):
         img = f"{d}/spare{i}.qcow2"
@@ -329,6 +364,10 @@ def run(a, d, warmup):
         c.request(CMD_FLUSH)
         c.close()
     churn_once(qmp, sock, spares[0], 0)
+    if a.vhost_queues:
+        v = vhost(0.5)
+        if v.wait() != 0:
+            sys.exit(f"vhost-bench: {v.stderr.read()}")
     time.sleep(1)
     idle_start = status(rsd.pid)
     idle_fds = fd_targets(rsd.pid)
@@ -341,9 +380,10 @@ def run(a, d, warmup):
     out = mp.Queue()
     start = time.time()
     stop_at = start + a.duration
-    procs = [mp.Process(target=worker, args=(specs[i::nproc], stop_at, a.reconnect_every, out)) for i in range(nproc)]
+    procs = [mp.Process(target=worker, args=(specs[i::nproc], stop_at, a.duration, a.reconnect_every, out)) for i in range(nproc)]
     for p in procs:
         p.start()
+    vh = vhost(a.duration) if a.vhost_queues else None
     stop = threading.Event()
     cstats = {"cycles": 0, "errors": 0, "msgs": []}
     ct = threading.Thread(target=churn, args=(qmp, sock, spares, stop, cstats))
@@ -358,14 +398,23 @@ def run(a, d, warmup):
             print(f"t={s['t']:7.1f}s rss={s['VmRSS'] / 1024:7.1f} MiB fds={s['fds']:4d} threads={s['Threads']:4d}"
                   f" churn={cstats['cycles']}", flush=True)
         time.sleep(max(0, min(a.sample, stop_at - time.time())))
+    # The last sample under load.
+    end = status(rsd.pid)
+    end["t"] = round(time.time() - start, 1)
+    samples.append(end)
     results = [out.get() for _ in specs]
     for p in procs:
         p.join()
     stop.set()
     ct.join()
-    end = status(rsd.pid)
-    end["t"] = round(time.time() - start, 1)
-    samples.append(end)
+    vhost_ios, vhost_errors = 0, 0
+    if vh is not None:
+        vout, verr = vh.communicate()
+        if vh.returncode != 0:
+            vhost_errors = 1
+            cstats["msgs"].append(f"vhost-bench: {verr.strip()[-500:]}")
+        else:
+            vhost_ios = json.loads(vout.strip().splitlines()[-1])["ios"]
     # Back to idle: every client gone, only the monitor connected.
     idle_end = settle(rsd.pid, idle_start["fds"], 30)
     if idle_end["fds"] != idle_start["fds"]:
@@ -384,7 +433,7 @@ def run(a, d, warmup):
     lat = sorted(x for r in results for x in r[3])
     ops = sum(r[0] for r in results)
     errors = (sum(r[1] for r in results) + cstats["errors"] + (code != 0) + ("panicked" in stderr)
-              + (idle_end["fds"] != idle_start["fds"]))
+              + (idle_end["fds"] != idle_start["fds"]) + vhost_errors)
     msgs = [m for r in results for m in r[4]] + cstats["msgs"]
     if code != 0 or "panicked" in stderr:
         msgs.append(f"rsd exited {code}: {stderr[-2000:]}")
@@ -394,8 +443,11 @@ def run(a, d, warmup):
         "duration_s": a.duration, "clients": a.clients, "exports": a.exports, "warmup_s": warmup,
         "ops": ops, "ops_per_s": round(ops / a.duration, 1), "errors": errors, "messages": msgs[:10],
         "reconnects": sum(r[2] for r in results), "churn_cycles": cstats["cycles"],
+        "vhost_queues": a.vhost_queues, "vhost_ios": vhost_ios,
         "p50_ms": round(percentile(lat, 50) * 1000, 3), "p99_ms": round(percentile(lat, 99) * 1000, 3),
         "max_ms": round((lat[-1] if lat else 0) * 1000, 3),
+        "slowest": [{"ms": round(r[5][0] * 1000, 1), "request": r[5][1], "at_s": r[5][2]}
+                    for r in sorted(results, key=lambda r: -r[5][0])[:5]],
         "rss_kib_warm": warm["VmRSS"], "rss_kib_end": end["VmRSS"],
         "rss_kib_max_after_warmup": max(s["VmRSS"] for s in after),
         "fds_warm": warm["fds"], "fds_end": end["fds"],
@@ -406,7 +458,8 @@ def run(a, d, warmup):
         "exit_code": code,
     }
     print(f"{ops} requests in {a.duration:.0f} s ({report['ops_per_s']}/s) by {a.clients} clients, "
-          f"{report['reconnects']} reconnects, {cstats['cycles']} churn cycles, {errors} errors")
+          f"{report['reconnects']} reconnects, {cstats['cycles']} churn cycles, "
+          f"{vhost_ios} verified vhost-user-blk requests on {a.vhost_queues} queues, {errors} errors")
     print(f"latency p50 {report['p50_ms']} ms, p99 {report['p99_ms']} ms, max {report['max_ms']} ms")
     print(f"RSS {warm['VmRSS'] / 1024:.1f} MiB at warm-up end ({warmup:.0f} s), {end['VmRSS'] / 1024:.1f} MiB at end; "
           f"fds {warm['fds']} -> {end['fds']}; idle fds {idle_start['fds']} before, {idle_end['fds']} after")
