@@ -390,18 +390,16 @@ def run(a, d, warmup):
     ct.start()
 
     samples = []
-    while time.time() < stop_at:
+    # The last sample comes a second before the clients stop.
+    while time.time() < stop_at - 1:
         s = status(rsd.pid)
         s["t"] = round(time.time() - start, 1)
         samples.append(s)
         if not a.json:
             print(f"t={s['t']:7.1f}s rss={s['VmRSS'] / 1024:7.1f} MiB fds={s['fds']:4d} threads={s['Threads']:4d}"
                   f" churn={cstats['cycles']}", flush=True)
-        time.sleep(max(0, min(a.sample, stop_at - time.time())))
-    # The last sample under load.
-    end = status(rsd.pid)
-    end["t"] = round(time.time() - start, 1)
-    samples.append(end)
+        time.sleep(max(0, min(a.sample, stop_at - 1 - time.time())))
+    end = samples[-1]
     results = [out.get() for _ in specs]
     for p in procs:
         p.join()
@@ -452,6 +450,10 @@ def run(a, d, warmup):
         "rss_kib_max_after_warmup": max(s["VmRSS"] for s in after),
         "fds_warm": warm["fds"], "fds_end": end["fds"],
         "fds_max_after_warmup": max(s["fds"] for s in after),
+        "fds_min_after_warmup": min(s["fds"] for s in after),
+        "rss_kib_min_after_warmup": min(s["VmRSS"] for s in after),
+        # About ten samples across the run, for the shape.
+        "series": [(s["t"], s["VmRSS"], s["fds"]) for s in samples[::max(1, len(samples) // 10)]],
         "threads_warm": warm["Threads"], "threads_end": end["Threads"],
         "fds_idle_start": idle_start["fds"], "fds_idle_end": idle_end["fds"],
         "rss_kib_idle_start": idle_start["VmRSS"], "rss_kib_idle_end": idle_end["VmRSS"],

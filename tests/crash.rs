@@ -262,8 +262,31 @@ fn one_round(
         .as_array()
         .cloned()
         .unwrap_or_default();
+    let nodes = mon.cmd("query-named-block-nodes", serde_json::json!({}));
+    let shown = match nodes {
+        Ok(Ok(v)) => v,
+        other => panic!("round {round}: query-named-block-nodes: {other:?}"),
+    };
     for b in stale {
         let name = b["name"].as_str().unwrap_or("");
+        // Still marked in use on disk: rsd must not trust it.
+        let in_use = b["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "in-use"));
+        let inconsistent = shown.as_array().into_iter().flatten().any(|n| {
+            n["node-name"] == "q"
+                && n["dirty-bitmaps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|d| {
+                        d["name"] == name && d["inconsistent"] == serde_json::Value::Bool(true)
+                    })
+        });
+        assert!(
+            !in_use || inconsistent,
+            "round {round}: bitmap {name} in use on disk but not inconsistent: {shown}"
+        );
         let r = mon.cmd(
             "block-dirty-bitmap-remove",
             serde_json::json!({"node": "q", "name": name}),

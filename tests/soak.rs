@@ -1,8 +1,9 @@
 //! The soak's short version (docs/reliability.md): bench/soak.py for
 //! 20 s with 16 NBD clients doing verified I/O, reconnecting now and
-//! then, while the monitor adds, exports, uses and removes nodes.
-//! No error, and rsd's descriptors back where they were once every
-//! client has gone.
+//! then, while the monitor adds, exports, uses and removes nodes, and
+//! (when the vhost-bench example is built, as scripts/test.sh does)
+//! four vhost-user-blk queues write and read back blocks. No error, and
+//! rsd's descriptors back where they were once every client has gone.
 use std::process::Command;
 
 use crate::common::*;
@@ -10,6 +11,16 @@ use crate::common::*;
 #[test]
 fn short_soak_has_no_errors_and_gives_back_every_descriptor() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/soak.py");
+    let bench = std::path::Path::new(rsd_bin()).with_file_name("examples/vhost-bench");
+    let queues = if bench.exists() {
+        "4"
+    } else {
+        eprintln!(
+            "note: {} not built; no vhost-user-blk queues",
+            bench.display()
+        );
+        "0"
+    };
     let out = Command::new("python3")
         .args([
             script,
@@ -25,6 +36,8 @@ fn short_soak_has_no_errors_and_gives_back_every_descriptor() {
             "2",
             "--reconnect-every",
             "200",
+            "--vhost-queues",
+            queues,
             "--json",
         ])
         .output()
@@ -39,5 +52,8 @@ fn short_soak_has_no_errors_and_gives_back_every_descriptor() {
     assert!(r["ops"].as_u64().unwrap_or(0) > 1000, "{r}");
     assert!(r["reconnects"].as_u64().unwrap_or(0) > 0, "{r}");
     assert!(r["churn_cycles"].as_u64().unwrap_or(0) > 0, "{r}");
+    if queues != "0" {
+        assert!(r["vhost_ios"].as_u64().unwrap_or(0) > 1000, "{r}");
+    }
     assert!(out.status.success());
 }

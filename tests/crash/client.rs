@@ -161,6 +161,17 @@ impl Client {
     }
 }
 
+impl Drop for Client {
+    /// The reader goes with the client, so that nothing marks the log
+    /// once the round is over.
+    fn drop(&mut self) {
+        let _ = self.w.shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
 /// Runs I/O on export `name` until the daemon is killed. `cur` is what
 /// each block holds at the start.
 pub fn run(
