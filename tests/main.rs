@@ -8,6 +8,7 @@ mod bitmaps;
 mod commit;
 mod compress;
 mod container;
+mod crash;
 mod filters;
 
 mod block;
@@ -34,6 +35,7 @@ mod quickstart;
 mod quorum;
 mod recovery;
 mod snapshot;
+mod soak;
 mod stream;
 mod supervision;
 mod throttle;
