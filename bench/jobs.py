@@ -10,7 +10,7 @@ faster), and checks the target with qemu-img compare each time.
 With --latency, it measures what a guest sees instead: the source is
 exported over NBD, the job runs at --speed MiB/s (the same copy rate for
 both daemons, so the job outlasts the measurement), and fio writes 4k at
-random, QD1, for --runtime seconds while it runs; it prints the median
+random, QD1, --rate-iops a second (1000), for --runtime seconds while it runs; it prints the median
 and 99th percentile completion latency of those writes, and the same
 with no job running as a baseline.
 
@@ -97,7 +97,7 @@ def one(binary, d, size_mib, job):
     return took
 
 
-def latency(binary, d, size_mib, job, speed, runtime):
+def latency(binary, d, size_mib, job, speed, runtime, rate_iops):
     """(p50, p99) of 4k QD1 random-write latency in µs seen over an NBD
     export of the source while `job` runs (or no job if None)."""
     src, tgt = os.path.join(d, "src.qcow2"), os.path.join(d, "tgt.qcow2")
@@ -129,6 +129,7 @@ def latency(binary, d, size_mib, job, speed, runtime):
             wait(f, lambda v: "return" in v)
         out = subprocess.run(["fio", "--name=l", "--ioengine=nbd", f"--uri=nbd+unix:///src?socket={nbd}",
                               "--rw=randwrite", "--bs=4k", "--iodepth=1", f"--runtime={runtime}",
+                              f"--rate_iops={rate_iops}",
                               "--time_based", f"--size={size_mib}M", "--output-format=json"],
                              capture_output=True, text=True, check=True).stdout
         if job:
@@ -147,7 +148,7 @@ def latency(binary, d, size_mib, job, speed, runtime):
 
 def latency_main(a, servers):
     print(f"4k random writes QD1 over an NBD export of the source for {a.runtime} s, "
-          f"the job at {a.speed} MiB/s; completion latency in µs, medians of {a.repeats} runs")
+          f"{a.rate_iops} a second, the job at {a.speed} MiB/s; completion latency in µs, medians of {a.repeats} runs")
     print(f"{'job':<8}{'filesystem':<12}{'rsd p50':>9}{'qsd p50':>9}{'rsd p99':>9}{'qsd p99':>9}"
           f"{'qsd/rsd p50':>13}{'qsd/rsd p99':>13}")
     for job in (None, "mirror", "backup"):
@@ -157,7 +158,7 @@ def latency_main(a, servers):
             try:
                 for _ in range(a.repeats):
                     for k, b in servers.items():
-                        res[k].append(latency(b, d, a.size_mib, job, a.speed, a.runtime))
+                        res[k].append(latency(b, d, a.size_mib, job, a.speed, a.runtime, a.rate_iops))
             finally:
                 shutil.rmtree(d, ignore_errors=True)
             med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
@@ -175,6 +176,10 @@ def main():
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--speed", type=int, default=100, help="MiB/s of the job with --latency")
     ap.add_argument("--runtime", type=int, default=3, help="seconds of fio with --latency")
+    ap.add_argument("--rate-iops", type=int, default=1000,
+                    help="writes per second of fio with --latency (the same guest load for both; "
+                         "unbounded, a faster server's writes copy more clusters before they are "
+                         "overwritten and end a backup before the measurement does)")
     a = ap.parse_args()
     servers = {"rsd": a.rsd, "qsd": shutil.which("qemu-storage-daemon")}
     if a.latency:
