@@ -315,7 +315,6 @@ fn within(got: f64, want: f64, tol: f64, what: &str) {
 }
 
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn limits_hold_within_five_percent() {
     let mut s = Served::start(Which::Rsd, 1, "limits.iops-total=400");
     let uri = vec![s.uri(0)];
@@ -367,7 +366,6 @@ fn iops_log(path: &Path) -> Vec<(u64, f64)> {
 }
 
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn bursts_allow_max_for_max_length_then_fall_back() {
     // 100 IOPS, bursts of 1000 IOPS for 2 s.
     let s = Served::start(
@@ -396,7 +394,6 @@ fn bursts_allow_max_for_max_length_then_fall_back() {
 }
 
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn a_new_limit_holds_within_a_second() {
     let mut s = Served::start(Which::Rsd, 1, "limits.iops-total=200");
     let log = s.dir.s("change");
@@ -446,7 +443,6 @@ fn a_new_limit_holds_within_a_second() {
 }
 
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn two_nodes_in_one_group_share_it_evenly() {
     let s = Served::start(Which::Rsd, 2, "limits.iops-total=400");
     let jobs = fio(&[s.uri(0), s.uri(1)], "randread", "4k", 3, 1, &[]);
@@ -530,5 +526,81 @@ fn queued_requests_are_drained_on_export_deletion_and_quit() {
             data[..8 * 4096].iter().all(|b| *b == 0xab),
             "{how}: a queued write was dropped"
         );
+    }
+}
+
+/// A daemon serving throttle node `t` (group `tg` with `limits`) over
+/// vhost-user-blk on `vu.sock`, on a 64 MiB image.
+fn serve_vhost(which: Which, dir: &TempDir, limits: &str) -> (Daemon, Qmp) {
+    let img = dir.path(&format!("{}.img", which.prog()));
+    qemu_img_create(&img, "64M");
+    let mon = dir.s(&format!("{}-qmp.sock", which.prog()));
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--object",
+        &format!("throttle-group,id=tg,{limits}"),
+        "--blockdev",
+        &format!("file,node-name=f,filename={}", img.display()),
+        "--blockdev",
+        "throttle,node-name=t,file=f,throttle-group=tg",
+        "--export",
+        &format!(
+            "type=vhost-user-blk,id=vu,node-name=t,writable=on,addr.type=unix,addr.path={}",
+            dir.s(&format!("{}-vu.sock", which.prog()))
+        ),
+    ]));
+    let d = Daemon::spawn(which, &a);
+    let q = Qmp::ready(Path::new(&mon));
+    (d, q)
+}
+
+#[test]
+fn limits_hold_over_vhost_user_blk() {
+    // One group, an IOPS and a bandwidth limit: 4 KiB reads meet the
+    // first (1.6 MB/s is far below the second), 64 KiB writes the second
+    // (128 requests a second, far below the first).
+    const IOPS: f64 = 400.0;
+    const BPS: u64 = 8 << 20;
+    let limits = format!("limits.iops-total={IOPS},limits.bps-total={BPS}");
+    let dir = TempDir::new();
+    let (warmup, window) = (Duration::from_millis(500), Duration::from_secs(3));
+    let mut got = Vec::new();
+    for which in Which::all() {
+        let (mut d, mut q) = serve_vhost(which, &dir, &limits);
+        let sock = dir.path(&format!("{}-vu.sock", which.prog()));
+        let iops = crate::vhost_user::rate(&sock, false, 4096, 16, warmup, window);
+        let bps = crate::vhost_user::rate(&sock, true, 64 << 10, 16, warmup, window) * 65536.0;
+        eprintln!("{which:?}: {iops:.1} IOPS (limit {IOPS}), {bps:.0} B/s (limit {BPS})");
+        q.send(br#"{"execute":"quit"}"#);
+        assert!(d.wait_exit(10).is_some(), "{which:?} did not exit");
+        got.push((which, iops, bps));
+    }
+    for (which, iops, bps) in &got {
+        // rsd holds the issue's 5%; QSD beside it shows the measure is
+        // sound (it is not held to a bound on a loaded machine).
+        let tol = if *which == Which::Rsd { 0.05 } else { 0.25 };
+        within(*iops, IOPS, tol, &format!("{which:?} iops-total"));
+        within(*bps, BPS as f64, tol, &format!("{which:?} bps-total"));
+    }
+    let data = std::fs::read(dir.path("rsd.img")).expect("image");
+    assert!(
+        data[..16 << 16].iter().any(|b| *b != 0),
+        "the writes never landed"
+    );
+    // Both wrote the same data to the same places.
+    if got.len() == 2 {
+        let o = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &dir.s("rsd.img"),
+                &dir.s("qemu-storage-daemon.img"),
+            ],
+        );
+        ok(&o);
     }
 }
