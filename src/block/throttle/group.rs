@@ -21,8 +21,10 @@
 //! A drained member (export deletion, shutdown, reopen) has its limits
 //! lifted: its queued requests go at once, never dropped.
 //!
-//! Timers run on one thread of their own, so a member's timer survives
-//! the end of whichever client thread armed it.
+//! A timer runs on the runtime of whoever armed it (the thread of a
+//! request of the group), so the requests it releases start there with
+//! no hand-off; if that runtime ends first, the timer moves to a thread
+//! of its own (`throttle-timers`).
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -310,14 +312,16 @@ impl ThrottleGroup {
             return;
         };
         s.timer[dir as usize] = Some(gen);
-        let group = self.clone();
-        // The deadline counts from now, not from when the timer thread
-        // gets to the task.
-        let deadline = Instant::now() + Duration::from_nanos(wait.max(0) as u64);
-        timers().spawn(async move {
-            tokio::time::sleep_until(deadline.into()).await;
-            group.timer_fired(id, dir, gen);
-        });
+        Timer {
+            group: self.clone(),
+            id,
+            dir,
+            gen,
+            deadline: Instant::now() + Duration::from_nanos(wait.max(0) as u64),
+            fired: false,
+            on_timer_thread: false,
+        }
+        .start(tokio::runtime::Handle::try_current().ok());
     }
 
     fn timer_fired(self: &Arc<Self>, id: u64, dir: Direction, gen: u64) {
@@ -410,6 +414,59 @@ impl ThrottleGroup {
         if let Some(s) = g.slot(id) {
             s.disabled = s.disabled.saturating_sub(1);
         }
+    }
+}
+
+/// An armed timer. It runs on the runtime of whoever armed it: that is
+/// the thread of the request that must wait (or of the one released
+/// last), so when it fires, the requests it releases run there at once,
+/// with no hand-off between threads (as QEMU's timers fire in the
+/// member's AioContext). If that runtime ends first (a client thread
+/// that went away), the timer moves to the groups' own timer thread.
+struct Timer {
+    group: Arc<ThrottleGroup>,
+    id: u64,
+    dir: Direction,
+    gen: u64,
+    deadline: Instant,
+    fired: bool,
+    /// On the timer thread, which never ends: nowhere to move to.
+    on_timer_thread: bool,
+}
+
+impl Timer {
+    /// Runs the timer on `rt`, or on the timer thread when `None`.
+    fn start(mut self, rt: Option<tokio::runtime::Handle>) {
+        self.on_timer_thread = rt.is_none();
+        let mut t = self;
+        let run = async move {
+            tokio::time::sleep_until(t.deadline.into()).await;
+            t.fired = true;
+            t.group.timer_fired(t.id, t.dir, t.gen);
+        };
+        // Detached: a JoinHandle dropped leaves its task running.
+        match rt {
+            Some(h) => drop(h.spawn(run)),
+            None => drop(timers().spawn(run)),
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if self.fired || self.on_timer_thread {
+            return;
+        }
+        Timer {
+            group: self.group.clone(),
+            id: self.id,
+            dir: self.dir,
+            gen: self.gen,
+            deadline: self.deadline,
+            fired: false,
+            on_timer_thread: true,
+        }
+        .start(None);
     }
 }
 
@@ -549,7 +606,10 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < until {
                     m.intercept(4096, Direction::Read).await;
-                    done.fetch_add(1, Ordering::Relaxed);
+                    // Those still queued at the end do not count.
+                    if Instant::now() < until {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }));
         }
@@ -564,7 +624,7 @@ mod tests {
         let g = ThrottleGroup::new("g", iops(200));
         let m = Arc::new(g.register("a"));
         let until = Instant::now() + Duration::from_secs(2);
-        let n = load(m.clone(), 8, until).await;
+        let n = load(m.clone(), 64, until).await;
         // 2 s at 200/s plus the initial tenth of a second's worth.
         assert!((390..=430).contains(&n), "{n}");
         assert!(m.stats().throttled.load(Ordering::Relaxed) > 300);
@@ -579,7 +639,7 @@ mod tests {
         assert_eq!(g.member_nodes(), ["b", "a"]);
         let until = Instant::now() + Duration::from_secs(2);
         // a sends twice as many at once as b: turns keep them even.
-        let (na, nb) = tokio::join!(load(a.clone(), 16, until), load(b.clone(), 4, until));
+        let (na, nb) = tokio::join!(load(a.clone(), 64, until), load(b.clone(), 32, until));
         let total = na + nb;
         assert!((570..=660).contains(&total), "{na} + {nb}");
         let share = na as f64 / total as f64;
@@ -651,5 +711,44 @@ mod tests {
             .await
             .expect("the second request still went")
             .expect("task");
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timer_outlives_the_runtime_that_armed_it() {
+        let g = ThrottleGroup::new("g", iops(5));
+        let m = Arc::new(g.register("a"));
+        m.intercept(1, Direction::Read).await;
+        // A request on a runtime of its own must wait: the timer is
+        // armed there. Once a second request waits behind it, that
+        // runtime ends, taking its request and the timer's task along.
+        let (m2, stats) = (m.clone(), m.stats().clone());
+        let other = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let first = tokio::spawn(async move { m2.intercept(1, Direction::Read).await });
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while stats.queued.load(Ordering::Relaxed) < 2 {
+                    assert!(Instant::now() < deadline, "requests never queued");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert!(!first.is_finished());
+            });
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while m.stats().queued.load(Ordering::Relaxed) < 1 {
+            assert!(Instant::now() < deadline, "the first request never queued");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let m3 = m.clone();
+        let second = tokio::spawn(async move { m3.intercept(1, Direction::Read).await });
+        other.join().expect("the other runtime");
+        // The timer went on on the timer thread and let the second go.
+        tokio::time::timeout(Duration::from_secs(3), second)
+            .await
+            .expect("the second request went")
+            .expect("task");
+        assert_eq!(m.stats().queued.load(Ordering::Relaxed), 0);
     }
 }
