@@ -11,10 +11,16 @@
 //! with --pid, the server's CPU time (utime+stime of /proc/PID/stat) per
 //! I/O in microseconds. bench/vhost.py runs it against rsd and QSD.
 //!
+//! `--rw verify` checks data instead: each slot owns the blocks whose
+//! number is its own modulo the slots of all queues, writes a pattern
+//! naming the block and a generation to one of them, reads it back and
+//! compares; a difference counts as a failed request (bench/soak.py).
+//!
 //! Build: cargo build --release --example vhost-bench
 //! Run:   target/release/examples/vhost-bench --socket PATH
-//!            [--queues 1] [--depth 32] [--rw randread|randwrite|read|write]
+//!            [--queues 1] [--depth 32] [--rw randread|randwrite|read|write|verify]
 //!            [--bs 4096] [--runtime 5] [--size BYTES] [--pid SERVER_PID]
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
@@ -46,6 +52,8 @@ enum Rw {
     RandWrite,
     Read,
     Write,
+    /// Write a block, read it back, compare.
+    Verify,
 }
 
 impl Rw {
@@ -55,6 +63,7 @@ impl Rw {
             "randwrite" => Rw::RandWrite,
             "read" => Rw::Read,
             "write" => Rw::Write,
+            "verify" => Rw::Verify,
             _ => return Err(format!("unknown --rw {s}").into()),
         })
     }
@@ -192,6 +201,7 @@ struct Shared {
     bs: u64,
     /// Requests land in [0, span).
     span: u64,
+    queues: usize,
 }
 
 impl Shared {
@@ -252,9 +262,33 @@ fn write_chain(mem: &GuestMemoryMmap, q: &Queue, slot: usize, sh: &Shared) -> Re
     Ok(())
 }
 
+/// Sets the direction of slot `slot`'s data descriptor.
+fn set_data_flags(mem: &GuestMemoryMmap, q: &Queue, slot: usize, dir: u16) -> Result<(), Error> {
+    let at = q.lay.desc + 16 * (3 * slot as u64 + 1) + 12;
+    mem.write_obj(dir | VIRTQ_DESC_F_NEXT, ga(at))?;
+    Ok(())
+}
+
 /// One queue's thread: keeps `depth` requests in flight until the run
 /// ends, then waits for the last ones.
-fn run_queue(sh: &Shared, q: &Queue, seed: u64) -> Result<(), Error> {
+/// The bytes `--rw verify` writes at block `block`, generation `gen`.
+fn verify_pattern(block: u64, gen: u64, out: &mut [u8]) {
+    let head = (gen << 32) ^ block;
+    for (i, w) in out.chunks_exact_mut(8).enumerate() {
+        let v = head ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// `--rw verify`: what a slot does next.
+#[derive(Clone, Copy)]
+struct Check {
+    block: u64,
+    gen: u64,
+    reading: bool,
+}
+
+fn run_queue(sh: &Shared, q: &Queue, qi: usize, seed: u64) -> Result<(), Error> {
     let mem = &sh.mem;
     let lay = q.lay;
     let qsize = lay.qsize;
@@ -263,10 +297,67 @@ fn run_queue(sh: &Shared, q: &Queue, seed: u64) -> Result<(), Error> {
     let mut avail_idx: u16 = 0;
     let mut last_used: u16 = 0;
     let mut inflight = 0usize;
+    let verify = sh.rw == Rw::Verify;
+    let checks = vec![
+        Cell::new(Check {
+            block: 0,
+            gen: 0,
+            reading: true,
+        });
+        q.depth
+    ];
+    let slots = (sh.queues * q.depth) as u64;
+    let per_slot = (sh.span / sh.bs / slots).max(1);
+    let buf = RefCell::new(vec![0u8; sh.bs as usize]);
+
+    // `--rw verify`: the slot's next request, its data descriptor's
+    // direction and, for a write, its data.
+    let next_check = |slot: usize, rng: &mut u64| -> Result<(u64, u32), Error> {
+        let mut c = checks[slot].get();
+        let mut buf = buf.borrow_mut();
+        let r = if c.reading {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            c.block = (qi * q.depth + slot) as u64 + slots * (*rng % per_slot);
+            c.gen += 1;
+            c.reading = false;
+            verify_pattern(c.block, c.gen, &mut buf);
+            mem.write_slice(&buf, ga(lay.buf(slot, sh.bs)))?;
+            set_data_flags(mem, q, slot, 0)?;
+            Ok((c.block * sh.bs / 512, T_OUT))
+        } else {
+            c.reading = true;
+            buf.fill(0xa5);
+            mem.write_slice(&buf, ga(lay.buf(slot, sh.bs)))?;
+            set_data_flags(mem, q, slot, VIRTQ_DESC_F_WRITE)?;
+            Ok((c.block * sh.bs / 512, T_IN))
+        };
+        checks[slot].set(c);
+        r
+    };
+    // Compares what a verify read found with what the slot wrote.
+    let check_read = |slot: usize, check: Check| -> Result<bool, Error> {
+        let mut got = vec![0u8; sh.bs as usize];
+        let mut want = vec![0u8; sh.bs as usize];
+        mem.read_slice(&mut got, ga(lay.buf(slot, sh.bs)))?;
+        verify_pattern(check.block, check.gen, &mut want);
+        if got != want {
+            eprintln!(
+                "vhost-bench: queue {qi} block {} is not generation {}",
+                check.block, check.gen
+            );
+        }
+        Ok(got == want)
+    };
 
     // Fills slot `slot`'s header and puts its chain on the avail ring.
     let post = |slot: usize, avail_idx: &mut u16, rng: &mut u64| -> Result<(), Error> {
-        let sector = sh.next_offset(rng) / 512;
+        let (sector, kind) = if verify {
+            next_check(slot, rng)?
+        } else {
+            (sh.next_offset(rng) / 512, kind)
+        };
         let mut h = [0u8; 17];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -315,7 +406,8 @@ fn run_queue(sh: &Shared, q: &Queue, seed: u64) -> Result<(), Error> {
                 return Err(format!("the server returned descriptor {id}").into());
             }
             let status: u8 = mem.read_obj(ga(lay.hdr(slot) + 16))?;
-            if status != 0 {
+            let c = checks[slot].get();
+            if status != 0 || (verify && c.reading && !check_read(slot, c)?) {
                 sh.errors.fetch_add(1, Ordering::Relaxed);
             }
             if running {
@@ -501,6 +593,7 @@ fn run() -> Result<(), Error> {
         rw: o.rw,
         bs: o.bs,
         span,
+        queues: o.queues,
     });
     let cpu0 = o.pid.map(cpu_seconds).transpose()?;
     let t0 = Instant::now();
@@ -509,7 +602,9 @@ fn run() -> Result<(), Error> {
         .enumerate()
         .map(|(i, q)| {
             let sh = sh.clone();
-            std::thread::spawn(move || run_queue(&sh, &q, 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1)))
+            std::thread::spawn(move || {
+                run_queue(&sh, &q, i, 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1))
+            })
         })
         .collect();
     std::thread::sleep(o.runtime);

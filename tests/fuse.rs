@@ -8,7 +8,7 @@ use std::os::unix::io::AsRawFd;
 use crate::common::*;
 
 /// FUSE needs /dev/fuse (a device: without it the tests skip).
-fn fuse_missing() -> bool {
+pub(crate) fn fuse_missing() -> bool {
     let missing = !std::path::Path::new("/dev/fuse").exists();
     if missing {
         eprintln!("skipped: /dev/fuse is missing");
@@ -16,13 +16,13 @@ fn fuse_missing() -> bool {
     missing
 }
 
-fn mounted(path: &str) -> bool {
+pub(crate) fn mounted(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(path)))
         .unwrap_or(false)
 }
 
-fn wait_mount(path: &str, want: bool) {
+pub(crate) fn wait_mount(path: &str, want: bool) {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while mounted(path) != want {
         assert!(
@@ -449,13 +449,13 @@ fn fuse_access_growable_and_direct_match_qsd() {
 }
 
 /// A page-aligned buffer for O_DIRECT.
-struct Aligned {
+pub(crate) struct Aligned {
     p: *mut u8,
     layout: std::alloc::Layout,
 }
 
 impl Aligned {
-    fn new(len: usize, fill: u8) -> Aligned {
+    pub(crate) fn new(len: usize, fill: u8) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
         // SAFETY: a non-zero size with the layout just made, freed on drop.
         let p = unsafe { std::alloc::alloc(layout) };
@@ -464,7 +464,7 @@ impl Aligned {
         a.buf().fill(fill);
         a
     }
-    fn buf(&mut self) -> &mut [u8] {
+    pub(crate) fn buf(&mut self) -> &mut [u8] {
         // SAFETY: p points to layout.size() bytes owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.p, self.layout.size()) }
     }

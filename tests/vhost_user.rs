@@ -33,21 +33,21 @@ const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+pub(crate) const T_IN: u32 = 0;
+pub(crate) const T_OUT: u32 = 1;
+pub(crate) const T_FLUSH: u32 = 4;
+pub(crate) const T_GET_ID: u32 = 8;
+pub(crate) const T_DISCARD: u32 = 11;
+pub(crate) const T_WRITE_ZEROES: u32 = 13;
 
 /// One descriptor: guest address, length, device-writable.
 #[derive(Clone, Copy, Debug)]
-struct D(u64, u32, bool);
+pub(crate) struct D(u64, u32, bool);
 
 /// A request as built: its descriptors, where its status byte is, and
 /// its device-writable data (to read back), unless it goes through an
 /// indirect table.
-struct Req {
+pub(crate) struct Req {
     descs: Vec<D>,
     indirect: bool,
     status: Option<u64>,
@@ -56,13 +56,13 @@ struct Req {
 
 /// What a request came back with.
 #[derive(Debug, PartialEq, Eq)]
-struct Answer {
-    status: Option<u8>,
-    used_len: u32,
-    data: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: Option<u8>,
+    pub(crate) used_len: u32,
+    pub(crate) data: Vec<u8>,
 }
 
-struct Guest {
+pub(crate) struct Guest {
     fe: Frontend,
     mem: GuestMemoryMmap,
     queues: usize,
@@ -86,7 +86,7 @@ fn host_addr(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
 impl Guest {
     /// Connects and sets the device up with `queues` queues, acking
     /// every feature offered.
-    fn connect(sock: &Path, queues: usize) -> Guest {
+    pub(crate) fn connect(sock: &Path, queues: usize) -> Guest {
         Guest::connect_with(sock, queues, VhostUserProtocolFeatures::empty())
     }
 
@@ -239,7 +239,7 @@ impl Guest {
     }
 
     /// A request: header, data segments, status.
-    fn req(&mut self, kind: u32, sector: u64, out: &[&[u8]], inn: &[u32]) -> Req {
+    pub(crate) fn req(&mut self, kind: u32, sector: u64, out: &[&[u8]], inn: &[u32]) -> Req {
         let mut descs = vec![self.header(kind, sector)];
         for o in out {
             descs.push(self.buffer(o, false));
@@ -260,7 +260,7 @@ impl Guest {
         }
     }
 
-    fn discard_seg(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
+    pub(crate) fn discard_seg(sector: u64, sectors: u32, flags: u32) -> Vec<u8> {
         let mut s = sector.to_le_bytes().to_vec();
         s.extend_from_slice(&sectors.to_le_bytes());
         s.extend_from_slice(&flags.to_le_bytes());
@@ -268,7 +268,7 @@ impl Guest {
     }
 
     /// Puts the requests on queue q, kicks, and waits for all of them.
-    fn submit(&mut self, q: usize, reqs: Vec<Req>) -> Vec<Answer> {
+    pub(crate) fn submit(&mut self, q: usize, reqs: Vec<Req>) -> Vec<Answer> {
         let heads = self.post(q, &reqs);
         self.answers(q, &heads, &reqs)
     }
@@ -538,7 +538,7 @@ fn connect_retry(sock: &Path, queues: u64) -> Frontend {
     }
 }
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect()
 }
 

@@ -54,3 +54,30 @@ impl Actor for NodeActor {
         Ok(())
     }
 }
+
+/// How long a caller waits for a node actor that is being restarted.
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resizes node `name` through its actor. An actor that fails drops the
+/// messages still in its mailbox, and until its supervisor has started
+/// it again it is not registered: either way the request is sent again
+/// to the restarted actor, so a caller does not see the restart. An
+/// actor still missing after a few seconds is an error.
+pub async fn resize(name: &str, size: u64) -> Result<BlockResult<()>, String> {
+    let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+    loop {
+        let actor: Option<ActorRef<NodeMsg>> =
+            ractor::registry::where_is(registry_name(name)).map(Into::into);
+        let failed = match actor {
+            Some(a) => match ractor::call!(a, NodeMsg::Resize, size) {
+                Ok(r) => return Ok(r),
+                Err(e) => format!("internal error: {e}"),
+            },
+            None => "internal error: node actor missing".to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(failed);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -77,11 +77,14 @@ fn kinds_of(event: &str, iotype: Option<&str>) -> Vec<Kind> {
         | "l2_alloc_cow_read" | "reftable_load" | "refblock_load" | "vmstate_load" => {
             vec![Kind::Read]
         }
-        "write_aio" | "write_compressed" | "cow_write" | "pwritev" | "pwritev_zero"
-        | "pwritev_rmw_head" | "pwritev_rmw_tail" | "l2_update" | "l1_update"
-        | "refblock_update" | "cluster_alloc" | "vmstate_save" | "cor_write" => {
-            vec![Kind::Write, Kind::Zero]
-        }
+        // QEMU raises these before a data write only: raw's and qcow2's
+        // write-zeroes raise neither, and the block layer raises
+        // `pwritev_zero` instead of `pwritev` for them.
+        "write_aio" | "pwritev" => vec![Kind::Write],
+        "pwritev_zero" => vec![Kind::Zero],
+        "write_compressed" | "cow_write" | "pwritev_rmw_head" | "pwritev_rmw_tail"
+        | "l2_update" | "l1_update" | "refblock_update" | "cluster_alloc" | "vmstate_save"
+        | "cor_write" => vec![Kind::Write, Kind::Zero],
         "flush_to_os" | "flush_to_disk" => vec![Kind::Flush],
         _ => Vec::new(),
     }
@@ -98,9 +101,10 @@ impl Blkdebug {
         let hit = rules.inject.iter().position(|r| {
             r.kinds.contains(&kind)
                 && r.state.is_none_or(|s| s == now)
+                // A request without bytes (a flush) covers no sector.
                 && r.sector.is_none_or(|s| {
                     let at = s.saturating_mul(512);
-                    offset <= at && at < offset.saturating_add(len.max(1))
+                    len > 0 && offset <= at && at < offset.saturating_add(len)
                 })
         });
         if let Some(to) = rules

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::bitmap::DirtyBitmap;
+use super::buffers::{all_zero, Buffers};
 use super::driver::{WriteFlags, ZeroFlags};
 use super::error::{BlockError, BlockResult};
 use super::node::Node;
@@ -46,6 +47,7 @@ pub struct Copier {
     /// The view is no longer whole (a copy failed and the filter let the
     /// guest write through): its errno, 0 while whole.
     broken: AtomicI32,
+    bufs: Buffers,
 }
 
 impl Copier {
@@ -64,6 +66,7 @@ impl Copier {
             discard_source: false,
             compress: false,
             broken: AtomicI32::new(0),
+            bufs: Buffers::new(chunk.max(cluster) as usize),
         }
     }
 
@@ -117,9 +120,9 @@ impl Copier {
                 pos = run + z;
                 continue;
             }
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = self.bufs.take(len as usize);
             src.read(run, &mut buf).await.map_err(|e| ("read", e))?;
-            let w = if buf.iter().all(|b| *b == 0) {
+            let w = if all_zero(&buf) {
                 self.target
                     .write_zeroes(run, len, ZeroFlags::default())
                     .await

@@ -5,6 +5,7 @@ pub mod bitmap;
 pub mod blkdebug;
 pub mod blklogwrites;
 pub mod blkverify;
+pub mod buffers;
 pub mod cancel;
 pub mod cbw;
 pub mod child;

@@ -397,7 +397,7 @@ impl Node {
             self.check(&self.stats.wr, offset, len, true, "write")?;
             let t = Instant::now();
             let dz = self.detect_zeroes();
-            let r = if dz != DetectZeroes::Off && buf.iter().all(|b| *b == 0) {
+            let r = if dz != DetectZeroes::Off && crate::block::buffers::all_zero(buf) {
                 let zf = ZeroFlags {
                     fua: flags.fua,
                     may_unmap: dz == DetectZeroes::Unmap && self.discard_unmap(),

@@ -5,11 +5,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use actors::{ChildSpec, Restart};
-use ractor::ActorRef;
 use serde_json::{json, Map, Value};
 
 use super::{arg_str, ControlState};
-use crate::block::actor::{self as node_actor, NodeActor, NodeMsg};
+use crate::block::actor::{self as node_actor, NodeActor};
 use crate::block::graph::Entry;
 use crate::block::perm::Perm;
 use crate::qapi::error::QmpResult;
@@ -95,14 +94,9 @@ impl ControlState {
             .block
             .add_user(&name, "an unnamed block device", Perm::RESIZE, Perm::ALL)
             .map_err(QmpError::hinted)?;
-        let actor: Option<ActorRef<NodeMsg>> =
-            ractor::registry::where_is(node_actor::registry_name(&name)).map(Into::into);
-        let result = match actor {
-            Some(a) => match ractor::call!(a, NodeMsg::Resize, size as u64) {
-                Ok(r) => r.map_err(|e| QmpError::generic(e.msg)),
-                Err(e) => Err(QmpError::generic(format!("internal error: {e}"))),
-            },
-            None => Err(QmpError::generic("internal error: node actor missing")),
+        let result = match node_actor::resize(&name, size as u64).await {
+            Ok(r) => r.map_err(|e| QmpError::generic(e.msg)),
+            Err(e) => Err(QmpError::generic(e)),
         };
         self.block.remove_user(user);
         if result.is_ok() {

@@ -177,6 +177,7 @@ impl ControlState {
             base: base_node,
             base_depth,
             on_error,
+            bufs: crate::block::buffers::Buffers::new(crate::jobs::commit::CHUNK as usize),
         };
         let end = ChainEnd {
             node: overlay,

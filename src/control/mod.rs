@@ -150,6 +150,33 @@ impl Actor for ControlActor {
         msg: ControlMsg,
         st: &mut ControlState,
     ) -> Result<(), ActorProcessingErr> {
+        let handled = crate::util::CatchUnwind(Box::pin(st.handle_msg(msg))).await;
+        if let Err(panic) = handled {
+            // The registries may be half changed, so the control actor
+            // cannot go on and the daemon stops (daemon.rs); but what
+            // it owns still ends as on quit: exports closed (FUSE
+            // unmounted), jobs cancelled, nodes flushed and closed,
+            // sockets removed.
+            let why = crate::util::panic_text(panic.as_ref());
+            st.shutdown().await;
+            return Err(format!("control actor failed: {why}").into());
+        }
+        // Every graph change happens in a handler: the collector sees
+        // the nodes as they are after each one.
+        st.ctx.metrics.publish_nodes(
+            st.block
+                .in_name_order()
+                .into_iter()
+                .map(|e| e.node.clone())
+                .collect(),
+        );
+        Ok(())
+    }
+}
+
+impl ControlState {
+    async fn handle_msg(&mut self, msg: ControlMsg) {
+        let st = self;
         match msg {
             ControlMsg::RemoveUsers(ids) => {
                 for id in ids {
@@ -186,26 +213,7 @@ impl Actor for ControlActor {
             ControlMsg::ChainJobEnded(end, ok) => st.chain_job_ended(*end, ok).await,
             ControlMsg::BackupEnded(end) => st.backup_ended(*end),
             ControlMsg::Shutdown(reply) => {
-                st.delete_exports(None).await;
-                st.cancel_all_jobs().await;
-                if st.nbd.take().is_some() {
-                    actors::supervisor::stop_child_by_id(
-                        &st.ctx.supervisor,
-                        crate::nbd::server::REGISTRY_NAME,
-                    )
-                    .await;
-                }
-                // Newest first: parents before their children.
-                for e in st.block.entries.iter().rev() {
-                    let _ = e.node.close().await;
-                }
-                st.block = Default::default();
-                for (_, c) in &st.chardevs {
-                    c.backend.cleanup();
-                }
-                // The metrics server keeps answering (readyz: 503) until
-                // the supervisor stops it last; its socket goes with it.
-                st.metrics_server = None;
+                st.shutdown().await;
                 let _ = reply.send(());
             }
             ControlMsg::MetricsServerCli(args, reply) => {
@@ -215,16 +223,32 @@ impl Actor for ControlActor {
                 let _ = reply.send(());
             }
         }
-        // Every graph change happens in a handler: the collector sees
-        // the nodes as they are after each one.
-        st.ctx.metrics.publish_nodes(
-            st.block
-                .in_name_order()
-                .into_iter()
-                .map(|e| e.node.clone())
-                .collect(),
-        );
-        Ok(())
+    }
+
+    /// The exit path: exports deleted (with their events), jobs
+    /// cancelled, the NBD server stopped, nodes closed newest first,
+    /// chardev sockets removed.
+    async fn shutdown(&mut self) {
+        self.delete_exports(None).await;
+        self.cancel_all_jobs().await;
+        if self.nbd.take().is_some() {
+            actors::supervisor::stop_child_by_id(
+                &self.ctx.supervisor,
+                crate::nbd::server::REGISTRY_NAME,
+            )
+            .await;
+        }
+        // Newest first: parents before their children.
+        for e in self.block.entries.iter().rev() {
+            let _ = e.node.close().await;
+        }
+        self.block = Default::default();
+        for (_, c) in &self.chardevs {
+            c.backend.cleanup();
+        }
+        // The metrics server keeps answering (readyz: 503) until the
+        // supervisor stops it last; its socket goes with it.
+        self.metrics_server = None;
     }
 }
 
@@ -423,7 +447,7 @@ impl ControlState {
                 ctx.events.emit("X_RSD_TEST_EVENT", Some(data));
                 Ok(json!({}))
             }
-            "x-rsd-test-crash" => test_crash(arg_str(&args, "id")),
+            "x-rsd-test-crash" => self.test_crash(arg_str(&args, "id")),
             other => Err(QmpError::with_class(
                 crate::qapi::ErrorClass::CommandNotFound,
                 format!("The command {other} has not been found"),
@@ -512,7 +536,9 @@ impl ControlState {
     }
 }
 
-/// Test hook: make a supervised actor fail inside its handler.
+/// Test hook: make a supervised actor fail inside its handler, or a
+/// throttle group's timer fail under the group's lock (groups are not
+/// actors: `throttle-group/<id>`).
 fn test_crash(id: &str) -> QmpResult<Value> {
     if id == "control" {
         // Runs inside the control actor's handler: fail it right here.
@@ -545,6 +571,10 @@ fn test_crash(id: &str) -> QmpResult<Value> {
         ActorRef::<crate::nbd::server::ServerMsg>::from(cell)
             .cast(crate::nbd::server::ServerMsg::Crash)
             .is_ok()
+    } else if id == crate::metrics::server::REGISTRY_NAME {
+        ActorRef::<crate::metrics::server::MetricsServerMsg>::from(cell)
+            .cast(crate::metrics::server::MetricsServerMsg::Crash)
+            .is_ok()
     } else {
         false
     };
@@ -552,5 +582,20 @@ fn test_crash(id: &str) -> QmpResult<Value> {
         Ok(json!({}))
     } else {
         Err(QmpError::generic(format!("cannot crash '{id}'")))
+    }
+}
+
+impl ControlState {
+    fn test_crash(&self, id: &str) -> QmpResult<Value> {
+        let Some(group) = id.strip_prefix("throttle-group/") else {
+            return test_crash(id);
+        };
+        match self.objects.get(group).and_then(Object::throttle_group) {
+            Some(g) => {
+                g.crash_timer();
+                Ok(json!({}))
+            }
+            None => Err(QmpError::generic(format!("no throttle group '{group}'"))),
+        }
     }
 }

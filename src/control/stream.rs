@@ -170,6 +170,7 @@ impl ControlState {
             base_depth,
             tracker,
             on_error: OnError::parse(args.get("on-error").and_then(Value::as_str)),
+            bufs: crate::block::buffers::Buffers::new(crate::jobs::stream::CHUNK as usize),
         };
         let end = ChainEnd {
             node: device,

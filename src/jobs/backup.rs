@@ -208,7 +208,7 @@ async fn copy_all(
         };
         sh.ends_on_cancel.store(false, Ordering::Release);
         if let Some(done) = woken {
-            let (off, end, r) = done.map_err(|e| format!("internal error: {e}"))?;
+            let (off, _end, r) = done.map_err(|e| format!("internal error: {e}"))?;
             inflight.retain(|o| *o != off);
             if copies.is_empty() {
                 sh.set_busy(false);
@@ -221,9 +221,9 @@ async fn copy_all(
                 };
                 match sh.io_error(op, policy, e.errno) {
                     ErrorAction::Report => return Err(strerror(&e)),
-                    ErrorAction::Ignore => c.todo.clear(off, end - off),
-                    // Copied again after the resume.
-                    ErrorAction::Stop => cursor = cursor.min(off),
+                    // Copied again: at once when ignored (QEMU's backup
+                    // retries the chunk), after the resume when stopped.
+                    ErrorAction::Ignore | ErrorAction::Stop => cursor = cursor.min(off),
                 }
             }
         }

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use super::walk::strerror;
 use super::{JobFuture, OnError, Shared, Start};
+use crate::block::buffers::{all_zero, Buffers};
 use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
 use crate::block::node::Node;
 
 /// QEMU's COMMIT_BUFFER_SIZE.
-const CHUNK: u64 = 512 << 10;
+pub const CHUNK: u64 = 512 << 10;
 
 pub struct Commit {
     pub top: Arc<Node>,
@@ -22,6 +23,8 @@ pub struct Commit {
     /// top is 1).
     pub base_depth: u32,
     pub on_error: OnError,
+    /// Its copy buffers (`Buffers::new(CHUNK)`).
+    pub bufs: Buffers,
 }
 
 pub fn start(c: Commit) -> Start {
@@ -46,12 +49,12 @@ impl Commit {
                 .map_err(|e| ("read", e))?;
             let n = e.len.min(end - pos);
             if e.depth >= 1 && e.depth < self.base_depth {
-                let mut buf = vec![0u8; n as usize];
+                let mut buf = self.bufs.take(n as usize);
                 self.top
                     .read(pos, &mut buf)
                     .await
                     .map_err(|e| ("read", e))?;
-                let w = if buf.iter().all(|b| *b == 0) {
+                let w = if all_zero(&buf) {
                     self.base.write_zeroes(pos, n, ZeroFlags::default()).await
                 } else {
                     self.base.write(pos, &buf, WriteFlags::default()).await
@@ -67,6 +70,14 @@ impl Commit {
 
 async fn run(sh: Arc<Shared>, c: Commit) -> Result<(), String> {
     let size = c.top.size();
-    super::walk::chunks(&sh, size, CHUNK, c.on_error, |off, len| c.copy(off, len)).await?;
+    super::walk::chunks(
+        &sh,
+        size,
+        CHUNK,
+        c.on_error,
+        super::walk::Ignored::Retry,
+        |off, len| c.copy(off, len),
+    )
+    .await?;
     c.base.flush().await.map_err(|e| strerror(&e))
 }

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use super::pace::Pace;
 use super::{ErrorAction, JobFuture, OnError, Shared, Start, Status, CANCELED};
 use crate::block::bitmap::DirtyBitmap;
+use crate::block::buffers::{all_zero, Buffers};
 use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
 use crate::block::hooks::{Hook, Request, Stage};
@@ -99,7 +100,13 @@ struct Failed {
 
 type Copied = (u64, u64, Result<(), Failed>);
 
-async fn copy(src: Arc<Node>, dst: Arc<Node>, off: u64, len: u64, unmap: bool) -> Copied {
+async fn copy(
+    src: Arc<Node>,
+    dst: Arc<Node>,
+    bufs: Buffers,
+    (off, len): (u64, u64),
+    unmap: bool,
+) -> Copied {
     let r = async {
         // A run the source knows reads as zeroes needs no read.
         let known_zero = src
@@ -117,11 +124,11 @@ async fn copy(src: Arc<Node>, dst: Arc<Node>, off: u64, len: u64, unmap: bool) -
                 .await
                 .map_err(|err| Failed { op: "write", err });
         }
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = bufs.take(len as usize);
         src.read(off, &mut buf)
             .await
             .map_err(|err| Failed { op: "read", err })?;
-        let w = if buf.iter().all(|b| *b == 0) {
+        let w = if all_zero(&buf) {
             let zf = ZeroFlags {
                 fua: false,
                 may_unmap: unmap,
@@ -192,7 +199,8 @@ async fn run(sh: Arc<Shared>, m: Mirror) -> Result<(), String> {
     let mut in_flight = 0u64;
     let mut copied = 0u64;
     let mut cursor = 0u64;
-    let mut pace = Pace::new(m.buf_size);
+    let mut pace = Pace::spread(m.buf_size, MAX_CHUNK);
+    let bufs = Buffers::new(MAX_CHUNK as usize);
     let progress = |copied: u64, in_flight: u64| {
         let remaining = m.dirty.dirty_bytes().min(size) + in_flight;
         sh.set_progress(copied, copied + remaining);
@@ -236,7 +244,13 @@ async fn run(sh: Arc<Shared>, m: Mirror) -> Result<(), String> {
                         pace.account(len);
                         in_flight += len;
                         sh.set_busy(true);
-                        copies.spawn(copy(m.source.clone(), m.target.clone(), off, len, m.unmap));
+                        copies.spawn(copy(
+                            m.source.clone(),
+                            m.target.clone(),
+                            bufs.clone(),
+                            (off, len),
+                            m.unmap,
+                        ));
                         continue;
                     }
                 }
@@ -300,7 +314,14 @@ async fn run(sh: Arc<Shared>, m: Mirror) -> Result<(), String> {
         }
         let len = len.min(size.saturating_sub(off));
         m.dirty.clear(off, len);
-        let (_, _, r) = copy(m.source.clone(), m.target.clone(), off, len, m.unmap).await;
+        let (_, _, r) = copy(
+            m.source.clone(),
+            m.target.clone(),
+            bufs.clone(),
+            (off, len),
+            m.unmap,
+        )
+        .await;
         if let Err(f) = r {
             m.dirty.set(off, len);
             return Err(strerror(&f.err));

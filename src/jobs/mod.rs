@@ -57,8 +57,9 @@ struct Flags {
     soft_cancelled: bool,
     /// job-complete was accepted.
     complete: bool,
-    /// The last I/O error stopped the job (io-status "failed").
-    io_failed: bool,
+    /// The io-status a stopping I/O error left ("failed", or "nospace"
+    /// for ENOSPC, as QEMU's block_job_iostatus_set_err); None: "ok".
+    io_failed: Option<&'static str>,
     /// It has run (QEMU announces the end only of a job that started).
     started: bool,
 }
@@ -209,7 +210,7 @@ impl Shared {
                 cancelled: false,
                 soft_cancelled: false,
                 complete: false,
-                io_failed: false,
+                io_failed: None,
                 started: false,
             }),
             current: AtomicU64::new(0),
@@ -407,7 +408,8 @@ impl Shared {
 
     /// An I/O error under the job's `on-*-error` policy (QEMU's
     /// block_job_error_action): BLOCK_JOB_ERROR, and for `stop` the job
-    /// pauses with io-status "failed" until resumed. Returns the action.
+    /// pauses with io-status "failed" ("nospace" for ENOSPC) until
+    /// resumed. Returns the action.
     pub fn io_error(&self, op: &str, policy: OnError, errno: i32) -> ErrorAction {
         let action = match policy {
             OnError::Ignore => ErrorAction::Ignore,
@@ -423,7 +425,11 @@ impl Shared {
         (self.events)("BLOCK_JOB_ERROR", d);
         if action == ErrorAction::Stop {
             self.flags(|f| {
-                f.io_failed = true;
+                f.io_failed = Some(if errno == nix::libc::ENOSPC {
+                    "nospace"
+                } else {
+                    "failed"
+                });
                 f.user_paused = true;
             });
             self.pause_now();
@@ -455,10 +461,7 @@ impl Shared {
             self.flags(|f| (f.status, f.user_paused, f.io_failed, f.error.clone()));
         let mut m = Map::new();
         m.insert("auto-finalize".into(), json!(self.auto_finalize));
-        m.insert(
-            "io-status".into(),
-            json!(if io_failed { "failed" } else { "ok" }),
-        );
+        m.insert("io-status".into(), json!(io_failed.unwrap_or("ok")));
         m.insert("device".into(), json!(self.id));
         m.insert("auto-dismiss".into(), json!(self.auto_dismiss));
         // A paused job waits at its pause point, between requests of its
@@ -509,6 +512,7 @@ impl Shared {
             // Registered before the flags are read: a resume or cancel
             // that comes in between still wakes it.
             let woken = self.wake.notified();
+            self.crash_point();
             let (cancelled, paused) = self.flags(|f| (f.cancelled, f.user_paused));
             if cancelled {
                 return Err(CANCELED.into());
@@ -665,7 +669,7 @@ impl JobActor {
                 }
                 sh.flags(|f| {
                     f.user_paused = false;
-                    f.io_failed = false;
+                    f.io_failed = None;
                 });
                 if sh.block.is_some() {
                     sh.resume_now();
@@ -848,7 +852,12 @@ impl Actor for JobActor {
                     a.finish(r)
                 }
             }
-            JobMsg::Crash => a.shared.crash.store(true, Ordering::Relaxed),
+            JobMsg::Crash => {
+                // Woken, so an idle job (a ready mirror, a paced or
+                // paused one) fails now rather than at its next chunk.
+                a.shared.crash.store(true, Ordering::Relaxed);
+                a.shared.wake.notify_waiters();
+            }
         }
         Ok(())
     }

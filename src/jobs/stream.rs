@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::walk::strerror;
 use super::{JobFuture, OnError, Shared, Start};
+use crate::block::buffers::{all_zero, Buffers};
 use crate::block::driver::{IoFuture, WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
 use crate::block::hooks::{Guard, Hook, Request, Stage};
@@ -21,7 +22,7 @@ use crate::block::node::Node;
 use crate::block::serial::Tracker;
 
 /// QEMU's STREAM_CHUNK.
-const CHUNK: u64 = 512 << 10;
+pub const CHUNK: u64 = 512 << 10;
 
 pub struct Stream {
     pub top: Arc<Node>,
@@ -30,6 +31,8 @@ pub struct Stream {
     pub base_depth: Option<u32>,
     pub tracker: Arc<Tracker>,
     pub on_error: OnError,
+    /// Its copy buffers (`Buffers::new(CHUNK)`).
+    pub bufs: Buffers,
 }
 
 /// Enters guest writes to the top in the tracker.
@@ -95,13 +98,13 @@ impl Stream {
                     .map_err(|e| ("read", e))?;
                 let n = now.len.min(n);
                 if self.wanted(now.depth) {
-                    let mut buf = vec![0u8; n as usize];
+                    let mut buf = self.bufs.take(n as usize);
                     self.top
                         .read(pos, &mut buf)
                         .await
                         .map_err(|e| ("read", e))?;
                     // Past the hooks: the tracker already holds the range.
-                    let w = if buf.iter().all(|b| *b == 0) {
+                    let w = if all_zero(&buf) {
                         self.top
                             .driver
                             .write_zeroes(pos, n, ZeroFlags::default())
@@ -126,6 +129,14 @@ impl Stream {
 
 async fn run(sh: Arc<Shared>, s: Stream) -> Result<(), String> {
     let size = s.top.size();
-    super::walk::chunks(&sh, size, CHUNK, s.on_error, |off, len| s.copy(off, len)).await?;
+    super::walk::chunks(
+        &sh,
+        size,
+        CHUNK,
+        s.on_error,
+        super::walk::Ignored::SkipThenFail,
+        |off, len| s.copy(off, len),
+    )
+    .await?;
     s.top.flush().await.map_err(|e| strerror(&e))
 }

@@ -12,15 +12,27 @@ pub fn strerror(e: &BlockError) -> String {
     crate::util::os_msg(&std::io::Error::from_raw_os_error(e.errno))
 }
 
+/// What an ignored error does to the walk, as each QEMU job has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// The chunk is tried again at once (commit).
+    Retry,
+    /// The chunk is skipped, and the job fails at the end with the first
+    /// such error, so nothing is switched over a chunk never copied
+    /// (stream).
+    SkipThenFail,
+}
+
 /// Calls `copy(offset, len)` for each chunk of `0..size`; it returns
 /// the bytes it copied (which the speed counts) or which side failed.
-/// A reported error ends the walk; an ignored one skips the chunk; a
-/// stop tries it again after the resume.
+/// A reported error ends the walk; an ignored one does what `ignored`
+/// says; a stop tries the chunk again after the resume.
 pub async fn chunks<F, Fut>(
     sh: &Shared,
     size: u64,
     chunk: u64,
     on_error: OnError,
+    ignored: Ignored,
     mut copy: F,
 ) -> Result<(), String>
 where
@@ -30,6 +42,7 @@ where
     sh.set_progress(0, size);
     let mut pace = Pace::new(chunk);
     let mut off = 0;
+    let mut first_ignored = None;
     while off < size {
         let verb = sh.verb_arrived();
         tokio::pin!(verb);
@@ -54,10 +67,13 @@ where
             }
             Err((op, e)) => match sh.io_error(op, on_error, e.errno) {
                 ErrorAction::Report => return Err(strerror(&e)),
-                ErrorAction::Ignore => off += len,
-                ErrorAction::Stop => {}
+                ErrorAction::Ignore if ignored == Ignored::SkipThenFail => {
+                    first_ignored.get_or_insert_with(|| strerror(&e));
+                    off += len;
+                }
+                ErrorAction::Ignore | ErrorAction::Stop => {}
             },
         }
     }
-    Ok(())
+    first_ignored.map_or(Ok(()), Err)
 }

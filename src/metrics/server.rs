@@ -64,6 +64,8 @@ impl Drop for MetricsServer {
 pub enum MetricsServerMsg {
     /// The accept loop ended (it never should): fail, to be restarted.
     LoopEnded(String),
+    /// Test hook: fail inside the handler.
+    Crash,
 }
 
 pub struct State {
@@ -136,6 +138,7 @@ impl Actor for MetricsServerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MetricsServerMsg::LoopEnded(why) => Err(format!("metrics server: {why}").into()),
+            MetricsServerMsg::Crash => Err("test hook: metrics server crash requested".into()),
         }
     }
 }

@@ -363,15 +363,21 @@ async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
     }
     // The data goes straight into the (pooled) reply buffer after the header.
     let mut b = std::mem::take(&mut r.buf);
-    let need = head.len() + len;
+    let need = head.len() + len + READ_ALIGN;
     if b.len() < need {
         b.resize(need, 0);
     }
-    b[..head.len()].copy_from_slice(&head);
-    match node.read(r.offset, &mut b[head.len()..need]).await {
+    // The data on the first page boundary after room for the header
+    // (the vector does not move from here on).
+    let base = b.as_ptr() as usize;
+    let data = (base + head.len()).next_multiple_of(READ_ALIGN) - base;
+    let start = data - head.len();
+    b[start..data].copy_from_slice(&head);
+    match node.read(r.offset, &mut b[data..data + len]).await {
         Ok(()) => Reply {
             buf: b,
-            len: need,
+            start,
+            len: head.len() + len,
             error: false,
         },
         Err(e) => error_reply(s, r.cookie, r.offset, node_failed(s, r.kind, r.offset, &e)),

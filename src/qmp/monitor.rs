@@ -59,19 +59,30 @@ impl Actor for MonitorActor {
         myself: ActorRef<MonitorMsg>,
         cfg: MonitorConfig,
     ) -> Result<MonitorState, ActorProcessingErr> {
-        let chardev: ActorRef<ChardevMsg> =
-            ractor::registry::where_is(crate::chardev::actor::registry_name(&cfg.chardev))
-                .ok_or_else(|| format!("chardev \"{}\" not found", cfg.chardev))?
-                .into();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Conn>();
-        ractor::call!(chardev, ChardevMsg::Attach, tx)?;
-        // If the session loop ends (a panic, the chardev gone), fail so
-        // the supervisor restarts this monitor.
+        // Attached now if the chardev is up, so that clients reach a
+        // monitor as soon as it is added; else (the chardev is being
+        // restarted too) by the session loop once it is back. Failing
+        // here would make the supervisor give the monitor up at once.
+        let first = attach(&cfg.chardev).await.ok();
+        // If the session loop ends (a panic, no chardev to attach to),
+        // fail so the supervisor restarts this monitor.
         let sessions = watched(
             "session loop",
             async move {
-                while let Some(conn) = rx.recv().await {
-                    run_session(conn, &cfg).await;
+                let mut next = first;
+                loop {
+                    let mut rx = match next.take() {
+                        Some(rx) => rx,
+                        None => match attach_when_up(&cfg.chardev).await {
+                            Some(rx) => rx,
+                            None => return,
+                        },
+                    };
+                    while let Some(conn) = rx.recv().await {
+                        run_session(conn, &cfg).await;
+                    }
+                    // The chardev went away (its supervisor restarts
+                    // it): serve the new one, without failing.
                 }
             },
             move |why| {
@@ -93,6 +104,32 @@ impl Actor for MonitorActor {
             MonitorMsg::ServeEnded(why) => Err(format!("monitor session loop ended: {why}").into()),
             MonitorMsg::Crash => Err("test hook: monitor crash requested".into()),
         }
+    }
+}
+
+/// Attaches a new frontend to chardev `id`; its connections come out of
+/// the receiver, which ends when the chardev goes away.
+async fn attach(id: &str) -> Result<mpsc::UnboundedReceiver<Conn>, String> {
+    let chardev: ActorRef<ChardevMsg> =
+        ractor::registry::where_is(crate::chardev::actor::registry_name(id))
+            .ok_or_else(|| format!("chardev \"{id}\" not found"))?
+            .into();
+    let (tx, rx) = mpsc::unbounded_channel::<Conn>();
+    ractor::call!(chardev, ChardevMsg::Attach, tx).map_err(|e| e.to_string())?;
+    Ok(rx)
+}
+
+/// Attaches once chardev `id` is (back) up, trying for a few seconds.
+async fn attach_when_up(id: &str) -> Option<mpsc::UnboundedReceiver<Conn>> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(rx) = attach(id).await {
+            return Some(rx);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 

@@ -25,6 +25,10 @@
 //! request of the group), so the requests it releases start there with
 //! no hand-off; if that runtime ends first, the timer moves to a thread
 //! of its own (`throttle-timers`).
+//! A group is not an actor: its state is this struct, which members
+//! lock briefly. A timer that fails (a panic, under the lock) is armed
+//! again at once, since no other timer of the group would ever be armed
+//! and its queued requests would wait for ever.
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -116,6 +120,8 @@ struct Inner {
 pub struct ThrottleGroup {
     pub name: String,
     inner: Mutex<Inner>,
+    /// Test hook (x-rsd-test-crash): the next timer fails.
+    crash: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ThrottleGroup {
@@ -194,7 +200,25 @@ impl ThrottleGroup {
                 any_timer_armed: [false, false],
                 next_id: 1,
             }),
+            crash: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Test hook: the group's armed timer fails when it fires, holding
+    /// the group's lock; with none armed, a task on the timer thread
+    /// fails under the lock now.
+    pub fn crash_timer(self: &Arc<Self>) {
+        let armed = self.lock().any_timer_armed.contains(&true);
+        self.crash.store(true, Ordering::SeqCst);
+        if !armed {
+            let group = self.clone();
+            timers().spawn(async move {
+                let _g = group.lock();
+                if group.crash.swap(false, Ordering::SeqCst) {
+                    panic!("test hook: throttle group crash requested");
+                }
+            });
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -318,7 +342,7 @@ impl ThrottleGroup {
             dir,
             gen,
             deadline: Instant::now() + Duration::from_nanos(wait.max(0) as u64),
-            fired: false,
+            state: TimerState::Waiting,
             on_timer_thread: false,
         }
         .start(tokio::runtime::Handle::try_current().ok());
@@ -331,7 +355,38 @@ impl ThrottleGroup {
             // Cancelled or replaced.
             return;
         }
+        if self.crash.swap(false, Ordering::SeqCst) {
+            panic!("test hook: throttle group crash requested");
+        }
         self.fire(&mut g, id, dir);
+    }
+
+    /// A timer failed while firing: if the turn it held is still armed
+    /// (or nothing is armed any more), arm it again to fire at once.
+    fn timer_failed(self: &Arc<Self>, id: u64, dir: Direction, gen: u64) {
+        let d = dir as usize;
+        let mut g = self.lock();
+        let current = g.slot(id).map(|s| s.timer[d]);
+        let stuck = match current {
+            Some(t) => t == Some(gen) || (t.is_none() && !g.any_timer_armed[d]),
+            None => {
+                // The member left meanwhile: the next one carries on.
+                if !g.any_timer_armed[d] {
+                    if let Some(t) = g.tokens[d] {
+                        self.schedule_next(&mut g, t, dir);
+                    }
+                }
+                false
+            }
+        };
+        if stuck {
+            eprintln!(
+                "rsd: throttle group {}: a timer failed and was armed again",
+                self.name
+            );
+            g.any_timer_armed[d] = true;
+            self.arm(&mut g, id, dir, 0);
+        }
     }
 
     /// The timer's work (now, whether or not it was due): clear it,
@@ -422,16 +477,24 @@ impl ThrottleGroup {
 /// last), so when it fires, the requests it releases run there at once,
 /// with no hand-off between threads (as QEMU's timers fire in the
 /// member's AioContext). If that runtime ends first (a client thread
-/// that went away), the timer moves to the groups' own timer thread.
+/// that went away), the timer moves to the groups' own timer thread; if
+/// it fails while firing (a panic), it is armed again.
 struct Timer {
     group: Arc<ThrottleGroup>,
     id: u64,
     dir: Direction,
     gen: u64,
     deadline: Instant,
-    fired: bool,
+    state: TimerState,
     /// On the timer thread, which never ends: nowhere to move to.
     on_timer_thread: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TimerState {
+    Waiting,
+    Firing,
+    Fired,
 }
 
 impl Timer {
@@ -441,8 +504,7 @@ impl Timer {
         let mut t = self;
         let run = async move {
             tokio::time::sleep_until(t.deadline.into()).await;
-            t.fired = true;
-            t.group.timer_fired(t.id, t.dir, t.gen);
+            t.fire();
         };
         // Detached: a JoinHandle dropped leaves its task running.
         match rt {
@@ -450,23 +512,31 @@ impl Timer {
             None => drop(timers().spawn(run)),
         }
     }
+
+    fn fire(&mut self) {
+        self.state = TimerState::Firing;
+        self.group.timer_fired(self.id, self.dir, self.gen);
+        self.state = TimerState::Fired;
+    }
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        if self.fired || self.on_timer_thread {
-            return;
+        match self.state {
+            TimerState::Fired => {}
+            TimerState::Firing => self.group.timer_failed(self.id, self.dir, self.gen),
+            TimerState::Waiting if self.on_timer_thread => {}
+            TimerState::Waiting => Timer {
+                group: self.group.clone(),
+                id: self.id,
+                dir: self.dir,
+                gen: self.gen,
+                deadline: self.deadline,
+                state: TimerState::Waiting,
+                on_timer_thread: true,
+            }
+            .start(None),
         }
-        Timer {
-            group: self.group.clone(),
-            id: self.id,
-            dir: self.dir,
-            gen: self.gen,
-            deadline: self.deadline,
-            fired: false,
-            on_timer_thread: true,
-        }
-        .start(None);
     }
 }
 
@@ -750,5 +820,46 @@ mod tests {
             .expect("the second request went")
             .expect("task");
         assert_eq!(m.stats().queued.load(Ordering::Relaxed), 0);
+    }
+
+    /// A timer that fails under the group's lock (x-rsd-test-crash on
+    /// the group) is armed again: the requests it held back still go,
+    /// and so do later ones. Before, the group kept that timer marked as
+    /// armed and never armed another: every request queued for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_timer_is_armed_again() {
+        let g = ThrottleGroup::new("g", iops(20));
+        let m = Arc::new(g.register("a"));
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let m = m.clone();
+            tasks.push(tokio::spawn(async move {
+                m.intercept(4096, Direction::Write).await;
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while m.stats().queued.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "requests never queued");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        g.crash_timer();
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("a queued request waited for ever")
+                .expect("task");
+        }
+        assert!(!g.crash.load(Ordering::SeqCst), "the timer did fail");
+        // With nothing armed, the hook fails a task under the lock now;
+        // the group goes on.
+        g.crash_timer();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while g.crash.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the hook never ran");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(5), m.intercept(1, Direction::Read))
+            .await
+            .expect("a request after the crash");
     }
 }

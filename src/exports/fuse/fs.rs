@@ -12,7 +12,6 @@ use nix::libc;
 use super::abi::{self, Attr, Op, SetAttr};
 use super::pool::Pool;
 use super::{MAX_READ, MAX_WRITE};
-use crate::block::actor::NodeMsg;
 use crate::block::child::Child;
 use crate::block::driver::{WriteFlags, ZeroFlags};
 use crate::block::error::BlockError;
@@ -221,12 +220,7 @@ impl Fs {
         let Some(name) = self.edge.get().map(|n| n.name.clone()) else {
             return Err(libc::ENOMEDIUM);
         };
-        let actor: Option<ractor::ActorRef<NodeMsg>> =
-            ractor::registry::where_is(crate::block::actor::registry_name(&name)).map(Into::into);
-        let Some(a) = actor else {
-            return Err(libc::EIO);
-        };
-        match ractor::call!(a, NodeMsg::Resize, size) {
+        match crate::block::actor::resize(&name, size).await {
             Ok(r) => r.map_err(errno),
             Err(_) => Err(libc::EIO),
         }

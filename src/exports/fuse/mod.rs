@@ -55,8 +55,9 @@ pub struct FuseExport {
     /// A session (re)mounted on an iothread runs there.
     placement: Arc<Placement>,
     cfg: Arc<FsShared>,
-    /// Resolves when the session's thread ends (taken by `serve`).
-    ended: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// Turns true when the session ends. The session outlives the
+    /// export's actor: a restarted actor watches the same one.
+    ended: tokio::sync::watch::Receiver<bool>,
     closed: AtomicBool,
     unmounted: tokio::sync::Notify,
     gone: AtomicBool,
@@ -93,7 +94,7 @@ impl FsShared {
 /// thread of its own with a single-threaded runtime, as each NBD client
 /// is served: a request's task, its node I/O and its reply stay on that
 /// thread. `allow_other` None is QEMU's auto (with it if the mount takes
-/// it). Returns whether allow_other is on and a receiver that resolves
+/// it). Returns whether allow_other is on and a receiver that turns true
 /// when the session ends.
 async fn start_session(
     cfg: Arc<FsShared>,
@@ -101,9 +102,9 @@ async fn start_session(
     allow_other: Option<bool>,
     id: &str,
     placement: &Placement,
-) -> Result<(bool, tokio::sync::oneshot::Receiver<()>), String> {
+) -> Result<(bool, tokio::sync::watch::Receiver<bool>), String> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<bool, String>>();
-    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    let (end_tx, end_rx) = tokio::sync::watch::channel(false);
     let session = async move {
         let tries: Vec<bool> = match allow_other {
             None => vec![true, false],
@@ -120,12 +121,12 @@ async fn start_session(
                 if let Err(e) = session::run(dev, cfg.fs(a)).await {
                     eprintln!("rsd: FUSE export on {mountpoint}: the session failed: {e}");
                 }
-                let _ = end_tx.send(());
+                let _ = end_tx.send(true);
                 return;
             }
         }
         let _ = ready_tx.send(Err("Failed to mount FUSE session to export".into()));
-        let _ = end_tx.send(());
+        let _ = end_tx.send(true);
     };
     if let Some(io) = placement.current() {
         if !io.spawn_with(move || session) {
@@ -201,7 +202,7 @@ impl FuseExport {
             user: c.user,
             placement: c.placement,
             cfg,
-            ended: Mutex::new(Some(ended)),
+            ended,
             closed: AtomicBool::new(false),
             unmounted: tokio::sync::Notify::new(),
             gone: AtomicBool::new(false),
@@ -248,36 +249,16 @@ impl BlockExport for FuseExport {
             }
         })
     }
+    /// Waits for the session's end. A restarted actor finds the same
+    /// session still serving (it runs on a thread of its own) and
+    /// watches it: mounting again would leave the file below the
+    /// mountpoint in view for a moment and split open files across two
+    /// sessions.
     fn serve(self: Arc<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let ended = self.ended.lock().ok().and_then(|mut m| m.take());
-            let ended = match ended {
-                Some(e) => Some(e),
-                // A restart by the supervisor: the old session is gone;
-                // mount again where it was.
-                None if !self.closed.load(Ordering::Acquire) => {
-                    self.unmount();
-                    match start_session(
-                        self.cfg.clone(),
-                        self.mountpoint.clone(),
-                        None,
-                        &self.id,
-                        &self.placement,
-                    )
-                    .await
-                    {
-                        Ok((_, e)) => Some(e),
-                        Err(e) => {
-                            tracing::warn!(export = %self.id, error = %e, "FUSE remount failed");
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
-            if let Some(e) = ended {
-                let _ = e.await;
-            }
+            let mut ended = self.ended.clone();
+            // An error: the session's sender is gone, so is the session.
+            let _ = ended.wait_for(|e| *e).await;
             self.gone.store(true, Ordering::Release);
             self.unmounted.notify_waiters();
             if !self.closed.load(Ordering::Acquire) {
