@@ -160,10 +160,31 @@ fn throttle_nodes_and_reopen_match_qsd() {
     assert!(out[29] == "{\"return\": {}}\r\n", "{}", out[29]);
 }
 
+/// A directory for a test's images on tmpfs (/dev/shm) when there is
+/// one, else `dir` itself (removed with `dir`).
+fn image_dir(dir: &TempDir) -> TempDir {
+    let name = dir.0.file_name().map(|n| n.to_string_lossy().into_owned());
+    match name {
+        Some(n) if Path::new("/dev/shm").is_dir() => {
+            let p = Path::new("/dev/shm").join(n);
+            if std::fs::create_dir_all(&p).is_ok() {
+                return TempDir(p);
+            }
+        }
+        _ => {}
+    }
+    let p = dir.path("images");
+    std::fs::create_dir_all(&p).expect("image directory");
+    TempDir(p)
+}
+
 /// An rsd serving throttle node(s) over NBD, with a QMP monitor and a
 /// metrics socket.
 struct Served {
     dir: TempDir,
+    /// Where the images are: tmpfs when there is one, so no test waits
+    /// for the page cache's writeback of other tests' data.
+    images: TempDir,
     daemon: Daemon,
     qmp: Qmp,
 }
@@ -173,6 +194,7 @@ impl Served {
     /// exported as t0.. ; `limits` is the group's starting limits.
     fn start(which: Which, nodes: usize, limits: &str) -> Served {
         let dir = TempDir::new();
+        let images = image_dir(&dir);
         let mut a = monitor_args(&dir.s("q.sock"));
         a.extend(args(&[
             "--object",
@@ -181,7 +203,7 @@ impl Served {
             &format!("addr.type=unix,addr.path={}", dir.s("nbd.sock")),
         ]));
         for i in 0..nodes {
-            let img = dir.path(&format!("i{i}.img"));
+            let img = images.path(&format!("i{i}.img"));
             // Data, so reads are not answered as holes.
             let o = run(
                 "qemu-img",
@@ -224,7 +246,12 @@ impl Served {
         let daemon = Daemon::spawn(which, &a);
         let qmp = Qmp::ready(&dir.path("q.sock"));
         assert!(wait_for_path(&dir.path("nbd.sock"), 10));
-        Served { dir, daemon, qmp }
+        Served {
+            dir,
+            images,
+            daemon,
+            qmp,
+        }
     }
 
     fn uri(&self, i: usize) -> String {
@@ -269,40 +296,112 @@ fn only(set: &[(&str, u64)]) -> Value {
     Value::Object(m)
 }
 
-/// fio over NBD: one job per URI, together. Returns fio's jobs.
-fn fio(uris: &[String], rw: &str, bs: &str, secs: u32, ramp: u32, extra: &[&str]) -> Vec<Value> {
+/// fio over NBD: one job per URI, together, for `secs` seconds, in the
+/// background; the limits are measured on the daemon's side (`Passed`).
+///
+/// QD64: the throttle, not the client, must be what holds requests
+/// back. At QD16 a 400 IOPS limit is met only while a request's round
+/// trip outside the throttle (fio, the socket, the file) stays under
+/// 40 ms, which a busy 2-core machine does not promise to fio or to
+/// QSD either; at QD64 it has 160 ms. The tests' rates are low (at
+/// most 400 requests a second) for the same reason: a debug build
+/// spends about 0.3 ms of CPU per request, and a starved process misses
+/// any limit (bench/throttle.py measures release builds at 2000 IOPS).
+fn fio(uris: &[String], rw: &str, bs: &str, secs: u32) -> std::thread::JoinHandle<()> {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--ioengine=nbd",
         &format!("--rw={rw}"),
         &format!("--bs={bs}"),
-        "--iodepth=16",
+        "--iodepth=64",
         &format!("--runtime={secs}"),
-        &format!("--ramp_time={ramp}"),
         "--time_based",
         "--size=64M",
         "--output-format=json",
     ]);
-    cmd.args(extra);
     for (i, u) in uris.iter().enumerate() {
         cmd.arg(format!("--name=j{i}")).arg(format!("--uri={u}"));
     }
-    let out = cmd
-        .output()
-        .expect("fio is installed (scripts/test.sh installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "fio: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let at = text.find('{').expect("fio json");
-    let v: Value = serde_json::from_str(&text[at..]).expect("fio json");
-    v["jobs"].as_array().cloned().unwrap_or_default()
+    std::thread::spawn(move || {
+        let out = cmd
+            .output()
+            .expect("fio is installed (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "fio: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
 }
 
-fn side(job: &Value, dir: &str, what: &str) -> f64 {
-    job[dir][what].as_f64().unwrap_or(0.0)
+/// What went through each node so far (query-blockstats, reads and
+/// writes together), and when. Measured on the daemon's side: fio's own
+/// figures over a few seconds leave out the requests still queued at
+/// the end (QD / limit seconds' worth, 8% of 4 s at QD64 and 200 IOPS).
+#[derive(Clone, Debug)]
+struct Passed {
+    at: Instant,
+    /// (operations, bytes) per node, in the order asked.
+    nodes: Vec<(f64, f64)>,
+}
+
+impl Passed {
+    fn now(q: &mut Qmp, nodes: &[&str]) -> Passed {
+        let before = Instant::now();
+        let r = q.cmd(r#"{"execute":"query-blockstats","arguments":{"query-nodes":true}}"#);
+        // The moment the daemon answered, as near as can be told.
+        let at = before + before.elapsed() / 2;
+        let list = r["return"].as_array().cloned().unwrap_or_default();
+        let nodes = nodes
+            .iter()
+            .map(|n| {
+                let s = list
+                    .iter()
+                    .find(|e| e["node-name"] == *n)
+                    .map(|e| e["stats"].clone())
+                    .unwrap_or_else(|| panic!("no blockstats for {n}: {r}"));
+                let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+                (
+                    f("rd_operations") + f("wr_operations"),
+                    f("rd_bytes") + f("wr_bytes"),
+                )
+            })
+            .collect();
+        Passed { at, nodes }
+    }
+
+    /// Node i's operations and bytes per second from `earlier` to self.
+    fn rate(&self, earlier: &Passed, i: usize) -> (f64, f64) {
+        let secs = self.at.duration_since(earlier.at).as_secs_f64();
+        (
+            (self.nodes[i].0 - earlier.nodes[i].0) / secs,
+            (self.nodes[i].1 - earlier.nodes[i].1) / secs,
+        )
+    }
+
+    /// Polls until every node has had a request since `base`; returns
+    /// the first sample that shows it (the load's start, within ~10 ms).
+    fn started(q: &mut Qmp, nodes: &[&str], base: &Passed) -> Passed {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let p = Passed::now(q, nodes);
+            if p.nodes.iter().zip(&base.nodes).all(|(a, b)| a.0 > b.0) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "the load never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Sleeps until `from + secs`.
+fn until(from: Instant, secs: f64) {
+    let t = from + Duration::from_secs_f64(secs);
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
 }
 
 fn within(got: f64, want: f64, tol: f64, what: &str) {
@@ -314,38 +413,48 @@ fn within(got: f64, want: f64, tol: f64, what: &str) {
     );
 }
 
+/// Runs fio on node t0 with `rw` and `bs` and returns what went through
+/// per second (operations, bytes) over 3 s from the first second on.
+fn measure(s: &mut Served, rw: &str, bs: &str) -> (f64, f64) {
+    let base = Passed::now(&mut s.qmp, &["t0"]);
+    let load = fio(&[s.uri(0)], rw, bs, 5);
+    let t0 = Passed::started(&mut s.qmp, &["t0"], &base);
+    until(t0.at, 1.0);
+    let a = Passed::now(&mut s.qmp, &["t0"]);
+    until(a.at, 3.0);
+    let b = Passed::now(&mut s.qmp, &["t0"]);
+    load.join().expect("fio");
+    b.rate(&a, 0)
+}
+
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn limits_hold_within_five_percent() {
-    let mut s = Served::start(Which::Rsd, 1, "limits.iops-total=400");
-    let uri = vec![s.uri(0)];
+    let mut s = Served::start(Which::Rsd, 1, "limits.iops-total=200");
     // IOPS: read, write, total (reads and writes together).
     for (limit, rw) in [
         ("iops-read", "randread"),
         ("iops-write", "randwrite"),
         ("iops-total", "randrw"),
     ] {
-        s.set_limits(only(&[(limit, 400)]));
-        let j = &fio(&uri, rw, "4k", 3, 1, &[])[0];
-        let got = side(j, "read", "iops") + side(j, "write", "iops");
-        within(got, 400.0, 0.05, limit);
+        s.set_limits(only(&[(limit, 200)]));
+        let (ops, _) = measure(&mut s, rw, "4k");
+        within(ops, 200.0, 0.05, limit);
     }
-    // Bandwidth: 8 MiB/s in 64 KiB requests.
+    // Bandwidth: 4 MiB/s in 32 KiB requests.
     for (limit, rw) in [
         ("bps-read", "randread"),
         ("bps-write", "randwrite"),
         ("bps-total", "randrw"),
     ] {
-        s.set_limits(only(&[(limit, 8 << 20)]));
-        let j = &fio(&uri, rw, "64k", 3, 1, &[])[0];
-        let got = side(j, "read", "bw_bytes") + side(j, "write", "bw_bytes");
-        within(got, (8 << 20) as f64, 0.05, limit);
+        s.set_limits(only(&[(limit, 4 << 20)]));
+        let (_, bytes) = measure(&mut s, rw, "32k");
+        within(bytes, (4 << 20) as f64, 0.05, limit);
     }
     // iops-size: 16 KiB requests count as four 4 KiB operations.
-    s.set_limits(only(&[("iops-total", 400), ("iops-size", 4096)]));
-    let j = &fio(&uri, "randread", "16k", 3, 1, &[])[0];
-    within(side(j, "read", "iops"), 100.0, 0.05, "iops-size");
-    // The data went through the filter intact.
+    s.set_limits(only(&[("iops-total", 200), ("iops-size", 4096)]));
+    let (ops, _) = measure(&mut s, "randread", "16k");
+    within(ops, 50.0, 0.05, "iops-size");
+    // The requests waited in the filter.
     let m = s.metrics();
     assert!(
         m.contains("rsd_throttle_throttled_requests_total{group=\"tg\",node=\"t0\"}"),
@@ -353,111 +462,74 @@ fn limits_hold_within_five_percent() {
     );
 }
 
-/// fio's per-second IOPS log for one run: (ms, iops) per window.
-fn iops_log(path: &Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split(',').map(str::trim);
-            let t = f.next()?.parse().ok()?;
-            let v = f.next()?.parse().ok()?;
-            Some((t, v))
-        })
-        .collect()
-}
-
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn bursts_allow_max_for_max_length_then_fall_back() {
-    // 100 IOPS, bursts of 1000 IOPS for 2 s.
-    let s = Served::start(
+    // 40 IOPS, bursts of 400 IOPS for 2 s.
+    let mut s = Served::start(
         Which::Rsd,
         1,
-        "limits.iops-write=100,limits.iops-write-max=1000,limits.iops-write-max-length=2",
+        "limits.iops-write=40,limits.iops-write-max=400,limits.iops-write-max-length=2",
     );
-    let log = s.dir.s("burst");
-    fio(
-        &[s.uri(0)],
-        "randwrite",
-        "4k",
-        6,
-        0,
-        &[&format!("--write_iops_log={log}"), "--log_avg_msec=1000"],
-    );
-    let w = iops_log(&s.dir.path("burst_iops.1.log"));
-    assert!(w.len() >= 6, "{w:?}");
-    // The burst: max for max-length seconds (plus the tenth of a
-    // second's worth QEMU lets through at once).
-    let burst: f64 = w[0].1 + w[1].1;
-    assert!((1950.0..=2250.0).contains(&burst), "burst {burst}: {w:?}");
-    // Then the average: 2000 units fill the bucket by 2.2 s.
-    let after: f64 = w[3..6].iter().map(|x| x.1).sum::<f64>() / 3.0;
-    within(after, 100.0, 0.1, "after the burst");
+    let base = Passed::now(&mut s.qmp, &["t0"]);
+    let load = fio(&[s.uri(0)], "randwrite", "4k", 7);
+    let t0 = Passed::started(&mut s.qmp, &["t0"], &base);
+    until(t0.at, 0.5);
+    let a = Passed::now(&mut s.qmp, &["t0"]);
+    until(t0.at, 1.5);
+    let b = Passed::now(&mut s.qmp, &["t0"]);
+    until(t0.at, 3.0);
+    let c = Passed::now(&mut s.qmp, &["t0"]);
+    until(t0.at, 6.0);
+    let d = Passed::now(&mut s.qmp, &["t0"]);
+    load.join().expect("fio");
+    // The burst runs at max.
+    within(b.rate(&a, 0).0, 400.0, 0.05, "during the burst");
+    // It lasts until max * max-length (800) units are in the bucket
+    // beyond what leaked at 40/s: 2.1 s, 884 writes (with the tenth of a
+    // second's worth that goes at once), then 40/s: 920 by 3 s.
+    let by_3s = c.nodes[0].0 - base.nodes[0].0;
+    within(by_3s, 920.0, 0.05, "writes in the first 3 s");
+    // Then the average.
+    within(d.rate(&c, 0).0, 40.0, 0.05, "after the burst");
 }
 
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn a_new_limit_holds_within_a_second() {
-    let mut s = Served::start(Which::Rsd, 1, "limits.iops-total=200");
-    let log = s.dir.s("change");
-    let uri = s.uri(0);
-    let fio_run = std::thread::spawn(move || {
-        fio(
-            &[uri],
-            "randread",
-            "4k",
-            5,
-            0,
-            &[&format!("--write_iops_log={log}"), "--log_avg_msec=500"],
-        )
-    });
-    // fio's log counts from its first request: so does this clock.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !s.metrics().lines().any(|l| {
-        l.starts_with("rsd_node_requests_total{node=\"t0\",op=\"read\"}") && !l.ends_with(" 0")
-    }) {
-        assert!(Instant::now() < deadline, "fio never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // Let the first limit show for two seconds of the run.
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_secs(2));
-    s.set_limits(only(&[("iops-total", 1000)]));
-    let changed_at = started.elapsed().as_millis() as u64;
-    fio_run.join().expect("fio");
-    let w = iops_log(&s.dir.path("change_iops.1.log"));
-    let before: Vec<f64> = w
-        .iter()
-        .filter(|(t, _)| *t > 500 && *t + 100 < changed_at)
-        .map(|x| x.1)
-        .collect();
-    let after: Vec<f64> = w
-        .iter()
-        .filter(|(t, _)| *t >= changed_at + 1000 + 500)
-        .map(|x| x.1)
-        .collect();
-    assert!(
-        !before.is_empty() && !after.is_empty(),
-        "{w:?} at {changed_at}"
-    );
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    within(mean(&before), 200.0, 0.1, "before");
-    within(mean(&after), 1000.0, 0.05, "a second after qom-set");
+    let mut s = Served::start(Which::Rsd, 1, "limits.iops-total=100");
+    let base = Passed::now(&mut s.qmp, &["t0"]);
+    let load = fio(&[s.uri(0)], "randread", "4k", 7);
+    let t0 = Passed::started(&mut s.qmp, &["t0"], &base);
+    until(t0.at, 0.5);
+    let a = Passed::now(&mut s.qmp, &["t0"]);
+    until(t0.at, 2.0);
+    let b = Passed::now(&mut s.qmp, &["t0"]);
+    s.set_limits(only(&[("iops-total", 300)]));
+    let changed = Instant::now();
+    until(changed, 1.0);
+    let c = Passed::now(&mut s.qmp, &["t0"]);
+    until(changed, 4.0);
+    let d = Passed::now(&mut s.qmp, &["t0"]);
+    load.join().expect("fio");
+    within(b.rate(&a, 0).0, 100.0, 0.05, "before");
+    within(d.rate(&c, 0).0, 300.0, 0.05, "a second after qom-set");
 }
 
 #[test]
-#[ignore = "precision under load: fails on a busy 2-core machine (rsd under-delivers, QSD holds); run with --ignored on a quiet one, see bench/throttle.py"]
 fn two_nodes_in_one_group_share_it_evenly() {
-    let s = Served::start(Which::Rsd, 2, "limits.iops-total=400");
-    let jobs = fio(&[s.uri(0), s.uri(1)], "randread", "4k", 3, 1, &[]);
-    assert_eq!(jobs.len(), 2);
-    let (a, b) = (
-        side(&jobs[0], "read", "iops"),
-        side(&jobs[1], "read", "iops"),
-    );
-    within(a, 200.0, 0.1, "t0");
-    within(b, 200.0, 0.1, "t1");
-    within(a + b, 400.0, 0.05, "the group");
+    let mut s = Served::start(Which::Rsd, 2, "limits.iops-total=200");
+    let nodes = ["t0", "t1"];
+    let base = Passed::now(&mut s.qmp, &nodes);
+    let load = fio(&[s.uri(0), s.uri(1)], "randread", "4k", 5);
+    let t0 = Passed::started(&mut s.qmp, &nodes, &base);
+    until(t0.at, 1.0);
+    let a = Passed::now(&mut s.qmp, &nodes);
+    until(a.at, 3.0);
+    let b = Passed::now(&mut s.qmp, &nodes);
+    load.join().expect("fio");
+    let (x, y) = (b.rate(&a, 0).0, b.rate(&a, 1).0);
+    within(x, 100.0, 0.1, "t0");
+    within(y, 100.0, 0.1, "t1");
+    within(x + y, 200.0, 0.05, "the group");
 }
 
 /// Queued writes through qemu-io: 8 writes at 1 IOPS.
@@ -525,10 +597,87 @@ fn queued_requests_are_drained_on_export_deletion_and_quit() {
             assert!(s.daemon.wait_exit(10).is_some());
         }
         // Every queued write reached the image: none was dropped.
-        let data = std::fs::read(s.dir.path("i0.img")).expect("image");
+        let data = std::fs::read(s.images.path("i0.img")).expect("image");
         assert!(
             data[..8 * 4096].iter().all(|b| *b == 0xab),
             "{how}: a queued write was dropped"
         );
+    }
+}
+
+/// A daemon serving throttle node `t` (group `tg` with `limits`) over
+/// vhost-user-blk on `<prog>-vu.sock`, on a 64 MiB image in `images`.
+fn serve_vhost(which: Which, dir: &TempDir, images: &TempDir, limits: &str) -> (Daemon, Qmp) {
+    let img = images.path(&format!("{}.img", which.prog()));
+    qemu_img_create(&img, "64M");
+    let mon = dir.s(&format!("{}-qmp.sock", which.prog()));
+    let mut a = monitor_args(&mon);
+    a.extend(args(&[
+        "--object",
+        &format!("throttle-group,id=tg,{limits}"),
+        "--blockdev",
+        &format!("file,node-name=f,filename={}", img.display()),
+        "--blockdev",
+        "throttle,node-name=t,file=f,throttle-group=tg",
+        "--export",
+        &format!(
+            "type=vhost-user-blk,id=vu,node-name=t,writable=on,addr.type=unix,addr.path={}",
+            dir.s(&format!("{}-vu.sock", which.prog()))
+        ),
+    ]));
+    let d = Daemon::spawn(which, &a);
+    let q = Qmp::ready(Path::new(&mon));
+    (d, q)
+}
+
+#[test]
+fn limits_hold_over_vhost_user_blk() {
+    // One group, an IOPS and a bandwidth limit: 4 KiB reads meet the
+    // first (0.8 MB/s is far below the second), 32 KiB writes the second
+    // (128 requests a second, below the first).
+    const IOPS: f64 = 200.0;
+    const BPS: u64 = 4 << 20;
+    let limits = format!("limits.iops-total={IOPS},limits.bps-total={BPS}");
+    let dir = TempDir::new();
+    let images = image_dir(&dir);
+    let (warmup, window) = (Duration::from_millis(500), Duration::from_secs(3));
+    let mut got = Vec::new();
+    for which in Which::all() {
+        let (mut d, mut q) = serve_vhost(which, &dir, &images, &limits);
+        let sock = dir.path(&format!("{}-vu.sock", which.prog()));
+        let iops = crate::vhost_user::rate(&sock, false, 4096, 16, warmup, window);
+        let bps = crate::vhost_user::rate(&sock, true, 32 << 10, 16, warmup, window) * 32768.0;
+        eprintln!("{which:?}: {iops:.1} IOPS (limit {IOPS}), {bps:.0} B/s (limit {BPS})");
+        q.send(br#"{"execute":"quit"}"#);
+        assert!(d.wait_exit(10).is_some(), "{which:?} did not exit");
+        got.push((which, iops, bps));
+    }
+    for (which, iops, bps) in &got {
+        // rsd holds the issue's 5%; QSD beside it shows the measure is
+        // sound (it is not held to a bound on a loaded machine).
+        let tol = if *which == Which::Rsd { 0.05 } else { 0.25 };
+        within(*iops, IOPS, tol, &format!("{which:?} iops-total"));
+        within(*bps, BPS as f64, tol, &format!("{which:?} bps-total"));
+    }
+    let data = std::fs::read(images.path("rsd.img")).expect("image");
+    assert!(
+        data[..16 << 15].iter().any(|b| *b != 0),
+        "the writes never landed"
+    );
+    // Both wrote the same data to the same places.
+    if got.len() == 2 {
+        let o = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &images.s("rsd.img"),
+                &images.s("qemu-storage-daemon.img"),
+            ],
+        );
+        ok(&o);
     }
 }

@@ -312,19 +312,7 @@ impl Guest {
             assert!(slot <= QSIZE, "too many descriptors in one batch");
             heads.push(head);
         }
-        for head in &heads {
-            let idx = self.avail_idx[q];
-            let entry = base + 0x1000 + 4 + 2 * u64::from(idx % QSIZE);
-            self.mem
-                .write_obj(*head, GuestAddress(entry))
-                .expect("avail");
-            self.avail_idx[q] = idx.wrapping_add(1);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(self.avail_idx[q], GuestAddress(base + 0x1000 + 2))
-            .expect("avail idx");
-        self.kicks[q].write(1).expect("kick");
+        self.make_available(q, &heads);
         heads
     }
 
@@ -371,6 +359,15 @@ impl Guest {
 
     /// Makes chains the test wrote itself available and waits for them.
     fn submit_raw(&mut self, q: usize, heads: &[u16]) -> Vec<(u32, u32)> {
+        self.make_available(q, heads);
+        let used = self.wait_used(q, heads.len());
+        self.next = DATA;
+        used
+    }
+
+    /// Puts chains already in the descriptor table on the avail ring and
+    /// kicks.
+    fn make_available(&mut self, q: usize, heads: &[u16]) {
         let base = RINGS + q as u64 * 0x10000;
         for head in heads {
             let idx = self.avail_idx[q];
@@ -385,9 +382,21 @@ impl Guest {
             .write_obj(self.avail_idx[q], GuestAddress(base + 0x1000 + 2))
             .expect("avail idx");
         self.kicks[q].write(1).expect("kick");
-        let used = self.wait_used(q, heads.len());
-        self.next = DATA;
-        used
+    }
+
+    /// The used entries added since the last look, without waiting.
+    fn reap(&mut self, q: usize) -> Vec<(u32, u32)> {
+        let base = RINGS + q as u64 * 0x10000 + 0x2000;
+        let target = self.used_idx(q);
+        let mut out = Vec::new();
+        while self.used_seen[q] != target {
+            let e = base + 4 + 8 * u64::from(self.used_seen[q] % QSIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(e)).expect("used id");
+            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).expect("used len");
+            out.push((id, len));
+            self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+        }
+        out
     }
 
     fn write_desc(&mut self, at: u64, d: D, has_next: bool, next: u16) {
@@ -437,6 +446,74 @@ impl Guest {
         self.used_seen[q] = target;
         out
     }
+}
+
+/// Keeps `depth` requests of `bs` bytes (reads, or writes when `write`)
+/// in flight on queue 0 of the vhost-user-blk export at `sock`, each one
+/// put back as soon as it completes, and returns the requests completed
+/// per second over `window`, counted from `warmup` on. Every request
+/// must succeed. Used to measure limits (tests/throttle.rs).
+pub(crate) fn rate(
+    sock: &Path,
+    write: bool,
+    bs: u32,
+    depth: u16,
+    warmup: Duration,
+    window: Duration,
+) -> f64 {
+    let mut g = Guest::connect(sock, 1);
+    let data = pattern(7, bs as usize);
+    let sectors = u64::from(bs / 512);
+    let reqs: Vec<Req> = (0..u64::from(depth))
+        .map(|i| {
+            if write {
+                g.req(T_OUT, i * sectors, &[&data], &[])
+            } else {
+                g.req(T_IN, i * sectors, &[], &[bs])
+            }
+        })
+        .collect();
+    // Request i's chain sits at descriptors 3i..3i+2 for the whole run.
+    let heads = g.post_from(0, &reqs, 0);
+    let t0 = Instant::now();
+    let (from, to) = (t0 + warmup, t0 + warmup + window);
+    let mut counted = 0u64;
+    let mut in_flight = heads.len();
+    let deadline = to + Duration::from_secs(20);
+    while in_flight > 0 {
+        assert!(Instant::now() < deadline, "requests stopped completing");
+        let used = g.reap(0);
+        if used.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let now = Instant::now();
+        let mut again = Vec::new();
+        for (id, _) in used {
+            let i = heads
+                .iter()
+                .position(|h| u32::from(*h) == id)
+                .expect("a head the test posted");
+            let st = reqs[i].status.expect("status byte");
+            let status: u8 = g.mem.read_obj(GuestAddress(st)).expect("status read");
+            assert_eq!(status, 0, "request {i} failed");
+            if now >= from && now < to {
+                counted += 1;
+            }
+            if now < to {
+                g.mem
+                    .write_obj(0xeeu8, GuestAddress(st))
+                    .expect("status reset");
+                again.push(heads[i]);
+            } else {
+                in_flight -= 1;
+            }
+        }
+        if !again.is_empty() {
+            g.make_available(0, &again);
+        }
+    }
+    counted as f64 / window.as_secs_f64()
 }
 
 fn connect_retry(sock: &Path, queues: u64) -> Frontend {
