@@ -43,6 +43,8 @@ impl Reply {
 /// kernel copies into memory 16 bytes into a cache line (where malloc
 /// puts a large block) at a third of the speed (see block::buffers).
 pub(super) const READ_ALIGN: usize = 4096;
+/// Reads longer than this are aligned (and their buffers pooled).
+pub(super) const ALIGN_READS_OVER: usize = 64 << 10;
 
 /// Read buffers kept per connection for reuse.
 #[derive(Clone, Default)]
@@ -57,7 +59,7 @@ impl BufPool {
             .unwrap_or_default()
     }
     pub(super) fn give(&self, b: Vec<u8>) {
-        if b.len() > 64 << 10 && b.len() <= MAX_PAYLOAD as usize + READ_ALIGN + 64 {
+        if b.len() > ALIGN_READS_OVER && b.len() <= MAX_PAYLOAD as usize + READ_ALIGN + 64 {
             if let Ok(mut p) = self.0.lock() {
                 if p.len() < 16 {
                     p.push(b);
@@ -73,7 +75,9 @@ pub(super) struct Request {
     pub(super) cookie: u64,
     pub(super) offset: u64,
     pub(super) len: u64,
+    /// A WRITE's data is `payload[payload_start..]`.
     pub(super) payload: Vec<u8>,
+    pub(super) payload_start: usize,
     /// A pooled buffer for a READ's reply.
     pub(super) buf: Vec<u8>,
     /// BLOCK_STATUS with a payload: the contexts asked for (None = all).
@@ -201,6 +205,7 @@ pub(super) async fn read_request(
         ),
     };
     let mut payload = Vec::new();
+    let mut payload_start = 0;
     let mut len = len;
     let mut contexts = None;
     let mut invalid = false;
@@ -222,14 +227,22 @@ pub(super) async fn read_request(
     } else if kind == CMD_WRITE {
         if len <= MAX_PAYLOAD as u64 {
             // Filled straight from the socket: no zeroing first. Large
-            // payloads reuse pooled buffers (no page faults per request).
-            if len > 64 << 10 {
+            // payloads reuse pooled buffers (no page faults per request)
+            // and start on a page boundary (as read replies do), behind
+            // `payload_start` bytes of padding.
+            if len as usize > ALIGN_READS_OVER {
                 payload = pool.take();
                 payload.clear();
+                payload.reserve_exact(len as usize + READ_ALIGN);
+                // The vector does not move from here on (it stays within
+                // its capacity).
+                payload_start = payload.as_ptr().align_offset(READ_ALIGN).min(READ_ALIGN);
+                payload.resize(payload_start, 0);
             }
-            payload.reserve_exact(len as usize);
-            while payload.len() < len as usize {
-                let want = (len as usize - payload.len()) as u64;
+            let end = payload_start + len as usize;
+            payload.reserve_exact(end - payload.len());
+            while payload.len() < end {
+                let want = (end - payload.len()) as u64;
                 if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
@@ -246,6 +259,7 @@ pub(super) async fn read_request(
         offset,
         len,
         payload,
+        payload_start,
         buf: Vec::new(),
         contexts,
         invalid,
@@ -388,6 +402,38 @@ mod tests {
             "magic of the other form"
         );
         assert!(parse_header(&compact[..20], false).is_err(), "short");
+    }
+
+    #[tokio::test]
+    async fn write_payloads_start_on_a_page_and_keep_their_bytes() {
+        let pool = BufPool::default();
+        let budget = data_budget();
+        for len in [512usize, (64 << 10) + 1, 1 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut wire = header(
+                REQUEST_MAGIC,
+                0,
+                CMD_WRITE,
+                3,
+                0,
+                &(len as u32).to_be_bytes(),
+            );
+            wire.extend_from_slice(&data);
+            // Twice: the second payload reuses the first one's buffer.
+            for _ in 0..2 {
+                let mut rd = &wire[..];
+                let r = read_request(&mut rd, false, &pool, &budget)
+                    .await
+                    .expect("read")
+                    .expect("a request");
+                let got = &r.payload[r.payload_start..];
+                assert_eq!(got, &data[..], "len {len}");
+                if len > ALIGN_READS_OVER {
+                    assert_eq!(got.as_ptr() as usize % READ_ALIGN, 0, "len {len}");
+                }
+                pool.give(r.payload);
+            }
+        }
     }
 
     #[test]

@@ -68,7 +68,10 @@ pub async fn transmission(
             gone.cancel();
             break;
         };
-        if req.kind == CMD_READ && req.len > 64 << 10 && req.len <= MAX_PAYLOAD as u64 {
+        if req.kind == CMD_READ
+            && req.len > ALIGN_READS_OVER as u64
+            && req.len <= MAX_PAYLOAD as u64
+        {
             req.buf = pool.take();
         }
         if req.kind == CMD_DISC {
@@ -80,10 +83,11 @@ pub async fn transmission(
         let offload = req.kind == CMD_WRITE && req.len >= OFFLOAD_WRITE;
         let (cookie, offset) = (req.cookie, req.offset);
         let payload = std::mem::take(&mut req.payload);
+        let payload_start = req.payload_start;
         let pool2 = pool.clone();
         let mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>> =
             Box::pin(gone.scope(async move {
-                let reply = handle(&s2, req, &payload).await;
+                let reply = handle(&s2, req, &payload[payload_start..]).await;
                 pool2.give(payload);
                 reply
             }));
@@ -363,14 +367,21 @@ async fn read(s: &Session, node: &Node, mut r: Request) -> Reply {
     }
     // The data goes straight into the (pooled) reply buffer after the header.
     let mut b = std::mem::take(&mut r.buf);
-    let need = head.len() + len + READ_ALIGN;
+    // Only large reads are page-aligned: for a small one the extra page
+    // (allocated and zeroed per read) costs more than the slower copy.
+    let align = if len > ALIGN_READS_OVER {
+        READ_ALIGN
+    } else {
+        1
+    };
+    let need = head.len() + len + align - 1;
     if b.len() < need {
         b.resize(need, 0);
     }
-    // The data on the first page boundary after room for the header
+    // The data on the first aligned address after room for the header
     // (the vector does not move from here on).
     let base = b.as_ptr() as usize;
-    let data = (base + head.len()).next_multiple_of(READ_ALIGN) - base;
+    let data = (base + head.len()).next_multiple_of(align) - base;
     let start = data - head.len();
     b[start..data].copy_from_slice(&head);
     match node.read(r.offset, &mut b[data..data + len]).await {
