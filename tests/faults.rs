@@ -114,9 +114,6 @@ fn quit(mut d: Daemon, mut q: Qmp) {
 
 // ---------------------------------------------------------------- NBD
 
-// The NBD client asks for simple replies (QSD drops a client whose
-// read fails when structured replies are on, differences entry 51).
-
 /// What a run of requests gave, one line per request.
 fn summary(what: &str, result: Result<Vec<u8>, String>) -> String {
     match result {
@@ -184,6 +181,9 @@ fn check_case(c: Case, lines: &[String], err_text: &str) {
     );
 }
 
+/// One request on a client with simple replies (QSD drops a client
+/// whose read fails when structured replies are on, differences entry
+/// 51); an error is the server's NBD error as text.
 fn nbd_io(n: &mut Nbd, op: Op, off: u64, len: u32, fill: u8) -> Result<Vec<u8>, String> {
     let done = match op {
         Op::Read => n.read(off, len),

@@ -1438,13 +1438,13 @@ fn long_names_and_options_get_errors_as_in_qsd() {
             .expect("timeout");
         nbd_wire::greet(&mut s).expect("greeting");
         let mut replies = vec![
-            opt(&mut s, 7, &go(&"a".repeat(4097))),
-            opt(&mut s, 6, &go(&"b".repeat(5000))),
-            opt(&mut s, 7, &go(&"c".repeat(4096))),
+            opt(&mut s, OPT_GO, &go(&"a".repeat(4097))),
+            opt(&mut s, nbd_wire::OPT_INFO, &go(&"b".repeat(5000))),
+            opt(&mut s, OPT_GO, &go(&"c".repeat(4096))),
             opt(&mut s, 99, &vec![0u8; 10 << 20]),
         ];
         // Still connected: the export is there.
-        let (kind, _) = opt(&mut s, 7, &go("disk"));
+        let (kind, _) = opt(&mut s, OPT_GO, &go("disk"));
         while replies.len() < 5 && kind == 3 {
             if nbd_wire::option_reply(&mut s).expect("reply").0 == 1 {
                 replies.push((1, Vec::new()));

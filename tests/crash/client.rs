@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::common::nbd_wire::{self, Nbd};
+use crate::common::nbd_wire::{
+    self, Nbd, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+};
 
 use super::model::{decode, pattern, Allowed, Kind, Op, BLOCK};
 use super::{Ctx, End, Rng};
@@ -159,9 +161,7 @@ impl Client {
 
     /// NBD_CMD_DISC, then waits until the daemon closed the connection.
     fn close(mut self) {
-        let _ = self
-            .w
-            .write_all(&nbd_wire::request(nbd_wire::CMD_DISC, 0, 0, 0, 0));
+        let _ = self.w.write_all(&nbd_wire::request(CMD_DISC, 0, 0, 0, 0));
         let _ = self.w.shutdown(std::net::Shutdown::Write);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -231,7 +231,7 @@ fn io_loop(
             c.send(
                 ctx,
                 cookie,
-                &nbd_wire::request(nbd_wire::CMD_FLUSH, 0, cookie, 0, 0),
+                &nbd_wire::request(CMD_FLUSH, 0, cookie, 0, 0),
                 0,
             )?;
             continue;
@@ -263,7 +263,7 @@ fn io_loop(
         c.inflight.push((cookie, first, count));
         match kind {
             Kind::Write(g) => {
-                let mut req = nbd_wire::request(nbd_wire::CMD_WRITE, 0, cookie, off, len);
+                let mut req = nbd_wire::request(CMD_WRITE, 0, cookie, off, len);
                 let head = req.len();
                 req.resize(head + len as usize, 0);
                 for (i, chunk) in req[head..].chunks_mut(BLOCK as usize).enumerate() {
@@ -272,15 +272,15 @@ fn io_loop(
                 c.send(ctx, cookie, &req, 0)?;
             }
             Kind::Read => {
-                let req = nbd_wire::request(nbd_wire::CMD_READ, 0, cookie, off, len);
+                let req = nbd_wire::request(CMD_READ, 0, cookie, off, len);
                 c.send(ctx, cookie, &req, len)?;
             }
             Kind::Zero => {
-                let req = nbd_wire::request(nbd_wire::CMD_WRITE_ZEROES, 0, cookie, off, len);
+                let req = nbd_wire::request(CMD_WRITE_ZEROES, 0, cookie, off, len);
                 c.send(ctx, cookie, &req, 0)?;
             }
             Kind::Discard => {
-                let req = nbd_wire::request(nbd_wire::CMD_TRIM, 0, cookie, off, len);
+                let req = nbd_wire::request(CMD_TRIM, 0, cookie, off, len);
                 c.send(ctx, cookie, &req, 0)?;
             }
         }
