@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::nbd_wire::{self, Nbd, CMD_READ};
 use crate::common::*;
 
 /// A field of /proc/PID/status in KiB (VmRSS, VmHWM, RssAnon...).
@@ -66,45 +67,6 @@ fn send_unread(stream: &UnixStream, payload: Vec<u8>) -> usize {
     }
 }
 
-/// Connects to export `name` (fixed newstyle, GO, simple replies).
-fn nbd_connect(sock: &std::path::Path, name: &str) -> UnixStream {
-    let mut s = UnixStream::connect(sock).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).expect("greeting");
-    s.write_all(&3u32.to_be_bytes()).expect("flags");
-    let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-    go.extend_from_slice(&7u32.to_be_bytes());
-    go.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-    go.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    go.extend_from_slice(name.as_bytes());
-    go.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&go).expect("GO");
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).expect("option reply");
-        let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
-        let mut d = vec![0u8; len as usize];
-        s.read_exact(&mut d).expect("option data");
-        if kind == 1 {
-            return s;
-        }
-        assert_eq!(kind, 3, "GO answered {kind:#x}");
-    }
-}
-
-fn nbd_read(cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
-}
-
 /// A client that pipelines 100k reads and never reads a reply: rsd
 /// stops reading its requests once 64 are in flight or their replies
 /// reach 64 MiB, so its memory stays bounded. The worst case is reads
@@ -135,12 +97,18 @@ fn nbd_replies_nobody_reads_hold_bounded_memory() {
     let pid = d.child.id();
     let base = status_kib(pid, "VmRSS");
     for (export, len) in [("zero", 1u32 << 20), ("disk", 32 << 20)] {
-        let s = nbd_connect(&sock, export);
+        let s = Nbd::connect(&sock, export).expect("connect");
         let mut flood = Vec::with_capacity(100_000 * 28);
         for i in 0..100_000u64 {
-            flood.extend(nbd_read(i, (i * 4096) % (32 << 20), len));
+            flood.extend(nbd_wire::request(
+                CMD_READ,
+                0,
+                i,
+                (i * 4096) % (32 << 20),
+                len,
+            ));
         }
-        let sent = send_unread(&s, flood);
+        let sent = send_unread(&s.s, flood);
         assert!(
             sent < 100_000 * 28,
             "{export}: the daemon read all 100k requests unanswered"
@@ -159,12 +127,9 @@ fn nbd_replies_nobody_reads_hold_bounded_memory() {
             "{export}: peak RSS {peak} KiB from {base} KiB"
         );
         // Another client is served meanwhile.
-        let mut other = nbd_connect(&sock, export);
-        other.write_all(&nbd_read(7, 0, 512)).expect("read");
-        let mut reply = [0u8; 16 + 512];
-        other.read_exact(&mut reply).expect("reply");
-        assert_eq!(&reply[4..16], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
-        let _ = s.shutdown(std::net::Shutdown::Both);
+        let mut other = Nbd::connect(&sock, export).expect("connect");
+        other.read(0, 512).expect("another client's read");
+        let _ = s.s.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -248,7 +213,9 @@ fn nbd_clients_past_max_connections_cost_nothing() {
     let _q = Qmp::ready(&dir.path("q.sock"));
     let pid = d.child.id();
     let (fds0, rss0) = (count_fds(pid), status_kib(pid, "VmRSS"));
-    let served: Vec<UnixStream> = (0..4).map(|_| nbd_connect(&sock, "zero")).collect();
+    let served: Vec<Nbd> = (0..4)
+        .map(|_| Nbd::connect(&sock, "zero").expect("connect"))
+        .collect();
     wait_idle(pid, 30);
     let fds_served = count_fds(pid);
     let waiting: Vec<UnixStream> = (0..100)

@@ -21,7 +21,6 @@ mod client;
 mod control;
 mod model;
 mod monitor;
-mod wire;
 
 use model::{decode, Allowed, Found, Kind, Log, Op, BLOCK, ZERO};
 

@@ -15,11 +15,10 @@
 //! The tables below are the cases (docs/reliability.md counts them).
 //! Rules use `iotype` with an event QEMU raises before that request (or
 //! `once`), so rsd and QSD fail the same requests (differences entry 41).
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::nbd_wire::{self, Nbd};
 use crate::common::*;
 use crate::fuse::Aligned;
 use crate::vhost_user::{Guest, T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
@@ -115,77 +114,6 @@ fn quit(mut d: Daemon, mut q: Qmp) {
 
 // ---------------------------------------------------------------- NBD
 
-/// A minimal NBD client with simple replies (QSD drops a client whose
-/// read fails when structured replies are on, differences entry 51).
-struct Nbd {
-    s: UnixStream,
-    cookie: u64,
-}
-
-const NBD_READ: u16 = 0;
-const NBD_WRITE: u16 = 1;
-const NBD_FLUSH: u16 = 3;
-const NBD_TRIM: u16 = 4;
-const NBD_WRITE_ZEROES: u16 = 6;
-
-impl Nbd {
-    fn connect(path: &Path, export: &str) -> Nbd {
-        let mut s = UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).expect("hello");
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes()).expect("flags");
-        // NBD_OPT_GO with the export's name and no info requests.
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-        b.extend_from_slice(&7u32.to_be_bytes());
-        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
-        b.extend_from_slice(&d);
-        s.write_all(&b).expect("go");
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).expect("option reply");
-            let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data).expect("option data");
-            if kind == 1 {
-                break;
-            }
-            assert_eq!(kind, 3, "{export}: NBD_REP_INFO or ACK, not {kind:#x}");
-        }
-        Nbd { s, cookie: 1 }
-    }
-
-    /// One request; its NBD error and, for a good read, the data.
-    fn request(&mut self, kind: u16, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
-        self.cookie += 1;
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&self.cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(payload);
-        self.s.write_all(&b).expect("request");
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).expect("reply");
-        assert_eq!(h[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
-        let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        assert_eq!(h[8..16], self.cookie.to_be_bytes(), "cookie");
-        let mut data = Vec::new();
-        if err == 0 && kind == NBD_READ {
-            data = vec![0u8; len as usize];
-            self.s.read_exact(&mut data).expect("read data");
-        }
-        (err, data)
-    }
-}
-
 /// What a run of requests gave, one line per request.
 fn summary(what: &str, result: Result<Vec<u8>, String>) -> String {
     match result {
@@ -253,20 +181,22 @@ fn check_case(c: Case, lines: &[String], err_text: &str) {
     );
 }
 
+/// One request on a client with simple replies (QSD drops a client
+/// whose read fails when structured replies are on, differences entry
+/// 51); an error is the server's NBD error as text.
 fn nbd_io(n: &mut Nbd, op: Op, off: u64, len: u32, fill: u8) -> Result<Vec<u8>, String> {
-    let payload = vec![fill; len as usize];
-    let (err, data) = match op {
-        Op::Read => n.request(NBD_READ, off, len, &[]),
-        Op::Write => n.request(NBD_WRITE, off, len, &payload),
-        Op::Zero => n.request(NBD_WRITE_ZEROES, off, len, &[]),
-        Op::Discard => n.request(NBD_TRIM, off, len, &[]),
-        Op::Flush => n.request(NBD_FLUSH, 0, 0, &[]),
+    let done = match op {
+        Op::Read => n.read(off, len),
+        Op::Write => n.write(off, &vec![fill; len as usize]).map(|()| Vec::new()),
+        Op::Zero => n.write_zeroes(off, len).map(|()| Vec::new()),
+        Op::Discard => n.trim(off, len).map(|()| Vec::new()),
+        Op::Flush => n.flush().map(|()| Vec::new()),
     };
-    if err == 0 {
-        Ok(data)
-    } else {
-        Err(format!("NBD error {err}"))
-    }
+    // The server's error is the answer; anything else fails the test.
+    done.map_err(|e| match nbd_wire::nbd_errno(&e) {
+        Some(errno) => format!("NBD error {errno}"),
+        None => panic!("{op:?} at {off}: {e}"),
+    })
 }
 
 fn nbd_transcripts(which: Which) -> Vec<Vec<String>> {
@@ -287,7 +217,7 @@ fn nbd_transcripts(which: Which) -> Vec<Vec<String>> {
     let (d, q) = start(which, &dir, a);
     let mut out = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        let mut n = Nbd::connect(&dir.path("n.sock"), &format!("n{i}"));
+        let mut n = Nbd::connect(&dir.path("n.sock"), &format!("n{i}")).expect("connect");
         out.push(case_steps(*c, &mut |op, off, len, fill| {
             nbd_io(&mut n, op, off, len, fill)
         }));
@@ -341,7 +271,7 @@ fn event_transcripts(which: Which) -> Vec<Vec<String>> {
     let (d, q) = start(which, &dir, a);
     let mut out = Vec::new();
     for i in 0..EVENTS.len() {
-        let mut n = Nbd::connect(&dir.path("n.sock"), &format!("n{i}"));
+        let mut n = Nbd::connect(&dir.path("n.sock"), &format!("n{i}")).expect("connect");
         let mut lines = Vec::new();
         // Each kind twice: `once` fails only the first of its kind.
         for round in 0..2u64 {
@@ -1024,7 +954,7 @@ fn reconnect_transcript(which: Which) -> Vec<String> {
         "type=nbd,id=e,node-name=remote,writable=on",
     ]);
     let (d, q) = start(which, &dir, a);
-    let mut n = Nbd::connect(&dir.path("front.sock"), "remote");
+    let mut n = Nbd::connect(&dir.path("front.sock"), "remote").expect("connect");
     let mut out = vec![summary("read", nbd_io(&mut n, Op::Read, 0, LEN, 0))];
     // The server goes: past reconnect-delay the request fails with EIO.
     let _ = server.kill();
@@ -1095,7 +1025,7 @@ fn a_sector_rule_never_fails_a_flush_as_qsd() {
             "type=nbd,id=e0,node-name=n0,writable=on".into(),
         ];
         let (d, q) = start(which, &dir, a);
-        let mut n = Nbd::connect(&dir.path("n.sock"), "n0");
+        let mut n = Nbd::connect(&dir.path("n.sock"), "n0").expect("connect");
         assert_eq!(
             nbd_io(&mut n, Op::Write, 0, 4096, 0x22),
             Ok(Vec::new()),

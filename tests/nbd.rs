@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::nbd_wire::{self, Nbd, CMD_BLOCK_STATUS, CMD_READ, CMD_WRITE, OPT_GO};
 use crate::common::*;
 
 /// rsd (or QSD) serving disk.img as export `fmt` (writable) and, read-only,
@@ -342,109 +343,37 @@ fn parallel_writers_on_disjoint_ranges() {
     s.quit();
 }
 
-/// A minimal NBD client for the raw-socket tests.
-struct Raw {
-    s: UnixStream,
+/// Connects to export `name` (simple replies).
+fn connect(path: &std::path::Path, name: &str) -> Nbd {
+    Nbd::connect(path, name).expect("NBD connect")
 }
 
-impl Raw {
-    fn connect(path: &std::path::Path, export: &str, structured: bool) -> (Raw, u64, u16) {
-        let mut s = UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).expect("hello");
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes()).expect("flags");
-        let mut r = Raw { s };
-        if structured {
-            r.option(8, &[]);
-            let (kind, _) = r.opt_reply();
-            assert_eq!(kind, 1);
-        }
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        r.option(7, &d);
-        let (mut size, mut flags) = (0, 0);
-        loop {
-            let (kind, data) = r.opt_reply();
-            if kind == 1 {
-                break;
-            }
-            assert_eq!(kind, 3, "info");
-            if data[..2] == [0, 0] {
-                size = u64::from_be_bytes(data[2..10].try_into().expect("size"));
-                flags = u16::from_be_bytes(data[10..12].try_into().expect("flags"));
-            }
-        }
-        (r, size, flags)
-    }
-    fn option(&mut self, opt: u32, data: &[u8]) {
-        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-        b.extend_from_slice(&opt.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).expect("option");
-    }
-    fn opt_reply(&mut self) -> (u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).expect("opt reply");
-        let kind = u32::from_be_bytes(h[12..16].try_into().expect("kind"));
-        let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
-        let mut d = vec![0u8; len as usize];
-        self.s.read_exact(&mut d).expect("opt data");
-        (kind, d)
-    }
-    fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b
-    }
-    /// Reads one simple reply: (error, cookie), skipping `data` bytes.
-    fn simple(&mut self, data: usize) -> (u32, u64) {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).expect("reply");
-        assert_eq!(
-            u32::from_be_bytes(h[..4].try_into().expect("m")),
-            0x6744_6698
-        );
-        let err = u32::from_be_bytes(h[4..8].try_into().expect("e"));
-        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("c"));
-        if err == 0 && data > 0 {
-            let mut d = vec![0u8; data];
-            self.s.read_exact(&mut d).expect("data");
-        }
-        (err, cookie)
-    }
+/// Reads one simple reply: (error, cookie), a good read's `data` bytes
+/// skipped.
+fn simple(r: &mut Nbd, data: u32) -> (u32, u64) {
+    let (err, cookie, _) = r.reply(data).expect("reply");
+    (err, cookie)
 }
 
 #[test]
 fn pipelined_requests_each_answered_once() {
     let mut s = serve(Which::Rsd, "", false);
-    let (mut r, size, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
-    assert_eq!(size, 16 << 20);
+    let mut r = connect(&s.dir.path("nbd.sock"), "fmt");
+    assert_eq!(r.size, 16 << 20);
     let mut burst = Vec::new();
     for i in 0..64u64 {
         if i % 2 == 0 {
-            burst.extend(Raw::request(0, 0, 1000 + i, i * 4096, 4096));
+            burst.extend(nbd_wire::request(CMD_READ, 0, 1000 + i, i * 4096, 4096));
         } else {
-            burst.extend(Raw::request(1, 0, 1000 + i, i * 4096, 512));
-            burst.extend(vec![i as u8; 512]);
+            let data = vec![i as u8; 512];
+            burst.extend(nbd_wire::write_request(0, 1000 + i, i * 4096, &data));
         }
     }
     r.s.write_all(&burst).expect("burst");
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..64 {
         // Reads carry 4096 bytes; writes none. Peek the cookie first.
-        let mut h = [0u8; 16];
-        r.s.read_exact(&mut h).expect("reply");
-        let err = u32::from_be_bytes(h[4..8].try_into().expect("e"));
-        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("c"));
+        let (err, cookie) = nbd_wire::simple_reply(&mut r.s).expect("reply");
         assert_eq!(err, 0);
         if (cookie - 1000) % 2 == 0 {
             let mut d = vec![0u8; 4096];
@@ -460,40 +389,39 @@ fn pipelined_requests_each_answered_once() {
 #[test]
 fn bad_requests_get_errors_and_the_connection_survives() {
     let mut s = serve(Which::Rsd, "", false);
-    let (mut r, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
-    let good = |r: &mut Raw, cookie| {
-        r.s.write_all(&Raw::request(0, 0, cookie, 0, 512))
+    let mut r = connect(&s.dir.path("nbd.sock"), "fmt");
+    let good = |r: &mut Nbd, cookie| {
+        r.s.write_all(&nbd_wire::request(CMD_READ, 0, cookie, 0, 512))
             .expect("good");
-        assert_eq!(r.simple(512), (0, cookie), "good request after a bad one");
+        assert_eq!(simple(r, 512), (0, cookie), "good request after a bad one");
     };
     let cases: Vec<(Vec<u8>, u32)> = vec![
-        (Raw::request(42, 0, 1, 0, 512), 22),       // unknown command
-        (Raw::request(0, 0x80, 2, 0, 512), 22),     // unknown flag
-        (Raw::request(0, 1, 3, 0, 512), 22),        // FUA on read
-        (Raw::request(0, 0, 4, 16 << 20, 512), 22), // past the end
-        (Raw::request(0, 0, 5, u64::MAX - 10, 512), 22), // offset overflow
-        (Raw::request(0, 0, 6, 0, 64 << 20), 22),   // oversized read
-        (Raw::request(7, 0, 7, 0, 512), 22),        // block status unnegotiated
+        (nbd_wire::request(42, 0, 1, 0, 512), 22), // unknown command
+        (nbd_wire::request(CMD_READ, 0x80, 2, 0, 512), 22), // unknown flag
+        (nbd_wire::request(CMD_READ, 1, 3, 0, 512), 22), // FUA on read
+        (nbd_wire::request(CMD_READ, 0, 4, 16 << 20, 512), 22), // past the end
+        (nbd_wire::request(CMD_READ, 0, 5, u64::MAX - 10, 512), 22), // offset overflow
+        (nbd_wire::request(CMD_READ, 0, 6, 0, 64 << 20), 22), // oversized read
+        (nbd_wire::request(CMD_BLOCK_STATUS, 0, 7, 0, 512), 22), // block status unnegotiated
     ];
     for (req, want) in cases {
         let cookie = u64::from_be_bytes(req[8..16].try_into().expect("c"));
         r.s.write_all(&req).expect("bad");
-        assert_eq!(r.simple(0), (want, cookie));
+        assert_eq!(simple(&mut r, 0), (want, cookie));
         good(&mut r, 100 + cookie);
     }
     // An oversized write: its payload is drained, then EINVAL.
-    let mut w = Raw::request(1, 0, 8, 0, (33 << 20) as u32);
+    let mut w = nbd_wire::request(CMD_WRITE, 0, 8, 0, (33 << 20) as u32);
     w.extend(vec![0u8; 33 << 20]);
     r.s.write_all(&w).expect("big write");
-    assert_eq!(r.simple(0), (22, 8));
+    assert_eq!(simple(&mut r, 0), (22, 8));
     good(&mut r, 108);
     // A write to a read-only export: EPERM.
-    let (mut ro, _, flags) = Raw::connect(&s.dir.path("nbd.sock"), "ro", false);
-    assert_ne!(flags & 2, 0, "read-only flag");
-    let mut w = Raw::request(1, 0, 9, 0, 512);
-    w.extend(vec![1u8; 512]);
+    let mut ro = connect(&s.dir.path("nbd.sock"), "ro");
+    assert_ne!(ro.flags & nbd_wire::FLAG_READ_ONLY, 0, "read-only flag");
+    let w = nbd_wire::write_request(0, 9, 0, &[1u8; 512]);
     ro.s.write_all(&w).expect("ro write");
-    assert_eq!(ro.simple(0), (1, 9));
+    assert_eq!(simple(&mut ro, 0), (1, 9));
     // A bad magic closes that connection only.
     r.s.write_all(&[0u8; 28]).expect("garbage");
     let mut b = [0u8; 1];
@@ -594,7 +522,7 @@ fn export_transcript(
     let mut client = None;
     for (i, step) in steps.iter().enumerate() {
         if connect_before == Some(i) {
-            let (r, _, _) = Raw::connect(&dir.path("nbd.sock"), "fmt", false);
+            let r = connect(&dir.path("nbd.sock"), "fmt");
             client = Some(r);
         }
         q.send(step.replace("$D", &d).as_bytes());
@@ -723,7 +651,7 @@ fn export_del_right_after_a_client_left_goes_through() {
             let r = q.cmd(add);
             assert!(r.get("return").is_some(), "round {round}: {r}");
         }
-        let (c, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+        let c = connect(&s.dir.path("nbd.sock"), "fmt");
         if round == 0 {
             let r = q.cmd(del);
             assert_eq!(r["error"]["desc"], "export 'e' still in use", "{r}");
@@ -747,7 +675,7 @@ fn export_del_right_after_a_client_left_goes_through() {
 fn junk_from_clients_never_disturbs_the_daemon() {
     let mut s = serve(Which::Rsd, "", false);
     // A good client stays connected through the whole storm.
-    let (mut good, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
+    let mut good = connect(&s.dir.path("nbd.sock"), "fmt");
     let mut seed = 0x1234_5678_9abc_def0u64;
     let mut next = || {
         seed ^= seed << 13;
@@ -766,11 +694,7 @@ fn junk_from_clients_never_disturbs_the_daemon() {
         if round % 2 == 1 {
             // Past the handshake, into transmission, then junk.
             let _ = c.write_all(&3u32.to_be_bytes());
-            let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-            go.extend_from_slice(&7u32.to_be_bytes());
-            go.extend_from_slice(&9u32.to_be_bytes());
-            go.extend_from_slice(&3u32.to_be_bytes());
-            go.extend_from_slice(b"fmt\0\0");
+            let go = nbd_wire::option(OPT_GO, &nbd_wire::go_data("fmt"));
             let _ = c.write_all(&go);
         }
         let len = (next() % 4096) as usize;
@@ -780,9 +704,13 @@ fn junk_from_clients_never_disturbs_the_daemon() {
         let _ = c.read(&mut sink);
     }
     good.s
-        .write_all(&Raw::request(0, 0, 77, 0, 512))
+        .write_all(&nbd_wire::request(CMD_READ, 0, 77, 0, 512))
         .expect("good request");
-    assert_eq!(good.simple(512), (0, 77), "the good client is still served");
+    assert_eq!(
+        simple(&mut good, 512),
+        (0, 77),
+        "the good client is still served"
+    );
     let out = ok(&run(
         "qemu-io",
         &[
@@ -887,40 +815,25 @@ fn extended_headers_and_block_status_payload() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 1 0 64k", &s.url("fmt", false)],
     ));
-    let c = UnixStream::connect(s.dir.path("nbd.sock")).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10)))
+    let mut r = UnixStream::connect(s.dir.path("nbd.sock")).expect("connect");
+    r.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let mut r = Raw { s: c };
-    let mut hello = [0u8; 18];
-    r.s.read_exact(&mut hello).expect("hello");
-    r.s.write_all(&3u32.to_be_bytes()).expect("flags");
-    r.option(11, &[]);
-    assert_eq!(r.opt_reply().0, 1, "EXTENDED_HEADERS acknowledged");
+    nbd_wire::greet(&mut r).expect("greeting");
+    let opt_reply = |r: &mut UnixStream| nbd_wire::option_reply(r).expect("option reply");
+    r.write_all(&nbd_wire::option(11, &[])).expect("option");
+    assert_eq!(opt_reply(&mut r).0, 1, "EXTENDED_HEADERS acknowledged");
     // SET_META_CONTEXT base:allocation on "fmt".
     let mut d = 3u32.to_be_bytes().to_vec();
     d.extend_from_slice(b"fmt");
     d.extend_from_slice(&1u32.to_be_bytes());
     d.extend_from_slice(&15u32.to_be_bytes());
     d.extend_from_slice(b"base:allocation");
-    r.option(10, &d);
-    let (kind, ctx) = r.opt_reply();
+    r.write_all(&nbd_wire::option(10, &d)).expect("option");
+    let (kind, ctx) = opt_reply(&mut r);
     assert_eq!(kind, 4, "META_CONTEXT");
     let ctx_id = u32::from_be_bytes(ctx[..4].try_into().expect("id"));
-    assert_eq!(r.opt_reply().0, 1);
-    let mut d = 3u32.to_be_bytes().to_vec();
-    d.extend_from_slice(b"fmt");
-    d.extend_from_slice(&0u16.to_be_bytes());
-    r.option(7, &d);
-    let mut flags = 0;
-    loop {
-        let (kind, data) = r.opt_reply();
-        if kind == 1 {
-            break;
-        }
-        if data[..2] == [0, 0] {
-            flags = u16::from_be_bytes(data[10..12].try_into().expect("flags"));
-        }
-    }
+    assert_eq!(opt_reply(&mut r).0, 1);
+    let (_, flags) = nbd_wire::go(&mut r, "fmt").expect("GO");
     assert_eq!(flags, 0x1ded, "QSD's flags, block-status payload included");
     let ext = |kind: u16, flags: u16, cookie: u64, offset: u64, len: u64| {
         let mut b = 0x21e4_1c71u32.to_be_bytes().to_vec();
@@ -931,9 +844,9 @@ fn extended_headers_and_block_status_payload() {
         b.extend_from_slice(&len.to_be_bytes());
         b
     };
-    let reply = |r: &mut Raw| -> (u16, u64, u64, Vec<u8>) {
+    let reply = |r: &mut UnixStream| -> (u16, u64, u64, Vec<u8>) {
         let mut h = [0u8; 32];
-        r.s.read_exact(&mut h).expect("reply header");
+        r.read_exact(&mut h).expect("reply header");
         assert_eq!(
             u32::from_be_bytes(h[..4].try_into().expect("m")),
             0x6e8a_278c,
@@ -944,11 +857,11 @@ fn extended_headers_and_block_status_payload() {
         let offset = u64::from_be_bytes(h[16..24].try_into().expect("o"));
         let len = u64::from_be_bytes(h[24..32].try_into().expect("l"));
         let mut p = vec![0u8; len as usize];
-        r.s.read_exact(&mut p).expect("payload");
+        r.read_exact(&mut p).expect("payload");
         (kind, cookie, offset, p)
     };
     // READ: one OFFSET_DATA chunk with the data.
-    r.s.write_all(&ext(0, 0, 1, 4096, 4096)).expect("read");
+    r.write_all(&ext(0, 0, 1, 4096, 4096)).expect("read");
     let (kind, cookie, offset, p) = reply(&mut r);
     assert_eq!((kind, cookie, offset, p.len()), (1, 1, 4096, 8 + 4096));
     assert!(p[8..].iter().all(|b| *b == 1));
@@ -956,7 +869,7 @@ fn extended_headers_and_block_status_payload() {
     let mut bs = ext(7, 1 << 5, 2, 0, 12);
     bs.extend_from_slice(&(1u64 << 20).to_be_bytes());
     bs.extend_from_slice(&ctx_id.to_be_bytes());
-    r.s.write_all(&bs).expect("block status");
+    r.write_all(&bs).expect("block status");
     let (kind, cookie, _, p) = reply(&mut r);
     assert_eq!((kind, cookie), (6, 2), "BLOCK_STATUS_EXT");
     assert_eq!(u32::from_be_bytes(p[..4].try_into().expect("id")), ctx_id);
@@ -969,17 +882,17 @@ fn extended_headers_and_block_status_payload() {
     let mut bad = ext(7, 1 << 5, 3, 0, 12);
     bad.extend_from_slice(&4096u64.to_be_bytes());
     bad.extend_from_slice(&999u32.to_be_bytes());
-    r.s.write_all(&bad).expect("bad block status");
+    r.write_all(&bad).expect("bad block status");
     let (kind, cookie, _, p) = reply(&mut r);
     assert_eq!((kind, cookie), (32769, 3));
     assert_eq!(u32::from_be_bytes(p[..4].try_into().expect("err")), 22);
     // A classic 28-byte request is a protocol violation once extended.
-    let mut old = Raw::request(0, 0, 4, 0, 512);
+    let mut old = nbd_wire::request(CMD_READ, 0, 4, 0, 512);
     old.extend_from_slice(&[0u8; 4]);
-    r.s.write_all(&old).expect("old header");
+    r.write_all(&old).expect("old header");
     let mut b = [0u8; 1];
     let t = std::time::Instant::now();
-    assert_eq!(r.s.read(&mut b).expect("EOF, not a timeout"), 0, "closed");
+    assert_eq!(r.read(&mut b).expect("EOF, not a timeout"), 0, "closed");
     assert!(t.elapsed() < Duration::from_secs(5));
     s.quit();
 }
@@ -1022,7 +935,7 @@ fn max_connections_holds_back_extra_clients() {
     ]));
     let _d = Daemon::spawn(Which::Rsd, &a);
     assert!(wait_for_path(&dir.path("p.pid"), 10));
-    let (first, _, _) = Raw::connect(&dir.path("nbd.sock"), "disk", false);
+    let first = connect(&dir.path("nbd.sock"), "disk");
     let mut second = UnixStream::connect(dir.path("nbd.sock")).expect("connect");
     second
         .set_read_timeout(Some(Duration::from_millis(300)))
@@ -1067,8 +980,8 @@ fn qcow2_holes_are_sent_as_hole_chunks() {
     ]);
     let _d = Daemon::spawn(Which::Rsd, &a);
     assert!(wait_for_path(&dir.path("nbd.sock"), 10));
-    let (mut r, size, _) = Raw::connect(&dir.path("nbd.sock"), "q", true);
-    assert_eq!(size, 16 << 20);
+    let mut r = Nbd::connect_structured(&dir.path("nbd.sock"), "q").expect("connect");
+    assert_eq!(r.size, 16 << 20);
     // (offset, expected chunk type: 1 data, 2 hole). Holes are told from
     // cached metadata only, so the data read (which loads the L2 table)
     // comes first.
@@ -1076,18 +989,10 @@ fn qcow2_holes_are_sent_as_hole_chunks() {
         .into_iter()
         .enumerate()
     {
-        r.s.write_all(&Raw::request(0, 0, cookie as u64, off, 65536))
+        r.s.write_all(&nbd_wire::request(CMD_READ, 0, cookie as u64, off, 65536))
             .expect("read");
-        let mut h = [0u8; 20];
-        r.s.read_exact(&mut h).expect("chunk");
-        assert_eq!(
-            u32::from_be_bytes(h[..4].try_into().expect("m")),
-            0x668e_33ef
-        );
-        let kind = u16::from_be_bytes([h[6], h[7]]);
-        let len = u32::from_be_bytes(h[16..20].try_into().expect("l")) as usize;
-        let mut body = vec![0u8; len];
-        r.s.read_exact(&mut body).expect("body");
+        let c = nbd_wire::chunk(&mut r.s).expect("chunk");
+        let (kind, body) = (c.kind, c.data);
         assert_eq!(kind, want, "read at {off}");
         if kind == 1 {
             assert!(body[8..].iter().all(|b| *b == 0x7e), "data at {off}");
@@ -1109,12 +1014,11 @@ fn queue_depth_1_then_idle_then_a_slow_client() {
     // whole second). Then a slow client, verified read by read. The
     // polling itself is unit-tested in src/nbd/spin.rs.
     let mut s = serve(Which::Rsd, "", false);
-    let (mut r, _, _) = Raw::connect(&s.dir.path("nbd.sock"), "fmt", false);
-    let write = |r: &mut Raw, cookie: u64, offset: u64, byte: u8| {
-        let mut req = Raw::request(1, 0, cookie, offset, 4096);
-        req.extend(vec![byte; 4096]);
+    let mut r = connect(&s.dir.path("nbd.sock"), "fmt");
+    let write = |r: &mut Nbd, cookie: u64, offset: u64, byte: u8| {
+        let req = nbd_wire::write_request(0, cookie, offset, &[byte; 4096]);
         r.s.write_all(&req).expect("write");
-        assert_eq!(r.simple(0), (0, cookie));
+        assert_eq!(simple(r, 0), (0, cookie));
     };
     for i in 0..2000u64 {
         write(&mut r, i, (i % 64) * 4096, i as u8);
@@ -1131,13 +1035,10 @@ fn queue_depth_1_then_idle_then_a_slow_client() {
     for i in 0..50u64 {
         std::thread::sleep(Duration::from_millis(2));
         write(&mut r, 5000 + i, 1 << 20, i as u8);
-        r.s.write_all(&Raw::request(0, 0, 9000 + i, 1 << 20, 4096))
+        r.s.write_all(&nbd_wire::request(CMD_READ, 0, 9000 + i, 1 << 20, 4096))
             .expect("read");
-        let mut h = [0u8; 16];
-        r.s.read_exact(&mut h).expect("reply");
-        assert_eq!(u32::from_be_bytes(h[4..8].try_into().expect("e")), 0);
-        let mut d = vec![0u8; 4096];
-        r.s.read_exact(&mut d).expect("data");
+        let (err, _, d) = r.reply(4096).expect("reply");
+        assert_eq!(err, 0);
         assert!(d.iter().all(|&b| b == i as u8), "read {i} saw other data");
     }
     s.quit();
@@ -1166,8 +1067,7 @@ fn clients_are_served_only_after_the_command_line_is_applied() {
     ]));
     let _d = Daemon::spawn(Which::Rsd, &a);
     assert!(wait_for_path(&dir.path("nbd.sock"), 10));
-    let (_r, size, _) = Raw::connect(&dir.path("nbd.sock"), "fmt", false);
-    assert_eq!(size, 1 << 20);
+    assert_eq!(connect(&dir.path("nbd.sock"), "fmt").size, 1 << 20);
 }
 
 /// A daemon serving `img` (a qcow2 when `qcow2`) over `nbd.sock` in
@@ -1235,10 +1135,8 @@ fn stalled_handshakes_are_dropped_as_in_qsd() {
                 let since = std::time::Instant::now();
                 let mut silent = UnixStream::connect(&sock).expect("connect");
                 let mut haggling = UnixStream::connect(&sock).expect("connect");
-                let mut hello = [0u8; 18];
-                haggling.read_exact(&mut hello).expect("hello");
-                haggling.write_all(&3u32.to_be_bytes()).expect("flags");
-                let (mut done, _, _) = Raw::connect(&sock, "disk", false);
+                nbd_wire::greet(&mut haggling).expect("greeting");
+                let mut done = connect(&sock, "disk");
                 let t1 = closed_within(&mut silent, since, 8).expect("silent client dropped");
                 let t2 = closed_within(&mut haggling, since, 8).expect("haggling client dropped");
                 for t in [t1, t2] {
@@ -1249,9 +1147,9 @@ fn stalled_handshakes_are_dropped_as_in_qsd() {
                 }
                 // The finished one is served well past the limit.
                 done.s
-                    .write_all(&Raw::request(0, 0, 1, 0, 512))
+                    .write_all(&nbd_wire::request(CMD_READ, 0, 1, 0, 512))
                     .expect("read");
-                assert_eq!(done.simple(512), (0, 1), "{which:?}");
+                assert_eq!(simple(&mut done, 512), (0, 1), "{which:?}");
                 let _ = d.child.kill();
                 // The default limit.
                 let dir = TempDir::new();
@@ -1335,13 +1233,11 @@ fn default_connection_bounds_fit_a_small_fd_limit() {
     );
     drop(silent);
     // 100 served clients.
-    let mut served: Vec<Raw> = (0..100)
-        .map(|_| Raw::connect(&sock, "disk", false).0)
-        .collect();
+    let mut served: Vec<Nbd> = (0..100).map(|_| connect(&sock, "disk")).collect();
     for (i, r) in served.iter_mut().enumerate() {
-        r.s.write_all(&Raw::request(0, 0, i as u64, 0, 512))
+        r.s.write_all(&nbd_wire::request(CMD_READ, 0, i as u64, 0, 512))
             .expect("read");
-        assert_eq!(r.simple(512), (0, i as u64));
+        assert_eq!(simple(r, 512), (0, i as u64));
     }
     let fds = count_dir(format!("/proc/{pid}/fd")) - fds0;
     let threads = count_dir(format!("/proc/{pid}/task")) - threads0;
@@ -1406,12 +1302,11 @@ fn departed_clients_leave_no_queued_work() {
         .map(|c| {
             let sock = sock.clone();
             std::thread::spawn(move || {
-                let (mut r, _, _) = Raw::connect(&sock, "disk", false);
+                let mut r = connect(&sock, "disk");
                 let mut burst = Vec::new();
                 for i in 0..depth {
                     let off = (c * depth + i) * 4096;
-                    burst.extend(Raw::request(1, 0, i, off, 4096));
-                    burst.extend(vec![0x77u8; 4096]);
+                    burst.extend(nbd_wire::write_request(0, i, off, &[0x77u8; 4096]));
                 }
                 r.s.write_all(&burst).expect("burst");
                 if c % 2 == 0 {
@@ -1430,13 +1325,12 @@ fn departed_clients_leave_no_queued_work() {
     }
     // A new client is served while (or right after) the storm ends.
     let start = std::time::Instant::now();
-    let (mut r, _, _) = Raw::connect(&sock, "disk", false);
-    let mut req = Raw::request(1, 0, 7, 255 << 20, 4096);
-    req.extend(vec![0x42u8; 4096]);
+    let mut r = connect(&sock, "disk");
+    let req = nbd_wire::write_request(0, 7, 255 << 20, &[0x42u8; 4096]);
     r.s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     r.s.write_all(&req).expect("write");
-    assert_eq!(r.simple(0), (0, 7));
+    assert_eq!(simple(&mut r, 0), (0, 7));
     let waited = start.elapsed();
     drop(r);
     d.signal(15);
@@ -1530,25 +1424,10 @@ fn clusters_past_the_end_of_the_file_read_as_zeroes_as_in_qsd() {
 #[test]
 fn long_names_and_options_get_errors_as_in_qsd() {
     fn opt(s: &mut UnixStream, opt: u32, data: &[u8]) -> (u32, Vec<u8>) {
-        let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-        b.extend_from_slice(&opt.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        s.write_all(&b).expect("option");
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).expect("reply");
-        let kind = u32::from_be_bytes(h[12..16].try_into().expect("kind"));
-        let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
-        let mut d = vec![0u8; len as usize];
-        s.read_exact(&mut d).expect("reply data");
-        (kind, d)
+        s.write_all(&nbd_wire::option(opt, data)).expect("option");
+        nbd_wire::option_reply(s).expect("reply")
     }
-    fn go(name: &str) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        d
-    }
+    let go = nbd_wire::go_data;
     let mut seen = Vec::new();
     for which in Which::all() {
         let dir = TempDir::new();
@@ -1557,24 +1436,17 @@ fn long_names_and_options_get_errors_as_in_qsd() {
         let mut s = UnixStream::connect(dir.path("nbd.sock")).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).expect("hello");
-        s.write_all(&3u32.to_be_bytes()).expect("flags");
+        nbd_wire::greet(&mut s).expect("greeting");
         let mut replies = vec![
-            opt(&mut s, 7, &go(&"a".repeat(4097))),
-            opt(&mut s, 6, &go(&"b".repeat(5000))),
-            opt(&mut s, 7, &go(&"c".repeat(4096))),
+            opt(&mut s, OPT_GO, &go(&"a".repeat(4097))),
+            opt(&mut s, nbd_wire::OPT_INFO, &go(&"b".repeat(5000))),
+            opt(&mut s, OPT_GO, &go(&"c".repeat(4096))),
             opt(&mut s, 99, &vec![0u8; 10 << 20]),
         ];
         // Still connected: the export is there.
-        let (kind, _) = opt(&mut s, 7, &go("disk"));
+        let (kind, _) = opt(&mut s, OPT_GO, &go("disk"));
         while replies.len() < 5 && kind == 3 {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).expect("reply");
-            let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
-            let mut d = vec![0u8; len as usize];
-            s.read_exact(&mut d).expect("data");
-            if u32::from_be_bytes(h[12..16].try_into().expect("kind")) == 1 {
+            if nbd_wire::option_reply(&mut s).expect("reply").0 == 1 {
                 replies.push((1, Vec::new()));
             }
         }
@@ -1610,7 +1482,7 @@ fn a_513_byte_qcow2_is_exported_as_512_as_in_qsd() {
         b[24..32].copy_from_slice(&513u64.to_be_bytes());
         std::fs::write(&img, b).expect("write");
         let _d = serve_image(which, &dir, true, "");
-        let (_, size, _) = Raw::connect(&dir.path("nbd.sock"), "disk", false);
+        let size = connect(&dir.path("nbd.sock"), "disk").size;
         assert_eq!(size, 512, "{which:?}");
     }
 }
@@ -1650,9 +1522,9 @@ fn multi_conn_follows_max_connections_as_in_qsd() {
             let dir = TempDir::new();
             qemu_img_create(&dir.path("img"), "1M");
             let _d = serve_image(which, &dir, false, opts);
-            let (_, _, flags) = Raw::connect(&dir.path("nbd.sock"), "disk", false);
+            let flags = connect(&dir.path("nbd.sock"), "disk").flags;
             assert_eq!(
-                flags & (1 << 8) != 0,
+                flags & nbd_wire::FLAG_CAN_MULTI_CONN != 0,
                 multi,
                 "{which:?} {opts}: flags {flags:#x}"
             );
@@ -1664,13 +1536,7 @@ fn multi_conn_follows_max_connections_as_in_qsd() {
 /// (None: it closes at once), and whether it then waits for the server
 /// to hang up (the handshake time limit) rather than closing itself.
 fn bad_handshakes() -> Vec<(Vec<u8>, bool)> {
-    let opt = |o: u32, data: &[u8]| {
-        let mut b = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
-        b.extend_from_slice(&o.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        b
-    };
+    let opt = nbd_wire::option;
     let fixed = 3u32.to_be_bytes().to_vec();
     let with = |head: &[u8], tail: Vec<u8>| [head.to_vec(), tail].concat();
     vec![

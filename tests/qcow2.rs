@@ -5,6 +5,7 @@
 //! operations; snapshots stay intact; SIGKILL never corrupts.
 use std::process::Command;
 
+use crate::common::nbd_wire::{self, Nbd};
 use crate::common::*;
 
 /// qemu-io with a list of commands; fails on any error or miscompare.
@@ -1125,79 +1126,19 @@ fn discard_gives_the_space_back_as_qsd() {
     }
 }
 
-/// A minimal pipelining NBD client for the crash test: writes (some with
-/// FUA) and flushes, keeping several in flight.
-struct NbdWriter {
-    s: std::os::unix::net::UnixStream,
-}
-
-impl NbdWriter {
-    fn connect(path: &std::path::Path, export: &str) -> NbdWriter {
-        use std::io::{Read, Write};
-        // The path can exist a moment before the server listens on it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut s = loop {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(std::time::Instant::now() < deadline, "connect: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+/// An NBD client on export `q` at `path`, which can exist a moment
+/// before the server listens on it.
+fn nbd_connect(path: &std::path::Path) -> Nbd {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Nbd::connect(path, "q") {
+            Ok(c) => return c,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                assert!(std::time::Instant::now() < deadline, "connect: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
-        };
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-            .expect("timeout");
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello).expect("hello");
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes()).expect("flags");
-        // NBD_OPT_GO with the export's name and no info requests.
-        let mut d = (export.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-        opt.extend_from_slice(&7u32.to_be_bytes());
-        opt.extend_from_slice(&(d.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&d);
-        s.write_all(&opt).expect("option");
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).expect("option reply");
-            let kind = u32::from_be_bytes(h[12..16].try_into().expect("kind"));
-            let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data).expect("option data");
-            if kind == 1 {
-                break;
-            }
-            assert_eq!(kind, 3, "NBD_REP_INFO expected");
+            Err(e) => panic!("connect: {e}"),
         }
-        NbdWriter { s }
-    }
-
-    /// Sends a request (`data` follows a write); false once the server
-    /// is gone.
-    fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, data: &[u8]) -> bool {
-        use std::io::Write;
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b).is_ok()
-    }
-
-    /// The next simple reply: (error, cookie); None once the server is
-    /// gone.
-    fn reply(&mut self) -> Option<(u32, u64)> {
-        use std::io::Read;
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).ok()?;
-        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
-        let err = u32::from_be_bytes(h[4..8].try_into().ok()?);
-        Some((err, u64::from_be_bytes(h[8..16].try_into().ok()?)))
     }
 }
 
@@ -1220,10 +1161,8 @@ fn crash_writer(
     slots: u64,
     seen: std::sync::Arc<std::sync::Mutex<Durable>>,
 ) {
-    const NBD_CMD_WRITE: u16 = 1;
-    const NBD_CMD_FLUSH: u16 = 3;
-    const NBD_CMD_FLAG_FUA: u16 = 1;
-    let mut c = NbdWriter::connect(&sock, "q");
+    use std::io::Write;
+    let mut c = nbd_connect(&sock);
     let mut rng = Rng(seed);
     let mut order: Vec<u64> = (0..slots).collect();
     for i in (1..order.len()).rev() {
@@ -1241,7 +1180,8 @@ fn crash_writer(
         while writes.len() + flushes.len() < 8 && next < order.len() {
             cookie += 1;
             if cookie.is_multiple_of(11) {
-                if !c.send(NBD_CMD_FLUSH, 0, cookie, 0, &[]) {
+                let flush = nbd_wire::request(nbd_wire::CMD_FLUSH, 0, cookie, 0, 0);
+                if c.s.write_all(&flush).is_err() {
                     return;
                 }
                 flushes.insert(cookie, acked.clone());
@@ -1252,14 +1192,20 @@ fn crash_writer(
             let len = (slot - rng.below(slot / 2)) as usize & !511;
             let pat = 1 + (cookie % 251) as u8;
             let fua = cookie.is_multiple_of(13);
-            let flags = if fua { NBD_CMD_FLAG_FUA } else { 0 };
-            if !c.send(NBD_CMD_WRITE, flags, cookie, off, &vec![pat; len]) {
+            let flags = if fua { nbd_wire::FLAG_FUA } else { 0 };
+            let write = nbd_wire::write_request(flags, cookie, off, &vec![pat; len]);
+            if c.s.write_all(&write).is_err() {
                 return;
             }
             writes.insert(cookie, (off, len, pat, fua));
         }
-        let Some((err, k)) = c.reply() else {
-            return;
+        // Ends once the server is gone; a reply that is not one fails.
+        let (err, k) = match nbd_wire::simple_reply(&mut c.s) {
+            Ok(r) => r,
+            Err(e) => {
+                assert_ne!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+                return;
+            }
         };
         assert_eq!(err, 0, "request {k} failed");
         if let Some((off, len, pat, fua)) = writes.remove(&k) {
@@ -1376,9 +1322,7 @@ fn sigkill_after_flushes_keeps_flushed_writes() {
 /// One write through a fresh NBD connection, acknowledged, with no
 /// flush (qemu-io would flush when it closes).
 fn write_unflushed(sock: &std::path::Path, offset: u64, data: &[u8]) {
-    let mut c = NbdWriter::connect(sock, "q");
-    assert!(c.send(1, 0, 1, offset, data), "send");
-    assert_eq!(c.reply(), Some((0, 1)));
+    nbd_connect(sock).write(offset, data).expect("write");
 }
 
 /// qemu-io reading the image beside the running daemon (shared, read
@@ -1590,12 +1534,12 @@ fn fua_write_in_place_makes_its_mapping_stable() {
     let image = dir.s("img.qcow2");
     img(&dir, &["create", "-q", "-f", "qcow2", &image, "16M"]);
     let s = serve(&dir, "");
-    let mut c = NbdWriter::connect(&dir.path("nbd.sock"), "q");
-    assert!(c.send(1, 0, 1, 1 << 20, &[0x11; 4096]));
-    assert_eq!(c.reply(), Some((0, 1)));
+    let mut c = nbd_connect(&dir.path("nbd.sock"));
+    c.write(1 << 20, &[0x11; 4096]).expect("write");
     // NBD_CMD_FLAG_FUA on a write that lands in place.
-    assert!(c.send(1, 1, 2, (1 << 20) + 8192, &[0x22; 4096]));
-    assert_eq!(c.reply(), Some((0, 2)));
+    let (cmd, fua) = (nbd_wire::CMD_WRITE, nbd_wire::FLAG_FUA);
+    c.request(cmd, fua, (1 << 20) + 8192, 4096, &[0x22; 4096])
+        .expect("FUA write");
     let mut d = s.daemon;
     d.signal(9);
     let _ = d.child.wait();

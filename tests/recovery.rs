@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::common::nbd_wire::Nbd;
 use crate::common::*;
 use crate::vhost_user::{Guest, T_FLUSH, T_IN, T_OUT};
 
@@ -29,84 +30,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len / 8)
         .flat_map(|i| (seed << 32 | i as u64).to_le_bytes())
         .collect()
-}
-
-/// A minimal NBD client (fixed newstyle, GO, simple replies) whose
-/// errors are returned, not panicked on: a background client records
-/// them.
-struct Nbd {
-    s: UnixStream,
-    cookie: u64,
-}
-
-impl Nbd {
-    fn connect(sock: &Path, name: &str) -> std::io::Result<Nbd> {
-        let mut s = UnixStream::connect(sock)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        s.write_all(&3u32.to_be_bytes())?;
-        let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-        go.extend_from_slice(&7u32.to_be_bytes());
-        go.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        go.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        go.extend_from_slice(name.as_bytes());
-        go.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&go)?;
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h)?;
-            let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-            let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
-            let mut d = vec![0u8; len as usize];
-            s.read_exact(&mut d)?;
-            match kind {
-                1 => return Ok(Nbd { s, cookie: 0 }),
-                3 => {}
-                k => return Err(std::io::Error::other(format!("GO answered {k:#x}"))),
-            }
-        }
-    }
-
-    /// One request and its reply; a read's data comes back.
-    fn request(
-        &mut self,
-        kind: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> std::io::Result<Vec<u8>> {
-        self.cookie += 1;
-        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&self.cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b)?;
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h)?;
-        let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        if u64::from_be_bytes(h[8..16].try_into().unwrap_or_default()) != self.cookie {
-            return Err(std::io::Error::other("a reply to another request"));
-        }
-        if err != 0 {
-            return Err(std::io::Error::other(format!("NBD error {err}")));
-        }
-        let mut out = vec![0u8; if kind == 0 { len as usize } else { 0 }];
-        self.s.read_exact(&mut out)?;
-        Ok(out)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.request(1, offset, data.len() as u32, data).map(drop)
-    }
-    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        self.request(0, offset, len as u32, &[])
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.request(3, 0, 0, &[]).map(drop)
-    }
 }
 
 /// What a client doing verified I/O saw.
@@ -140,7 +63,11 @@ impl Verifier {
                 acked: vec![None; blocks],
                 ..Report::default()
             };
-            let mut c = match Nbd::connect(&sock, &export) {
+            // Errors are recorded, not panicked on; 10 s is the longest a
+            // request may take.
+            let c = Nbd::connect(&sock, &export)
+                .and_then(|c| c.set_timeout(Duration::from_secs(10)).map(|()| c));
+            let mut c = match c {
                 Ok(c) => c,
                 Err(e) => {
                     r.errors.push(format!("connect: {e}"));
@@ -156,7 +83,7 @@ impl Verifier {
                 let data = pattern(seed, block);
                 let step = c.write(off, &data).and_then(|()| {
                     r.acked[b] = Some(seed);
-                    let back = c.read(off, block)?;
+                    let back = c.read(off, block as u32)?;
                     if back != data {
                         return Err(std::io::Error::other(format!(
                             "block {b} read back wrong after write {seed}"

@@ -1,59 +1,28 @@
 //! External snapshots under live NBD I/O (blockdev-snapshot-sync and
 //! blockdev-snapshot), checked with qemu-img, and their errors against
 //! qemu-storage-daemon.
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::nbd_wire::Nbd;
 use crate::common::*;
 
 const BLOCK: u64 = 64 << 10;
 const BLOCKS: u64 = 256;
 
-/// An NBD client (raw socket) that writes block i with byte (i % 250) + 1
+/// An NBD client that writes block i with byte (i % 250) + 1
 /// at i * BLOCK, one at a time, until told to stop; returns how many
 /// writes were acknowledged.
 fn writer(sock: std::path::PathBuf, stop: Arc<AtomicUsize>, acked: Arc<AtomicUsize>) -> u64 {
-    let mut s = UnixStream::connect(&sock).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).expect("hello");
-    s.write_all(&3u32.to_be_bytes()).expect("flags");
-    let name = b"base";
-    let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-    go.extend_from_slice(&7u32.to_be_bytes());
-    go.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-    go.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    go.extend_from_slice(name);
-    go.extend_from_slice(&0u16.to_be_bytes());
-    s.write_all(&go).expect("go");
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).expect("opt reply");
-        let len = u32::from_be_bytes(h[16..20].try_into().expect("len"));
-        let mut d = vec![0u8; len as usize];
-        s.read_exact(&mut d).expect("opt data");
-        if u32::from_be_bytes(h[12..16].try_into().expect("kind")) == 1 {
-            break;
-        }
-    }
+    let mut c = Nbd::connect(&sock, "base").expect("connect");
     let mut i = 0u64;
     while i < BLOCKS && stop.load(Ordering::SeqCst) == 0 {
-        let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&1u16.to_be_bytes());
-        req.extend_from_slice(&i.to_be_bytes());
-        req.extend_from_slice(&(i * BLOCK).to_be_bytes());
-        req.extend_from_slice(&(BLOCK as u32).to_be_bytes());
-        req.extend(vec![(i % 250) as u8 + 1; BLOCK as usize]);
-        s.write_all(&req).expect("write");
-        let mut r = [0u8; 16];
-        s.read_exact(&mut r).expect("reply");
-        assert_eq!(&r[4..8], &[0, 0, 0, 0], "write {i} failed");
+        let data = vec![(i % 250) as u8 + 1; BLOCK as usize];
+        if let Err(e) = c.write(i * BLOCK, &data) {
+            panic!("write {i} failed: {e}");
+        }
         i += 1;
         acked.store(i as usize, Ordering::SeqCst);
     }

@@ -2,6 +2,8 @@
 //! socket, and normalize what legitimately differs between the two.
 #![allow(dead_code)]
 
+pub mod nbd_wire;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

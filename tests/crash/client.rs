@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::common::nbd_wire::{
+    self, Nbd, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+};
+
 use super::model::{decode, pattern, Allowed, Kind, Op, BLOCK};
-use super::wire;
 use super::{Ctx, End, Rng};
 
 const DEPTH: usize = 8;
@@ -56,13 +59,18 @@ fn died(ctx: &Ctx, what: &str, e: impl std::fmt::Display) -> End {
 
 impl Client {
     fn open(ctx: &Arc<Ctx>, name: &str) -> Result<Client, End> {
-        let (w, size) = wire::connect(&ctx.nbd_sock, name).map_err(|e| died(ctx, "connect", e))?;
+        let c = Nbd::connect(&ctx.nbd_sock, name).map_err(|e| died(ctx, "connect", e))?;
+        // Longer than the default: a reply can wait behind the monitor's
+        // snapshots and resizes.
+        c.set_timeout(Duration::from_secs(30))
+            .map_err(|e| died(ctx, "timeout", e))?;
+        let (w, size) = (c.s, c.size);
         let mut r = w.try_clone().map_err(|e| died(ctx, "clone", e))?;
         let pending: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
         let (tx, done) = mpsc::channel();
         let (ctx2, pending2) = (ctx.clone(), pending.clone());
         let reader = std::thread::spawn(move || {
-            while let Ok((err, cookie)) = wire::reply(&mut r) {
+            while let Ok((err, cookie)) = nbd_wire::simple_reply(&mut r) {
                 let len = pending2.lock().map_or(None, |mut p| p.remove(&cookie));
                 let Some(len) = len else {
                     let _ = tx.send(Done {
@@ -153,7 +161,7 @@ impl Client {
 
     /// NBD_CMD_DISC, then waits until the daemon closed the connection.
     fn close(mut self) {
-        let _ = self.w.write_all(&wire::request(wire::CMD_DISC, 0, 0, 0));
+        let _ = self.w.write_all(&nbd_wire::request(CMD_DISC, 0, 0, 0, 0));
         let _ = self.w.shutdown(std::net::Shutdown::Write);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -223,7 +231,7 @@ fn io_loop(
             c.send(
                 ctx,
                 cookie,
-                &wire::request(wire::CMD_FLUSH, cookie, 0, 0),
+                &nbd_wire::request(CMD_FLUSH, 0, cookie, 0, 0),
                 0,
             )?;
             continue;
@@ -255,7 +263,7 @@ fn io_loop(
         c.inflight.push((cookie, first, count));
         match kind {
             Kind::Write(g) => {
-                let mut req = wire::request(wire::CMD_WRITE, cookie, off, len);
+                let mut req = nbd_wire::request(CMD_WRITE, 0, cookie, off, len);
                 let head = req.len();
                 req.resize(head + len as usize, 0);
                 for (i, chunk) in req[head..].chunks_mut(BLOCK as usize).enumerate() {
@@ -264,15 +272,15 @@ fn io_loop(
                 c.send(ctx, cookie, &req, 0)?;
             }
             Kind::Read => {
-                let req = wire::request(wire::CMD_READ, cookie, off, len);
+                let req = nbd_wire::request(CMD_READ, 0, cookie, off, len);
                 c.send(ctx, cookie, &req, len)?;
             }
             Kind::Zero => {
-                let req = wire::request(wire::CMD_WRITE_ZEROES, cookie, off, len);
+                let req = nbd_wire::request(CMD_WRITE_ZEROES, 0, cookie, off, len);
                 c.send(ctx, cookie, &req, 0)?;
             }
             Kind::Discard => {
-                let req = wire::request(wire::CMD_TRIM, cookie, off, len);
+                let req = nbd_wire::request(CMD_TRIM, 0, cookie, off, len);
                 c.send(ctx, cookie, &req, 0)?;
             }
         }
