@@ -92,3 +92,37 @@ pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default()
 }
+
+/// Hands memory that large requests left free back to the system, at
+/// most once a second, a second after the first call. glibc keeps what
+/// a burst of mid-sized buffers freed in its arenas: after 8 NBD clients
+/// of mixed 4 KiB-4 MiB I/O left, rsd stayed at 30 MiB against 10 MiB
+/// before them (QEMU trims its heap the same way and went back to 14).
+/// Called when an NBD client leaves and when a job concludes.
+pub fn trim_memory_soon() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    rt.spawn(async {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        PENDING.store(false, Ordering::Release);
+        let _ = tokio::task::spawn_blocking(trim_memory).await;
+    });
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_memory() {
+    // SAFETY: malloc_trim only walks and releases the allocator's own
+    // free lists; it takes no pointers.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_memory() {}

@@ -264,6 +264,10 @@ impl Shared {
             return;
         }
         self.traced(to);
+        if to == Status::Concluded {
+            // Its copy buffers are gone.
+            crate::util::trim_memory_soon();
+        }
         let mut d = Map::new();
         d.insert("id".into(), json!(self.id));
         d.insert("status".into(), json!(to.as_str()));

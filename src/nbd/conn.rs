@@ -180,6 +180,8 @@ pub async fn transmission(
             s.export.name
         );
     }
+    // Its buffers (and its requests' buffers) are gone.
+    crate::util::trim_memory_soon();
 }
 
 /// The connection's span, for requests that run elsewhere (a disabled
