@@ -415,6 +415,10 @@ def run(a, d, warmup):
             vhost_ios = json.loads(vout.strip().splitlines()[-1])["ios"]
     # Back to idle: every client gone, only the monitor connected.
     idle_end = settle(rsd.pid, idle_start["fds"], 30)
+    # rsd gives freed heap back a second after the last client leaves
+    # (util::trim_memory_soon): the idle RSS is read after that.
+    time.sleep(1.5)
+    idle_end["VmRSS"] = status(rsd.pid)["VmRSS"]
     if idle_end["fds"] != idle_start["fds"]:
         now = fd_targets(rsd.pid)
         extra = [f for f in now if f not in idle_fds or now.count(f) > idle_fds.count(f)]
@@ -464,7 +468,8 @@ def run(a, d, warmup):
           f"{vhost_ios} verified vhost-user-blk requests on {a.vhost_queues} queues, {errors} errors")
     print(f"latency p50 {report['p50_ms']} ms, p99 {report['p99_ms']} ms, max {report['max_ms']} ms")
     print(f"RSS {warm['VmRSS'] / 1024:.1f} MiB at warm-up end ({warmup:.0f} s), {end['VmRSS'] / 1024:.1f} MiB at end; "
-          f"fds {warm['fds']} -> {end['fds']}; idle fds {idle_start['fds']} before, {idle_end['fds']} after")
+          f"fds {warm['fds']} -> {end['fds']}; idle fds {idle_start['fds']} before, {idle_end['fds']} after; "
+          f"idle RSS {idle_start['VmRSS'] / 1024:.1f} MiB before, {idle_end['VmRSS'] / 1024:.1f} MiB after")
     for m in msgs[:10]:
         print("error:", m)
     if a.json:
